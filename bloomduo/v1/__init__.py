@@ -1,0 +1,1 @@
+"""Generated gRPC code for bloomduo.v1 (python -m bloomduo.protogen); do not edit."""

@@ -1,0 +1,91 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("data", "dtype", "shape")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SequenceChunk(_message.Message):
+    __slots__ = ("sequence_id", "start_position", "num_tokens")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: int
+    start_position: int
+    num_tokens: int
+    def __init__(self, sequence_id: _Optional[int] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("step_id", "hidden_states", "sequences", "free_sequence_ids", "request_ids")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    FREE_SEQUENCE_IDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    hidden_states: Tensor
+    sequences: _containers.RepeatedCompositeFieldContainer[SequenceChunk]
+    free_sequence_ids: _containers.RepeatedScalarFieldContainer[int]
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., sequences: _Optional[_Iterable[_Union[SequenceChunk, _Mapping]]] = ..., free_sequence_ids: _Optional[_Iterable[int]] = ..., request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StepResponse(_message.Message):
+    __slots__ = ("step_id", "logits", "vocab_start", "vocab_end", "compute_seconds")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_START_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_END_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    logits: Tensor
+    vocab_start: int
+    vocab_end: int
+    compute_seconds: float
+    def __init__(self, step_id: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., vocab_start: _Optional[int] = ..., vocab_end: _Optional[int] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+
+class ShardInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShardInfoResponse(_message.Message):
+    __slots__ = ("rank", "world_size", "ready", "device", "dtype", "backend", "vocab_start", "vocab_end", "padded_vocab_size", "parameter_bytes", "cached_sequences", "cached_tokens", "local_heads", "model")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_START_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_END_FIELD_NUMBER: _ClassVar[int]
+    PADDED_VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_HEADS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    world_size: int
+    ready: bool
+    device: str
+    dtype: str
+    backend: str
+    vocab_start: int
+    vocab_end: int
+    padded_vocab_size: int
+    parameter_bytes: int
+    cached_sequences: int
+    cached_tokens: int
+    local_heads: int
+    model: str
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., ready: _Optional[bool] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_start: _Optional[int] = ..., vocab_end: _Optional[int] = ..., padded_vocab_size: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., cached_sequences: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., local_heads: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
