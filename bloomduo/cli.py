@@ -1,0 +1,201 @@
+"""The `bloomduo` command: up, gateway, shard, generate, demo-model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bloomduo.logs import configure_logging
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _add_model(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument(
+        "--model",
+        type=Path,
+        required=required,
+        help="BLOOM checkpoint directory in Hugging Face layout (config.json, *.safetensors, tokenizer.json)"
+        + ("" if required else "; default: the embedded demo model, generated once into the cache"),
+    )
+
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--do-sample", action="store_true")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--typical-p", type=float)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    parser.add_argument("--truncate", type=int)
+    parser.add_argument("--ignore-eos", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bloomduo", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="start the shard workers and the gateway, and serve until Ctrl-C")
+    _add_model(up, required=False)
+    up.add_argument("--num-shards", type=int, default=2, help="tensor-parallel degree (divides n_head)")
+    up.add_argument("--device", default="cpu", help="cpu, cuda or npu (rank r uses chip r) or e.g. cuda:0")
+    up.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    up.add_argument("--host", default="127.0.0.1", help="public address of the gateway (0.0.0.0 for all)")
+    up.add_argument("--port", type=int, default=50051)
+    up.add_argument("--threads-per-shard", type=int, help="torch threads per worker on cpu (default: cores / W)")
+
+    gateway = commands.add_parser("gateway", help="run the gateway alone (docker-compose runs it like this)")
+    _add_model(gateway, required=True)
+    gateway.add_argument(
+        "--shards", required=True, help="comma-separated host:port of every shard worker of the group"
+    )
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, default=50051)
+    gateway.add_argument("--max-input-tokens", type=int, default=1024)
+    gateway.add_argument("--max-total-tokens", type=int, default=2048)
+    gateway.add_argument("--max-batch-size", type=int, default=32)
+    gateway.add_argument("--max-batch-prefill-tokens", type=int, default=4096)
+    gateway.add_argument("--max-concurrent-requests", type=int, default=128)
+
+    shard = commands.add_parser("shard", help="run one shard worker (rank r of W)")
+    _add_model(shard, required=True)
+    shard.add_argument("--rank", type=int, required=True)
+    shard.add_argument("--world-size", type=int, required=True)
+    shard.add_argument(
+        "--dist-init", required=True, help="torch.distributed rendezvous of the group, e.g. tcp://127.0.0.1:29500"
+    )
+    shard.add_argument("--host", default="127.0.0.1")
+    shard.add_argument("--port", type=int, required=True)
+    shard.add_argument("--device", default="cpu", help="cpu, cuda:N or npu:N")
+    shard.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    shard.add_argument("--threads", type=int, help="torch threads on cpu (default: torch's own)")
+
+    generate = commands.add_parser("generate", help="stream a completion from a running gateway")
+    generate.add_argument("prompt")
+    generate.add_argument("--target", default="localhost:50051")
+    generate.add_argument("--no-stream", action="store_true", help="wait for the whole text")
+    _add_sampling(generate)
+
+    demo = commands.add_parser("demo-model", help="write a small random BLOOM checkpoint with its tokenizer")
+    demo.add_argument("out_dir", type=Path)
+    demo.add_argument("--preset", default="tiny", choices=("tiny", "bloom-560m"))
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES[1:])
+    demo.add_argument("--num-files", type=int, default=1, help="split the weights over this many safetensors")
+    return parser
+
+
+def _up(args: argparse.Namespace) -> int:
+    from bloomduo.demo_model import ensure_demo_model
+    from bloomduo.launcher import StackOptions, run_stack
+
+    model_dir = args.model or ensure_demo_model("tiny")
+    options = StackOptions(
+        model_dir=model_dir.resolve(),
+        num_shards=args.num_shards,
+        device=args.device,
+        dtype=args.dtype,
+        host=args.host,
+        port=args.port,
+        threads_per_shard=args.threads_per_shard,
+    )
+    return run_stack(options)
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from gateway.server import GatewayOptions, serve
+    from gateway.validation import Limits
+
+    limits = Limits(
+        max_input_tokens=args.max_input_tokens,
+        max_total_tokens=args.max_total_tokens,
+        max_batch_size=args.max_batch_size,
+        max_batch_prefill_tokens=args.max_batch_prefill_tokens,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_new_tokens=args.max_total_tokens - 1,
+    )
+    targets = [target.strip() for target in args.shards.split(",") if target.strip()]
+    asyncio.run(serve(GatewayOptions(args.model.resolve(), targets, limits), args.host, args.port))
+    return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    import torch
+
+    from shard_worker.engine import ShardOptions
+    from shard_worker.server import serve
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = ShardOptions(
+        model_dir=args.model.resolve(),
+        rank=args.rank,
+        world_size=args.world_size,
+        dist_init=args.dist_init,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    asyncio.run(serve(options, args.host, args.port))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from client import BloomduoError, Client
+
+    params = {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.do_sample,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "typical_p": args.typical_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
+        "truncate": args.truncate,
+        "ignore_eos": args.ignore_eos,
+    }
+    try:
+        with Client(args.target) as bloom:
+            if args.no_stream:
+                print(bloom.generate(args.prompt, **params).text)
+                return 0
+            for event in bloom.generate_stream(args.prompt, **params):
+                if event.token is not None:
+                    print(event.token.text, end="", flush=True)
+            print()
+    except BloomduoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from bloomduo.demo_model import write_demo_model
+
+    path = write_demo_model(
+        args.out_dir, args.preset, seed=args.seed, dtype=getattr(torch, args.dtype), num_files=args.num_files
+    )
+    print(path)
+    return 0
+
+
+HANDLERS = {"up": _up, "gateway": _gateway, "shard": _shard, "generate": _generate, "demo-model": _demo_model}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(service=args.command)
+    return HANDLERS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

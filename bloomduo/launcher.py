@@ -1,0 +1,155 @@
+"""`bloomduo up`: start W shard workers and the gateway as separate processes, like text-generation-launcher."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bloomduo.logs import get_logger
+
+log = get_logger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_serving(target: str, timeout_s: float, processes: list[subprocess.Popen] | None = None) -> None:
+    """Block until target's grpc.health.v1 says SERVING; fail early if one of `processes` dies."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            for process in processes or ():
+                if process.poll() is not None:
+                    raise RuntimeError(f"{' '.join(process.args[-6:])} exited with {process.returncode}")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{target} not serving after {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    model_dir: Path
+    num_shards: int = 2
+    device: str = "cpu"
+    dtype: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    threads_per_shard: int | None = None
+    ready_timeout_s: float = 600.0
+
+
+def shard_device(device: str, rank: int) -> str:
+    """cpu stays cpu; "cuda" or "npu" without an index puts rank r on chip r."""
+    if device == "cpu" or ":" in device:
+        return device
+    return f"{device}:{rank}"
+
+
+class Stack:
+    """The running processes of one `bloomduo up`."""
+
+    def __init__(self, options: StackOptions) -> None:
+        self.options = options
+        self.shards: list[subprocess.Popen] = []
+        self.gateway: subprocess.Popen | None = None
+        self.target = f"{'127.0.0.1' if options.host in ('0.0.0.0', '::') else options.host}:{options.port}"
+
+    def commands(self) -> list[list[str]]:
+        """The shard commands, then the gateway's: the same CLI docker-compose runs."""
+        opts = self.options
+        cli = [sys.executable, "-m", "bloomduo.cli"]
+        dist_init = f"tcp://127.0.0.1:{free_port()}"
+        threads = opts.threads_per_shard or max(1, (os.cpu_count() or 1) // opts.num_shards)
+        shard_ports = [free_port() for _ in range(opts.num_shards)]
+        commands = [
+            [
+                *cli, "shard", "--model", str(opts.model_dir), "--rank", str(rank),
+                "--world-size", str(opts.num_shards), "--dist-init", dist_init,
+                "--host", "127.0.0.1", "--port", str(port), "--device", shard_device(opts.device, rank),
+                "--dtype", opts.dtype, "--threads", str(threads),
+            ]
+            for rank, port in enumerate(shard_ports)
+        ]  # fmt: skip
+        commands.append(
+            [
+                *cli, "gateway", "--model", str(opts.model_dir),
+                "--shards", ",".join(f"127.0.0.1:{port}" for port in shard_ports),
+                "--host", opts.host, "--port", str(opts.port),
+            ]
+        )  # fmt: skip
+        return commands
+
+    def start(self) -> None:
+        *shard_commands, gateway_command = self.commands()
+        self.shards = [subprocess.Popen(command) for command in shard_commands]
+        self.gateway = subprocess.Popen(gateway_command)
+        log.info("stack_starting", shards=len(self.shards), target=self.target, model=str(self.options.model_dir))
+        wait_serving(self.target, self.options.ready_timeout_s, [*self.shards, self.gateway])
+
+    @property
+    def processes(self) -> list[subprocess.Popen]:
+        return [p for p in [self.gateway, *self.shards] if p is not None]
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """Gateway first (it drains its streams), then the workers; kill whatever outlives the timeout."""
+        for group in ([self.gateway], self.shards):
+            live = [p for p in group if p is not None and p.poll() is None]
+            for process in live:
+                process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            for process in live:
+                try:
+                    process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("process_killed", pid=process.pid, reason="did not stop after SIGTERM")
+                    process.kill()
+                    process.wait()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_stack(options: StackOptions) -> int:
+    """Run until Ctrl-C or SIGTERM (exit 0) or until a process dies (exit 1); always stop everything."""
+    stack = Stack(options)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        stack.start()
+        print(f"bloomduo is serving {options.model_dir.name} on {stack.target} (Ctrl-C stops it)", flush=True)
+        while True:
+            dead = [p for p in stack.processes if p.poll() is not None]
+            if dead:
+                log.error("process_exited", pid=dead[0].pid, returncode=dead[0].returncode, args=dead[0].args[3:5])
+                return 1
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        log.error("stack_failed", error=str(exc))
+        return 1
+    finally:
+        # A second Ctrl-C must not interrupt the orderly stop and orphan the workers.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        log.info("stack_stopping")
+        stack.stop()

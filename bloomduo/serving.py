@@ -1,0 +1,69 @@
+"""What every bloomduo gRPC server shares: message limits, keepalive, health, and a graceful stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from bloomduo.logs import get_logger
+
+log = get_logger(__name__)
+
+# A prefill of bloom-7b1 at 2048 tokens in float32 is 32 MiB of hidden states; leave room above it.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    *CHANNEL_OPTIONS,
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+]
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Health:
+    """grpc.health.v1 for the server as a whole ("") and for each named service."""
+
+    def __init__(self, server: grpc.aio.Server, services: Iterable[str]) -> None:
+        self.servicer = health_aio.HealthServicer()
+        self.services = ["", *services]
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+
+    async def set(self, serving: bool) -> None:
+        for service in self.services:
+            await self.servicer.set(service, SERVING if serving else NOT_SERVING)
+
+    async def shutting_down(self) -> None:
+        await self.servicer.enter_graceful_shutdown()
+
+
+def bind(server: grpc.aio.Server, address: str) -> int:
+    """Bind an insecure port and return the port actually bound (address may end in :0)."""
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}: the address is in use or not local to this machine")
+    return port
+
+
+def stop_event_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT, so servers drain instead of dying mid-request."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

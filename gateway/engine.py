@@ -1,0 +1,263 @@
+"""Continuous batching: requests join and leave a running batch between model steps.
+
+Every step carries one decode token for each running sequence plus the prompts of newly admitted
+requests (within the batch-size and prefill-token budgets), so no request waits for another to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import tokenizers
+import torch
+
+from bloomduo.logs import get_logger
+from bloomduo.v1 import shard_pb2
+from gateway.detokenizer import IncrementalDetokenizer
+from gateway.embedding import Embedder
+from gateway.sampling import Sampler
+from gateway.shards import ShardPool, ShardUnavailable
+from gateway.stopping import FinishReason, StoppingCriteria
+from gateway.validation import GenerationRequest, Limits
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    generated_tokens: int
+    finish_reason: FinishReason
+    seed: int
+    prompt_tokens: int
+    tokens: list[GeneratedToken]
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    token: GeneratedToken
+    result: GenerationResult | None = None
+
+
+class EngineUnavailable(RuntimeError):
+    """The model could not run this request (a shard worker failed); the caller may retry."""
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: GenerationRequest
+    sequence_id: int
+    sampler: Sampler
+    stopping: StoppingCriteria
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int]
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    tokens: list[GeneratedToken] = field(default_factory=list)
+    cached: int = 0
+    cancelled: bool = False
+    queued_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    def next_chunk(self) -> tuple[shard_pb2.SequenceChunk, list[int]]:
+        """What the workers have not seen yet: the whole prompt first, then one token per step."""
+        new_ids = self.token_ids[self.cached :]
+        chunk = shard_pb2.SequenceChunk(
+            sequence_id=self.sequence_id, start_position=self.cached, num_tokens=len(new_ids)
+        )
+        return chunk, new_ids
+
+
+class Engine:
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        embedder: Embedder,
+        shards: ShardPool,
+        limits: Limits,
+        eos_token_id: int | None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.embedder = embedder
+        self.shards = shards
+        self.limits = limits
+        self.eos_token_id = eos_token_id
+        self.special_ids = set(tokenizer.get_vocab(with_added_tokens=True).values()) - set(
+            tokenizer.get_vocab(with_added_tokens=False).values()
+        )
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []
+        self.to_free: list[int] = []
+        self.sequence_ids = itertools.count(1)
+        self.wakeup = asyncio.Event()
+        # Embedding and sampling are torch work; keep them off the event loop that serves gRPC.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-step")
+        self.task: asyncio.Task | None = None
+        self.steps = 0
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """Yield one event per generated token; the last one carries the result. Closing the iterator cancels."""
+        sequence = _Sequence(
+            request=request,
+            sequence_id=next(self.sequence_ids),
+            sampler=Sampler(request.sampling),
+            stopping=StoppingCriteria(
+                max_new_tokens=request.max_new_tokens,
+                eos_token_id=self.eos_token_id,
+                stop_sequences=request.stop,
+                ignore_eos=request.ignore_eos,
+            ),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
+            token_ids=list(request.prompt_ids),
+        )
+        self.waiting.append(sequence)
+        self.wakeup.set()
+        try:
+            while True:
+                item = await sequence.events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.result is not None:
+                    return
+        finally:
+            # Disconnects and cancellations land here; the loop drops the sequence at its next step.
+            sequence.cancelled = True
+            self.wakeup.set()
+
+    async def _run(self) -> None:
+        while True:
+            if not self.waiting and not self.running and not self.to_free:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            try:
+                await self._step()
+            except ShardUnavailable as exc:
+                self._fail_running(exc)
+                # Closing the streams makes every worker drop its caches, so the group starts clean.
+                await self.shards.reset_streams()
+                self.to_free.clear()
+            except Exception as exc:  # a bug must fail requests, not kill the loop that serves everybody
+                log.exception("engine_step_failed")
+                self.to_free.extend(s.sequence_id for s in self.running)
+                self._fail_running(exc)
+
+    def _drop_cancelled(self) -> None:
+        for sequence in [s for s in self.running if s.cancelled]:
+            self.running.remove(sequence)
+            self.to_free.append(sequence.sequence_id)
+            log.info("request_cancelled", request_id=sequence.request.request_id)
+        self.waiting = deque(s for s in self.waiting if not s.cancelled)
+
+    def _admit(self) -> list[_Sequence]:
+        admitted: list[_Sequence] = []
+        prefill_tokens = 0
+        while self.waiting and len(self.running) + len(admitted) < self.limits.max_batch_size:
+            prompt_tokens = len(self.waiting[0].token_ids)
+            if admitted and prefill_tokens + prompt_tokens > self.limits.max_batch_prefill_tokens:
+                break
+            admitted.append(self.waiting.popleft())
+            prefill_tokens += prompt_tokens
+        return admitted
+
+    async def _step(self) -> None:
+        self._drop_cancelled()
+        self.running.extend(self._admit())
+        batch = list(self.running)
+        free_ids, self.to_free = self.to_free, []
+        chunks: list[shard_pb2.SequenceChunk] = []
+        input_ids: list[int] = []
+        for sequence in batch:
+            chunk, new_ids = sequence.next_chunk()
+            chunks.append(chunk)
+            input_ids.extend(new_ids)
+
+        loop = asyncio.get_running_loop()
+        hidden = await loop.run_in_executor(self.executor, self.embedder, torch.tensor(input_ids, dtype=torch.long))
+        logits = await self.shards.step(hidden, chunks, free_ids, [s.request.request_id for s in batch])
+        self.steps += 1
+        if not batch:
+            return
+        for sequence, chunk in zip(batch, chunks, strict=True):
+            sequence.cached += chunk.num_tokens
+        picks = await loop.run_in_executor(self.executor, self._sample, batch, logits)
+        for sequence, (token_id, logprob) in zip(batch, picks, strict=True):
+            self._advance(sequence, token_id, logprob)
+
+    @staticmethod
+    def _sample(batch: list[_Sequence], logits: torch.Tensor) -> list[tuple[int, float]]:
+        return [
+            sequence.sampler(row, torch.tensor(sequence.token_ids, dtype=torch.long))
+            for sequence, row in zip(batch, logits, strict=True)
+        ]
+
+    def _advance(self, sequence: _Sequence, token_id: int, logprob: float) -> None:
+        now = time.perf_counter()
+        if sequence.first_token_at is None:
+            sequence.first_token_at = now
+        sequence.token_ids.append(token_id)
+        text = sequence.detokenizer.push(token_id)
+        finish = sequence.stopping(token_id, sequence.detokenizer.text)
+        if finish is not None:
+            text += sequence.detokenizer.flush()
+        token = GeneratedToken(id=token_id, text=text, logprob=logprob, special=token_id in self.special_ids)
+        sequence.tokens.append(token)
+        if finish is None:
+            sequence.events.put_nowait(StreamEvent(token))
+            return
+        self.running.remove(sequence)
+        self.to_free.append(sequence.sequence_id)
+        request = sequence.request
+        generated_text = sequence.detokenizer.text
+        result = GenerationResult(
+            text=request.prompt + generated_text if request.return_full_text else generated_text,
+            generated_tokens=len(sequence.tokens),
+            finish_reason=finish,
+            seed=request.sampling.seed,
+            prompt_tokens=len(request.prompt_ids),
+            tokens=sequence.tokens if request.details else [],
+        )
+        sequence.events.put_nowait(StreamEvent(token, result))
+        log.info(
+            "request_finished",
+            request_id=request.request_id,
+            finish_reason=finish.value,
+            prompt_tokens=len(request.prompt_ids),
+            generated_tokens=len(sequence.tokens),
+            time_to_first_token_s=round(sequence.first_token_at - sequence.queued_at, 6),
+            duration_s=round(now - sequence.queued_at, 6),
+        )
+
+    def _fail_running(self, exc: BaseException) -> None:
+        log.error("requests_failed", reason=str(exc), requests=[s.request.request_id for s in self.running])
+        error = EngineUnavailable(f"the model failed while serving this request: {exc}")
+        for sequence in self.running:
+            sequence.events.put_nowait(error)
+        self.running = []

@@ -1,0 +1,196 @@
+"""gRPC face of the gateway: protobuf in, calls on Engine / tokenizer, protobuf out."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+import tokenizers
+
+from bloomduo import __version__
+from bloomduo.checkpoint import Checkpoint
+from bloomduo.logs import get_logger
+from bloomduo.serving import SERVER_OPTIONS, Health, bind, stop_event_on_signals
+from bloomduo.tensor_wire import DTYPES
+from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway.embedding import Embedder
+from gateway.engine import Engine, EngineUnavailable, GenerationResult, StreamEvent
+from gateway.shards import ShardPool, ShardUnavailable
+from gateway.stopping import FinishReason
+from gateway.validation import GenerationRequest, Limits, ValidationError, validate
+
+log = get_logger(__name__)
+SERVICE_NAME = "bloomduo.v1.GenerationService"
+
+FINISH_REASONS = {
+    FinishReason.LENGTH: gateway_pb2.FINISH_REASON_LENGTH,
+    FinishReason.EOS_TOKEN: gateway_pb2.FINISH_REASON_EOS_TOKEN,
+    FinishReason.STOP_SEQUENCE: gateway_pb2.FINISH_REASON_STOP_SEQUENCE,
+}
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    model_dir: Path
+    shard_targets: list[str]
+    limits: Limits = Limits()
+    shard_ready_timeout_s: float = 3600.0
+
+
+def token_to_pb(token) -> gateway_pb2.Token:
+    return gateway_pb2.Token(id=token.id, text=token.text, logprob=token.logprob, special=token.special)
+
+
+def result_to_pb(result: GenerationResult) -> gateway_pb2.GenerateResult:
+    return gateway_pb2.GenerateResult(
+        text=result.text,
+        generated_tokens=result.generated_tokens,
+        finish_reason=FINISH_REASONS[result.finish_reason],
+        seed=result.seed,
+        prompt_tokens=result.prompt_tokens,
+        tokens=[token_to_pb(token) for token in result.tokens],
+    )
+
+
+class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, options: GatewayOptions, tokenizer: tokenizers.Tokenizer, checkpoint: Checkpoint) -> None:
+        self.options = options
+        self.tokenizer = tokenizer
+        self.config = checkpoint.config
+        self.engine: Engine | None = None
+        self.info = gateway_pb2.InfoResponse(
+            model=options.model_dir.name,
+            model_type="bloom",
+            num_shards=len(options.shard_targets),
+            vocab_size=self.config.vocab_size,
+            version=__version__,
+            hidden_size=self.config.hidden_size,
+            num_layers=self.config.n_layer,
+            num_heads=self.config.n_head,
+            limits=gateway_pb2.Limits(
+                max_input_tokens=options.limits.max_input_tokens,
+                max_total_tokens=options.limits.max_total_tokens,
+                max_new_tokens=options.limits.max_new_tokens,
+                max_stop_sequences=options.limits.max_stop_sequences,
+                max_stop_sequence_length=options.limits.max_stop_sequence_length,
+                max_batch_size=options.limits.max_batch_size,
+                max_concurrent_requests=options.limits.max_concurrent_requests,
+                max_top_k=options.limits.max_top_k,
+            ),
+        )
+
+    async def _admit(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        """Validate and admit a request, or abort the call with the status that says why."""
+        request_id = request.request_id or uuid.uuid4().hex
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        await context.send_initial_metadata((("x-request-id", request_id),))
+        engine = self.engine
+        if engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+        if engine.in_flight >= self.options.limits.max_concurrent_requests:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the model is overloaded ({engine.in_flight} requests in flight); retry later",
+            )
+        params = {field.name: value for field, value in request.parameters.ListFields()}
+        try:
+            validated = validate(request_id, request.prompt, params, self.tokenizer, self.options.limits)
+        except ValidationError as exc:
+            log.info("request_rejected", field=exc.field_name, error=str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.info(
+            "request_admitted",
+            prompt_tokens=len(validated.prompt_ids),
+            max_new_tokens=validated.max_new_tokens,
+            do_sample=validated.sampling.do_sample,
+        )
+        return engine, validated
+
+    async def _events(
+        self, engine: Engine, request: GenerationRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[StreamEvent]:
+        try:
+            async for event in engine.generate(request):
+                yield event
+        except EngineUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        engine, validated = await self._admit(request, context)
+        async for event in self._events(engine, validated, context):
+            if event.result is not None:
+                return gateway_pb2.GenerateResponse(result=result_to_pb(event.result))
+        await context.abort(grpc.StatusCode.INTERNAL, "generation ended without a result")
+
+    async def GenerateStream(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        engine, validated = await self._admit(request, context)
+        async for event in self._events(engine, validated, context):
+            message = gateway_pb2.GenerateStreamResponse(token=token_to_pb(event.token))
+            if event.result is not None:
+                message.result.CopyFrom(result_to_pb(event.result))
+            yield message
+
+    async def Tokenize(self, request: gateway_pb2.TokenizeRequest, context: grpc.aio.ServicerContext):
+        encoding = self.tokenizer.encode(request.text, add_special_tokens=False)
+        return gateway_pb2.TokenizeResponse(ids=encoding.ids, count=len(encoding.ids), tokens=encoding.tokens)
+
+    async def Info(self, request: gateway_pb2.InfoRequest, context: grpc.aio.ServicerContext):
+        return self.info
+
+
+async def _connect(servicer: GenerationServicer, pool: ShardPool, checkpoint: Checkpoint, health: Health) -> None:
+    infos = await pool.wait_ready(servicer.options.shard_ready_timeout_s)
+    dtype = DTYPES[infos[0].dtype]
+    servicer.info.dtype = infos[0].dtype
+    servicer.info.device = ",".join(info.device for info in infos)
+    embedder = await asyncio.to_thread(Embedder, checkpoint, dtype)
+    engine = Engine(
+        servicer.tokenizer, embedder, pool, servicer.options.limits, eos_token_id=checkpoint.config.eos_token_id
+    )
+    engine.start()
+    servicer.engine = engine
+    await health.set(True)
+    log.info("gateway_ready", shards=len(infos), dtype=infos[0].dtype)
+
+
+async def serve(options: GatewayOptions, host: str, port: int) -> None:
+    checkpoint = Checkpoint(options.model_dir)
+    tokenizer_file = options.model_dir / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise FileNotFoundError(f"{tokenizer_file} is missing; the gateway needs the model's fast tokenizer file")
+    tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+    vocab_size = checkpoint.config.vocab_size
+    limits = dataclasses.replace(options.limits, max_top_k=min(options.limits.max_top_k, vocab_size))
+    options = dataclasses.replace(options, limits=limits)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    servicer = GenerationServicer(options, tokenizer, checkpoint)
+    gateway_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, server)
+    health = Health(server, [SERVICE_NAME])
+    bound = bind(server, f"{host}:{port}")
+    await server.start()
+    await health.set(False)
+    log.info("gateway_listening", address=f"{host}:{bound}", shards=options.shard_targets)
+    pool = ShardPool(options.shard_targets, checkpoint.config.vocab_size)
+    stop = stop_event_on_signals()
+    connect = asyncio.ensure_future(_connect(servicer, pool, checkpoint, health))
+    waiter = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({connect, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if connect in done and connect.exception() is not None:
+        log.error("gateway_start_failed", error=str(connect.exception()))
+    elif connect in done:
+        await stop.wait()
+    connect.cancel()
+    log.info("gateway_stopping")
+    await health.shutting_down()
+    await server.stop(grace=10)
+    if servicer.engine is not None:
+        await servicer.engine.stop()
+    await pool.close()
+    if connect.done() and not connect.cancelled() and connect.exception() is not None:
+        raise SystemExit(1)

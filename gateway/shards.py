@@ -1,0 +1,139 @@
+"""The gateway's connections to its shard workers: one long-lived Step stream each, driven in lock step."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Sequence
+
+import grpc
+import torch
+
+from bloomduo.logs import get_logger
+from bloomduo.serving import CHANNEL_OPTIONS
+from bloomduo.tensor_wire import decode_tensor, encode_tensor
+from bloomduo.v1 import shard_pb2, shard_pb2_grpc
+
+log = get_logger(__name__)
+
+
+class ShardUnavailable(RuntimeError):
+    """A shard worker cannot be reached or broke its stream; in-flight requests cannot finish."""
+
+
+class ShardConnection:
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.stub = shard_pb2_grpc.ShardServiceStub(self.channel)
+        self.call: grpc.aio.StreamStreamCall | None = None
+
+    async def info(self, timeout_s: float = 5.0) -> shard_pb2.ShardInfoResponse:
+        return await self.stub.Info(shard_pb2.ShardInfoRequest(), timeout=timeout_s)
+
+    async def step(self, request: shard_pb2.StepRequest) -> shard_pb2.StepResponse:
+        if self.call is None:
+            self.call = self.stub.Step()
+        try:
+            await self.call.write(request)
+            response = await self.call.read()
+        except grpc.aio.AioRpcError as exc:
+            self.call = None
+            raise ShardUnavailable(f"shard worker {self.target}: {exc.code().name}: {exc.details()}") from exc
+        if response is grpc.aio.EOF:
+            code = await self.call.code()
+            details = await self.call.details()
+            self.call = None
+            raise ShardUnavailable(f"shard worker {self.target} ended its stream: {code.name}: {details}")
+        return response
+
+    async def close(self) -> None:
+        if self.call is not None:
+            self.call.cancel()
+            self.call = None
+        await self.channel.close()
+
+
+class ShardPool:
+    """All W workers of one tensor-parallel group, addressed in rank order."""
+
+    def __init__(self, targets: Sequence[str], vocab_size: int) -> None:
+        if not targets:
+            raise ValueError("the gateway needs at least one shard worker address")
+        self.connections = [ShardConnection(target) for target in targets]
+        self.vocab_size = vocab_size
+        self.infos: list[shard_pb2.ShardInfoResponse] = []
+        self.step_ids = itertools.count(1)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.connections)
+
+    async def wait_ready(self, timeout_s: float) -> list[shard_pb2.ShardInfoResponse]:
+        """Poll Info until every worker has loaded, then order the connections by rank and check the group."""
+        deadline = time.monotonic() + timeout_s
+        waiting_for: list[str] = []
+        while True:
+            infos = await asyncio.gather(*(c.info() for c in self.connections), return_exceptions=True)
+            waiting_for = [
+                c.target
+                for c, info in zip(self.connections, infos, strict=True)
+                if isinstance(info, BaseException) or not info.ready
+            ]
+            if not waiting_for:
+                break
+            if time.monotonic() > deadline:
+                raise ShardUnavailable(
+                    f"shard workers not ready after {timeout_s:.0f} s: {', '.join(waiting_for)}; "
+                    "check that they run and can reach each other"
+                )
+            await asyncio.sleep(0.5)
+        ranked = sorted(zip(infos, self.connections, strict=True), key=lambda pair: pair[0].rank)
+        self.infos = [info for info, _ in ranked]
+        self.connections = [connection for _, connection in ranked]
+        self._check_group()
+        log.info("shards_ready", targets=[c.target for c in self.connections])
+        return self.infos
+
+    def _check_group(self) -> None:
+        ranks = [info.rank for info in self.infos]
+        sizes = {info.world_size for info in self.infos}
+        if ranks != list(range(self.world_size)) or sizes != {self.world_size}:
+            raise ShardUnavailable(
+                f"the gateway was given {self.world_size} workers but they report ranks {ranks} of world sizes "
+                f"{sorted(sizes)}; pass every worker of one group, and only those"
+            )
+        bounds = [(info.vocab_start, info.vocab_end) for info in self.infos]
+        if bounds[0][0] != 0 or any(a[1] != b[0] for a, b in itertools.pairwise(bounds)):
+            raise ShardUnavailable(f"workers' vocabulary slices do not tile the vocabulary: {bounds}")
+        if bounds[-1][1] < self.vocab_size:
+            raise ShardUnavailable(f"workers cover {bounds[-1][1]} vocabulary rows, the model has {self.vocab_size}")
+
+    async def step(
+        self,
+        hidden_states: torch.Tensor,
+        chunks: Sequence[shard_pb2.SequenceChunk],
+        free_ids: Sequence[int],
+        request_ids: Sequence[str] = (),
+    ) -> torch.Tensor:
+        """Send one step to every worker; return float32 logits [len(chunks), vocab_size]."""
+        request = shard_pb2.StepRequest(
+            step_id=next(self.step_ids),
+            hidden_states=encode_tensor(hidden_states),
+            sequences=chunks,
+            free_sequence_ids=list(free_ids),
+            request_ids=list(request_ids),
+        )
+        responses = await asyncio.gather(*(c.step(request) for c in self.connections))
+        slices = [decode_tensor(response.logits) for response in responses]
+        return torch.cat(slices, dim=-1)[:, : self.vocab_size].float()
+
+    async def reset_streams(self) -> None:
+        for connection in self.connections:
+            if connection.call is not None:
+                connection.call.cancel()
+                connection.call = None
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.connections))

@@ -1,0 +1,139 @@
+"""One shard worker's model step, as a plain object: hidden states in, this rank's logits slice out."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bloomduo.checkpoint import Checkpoint
+from bloomduo.logs import get_logger
+from shard_worker.distributed import backend_for, init_distributed
+from shard_worker.kv_cache import KVCache
+from shard_worker.model import BloomShardModel, Chunk
+from shard_worker.tensor_parallel import load_shard, vocab_range
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    model_dir: Path
+    rank: int
+    world_size: int
+    dist_init: str  # torch.distributed init_method, e.g. tcp://127.0.0.1:29500
+    device: str = "cpu"
+    dtype: str = "auto"
+    dist_timeout_s: float = 600.0
+
+
+def resolve_dtype(name: str, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """"auto" keeps the checkpoint's dtype, except on npu where 310P chips have no bfloat16."""
+    explicit = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name in explicit:
+        return explicit[name]
+    if name != "auto":
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, not {name!r}")
+    if device.type == "npu":
+        return torch.float16
+    return checkpoint_dtype or torch.float32
+
+
+def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype | None:
+    stored = getattr(checkpoint.config, "torch_dtype", None) or getattr(checkpoint.config, "dtype", None)
+    if isinstance(stored, torch.dtype):
+        return stored
+    if isinstance(stored, str) and stored in ("float32", "bfloat16", "float16"):
+        return getattr(torch, stored)
+    return None
+
+
+class ShardEngine:
+    """Holds one rank's slice of the model and its KV caches; steps run strictly in arrival order."""
+
+    def __init__(
+        self,
+        model: BloomShardModel,
+        cache: KVCache,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        model_name: str,
+        vocab_start: int,
+        vocab_end: int,
+        padded_vocab_size: int,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.dtype = dtype
+        self.model_name = model_name
+        self.vocab_start = vocab_start
+        self.vocab_end = vocab_end
+        self.padded_vocab_size = padded_vocab_size
+        self.parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.backend = backend_for(device)
+        self.local_heads = model.config.n_head // world_size
+
+    @classmethod
+    def load(cls, options: ShardOptions) -> ShardEngine:
+        device = torch.device(options.device)
+        started = time.perf_counter()
+        checkpoint = Checkpoint(options.model_dir)
+        dtype = resolve_dtype(options.dtype, checkpoint_dtype(checkpoint), device)
+        log.info(
+            "shard_joining_group",
+            rank=options.rank,
+            world_size=options.world_size,
+            backend=backend_for(device),
+            init_method=options.dist_init,
+        )
+        group = init_distributed(
+            options.rank, options.world_size, options.dist_init, device, timeout_s=options.dist_timeout_s
+        )
+        log.info("shard_loading", model=str(options.model_dir), device=str(device), dtype=str(dtype))
+        model = load_shard(checkpoint, options.rank, options.world_size, device=device, dtype=dtype, group=group)
+        start, end, padded = vocab_range(checkpoint.config.vocab_size, options.rank, options.world_size)
+        engine = cls(
+            model,
+            KVCache.for_model(model),
+            rank=options.rank,
+            world_size=options.world_size,
+            device=device,
+            dtype=dtype,
+            model_name=Path(options.model_dir).name,
+            vocab_start=start,
+            vocab_end=end,
+            padded_vocab_size=padded,
+        )
+        log.info(
+            "shard_loaded",
+            seconds=round(time.perf_counter() - started, 3),
+            parameter_bytes=engine.parameter_bytes,
+            vocab_start=start,
+            vocab_end=end,
+        )
+        return engine
+
+    @torch.inference_mode()
+    def step(self, hidden_states: torch.Tensor, chunks: list[Chunk], free_ids: list[int]) -> torch.Tensor:
+        """Free finished sequences, run the model on the step's chunks, return [len(chunks), vocab slice]."""
+        for sequence_id in free_ids:
+            self.cache.free(sequence_id)
+        if not chunks:
+            return torch.empty((0, self.vocab_end - self.vocab_start), dtype=self.dtype)
+        total = sum(chunk.num_tokens for chunk in chunks)
+        if hidden_states.shape[0] != total:
+            raise ValueError(f"hidden_states has {hidden_states.shape[0]} rows but the chunks hold {total} tokens")
+        logits = self.model(hidden_states.to(self.device, self.dtype), chunks, self.cache)
+        return logits.to("cpu")
+
+    def reset(self) -> None:
+        """Drop every KV cache, e.g. when the gateway that owned them went away."""
+        self.cache.clear()
