@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Build a fresh virtual environment from this project's own files, then lint and run every test.
+# Usage: scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=.venv-test
+rm -rf "$venv"
+python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet --upgrade pip
+# torch first and pinned: on a CPU machine a bare "torch" requirement would pull a multi-GB CUDA build.
+"$venv/bin/pip" install --quiet -c constraints.txt torch
+"$venv/bin/pip" install --quiet -c constraints.txt -e ".[test]"
+"$venv/bin/ruff" check .
+"$venv/bin/ruff" format --check .
+# Tests write demo models into a private cache, never into the user's.
+export BLOOMDUO_CACHE="${BLOOMDUO_CACHE:-$PWD/$venv/cache}"
+"$venv/bin/python" -m pytest "$@"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up a virtual environment from this project's own files (once) and start the whole stack.
+# Usage: scripts/up.sh [bloomduo up options...]   e.g. scripts/up.sh --model /models/bloom-7b1
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=.venv
+if [ ! -x "$venv/bin/bloomduo" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --upgrade pip
+  "$venv/bin/pip" install --quiet -c constraints.txt torch
+  "$venv/bin/pip" install --quiet -c constraints.txt -e .
+fi
+exec "$venv/bin/bloomduo" up "$@"
