@@ -1,0 +1,181 @@
+"""BLOOM's transformer blocks, final LayerNorm and LM head, in plain PyTorch, for ragged batches.
+
+The gateway owns the token embeddings (word_embeddings + word_embeddings_layernorm); this model
+starts from their output. It knows nothing about ranks: tensor_parallel.py shrinks its layers to
+one rank's share after it is built (gpt-fast style), so `num_heads` below is "the heads this module
+computes", which is all of them when the model is not sharded.
+
+A step's input is "flat tokens": hidden_states [total_tokens, hidden] made of one chunk per
+sequence. Linear layers see all rows at once; attention runs per chunk against that sequence's
+KV cache. The arithmetic follows transformers' modeling_bloom.py step by step (ALiBi added through
+baddbmm, softmax in float32, tanh GELU), so logits match BloomForCausalLM in every dtype.
+
+    block(x) = x' + MLP(LN2(x')),   x' = x + Attention(LN1(x))      (pre-LN; see residual_from_ln)
+    Attention: scores = alibi_slope[h] * key_position + q.k / sqrt(head_dim), causal, softmax
+    MLP:       dense_4h_to_h(gelu_tanh(dense_h_to_4h(x)))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BloomConfig
+
+from shard_worker.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows of hidden_states holding tokens start_position .. start_position+num_tokens-1 of a sequence."""
+
+    sequence_id: int
+    start_position: int
+    num_tokens: int
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi slope of each of the model's `num_heads` heads (float32), as in the paper and HF.
+
+    With p the largest power of two <= num_heads: slopes base^1..base^p, base = 2^(-8/p); the
+    remaining heads take the odd powers 1, 3, 5, ... of 2^(-8/(2p)). Always call this with the
+    model's TOTAL head count; a shard then takes its own slice.
+    """
+    p = 2 ** math.floor(math.log2(num_heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(p) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + p, dtype=torch.int32))
+    if p != num_heads:
+        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * p) - 3))), dtype=torch.float32)
+        extra = min(p, num_heads - p)
+        slopes = torch.cat(
+            [slopes, torch.pow(extra_base, torch.arange(1, 1 + 2 * extra, 2, dtype=torch.int32))]
+        )
+    return slopes
+
+
+def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of GELU, with BLOOM's exact constants."""
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: BloomConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.n_head  # heads computed here (a shard: its own heads only)
+        self.head_dim = hidden // config.n_head
+        if self.head_dim * config.n_head != hidden:
+            raise ValueError(f"hidden_size {hidden} is not divisible by n_head {config.n_head}")
+        self.inv_norm_factor = 1.0 / math.sqrt(self.head_dim)
+        # Output laid out per head: [num_heads, 3 (q, k, v), head_dim].
+        self.query_key_value = nn.Linear(hidden, 3 * hidden)
+        self.dense = nn.Linear(hidden, hidden)
+        # float32, like HF; kept out of the state dict (it is derived from n_head).
+        self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
+
+    def forward(self, x: torch.Tensor, chunks: list[Chunk], cache: KVCache, layer: int) -> torch.Tensor:
+        total = x.shape[0]
+        qkv = self.query_key_value(x).view(total, self.num_heads, 3, self.head_dim)
+        # [heads, tokens, head_dim] views of the fused projection
+        query, key, value = (qkv[:, :, i].transpose(0, 1) for i in range(3))
+        context = torch.empty(total, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
+        offset = 0
+        for chunk in chunks:
+            rows = slice(offset, offset + chunk.num_tokens)
+            offset += chunk.num_tokens
+            context[rows] = self._attend(chunk, query[:, rows], key[:, rows], value[:, rows], cache, layer)
+        return self.dense(context.view(total, self.num_heads * self.head_dim))
+
+    def _attend(self, chunk: Chunk, q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
+        """One sequence's queries [heads, n, d] against its cached and new keys; returns [n, heads, d]."""
+        keys, values = cache.write(layer, chunk.sequence_id, chunk.start_position, k, v)
+        kv_length = keys.shape[1]
+        key_positions = torch.arange(kv_length, device=q.device)
+        alibi = (self.alibi_slopes[:, None, None] * key_positions).to(q.dtype)  # [heads, 1, kv_length]
+        scores = alibi.baddbmm(q, keys.transpose(1, 2), beta=1.0, alpha=self.inv_norm_factor)
+        if chunk.num_tokens > 1:  # a query at position p sees keys 0..p
+            query_positions = torch.arange(chunk.start_position, kv_length, device=q.device)
+            future = key_positions[None, :] > query_positions[:, None]
+            scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.bmm(probs, values).transpose(0, 1)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: BloomConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 4 * config.hidden_size)
+        self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(bloom_gelu(self.dense_h_to_4h(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: BloomConfig) -> None:
+        super().__init__()
+        eps = config.layer_norm_epsilon
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.self_attention = Attention(config)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.mlp = MLP(config)
+        # BLOOM-7B1 uses False: the residual is the block input, not the LayerNorm output.
+        self.residual_from_ln = config.apply_residual_connection_post_layernorm
+
+    def forward(self, x: torch.Tensor, chunks: list[Chunk], cache: KVCache, layer: int) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        x = (h if self.residual_from_ln else x) + self.self_attention(h, chunks, cache, layer)
+        h = self.post_attention_layernorm(x)
+        return (h if self.residual_from_ln else x) + self.mlp(h)
+
+
+class BloomShardModel(nn.Module):
+    """Blocks + ln_f + LM head (over `lm_head.out_features` vocabulary rows: all, or a shard's slice)."""
+
+    def __init__(self, config: BloomConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        # Tied to word_embeddings in BLOOM; stored here as plain rows of the vocabulary.
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def num_local_heads(self) -> int:
+        return self.h[0].self_attention.num_heads
+
+    def new_kv_cache(self, *, initial_capacity: int = 128) -> KVCache:
+        """An empty cache shaped for this model's (local) heads, on its device and in its dtype."""
+        weight = self.lm_head.weight
+        return KVCache(
+            len(self.h),
+            self.num_local_heads,
+            self.config.hidden_size // self.config.n_head,
+            device=weight.device,
+            dtype=weight.dtype,
+            initial_capacity=initial_capacity,
+        )
+
+    @torch.inference_mode()
+    def forward(self, hidden_states: torch.Tensor, chunks: list[Chunk], cache: KVCache) -> torch.Tensor:
+        """hidden_states [total_tokens, hidden] -> logits [len(chunks), vocab rows] of each chunk's last row.
+
+        Raises CachePositionError (nothing is changed) when a chunk does not continue its sequence.
+        """
+        chunks = list(chunks)
+        sizes = [c.num_tokens for c in chunks]
+        if not chunks or sum(sizes) != hidden_states.shape[0]:
+            raise ValueError(
+                f"the chunks cover {sum(sizes)} tokens but hidden_states has {hidden_states.shape[0]} rows"
+            )
+        cache.prepare(chunks)
+        weight = self.lm_head.weight
+        x = hidden_states.to(device=weight.device, dtype=weight.dtype)
+        for layer, block in enumerate(self.h):
+            x = block(x, chunks, cache, layer)
+        cache.commit(chunks)
+        last_rows = torch.tensor(sizes, device=x.device).cumsum(0) - 1
+        return self.lm_head(self.ln_f(x[last_rows]))

@@ -1,0 +1,221 @@
+"""Tensor parallelism for BloomShardModel: how W ranks split BLOOM, and the one collective it needs.
+
+Read this file to learn the sharding. model.py stays a plain single-device BLOOM; this file shrinks
+each layer to one rank's share after the model is built (gpt-fast style) and adds an all-reduce
+after the two row-parallel projections of every block.
+
+    parameter (in block h.<i>)             split               why
+    -------------------------------------  ------------------  -----------------------------------------
+    self_attention.query_key_value.w/b     COLUMN  (dim 0)     output laid out [n_head, 3, head_dim]: a
+                                                               contiguous split gives whole heads (q,k,v)
+    self_attention.dense.weight            ROW     (dim 1)     input = this rank's heads -> partial sum,
+                                                               all-reduce(SUM) after
+    self_attention.dense.bias              ONCE    (rank 0)    added once, not W times, to the sum
+    mlp.dense_h_to_4h.weight/bias          COLUMN  (dim 0)     4h/W columns of the MLP
+    mlp.dense_4h_to_h.weight               ROW     (dim 1)     partial sum, all-reduce(SUM) after
+    mlp.dense_4h_to_h.bias                 ONCE    (rank 0)
+    input/post_attention_layernorm, ln_f   REPLICATE
+    lm_head.weight (= word_embeddings)     VOCAB   (dim 0)     rows [r*Vp/W, (r+1)*Vp/W) of the vocabulary
+                                                               padded to Vp (a multiple of W); pad rows = 0
+
+    ALiBi: slopes are computed for ALL n_head heads, then rank r keeps heads [r*n/W, (r+1)*n/W).
+    (Slopes computed from the local head count are wrong: the classic bug.)
+
+Two all-reduces per block; nothing else is communicated. LM head logits stay split by vocabulary
+(each rank returns its slice; the gateway concatenates them and trims the padding).
+
+Only this rank's slices are read from disk: `load_shard` builds the model on the meta device,
+applies the rules above to its shapes, reads each parameter's slice through the checkpoint's
+sliced `read`, and loads them with `assign=True`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import BloomConfig
+
+from shard_worker.distributed import all_reduce_sum
+from shard_worker.model import BloomShardModel, alibi_slopes
+
+REPLICATE = "replicate"  # every rank holds the whole tensor
+COLUMN = "column"  # split along dim 0 (output features): each rank computes its own outputs
+ROW = "row"  # split along dim 1 (input features): partial results, all-reduce(SUM) after
+ONCE = "once"  # bias of a ROW layer: kept on rank 0 only, so the sum adds it exactly once
+VOCAB = "vocab"  # LM head: vocabulary rows, padded to a multiple of W with zero rows
+
+RULES: dict[str, str] = {
+    "input_layernorm.weight": REPLICATE,
+    "input_layernorm.bias": REPLICATE,
+    "self_attention.query_key_value.weight": COLUMN,
+    "self_attention.query_key_value.bias": COLUMN,
+    "self_attention.dense.weight": ROW,
+    "self_attention.dense.bias": ONCE,
+    "post_attention_layernorm.weight": REPLICATE,
+    "post_attention_layernorm.bias": REPLICATE,
+    "mlp.dense_h_to_4h.weight": COLUMN,
+    "mlp.dense_h_to_4h.bias": COLUMN,
+    "mlp.dense_4h_to_h.weight": ROW,
+    "mlp.dense_4h_to_h.bias": ONCE,
+    "ln_f.weight": REPLICATE,
+    "ln_f.bias": REPLICATE,
+    "lm_head.weight": VOCAB,
+}
+
+# Modules whose output is a partial sum over ranks: all-reduce right after them.
+ROW_PARALLEL_MODULES = ("self_attention.dense", "mlp.dense_4h_to_h")
+
+
+class VocabRange(NamedTuple):
+    start: int  # first vocabulary row of this rank
+    end: int  # one past its last row (may exceed vocab_size on the last rank: padding)
+    padded_vocab_size: int  # vocab_size rounded up to a multiple of world_size
+
+
+def vocab_range(vocab_size: int, rank: int, world_size: int) -> VocabRange:
+    """This rank's rows [start, end) of the LM head, in the vocabulary padded to a multiple of W."""
+    padded = -(-vocab_size // world_size) * world_size
+    per_rank = padded // world_size
+    return VocabRange(rank * per_rank, (rank + 1) * per_rank, padded)
+
+
+def check_world_size(config: BloomConfig, world_size: int) -> None:
+    if world_size < 1 or config.n_head % world_size:
+        raise ValueError(f"world_size {world_size} must divide n_head {config.n_head}")
+
+
+def rule_for(name: str) -> str:
+    """The rule of a parameter: "h.3.mlp.dense_h_to_4h.bias" -> RULES["mlp.dense_h_to_4h.bias"]."""
+    key = name.split(".", 2)[2] if name.startswith("h.") else name
+    try:
+        return RULES[key]
+    except KeyError:
+        raise KeyError(f"no tensor-parallel rule for parameter {name!r}") from None
+
+
+def shard_slice(name: str, full_shape: tuple[int, ...], rank: int, world_size: int):
+    """(rule, dim, start, stop) of this rank's part of a parameter, or None when it holds none.
+
+    dim is None for replicated tensors. For VOCAB, stop may pass the real vocabulary (padding).
+    """
+    rule = rule_for(name)
+    if rule == REPLICATE:
+        return rule, None, 0, None
+    if rule == ONCE:
+        return (rule, None, 0, None) if rank == 0 else None
+    if rule == VOCAB:
+        start, end, _ = vocab_range(full_shape[0], rank, world_size)
+        return rule, 0, start, end
+    dim = 0 if rule == COLUMN else 1
+    size = full_shape[dim] // world_size
+    return rule, dim, rank * size, (rank + 1) * size
+
+
+def shard_tensor(name: str, tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor | None:
+    """This rank's part of a full parameter (works on meta tensors too); None when it holds none."""
+    part = shard_slice(name, tuple(tensor.shape), rank, world_size)
+    if part is None:
+        return None
+    rule, dim, start, stop = part
+    if dim is None:
+        return tensor
+    if rule == VOCAB:
+        rows = tensor.new_zeros((stop - start, *tensor.shape[1:]))
+        real = max(0, min(stop, tensor.shape[0]) - start)
+        rows[:real] = tensor[start : start + real]
+        return rows
+    return tensor.narrow(dim, start, stop - start).clone()
+
+
+def apply_tensor_parallel(
+    model: BloomShardModel, rank: int, world_size: int, group: dist.ProcessGroup | None = None
+) -> BloomShardModel:
+    """Shrink a full model to rank `rank`'s share in place and hook in the all-reduces.
+
+    Works on a model built on the meta device (shapes only, then load the slices) as well as on a
+    loaded full model (its tensors are sliced).
+    """
+    config = model.config
+    check_world_size(config, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, {world_size})")
+    for name, param in list(model.named_parameters()):
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        part = shard_tensor(name, param.detach(), rank, world_size)
+        setattr(module, attr, None if part is None else nn.Parameter(part, requires_grad=False))
+        if isinstance(module, nn.Linear) and part is not None and attr == "weight":
+            module.out_features, module.in_features = part.shape
+
+    heads = config.n_head // world_size
+    own_slopes = alibi_slopes(config.n_head)[rank * heads : (rank + 1) * heads]  # ALL heads, then slice
+    for block in model.h:
+        attention = block.self_attention
+        device = attention.alibi_slopes.device
+        attention.num_heads = heads
+        attention.alibi_slopes = own_slopes.to("cpu" if device.type == "meta" else device)
+
+    if world_size > 1:
+        for module_name, module in model.named_modules():
+            if module_name.endswith(ROW_PARALLEL_MODULES):
+                module.register_forward_hook(lambda _mod, _inp, out: all_reduce_sum(out, group))
+
+    model.tp_rank, model.tp_world_size = rank, world_size
+    model.vocab_range = vocab_range(config.vocab_size, rank, world_size)
+    return model
+
+
+def load_shard(
+    checkpoint,
+    rank: int,
+    world_size: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    group: dist.ProcessGroup | None = None,
+) -> BloomShardModel:
+    """Build rank `rank`'s BloomShardModel reading only its slices of `checkpoint`.
+
+    `checkpoint` is a bloomduo.checkpoint.Checkpoint (or a model directory to open as one). Weights
+    are cast to `dtype` on `device`; the ALiBi slopes stay float32. The model carries `tp_rank`,
+    `tp_world_size` and `vocab_range` (its LM head rows). Call it on every rank: with world_size > 1
+    the forward pass all-reduces over `group` (default: the whole process group).
+    """
+    if isinstance(checkpoint, str | os.PathLike):
+        from bloomduo.checkpoint import Checkpoint
+
+        checkpoint = Checkpoint(checkpoint)
+    config = checkpoint.config
+    check_world_size(config, world_size)
+    device = torch.device(device)
+
+    with torch.device("meta"):
+        model = BloomShardModel(config)
+    full_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    apply_tensor_parallel(model, rank, world_size, group)
+
+    state = {}
+    for name in dict(model.named_parameters()):
+        stored = checkpoint.lm_head_name() if name == "lm_head.weight" else name
+        if tuple(checkpoint.shape(stored)) != full_shapes[name]:
+            raise ValueError(
+                f"checkpoint tensor {stored!r} has shape {tuple(checkpoint.shape(stored))}, "
+                f"expected {full_shapes[name]} from the config"
+            )
+        rule, dim, start, stop = shard_slice(name, full_shapes[name], rank, world_size)
+        if rule == VOCAB:  # read the real rows, then zero rows up to the padded slice size
+            real_stop = min(stop, full_shapes[name][0])
+            tensor = torch.zeros((stop - start, *full_shapes[name][1:]), dtype=dtype, device=device)
+            if real_stop > start:
+                tensor[: real_stop - start] = checkpoint.read(stored, 0, start, real_stop)
+        else:
+            tensor = checkpoint.read(stored, dim, start, stop)
+        state[name] = tensor.to(device=device, dtype=dtype)
+
+    model.load_state_dict(state, strict=True, assign=True)
+    model.to(device)  # the ALiBi slopes: still float32, like HF
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,295 @@
+"""The tensor-parallel BLOOM shard model against transformers' BloomForCausalLM.
+
+W real worker processes (torch.multiprocessing spawn, gloo) each load their slice of a tiny random
+checkpoint (n_head 12, vocab 1009: prime, so no W divides it) and run the same ragged steps:
+a prefill of sequences of different lengths, decode steps fed HF's greedy tokens, a chunked
+prefill joining mid-flight, a multi-token continuation, a freed id reused. The ranks' vocabulary
+slices, concatenated and trimmed, must equal HF's logits for the last token of every chunk.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from transformers import BloomConfig
+from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+from shard_worker.distributed import all_reduce_sum, backend_for, import_torch_npu
+from shard_worker.kv_cache import CachePositionError, KVCache
+from shard_worker.model import BloomShardModel, Chunk, alibi_slopes
+from shard_worker.tensor_parallel import (
+    RULES,
+    apply_tensor_parallel,
+    load_shard,
+    rule_for,
+    vocab_range,
+)
+from tests._dist_helpers import TINY, make_checkpoint, open_checkpoint, parameter_bytes, run_rank
+
+# name: (sequence_id, prompt length). "F" reuses C's id after C is freed.
+SEQUENCES = {"A": (0, 5), "B": (1, 9), "C": (2, 3), "D": (3, 10), "F": (2, 6)}
+# Each step: (names to free first, [(name, tokens fed)]); a chunk continues where its sequence stopped.
+SCHEDULE = [
+    ([], [("A", 5), ("B", 9), ("C", 3)]),  # ragged prefill
+    ([], [("A", 1), ("B", 1), ("C", 1)]),  # decode
+    ([], [("A", 1), ("B", 1), ("C", 1)]),
+    ([], [("A", 1), ("B", 1), ("C", 1), ("D", 4)]),  # D's prompt arrives in chunks
+    ([], [("D", 4), ("A", 1), ("B", 1), ("C", 1)]),
+    ([], [("A", 1), ("B", 1), ("C", 1), ("D", 2)]),
+    (["C"], [("A", 1), ("B", 1), ("D", 1)]),
+    ([], [("A", 1), ("B", 1), ("D", 1)]),
+    ([], [("A", 1), ("B", 1), ("D", 1)]),  # A's 8th decode
+    ([], [("B", 1), ("A", 3), ("D", 1)]),  # several tokens continuing A
+    ([], [("A", 1), ("F", 6)]),  # C's id reused
+]
+
+
+def _embed(hf, ids: torch.Tensor) -> torch.Tensor:
+    """What the gateway sends: word_embeddings then word_embeddings_layernorm."""
+    return hf.transformer.word_embeddings_layernorm(hf.transformer.word_embeddings(ids))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Checkpoint, the step plan (inputs per dtype) and HF's logits for every chunk of it."""
+    torch.manual_seed(0)
+    model_dir = tmp_path_factory.mktemp("tiny_bloom")
+    hf32 = make_checkpoint(model_dir)
+    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    totals = {name: 0 for name in SEQUENCES}
+    for _, chunks in SCHEDULE:
+        for name, n in chunks:
+            totals[name] += n
+    tokens, logits = {}, {"float32": {}, "bfloat16": {}}
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, (_, prompt_len) in SEQUENCES.items():
+            ids = torch.randint(3, TINY["vocab_size"], (prompt_len,), generator=generator)
+            while len(ids) < totals[name]:  # HF's greedy continuation
+                next_id = hf32(ids[None]).logits[0, -1].argmax()
+                ids = torch.cat([ids, next_id[None]])
+            tokens[name] = ids
+            logits["float32"][name] = hf32(ids[None]).logits[0]
+            logits["bfloat16"][name] = hf16(ids[None]).logits[0]
+
+        steps, expected = [], {"float32": [], "bfloat16": []}
+        done = {name: 0 for name in SEQUENCES}
+        for free, chunks in SCHEDULE:
+            step = {"free": [SEQUENCES[n][0] for n in free], "chunks": [], "hidden": {}}
+            rows = []
+            for name, n in chunks:
+                start = done[name]
+                step["chunks"].append((SEQUENCES[name][0], start, n))
+                rows.append(tokens[name][start : start + n])
+                done[name] += n
+            ids = torch.cat(rows)
+            step["hidden"] = {"float32": _embed(hf32, ids), "bfloat16": _embed(hf16, ids)}
+            for dtype_name in expected:
+                expected[dtype_name].append(
+                    torch.stack([logits[dtype_name][name][done[name] - 1] for name, _ in chunks])
+                )
+            steps.append(step)
+    plan_path = model_dir / "plan.pt"
+    torch.save({"steps": steps}, plan_path)
+    return {"model_dir": model_dir, "plan_path": plan_path, "expected": expected, "hf": hf32}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_tensor_parallel_matches_transformers(reference, world_size, tmp_path):
+    init_method = f"file://{tmp_path / 'rendezvous'}"
+    args = (world_size, init_method, str(reference["model_dir"]), str(reference["plan_path"]), str(tmp_path))
+    mp.spawn(run_rank, args=args, nprocs=world_size, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+
+    vocab = TINY["vocab_size"]
+    padded = -(-vocab // world_size) * world_size
+    assert [r["vocab_range"] for r in ranks] == [
+        (i * padded // world_size, (i + 1) * padded // world_size, padded) for i in range(world_size)
+    ]
+    assert all(r["local_heads"] == TINY["n_head"] // world_size for r in ranks)
+
+    for dtype_name, atol in (("float32", 1e-5 if world_size == 1 else 1e-4), ("bfloat16", None)):
+        for step, want in enumerate(reference["expected"][dtype_name]):
+            full = torch.cat([r[dtype_name][step] for r in ranks], dim=1)
+            assert full.shape == (want.shape[0], padded)
+            assert not full[:, vocab:].any(), "padding rows of the LM head must give zero logits"
+            got = full[:, :vocab]
+            if atol is not None:
+                diff = (got - want).abs().max().item()
+                assert diff < atol, f"W={world_size} step {step}: max |ours - HF| = {diff:.3g}"
+            else:  # bf16: both sides round differently; logits are O(1)
+                diff = (got.float() - want.float()).abs().max().item()
+                assert diff < 0.1, f"W={world_size} bf16 step {step}: max |ours - HF| = {diff:.3g}"
+                assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+    # Each rank holds ~1/W of the blocks (LayerNorms replicated; row-parallel biases on rank 0) and
+    # exactly its slice of the LM head.
+    blocks = reference["hf"].transformer.h
+    replicated = sum(
+        parameter_bytes(b.input_layernorm) + parameter_bytes(b.post_attention_layernorm) for b in blocks
+    )
+    once = sum(b.self_attention.dense.bias.nbytes + b.mlp.dense_4h_to_h.bias.nbytes for b in blocks)
+    split = parameter_bytes(blocks) - replicated - once
+    for rank, r in enumerate(ranks):
+        assert r["block_bytes"] == split // world_size + replicated + (once if rank == 0 else 0)
+        assert r["lm_head_bytes"] == padded // world_size * TINY["hidden_size"] * 4
+
+    # The wrong start_position was refused with a clear message on every rank, and nothing hung.
+    assert all("starts at position" in r["position_error"] for r in ranks)
+    assert ranks[0]["cache_sequences"] == 4  # A, B, D and F (C freed)
+
+
+def test_alibi_slopes_match_transformers():
+    for n in (1, 2, 3, 5, 8, 12, 16, 24, 32, 40, 112):
+        assert torch.equal(alibi_slopes(n), _get_alibi_slopes(n, torch.device("cpu"))), n
+
+
+def test_shards_take_their_slice_of_all_heads_slopes():
+    config = BloomConfig(**TINY)
+    with torch.device("meta"):
+        model = BloomShardModel(config)
+    apply_tensor_parallel(model, rank=1, world_size=4)
+    attention = model.h[0].self_attention
+    assert attention.num_heads == 3
+    assert torch.equal(attention.alibi_slopes, alibi_slopes(12)[3:6])
+    assert not torch.equal(attention.alibi_slopes, alibi_slopes(3))  # the classic bug
+    assert attention.query_key_value.weight.shape == (3 * 3 * 8, 96)
+    assert attention.dense.weight.shape == (96, 24) and attention.dense.bias is None  # bias on rank 0 only
+    assert model.h[0].mlp.dense_h_to_4h.weight.shape == (96, 96)
+    assert model.lm_head.weight.shape == (1012 // 4, 96)
+
+
+class _RecordingCheckpoint:
+    """A real checkpoint that remembers which ranges were read."""
+
+    def __init__(self, checkpoint) -> None:
+        self._checkpoint, self.config, self.reads = checkpoint, checkpoint.config, []
+
+    def __getattr__(self, attr):
+        return getattr(self._checkpoint, attr)
+
+    def read(self, name, dim=None, start=0, stop=None):
+        tensor = self._checkpoint.read(name, dim, start, stop)
+        self.reads.append((name, dim, start, stop, tensor.numel()))
+        return tensor
+
+
+def test_load_shard_reads_only_its_slices(reference):
+    checkpoint = _RecordingCheckpoint(open_checkpoint(reference["model_dir"]))
+    model = load_shard(checkpoint, 2, 3, device=torch.device("cpu"), dtype=torch.float32)
+    reads = {name: (dim, start, stop) for name, dim, start, stop, _ in checkpoint.reads}
+    hidden = TINY["hidden_size"]
+    assert reads["word_embeddings.weight"] == (0, 674, 1009)  # the last rank: real rows only
+    assert reads["h.0.self_attention.query_key_value.weight"] == (0, 2 * 3 * hidden // 3, 3 * hidden)
+    assert reads["h.1.mlp.dense_4h_to_h.weight"] == (1, 2 * 4 * hidden // 3, 4 * hidden)
+    assert reads["ln_f.weight"] == (None, 0, None)
+    assert "h.0.self_attention.dense.bias" not in reads  # counted once: rank 0 holds it
+    stored = sum(math.prod(checkpoint.shape(name)) for name in checkpoint.names())
+    assert sum(numel for *_, numel in checkpoint.reads) < 0.4 * stored  # ~1/3 plus LayerNorms
+    assert model.lm_head.weight.shape == (1011 // 3, hidden)
+    assert not model.lm_head.weight[1009 - 674 :].any()  # the padding row
+
+
+def test_vocab_range():
+    assert vocab_range(1009, 0, 1) == (0, 1009, 1009)
+    assert vocab_range(1009, 1, 2) == (505, 1010, 1010)
+    assert vocab_range(250880, 1, 2) == (125440, 250880, 250880)
+    assert vocab_range(10, 2, 3) == (8, 12, 12)
+
+
+def test_every_parameter_has_a_rule(reference):
+    with torch.device("meta"):
+        model = BloomShardModel(BloomConfig(**TINY))
+    names = [name for name, _ in model.named_parameters()]
+    assert {rule_for(name) for name in names} <= set(RULES.values())
+    checkpoint = open_checkpoint(reference["model_dir"])
+    stored = set(checkpoint.names()) - {"word_embeddings.weight", "word_embeddings_layernorm.weight"}
+    stored -= {"word_embeddings_layernorm.bias"}
+    assert stored <= set(names)
+
+
+def test_single_process_cache_lifecycle_and_errors(reference):
+    """In-process W=1 (no process group): cache growth, free, errors and their messages."""
+    hf = reference["hf"]
+    model = load_shard(
+        open_checkpoint(reference["model_dir"]), 0, 1, device=torch.device("cpu"), dtype=torch.float32
+    )
+    cache = model.new_kv_cache(initial_capacity=1)
+    ids = torch.arange(10, 30)
+    with torch.no_grad():
+        hidden = _embed(hf, ids)
+        want = hf(ids[None]).logits[0]
+    out = model(hidden[:7], [Chunk(5, 0, 7)], cache)
+    for pos in range(7, 20):  # one token at a time: the cache grows well past its first capacity
+        out = model(hidden[pos : pos + 1], [Chunk(5, pos, 1)], cache)
+    assert (out[0, :1009] - want[19]).abs().max() < 1e-5
+    assert cache.length(5) == 20 and cache.capacity(5) >= 20
+    assert cache.num_sequences == 1 and cache.num_tokens == 20
+
+    with pytest.raises(
+        CachePositionError, match="sequence 5: chunk starts at position 19 but the KV cache holds 20"
+    ):
+        model(hidden[:1], [Chunk(5, 19, 1)], cache)
+    with pytest.raises(CachePositionError, match="must start at position 0"):
+        model(hidden[:1], [Chunk(6, 3, 1)], cache)
+    with pytest.raises(CachePositionError, match="free"):
+        model(hidden[:1], [Chunk(5, 0, 1)], cache)
+    with pytest.raises(CachePositionError, match="more than once"):
+        model(hidden[:2], [Chunk(7, 0, 1), Chunk(7, 1, 1)], cache)
+    with pytest.raises(ValueError, match="rows"):
+        model(hidden[:3], [Chunk(8, 0, 2)], cache)
+    assert cache.length(5) == 20 and 6 not in cache and 7 not in cache  # failed steps changed nothing
+
+    assert cache.free(5) and not cache.free(5)
+    assert cache.num_sequences == 0 and cache.num_tokens == 0 and cache.length(5) == 0
+    out = model(hidden[:4], [Chunk(5, 0, 4)], cache)  # the id is free again
+    with torch.no_grad():
+        assert (out[0, :1009] - hf(ids[None, :4]).logits[0, -1]).abs().max() < 1e-5
+
+
+def test_float16_runs_and_is_close(reference):
+    hf = copy.deepcopy(reference["hf"]).to(torch.float16)
+    model = load_shard(
+        open_checkpoint(reference["model_dir"]), 0, 1, device=torch.device("cpu"), dtype=torch.float16
+    )
+    cache = model.new_kv_cache()
+    ids = torch.arange(40, 52)
+    with torch.no_grad():
+        hidden = _embed(hf, ids)
+        want = hf(ids[None]).logits[0]
+    prefill = model(hidden[:9], [Chunk(0, 0, 9)], cache)
+    decode = model(hidden[9:12], [Chunk(0, 9, 3)], cache)
+    assert prefill.dtype == torch.float16 and cache.num_tokens == 12
+    assert (prefill[0, :1009].float() - want[8].float()).abs().max() < 0.02
+    assert (decode[0, :1009].float() - want[11].float()).abs().max() < 0.02
+
+
+def test_kv_cache_grows_without_losing_rows():
+    cache = KVCache(2, 3, 4, initial_capacity=2, block=2)
+    k = torch.randn(3, 5, 4)
+    cache.prepare([Chunk(1, 0, 2)])
+    cache.write(0, 1, 0, k[:, :2], -k[:, :2])
+    cache.commit([Chunk(1, 0, 2)])
+    cache.prepare([Chunk(1, 2, 3)])
+    keys, values = cache.write(0, 1, 2, k[:, 2:], -k[:, 2:])
+    cache.commit([Chunk(1, 2, 3)])
+    assert torch.equal(keys, k) and torch.equal(values, -k)
+    assert cache.length(1) == 5 and cache.nbytes == 2 * 2 * 3 * cache.capacity(1) * 4 * 4
+
+
+def test_distributed_helpers():
+    assert backend_for(torch.device("cpu")) == "gloo"
+    assert backend_for(torch.device("cuda", 1)) == "nccl"
+    assert backend_for("npu:0") == "hccl" and backend_for("cpu") == "gloo"
+    with pytest.raises(ValueError, match="backend"):
+        backend_for(torch.device("meta"))
+    t = torch.ones(3)
+    assert all_reduce_sum(t, None) is t and torch.equal(t, torch.ones(3))  # no group: a no-op
+    if importlib.util.find_spec("torch_npu") is None:
+        with pytest.raises(RuntimeError, match="torch_npu"):
+            import_torch_npu()
