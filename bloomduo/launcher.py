@@ -72,27 +72,28 @@ class Stack:
         self.shards: list[subprocess.Popen] = []
         self.gateway: subprocess.Popen | None = None
         self.target = f"{'127.0.0.1' if options.host in ('0.0.0.0', '::') else options.host}:{options.port}"
+        # Workers listen on loopback only: the gateway is the one public door.
+        self.shard_targets = [f"127.0.0.1:{free_port()}" for _ in range(options.num_shards)]
+        self.dist_init = f"tcp://127.0.0.1:{free_port()}"
 
     def commands(self) -> list[list[str]]:
         """The shard commands, then the gateway's: the same CLI docker-compose runs."""
         opts = self.options
         cli = [sys.executable, "-m", "bloomduo.cli"]
-        dist_init = f"tcp://127.0.0.1:{free_port()}"
         threads = opts.threads_per_shard or max(1, (os.cpu_count() or 1) // opts.num_shards)
-        shard_ports = [free_port() for _ in range(opts.num_shards)]
         commands = [
             [
                 *cli, "shard", "--model", str(opts.model_dir), "--rank", str(rank),
-                "--world-size", str(opts.num_shards), "--dist-init", dist_init,
-                "--host", "127.0.0.1", "--port", str(port), "--device", shard_device(opts.device, rank),
+                "--world-size", str(opts.num_shards), "--dist-init", self.dist_init,
+                "--host", host, "--port", port, "--device", shard_device(opts.device, rank),
                 "--dtype", opts.dtype, "--threads", str(threads),
             ]
-            for rank, port in enumerate(shard_ports)
+            for rank, (host, port) in enumerate(target.rsplit(":", 1) for target in self.shard_targets)
         ]  # fmt: skip
         commands.append(
             [
                 *cli, "gateway", "--model", str(opts.model_dir),
-                "--shards", ",".join(f"127.0.0.1:{port}" for port in shard_ports),
+                "--shards", ",".join(self.shard_targets),
                 "--host", opts.host, "--port", str(opts.port),
             ]
         )  # fmt: skip

@@ -13,7 +13,7 @@ from bloomduo.logs import get_logger
 from shard_worker.distributed import backend_for, init_distributed
 from shard_worker.kv_cache import KVCache
 from shard_worker.model import BloomShardModel, Chunk
-from shard_worker.tensor_parallel import load_shard, vocab_range
+from shard_worker.tensor_parallel import load_shard
 
 log = get_logger(__name__)
 
@@ -56,30 +56,22 @@ class ShardEngine:
     def __init__(
         self,
         model: BloomShardModel,
-        cache: KVCache,
         *,
-        rank: int,
-        world_size: int,
         device: torch.device,
         dtype: torch.dtype,
         model_name: str,
-        vocab_start: int,
-        vocab_end: int,
-        padded_vocab_size: int,
     ) -> None:
         self.model = model
-        self.cache = cache
-        self.rank = rank
-        self.world_size = world_size
+        self.cache: KVCache = model.new_kv_cache()
+        self.rank = model.tp_rank
+        self.world_size = model.tp_world_size
         self.device = device
         self.dtype = dtype
         self.model_name = model_name
-        self.vocab_start = vocab_start
-        self.vocab_end = vocab_end
-        self.padded_vocab_size = padded_vocab_size
+        self.vocab_start, self.vocab_end, self.padded_vocab_size = model.vocab_range
         self.parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.backend = backend_for(device)
-        self.local_heads = model.config.n_head // world_size
+        self.local_heads = model.num_local_heads
 
     @classmethod
     def load(cls, options: ShardOptions) -> ShardEngine:
@@ -99,25 +91,13 @@ class ShardEngine:
         )
         log.info("shard_loading", model=str(options.model_dir), device=str(device), dtype=str(dtype))
         model = load_shard(checkpoint, options.rank, options.world_size, device=device, dtype=dtype, group=group)
-        start, end, padded = vocab_range(checkpoint.config.vocab_size, options.rank, options.world_size)
-        engine = cls(
-            model,
-            KVCache.for_model(model),
-            rank=options.rank,
-            world_size=options.world_size,
-            device=device,
-            dtype=dtype,
-            model_name=Path(options.model_dir).name,
-            vocab_start=start,
-            vocab_end=end,
-            padded_vocab_size=padded,
-        )
+        engine = cls(model, device=device, dtype=dtype, model_name=Path(options.model_dir).name)
         log.info(
             "shard_loaded",
             seconds=round(time.perf_counter() - started, 3),
             parameter_bytes=engine.parameter_bytes,
-            vocab_start=start,
-            vocab_end=end,
+            vocab_start=engine.vocab_start,
+            vocab_end=engine.vocab_end,
         )
         return engine
 
@@ -128,10 +108,7 @@ class ShardEngine:
             self.cache.free(sequence_id)
         if not chunks:
             return torch.empty((0, self.vocab_end - self.vocab_start), dtype=self.dtype)
-        total = sum(chunk.num_tokens for chunk in chunks)
-        if hidden_states.shape[0] != total:
-            raise ValueError(f"hidden_states has {hidden_states.shape[0]} rows but the chunks hold {total} tokens")
-        logits = self.model(hidden_states.to(self.device, self.dtype), chunks, self.cache)
+        logits = self.model(hidden_states, chunks, self.cache)
         return logits.to("cpu")
 
     def reset(self) -> None:

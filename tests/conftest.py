@@ -1,0 +1,48 @@
+"""Fixtures that start the real stack: shard workers and gateway as separate processes on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from bloomduo.launcher import Stack, StackOptions, free_port
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """make(**write_demo_model kwargs) -> checkpoint dir, written once per distinct kwargs."""
+    from bloomduo.demo_model import write_demo_model
+
+    made: dict[tuple, Path] = {}
+
+    def make(**kwargs) -> Path:
+        key = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+        if key not in made:
+            made[key] = write_demo_model(tmp_path_factory.mktemp("model"), **kwargs)
+        return made[key]
+
+    return make
+
+
+@contextmanager
+def running_stack(model_dir: Path, num_shards: int = 2, **options) -> Iterator[Stack]:
+    stack = Stack(
+        StackOptions(
+            model_dir=model_dir, num_shards=num_shards, port=free_port(), threads_per_shard=1, **options
+        )
+    )
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_stack(demo_model: Callable[..., Path]) -> Iterator[Stack]:
+    """The product's shape on the tiny demo model: two shard workers and a gateway, shared by many tests."""
+    with running_stack(demo_model(), num_shards=2) as stack:
+        yield stack

@@ -1,0 +1,31 @@
+"""The truth the stack is held to: transformers' BloomForCausalLM on the same checkpoint."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import torch
+from transformers import BloomForCausalLM
+
+
+@cache
+def hf_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> BloomForCausalLM:
+    return BloomForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+
+
+@torch.inference_mode()
+def hf_greedy(model_dir: Path, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy continuation and each chosen token's log_softmax(logits), ignoring EOS."""
+    model = hf_model(model_dir)
+    ids = torch.tensor([prompt_ids])
+    out = model(ids, use_cache=True)
+    chosen: list[int] = []
+    logprobs: list[float] = []
+    for _ in range(new_tokens):
+        logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        token = int(torch.argmax(logp))
+        chosen.append(token)
+        logprobs.append(float(logp[token]))
+        out = model(torch.tensor([[token]]), cache=out.cache, use_cache=True)
+    return chosen, logprobs
