@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     up.add_argument("--host", default="127.0.0.1", help="public address of the gateway (0.0.0.0 for all)")
     up.add_argument("--port", type=int, default=50051)
-    up.add_argument("--threads-per-shard", type=int, help="torch threads per worker on cpu (default: cores / W)")
+    up.add_argument(
+        "--threads-per-shard", type=int, help="torch threads per worker on cpu (default: cores / W)"
+    )
 
     gateway = commands.add_parser("gateway", help="run the gateway alone (docker-compose runs it like this)")
     _add_model(gateway, required=True)
@@ -68,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--rank", type=int, required=True)
     shard.add_argument("--world-size", type=int, required=True)
     shard.add_argument(
-        "--dist-init", required=True, help="torch.distributed rendezvous of the group, e.g. tcp://127.0.0.1:29500"
+        "--dist-init",
+        required=True,
+        help="torch.distributed rendezvous of the group, e.g. tcp://127.0.0.1:29500",
     )
     shard.add_argument("--host", default="127.0.0.1")
     shard.add_argument("--port", type=int, required=True)

@@ -1,4 +1,4 @@
-"""`bloomduo up`: start W shard workers and the gateway as separate processes, like text-generation-launcher."""
+"""`bloomduo up`: W shard workers and the gateway as separate processes, like text-generation-launcher."""
 
 from __future__ import annotations
 
@@ -103,7 +103,9 @@ class Stack:
         *shard_commands, gateway_command = self.commands()
         self.shards = [subprocess.Popen(command) for command in shard_commands]
         self.gateway = subprocess.Popen(gateway_command)
-        log.info("stack_starting", shards=len(self.shards), target=self.target, model=str(self.options.model_dir))
+        log.info(
+            "stack_starting", shards=len(self.shards), target=self.target, model=str(self.options.model_dir)
+        )
         wait_serving(self.target, self.options.ready_timeout_s, [*self.shards, self.gateway])
 
     @property
@@ -140,7 +142,9 @@ def run_stack(options: StackOptions) -> int:
         while True:
             dead = [p for p in stack.processes if p.poll() is not None]
             if dead:
-                log.error("process_exited", pid=dead[0].pid, returncode=dead[0].returncode, args=dead[0].args[3:5])
+                log.error(
+                    "process_exited", pid=dead[0].pid, returncode=dead[0].returncode, args=dead[0].args[3:5]
+                )
                 return 1
             time.sleep(0.2)
     except KeyboardInterrupt:

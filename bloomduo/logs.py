@@ -38,7 +38,9 @@ def configure_logging(service: str, *, json_output: bool | None = None, level: s
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(service=service)
-    logging.basicConfig(level=max(log_level, logging.WARNING), stream=sys.stderr, format="%(name)s %(message)s")
+    logging.basicConfig(
+        level=max(log_level, logging.WARNING), stream=sys.stderr, format="%(name)s %(message)s"
+    )
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

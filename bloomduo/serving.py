@@ -1,4 +1,4 @@
-"""What every bloomduo gRPC server shares: message limits, keepalive, health, and a graceful stop on SIGTERM."""
+"""What every bloomduo gRPC server shares: message limits, keepalive, health, graceful stop on SIGTERM."""
 
 from __future__ import annotations
 

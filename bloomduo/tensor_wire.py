@@ -39,7 +39,8 @@ def decode_tensor(message: shard_pb2.Tensor) -> torch.Tensor:
     expected = count * torch.empty((), dtype=dtype).element_size()
     if len(message.data) != expected:
         raise TensorWireError(
-            f"tensor of shape {list(shape)} and dtype {message.dtype} needs {expected} bytes, got {len(message.data)}"
+            f"tensor of shape {list(shape)} and dtype {message.dtype} needs {expected} bytes, "
+            f"got {len(message.data)}"
         )
     if count == 0:
         return torch.empty(shape, dtype=dtype)

@@ -122,7 +122,7 @@ class Engine:
         return len(self.waiting) + len(self.running)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        """Yield one event per generated token; the last one carries the result. Closing the iterator cancels."""
+        """Yield one event per generated token, the last with the result. Closing the iterator cancels."""
         sequence = _Sequence(
             request=request,
             sequence_id=next(self.sequence_ids),
@@ -200,7 +200,9 @@ class Engine:
             input_ids.extend(new_ids)
 
         loop = asyncio.get_running_loop()
-        hidden = await loop.run_in_executor(self.executor, self.embedder, torch.tensor(input_ids, dtype=torch.long))
+        hidden = await loop.run_in_executor(
+            self.executor, self.embedder, torch.tensor(input_ids, dtype=torch.long)
+        )
         logits = await self.shards.step(hidden, chunks, free_ids, [s.request.request_id for s in batch])
         self.steps += 1
         if not batch:

@@ -21,7 +21,7 @@ from bloomduo.tensor_wire import DTYPES
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.embedding import Embedder
 from gateway.engine import Engine, EngineUnavailable, GenerationResult, StreamEvent
-from gateway.shards import ShardPool, ShardUnavailable
+from gateway.shards import ShardPool
 from gateway.stopping import FinishReason
 from gateway.validation import GenerationRequest, Limits, ValidationError, validate
 
@@ -39,7 +39,7 @@ FINISH_REASONS = {
 class GatewayOptions:
     model_dir: Path
     shard_targets: list[str]
-    limits: Limits = Limits()
+    limits: Limits = dataclasses.field(default_factory=Limits)
     shard_ready_timeout_s: float = 3600.0
 
 
@@ -59,7 +59,9 @@ def result_to_pb(result: GenerationResult) -> gateway_pb2.GenerateResult:
 
 
 class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, options: GatewayOptions, tokenizer: tokenizers.Tokenizer, checkpoint: Checkpoint) -> None:
+    def __init__(
+        self, options: GatewayOptions, tokenizer: tokenizers.Tokenizer, checkpoint: Checkpoint
+    ) -> None:
         self.options = options
         self.tokenizer = tokenizer
         self.config = checkpoint.config
@@ -144,14 +146,20 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
         return self.info
 
 
-async def _connect(servicer: GenerationServicer, pool: ShardPool, checkpoint: Checkpoint, health: Health) -> None:
+async def _connect(
+    servicer: GenerationServicer, pool: ShardPool, checkpoint: Checkpoint, health: Health
+) -> None:
     infos = await pool.wait_ready(servicer.options.shard_ready_timeout_s)
     dtype = DTYPES[infos[0].dtype]
     servicer.info.dtype = infos[0].dtype
     servicer.info.device = ",".join(info.device for info in infos)
     embedder = await asyncio.to_thread(Embedder, checkpoint, dtype)
     engine = Engine(
-        servicer.tokenizer, embedder, pool, servicer.options.limits, eos_token_id=checkpoint.config.eos_token_id
+        servicer.tokenizer,
+        embedder,
+        pool,
+        servicer.options.limits,
+        eos_token_id=checkpoint.config.eos_token_id,
     )
     engine.start()
     servicer.engine = engine
@@ -163,7 +171,9 @@ async def serve(options: GatewayOptions, host: str, port: int) -> None:
     checkpoint = Checkpoint(options.model_dir)
     tokenizer_file = options.model_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
-        raise FileNotFoundError(f"{tokenizer_file} is missing; the gateway needs the model's fast tokenizer file")
+        raise FileNotFoundError(
+            f"{tokenizer_file} is missing; the gateway needs the model's fast tokenizer file"
+        )
     tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
     vocab_size = checkpoint.config.vocab_size
     limits = dataclasses.replace(options.limits, max_top_k=min(options.limits.max_top_k, vocab_size))

@@ -101,14 +101,16 @@ class ShardPool:
         sizes = {info.world_size for info in self.infos}
         if ranks != list(range(self.world_size)) or sizes != {self.world_size}:
             raise ShardUnavailable(
-                f"the gateway was given {self.world_size} workers but they report ranks {ranks} of world sizes "
-                f"{sorted(sizes)}; pass every worker of one group, and only those"
+                f"the gateway was given {self.world_size} workers but they report ranks {ranks} of world "
+                f"sizes {sorted(sizes)}; pass every worker of one group, and only those"
             )
         bounds = [(info.vocab_start, info.vocab_end) for info in self.infos]
         if bounds[0][0] != 0 or any(a[1] != b[0] for a, b in itertools.pairwise(bounds)):
             raise ShardUnavailable(f"workers' vocabulary slices do not tile the vocabulary: {bounds}")
         if bounds[-1][1] < self.vocab_size:
-            raise ShardUnavailable(f"workers cover {bounds[-1][1]} vocabulary rows, the model has {self.vocab_size}")
+            raise ShardUnavailable(
+                f"workers cover {bounds[-1][1]} vocabulary rows, the model has {self.vocab_size}"
+            )
 
     async def step(
         self,

@@ -69,7 +69,9 @@ def validate(
 
     max_new_tokens = int(params.get("max_new_tokens", limits.default_max_new_tokens))
     if not 0 < max_new_tokens <= limits.max_new_tokens:
-        raise ValidationError("max_new_tokens", f"must be in [1, {limits.max_new_tokens}], got {max_new_tokens}")
+        raise ValidationError(
+            "max_new_tokens", f"must be in [1, {limits.max_new_tokens}], got {max_new_tokens}"
+        )
 
     temperature = _finite("temperature", float(params.get("temperature", 1.0)))
     if temperature <= 0:

@@ -30,7 +30,7 @@ class ShardOptions:
 
 
 def resolve_dtype(name: str, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
-    """"auto" keeps the checkpoint's dtype, except on npu where 310P chips have no bfloat16."""
+    """ "auto" keeps the checkpoint's dtype, except on npu where 310P chips have no bfloat16."""
     explicit = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name in explicit:
         return explicit[name]
@@ -90,7 +90,9 @@ class ShardEngine:
             options.rank, options.world_size, options.dist_init, device, timeout_s=options.dist_timeout_s
         )
         log.info("shard_loading", model=str(options.model_dir), device=str(device), dtype=str(dtype))
-        model = load_shard(checkpoint, options.rank, options.world_size, device=device, dtype=dtype, group=group)
+        model = load_shard(
+            checkpoint, options.rank, options.world_size, device=device, dtype=dtype, group=group
+        )
         engine = cls(model, device=device, dtype=dtype, model_name=Path(options.model_dir).name)
         log.info(
             "shard_loaded",

@@ -53,7 +53,9 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
     ) -> AsyncIterator[shard_pb2.StepResponse]:
         engine = self.engine
         if engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "shard worker is still loading; retry when ready")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "shard worker is still loading; retry when ready"
+            )
         if self.stream_open:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -113,7 +115,9 @@ async def serve(options: ShardOptions, host: str, port: int) -> None:
     log.info("shard_listening", address=f"{host}:{bound}")
     stop = stop_event_on_signals()
     load = asyncio.get_running_loop().run_in_executor(servicer.executor, ShardEngine.load, options)
-    done, _ = await asyncio.wait({load, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait(
+        {load, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
+    )
     if load in done:
         servicer.engine = load.result()
         await health.set(True)

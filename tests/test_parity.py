@@ -1,4 +1,4 @@
-"""Over real gRPC and real processes, the stack gives transformers' tokens and logprobs for any shard count."""
+"""Over real gRPC and real processes, the stack gives transformers' tokens and logprobs for any W."""
 
 from __future__ import annotations
 

@@ -75,7 +75,10 @@ def test_concurrent_requests_match_the_same_request_alone(tiny_stack) -> None:
         ("A much longer prompt about many things, " * 6, {"max_new_tokens": 20, "ignore_eos": True}),
         ("x", {"max_new_tokens": 25, "do_sample": True, "seed": 5, "top_p": 0.8, "ignore_eos": True}),
         ("Repeat repeat", {"max_new_tokens": 16, "repetition_penalty": 1.5, "ignore_eos": True}),
-        ("Typical", {"max_new_tokens": 16, "do_sample": True, "seed": 9, "typical_p": 0.7, "ignore_eos": True}),
+        (
+            "Typical",
+            {"max_new_tokens": 16, "do_sample": True, "seed": 9, "typical_p": 0.7, "ignore_eos": True},
+        ),
     ]
     alone = [_generate_alone(tiny_stack.target, prompt, params) for prompt, params in requests]
 
@@ -112,7 +115,9 @@ def test_return_full_text_and_truncate(tiny_stack) -> None:
     with Client(tiny_stack.target) as bloom:
         plain = bloom.generate("Hello there", max_new_tokens=4)
         full = bloom.generate("Hello there", max_new_tokens=4, return_full_text=True)
-        truncated = bloom.generate("ignored words then Hello there", max_new_tokens=4, truncate=2, details=True)
+        truncated = bloom.generate(
+            "ignored words then Hello there", max_new_tokens=4, truncate=2, details=True
+        )
     assert full.text == "Hello there" + plain.text
     assert truncated.prompt_tokens == 2
 
