@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-stream", action="store_true", help="wait for the whole text")
     _add_sampling(generate)
 
+    health = commands.add_parser("health", help="exit 0 when a gateway or worker reports SERVING (probes)")
+    health.add_argument("--target", default="localhost:50051")
+    health.add_argument("--timeout", type=float, default=3.0)
+
     demo = commands.add_parser("demo-model", help="write a small random BLOOM checkpoint with its tokenizer")
     demo.add_argument("out_dir", type=Path)
     demo.add_argument("--preset", default="tiny", choices=("tiny", "bloom-560m"))
@@ -180,6 +184,17 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    from bloomduo.launcher import wait_serving
+
+    try:
+        wait_serving(args.target, args.timeout)
+    except TimeoutError as exc:
+        print(f"not serving: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _demo_model(args: argparse.Namespace) -> int:
     import torch
 
@@ -192,7 +207,14 @@ def _demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
-HANDLERS = {"up": _up, "gateway": _gateway, "shard": _shard, "generate": _generate, "demo-model": _demo_model}
+HANDLERS = {
+    "up": _up,
+    "gateway": _gateway,
+    "shard": _shard,
+    "generate": _generate,
+    "health": _health,
+    "demo-model": _demo_model,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

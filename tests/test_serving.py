@@ -160,3 +160,14 @@ def test_cli_generate_streams_text(tiny_stack) -> None:
     with Client(tiny_stack.target) as bloom:
         expected = bloom.generate("Hello", max_new_tokens=8, seed=1, do_sample=True).text
     assert streamed.stdout == unary.stdout == expected + "\n"
+
+
+def test_cli_health_probe(tiny_stack) -> None:
+    from bloomduo.launcher import free_port
+
+    def probe(target: str) -> int:
+        command = [sys.executable, "-m", "bloomduo.cli", "health", "--target", target, "--timeout", "1"]
+        return subprocess.run(command, capture_output=True, timeout=60).returncode
+
+    assert probe(tiny_stack.target) == 0
+    assert probe(f"127.0.0.1:{free_port()}") == 1
