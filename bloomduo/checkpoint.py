@@ -1,0 +1,259 @@
+"""Read a Hugging Face BLOOM checkpoint directory one tensor, or one slice of a tensor, at a time.
+
+Each tensor-parallel rank reads only its own rows or columns: safetensors files are memory-mapped and
+`get_slice` copies out just the requested range, so a rank never holds the full 7B1 checkpoint in RAM.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from transformers import BloomConfig
+
+from bloomduo.logs import get_logger
+
+log = get_logger(__name__)
+
+# Models saved from BloomForCausalLM prefix the body's keys; the bigscience releases do not.
+_PREFIX = "transformer."
+LM_HEAD = "lm_head.weight"
+WORD_EMBEDDINGS = "word_embeddings.weight"
+
+# safetensors' dtype names; demo_model writes with the same table.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory, file or tensor that cannot be used, with what to do about it."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where one tensor lives: its file, its key there, and (safetensors only) its bytes' offsets."""
+
+    path: Path
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    begin: int = 0
+    end: int = 0
+
+
+class Checkpoint:
+    """A BLOOM checkpoint directory: config.json plus safetensors (preferred) or pytorch .bin weights.
+
+    Tensor names are normalized: the "transformer." prefix is stripped, "lm_head.weight" is kept as is.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike) -> None:
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise CheckpointError(
+                f"checkpoint directory {self.model_dir} does not exist or is not a directory"
+            )
+        config_path = self.model_dir / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(
+                f"{config_path} is missing: point at a Hugging Face BLOOM model directory "
+                "(config.json plus weights)"
+            )
+        try:
+            self.config: BloomConfig = BloomConfig.from_json_file(config_path)
+        # Bad JSON, wrong field types (huggingface_hub's strict dataclass errors) and I/O errors alike.
+        except Exception as exc:
+            raise CheckpointError(f"{config_path} is not a valid BLOOM config: {exc}") from exc
+
+        # .bin state dicts stay loaded (memory-mapped): torch.load cannot read one tensor alone.
+        self._bin_state: dict[Path, dict[str, torch.Tensor]] = {}
+        self._entries: dict[str, _Entry] = {}
+        files, is_safetensors = self._weight_files()
+        for path in files:
+            entries = self._scan_safetensors(path) if is_safetensors else self._scan_bin(path)
+            for entry in entries:
+                name = _normalize(entry.key)
+                if name in self._entries:
+                    raise CheckpointError(
+                        f"tensor {name} is stored twice ({self._entries[name].path.name}:"
+                        f"{self._entries[name].key} and {path.name}:{entry.key}): remove the duplicate"
+                    )
+                self._entries[name] = entry
+        log.info(
+            "checkpoint_opened",
+            model_dir=str(self.model_dir),
+            files=len(files),
+            tensors=len(self._entries),
+            format="safetensors" if is_safetensors else "pytorch_bin",
+        )
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def has(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entry(name).dtype
+
+    def lm_head_name(self) -> str:
+        # BLOOM ties the LM head to the word embeddings, so most checkpoints store only the latter.
+        return LM_HEAD if self.has(LM_HEAD) else WORD_EMBEDDINGS
+
+    def read(
+        self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """The tensor, or only indices [start, stop) along `dim`, in its stored dtype.
+
+        The result is contiguous and owns its memory. From safetensors only the requested slice is read.
+        """
+        entry = self._entry(name)
+        index = _slice_index(name, entry.shape, dim, start, stop)
+        if entry.path in self._bin_state:
+            tensor = self._bin_state[entry.path][entry.key][index]
+        else:
+            with safe_open(entry.path, framework="pt") as handle:
+                tensor = handle.get_slice(entry.key)[index]
+        # Both readers hand back views of the memory-mapped file; the caller gets memory of its own.
+        return tensor.clone(memory_format=torch.contiguous_format)
+
+    def mmap(self, name: str) -> torch.Tensor:
+        """A zero-copy memory-mapped view of the whole tensor; treat it as read-only.
+
+        Pages are read from disk on first touch and can be dropped by the kernel, so a 250880 x 4096 embedding
+        table used for lookups costs only the rows actually looked up.
+        """
+        entry = self._entry(name)
+        if entry.path in self._bin_state:
+            return self._bin_state[entry.path][entry.key]
+        nbytes = entry.end - entry.begin
+        if nbytes == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        # Copy-on-write mapping: nothing a caller does to the tensor can reach the file.
+        raw = np.memmap(entry.path, dtype=np.uint8, mode="c", offset=entry.begin, shape=(nbytes,))
+        return torch.from_numpy(raw).view(entry.dtype).view(entry.shape)
+
+    def _entry(self, name: str) -> _Entry:
+        entry = self._entries.get(name)
+        if entry is None:
+            close = difflib.get_close_matches(name, self._entries, n=5, cutoff=0.5)
+            hint = f"; close names: {', '.join(close)}" if close else ""
+            raise CheckpointError(f"tensor {name!r} is not in checkpoint {self.model_dir}{hint}")
+        return entry
+
+    def _weight_files(self) -> tuple[list[Path], bool]:
+        """The weight files to read and whether they are safetensors, in order of preference."""
+        single = self.model_dir / "model.safetensors"
+        if single.is_file():
+            return [single], True
+        index = self.model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            return self._indexed_files(index), True
+        loose = sorted(self.model_dir.glob("*.safetensors"))
+        if loose:
+            return loose, True
+        bin_index = self.model_dir / "pytorch_model.bin.index.json"
+        single_bin = self.model_dir / "pytorch_model.bin"
+        if bin_index.is_file() or single_bin.is_file():
+            log.warning(
+                "pytorch_bin_fallback",
+                model_dir=str(self.model_dir),
+                detail="no safetensors weights: the .bin format cannot be read slice by slice, so every "
+                "tensor is loaded in full (memory-mapped); convert to safetensors for per-rank slice reads",
+            )
+            return (self._indexed_files(bin_index) if bin_index.is_file() else [single_bin]), False
+        raise CheckpointError(
+            f"no weights in {self.model_dir}: expected model.safetensors, model.safetensors.index.json "
+            "with its shards, *.safetensors, pytorch_model.bin or pytorch_model.bin.index.json"
+        )
+
+    def _indexed_files(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"{index} is not a valid index (needs a 'weight_map' object): {exc}"
+            ) from exc
+        files = [self.model_dir / name for name in sorted(set(weight_map.values()))]
+        for path in files:
+            if not path.is_file():
+                raise CheckpointError(
+                    f"{path} is listed in {index.name} but missing: download or copy that shard"
+                )
+        return files
+
+    @staticmethod
+    def _scan_safetensors(path: Path) -> list[_Entry]:
+        """Parse the header (u64 little-endian length, then JSON) without reading any tensor data."""
+        try:
+            with path.open("rb") as handle:
+                header_len = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(header_len))
+            entries = []
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise CheckpointError(
+                        f"{path}: tensor {key} has dtype {info['dtype']}, which bloomduo does not read; "
+                        f"supported: {', '.join(SAFETENSORS_DTYPES)}"
+                    )
+                begin, end = info["data_offsets"]
+                data_start = 8 + header_len
+                entries.append(
+                    _Entry(path, key, tuple(info["shape"]), dtype, data_start + begin, data_start + end)
+                )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+        return entries
+
+    def _scan_bin(self, path: Path) -> list[_Entry]:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+            raise CheckpointError(f"{path} is not a readable pytorch checkpoint: {exc}") from exc
+        self._bin_state[path] = state
+        return [_Entry(path, key, tuple(tensor.shape), tensor.dtype) for key, tensor in state.items()]
+
+
+def _normalize(key: str) -> str:
+    return key.removeprefix(_PREFIX)
+
+
+def _slice_index(
+    name: str, shape: tuple[int, ...], dim: int | None, start: int, stop: int | None
+) -> tuple[slice, ...]:
+    """The index that selects [start, stop) along dim, checked so a bad shard plan fails loudly."""
+    if dim is None:
+        if start != 0 or stop is not None:
+            raise CheckpointError(f"reading {name}: start/stop need a dim")
+        return tuple(slice(None) for _ in shape)
+    if not 0 <= dim < len(shape):
+        raise CheckpointError(f"reading {name}: dim {dim} is out of range for shape {list(shape)}")
+    stop = shape[dim] if stop is None else stop
+    if not 0 <= start <= stop <= shape[dim]:
+        raise CheckpointError(
+            f"reading {name}: range [{start}, {stop}) is outside dim {dim} of size {shape[dim]}"
+        )
+    return tuple(slice(start, stop) if axis == dim else slice(None) for axis in range(len(shape)))
