@@ -23,7 +23,9 @@ def test_every_compose_command_parses_with_the_cli() -> None:
     gateway = parser.parse_args(commands["gateway"])
     assert [s.rank for s in shards] == [0, 1] and {s.world_size for s in shards} == {2}
     assert len({s.dist_init for s in shards}) == 1
-    assert gateway.shards.split(",") == [f"{name}:{s.port}" for name, s in zip(("shard0", "shard1"), shards)]
+    assert gateway.shards.split(",") == [
+        f"{name}:{s.port}" for name, s in zip(("shard0", "shard1"), shards, strict=True)
+    ]
     # Only the gateway is published; workers stay inside the compose network.
     assert all("ports" not in services[name] for name in ("shard0", "shard1"))
 
