@@ -1,19 +1,21 @@
-"""Per-sequence key/value cache for the attention heads this worker owns.
+"""Key/value cache for the attention heads this worker owns, one slot per running sequence.
 
-Each sequence gets two tensors, keys and values, shaped [num_layers, num_heads, capacity, head_dim],
-allocated once and grown geometrically (capacity doubles, rounded to `block` tokens) so a decode
-step writes one row in place instead of concatenating the whole cache.
+All sequences share two tensors, keys and values, shaped [num_layers, slots, num_heads, capacity,
+head_dim]. A sequence owns a slot until it is freed; slots are handed out lowest first, so the
+running batch occupies a compact prefix and a decode step attends over `keys[layer, :n_slots]` as
+one batched matmul, with no gather and no per-sequence loop. Both dimensions grow geometrically
+(doubling, capacity rounded to `block` tokens), so a decode step writes one row in place.
 
 A model step uses the cache in three phases so that a bad request never leaves it half-updated:
 `prepare(chunks)` checks every chunk's start_position against the cached length and makes room,
-each layer `write()`s its new keys/values and reads back the prefix, then `commit(chunks)` advances
-the lengths once all layers ran.
+each layer writes its new keys/values and reads back the prefix, then `commit(chunks)` advances the
+lengths once all layers ran.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -29,17 +31,6 @@ class CachePositionError(ValueError):
     """A chunk does not continue its sequence: start_position != number of tokens already cached."""
 
 
-@dataclass
-class _SequenceCache:
-    keys: torch.Tensor  # [num_layers, num_heads, capacity, head_dim]
-    values: torch.Tensor
-    length: int = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[2]
-
-
 class KVCache:
     def __init__(
         self,
@@ -50,55 +41,75 @@ class KVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         initial_capacity: int = 128,
+        initial_slots: int = 4,
         block: int = 16,
     ) -> None:
-        if min(num_layers, num_heads, head_dim, initial_capacity, block) < 1:
-            raise ValueError("num_layers, num_heads, head_dim, initial_capacity and block must be >= 1")
+        if min(num_layers, num_heads, head_dim, initial_capacity, initial_slots, block) < 1:
+            raise ValueError(
+                "num_layers, num_heads, head_dim, initial_capacity, slots and block must be >= 1"
+            )
         self.num_layers = num_layers
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.device = torch.device(device)
         self.dtype = dtype
-        self.initial_capacity = initial_capacity
         self.block = block
-        self._seqs: dict[int, _SequenceCache] = {}
+        # Zeros, not empty: masked positions get probability exactly 0, and 0 * NaN would still be NaN.
+        self.keys = self._allocate(initial_slots, self._round_up(initial_capacity))
+        self.values = self._allocate(initial_slots, self._round_up(initial_capacity))
+        self._slots: dict[int, int] = {}
+        self._lengths: dict[int, int] = {}
+        self._free_slots: list[int] = list(range(initial_slots))
 
     # ----------------------------------------------------------------- bookkeeping
     def __contains__(self, sequence_id: int) -> bool:
-        return sequence_id in self._seqs
+        return sequence_id in self._slots
 
     def length(self, sequence_id: int) -> int:
         """Tokens cached for the sequence (0 for one never seen or freed)."""
-        seq = self._seqs.get(sequence_id)
-        return 0 if seq is None else seq.length
+        return self._lengths.get(sequence_id, 0)
 
-    def capacity(self, sequence_id: int) -> int:
-        seq = self._seqs.get(sequence_id)
-        return 0 if seq is None else seq.capacity
+    def slot(self, sequence_id: int) -> int:
+        return self._slots[sequence_id]
+
+    @property
+    def capacity(self) -> int:
+        """Tokens each slot can hold before the cache grows."""
+        return self.keys.shape[3]
+
+    @property
+    def num_slots(self) -> int:
+        return self.keys.shape[1]
 
     def free(self, sequence_id: int) -> bool:
-        """Drop a sequence's keys and values; returns whether it was cached. Safe to repeat."""
-        return self._seqs.pop(sequence_id, None) is not None
+        """Release a sequence's slot; returns whether it was cached. Safe to repeat."""
+        slot = self._slots.pop(sequence_id, None)
+        if slot is None:
+            return False
+        del self._lengths[sequence_id]
+        bisect.insort(self._free_slots, slot)
+        return True
 
     def clear(self) -> None:
-        self._seqs.clear()
+        for sequence_id in list(self._slots):
+            self.free(sequence_id)
 
     @property
     def sequence_ids(self) -> list[int]:
-        return list(self._seqs)
+        return list(self._slots)
 
     @property
     def num_sequences(self) -> int:
-        return len(self._seqs)
+        return len(self._slots)
 
     @property
     def num_tokens(self) -> int:
-        return sum(seq.length for seq in self._seqs.values())
+        return sum(self._lengths.values())
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated (capacity, not just the used length)."""
-        return sum(seq.keys.nbytes + seq.values.nbytes for seq in self._seqs.values())
+        """Bytes allocated (every slot's capacity, not just the used lengths)."""
+        return self.keys.nbytes + self.values.nbytes
 
     # ----------------------------------------------------------------- one model step
     def prepare(self, chunks: Iterable[ChunkLike]) -> None:
@@ -120,7 +131,7 @@ class KVCache:
             if chunk.start_position != cached:
                 hint = (
                     "a new sequence must start at position 0"
-                    if sid not in self._seqs
+                    if sid not in self._slots
                     else "free() a finished sequence before reusing its id"
                     if chunk.start_position == 0
                     else "the gateway and this worker disagree on the sequence's progress"
@@ -129,8 +140,13 @@ class KVCache:
                     f"sequence {sid}: chunk starts at position {chunk.start_position} but the KV cache "
                     f"holds {cached} tokens ({hint})"
                 )
-        for chunk in chunks:
-            self._reserve(chunk.sequence_id, chunk.start_position + chunk.num_tokens)
+        new = [chunk.sequence_id for chunk in chunks if chunk.sequence_id not in self._slots]
+        needed_slots = len(self._slots) + len(new)
+        needed_capacity = max((c.start_position + c.num_tokens for c in chunks), default=0)
+        self._grow(needed_slots, needed_capacity)
+        for sequence_id in new:
+            self._slots[sequence_id] = self._free_slots.pop(0)
+            self._lengths[sequence_id] = 0
 
     def write(
         self, layer: int, sequence_id: int, start: int, keys: torch.Tensor, values: torch.Tensor
@@ -139,35 +155,59 @@ class KVCache:
 
         Returns views of all keys and values [num_heads, start+n, head_dim] for that layer.
         """
-        seq = self._seqs[sequence_id]
+        slot = self._slots[sequence_id]
         end = start + keys.shape[1]
-        seq.keys[layer, :, start:end] = keys
-        seq.values[layer, :, start:end] = values
-        return seq.keys[layer, :, :end], seq.values[layer, :, :end]
+        self.keys[layer, slot, :, start:end] = keys
+        self.values[layer, slot, :, start:end] = values
+        return self.keys[layer, slot, :, :end], self.values[layer, slot, :, :end]
+
+    def write_tokens(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        num_slots: int,
+        kv_length: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one token per sequence (keys/values [B, num_heads, head_dim]) at its slot and position.
+
+        Returns the first `num_slots` slots' first `kv_length` positions as views
+        [num_slots * num_heads, kv_length, head_dim], ready for a batched matmul.
+        """
+        self.keys[layer, slots, :, positions] = keys
+        self.values[layer, slots, :, positions] = values
+        shape = (num_slots * self.num_heads, kv_length, self.head_dim)
+        return (
+            self.keys[layer, :num_slots, :, :kv_length].view(shape),
+            self.values[layer, :num_slots, :, :kv_length].view(shape),
+        )
 
     def commit(self, chunks: Iterable[ChunkLike]) -> None:
         """Advance each sequence's length once every layer has written the chunk."""
         for chunk in chunks:
-            self._seqs[chunk.sequence_id].length = chunk.start_position + chunk.num_tokens
+            self._lengths[chunk.sequence_id] = chunk.start_position + chunk.num_tokens
 
     # ----------------------------------------------------------------- storage
     def _round_up(self, n: int) -> int:
         return -(-n // self.block) * self.block
 
-    def _allocate(self, capacity: int) -> torch.Tensor:
-        shape = (self.num_layers, self.num_heads, capacity, self.head_dim)
-        return torch.empty(shape, device=self.device, dtype=self.dtype)
+    def _allocate(self, slots: int, capacity: int) -> torch.Tensor:
+        shape = (self.num_layers, slots, self.num_heads, capacity, self.head_dim)
+        return torch.zeros(shape, device=self.device, dtype=self.dtype)
 
-    def _reserve(self, sequence_id: int, needed: int) -> None:
-        seq = self._seqs.get(sequence_id)
-        if seq is None:
-            capacity = self._round_up(max(needed, self.initial_capacity))
-            self._seqs[sequence_id] = _SequenceCache(self._allocate(capacity), self._allocate(capacity))
+    def _grow(self, needed_slots: int, needed_capacity: int) -> None:
+        slots, capacity = self.num_slots, self.capacity
+        if needed_slots <= slots and needed_capacity <= capacity:
             return
-        if needed <= seq.capacity:
-            return
-        capacity = self._round_up(max(needed, 2 * seq.capacity))
-        keys, values = self._allocate(capacity), self._allocate(capacity)
-        keys[:, :, : seq.length] = seq.keys[:, :, : seq.length]
-        values[:, :, : seq.length] = seq.values[:, :, : seq.length]
-        seq.keys, seq.values = keys, values
+        new_slots = max(needed_slots, 2 * slots) if needed_slots > slots else slots
+        new_capacity = (
+            self._round_up(max(needed_capacity, 2 * capacity)) if needed_capacity > capacity else capacity
+        )
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            grown = self._allocate(new_slots, new_capacity)
+            grown[:, :slots, :, :capacity] = old
+            setattr(self, name, grown)
+        self._free_slots.extend(range(slots, new_slots))

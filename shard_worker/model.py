@@ -61,6 +61,52 @@ def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """How one step's rows map onto sequences; built once per step, shared by every layer.
+
+    Chunks of one token (every decode, and one-token prompts) attend together in one batched
+    matmul over the cache's first `num_slots` slots; longer chunks (prefills) attend one by one.
+    """
+
+    single_rows: torch.Tensor  # rows of hidden_states that are one-token chunks
+    single_slots: torch.Tensor  # their cache slots
+    single_positions: torch.Tensor  # their positions (= keys already cached)
+    num_slots: int  # slots covered by the batched matmul
+    kv_length: int  # keys per slot it reads
+    # [num_slots * heads, 1, kv_length]: ALiBi where a slot's token may look, dtype-min elsewhere
+    single_bias: torch.Tensor | None
+    multi: list[tuple[Chunk, slice]]  # longer chunks and their rows
+
+
+def plan_step(chunks: list[Chunk], cache: KVCache, slopes: torch.Tensor, dtype: torch.dtype) -> StepPlan:
+    device = slopes.device
+    singles: list[tuple[int, int, int]] = []
+    multi: list[tuple[Chunk, slice]] = []
+    offset = 0
+    for chunk in chunks:
+        if chunk.num_tokens == 1:
+            singles.append((offset, cache.slot(chunk.sequence_id), chunk.start_position))
+        else:
+            multi.append((chunk, slice(offset, offset + chunk.num_tokens)))
+        offset += chunk.num_tokens
+    rows, slots, positions = torch.tensor(singles, dtype=torch.long, device=device).view(-1, 3).unbind(1)
+    bias = None
+    num_slots = kv_length = 0
+    if singles:
+        num_slots = max(slot for _, slot, _ in singles) + 1
+        kv_length = max(position for _, _, position in singles) + 1
+        key_positions = torch.arange(kv_length, device=device)
+        alibi = (slopes[:, None, None] * key_positions).to(dtype)  # [heads, 1, kv_length], as HF builds it
+        # Each slot sees keys 0..its position; slots outside this batch see nothing (their rows are dropped).
+        limit = torch.full((num_slots,), -1, dtype=torch.long, device=device)
+        limit[slots] = positions
+        visible = key_positions[None, :] <= limit[:, None]  # [num_slots, kv_length]
+        bias = torch.where(visible[:, None, None, :], alibi, torch.finfo(dtype).min)
+        bias = bias.reshape(num_slots * slopes.shape[0], 1, kv_length)
+    return StepPlan(rows, slots, positions, num_slots, kv_length, bias, multi)
+
+
 class Attention(nn.Module):
     def __init__(self, config: BloomConfig) -> None:
         super().__init__()
@@ -76,30 +122,44 @@ class Attention(nn.Module):
         # float32, like HF; kept out of the state dict (it is derived from n_head).
         self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
 
-    def forward(self, x: torch.Tensor, chunks: list[Chunk], cache: KVCache, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: StepPlan, cache: KVCache, layer: int) -> torch.Tensor:
         total = x.shape[0]
         qkv = self.query_key_value(x).view(total, self.num_heads, 3, self.head_dim)
-        # [heads, tokens, head_dim] views of the fused projection
-        query, key, value = (qkv[:, :, i].transpose(0, 1) for i in range(3))
+        # [tokens, heads, head_dim] views of the fused projection
+        query, key, value = qkv.unbind(2)
         context = torch.empty(total, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
-        offset = 0
-        for chunk in chunks:
-            rows = slice(offset, offset + chunk.num_tokens)
-            offset += chunk.num_tokens
-            context[rows] = self._attend(chunk, query[:, rows], key[:, rows], value[:, rows], cache, layer)
+        if plan.single_bias is not None:
+            rows = plan.single_rows
+            context[rows] = self._attend_singles(plan, query[rows], key[rows], value[rows], cache, layer)
+        for chunk, rows in plan.multi:
+            q, k, v = (t[rows].transpose(0, 1) for t in (query, key, value))
+            context[rows] = self._attend_chunk(chunk, q, k, v, cache, layer)
         return self.dense(context.view(total, self.num_heads * self.head_dim))
 
-    def _attend(self, chunk: Chunk, q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
+    def _attend_singles(self, plan: StepPlan, q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
+        """One new token per sequence ([B, heads, d]) against each one's cache, in one batched matmul."""
+        keys, values = cache.write_tokens(
+            layer, plan.single_slots, plan.single_positions, k, v, plan.num_slots, plan.kv_length
+        )
+        queries = q.new_zeros(plan.num_slots, self.num_heads, self.head_dim)
+        queries[plan.single_slots] = q
+        queries = queries.view(plan.num_slots * self.num_heads, 1, self.head_dim)
+        scores = plan.single_bias.baddbmm(queries, keys.transpose(1, 2), beta=1.0, alpha=self.inv_norm_factor)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.bmm(probs, values).view(plan.num_slots, self.num_heads, self.head_dim)
+        return out[plan.single_slots]
+
+    def _attend_chunk(self, chunk: Chunk, q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
         """One sequence's queries [heads, n, d] against its cached and new keys; returns [n, heads, d]."""
         keys, values = cache.write(layer, chunk.sequence_id, chunk.start_position, k, v)
         kv_length = keys.shape[1]
         key_positions = torch.arange(kv_length, device=q.device)
         alibi = (self.alibi_slopes[:, None, None] * key_positions).to(q.dtype)  # [heads, 1, kv_length]
         scores = alibi.baddbmm(q, keys.transpose(1, 2), beta=1.0, alpha=self.inv_norm_factor)
-        if chunk.num_tokens > 1:  # a query at position p sees keys 0..p
-            query_positions = torch.arange(chunk.start_position, kv_length, device=q.device)
-            future = key_positions[None, :] > query_positions[:, None]
-            scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+        # a query at position p sees keys 0..p
+        query_positions = torch.arange(chunk.start_position, kv_length, device=q.device)
+        future = key_positions[None, :] > query_positions[:, None]
+        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.bmm(probs, values).transpose(0, 1)
 
@@ -125,9 +185,9 @@ class Block(nn.Module):
         # BLOOM-7B1 uses False: the residual is the block input, not the LayerNorm output.
         self.residual_from_ln = config.apply_residual_connection_post_layernorm
 
-    def forward(self, x: torch.Tensor, chunks: list[Chunk], cache: KVCache, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: StepPlan, cache: KVCache, layer: int) -> torch.Tensor:
         h = self.input_layernorm(x)
-        x = (h if self.residual_from_ln else x) + self.self_attention(h, chunks, cache, layer)
+        x = (h if self.residual_from_ln else x) + self.self_attention(h, plan, cache, layer)
         h = self.post_attention_layernorm(x)
         return (h if self.residual_from_ln else x) + self.mlp(h)
 
@@ -174,8 +234,9 @@ class BloomShardModel(nn.Module):
         cache.prepare(chunks)
         weight = self.lm_head.weight
         x = hidden_states.to(device=weight.device, dtype=weight.dtype)
+        plan = plan_step(chunks, cache, self.h[0].self_attention.alibi_slopes, x.dtype)
         for layer, block in enumerate(self.h):
-            x = block(x, chunks, cache, layer)
+            x = block(x, plan, cache, layer)
         cache.commit(chunks)
         last_rows = torch.tensor(sizes, device=x.device).cumsum(0) - 1
         return self.lm_head(self.ln_f(x[last_rows]))

@@ -228,7 +228,7 @@ def test_single_process_cache_lifecycle_and_errors(reference):
     for pos in range(7, 20):  # one token at a time: the cache grows well past its first capacity
         out = model(hidden[pos : pos + 1], [Chunk(5, pos, 1)], cache)
     assert (out[0, :1009] - want[19]).abs().max() < 1e-5
-    assert cache.length(5) == 20 and cache.capacity(5) >= 20
+    assert cache.length(5) == 20 and cache.capacity >= 20
     assert cache.num_sequences == 1 and cache.num_tokens == 20
 
     with pytest.raises(
@@ -279,7 +279,42 @@ def test_kv_cache_grows_without_losing_rows():
     keys, values = cache.write(0, 1, 2, k[:, 2:], -k[:, 2:])
     cache.commit([Chunk(1, 2, 3)])
     assert torch.equal(keys, k) and torch.equal(values, -k)
-    assert cache.length(1) == 5 and cache.nbytes == 2 * 2 * 3 * cache.capacity(1) * 4 * 4
+    assert cache.length(1) == 5 and cache.nbytes == 2 * 2 * cache.num_slots * 3 * cache.capacity * 4 * 4
+
+
+def test_kv_cache_reuses_freed_slots_lowest_first():
+    cache = KVCache(1, 2, 4, initial_slots=2, initial_capacity=4)
+    cache.prepare([Chunk(10, 0, 1), Chunk(11, 0, 1), Chunk(12, 0, 3)])  # three sequences: slots grow
+    assert [cache.slot(s) for s in (10, 11, 12)] == [0, 1, 2] and cache.num_slots >= 3
+    cache.commit([Chunk(10, 0, 1), Chunk(11, 0, 1), Chunk(12, 0, 3)])
+    assert cache.free(10) and not cache.free(10)
+    cache.prepare([Chunk(13, 0, 2)])
+    assert cache.slot(13) == 0 and cache.length(12) == 3
+
+
+def test_batched_single_token_attention_matches_one_by_one():
+    """Decode chunks of different lengths attend in one matmul; the result equals attending one by one."""
+    torch.manual_seed(0)
+    from transformers import BloomConfig
+
+    from shard_worker.model import BloomShardModel
+
+    config = BloomConfig(hidden_size=24, n_head=3, n_layer=2, vocab_size=50)
+    model = BloomShardModel(config).eval()
+    lengths = [5, 2, 9]
+    prompts = [torch.randn(n, 24) for n in lengths]
+    step = torch.randn(len(lengths), 24)
+
+    together = model.new_kv_cache(initial_capacity=4)
+    for sid, prompt in enumerate(prompts):
+        model(prompt, [Chunk(sid, 0, len(prompt))], together)
+    batched = model(step, [Chunk(sid, n, 1) for sid, n in enumerate(lengths)], together)
+
+    for sid, prompt in enumerate(prompts):
+        alone = model.new_kv_cache()
+        model(prompt, [Chunk(0, 0, len(prompt))], alone)
+        single = model(step[sid : sid + 1], [Chunk(0, lengths[sid], 1)], alone)
+        assert torch.allclose(batched[sid], single[0], atol=1e-6)
 
 
 def test_distributed_helpers():
