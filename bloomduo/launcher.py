@@ -55,6 +55,7 @@ class StackOptions:
     port: int = 50051
     threads_per_shard: int | None = None
     ready_timeout_s: float = 600.0
+    gateway_args: tuple[str, ...] = ()  # extra `bloomduo gateway` flags, e.g. its limits
 
 
 def shard_device(device: str, rank: int) -> str:
@@ -94,7 +95,7 @@ class Stack:
             [
                 *cli, "gateway", "--model", str(opts.model_dir),
                 "--shards", ",".join(self.shard_targets),
-                "--host", opts.host, "--port", str(opts.port),
+                "--host", opts.host, "--port", str(opts.port), *opts.gateway_args,
             ]
         )  # fmt: skip
         return commands

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from bloomduo.v1 import shard_pb2
@@ -28,7 +30,7 @@ def encode_tensor(tensor: torch.Tensor) -> shard_pb2.Tensor:
 
 
 def decode_tensor(message: shard_pb2.Tensor) -> torch.Tensor:
-    """A tensor over the message's bytes; it is writable only after a copy (it shares the protobuf buffer)."""
+    """A read-only tensor over the message's bytes (no copy); copy it before writing to it."""
     dtype = DTYPES.get(message.dtype)
     if dtype is None:
         raise TensorWireError(f"unknown tensor dtype {message.dtype!r}; supported: {', '.join(DTYPES)}")
@@ -44,5 +46,7 @@ def decode_tensor(message: shard_pb2.Tensor) -> torch.Tensor:
         )
     if count == 0:
         return torch.empty(shape, dtype=dtype)
-    # bytearray makes the buffer writable so torch does not warn; it is one copy of the payload.
-    return torch.frombuffer(bytearray(message.data), dtype=dtype).reshape(shape)
+    with warnings.catch_warnings():
+        # Read-only is fine: callers only read it or copy it (torch.cat, .to), so no copy here.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(message.data, dtype=dtype).reshape(shape)

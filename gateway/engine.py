@@ -21,7 +21,7 @@ from bloomduo.logs import get_logger
 from bloomduo.v1 import shard_pb2
 from gateway.detokenizer import IncrementalDetokenizer
 from gateway.embedding import Embedder
-from gateway.sampling import Sampler
+from gateway.sampling import Sampler, sample_batch
 from gateway.shards import ShardPool, ShardUnavailable
 from gateway.stopping import FinishReason, StoppingCriteria
 from gateway.validation import GenerationRequest, Limits
@@ -72,13 +72,27 @@ class _Sequence:
     queued_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
 
-    def next_chunk(self) -> tuple[shard_pb2.SequenceChunk, list[int]]:
-        """What the workers have not seen yet: the whole prompt first, then one token per step."""
-        new_ids = self.token_ids[self.cached :]
+    @property
+    def pending(self) -> int:
+        """Tokens the workers have not seen yet: the prompt (or its rest) first, then one per step."""
+        return len(self.token_ids) - self.cached
+
+    def next_chunk(self, max_tokens: int) -> tuple[shard_pb2.SequenceChunk, list[int]]:
+        new_ids = self.token_ids[self.cached : self.cached + max_tokens]
         chunk = shard_pb2.SequenceChunk(
             sequence_id=self.sequence_id, start_position=self.cached, num_tokens=len(new_ids)
         )
         return chunk, new_ids
+
+
+@dataclass
+class StepTimings:
+    """Where one step's time went, in seconds (logged per step, summed for profiles)."""
+
+    embed: float = 0.0
+    shards: float = 0.0  # wire + worker compute, as seen by the gateway
+    worker_compute: float = 0.0  # slowest worker's own compute time, all-reduces included
+    sample: float = 0.0
 
 
 class Engine:
@@ -107,6 +121,10 @@ class Engine:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-step")
         self.task: asyncio.Task | None = None
         self.steps = 0
+        # Seconds spent per phase since start, for `bloomduo bench --profile` and metrics.
+        self.profile: dict[str, float] = dict.fromkeys(
+            ("embed", "shards", "worker_compute", "sample", "steps"), 0.0
+        )
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
@@ -176,49 +194,90 @@ class Engine:
             log.info("request_cancelled", request_id=sequence.request.request_id)
         self.waiting = deque(s for s in self.waiting if not s.cancelled)
 
-    def _admit(self) -> list[_Sequence]:
-        admitted: list[_Sequence] = []
-        prefill_tokens = 0
-        while self.waiting and len(self.running) + len(admitted) < self.limits.max_batch_size:
-            prompt_tokens = len(self.waiting[0].token_ids)
-            if admitted and prefill_tokens + prompt_tokens > self.limits.max_batch_prefill_tokens:
-                break
-            admitted.append(self.waiting.popleft())
-            prefill_tokens += prompt_tokens
-        return admitted
+    def _schedule(self) -> list[tuple[_Sequence, int]]:
+        """Pick this step's sequences and how many tokens each sends.
+
+        Running decodes always go (arrivals never starve them); prompts share a token budget
+        (max_batch_prefill_tokens), longer ones are cut into chunks across steps so a long prompt
+        delays the running decodes by one bounded chunk at a time; new requests join first come
+        first served while the batch has room.
+        """
+        budget = self.limits.max_batch_prefill_tokens
+        plan: list[tuple[_Sequence, int]] = []
+        for sequence in self.running:
+            if sequence.pending == 1:
+                plan.append((sequence, 1))
+        for sequence in self.running:
+            if sequence.pending > 1 and budget > 0:
+                take = min(sequence.pending, budget)
+                plan.append((sequence, take))
+                budget -= take
+        while self.waiting and budget > 0 and len(self.running) < self.limits.max_batch_size:
+            sequence = self.waiting.popleft()
+            self.running.append(sequence)
+            take = min(sequence.pending, budget)
+            plan.append((sequence, take))
+            budget -= take
+        return plan
 
     async def _step(self) -> None:
         self._drop_cancelled()
-        self.running.extend(self._admit())
-        batch = list(self.running)
+        plan = self._schedule()
         free_ids, self.to_free = self.to_free, []
         chunks: list[shard_pb2.SequenceChunk] = []
         input_ids: list[int] = []
-        for sequence in batch:
-            chunk, new_ids = sequence.next_chunk()
+        for sequence, take in plan:
+            chunk, new_ids = sequence.next_chunk(take)
             chunks.append(chunk)
             input_ids.extend(new_ids)
 
+        timings = StepTimings()
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         hidden = await loop.run_in_executor(
             self.executor, self.embedder, torch.tensor(input_ids, dtype=torch.long)
         )
-        logits = await self.shards.step(hidden, chunks, free_ids, [s.request.request_id for s in batch])
+        timings.embed = time.perf_counter() - started
+        started = time.perf_counter()
+        logits, timings.worker_compute = await self.shards.step(
+            hidden, chunks, free_ids, [sequence.request.request_id for sequence, _ in plan]
+        )
+        timings.shards = time.perf_counter() - started
         self.steps += 1
-        if not batch:
-            return
-        for sequence, chunk in zip(batch, chunks, strict=True):
+        for (sequence, _), chunk in zip(plan, chunks, strict=True):
             sequence.cached += chunk.num_tokens
-        picks = await loop.run_in_executor(self.executor, self._sample, batch, logits)
-        for sequence, (token_id, logprob) in zip(batch, picks, strict=True):
-            self._advance(sequence, token_id, logprob)
+        # A prompt cut into chunks yields its first token only after its last chunk.
+        ready = [i for i, (sequence, _) in enumerate(plan) if sequence.pending == 0]
+        if ready:
+            started = time.perf_counter()
+            batch = [plan[i][0] for i in ready]
+            rows = logits if len(ready) == len(plan) else logits[ready]
+            picks = await loop.run_in_executor(
+                self.executor,
+                sample_batch,
+                [sequence.sampler for sequence in batch],
+                rows,
+                [sequence.token_ids for sequence in batch],
+            )
+            timings.sample = time.perf_counter() - started
+            for sequence, (token_id, logprob) in zip(batch, picks, strict=True):
+                self._advance(sequence, token_id, logprob)
+        self._record(timings, len(plan), len(input_ids))
 
-    @staticmethod
-    def _sample(batch: list[_Sequence], logits: torch.Tensor) -> list[tuple[int, float]]:
-        return [
-            sequence.sampler(row, torch.tensor(sequence.token_ids, dtype=torch.long))
-            for sequence, row in zip(batch, logits, strict=True)
-        ]
+    def _record(self, timings: StepTimings, sequences: int, tokens: int) -> None:
+        for name in ("embed", "shards", "worker_compute", "sample"):
+            self.profile[name] += getattr(timings, name)
+        self.profile["steps"] += 1
+        log.debug(
+            "step",
+            step=self.steps,
+            sequences=sequences,
+            tokens=tokens,
+            embed_s=round(timings.embed, 6),
+            shards_s=round(timings.shards, 6),
+            worker_compute_s=round(timings.worker_compute, 6),
+            sample_s=round(timings.sample, 6),
+        )
 
     def _advance(self, sequence: _Sequence, token_id: int, logprob: float) -> None:
         now = time.perf_counter()

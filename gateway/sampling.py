@@ -52,6 +52,10 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(params.seed)
 
+    @property
+    def is_plain_greedy(self) -> bool:
+        return not self.params.do_sample and self.params.repetition_penalty == 1.0
+
     def __call__(self, logits: torch.Tensor, previous_token_ids: torch.Tensor) -> tuple[int, float]:
         """Next token and its log-probability under the distribution it was chosen from.
 
@@ -160,7 +164,22 @@ def _mass_prefix(keys: torch.Tensor, probs: torch.Tensor, mass: float, *, larges
 
 
 def sample_batch(
-    samplers: Sequence[Sampler], logits: torch.Tensor, previous: Sequence[torch.Tensor]
+    samplers: Sequence[Sampler], logits: torch.Tensor, previous: Sequence[Sequence[int]]
 ) -> list[tuple[int, float]]:
-    """(token id, logprob) for each row of logits [batch, vocab], row i chosen by samplers[i]."""
-    return [sampler(row, ids) for sampler, row, ids in zip(samplers, logits, previous, strict=True)]
+    """(token id, logprob) for each row of logits [batch, vocab], row i chosen by samplers[i].
+
+    Plain greedy rows (no sampling, no repetition penalty) are decided together with one argmax and
+    one logsumexp over the batch; the others go through their own sampler and generator.
+    """
+    picks: list[tuple[int, float] | None] = [None] * len(samplers)
+    greedy = [i for i, sampler in enumerate(samplers) if sampler.is_plain_greedy]
+    if greedy:
+        rows = logits[greedy] if len(greedy) < len(samplers) else logits
+        best, token_ids = rows.max(dim=-1)
+        logprobs = best - torch.logsumexp(rows, dim=-1)
+        for i, token_id, logprob in zip(greedy, token_ids.tolist(), logprobs.tolist(), strict=True):
+            picks[i] = (token_id, logprob)
+    for i, sampler in enumerate(samplers):
+        if picks[i] is None:
+            picks[i] = sampler(logits[i], torch.tensor(previous[i], dtype=torch.long))
+    return picks

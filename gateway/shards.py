@@ -118,8 +118,9 @@ class ShardPool:
         chunks: Sequence[shard_pb2.SequenceChunk],
         free_ids: Sequence[int],
         request_ids: Sequence[str] = (),
-    ) -> torch.Tensor:
-        """Send one step to every worker; return float32 logits [len(chunks), vocab_size]."""
+    ) -> tuple[torch.Tensor, float]:
+        """Send one step to every worker; return float32 logits [len(chunks), vocab_size] and the
+        slowest worker's compute seconds (the rest of the round trip is wire and queueing)."""
         request = shard_pb2.StepRequest(
             step_id=next(self.step_ids),
             hidden_states=encode_tensor(hidden_states),
@@ -129,7 +130,8 @@ class ShardPool:
         )
         responses = await asyncio.gather(*(c.step(request) for c in self.connections))
         slices = [decode_tensor(response.logits) for response in responses]
-        return torch.cat(slices, dim=-1)[:, : self.vocab_size].float()
+        logits = torch.cat(slices, dim=-1)[:, : self.vocab_size].float()
+        return logits, max(response.compute_seconds for response in responses)
 
     async def reset_streams(self) -> None:
         for connection in self.connections:

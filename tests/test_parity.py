@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from client import Client
+from client import AsyncClient, Client
 from tests.conftest import running_stack
 from tests.reference import hf_greedy
 
@@ -17,16 +19,25 @@ PROMPTS = [
 NEW_TOKENS = 32
 
 
-def assert_matches_transformers(target: str, model_dir) -> None:
+def assert_matches_transformers(target: str, model_dir, concurrent: bool = False) -> None:
+    async def generate_all() -> list:
+        async with AsyncClient(target) as bloom:
+            calls = [
+                bloom.generate(p, max_new_tokens=NEW_TOKENS, ignore_eos=True, details=True) for p in PROMPTS
+            ]
+            if concurrent:
+                return await asyncio.gather(*calls)
+            return [await call for call in calls]
+
+    results = asyncio.run(generate_all())
     with Client(target) as bloom:
-        for prompt in PROMPTS:
-            result = bloom.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, details=True)
-            prompt_ids = bloom.tokenize(prompt)
-            expected_ids, expected_logprobs = hf_greedy(model_dir, prompt_ids, NEW_TOKENS)
-            assert result.generated_tokens == NEW_TOKENS
-            assert [t.id for t in result.tokens] == expected_ids, prompt
-            for token, expected in zip(result.tokens, expected_logprobs, strict=True):
-                assert token.logprob == pytest.approx(expected, abs=1e-4), prompt
+        prompt_ids = [bloom.tokenize(prompt) for prompt in PROMPTS]
+    for prompt, ids, result in zip(PROMPTS, prompt_ids, results, strict=True):
+        expected_ids, expected_logprobs = hf_greedy(model_dir, ids, NEW_TOKENS)
+        assert result.generated_tokens == NEW_TOKENS
+        assert [t.id for t in result.tokens] == expected_ids, prompt
+        for token, expected in zip(result.tokens, expected_logprobs, strict=True):
+            assert token.logprob == pytest.approx(expected, abs=1e-4), prompt
 
 
 @pytest.mark.parametrize(
@@ -45,6 +56,13 @@ def test_greedy_matches_transformers(demo_model, num_shards: int, layout: dict) 
     model_dir = demo_model(**layout)
     with running_stack(model_dir, num_shards=num_shards) as stack:
         assert_matches_transformers(stack.target, model_dir)
+
+
+def test_chunked_prefill_and_mixed_batches_match_transformers(demo_model) -> None:
+    # A 7-token prefill budget cuts every prompt into chunks that share steps with other decodes.
+    model_dir = demo_model()
+    with running_stack(model_dir, num_shards=2, gateway_args=("--max-batch-prefill-tokens", "7")) as stack:
+        assert_matches_transformers(stack.target, model_dir, concurrent=True)
 
 
 def test_worker_holds_its_share_of_the_weights(tiny_stack, demo_model) -> None:

@@ -259,11 +259,20 @@ def test_draws_follow_the_processed_distribution() -> None:
 
 
 def test_sample_batch_matches_one_by_one() -> None:
-    params = [SamplingParams(do_sample=True, seed=s, top_k=40) for s in range(3)] + [SamplingParams()]
-    logits = torch.stack([random_case(i, 1.0)[0] for i in range(4)])
-    previous = [random_case(i, 1.0)[1] for i in range(4)]
-    batched = sample_batch([Sampler(p) for p in params], logits, previous)
-    assert batched == [Sampler(p)(row, prev) for p, row, prev in zip(params, logits, previous, strict=True)]
+    params = [
+        SamplingParams(do_sample=True, seed=0, top_k=40),
+        SamplingParams(),
+        SamplingParams(repetition_penalty=1.3),
+        SamplingParams(do_sample=True, seed=2, top_k=40),
+        SamplingParams(),
+    ]
+    logits = torch.stack([random_case(i, 1.0)[0] for i in range(len(params))])
+    previous = [random_case(i, 1.0)[1] for i in range(len(params))]
+    batched = sample_batch([Sampler(p) for p in params], logits, [ids.tolist() for ids in previous])
+    alone = [Sampler(p)(row, prev) for p, row, prev in zip(params, logits, previous, strict=True)]
+    assert [token for token, _ in batched] == [token for token, _ in alone]
+    # Batched greedy rows share one logsumexp; it may round differently in the last bit.
+    assert [logprob for _, logprob in batched] == pytest.approx([logprob for _, logprob in alone], abs=1e-6)
 
 
 @pytest.mark.parametrize(
