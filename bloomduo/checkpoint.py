@@ -2,14 +2,19 @@
 
 Each tensor-parallel rank reads only its own rows or columns: safetensors files are memory-mapped and
 `get_slice` copies out just the requested range, so a rank never holds the full 7B1 checkpoint in RAM.
+Directories cut into per-rank files by `bloomduo shard-weights` (written with `write_safetensors`, one
+tensor at a time) open here too.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
+import math
 import os
 import pickle
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,11 @@ log = get_logger(__name__)
 _PREFIX = "transformer."
 LM_HEAD = "lm_head.weight"
 WORD_EMBEDDINGS = "word_embeddings.weight"
+
+# A directory cut by `bloomduo shard-weights` records its shard count in config.json under this key and
+# holds the gateway's tensors in GATEWAY_FILE and each rank's in rank_file_name(rank, num_shards).
+NUM_SHARDS_KEY = "bloomduo_num_shards"
+GATEWAY_FILE = "gateway.safetensors"
 
 # safetensors' dtype names; demo_model writes with the same table.
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -46,6 +56,10 @@ class CheckpointError(Exception):
     """A checkpoint directory, file or tensor that cannot be used, with what to do about it."""
 
 
+def rank_file_name(rank: int, num_shards: int) -> str:
+    return f"rank-{rank:05d}-of-{num_shards:05d}.safetensors"
+
+
 @dataclass(frozen=True)
 class _Entry:
     """Where one tensor lives: its file, its key there, and (safetensors only) its bytes' offsets."""
@@ -62,6 +76,8 @@ class Checkpoint:
     """A BLOOM checkpoint directory: config.json plus safetensors (preferred) or pytorch .bin weights.
 
     Tensor names are normalized: the "transformer." prefix is stripped, "lm_head.weight" is kept as is.
+    A directory cut by `bloomduo shard-weights` has `num_shards` set; it serves the gateway's tensors
+    (word embeddings and their LayerNorm) by name, and `rank_part` opens one rank's file.
     """
 
     def __init__(self, model_dir: str | os.PathLike) -> None:
@@ -81,11 +97,40 @@ class Checkpoint:
         # Bad JSON, wrong field types (huggingface_hub's strict dataclass errors) and I/O errors alike.
         except Exception as exc:
             raise CheckpointError(f"{config_path} is not a valid BLOOM config: {exc}") from exc
+        self.num_shards: int | None = getattr(self.config, NUM_SHARDS_KEY, None)
+        if self.num_shards is not None and (not isinstance(self.num_shards, int) or self.num_shards < 1):
+            raise CheckpointError(f"{config_path}: {NUM_SHARDS_KEY} must be a positive integer")
+        self._open(*self._weight_files())
 
+    def rank_part(self, rank: int, world_size: int) -> Checkpoint:
+        """Rank `rank`'s file of a directory cut by `bloomduo shard-weights`, as a Checkpoint.
+
+        It holds exactly the tensors that rank's model holds, under the model's parameter names, already
+        sliced: read each one whole. The cut must be for `world_size` ranks.
+        """
+        if self.num_shards is None:
+            raise CheckpointError(
+                f"{self.model_dir} is a full checkpoint, not one cut by `bloomduo shard-weights`"
+            )
+        if world_size != self.num_shards:
+            raise CheckpointError(
+                f"{self.model_dir} was cut for {self.num_shards} shards but the world size is {world_size}: "
+                f"serve it with {self.num_shards} shards (bloomduo up --num-shards {self.num_shards}), or "
+                f"re-run `bloomduo shard-weights --model <full checkpoint> --num-shards {world_size} "
+                f"--out {self.model_dir}`"
+            )
+        path = self.model_dir / rank_file_name(rank, self.num_shards)
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: re-run `bloomduo shard-weights` into {self.model_dir}")
+        # Same directory and config; only the weights come from the rank's file.
+        part = copy.copy(self)
+        part._open([path], True)
+        return part
+
+    def _open(self, files: list[Path], is_safetensors: bool) -> None:
         # .bin state dicts stay loaded (memory-mapped): torch.load cannot read one tensor alone.
         self._bin_state: dict[Path, dict[str, torch.Tensor]] = {}
         self._entries: dict[str, _Entry] = {}
-        files, is_safetensors = self._weight_files()
         for path in files:
             entries = self._scan_safetensors(path) if is_safetensors else self._scan_bin(path)
             for entry in entries:
@@ -163,6 +208,13 @@ class Checkpoint:
 
     def _weight_files(self) -> tuple[list[Path], bool]:
         """The weight files to read and whether they are safetensors, in order of preference."""
+        if self.num_shards is not None:
+            gateway = self.model_dir / GATEWAY_FILE  # the rank files are opened by rank_part
+            if not gateway.is_file():
+                raise CheckpointError(
+                    f"{gateway} is missing: re-run `bloomduo shard-weights` into {self.model_dir}"
+                )
+            return [gateway], True
         single = self.model_dir / "model.safetensors"
         if single.is_file():
             return [single], True
@@ -257,3 +309,36 @@ def _slice_index(
             f"reading {name}: range [{start}, {stop}) is outside dim {dim} of size {shape[dim]}"
         )
     return tuple(slice(start, stop) if axis == dim else slice(None) for axis in range(len(shape)))
+
+
+def write_safetensors(
+    path: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], tensors: Iterable[torch.Tensor]
+) -> None:
+    """Write a safetensors file one tensor at a time, so a file bigger than RAM can be written.
+
+    `layout` maps each tensor's name to its (shape, dtype), in file order; the header is written from it
+    first. `tensors` then yields the tensors in that order; each is checked against its layout entry.
+    """
+    dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}  # transformers refuses files without it
+    offset = 0
+    for name, (shape, dtype) in layout.items():
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {
+            "dtype": dtype_names[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the format pads the header so tensor data starts 8-byte aligned
+    with path.open("wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little"))
+        handle.write(raw)
+        for (name, (shape, dtype)), tensor in zip(layout.items(), tensors, strict=True):
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise CheckpointError(
+                    f"writing {path.name}: {name} is {list(tensor.shape)} {tensor.dtype}, "
+                    f"expected {list(shape)} {dtype}"
+                )
+            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())

@@ -26,7 +26,8 @@ Two all-reduces per block; nothing else is communicated. LM head logits stay spl
 
 Only this rank's slices are read from disk: `load_shard` builds the model on the meta device,
 applies the rules above to its shapes, reads each parameter's slice through the checkpoint's
-sliced `read`, and loads them with `assign=True`.
+sliced `read`, and loads them with `assign=True`. `bloomduo shard-weights` cuts a checkpoint with
+the same functions ahead of time, into one file per rank that `load_shard` then reads whole.
 """
 
 from __future__ import annotations
@@ -180,42 +181,74 @@ def load_shard(
 ) -> BloomShardModel:
     """Build rank `rank`'s BloomShardModel reading only its slices of `checkpoint`.
 
-    `checkpoint` is a bloomduo.checkpoint.Checkpoint (or a model directory to open as one). Weights
-    are cast to `dtype` on `device`; the ALiBi slopes stay float32. The model carries `tp_rank`,
-    `tp_world_size` and `vocab_range` (its LM head rows). Call it on every rank: with world_size > 1
-    the forward pass all-reduces over `group` (default: the whole process group).
+    `checkpoint` is a bloomduo.checkpoint.Checkpoint (or a model directory to open as one): a full
+    checkpoint, or one cut for `world_size` ranks by `bloomduo shard-weights`, whose rank file is read
+    whole. Weights are cast to `dtype` on `device`; the ALiBi slopes stay float32. The model carries
+    `tp_rank`, `tp_world_size` and `vocab_range` (its LM head rows). Call it on every rank: with
+    world_size > 1 the forward pass all-reduces over `group` (default: the whole process group).
     """
     if isinstance(checkpoint, str | os.PathLike):
         from bloomduo.checkpoint import Checkpoint
 
         checkpoint = Checkpoint(checkpoint)
-    config = checkpoint.config
-    check_world_size(config, world_size)
     device = torch.device(device)
-
-    with torch.device("meta"):
-        model = BloomShardModel(config)
-    full_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    apply_tensor_parallel(model, rank, world_size, group)
+    model, full_shapes = build_meta_shard(checkpoint.config, rank, world_size, group)
 
     state = {}
-    for name in dict(model.named_parameters()):
-        stored = checkpoint.lm_head_name() if name == "lm_head.weight" else name
-        if tuple(checkpoint.shape(stored)) != full_shapes[name]:
-            raise ValueError(
-                f"checkpoint tensor {stored!r} has shape {tuple(checkpoint.shape(stored))}, "
-                f"expected {full_shapes[name]} from the config"
-            )
-        rule, dim, start, stop = shard_slice(name, full_shapes[name], rank, world_size)
-        if rule == VOCAB:  # read the real rows, then zero rows up to the padded slice size
-            real_stop = min(stop, full_shapes[name][0])
-            tensor = torch.zeros((stop - start, *full_shapes[name][1:]), dtype=dtype, device=device)
-            if real_stop > start:
-                tensor[: real_stop - start] = checkpoint.read(stored, 0, start, real_stop)
-        else:
-            tensor = checkpoint.read(stored, dim, start, stop)
-        state[name] = tensor.to(device=device, dtype=dtype)
+    if checkpoint.num_shards is None:
+        for name in dict(model.named_parameters()):
+            tensor = read_shard_tensor(checkpoint, name, full_shapes[name], rank, world_size)
+            state[name] = tensor.to(device=device, dtype=dtype)
+    else:
+        part = checkpoint.rank_part(rank, world_size)  # raises when cut for another world size
+        for name, param in model.named_parameters():
+            _check_shape(part, name, tuple(param.shape))
+            state[name] = part.read(name).to(device=device, dtype=dtype)
 
     model.load_state_dict(state, strict=True, assign=True)
     model.to(device)  # the ALiBi slopes: still float32, like HF
     return model.eval().requires_grad_(False)
+
+
+def build_meta_shard(
+    config: BloomConfig, rank: int, world_size: int, group: dist.ProcessGroup | None = None
+) -> tuple[BloomShardModel, dict[str, tuple[int, ...]]]:
+    """Rank `rank`'s model on the meta device (its parameters have the rank's shapes, no data), and the
+    full, unsharded shape of every parameter by name."""
+    check_world_size(config, world_size)
+    with torch.device("meta"):
+        model = BloomShardModel(config)
+    full_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    apply_tensor_parallel(model, rank, world_size, group)
+    return model, full_shapes
+
+
+def stored_name(checkpoint, name: str) -> str:
+    """The checkpoint tensor behind parameter `name`: BLOOM's LM head is usually the tied word embeddings."""
+    return checkpoint.lm_head_name() if name == "lm_head.weight" else name
+
+
+def read_shard_tensor(
+    checkpoint, name: str, full_shape: tuple[int, ...], rank: int, world_size: int
+) -> torch.Tensor:
+    """Rank `rank`'s part of parameter `name` read from a full checkpoint, in the stored dtype.
+
+    Only that part is read. A VOCAB part gets zero rows past the real vocabulary (the padding).
+    """
+    stored = stored_name(checkpoint, name)
+    _check_shape(checkpoint, stored, full_shape)
+    rule, dim, start, stop = shard_slice(name, full_shape, rank, world_size)
+    if rule != VOCAB:
+        return checkpoint.read(stored, dim, start, stop)
+    vocab = full_shape[0]
+    rows = checkpoint.read(stored, 0, min(start, vocab), min(stop, vocab))
+    padding = stop - start - rows.shape[0]
+    return torch.cat([rows, rows.new_zeros((padding, *full_shape[1:]))]) if padding else rows
+
+
+def _check_shape(checkpoint, stored: str, expected: tuple[int, ...]) -> None:
+    if tuple(checkpoint.shape(stored)) != expected:
+        raise ValueError(
+            f"checkpoint tensor {stored!r} has shape {tuple(checkpoint.shape(stored))}, "
+            f"expected {expected} from the config"
+        )

@@ -1,0 +1,351 @@
+"""`bloomduo eval`: the precision sign-off, bloomduo against transformers on the same checkpoint.
+
+Like the reference deployment's precision check (parity with the GPU is the bar), it reports:
+
+- per prompt, the deployed stack's greedy continuation (public API, details=True) against transformers'
+  BloomForCausalLM: the fraction of positions that agree up to the first divergence, where that is, and
+  the largest |logprob difference| over the agreed prefix;
+- with --text, the perplexity of a text under transformers and under the bloomduo model.
+
+Limitation: the public API returns the logprobs of generated tokens only, so the perplexity of a given
+text (teacher forcing through tokens the model would not have chosen) cannot be measured through the
+deployed stack. It is measured on bloomduo's model code run in-process instead (one rank, world size 1,
+on --device and --dtype, the gateway's Embedder in front), and labelled "bloomduo model (in-process)".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import unicodedata
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bloomduo.cli import DTYPE_CHOICES
+
+if TYPE_CHECKING:
+    import torch
+
+    from client import Result
+
+# English, French, Chinese and code: BLOOM is multilingual, and precision problems often show first in the
+# scripts that split into many byte-level tokens.
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    "La tour Eiffel est située à",
+    "Je pense, donc",
+    "北京是中国的首都，",
+    "人工智能的未来是",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "for (int i = 0; i < n; i++) {",
+)
+PERPLEXITY_NOTE = (
+    "the public API returns only generated tokens' logprobs, so the text's perplexity is measured on "
+    "bloomduo's model code run in-process (world size 1), not through the deployed stack"
+)
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    prompt: str
+    prompt_tokens: int
+    generated_tokens: int
+    agreement: float  # positions equal up to the first divergence / generated tokens
+    first_divergence: int | None  # index of the first generated token transformers would not choose
+    max_abs_logprob_diff: float | None  # over the agreed prefix; None when it is empty
+    text: str  # the stack's continuation
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    text_file: str
+    tokens: int
+    transformers: float
+    bloomduo_in_process: float
+    relative_difference: float
+    in_process_device: str
+    in_process_dtype: str
+    note: str = PERPLEXITY_NOTE
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="the full checkpoint (transformers loads it as the reference)",
+    )
+    parser.add_argument("--prompts", type=Path, help="one prompt per line (default: a multilingual set)")
+    parser.add_argument("--text", type=Path, help="also report the perplexity of this text file")
+    parser.add_argument(
+        "--max-text-tokens", type=int, default=1024, help="perplexity over the text's first N tokens"
+    )
+    parser.add_argument(
+        "--target", help="host:port of a running gateway on --model (default: launch a stack on --model)"
+    )
+    parser.add_argument(
+        "--num-shards", type=int, default=2, help="tensor-parallel degree of the launched stack"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="device of the launched stack and the in-process model"
+    )
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="bloomduo's dtype")
+    parser.add_argument(
+        "--reference-dtype", default="float32", choices=DTYPE_CHOICES[1:], help="transformers' dtype"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per prompt")
+    parser.add_argument("--json", type=Path, help="also write the report as JSON to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from bloomduo.checkpoint import CheckpointError
+    from client import BloomduoError
+
+    try:
+        prompts = read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
+        report = evaluate(args, prompts)
+    except (BloomduoError, CheckpointError, RuntimeError, TimeoutError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0
+
+
+def read_prompts(path: Path) -> list[str]:
+    prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts (one per line)")
+    return prompts
+
+
+def evaluate(args: argparse.Namespace, prompts: Sequence[str]) -> dict[str, Any]:
+    """Run the stack, then transformers, then (with --text) the in-process model, one at a time to bound
+    memory; returns the JSON report."""
+    import torch
+
+    from client import Client
+
+    with _serving(args) as target, Client(target) as bloom:
+        info = bloom.info()
+        served = [
+            (
+                bloom.tokenize(prompt),
+                bloom.generate(prompt, max_new_tokens=args.max_new_tokens, ignore_eos=True, details=True),
+            )
+            for prompt in prompts
+        ]
+
+    reference_dtype = getattr(torch, args.reference_dtype)
+    reference = _transformers_model(args.model, reference_dtype)
+    results = [
+        compare(prompt, prompt_ids, result, _teacher_forced_logprobs(reference, prompt_ids, result))
+        for prompt, (prompt_ids, result) in zip(prompts, served, strict=True)
+    ]
+    report: dict[str, Any] = {
+        "model": str(args.model),
+        "stack": {
+            "target": target,
+            "num_shards": info.num_shards,
+            "dtype": info.dtype,
+            "device": info.device,
+        },
+        "reference": {"library": "transformers", "dtype": args.reference_dtype},
+        "max_new_tokens": args.max_new_tokens,
+        "prompts": [asdict(result) for result in results],
+    }
+    if args.text:
+        text_ids = _tokenize(args.model, args.text.read_text(encoding="utf-8"))[: args.max_text_tokens]
+        if len(text_ids) < 2:
+            raise ValueError(f"{args.text} encodes to fewer than 2 tokens: nothing to predict")
+        reference_ppl = perplexity(_transformers_logits(reference, text_ids), text_ids)
+        del reference  # before the in-process model is loaded: a 7B1 is big twice over
+        logits, device, dtype = _in_process_logits(args, text_ids)
+        in_process_ppl = perplexity(logits, text_ids)
+        report["perplexity"] = asdict(
+            Perplexity(
+                text_file=str(args.text),
+                tokens=len(text_ids),
+                transformers=reference_ppl,
+                bloomduo_in_process=in_process_ppl,
+                relative_difference=abs(in_process_ppl - reference_ppl) / reference_ppl,
+                in_process_device=str(device),
+                in_process_dtype=str(dtype).removeprefix("torch."),
+            )
+        )
+    return report
+
+
+def compare(
+    prompt: str, prompt_ids: list[int], result: Result, reference_logprobs: torch.Tensor
+) -> PromptResult:
+    """Agreement of the stack's greedy tokens with the reference's, given the reference's log-softmax at
+    every generated position, teacher-forced on the stack's tokens ([generated tokens, vocab]).
+
+    Up to the first divergence both saw the same prefix, so the reference's argmax there is exactly its own
+    greedy choice, and the logprobs of one token under the same context can be compared.
+    """
+    ids = [token.id for token in result.tokens]
+    chosen = reference_logprobs.argmax(dim=-1).tolist()
+    first_divergence = next((i for i, (a, b) in enumerate(zip(ids, chosen, strict=True)) if a != b), None)
+    agreed = len(ids) if first_divergence is None else first_divergence
+    diffs = [
+        abs(token.logprob - float(reference_logprobs[i, token.id]))
+        for i, token in enumerate(result.tokens[:agreed])
+    ]
+    return PromptResult(
+        prompt=prompt,
+        prompt_tokens=len(prompt_ids),
+        generated_tokens=len(ids),
+        agreement=agreed / len(ids) if ids else 1.0,
+        first_divergence=first_divergence,
+        max_abs_logprob_diff=max(diffs) if diffs else None,
+        text=result.text,
+    )
+
+
+def perplexity(logits: torch.Tensor, token_ids: list[int]) -> float:
+    """exp(mean negative log-likelihood) of tokens 1.. given the logits [len(token_ids), vocab] at every
+    position."""
+    import torch
+
+    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
+    targets = torch.tensor(token_ids[1:], device=logprobs.device)
+    return math.exp(-float(logprobs.gather(1, targets[:, None]).mean()))
+
+
+def format_report(report: dict[str, Any]) -> str:
+    stack, reference = report["stack"], report["reference"]
+    lines = [
+        f"{report['model']}: stack at {stack['target']} ({stack['num_shards']} shards, {stack['dtype']}, "
+        f"{stack['device']}) vs transformers ({reference['dtype']}), "
+        f"{report['max_new_tokens']} greedy tokens per prompt",
+        "",
+        f"{'prompt':<36} {'tokens':>6} {'agreement':>9} {'first divergence':>16} {'max |Δlogprob|':>14}",
+    ]
+    for row in report["prompts"]:
+        prompt = _fit(repr(row["prompt"]), 36)
+        divergence = "-" if row["first_divergence"] is None else str(row["first_divergence"])
+        diff = "-" if row["max_abs_logprob_diff"] is None else f"{row['max_abs_logprob_diff']:.2e}"
+        lines.append(
+            f"{prompt} {row['generated_tokens']:>6} {row['agreement']:>9.3f} {divergence:>16} {diff:>14}"
+        )
+    ppl = report.get("perplexity")
+    if ppl:
+        in_process = f"bloomduo model (in-process, {ppl['in_process_dtype']}, {ppl['in_process_device']})"
+        lines += [
+            "",
+            f"perplexity of {ppl['text_file']} ({ppl['tokens']} tokens)",
+            f"  {'transformers (' + reference['dtype'] + ')':<44} {ppl['transformers']:.6g}",
+            f"  {in_process:<44} "
+            f"{ppl['bloomduo_in_process']:.6g}   relative difference {ppl['relative_difference']:.2e}",
+            f"  note: {ppl['note']}",
+        ]
+    return "\n".join(lines)
+
+
+def _fit(text: str, width: int) -> str:
+    """`text` padded, or cut with dots, to `width` terminal columns; CJK characters take two."""
+    widths = [2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text]
+    if sum(widths) <= width:
+        return text + " " * (width - sum(widths))
+    kept = used = 0
+    while used + widths[kept] <= width - 3:
+        used += widths[kept]
+        kept += 1
+    return text[:kept] + "." * (width - used)
+
+
+@contextmanager
+def _serving(args: argparse.Namespace) -> Iterator[str]:
+    """The gateway's address: --target, or a stack launched on --model for the duration."""
+    if args.target:
+        yield args.target
+        return
+    from bloomduo.launcher import Stack, StackOptions, free_port
+
+    stack = Stack(
+        StackOptions(
+            model_dir=args.model.resolve(),
+            num_shards=args.num_shards,
+            device=args.device,
+            dtype=args.dtype,
+            port=free_port(),
+        )
+    )
+    try:
+        stack.start()
+        yield stack.target
+    finally:
+        stack.stop()
+
+
+def _transformers_model(model_dir: Path, dtype: torch.dtype):
+    from transformers import BloomForCausalLM
+
+    return BloomForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+
+
+def _transformers_logits(model, token_ids: list[int]) -> torch.Tensor:
+    import torch
+
+    with torch.inference_mode():
+        return model(torch.tensor([token_ids])).logits[0]
+
+
+def _teacher_forced_logprobs(model, prompt_ids: list[int], result: Result) -> torch.Tensor:
+    """The reference's log-softmax at each generated position, fed the prompt and the stack's tokens."""
+    import torch
+
+    ids = [*prompt_ids, *(token.id for token in result.tokens)]
+    logits = _transformers_logits(model, ids)[len(prompt_ids) - 1 : len(ids) - 1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _tokenize(model_dir: Path, text: str) -> list[int]:
+    """The text's ids as the gateway encodes prompts."""
+    import tokenizers
+
+    tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def _in_process_logits(
+    args: argparse.Namespace, token_ids: list[int]
+) -> tuple[torch.Tensor, torch.device, torch.dtype]:
+    """Logits at every position from bloomduo's own model code, the text fed as one prefill chunk, on the
+    device and in the dtype that rank 0 of a launched stack would use; returns them with that device and
+    dtype.
+
+    The model returns logits for a chunk's last row only, so the last block's output (all rows) is
+    captured and passed through the model's own ln_f and LM head.
+    """
+    import torch
+
+    from bloomduo.checkpoint import Checkpoint
+    from bloomduo.launcher import shard_device
+    from gateway.embedding import Embedder
+    from shard_worker.engine import checkpoint_dtype, resolve_dtype
+    from shard_worker.model import Chunk
+    from shard_worker.tensor_parallel import load_shard
+
+    checkpoint = Checkpoint(args.model)
+    device = torch.device(shard_device(args.device, 0))
+    dtype = resolve_dtype(args.dtype, checkpoint_dtype(checkpoint), device)
+    model = load_shard(checkpoint, 0, 1, device=device, dtype=dtype)
+    hidden = Embedder(checkpoint, dtype)(torch.tensor(token_ids))
+    captured: list[torch.Tensor] = []
+    hook = model.h[-1].register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+    try:
+        model(hidden, [Chunk(0, 0, len(token_ids))], model.new_kv_cache(initial_capacity=len(token_ids)))
+    finally:
+        hook.remove()
+    with torch.inference_mode():
+        return model.lm_head(model.ln_f(captured[0])), device, dtype
