@@ -1,0 +1,609 @@
+"""`bloomduo bench`: time to first token, time per output token and throughput against concurrency.
+
+Like text-generation-benchmark, it sweeps the number of concurrent streams with a fixed prompt length and a
+fixed number of new tokens (greedy, EOS ignored), each stream sending its requests back to back. With
+`--baseline transformers` it also measures transformers' `BloomForCausalLM.generate` on the same checkpoint,
+in a separate process (bloomduo.bench_baseline), and prints the stack's figures as ratios of it.
+
+Heavy imports (torch, transformers, matplotlib, even grpc) stay inside functions: the CLI imports this
+module to build its parser for every command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bloomduo.launcher import Stack
+    from client import AsyncClient
+
+DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32)
+# A level of 1 or 2 streams would otherwise give one or two samples, and percentiles of nothing.
+MIN_REQUESTS_PER_LEVEL = 10
+DEFAULT_TARGET = "localhost:50051"
+# Ordinary English, so that every tokenizer splits it into many short tokens.
+_FILLER = (
+    "The quick brown fox jumps over the lazy dog while the old river keeps running down to the sea, "
+    "and the people of the town watch the boats come and go in the evening light. "
+)
+
+
+class BenchError(Exception):
+    """The benchmark cannot run or measured something inconsistent; the message says what."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One request's timings, in seconds."""
+
+    ttft_s: float  # from sending the request (or queueing it, for the baseline) to its first token
+    tpot_s: float  # (last token - first token) / (generated tokens - 1)
+    generated_tokens: int
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between closest ranks, as numpy's default."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be between 0 and 100, not {q}")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    below = math.floor(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
+
+
+def distribution(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+        "mean": sum(values) / len(values),
+    }
+
+
+def summarize_level(concurrency: int, samples: Sequence[Sample], wall_s: float) -> dict[str, Any]:
+    """One level's figures: the JSON row that stack and baseline levels share."""
+    generated = sum(sample.generated_tokens for sample in samples)
+    return {
+        "concurrency": concurrency,
+        "requests": len(samples),
+        "generated_tokens": generated,
+        "wall_s": wall_s,
+        "tokens_per_s": generated / wall_s,
+        "requests_per_s": len(samples) / wall_s,
+        "ttft_s": distribution([sample.ttft_s for sample in samples]),
+        "tpot_s": distribution([sample.tpot_s for sample in samples]),
+    }
+
+
+def requests_for_level(concurrency: int, requests_per_level: int | None) -> int:
+    return requests_per_level or max(concurrency, MIN_REQUESTS_PER_LEVEL)
+
+
+def parse_levels(text: str) -> list[int]:
+    """Parse "1,2,4" into [1, 2, 4]; as an argparse type, a bad list is a usage error."""
+    try:
+        levels = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, not {text!r}") from None
+    if not levels or levels[0] < 1:
+        raise argparse.ArgumentTypeError(f"concurrency levels must be positive integers, not {text!r}")
+    return levels
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_argument_group("what to measure")
+    target.add_argument("--target", help=f"host:port of a running gateway (default {DEFAULT_TARGET})")
+    target.add_argument(
+        "--launch",
+        action="store_true",
+        help="start the stack on --model (and stop it afterwards) instead of using --target",
+    )
+    target.add_argument(
+        "--model", type=Path, help="checkpoint directory: for --launch and for --baseline transformers"
+    )
+    target.add_argument("--num-shards", type=int, default=2, help="with --launch: tensor-parallel degree")
+    target.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="with --launch: the stack's dtype (the baseline always uses the dtype the stack reports)",
+    )
+    target.add_argument(
+        "--device", default="cpu", help="with --launch: cpu, cuda or npu; also the baseline's"
+    )
+    target.add_argument(
+        "--baseline",
+        choices=("none", "transformers"),
+        default="none",
+        help="also measure transformers' generate on the same checkpoint, one request at a time and as "
+        "a static batch per level",
+    )
+
+    load = parser.add_argument_group("load")
+    load.add_argument(
+        "--concurrency",
+        type=parse_levels,
+        default=list(DEFAULT_CONCURRENCY),
+        help="comma-separated numbers of concurrent streams (default 1,2,4,8,16,32)",
+    )
+    load.add_argument("--prompt-tokens", type=_positive, default=32, help="prompt length in tokens")
+    load.add_argument("--new-tokens", type=_positive, default=64, help="tokens generated per request (>= 2)")
+    load.add_argument(
+        "--requests-per-level",
+        type=_positive,
+        help=f"requests per level, shared by its streams (default max(streams, {MIN_REQUESTS_PER_LEVEL}))",
+    )
+    load.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="unmeasured requests sent together before measuring, to each system (default 2)",
+    )
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", type=Path, help="write every figure as JSON here")
+    output.add_argument("--chart", type=Path, help="draw throughput and latency against concurrency (PNG)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        report = benchmark(args)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    print_report(report)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {args.out}")
+    if args.chart:
+        draw_chart(report, args.chart)
+        print(f"wrote {args.chart}")
+    return 0
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure the stack, then (if asked) the baseline, and return the whole report."""
+    from client import BloomduoError
+
+    _check_arguments(args)
+    stack = _launch(args) if args.launch else None
+    try:
+        target = stack.target if stack else args.target or DEFAULT_TARGET
+        try:
+            measured = asyncio.run(_measure_stack(args, target, stack))
+        except BloomduoError as exc:
+            raise BenchError(f"the stack at {target} failed a request: {exc}") from None
+    finally:
+        # Stopped before the baseline runs, so transformers has the machine to itself.
+        if stack:
+            stack.stop()
+
+    prompt_ids = measured.pop("prompt_ids")
+    baseline = None
+    if args.baseline == "transformers":
+        if args.dtype not in ("auto", measured["info"]["dtype"]):
+            print(
+                f"bench: the stack serves {measured['info']['dtype']}, not --dtype {args.dtype}; "
+                "the baseline uses the stack's dtype",
+                file=sys.stderr,
+            )
+        baseline = _run_baseline(args, prompt_ids, measured["info"]["dtype"])
+
+    report = {
+        "config": {
+            "target": target,
+            "launched": stack is not None,
+            "model": str(args.model) if args.model else None,
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens,
+            "concurrency": args.concurrency,
+            "requests_per_level": args.requests_per_level,
+            "warmup": args.warmup,
+            "baseline": args.baseline,
+            "started_at": measured.pop("started_at"),
+            "cpu_count": os.cpu_count(),
+            "load_average": measured.pop("load_average"),
+        },
+        **measured,
+        "baseline": baseline,
+    }
+    report["ratios"] = ratios(report)
+    report["targets"] = targets(report)
+    return report
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.new_tokens < 2:
+        raise BenchError("--new-tokens must be at least 2: time per output token needs two tokens")
+    if args.warmup < 0:
+        raise BenchError("--warmup cannot be negative")
+    if args.launch and args.target:
+        raise BenchError("give either --target (a running stack) or --launch, not both")
+    if (args.launch or args.baseline != "none") and args.model is None:
+        raise BenchError("--launch and --baseline transformers need --model DIR")
+    if args.model is not None and not (args.model / "config.json").is_file():
+        raise BenchError(f"--model {args.model} is not a checkpoint directory (no config.json)")
+
+
+def _launch(args: argparse.Namespace) -> Stack:
+    from bloomduo.launcher import Stack, StackOptions, free_port
+
+    stack = Stack(
+        StackOptions(
+            model_dir=args.model.resolve(),
+            num_shards=args.num_shards,
+            device=args.device,
+            dtype=args.dtype,
+            port=free_port(),
+        )
+    )
+    print(f"bench: starting {args.num_shards} shards and a gateway on {args.model}", file=sys.stderr)
+    try:
+        stack.start()
+    except (RuntimeError, TimeoutError) as exc:
+        stack.stop()
+        raise BenchError(f"the stack did not start: {exc}") from None
+    return stack
+
+
+async def _measure_stack(args: argparse.Namespace, target: str, stack: Stack | None) -> dict[str, Any]:
+    from client import AsyncClient
+
+    async with AsyncClient(target) as client:
+        info = await client.info()
+        prompt, prompt_ids = await build_prompt(client, args.prompt_tokens)
+        started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        # Other work on the machine skews every figure; the load average at the start tells a reader.
+        load_average = os.getloadavg()[0]
+        if args.warmup:
+            print(f"bench: warming up the stack ({args.warmup} requests)", file=sys.stderr)
+            await asyncio.gather(*(_timed_request(client, prompt, args) for _ in range(args.warmup)))
+        memory = {name: 0 for name in _stack_processes(stack)}
+        levels = []
+        for level in args.concurrency:
+            requests = requests_for_level(level, args.requests_per_level)
+            levels.append(await _measure_level(client, prompt, args, level, requests))
+            # Sampled between levels, while the stack still holds every sequence's memory it allocated.
+            for name, process in _stack_processes(stack).items():
+                memory[name] = max(memory[name], rss_bytes(process.pid))
+    return {
+        "started_at": started_at,
+        "load_average": load_average,
+        "info": {
+            "model": info.model,
+            "num_shards": info.num_shards,
+            "dtype": info.dtype,
+            "device": info.device,
+        },
+        "prompt_ids": prompt_ids,
+        "stack": {"levels": levels},
+        "memory": {"max_rss_bytes": memory} if stack else None,
+    }
+
+
+def _stack_processes(stack: Stack | None) -> dict[str, subprocess.Popen]:
+    if stack is None:
+        return {}
+    processes = {"gateway": stack.gateway} if stack.gateway else {}
+    processes.update({f"shard_{rank}": shard for rank, shard in enumerate(stack.shards)})
+    return processes
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a live process, from the VmRSS line of /proc/<pid>/status (0 once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024  # the kernel reports kB
+    return 0
+
+
+async def build_prompt(client: AsyncClient, n_tokens: int) -> tuple[str, list[int]]:
+    """A prompt of exactly n_tokens under the served tokenizer, and its ids, found with the Tokenize RPC."""
+    text = _FILLER
+    while len(await client.tokenize(text)) < n_tokens:
+        text += text
+    # The shortest prefix with at least n_tokens, by bisection on its length in characters.
+    low, high = 1, len(text)
+    while low < high:
+        middle = (low + high) // 2
+        if len(await client.tokenize(text[:middle])) >= n_tokens:
+            high = middle
+        else:
+            low = middle + 1
+    # A BPE merge can make one more character cost one token fewer, so the count is not quite monotone in
+    # the prefix length; the exact fit is at or just after the bisection's answer.
+    for end in range(low, min(low + 16, len(text)) + 1):
+        ids = await client.tokenize(text[:end])
+        if len(ids) == n_tokens:
+            return text[:end], ids
+    raise BenchError(f"could not build a prompt of exactly {n_tokens} tokens")
+
+
+async def _timed_request(client: AsyncClient, prompt: str, args: argparse.Namespace) -> Sample:
+    token_times: list[float] = []
+    result = None
+    sent = time.perf_counter()
+    stream = client.generate_stream(prompt, max_new_tokens=args.new_tokens, ignore_eos=True, do_sample=False)
+    async for event in stream:
+        if event.token is not None:
+            token_times.append(time.perf_counter())
+        if event.result is not None:
+            result = event.result
+    if result is None or result.generated_tokens != args.new_tokens or len(token_times) != args.new_tokens:
+        raise BenchError(
+            f"asked for {args.new_tokens} tokens with ignore_eos, got {len(token_times)} streamed tokens "
+            f"and a result of {result.generated_tokens if result else 'nothing'}"
+        )
+    if result.prompt_tokens != args.prompt_tokens:
+        raise BenchError(f"the prompt was {result.prompt_tokens} tokens, not {args.prompt_tokens}")
+    return Sample(
+        ttft_s=token_times[0] - sent,
+        tpot_s=(token_times[-1] - token_times[0]) / (len(token_times) - 1),
+        generated_tokens=len(token_times),
+    )
+
+
+async def _measure_level(
+    client: AsyncClient, prompt: str, args: argparse.Namespace, level: int, requests: int
+) -> dict[str, Any]:
+    samples: list[Sample] = []
+    # Shared by the level's streams: each takes the next request as soon as its previous one finished.
+    pending = iter(range(requests))
+
+    async def stream() -> None:
+        for _ in pending:
+            sample = await _timed_request(client, prompt, args)
+            samples.append(sample)
+            progress("stack", level, len(samples), requests, sample)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(stream() for _ in range(level)))
+    summary = summarize_level(level, samples, time.perf_counter() - start)
+    progress_level("stack", summary)
+    return summary
+
+
+def progress(system: str, level: int, done: int, total: int, sample: Sample) -> None:
+    print(
+        f"  {system:<24} {level:>3} streams  {done:>3}/{total:<3}  "
+        f"TTFT {sample.ttft_s * 1000:8.1f} ms  TPOT {sample.tpot_s * 1000:7.2f} ms",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def progress_level(system: str, summary: dict[str, Any]) -> None:
+    print(
+        f"{system} at {summary['concurrency']} streams: {summary['tokens_per_s']:.1f} tokens/s, TTFT p50 "
+        f"{summary['ttft_s']['p50'] * 1000:.1f} ms, TPOT p50 {summary['tpot_s']['p50'] * 1000:.2f} ms",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _run_baseline(args: argparse.Namespace, prompt_ids: list[int], dtype: str) -> dict[str, Any]:
+    """transformers in its own process, so its memory and threads never meet the stack's."""
+    from bloomduo.launcher import shard_device
+
+    command = [
+        sys.executable, "-m", "bloomduo.bench_baseline",
+        "--model", str(args.model.resolve()),
+        "--dtype", dtype,
+        "--device", shard_device(args.device, 0),
+        "--prompt-ids", ",".join(map(str, prompt_ids)),
+        "--new-tokens", str(args.new_tokens),
+        "--concurrency", ",".join(map(str, args.concurrency)),
+        "--warmup", str(args.warmup),
+    ]  # fmt: skip
+    if args.requests_per_level:
+        command += ["--requests-per-level", str(args.requests_per_level)]
+    print("bench: measuring transformers (the stack is idle)", file=sys.stderr)
+    # stderr passes through: it carries the baseline's progress lines.
+    finished = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if finished.returncode != 0:
+        raise BenchError(f"the transformers baseline exited with {finished.returncode}")
+    return json.loads(finished.stdout)
+
+
+def _by_level(levels: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {level["concurrency"]: level for level in levels}
+
+
+def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per level, stack / transformers: above 1 is better for tokens/s, below 1 for TPOT and TTFT."""
+    if not report["baseline"]:
+        return []
+    one = _by_level(report["baseline"]["one_at_a_time"])
+    batch = _by_level(report["baseline"]["static_batch"])
+    rows = []
+    for level in report["stack"]["levels"]:
+        c = level["concurrency"]
+        rows.append(
+            {
+                "concurrency": c,
+                "tokens_per_s_vs_one_at_a_time": level["tokens_per_s"] / one[c]["tokens_per_s"],
+                "tokens_per_s_vs_static_batch": level["tokens_per_s"] / batch[c]["tokens_per_s"],
+                "tpot_p50_vs_one_at_a_time": level["tpot_s"]["p50"] / one[c]["tpot_s"]["p50"],
+                "tpot_p50_vs_static_batch": level["tpot_s"]["p50"] / batch[c]["tpot_s"]["p50"],
+                "ttft_p50_vs_one_at_a_time": level["ttft_s"]["p50"] / one[c]["ttft_s"]["p50"],
+                "ttft_p50_vs_static_batch": level["ttft_s"]["p50"] / batch[c]["ttft_s"]["p50"],
+            }
+        )
+    return rows
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The goals from the issue, each PASS, FAIL or SKIP (a level or the baseline it needs was not run)."""
+    stack = _by_level(report["stack"]["levels"])
+    baseline = report["baseline"]
+    one = _by_level(baseline["one_at_a_time"]) if baseline else {}
+    batch = _by_level(baseline["static_batch"]) if baseline else {}
+    checks = []
+
+    def check(name: str, available: bool, missing: str, compare: Callable[[], tuple[bool, str]]) -> None:
+        if available:
+            passed, detail = compare()
+            checks.append({"name": name, "status": "PASS" if passed else "FAIL", "detail": detail})
+        else:
+            checks.append({"name": name, "status": "SKIP", "detail": missing})
+
+    def tpot() -> tuple[bool, str]:
+        ours, theirs = stack[1]["tpot_s"]["p50"] * 1000, one[1]["tpot_s"]["p50"] * 1000
+        return ours <= 0.8 * theirs, f"{ours:.2f} ms vs 0.8 x {theirs:.2f} = {0.8 * theirs:.2f} ms"
+
+    def vs_one() -> tuple[bool, str]:
+        ours, theirs = stack[16]["tokens_per_s"], one[16]["tokens_per_s"]
+        return ours >= 10 * theirs, f"{ours:.1f} tokens/s vs 10 x {theirs:.1f} = {10 * theirs:.1f}"
+
+    def vs_batch() -> tuple[bool, str]:
+        ours, theirs = stack[16]["tokens_per_s"], batch[16]["tokens_per_s"]
+        return ours >= 1.2 * theirs, f"{ours:.1f} tokens/s vs 1.2 x {theirs:.1f} = {1.2 * theirs:.1f}"
+
+    def ttft() -> tuple[bool, str]:
+        at16, at1 = stack[16]["ttft_s"]["p50"] * 1000, stack[1]["ttft_s"]["p50"] * 1000
+        return at16 <= 3 * at1, f"{at16:.1f} ms vs 3 x {at1:.1f} = {3 * at1:.1f} ms"
+
+    with_baseline = "needs --baseline transformers and level"
+    check("single-stream TPOT p50 <= 0.8 x transformers", 1 in stack and 1 in one, f"{with_baseline} 1", tpot)
+    check(
+        "16 streams: tokens/s >= 10 x transformers one at a time",
+        16 in stack and 16 in one,
+        f"{with_baseline} 16",
+        vs_one,
+    )
+    check(
+        "16 streams: tokens/s >= 1.2 x transformers static batch",
+        16 in stack and 16 in batch,
+        f"{with_baseline} 16",
+        vs_batch,
+    )
+    check(
+        "16 streams: TTFT p50 <= 3 x single-stream TTFT p50",
+        1 in stack and 16 in stack,
+        "needs levels 1 and 16",
+        ttft,
+    )
+    return checks
+
+
+def print_report(report: dict[str, Any]) -> None:
+    config, info = report["config"], report["info"]
+    print(
+        f"\n{info['model']} on {info['num_shards']} shards ({info['dtype']}, {info['device']}) at "
+        f"{config['target']}: {config['prompt_tokens']} prompt tokens, {config['new_tokens']} new tokens, "
+        f"greedy; {config['cpu_count']} cores, load average {config['load_average']:.2f} at the start"
+    )
+    header = (
+        f"{'system':<28} {'streams':>7} {'requests':>8} {'tokens/s':>9} {'req/s':>7}"
+        f"   {'TTFT p50/p90/p99 (ms)':<26} {'TPOT p50/p90/p99 (ms)':<24}"
+    )
+    print(header)
+    print("-" * len(header))
+    systems = [("bloomduo", report["stack"]["levels"])]
+    if report["baseline"]:
+        systems += [
+            ("transformers one at a time", report["baseline"]["one_at_a_time"]),
+            ("transformers static batch", report["baseline"]["static_batch"]),
+        ]
+    for name, levels in systems:
+        for level in levels:
+            ttft = "/".join(f"{level['ttft_s'][p] * 1000:.1f}" for p in ("p50", "p90", "p99"))
+            tpot = "/".join(f"{level['tpot_s'][p] * 1000:.2f}" for p in ("p50", "p90", "p99"))
+            print(
+                f"{name:<28} {level['concurrency']:>7} {level['requests']:>8} {level['tokens_per_s']:>9.1f} "
+                f"{level['requests_per_s']:>7.2f}   {ttft:<26} {tpot:<24}"
+            )
+    if report["memory"]:
+        sizes = ", ".join(
+            f"{name} {size / 2**20:.0f} MiB" for name, size in report["memory"]["max_rss_bytes"].items()
+        )
+        print(f"\nresident memory (VmRSS, max over the levels): {sizes}")
+    baseline = report["baseline"]
+    if baseline:
+        print(
+            f"transformers {baseline['transformers_version']}: {baseline['torch_threads']} threads, "
+            f"resident memory {baseline['max_rss_bytes'] / 2**20:.0f} MiB"
+        )
+    if report["ratios"]:
+        print("\nbloomduo / transformers (tokens/s: higher is better; TPOT, TTFT: lower is better)")
+        header = (
+            f"{'streams':>7}  {'tok/s ÷ 1-by-1':>14} {'tok/s ÷ batch':>13}  {'TPOT ÷ 1-by-1':>13} "
+            f"{'TPOT ÷ batch':>12}  {'TTFT ÷ 1-by-1':>13} {'TTFT ÷ batch':>12}"
+        )
+        print(header)
+        print("-" * len(header))
+        for row in report["ratios"]:
+            print(
+                f"{row['concurrency']:>7}  {row['tokens_per_s_vs_one_at_a_time']:>14.2f} "
+                f"{row['tokens_per_s_vs_static_batch']:>13.2f}  {row['tpot_p50_vs_one_at_a_time']:>13.2f} "
+                f"{row['tpot_p50_vs_static_batch']:>12.2f}  {row['ttft_p50_vs_one_at_a_time']:>13.2f} "
+                f"{row['ttft_p50_vs_static_batch']:>12.2f}"
+            )
+    print("\ntargets")
+    for check in report["targets"]:
+        print(f"  {check['status']:<4}  {check['name']}: {check['detail']}")
+
+
+def draw_chart(report: dict[str, Any], path: Path) -> None:
+    """Tokens/s, TTFT p50 and TPOT p50 against concurrency, one curve per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    series = [("bloomduo", report["stack"]["levels"], "o-")]
+    if report["baseline"]:
+        series += [
+            ("transformers one at a time", report["baseline"]["one_at_a_time"], "s--"),
+            ("transformers static batch", report["baseline"]["static_batch"], "^--"),
+        ]
+    panels = [
+        ("throughput", "tokens/s", lambda level: level["tokens_per_s"]),
+        ("time to first token (p50)", "ms", lambda level: level["ttft_s"]["p50"] * 1000),
+        ("time per output token (p50)", "ms", lambda level: level["tpot_s"]["p50"] * 1000),
+    ]
+    figure, axes = plt.subplots(1, len(panels), figsize=(15, 4.5), constrained_layout=True)
+    levels = report["config"]["concurrency"]
+    for axis, (title, unit, value) in zip(axes, panels, strict=True):
+        for name, rows, style in series:
+            axis.plot([row["concurrency"] for row in rows], [value(row) for row in rows], style, label=name)
+        axis.set_title(title)
+        axis.set_xlabel("concurrent streams")
+        axis.set_ylabel(unit)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(levels, [str(level) for level in levels])
+        axis.set_ylim(bottom=0)
+        axis.grid(True, alpha=0.3)
+    axes[0].legend()
+    info, config = report["info"], report["config"]
+    figure.suptitle(
+        f"{info['model']}, {info['num_shards']} shards, {info['dtype']} on {info['device']}: "
+        f"{config['prompt_tokens']} prompt + {config['new_tokens']} new tokens"
+    )
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
