@@ -1,9 +1,10 @@
-"""The `bloomduo` command: up, gateway, shard, generate, demo-model."""
+"""The `bloomduo` command: run the stack or one of its services, query it, make and cut models."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--max-batch-size", type=int, default=32)
     gateway.add_argument("--max-batch-prefill-tokens", type=int, default=4096)
     gateway.add_argument("--max-concurrent-requests", type=int, default=128)
+    gateway.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds in-flight streams get to finish on SIGTERM",
+    )
 
     shard = commands.add_parser("shard", help="run one shard worker (rank r of W)")
     _add_model(shard, required=True)
@@ -96,7 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES[1:])
     demo.add_argument("--num-files", type=int, default=1, help="split the weights over this many safetensors")
+    # Larger tools keep their options next to their code: each module has add_arguments() and run().
+    for name, module, help_text in PLUGGED_COMMANDS:
+        plugged = commands.add_parser(name, help=help_text)
+        importlib.import_module(module).add_arguments(plugged)
     return parser
+
+
+PLUGGED_COMMANDS = [
+    ("eval", "bloomduo.eval", "compare the stack with transformers: greedy agreement, logprobs, perplexity"),
+    ("shard-weights", "bloomduo.shard_weights", "cut a checkpoint into per-rank files that workers load"),
+]
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -129,8 +146,8 @@ def _gateway(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_total_tokens - 1,
     )
     targets = [target.strip() for target in args.shards.split(",") if target.strip()]
-    asyncio.run(serve(GatewayOptions(args.model.resolve(), targets, limits), args.host, args.port))
-    return 0
+    options = GatewayOptions(args.model.resolve(), targets, limits, shutdown_grace_s=args.shutdown_grace)
+    return asyncio.run(serve(options, args.host, args.port))
 
 
 def _shard(args: argparse.Namespace) -> int:
@@ -219,7 +236,14 @@ HANDLERS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from shard_worker.distributed import prepare_device_environment
+
+    # Before torch is first imported: an installed torch_npu must only load where npu is asked for.
+    prepare_device_environment(getattr(args, "device", "cpu"))
     configure_logging(service=args.command)
+    plugged = {name: module for name, module, _ in PLUGGED_COMMANDS}
+    if args.command in plugged:
+        return importlib.import_module(plugged[args.command]).run(args)
     return HANDLERS[args.command](args)
 
 

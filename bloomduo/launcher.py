@@ -19,6 +19,11 @@ from bloomduo.logs import get_logger
 log = get_logger(__name__)
 
 
+CLI = [sys.executable, "-m", "bloomduo.cli"]
+MAX_RESTARTS = 10  # within RESTART_WINDOW_S: more means a crash loop, not a fault to heal
+RESTART_WINDOW_S = 300.0
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -77,56 +82,68 @@ class Stack:
         self.shard_targets = [f"127.0.0.1:{free_port()}" for _ in range(options.num_shards)]
         self.dist_init = f"tcp://127.0.0.1:{free_port()}"
 
-    def commands(self) -> list[list[str]]:
-        """The shard commands, then the gateway's: the same CLI docker-compose runs."""
+    def shard_commands(self) -> list[list[str]]:
+        """One `bloomduo shard` per rank: the same CLI docker-compose runs."""
         opts = self.options
-        cli = [sys.executable, "-m", "bloomduo.cli"]
         threads = opts.threads_per_shard or max(1, (os.cpu_count() or 1) // opts.num_shards)
-        commands = [
+        return [
             [
-                *cli, "shard", "--model", str(opts.model_dir), "--rank", str(rank),
+                *CLI, "shard", "--model", str(opts.model_dir), "--rank", str(rank),
                 "--world-size", str(opts.num_shards), "--dist-init", self.dist_init,
                 "--host", host, "--port", port, "--device", shard_device(opts.device, rank),
                 "--dtype", opts.dtype, "--threads", str(threads),
             ]
             for rank, (host, port) in enumerate(target.rsplit(":", 1) for target in self.shard_targets)
         ]  # fmt: skip
-        commands.append(
-            [
-                *cli, "gateway", "--model", str(opts.model_dir),
-                "--shards", ",".join(self.shard_targets),
-                "--host", opts.host, "--port", str(opts.port), *opts.gateway_args,
-            ]
-        )  # fmt: skip
-        return commands
+
+    def gateway_command(self) -> list[str]:
+        opts = self.options
+        return [
+            *CLI, "gateway", "--model", str(opts.model_dir), "--shards", ",".join(self.shard_targets),
+            "--host", opts.host, "--port", str(opts.port), *opts.gateway_args,
+        ]  # fmt: skip
 
     def start(self) -> None:
-        *shard_commands, gateway_command = self.commands()
-        self.shards = [subprocess.Popen(command) for command in shard_commands]
-        self.gateway = subprocess.Popen(gateway_command)
+        self.shards = [subprocess.Popen(command) for command in self.shard_commands()]
+        self.gateway = subprocess.Popen(self.gateway_command())
         log.info(
             "stack_starting", shards=len(self.shards), target=self.target, model=str(self.options.model_dir)
         )
         wait_serving(self.target, self.options.ready_timeout_s, [*self.shards, self.gateway])
 
+    def restart_shards(self) -> None:
+        """Replace the whole shard group: a survivor's process group is broken along with its peer."""
+        _terminate(self.shards, timeout_s=5.0)
+        # A fresh rendezvous port: the old one may still be held by the dead group's store.
+        self.dist_init = f"tcp://127.0.0.1:{free_port()}"
+        self.shards = [subprocess.Popen(command) for command in self.shard_commands()]
+
+    def restart_gateway(self) -> None:
+        _terminate([self.gateway], timeout_s=5.0)
+        self.gateway = subprocess.Popen(self.gateway_command())
+
     @property
     def processes(self) -> list[subprocess.Popen]:
         return [p for p in [self.gateway, *self.shards] if p is not None]
 
-    def stop(self, timeout_s: float = 20.0) -> None:
+    def stop(self, timeout_s: float = 40.0) -> None:
         """Gateway first (it drains its streams), then the workers; kill whatever outlives the timeout."""
-        for group in ([self.gateway], self.shards):
-            live = [p for p in group if p is not None and p.poll() is None]
-            for process in live:
-                process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            for process in live:
-                try:
-                    process.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    log.warning("process_killed", pid=process.pid, reason="did not stop after SIGTERM")
-                    process.kill()
-                    process.wait()
+        _terminate([self.gateway], timeout_s)
+        _terminate(self.shards, timeout_s)
+
+
+def _terminate(processes: list[subprocess.Popen | None], timeout_s: float) -> None:
+    live = [p for p in processes if p is not None and p.poll() is None]
+    for process in live:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for process in live:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("process_killed", pid=process.pid, reason="did not stop after SIGTERM")
+            process.kill()
+            process.wait()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -134,20 +151,35 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def run_stack(options: StackOptions) -> int:
-    """Run until Ctrl-C or SIGTERM (exit 0) or until a process dies (exit 1); always stop everything."""
+    """Serve until Ctrl-C or SIGTERM (exit 0), restarting what dies; always stop everything."""
     stack = Stack(options)
     signal.signal(signal.SIGTERM, _interrupt)
+    restarts: list[float] = []
     try:
         stack.start()
         print(f"bloomduo is serving {options.model_dir.name} on {stack.target} (Ctrl-C stops it)", flush=True)
         while True:
-            dead = [p for p in stack.processes if p.poll() is not None]
-            if dead:
+            time.sleep(0.2)
+            dead_shards = [p for p in stack.shards if p.poll() is not None]
+            gateway_dead = stack.gateway is not None and stack.gateway.poll() is not None
+            if not dead_shards and not gateway_dead:
+                continue
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
+            if len(restarts) > MAX_RESTARTS:
                 log.error(
-                    "process_exited", pid=dead[0].pid, returncode=dead[0].returncode, args=dead[0].args[3:5]
+                    "stack_failed", reason=f"{len(restarts)} restarts in {RESTART_WINDOW_S:.0f} s; giving up"
                 )
                 return 1
-            time.sleep(0.2)
+            for process in dead_shards:
+                log.error(
+                    "shard_exited", pid=process.pid, returncode=process.returncode, action="restart group"
+                )
+            if dead_shards:
+                stack.restart_shards()
+            if gateway_dead:
+                log.error("gateway_exited", returncode=stack.gateway.returncode, action="restart")
+                stack.restart_gateway()
     except KeyboardInterrupt:
         return 0
     except (RuntimeError, TimeoutError) as exc:

@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -103,6 +103,7 @@ class Engine:
         shards: ShardPool,
         limits: Limits,
         eos_token_id: int | None,
+        on_serving_change: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.embedder = embedder
@@ -121,6 +122,9 @@ class Engine:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-step")
         self.task: asyncio.Task | None = None
         self.steps = 0
+        # False while the shard group is lost and being re-formed; requests are then refused.
+        self.serving = True
+        self.on_serving_change = on_serving_change
         # Seconds spent per phase since start, for `bloomduo bench --profile` and metrics.
         self.profile: dict[str, float] = dict.fromkeys(
             ("embed", "shards", "worker_compute", "sample", "steps"), 0.0
@@ -178,14 +182,29 @@ class Engine:
             try:
                 await self._step()
             except ShardUnavailable as exc:
-                self._fail_running(exc)
-                # Closing the streams makes every worker drop its caches, so the group starts clean.
-                await self.shards.reset_streams()
-                self.to_free.clear()
+                await self._recover(exc)
             except Exception as exc:  # a bug must fail requests, not kill the loop that serves everybody
                 log.exception("engine_step_failed")
                 self.to_free.extend(s.sequence_id for s in self.running)
-                self._fail_running(exc)
+                self._fail(self.running, exc)
+                self.running = []
+
+    async def _recover(self, exc: ShardUnavailable) -> None:
+        """Fail everything in flight at once, then wait for the workers to re-form their group."""
+        self.serving = False
+        log.error("shards_lost", reason=str(exc))
+        self._fail([*self.running, *self.waiting], exc)
+        self.running, self.waiting = [], deque()
+        # Broken streams make every worker drop its caches: nothing is left to free.
+        self.to_free.clear()
+        await self.shards.reset_streams()
+        if self.on_serving_change is not None:
+            await self.on_serving_change(False)
+        await self.shards.wait_ready(timeout_s=float("inf"))
+        self.serving = True
+        if self.on_serving_change is not None:
+            await self.on_serving_change(True)
+        log.info("shards_recovered")
 
     def _drop_cancelled(self) -> None:
         for sequence in [s for s in self.running if s.cancelled]:
@@ -316,9 +335,10 @@ class Engine:
             duration_s=round(now - sequence.queued_at, 6),
         )
 
-    def _fail_running(self, exc: BaseException) -> None:
-        log.error("requests_failed", reason=str(exc), requests=[s.request.request_id for s in self.running])
-        error = EngineUnavailable(f"the model failed while serving this request: {exc}")
-        for sequence in self.running:
+    def _fail(self, sequences: list[_Sequence], exc: BaseException) -> None:
+        if not sequences:
+            return
+        log.error("requests_failed", reason=str(exc), requests=[s.request.request_id for s in sequences])
+        error = EngineUnavailable(f"the model failed while serving this request: {exc}; retry it")
+        for sequence in sequences:
             sequence.events.put_nowait(error)
-        self.running = []

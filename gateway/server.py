@@ -41,6 +41,8 @@ class GatewayOptions:
     shard_targets: list[str]
     limits: Limits = dataclasses.field(default_factory=Limits)
     shard_ready_timeout_s: float = 3600.0
+    step_timeout_s: float = 120.0  # a step no worker answers in this long fails its requests
+    shutdown_grace_s: float = 30.0
 
 
 def token_to_pb(token) -> gateway_pb2.Token:
@@ -66,6 +68,8 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
         self.tokenizer = tokenizer
         self.config = checkpoint.config
         self.engine: Engine | None = None
+        self.shards: ShardPool | None = None
+        self.draining = False
         self.info = gateway_pb2.InfoResponse(
             model=options.model_dir.name,
             model_type="bloom",
@@ -93,8 +97,15 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
         structlog.contextvars.bind_contextvars(request_id=request_id)
         await context.send_initial_metadata((("x-request-id", request_id),))
         engine = self.engine
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down; retry on another")
         if engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+        if not engine.serving:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "a shard worker failed and the group is re-forming; retry shortly",
+            )
         if engine.in_flight >= self.options.limits.max_concurrent_requests:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -143,7 +154,23 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
         return gateway_pb2.TokenizeResponse(ids=encoding.ids, count=len(encoding.ids), tokens=encoding.tokens)
 
     async def Info(self, request: gateway_pb2.InfoRequest, context: grpc.aio.ServicerContext):
-        return self.info
+        info = gateway_pb2.InfoResponse()
+        info.CopyFrom(self.info)
+        engine = self.engine
+        if engine is None or self.shards is None:
+            return info
+        info.load.running_requests = len(engine.running)
+        info.load.waiting_requests = len(engine.waiting)
+        info.load.serving = engine.serving and not self.draining
+        if engine.serving:
+            try:
+                workers = await self.shards.load()
+            except grpc.aio.AioRpcError as exc:
+                log.warning("worker_info_failed", error=exc.details())
+            else:
+                info.load.worker_cached_sequences.extend(w.cached_sequences for w in workers)
+                info.load.worker_cached_tokens.extend(w.cached_tokens for w in workers)
+        return info
 
 
 async def _connect(
@@ -160,14 +187,17 @@ async def _connect(
         pool,
         servicer.options.limits,
         eos_token_id=checkpoint.config.eos_token_id,
+        on_serving_change=health.set,
     )
     engine.start()
+    servicer.shards = pool
     servicer.engine = engine
     await health.set(True)
     log.info("gateway_ready", shards=len(infos), dtype=infos[0].dtype)
 
 
-async def serve(options: GatewayOptions, host: str, port: int) -> None:
+async def serve(options: GatewayOptions, host: str, port: int) -> int:
+    """Serve until SIGTERM/SIGINT, then drain in-flight requests; returns the exit status."""
     checkpoint = Checkpoint(options.model_dir)
     tokenizer_file = options.model_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
@@ -178,7 +208,12 @@ async def serve(options: GatewayOptions, host: str, port: int) -> None:
     vocab_size = checkpoint.config.vocab_size
     limits = dataclasses.replace(options.limits, max_top_k=min(options.limits.max_top_k, vocab_size))
     options = dataclasses.replace(options, limits=limits)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    # Requests past this size get RESOURCE_EXHAUSTED from gRPC itself, before any parsing.
+    server_options = [
+        *(option for option in SERVER_OPTIONS if option[0] != "grpc.max_receive_message_length"),
+        ("grpc.max_receive_message_length", limits.max_request_bytes),
+    ]
+    server = grpc.aio.server(options=server_options)
     servicer = GenerationServicer(options, tokenizer, checkpoint)
     gateway_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, server)
     health = Health(server, [SERVICE_NAME])
@@ -186,21 +221,27 @@ async def serve(options: GatewayOptions, host: str, port: int) -> None:
     await server.start()
     await health.set(False)
     log.info("gateway_listening", address=f"{host}:{bound}", shards=options.shard_targets)
-    pool = ShardPool(options.shard_targets, checkpoint.config.vocab_size)
+    pool = ShardPool(options.shard_targets, vocab_size, step_timeout_s=options.step_timeout_s)
     stop = stop_event_on_signals()
     connect = asyncio.ensure_future(_connect(servicer, pool, checkpoint, health))
     waiter = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait({connect, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    if connect in done and connect.exception() is not None:
+    await asyncio.wait({connect, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    failed = connect.done() and not connect.cancelled() and connect.exception() is not None
+    if failed:
         log.error("gateway_start_failed", error=str(connect.exception()))
-    elif connect in done:
+    elif connect.done():
         await stop.wait()
     connect.cancel()
-    log.info("gateway_stopping")
+    waiter.cancel()
+    # Refuse new work, let in-flight streams finish within the grace period, then stop.
+    servicer.draining = True
     await health.shutting_down()
-    await server.stop(grace=10)
-    if servicer.engine is not None:
-        await servicer.engine.stop()
+    engine = servicer.engine
+    in_flight = engine.in_flight if engine is not None else 0
+    log.info("gateway_draining", in_flight=in_flight, grace_s=options.shutdown_grace_s)
+    await server.stop(grace=options.shutdown_grace_s)
+    if engine is not None:
+        await engine.stop()
     await pool.close()
-    if connect.done() and not connect.cancelled() and connect.exception() is not None:
-        raise SystemExit(1)
+    log.info("gateway_stopped")
+    return 1 if failed else 0

@@ -58,22 +58,22 @@ class ShardConnection:
 class ShardPool:
     """All W workers of one tensor-parallel group, addressed in rank order."""
 
-    def __init__(self, targets: Sequence[str], vocab_size: int) -> None:
+    def __init__(self, targets: Sequence[str], vocab_size: int, step_timeout_s: float = 120.0) -> None:
         if not targets:
             raise ValueError("the gateway needs at least one shard worker address")
         self.connections = [ShardConnection(target) for target in targets]
         self.vocab_size = vocab_size
         self.infos: list[shard_pb2.ShardInfoResponse] = []
         self.step_ids = itertools.count(1)
+        self.step_timeout_s = step_timeout_s
 
     @property
     def world_size(self) -> int:
         return len(self.connections)
 
     async def wait_ready(self, timeout_s: float) -> list[shard_pb2.ShardInfoResponse]:
-        """Poll Info until every worker has loaded, then order the connections by rank and check the group."""
+        """Poll Info until every worker has loaded into one process group; order them by rank."""
         deadline = time.monotonic() + timeout_s
-        waiting_for: list[str] = []
         while True:
             infos = await asyncio.gather(*(c.info() for c in self.connections), return_exceptions=True)
             waiting_for = [
@@ -81,11 +81,14 @@ class ShardPool:
                 for c, info in zip(self.connections, infos, strict=True)
                 if isinstance(info, BaseException) or not info.ready
             ]
-            if not waiting_for:
+            # A restarted worker reports ready only once its group formed; until its peers restarted
+            # too, group ids differ and the old survivor must not be driven.
+            if not waiting_for and len({info.group_id for info in infos}) == 1:
                 break
             if time.monotonic() > deadline:
+                missing = ", ".join(waiting_for) or "workers in different process groups"
                 raise ShardUnavailable(
-                    f"shard workers not ready after {timeout_s:.0f} s: {', '.join(waiting_for)}; "
+                    f"shard workers not ready after {timeout_s:.0f} s: {missing}; "
                     "check that they run and can reach each other"
                 )
             await asyncio.sleep(0.5)
@@ -93,7 +96,9 @@ class ShardPool:
         self.infos = [info for info, _ in ranked]
         self.connections = [connection for _, connection in ranked]
         self._check_group()
-        log.info("shards_ready", targets=[c.target for c in self.connections])
+        log.info(
+            "shards_ready", targets=[c.target for c in self.connections], group_id=self.infos[0].group_id
+        )
         return self.infos
 
     def _check_group(self) -> None:
@@ -128,10 +133,31 @@ class ShardPool:
             free_sequence_ids=list(free_ids),
             request_ids=list(request_ids),
         )
-        responses = await asyncio.gather(*(c.step(request) for c in self.connections))
+        tasks = [asyncio.ensure_future(c.step(request)) for c in self.connections]
+        done, pending = await asyncio.wait(
+            tasks, timeout=self.step_timeout_s, return_when=asyncio.FIRST_EXCEPTION
+        )
+        if pending:
+            # One worker failed (or all stalled): its peers are stuck in a collective with it, so
+            # waiting for them would hang the requests; break every stream instead.
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            await self.reset_streams()
+            failed = [task.exception() for task in done if task.exception() is not None]
+            if failed:
+                raise failed[0]
+            raise ShardUnavailable(
+                f"shard workers did not answer step {request.step_id} in {self.step_timeout_s} s"
+            )
+        responses = [task.result() for task in tasks]
         slices = [decode_tensor(response.logits) for response in responses]
         logits = torch.cat(slices, dim=-1)[:, : self.vocab_size].float()
         return logits, max(response.compute_seconds for response in responses)
+
+    async def load(self) -> list[shard_pb2.ShardInfoResponse]:
+        """Every worker's current Info (cached sequences and tokens), in rank order."""
+        return list(await asyncio.gather(*(c.info() for c in self.connections)))
 
     async def reset_streams(self) -> None:
         for connection in self.connections:

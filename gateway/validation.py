@@ -27,6 +27,7 @@ class Limits:
     max_batch_prefill_tokens: int = 4096
     max_concurrent_requests: int = 128
     max_top_k: int = 1024
+    max_request_bytes: int = 1024 * 1024
 
 
 class ValidationError(ValueError):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from bloomduo.checkpoint import Checkpoint
 from bloomduo.logs import get_logger
-from shard_worker.distributed import backend_for, init_distributed
+from shard_worker.distributed import backend_for, init_distributed, npu_nz_requested, to_npu_nz_format
 from shard_worker.kv_cache import KVCache
 from shard_worker.model import BloomShardModel, Chunk
 from shard_worker.tensor_parallel import load_shard
@@ -27,6 +29,7 @@ class ShardOptions:
     device: str = "cpu"
     dtype: str = "auto"
     dist_timeout_s: float = 600.0
+    wedge_grace_s: float = 10.0  # how long a step may outlive its closed stream before the group is dropped
 
 
 def resolve_dtype(name: str, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -72,6 +75,7 @@ class ShardEngine:
         self.parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.backend = backend_for(device)
         self.local_heads = model.num_local_heads
+        self.group_id = ""
 
     @classmethod
     def load(cls, options: ShardOptions) -> ShardEngine:
@@ -89,11 +93,19 @@ class ShardEngine:
         group = init_distributed(
             options.rank, options.world_size, options.dist_init, device, timeout_s=options.dist_timeout_s
         )
+        # Rank 0 names the group; the gateway drives workers only when all report the same name, so a
+        # survivor of a failed group is never paired with a restarted peer.
+        group_id = [uuid.uuid4().hex if options.rank == 0 else ""]
+        if options.world_size > 1:
+            dist.broadcast_object_list(group_id, src=0, group=group)
         log.info("shard_loading", model=str(options.model_dir), device=str(device), dtype=str(dtype))
         model = load_shard(
             checkpoint, options.rank, options.world_size, device=device, dtype=dtype, group=group
         )
+        if npu_nz_requested(device):
+            to_npu_nz_format(model)
         engine = cls(model, device=device, dtype=dtype, model_name=Path(options.model_dir).name)
+        engine.group_id = group_id[0]
         log.info(
             "shard_loaded",
             seconds=round(time.perf_counter() - started, 3),

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -19,12 +20,15 @@ from shard_worker.model import Chunk
 
 log = get_logger(__name__)
 SERVICE_NAME = "bloomduo.v1.ShardService"
+EXIT_GROUP_BROKEN = 3  # the supervisor (bloomduo up, docker restart policy) restarts the worker
 
 
 class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
-    def __init__(self, options: ShardOptions) -> None:
+    def __init__(self, options: ShardOptions, on_group_broken: Callable[[str], None]) -> None:
         self.options = options
+        self.on_group_broken = on_group_broken
         self.engine: ShardEngine | None = None
+        self.running_step: asyncio.Future | None = None
         # Collectives must run in the same order on every rank, so every step runs on this one thread.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-step")
         self.stream_open = False
@@ -46,6 +50,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             info.cached_tokens = engine.cache.num_tokens
             info.local_heads = engine.local_heads
             info.model = engine.model_name
+            info.group_id = engine.group_id
         return info
 
     async def Step(
@@ -64,22 +69,32 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         self.stream_open = True
         loop = asyncio.get_running_loop()
         log.info("step_stream_opened", peer=context.peer())
+        # Reading in its own task keeps a receive pending at all times, so a gateway that vanishes
+        # mid-step is noticed even while this handler waits on the step (gRPC notices only on I/O).
+        requests: asyncio.Queue[shard_pb2.StepRequest | None] = asyncio.Queue()
+        reader = asyncio.ensure_future(self._read_requests(request_iterator, requests))
         try:
-            async for request in request_iterator:
+            while (request := await requests.get()) is not None:
                 try:
                     hidden = decode_tensor(request.hidden_states)
                 except TensorWireError as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"hidden_states: {exc}")
                 chunks = [Chunk(c.sequence_id, c.start_position, c.num_tokens) for c in request.sequences]
                 started = time.perf_counter()
+                self.running_step = loop.run_in_executor(
+                    self.executor, engine.step, hidden, chunks, list(request.free_sequence_ids)
+                )
                 try:
-                    logits = await loop.run_in_executor(
-                        self.executor, engine.step, hidden, chunks, list(request.free_sequence_ids)
-                    )
+                    logits = await asyncio.shield(self.running_step)
                 except (ValueError, KeyError) as exc:
                     # Every rank sees the same request and fails the same way, before any collective.
                     log.warning("step_rejected", step_id=request.step_id, error=str(exc))
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"step {request.step_id}: {exc}")
+                except Exception as exc:
+                    # A collective failed: a peer died or timed out. This process group cannot be used
+                    # again; exit so the supervisor restarts the pair into a fresh group.
+                    self.on_group_broken(f"step {request.step_id} failed: {exc}")
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"shard group broken: {exc}")
                 elapsed = time.perf_counter() - started
                 log.debug(
                     "step_done",
@@ -97,23 +112,58 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
                     compute_seconds=elapsed,
                 )
         finally:
+            reader.cancel()
             self.stream_open = False
             # The caches belong to the gateway on the other end; a new stream starts from nothing.
             await loop.run_in_executor(self.executor, engine.reset)
             log.info("step_stream_closed", peer=context.peer())
 
+    async def _read_requests(
+        self, request_iterator: AsyncIterator[shard_pb2.StepRequest], requests: asyncio.Queue
+    ) -> None:
+        try:
+            async for request in request_iterator:
+                requests.put_nowait(request)
+        except Exception as exc:  # the gateway went away; the stream is over either way
+            log.info("step_stream_broken", error=str(exc))
+        finally:
+            requests.put_nowait(None)
+            await self._settle_running_step()
+
+    async def _settle_running_step(self) -> None:
+        """A stream that closes mid-step may leave this rank waiting in a collective for a peer that
+        never got the step; after a grace period the group is wedged and must be re-formed."""
+        step = self.running_step
+        if step is None or step.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(step), timeout=self.options.wedge_grace_s)
+        except TimeoutError:
+            self.on_group_broken(
+                f"a step is stuck in a collective {self.options.wedge_grace_s} s after its stream closed"
+            )
+        except Exception:  # its failure was reported where it was awaited
+            pass
+
 
 async def serve(options: ShardOptions, host: str, port: int) -> None:
     structlog.contextvars.bind_contextvars(rank=options.rank)
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    servicer = ShardServicer(options)
+    stop = stop_event_on_signals()
+    broken: list[str] = []
+
+    def group_broken(reason: str) -> None:
+        log.error("shard_group_broken", reason=reason, action="exiting so the supervisor restarts the group")
+        broken.append(reason)
+        stop.set()
+
+    servicer = ShardServicer(options, group_broken)
     shard_pb2_grpc.add_ShardServiceServicer_to_server(servicer, server)
     health = Health(server, [SERVICE_NAME])
     bound = bind(server, f"{host}:{port}")
     await server.start()
     await health.set(False)
     log.info("shard_listening", address=f"{host}:{bound}")
-    stop = stop_event_on_signals()
     load = asyncio.get_running_loop().run_in_executor(servicer.executor, ShardEngine.load, options)
     done, _ = await asyncio.wait(
         {load, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
@@ -125,5 +175,8 @@ async def serve(options: ShardOptions, host: str, port: int) -> None:
         await stop.wait()
     log.info("shard_stopping")
     await health.shutting_down()
-    await server.stop(grace=5)
+    await server.stop(grace=1 if broken else 5)
     servicer.executor.shutdown(wait=False, cancel_futures=True)
+    if broken:
+        # The step thread may sit in a collective forever; don't wait for it at interpreter exit.
+        os._exit(EXIT_GROUP_BROKEN)
