@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bloomduo.logs import configure_logging
+from bloomduo.metrics import serve_metrics
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--threads-per-shard", type=int, help="torch threads per worker on cpu (default: cores / W)"
     )
+    up.add_argument(
+        "--metrics-port", type=int, help="Prometheus /metrics of the gateway on P, of worker r on P+1+r"
+    )
 
     gateway = commands.add_parser("gateway", help="run the gateway alone (docker-compose runs it like this)")
     _add_model(gateway, required=True)
@@ -65,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--max-batch-size", type=int, default=32)
     gateway.add_argument("--max-batch-prefill-tokens", type=int, default=4096)
     gateway.add_argument("--max-concurrent-requests", type=int, default=128)
+    gateway.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     gateway.add_argument(
         "--shutdown-grace",
         type=float,
@@ -86,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--device", default="cpu", help="cpu, cuda:N or npu:N")
     shard.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     shard.add_argument("--threads", type=int, help="torch threads on cpu (default: torch's own)")
+    shard.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
 
     generate = commands.add_parser("generate", help="stream a completion from a running gateway")
     generate.add_argument("prompt")
@@ -129,6 +135,7 @@ def _up(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         threads_per_shard=args.threads_per_shard,
+        metrics_port=args.metrics_port,
     )
     return run_stack(options)
 
@@ -147,6 +154,7 @@ def _gateway(args: argparse.Namespace) -> int:
     )
     targets = [target.strip() for target in args.shards.split(",") if target.strip()]
     options = GatewayOptions(args.model.resolve(), targets, limits, shutdown_grace_s=args.shutdown_grace)
+    serve_metrics(args.metrics_port)
     return asyncio.run(serve(options, args.host, args.port))
 
 
@@ -166,6 +174,7 @@ def _shard(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
     )
+    serve_metrics(args.metrics_port)
     asyncio.run(serve(options, args.host, args.port))
     return 0
 

@@ -61,6 +61,7 @@ class StackOptions:
     threads_per_shard: int | None = None
     ready_timeout_s: float = 600.0
     gateway_args: tuple[str, ...] = ()  # extra `bloomduo gateway` flags, e.g. its limits
+    metrics_port: int | None = None  # gateway's; worker r uses metrics_port + 1 + r
 
 
 def shard_device(device: str, rank: int) -> str:
@@ -92,6 +93,7 @@ class Stack:
                 "--world-size", str(opts.num_shards), "--dist-init", self.dist_init,
                 "--host", host, "--port", port, "--device", shard_device(opts.device, rank),
                 "--dtype", opts.dtype, "--threads", str(threads),
+                *(("--metrics-port", str(opts.metrics_port + 1 + rank)) if opts.metrics_port else ()),
             ]
             for rank, (host, port) in enumerate(target.rsplit(":", 1) for target in self.shard_targets)
         ]  # fmt: skip
@@ -101,6 +103,7 @@ class Stack:
         return [
             *CLI, "gateway", "--model", str(opts.model_dir), "--shards", ",".join(self.shard_targets),
             "--host", opts.host, "--port", str(opts.port), *opts.gateway_args,
+            *(("--metrics-port", str(opts.metrics_port)) if opts.metrics_port else ()),
         ]  # fmt: skip
 
     def start(self) -> None:

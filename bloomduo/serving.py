@@ -7,8 +7,9 @@ import signal
 from collections.abc import Iterable
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
 
 from bloomduo.logs import get_logger
 
@@ -34,6 +35,13 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
+    """Server reflection, so grpcurl and grpcui work without the .proto files."""
+    reflection.enable_server_reflection(
+        [*service_names, reflection.SERVICE_NAME, health.SERVICE_NAME], server
+    )
 
 
 class Health:

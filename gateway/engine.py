@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import tokenizers
 import torch
 
+from bloomduo import metrics
 from bloomduo.logs import get_logger
 from bloomduo.v1 import shard_pb2
 from gateway.detokenizer import IncrementalDetokenizer
@@ -211,7 +212,11 @@ class Engine:
             self.running.remove(sequence)
             self.to_free.append(sequence.sequence_id)
             log.info("request_cancelled", request_id=sequence.request.request_id)
-        self.waiting = deque(s for s in self.waiting if not s.cancelled)
+            metrics.REQUESTS.labels("cancelled", "").inc()
+        cancelled_waiting = sum(s.cancelled for s in self.waiting)
+        if cancelled_waiting:
+            metrics.REQUESTS.labels("cancelled", "").inc(cancelled_waiting)
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)
 
     def _schedule(self) -> list[tuple[_Sequence, int]]:
         """Pick this step's sequences and how many tokens each sends.
@@ -234,6 +239,7 @@ class Engine:
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_batch_size:
             sequence = self.waiting.popleft()
             self.running.append(sequence)
+            metrics.QUEUE_TIME.observe(time.perf_counter() - sequence.queued_at)
             take = min(sequence.pending, budget)
             plan.append((sequence, take))
             budget -= take
@@ -285,8 +291,13 @@ class Engine:
 
     def _record(self, timings: StepTimings, sequences: int, tokens: int) -> None:
         for name in ("embed", "shards", "worker_compute", "sample"):
-            self.profile[name] += getattr(timings, name)
+            seconds = getattr(timings, name)
+            self.profile[name] += seconds
+            metrics.STEP_PHASE.labels(name).observe(seconds)
         self.profile["steps"] += 1
+        metrics.STEP_BATCH.observe(sequences)
+        metrics.BATCH_SIZE.set(len(self.running))
+        metrics.QUEUE_SIZE.set(len(self.waiting))
         log.debug(
             "step",
             step=self.steps,
@@ -325,14 +336,22 @@ class Engine:
             tokens=sequence.tokens if request.details else [],
         )
         sequence.events.put_nowait(StreamEvent(token, result))
+        ttft = sequence.first_token_at - sequence.queued_at
+        duration = now - sequence.queued_at
+        metrics.REQUESTS.labels("ok", finish.value).inc()
+        metrics.TIME_TO_FIRST_TOKEN.observe(ttft)
+        metrics.REQUEST_DURATION.observe(duration)
+        metrics.GENERATED_TOKENS.observe(len(sequence.tokens))
+        if len(sequence.tokens) > 1:
+            metrics.TIME_PER_OUTPUT_TOKEN.observe((duration - ttft) / (len(sequence.tokens) - 1))
         log.info(
             "request_finished",
             request_id=request.request_id,
             finish_reason=finish.value,
             prompt_tokens=len(request.prompt_ids),
             generated_tokens=len(sequence.tokens),
-            time_to_first_token_s=round(sequence.first_token_at - sequence.queued_at, 6),
-            duration_s=round(now - sequence.queued_at, 6),
+            time_to_first_token_s=round(ttft, 6),
+            duration_s=round(duration, 6),
         )
 
     def _fail(self, sequences: list[_Sequence], exc: BaseException) -> None:
@@ -340,5 +359,6 @@ class Engine:
             return
         log.error("requests_failed", reason=str(exc), requests=[s.request.request_id for s in sequences])
         error = EngineUnavailable(f"the model failed while serving this request: {exc}; retry it")
+        metrics.REQUESTS.labels("unavailable", "").inc(len(sequences))
         for sequence in sequences:
             sequence.events.put_nowait(error)

@@ -13,10 +13,10 @@ import grpc
 import structlog
 import tokenizers
 
-from bloomduo import __version__
+from bloomduo import __version__, metrics
 from bloomduo.checkpoint import Checkpoint
 from bloomduo.logs import get_logger
-from bloomduo.serving import SERVER_OPTIONS, Health, bind, stop_event_on_signals
+from bloomduo.serving import SERVER_OPTIONS, Health, bind, enable_reflection, stop_event_on_signals
 from bloomduo.tensor_wire import DTYPES
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.embedding import Embedder
@@ -98,15 +98,19 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
         await context.send_initial_metadata((("x-request-id", request_id),))
         engine = self.engine
         if self.draining:
+            metrics.REQUESTS.labels("unavailable", "").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down; retry on another")
         if engine is None:
+            metrics.REQUESTS.labels("unavailable", "").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
         if not engine.serving:
+            metrics.REQUESTS.labels("unavailable", "").inc()
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 "a shard worker failed and the group is re-forming; retry shortly",
             )
         if engine.in_flight >= self.options.limits.max_concurrent_requests:
+            metrics.REQUESTS.labels("overloaded", "").inc()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the model is overloaded ({engine.in_flight} requests in flight); retry later",
@@ -116,6 +120,7 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
             validated = validate(request_id, request.prompt, params, self.tokenizer, self.options.limits)
         except ValidationError as exc:
             log.info("request_rejected", field=exc.field_name, error=str(exc))
+            metrics.REQUESTS.labels("invalid_argument", "").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         log.info(
             "request_admitted",
@@ -217,6 +222,7 @@ async def serve(options: GatewayOptions, host: str, port: int) -> int:
     servicer = GenerationServicer(options, tokenizer, checkpoint)
     gateway_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, server)
     health = Health(server, [SERVICE_NAME])
+    enable_reflection(server, [SERVICE_NAME])
     bound = bind(server, f"{host}:{port}")
     await server.start()
     await health.set(False)

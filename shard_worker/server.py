@@ -11,8 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import structlog
 
+from bloomduo import metrics
 from bloomduo.logs import get_logger
-from bloomduo.serving import SERVER_OPTIONS, Health, bind, stop_event_on_signals
+from bloomduo.serving import SERVER_OPTIONS, Health, bind, enable_reflection, stop_event_on_signals
 from bloomduo.tensor_wire import TensorWireError, decode_tensor, encode_tensor
 from bloomduo.v1 import shard_pb2, shard_pb2_grpc
 from shard_worker.engine import ShardEngine, ShardOptions
@@ -96,6 +97,10 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
                     self.on_group_broken(f"step {request.step_id} failed: {exc}")
                     await context.abort(grpc.StatusCode.UNAVAILABLE, f"shard group broken: {exc}")
                 elapsed = time.perf_counter() - started
+                metrics.WORKER_STEP.observe(elapsed)
+                metrics.WORKER_STEP_TOKENS.observe(hidden.shape[0])
+                metrics.WORKER_CACHED_SEQUENCES.set(engine.cache.num_sequences)
+                metrics.WORKER_CACHED_TOKENS.set(engine.cache.num_tokens)
                 log.debug(
                     "step_done",
                     step_id=request.step_id,
@@ -160,6 +165,7 @@ async def serve(options: ShardOptions, host: str, port: int) -> None:
     servicer = ShardServicer(options, group_broken)
     shard_pb2_grpc.add_ShardServiceServicer_to_server(servicer, server)
     health = Health(server, [SERVICE_NAME])
+    enable_reflection(server, [SERVICE_NAME])
     bound = bind(server, f"{host}:{port}")
     await server.start()
     await health.set(False)
