@@ -1,22 +1,36 @@
 """Python SDK for bloomduo: `Client` (blocking) and `AsyncClient` (asyncio) over the gateway's gRPC API.
 
     from client import Client
-    with Client("localhost:50051") as bloom:
-        print(bloom.generate("The capital of France is", max_new_tokens=16).text)
-        for event in bloom.generate_stream("Once upon a time", max_new_tokens=32):
+    with Client("localhost:50051", timeout=60) as bloom:
+        result = bloom.generate("The capital of France is", max_new_tokens=16)
+        print(result.text, result.finish_reason)
+        for event in bloom.generate_stream("Once upon a time", max_new_tokens=32, timeout=10):
             print(event.token.text, end="", flush=True)
 
-Parameter names are those of GenerateParameters in proto/bloomduo/v1/gateway.proto.
+Parameter names are those of GenerateParameters in proto/bloomduo/v1/gateway.proto. Calls that fail
+with UNAVAILABLE are retried with exponential backoff (`retries=`, `backoff_s=`); every method takes a
+per-call `timeout=` and `metadata=`; `token=` sends a bearer token on every call. Failures raise
+BloomduoError with the gRPC status code.
 """
 
 from client.sdk import (
     AsyncClient,
     BloomduoError,
     Client,
+    FinishReason,
     Info,
     Result,
     StreamEvent,
     Token,
 )
 
-__all__ = ["AsyncClient", "BloomduoError", "Client", "Info", "Result", "StreamEvent", "Token"]
+__all__ = [
+    "AsyncClient",
+    "BloomduoError",
+    "Client",
+    "FinishReason",
+    "Info",
+    "Result",
+    "StreamEvent",
+    "Token",
+]

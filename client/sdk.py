@@ -2,25 +2,63 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+import itertools
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Any, Literal, TypeVar
 
 import grpc
 
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
 
-_FINISH_REASONS = {
-    gateway_pb2.FINISH_REASON_LENGTH: "length",
-    gateway_pb2.FINISH_REASON_EOS_TOKEN: "eos_token",
-    gateway_pb2.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
-}
 _PARAMETER_NAMES = frozenset(gateway_pb2.GenerateParameters.DESCRIPTOR.fields_by_name)
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
+Metadata = Sequence[tuple[str, str]]
+_T = TypeVar("_T")
+
+
+class _Unset(Enum):
+    """Marks a per-call option left out, as distinct from an explicit None."""
+
+    UNSET = "unset"
+
+
+_UNSET = _Unset.UNSET
+Timeout = float | None | Literal[_Unset.UNSET]
+
+
+class FinishReason(str, Enum):
+    """Why generation ended. A `str`, so `result.finish_reason == "length"` holds as well."""
+
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+    UNSPECIFIED = "unspecified"  # a server newer than this SDK sent a reason it does not know
+
+    def __str__(self) -> str:
+        # Python 3.11 made str() of a str-mixin Enum its qualified name; print the value everywhere.
+        return self.value
+
+
+_FINISH_REASONS = {
+    gateway_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    gateway_pb2.FINISH_REASON_EOS_TOKEN: FinishReason.EOS_TOKEN,
+    gateway_pb2.FINISH_REASON_STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
+}
+
 
 class BloomduoError(Exception):
-    """A failed call: `.code` is the grpc.StatusCode, the message says what went wrong."""
+    """A failed call: `.code` is the grpc.StatusCode, `.message` says what went wrong.
+
+    INVALID_ARGUMENT names the bad parameter; RESOURCE_EXHAUSTED means the gateway is overloaded;
+    UNAVAILABLE means it (or a shard worker) cannot serve right now, after the client's retries;
+    DEADLINE_EXCEEDED means the call's timeout passed.
+    """
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(f"{code.name}: {message}")
@@ -30,6 +68,13 @@ class BloomduoError(Exception):
 
 @dataclass(frozen=True)
 class Token:
+    """One generated token.
+
+    `text` is what the token adds to the output: empty while a UTF-8 character is still incomplete,
+    so the texts of a stream joined always equal the final text. `logprob` is the token's
+    log-probability under the distribution it was drawn from.
+    """
+
     id: int
     text: str
     logprob: float
@@ -38,22 +83,37 @@ class Token:
 
 @dataclass(frozen=True)
 class Result:
+    """A finished generation; `seed` reproduces a sampled one, `tokens` is filled when details=True."""
+
     text: str
     generated_tokens: int
-    finish_reason: str  # "length", "eos_token" or "stop_sequence"
+    finish_reason: FinishReason
     seed: int
     prompt_tokens: int
-    tokens: list[Token] = field(default_factory=list)  # filled when details=True
+    tokens: list[Token] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        # The text is cut and the tokens counted, so a long result still prints on one line.
+        text = self.text if len(self.text) <= 60 else self.text[:57] + "..."
+        return (
+            f"Result(text={text!r}, generated_tokens={self.generated_tokens}, "
+            f"finish_reason={str(self.finish_reason)!r}, seed={self.seed}, "
+            f"prompt_tokens={self.prompt_tokens}, tokens=<{len(self.tokens)} tokens>)"
+        )
 
 
 @dataclass(frozen=True)
 class StreamEvent:
+    """One event of generate_stream: a token, and on the last event also the whole Result."""
+
     token: Token | None
-    result: Result | None  # set on the last event only
+    result: Result | None
 
 
 @dataclass(frozen=True)
 class Info:
+    """What the gateway serves: model name, shard count, dtype, devices, vocabulary size and limits."""
+
     model: str
     num_shards: int
     dtype: str
@@ -63,16 +123,53 @@ class Info:
     version: str
 
 
-def _request(prompt: str, params: dict[str, Any]) -> gateway_pb2.GenerateRequest:
-    unknown = set(params) - _PARAMETER_NAMES - {"request_id"}
+@dataclass(frozen=True)
+class _RetryPolicy:
+    retries: int
+    backoff_s: float
+    max_backoff_s: float
+    retry_overloaded: bool
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.backoff_s < 0 or self.max_backoff_s < 0:
+            raise ValueError("retries, backoff_s and max_backoff_s must be >= 0")
+
+    def retryable(self, code: grpc.StatusCode) -> bool:
+        """UNAVAILABLE only, and RESOURCE_EXHAUSTED when the user opted in.
+
+        INVALID_ARGUMENT fails again the same way; CANCELLED and DEADLINE_EXCEEDED are the caller's
+        own decisions; overload is better handled by the caller slowing down than by every client
+        coming back at once.
+        """
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return True
+        return self.retry_overloaded and code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def delay(self, code: grpc.StatusCode, attempt: int, deadline: float | None) -> float | None:
+        """Seconds to wait before trying again after failed attempt number `attempt` (0-based), or None.
+
+        Exponential backoff capped at max_backoff_s, with "equal jitter" (half fixed, half random) so
+        that clients failing together do not come back together. None when the code is not
+        retryable, the retries are spent, or the wait would end past the call's deadline.
+        """
+        if attempt >= self.retries or not self.retryable(code):
+            return None
+        ceiling = min(self.max_backoff_s, self.backoff_s * 2**attempt)
+        wait = ceiling / 2 + random.uniform(0, ceiling / 2)
+        if deadline is not None and time.monotonic() + wait >= deadline:
+            return None
+        return wait
+
+
+def _request(prompt: str, params: dict[str, Any], request_id: str | None) -> gateway_pb2.GenerateRequest:
+    unknown = set(params) - _PARAMETER_NAMES
     if unknown:
         raise TypeError(f"unknown generation parameters {sorted(unknown)}; known: {sorted(_PARAMETER_NAMES)}")
-    request_id = params.pop("request_id", "")
     stop = params.pop("stop", None)
     parameters = gateway_pb2.GenerateParameters(**{k: v for k, v in params.items() if v is not None})
     if stop:
         parameters.stop.extend([stop] if isinstance(stop, str) else stop)
-    return gateway_pb2.GenerateRequest(prompt=prompt, parameters=parameters, request_id=request_id)
+    return gateway_pb2.GenerateRequest(prompt=prompt, parameters=parameters, request_id=request_id or "")
 
 
 def _token(message: gateway_pb2.Token) -> Token:
@@ -83,7 +180,7 @@ def _result(message: gateway_pb2.GenerateResult) -> Result:
     return Result(
         text=message.text,
         generated_tokens=message.generated_tokens,
-        finish_reason=_FINISH_REASONS.get(message.finish_reason, "unspecified"),
+        finish_reason=_FINISH_REASONS.get(message.finish_reason, FinishReason.UNSPECIFIED),
         seed=message.seed,
         prompt_tokens=message.prompt_tokens,
         tokens=[_token(token) for token in message.tokens],
@@ -114,44 +211,161 @@ def _error(exc: grpc.RpcError) -> BloomduoError:
     return BloomduoError(exc.code(), exc.details() or "")
 
 
-class Client:
-    """Blocking client. `timeout` (seconds) bounds each call; None waits as long as the server works."""
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
-    def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None) -> None:
+
+class _Base:
+    """What both clients share: options, channel options, per-call deadline and metadata."""
+
+    def __init__(
+        self,
+        timeout: float | None,
+        retries: int,
+        backoff_s: float,
+        max_backoff_s: float,
+        retry_overloaded: bool,
+        token: str | None,
+        metadata: Metadata,
+    ) -> None:
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._retry = _RetryPolicy(retries, backoff_s, max_backoff_s, retry_overloaded)
+        auth = [("authorization", f"Bearer {token}")] if token else []
+        self._metadata = (*auth, *metadata)
+        self._channel_options = list(_CHANNEL_OPTIONS)
+        if backoff_s > 0:
+            # Between its attempts to reconnect to a server that went away, gRPC waits 1 s, growing to
+            # 120 s, and fails calls at once: a retry would often land in that wait and be wasted.
+            # Reconnect at the retries' pace instead.
+            self._channel_options += [
+                ("grpc.initial_reconnect_backoff_ms", max(1, round(backoff_s * 1000))),
+                ("grpc.max_reconnect_backoff_ms", max(1, round(max(backoff_s, max_backoff_s) * 1000))),
+            ]
+
+    def _deadline(self, timeout: Timeout) -> float | None:
+        seconds = self.timeout if timeout is _UNSET else timeout
+        return None if seconds is None else time.monotonic() + seconds
+
+    def _call_metadata(self, metadata: Metadata) -> tuple[tuple[str, str], ...]:
+        return (*self._metadata, *metadata)
+
+
+class Client(_Base):
+    """Blocking client of the gateway. Use it as a context manager, or call close().
+
+    Every method takes `timeout=` (seconds for this call, retries included; None for no deadline;
+    left out: the client's `timeout`) and `metadata=` (extra gRPC metadata for this call).
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float | None = None,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+        retry_overloaded: bool = False,
+        token: str | None = None,
+        metadata: Metadata = (),
+    ) -> None:
+        """Connect (lazily) to the gateway at `target` ("host:port").
+
+        timeout: default deadline of each call in seconds, retries included; None waits as long as
+            the server works.
+        retries: how many times a call that failed with UNAVAILABLE is tried again (0: never).
+            generate, tokenize and info are always retried: a failed call produced nothing the caller
+            saw. generate_stream is retried only until its first event arrived.
+        backoff_s, max_backoff_s: the wait before retry n is about backoff_s * 2**n (half of it
+            random), at most max_backoff_s.
+        retry_overloaded: also retry RESOURCE_EXHAUSTED. Off by default: an overloaded gateway is
+            better served by callers that slow down than by clients that all come back.
+            INVALID_ARGUMENT, CANCELLED and DEADLINE_EXCEEDED are never retried.
+        token: sent as ("authorization", "Bearer <token>") metadata on every call.
+        metadata: more (key, value) gRPC metadata sent on every call; keys are lower case.
+        """
+        super().__init__(timeout, retries, backoff_s, max_backoff_s, retry_overloaded, token, metadata)
+        self._channel = grpc.insecure_channel(target, options=self._channel_options)
         self._stub = gateway_pb2_grpc.GenerationServiceStub(self._channel)
 
-    def generate(self, prompt: str, **params: Any) -> Result:
-        try:
-            response = self._stub.Generate(_request(prompt, params), timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
-        return _result(response.result)
+    def _unary(self, method: Callable[..., _T], request: Any, timeout: Timeout, metadata: Metadata) -> _T:
+        deadline = self._deadline(timeout)
+        attempt = 0
+        while True:
+            try:
+                return method(request, timeout=_remaining(deadline), metadata=self._call_metadata(metadata))
+            except grpc.RpcError as exc:
+                wait = self._retry.delay(exc.code(), attempt, deadline)
+                if wait is None:
+                    raise _error(exc) from None
+            time.sleep(wait)
+            attempt += 1
 
-    def generate_stream(self, prompt: str, **params: Any) -> Iterator[StreamEvent]:
-        call = self._stub.GenerateStream(_request(prompt, params), timeout=self.timeout)
-        try:
-            for message in call:
-                yield _event(message)
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
-        finally:
-            call.cancel()  # a consumer that stops early frees its place in the batch
+    def generate(
+        self,
+        prompt: str,
+        *,
+        timeout: Timeout = _UNSET,
+        metadata: Metadata = (),
+        request_id: str | None = None,
+        **params: Any,
+    ) -> Result:
+        """Generate a completion of `prompt` and return it whole.
 
-    def tokenize(self, text: str) -> list[int]:
-        try:
-            return list(self._stub.Tokenize(gateway_pb2.TokenizeRequest(text=text), timeout=self.timeout).ids)
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
+        `params` are GenerateParameters fields (max_new_tokens, do_sample, temperature, top_k, top_p,
+        typical_p, repetition_penalty, seed, stop, truncate, return_full_text, details, ignore_eos);
+        None means the server's default. `request_id` is echoed in the server's logs.
+        Raises BloomduoError, or TypeError for an unknown parameter name.
+        """
+        request = _request(prompt, params, request_id)
+        return _result(self._unary(self._stub.Generate, request, timeout, metadata).result)
 
-    def info(self) -> Info:
-        try:
-            return _info(self._stub.Info(gateway_pb2.InfoRequest(), timeout=self.timeout))
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
+    def generate_stream(
+        self,
+        prompt: str,
+        *,
+        timeout: Timeout = _UNSET,
+        metadata: Metadata = (),
+        request_id: str | None = None,
+        **params: Any,
+    ) -> Iterator[StreamEvent]:
+        """Generate a completion of `prompt`, yielding one StreamEvent per token as it is made.
+
+        Parameters as for generate. The last event also carries the Result. Stopping the iteration
+        early cancels the request on the server.
+        """
+        request = _request(prompt, params, request_id)
+        deadline = self._deadline(timeout)
+        for attempt in itertools.count():
+            call = self._stub.GenerateStream(
+                request, timeout=_remaining(deadline), metadata=self._call_metadata(metadata)
+            )
+            started = False
+            try:
+                for message in call:
+                    started = True
+                    yield _event(message)
+                return
+            except grpc.RpcError as exc:
+                # Once an event was yielded, a retry would repeat tokens the caller already has.
+                wait = None if started else self._retry.delay(exc.code(), attempt, deadline)
+                if wait is None:
+                    raise _error(exc) from None
+            finally:
+                call.cancel()  # a consumer that stops early frees its place in the batch
+            time.sleep(wait)
+
+    def tokenize(self, text: str, *, timeout: Timeout = _UNSET, metadata: Metadata = ()) -> list[int]:
+        """Token ids of `text` under the served model's tokenizer."""
+        request = gateway_pb2.TokenizeRequest(text=text)
+        return list(self._unary(self._stub.Tokenize, request, timeout, metadata).ids)
+
+    def info(self, *, timeout: Timeout = _UNSET, metadata: Metadata = ()) -> Info:
+        """Describe the deployment: model, shards, dtype, devices, vocabulary size, limits, version."""
+        return _info(self._unary(self._stub.Info, gateway_pb2.InfoRequest(), timeout, metadata))
 
     def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -161,45 +375,101 @@ class Client:
         self.close()
 
 
-class AsyncClient:
-    """asyncio client with the same methods as Client, as coroutines and async iterators."""
+class AsyncClient(_Base):
+    """asyncio client with Client's options and methods, as coroutines and async iterators.
 
-    def __init__(self, target: str = "localhost:50051", *, timeout: float | None = None) -> None:
-        self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+    Create it inside a running event loop; use it as an async context manager, or await close().
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float | None = None,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+        retry_overloaded: bool = False,
+        token: str | None = None,
+        metadata: Metadata = (),
+    ) -> None:
+        """Connect (lazily) to the gateway at `target`; the options are those of Client."""
+        super().__init__(timeout, retries, backoff_s, max_backoff_s, retry_overloaded, token, metadata)
+        self._channel = grpc.aio.insecure_channel(target, options=self._channel_options)
         self._stub = gateway_pb2_grpc.GenerationServiceStub(self._channel)
 
-    async def generate(self, prompt: str, **params: Any) -> Result:
-        try:
-            response = await self._stub.Generate(_request(prompt, params), timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc) from None
-        return _result(response.result)
+    async def _unary(
+        self, method: Callable[..., Awaitable[_T]], request: Any, timeout: Timeout, metadata: Metadata
+    ) -> _T:
+        deadline = self._deadline(timeout)
+        attempt = 0
+        while True:
+            try:
+                return await method(
+                    request, timeout=_remaining(deadline), metadata=self._call_metadata(metadata)
+                )
+            except grpc.RpcError as exc:
+                wait = self._retry.delay(exc.code(), attempt, deadline)
+                if wait is None:
+                    raise _error(exc) from None
+            await asyncio.sleep(wait)
+            attempt += 1
 
-    async def generate_stream(self, prompt: str, **params: Any) -> AsyncIterator[StreamEvent]:
-        call = self._stub.GenerateStream(_request(prompt, params), timeout=self.timeout)
-        try:
-            async for message in call:
-                yield _event(message)
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc) from None
-        finally:
-            call.cancel()
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        timeout: Timeout = _UNSET,
+        metadata: Metadata = (),
+        request_id: str | None = None,
+        **params: Any,
+    ) -> Result:
+        """Generate a completion of `prompt` and return it whole; see Client.generate."""
+        request = _request(prompt, params, request_id)
+        return _result((await self._unary(self._stub.Generate, request, timeout, metadata)).result)
 
-    async def tokenize(self, text: str) -> list[int]:
-        try:
-            response = await self._stub.Tokenize(gateway_pb2.TokenizeRequest(text=text), timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc) from None
-        return list(response.ids)
+    async def generate_stream(
+        self,
+        prompt: str,
+        *,
+        timeout: Timeout = _UNSET,
+        metadata: Metadata = (),
+        request_id: str | None = None,
+        **params: Any,
+    ) -> AsyncIterator[StreamEvent]:
+        """Yield one StreamEvent per token as it is made; see Client.generate_stream."""
+        request = _request(prompt, params, request_id)
+        deadline = self._deadline(timeout)
+        for attempt in itertools.count():
+            call = self._stub.GenerateStream(
+                request, timeout=_remaining(deadline), metadata=self._call_metadata(metadata)
+            )
+            started = False
+            try:
+                async for message in call:
+                    started = True
+                    yield _event(message)
+                return
+            except grpc.RpcError as exc:
+                # Once an event was yielded, a retry would repeat tokens the caller already has.
+                wait = None if started else self._retry.delay(exc.code(), attempt, deadline)
+                if wait is None:
+                    raise _error(exc) from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(wait)
 
-    async def info(self) -> Info:
-        try:
-            return _info(await self._stub.Info(gateway_pb2.InfoRequest(), timeout=self.timeout))
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc) from None
+    async def tokenize(self, text: str, *, timeout: Timeout = _UNSET, metadata: Metadata = ()) -> list[int]:
+        """Token ids of `text` under the served model's tokenizer."""
+        request = gateway_pb2.TokenizeRequest(text=text)
+        return list((await self._unary(self._stub.Tokenize, request, timeout, metadata)).ids)
+
+    async def info(self, *, timeout: Timeout = _UNSET, metadata: Metadata = ()) -> Info:
+        """Describe the deployment; see Client.info."""
+        return _info(await self._unary(self._stub.Info, gateway_pb2.InfoRequest(), timeout, metadata))
 
     async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
