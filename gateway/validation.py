@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import tokenizers
 
 from gateway.sampling import SamplingParams
+
+MAX_SEED = 2**64 - 1  # seeds travel as uint64 and seed torch.Generator, which takes at most this
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,14 @@ class Limits:
     max_concurrent_requests: int = 128
     max_top_k: int = 1024
     max_request_bytes: int = 1024 * 1024
+    # Logits are divided by the temperature and (for repeated tokens) by the repetition penalty. Below
+    # these floors the quotient overflows float32 to inf, the softmax turns NaN and the draw fails, which
+    # fails every request in the same batch step; a smaller temperature is greedy in all but name.
+    min_temperature: float = 1e-3
+    min_repetition_penalty: float = 1e-3
+    # Above this, repeated negative logits overflow to -inf; were every candidate repeated, no token
+    # would be left to draw.
+    max_repetition_penalty: float = 1e3
 
 
 class ValidationError(ValueError):
@@ -56,6 +66,16 @@ def _finite(name: str, value: float) -> float:
     return value
 
 
+def _text(name: str, value: str) -> str:
+    """Protobuf only carries valid UTF-8, but a direct caller can pass lone surrogates, which the
+    tokenizer rejects with a TypeError and which could never be sent back in a response."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationError(name, f"must be valid Unicode text ({exc.reason} at {exc.start})") from None
+    return value
+
+
 def validate(
     request_id: str,
     prompt: str,
@@ -63,9 +83,14 @@ def validate(
     tokenizer: tokenizers.Tokenizer,
     limits: Limits,
 ) -> GenerationRequest:
-    """params holds only the fields the caller set, named as in GenerateParameters."""
+    """params holds only the fields the caller set, named as in GenerateParameters.
+
+    Raises ValidationError naming the first bad field: a GenerateParameters field or "prompt".
+    The cheap checks come first, so a bad parameter costs no tokenization of a large prompt.
+    """
     if not prompt:
         raise ValidationError("prompt", "must not be empty")
+    _text("prompt", prompt)
     do_sample = bool(params.get("do_sample", False))
 
     max_new_tokens = int(params.get("max_new_tokens", limits.default_max_new_tokens))
@@ -74,35 +99,54 @@ def validate(
             "max_new_tokens", f"must be in [1, {limits.max_new_tokens}], got {max_new_tokens}"
         )
 
+    # Checked whether or not do_sample is set, as text-generation-inference does, so a request that is
+    # valid greedy stays valid when sampling is switched on.
     temperature = _finite("temperature", float(params.get("temperature", 1.0)))
-    if temperature <= 0:
-        raise ValidationError("temperature", f"must be > 0, got {temperature}")
+    if not temperature >= limits.min_temperature:
+        raise ValidationError(
+            "temperature",
+            f"must be >= {limits.min_temperature} (lower is greedy: leave do_sample off), got {temperature}",
+        )
     top_k = int(params.get("top_k", 0))
-    if top_k > limits.max_top_k:
-        raise ValidationError("top_k", f"must be <= {limits.max_top_k} (0 disables it), got {top_k}")
-    for name in ("top_p", "typical_p"):
-        value = _finite(name, float(params.get(name, 1.0)))
+    if not 0 <= top_k <= limits.max_top_k:
+        raise ValidationError("top_k", f"must be in [0, {limits.max_top_k}] (0 disables it), got {top_k}")
+    top_p, typical_p = (_finite(name, float(params.get(name, 1.0))) for name in ("top_p", "typical_p"))
+    for name, value in (("top_p", top_p), ("typical_p", typical_p)):
         if not 0 < value <= 1:
             raise ValidationError(name, f"must be in (0, 1], got {value}")
     repetition_penalty = _finite("repetition_penalty", float(params.get("repetition_penalty", 1.0)))
-    if repetition_penalty <= 0:
-        raise ValidationError("repetition_penalty", f"must be > 0, got {repetition_penalty}")
+    if not limits.min_repetition_penalty <= repetition_penalty <= limits.max_repetition_penalty:
+        raise ValidationError(
+            "repetition_penalty",
+            f"must be in [{limits.min_repetition_penalty}, {limits.max_repetition_penalty}] "
+            f"(1 disables it), got {repetition_penalty}",
+        )
+    if "seed" in params:
+        seed = int(params["seed"])
+        if not 0 <= seed <= MAX_SEED:
+            raise ValidationError("seed", f"must be in [0, 2**64 - 1], got {seed}")
+    else:
+        seed = secrets.randbits(63)
 
-    stop: Sequence[str] = tuple(params.get("stop", ()))
+    stop = tuple(params.get("stop", ()))
     if len(stop) > limits.max_stop_sequences:
         raise ValidationError("stop", f"at most {limits.max_stop_sequences} stop sequences, got {len(stop)}")
-    for sequence in stop:
-        if not sequence or len(sequence) > limits.max_stop_sequence_length:
+    for index, sequence in enumerate(stop):
+        if not 0 < len(sequence) <= limits.max_stop_sequence_length:
             raise ValidationError(
-                "stop", f"each stop sequence must have 1 to {limits.max_stop_sequence_length} characters"
+                "stop",
+                f"each stop sequence must have 1 to {limits.max_stop_sequence_length} characters; "
+                f"sequence {index} has {len(sequence)}",
             )
+        _text("stop", sequence)
+
+    truncate = params.get("truncate")
+    if truncate is not None and not 0 < truncate <= limits.max_input_tokens:
+        raise ValidationError("truncate", f"must be in [1, {limits.max_input_tokens}], got {truncate}")
 
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    truncate = params.get("truncate")
     truncated = False
     if truncate is not None:
-        if not 0 < truncate <= limits.max_input_tokens:
-            raise ValidationError("truncate", f"must be in [1, {limits.max_input_tokens}], got {truncate}")
         truncated = len(prompt_ids) > truncate
         prompt_ids = prompt_ids[-truncate:]
     if not prompt_ids:
@@ -120,13 +164,12 @@ def validate(
             f"max_total_tokens={limits.max_total_tokens}",
         )
 
-    seed = int(params["seed"]) if "seed" in params else secrets.randbits(63)
     sampling = SamplingParams(
         do_sample=do_sample,
         temperature=temperature,
         top_k=top_k,
-        top_p=float(params.get("top_p", 1.0)),
-        typical_p=float(params.get("typical_p", 1.0)),
+        top_p=top_p,
+        typical_p=typical_p,
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
@@ -136,7 +179,7 @@ def validate(
         prompt_ids=list(prompt_ids),
         sampling=sampling,
         max_new_tokens=max_new_tokens,
-        stop=tuple(stop),
+        stop=stop,
         ignore_eos=bool(params.get("ignore_eos", False)),
         details=bool(params.get("details", False)),
         return_full_text=bool(params.get("return_full_text", False)),
