@@ -30,6 +30,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         self.on_group_broken = on_group_broken
         self.engine: ShardEngine | None = None
         self.running_step: asyncio.Future | None = None
+        self.settling: asyncio.Future | None = None
         # Collectives must run in the same order on every rank, so every step runs on this one thread.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-step")
         self.stream_open = False
@@ -132,8 +133,13 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         except Exception as exc:  # the gateway went away; the stream is over either way
             log.info("step_stream_broken", error=str(exc))
         finally:
+            # Steps not started yet are dropped: with their gateway gone, a peer may never get them,
+            # and starting one would wait in a collective forever.
+            while not requests.empty():
+                requests.get_nowait()
             requests.put_nowait(None)
-            await self._settle_running_step()
+            # Its own task: the handler cancels this reader when it ends, which must not stop the watch.
+            self.settling = asyncio.ensure_future(self._settle_running_step())
 
     async def _settle_running_step(self) -> None:
         """A stream that closes mid-step may leave this rank waiting in a collective for a peer that
