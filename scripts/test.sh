@@ -3,6 +3,8 @@
 # Usage: scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# docker-compose (Debian's) validates the compose files; installed when missing and run as root.
+bash .ci/install-system-deps
 venv=.venv-test
 rm -rf "$venv"
 python3 -m venv "$venv"
