@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PLUGGED_COMMANDS = [
+    ("bench", "bloomduo.bench", "benchmark a running stack (and transformers as a baseline)"),
     ("eval", "bloomduo.eval", "compare the stack with transformers: greedy agreement, logprobs, perplexity"),
     ("shard-weights", "bloomduo.shard_weights", "cut a checkpoint into per-rank files that workers load"),
 ]
