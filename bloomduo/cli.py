@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,23 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true")
 
 
+def _add_public_doors(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate of the public port (TLS)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--auth-token-file",
+        type=Path,
+        help="require 'authorization: Bearer <token>' with the token in this file "
+        "(or in the BLOOMDUO_AUTH_TOKEN environment variable)",
+    )
+
+
+def _auth_token(path: Path | None) -> str | None:
+    if path is not None:
+        return path.read_text().strip()
+    return os.environ.get("BLOOMDUO_AUTH_TOKEN") or None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bloomduo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--metrics-port", type=int, help="Prometheus /metrics of the gateway on P, of worker r on P+1+r"
     )
+    _add_public_doors(up)
 
     gateway = commands.add_parser("gateway", help="run the gateway alone (docker-compose runs it like this)")
     _add_model(gateway, required=True)
@@ -70,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--max-batch-prefill-tokens", type=int, default=4096)
     gateway.add_argument("--max-concurrent-requests", type=int, default=128)
     gateway.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    _add_public_doors(gateway)
+    gateway.add_argument("--shard-tls-ca", type=Path, help="CA of the workers' certificates (TLS to workers)")
+    gateway.add_argument(
+        "--shard-tls-cert", type=Path, help="client certificate for workers that require mTLS"
+    )
+    gateway.add_argument("--shard-tls-key", type=Path, help="private key of --shard-tls-cert")
+    gateway.add_argument(
+        "--log-text", action="store_true", help="log prompts and generated text (off: privacy)"
+    )
     gateway.add_argument(
         "--shutdown-grace",
         type=float,
@@ -92,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     shard.add_argument("--threads", type=int, help="torch threads on cpu (default: torch's own)")
     shard.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    shard.add_argument("--tls-cert", type=Path, help="PEM certificate of this worker (TLS)")
+    shard.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    shard.add_argument(
+        "--tls-ca", type=Path, help="require gateway client certificates signed by this CA (mTLS)"
+    )
 
     generate = commands.add_parser("generate", help="stream a completion from a running gateway")
     generate.add_argument("prompt")
@@ -137,11 +170,23 @@ def _up(args: argparse.Namespace) -> int:
         port=args.port,
         threads_per_shard=args.threads_per_shard,
         metrics_port=args.metrics_port,
+        gateway_args=tuple(
+            arg
+            for flag, value in (
+                ("--tls-cert", args.tls_cert),
+                ("--tls-key", args.tls_key),
+                ("--auth-token-file", args.auth_token_file),
+            )
+            if value is not None
+            for arg in (flag, str(value.resolve()))
+        ),
+        tls_root=args.tls_cert.read_bytes() if args.tls_cert else None,
     )
     return run_stack(options)
 
 
 def _gateway(args: argparse.Namespace) -> int:
+    from bloomduo.serving import TlsFiles
     from gateway.server import GatewayOptions, serve
     from gateway.validation import Limits
 
@@ -154,7 +199,16 @@ def _gateway(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_total_tokens - 1,
     )
     targets = [target.strip() for target in args.shards.split(",") if target.strip()]
-    options = GatewayOptions(args.model.resolve(), targets, limits, shutdown_grace_s=args.shutdown_grace)
+    options = GatewayOptions(
+        args.model.resolve(),
+        targets,
+        limits,
+        shutdown_grace_s=args.shutdown_grace,
+        tls=TlsFiles(args.tls_cert, args.tls_key),
+        shard_tls=TlsFiles(args.shard_tls_cert, args.shard_tls_key, args.shard_tls_ca),
+        auth_token=_auth_token(args.auth_token_file),
+        log_text=args.log_text,
+    )
     serve_metrics(args.metrics_port)
     return asyncio.run(serve(options, args.host, args.port))
 
@@ -162,6 +216,7 @@ def _gateway(args: argparse.Namespace) -> int:
 def _shard(args: argparse.Namespace) -> int:
     import torch
 
+    from bloomduo.serving import TlsFiles
     from shard_worker.engine import ShardOptions
     from shard_worker.server import serve
 
@@ -176,7 +231,7 @@ def _shard(args: argparse.Namespace) -> int:
         dtype=args.dtype,
     )
     serve_metrics(args.metrics_port)
-    asyncio.run(serve(options, args.host, args.port))
+    asyncio.run(serve(options, args.host, args.port, TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)))
     return 0
 
 

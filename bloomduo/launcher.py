@@ -30,10 +30,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def wait_serving(target: str, timeout_s: float, processes: list[subprocess.Popen] | None = None) -> None:
-    """Block until target's grpc.health.v1 says SERVING; fail early if one of `processes` dies."""
+def wait_serving(
+    target: str,
+    timeout_s: float,
+    processes: list[subprocess.Popen] | None = None,
+    root_certificates: bytes | None = None,
+) -> None:
+    """Block until target's grpc.health.v1 says SERVING; fail early if one of `processes` dies.
+
+    With root_certificates the probe speaks TLS and trusts those PEM certificates.
+    """
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    channel = (
+        grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates))
+        if root_certificates
+        else grpc.insecure_channel(target)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             for process in processes or ():
@@ -62,6 +75,9 @@ class StackOptions:
     ready_timeout_s: float = 600.0
     gateway_args: tuple[str, ...] = ()  # extra `bloomduo gateway` flags, e.g. its limits
     metrics_port: int | None = None  # gateway's; worker r uses metrics_port + 1 + r
+    shard_args: tuple[str, ...] = ()  # extra `bloomduo shard` flags, e.g. its TLS files
+    # PEM the readiness probe trusts when the gateway serves TLS (its certificate chain, or its CA)
+    tls_root: bytes | None = None
 
 
 def shard_device(device: str, rank: int) -> str:
@@ -94,6 +110,7 @@ class Stack:
                 "--host", host, "--port", port, "--device", shard_device(opts.device, rank),
                 "--dtype", opts.dtype, "--threads", str(threads),
                 *(("--metrics-port", str(opts.metrics_port + 1 + rank)) if opts.metrics_port else ()),
+                *opts.shard_args,
             ]
             for rank, (host, port) in enumerate(target.rsplit(":", 1) for target in self.shard_targets)
         ]  # fmt: skip
@@ -112,7 +129,9 @@ class Stack:
         log.info(
             "stack_starting", shards=len(self.shards), target=self.target, model=str(self.options.model_dir)
         )
-        wait_serving(self.target, self.options.ready_timeout_s, [*self.shards, self.gateway])
+        wait_serving(
+            self.target, self.options.ready_timeout_s, [*self.shards, self.gateway], self.options.tls_root
+        )
 
     def restart_shards(self) -> None:
         """Replace the whole shard group: a survivor's process group is broken along with its peer."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -60,9 +62,54 @@ class Health:
         await self.servicer.enter_graceful_shutdown()
 
 
-def bind(server: grpc.aio.Server, address: str) -> int:
-    """Bind an insecure port and return the port actually bound (address may end in :0)."""
-    port = server.add_insecure_port(address)
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of one side of a TLS connection. `ca` set on a server: clients must present a
+    certificate it signed (mutual TLS); on a client: the CA the server's certificate must chain to."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert or self.key or self.ca)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        if not (self.cert and self.key):
+            raise ValueError("TLS on a server needs both a certificate and its key (--tls-cert, --tls-key)")
+        ca = self.ca.read_bytes() if self.ca else None
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.cert.read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("a client certificate needs its key, and a key its certificate")
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes() if self.ca else None,
+            private_key=self.key.read_bytes() if self.key else None,
+            certificate_chain=self.cert.read_bytes() if self.cert else None,
+        )
+
+
+NO_TLS = TlsFiles()
+
+
+def secure_or_insecure_channel(target: str, tls: TlsFiles) -> grpc.aio.Channel:
+    if tls.enabled:
+        return grpc.aio.secure_channel(target, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+def bind(server: grpc.aio.Server, address: str, tls: TlsFiles = NO_TLS) -> int:
+    """Bind a port (TLS when `tls` has a certificate) and return the port bound (address may end in :0)."""
+    if tls.enabled:
+        port = server.add_secure_port(address, tls.server_credentials())
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}: the address is in use or not local to this machine")
     return port

@@ -268,6 +268,8 @@ class Client(_Base):
         retry_overloaded: bool = False,
         token: str | None = None,
         metadata: Metadata = (),
+        tls: bool = False,
+        root_certificates: bytes | None = None,
     ) -> None:
         """Connect (lazily) to the gateway at `target` ("host:port").
 
@@ -283,9 +285,15 @@ class Client(_Base):
             INVALID_ARGUMENT, CANCELLED and DEADLINE_EXCEEDED are never retried.
         token: sent as ("authorization", "Bearer <token>") metadata on every call.
         metadata: more (key, value) gRPC metadata sent on every call; keys are lower case.
+        tls: connect over TLS (implied by root_certificates), verifying the server against the
+            system's CAs, or against root_certificates (PEM bytes) when given.
         """
         super().__init__(timeout, retries, backoff_s, max_backoff_s, retry_overloaded, token, metadata)
-        self._channel = grpc.insecure_channel(target, options=self._channel_options)
+        if tls or root_certificates:
+            credentials = grpc.ssl_channel_credentials(root_certificates)
+            self._channel = grpc.secure_channel(target, credentials, options=self._channel_options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=self._channel_options)
         self._stub = gateway_pb2_grpc.GenerationServiceStub(self._channel)
 
     def _unary(self, method: Callable[..., _T], request: Any, timeout: Timeout, metadata: Metadata) -> _T:
@@ -392,10 +400,16 @@ class AsyncClient(_Base):
         retry_overloaded: bool = False,
         token: str | None = None,
         metadata: Metadata = (),
+        tls: bool = False,
+        root_certificates: bytes | None = None,
     ) -> None:
         """Connect (lazily) to the gateway at `target`; the options are those of Client."""
         super().__init__(timeout, retries, backoff_s, max_backoff_s, retry_overloaded, token, metadata)
-        self._channel = grpc.aio.insecure_channel(target, options=self._channel_options)
+        if tls or root_certificates:
+            credentials = grpc.ssl_channel_credentials(root_certificates)
+            self._channel = grpc.aio.secure_channel(target, credentials, options=self._channel_options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=self._channel_options)
         self._stub = gateway_pb2_grpc.GenerationServiceStub(self._channel)
 
     async def _unary(

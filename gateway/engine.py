@@ -105,6 +105,7 @@ class Engine:
         limits: Limits,
         eos_token_id: int | None,
         on_serving_change: Callable[[bool], Awaitable[None]] | None = None,
+        log_text: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.embedder = embedder
@@ -126,6 +127,7 @@ class Engine:
         # False while the shard group is lost and being re-formed; requests are then refused.
         self.serving = True
         self.on_serving_change = on_serving_change
+        self.log_text = log_text
         # Seconds spent per phase since start, for `bloomduo bench --profile` and metrics.
         self.profile: dict[str, float] = dict.fromkeys(
             ("embed", "shards", "worker_compute", "sample", "steps"), 0.0
@@ -352,6 +354,7 @@ class Engine:
             generated_tokens=len(sequence.tokens),
             time_to_first_token_s=round(ttft, 6),
             duration_s=round(duration, 6),
+            **({"prompt": request.prompt, "text": generated_text} if self.log_text else {}),
         )
 
     def _fail(self, sequences: list[_Sequence], exc: BaseException) -> None:

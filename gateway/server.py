@@ -16,9 +16,18 @@ import tokenizers
 from bloomduo import __version__, metrics
 from bloomduo.checkpoint import Checkpoint
 from bloomduo.logs import get_logger
-from bloomduo.serving import SERVER_OPTIONS, Health, bind, enable_reflection, stop_event_on_signals
+from bloomduo.serving import (
+    NO_TLS,
+    SERVER_OPTIONS,
+    Health,
+    TlsFiles,
+    bind,
+    enable_reflection,
+    stop_event_on_signals,
+)
 from bloomduo.tensor_wire import DTYPES
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway.auth import BearerTokenAuth
 from gateway.embedding import Embedder
 from gateway.engine import Engine, EngineUnavailable, GenerationResult, StreamEvent
 from gateway.shards import ShardPool
@@ -43,6 +52,10 @@ class GatewayOptions:
     shard_ready_timeout_s: float = 3600.0
     step_timeout_s: float = 120.0  # a step no worker answers in this long fails its requests
     shutdown_grace_s: float = 30.0
+    tls: TlsFiles = NO_TLS  # the public port's certificate and key
+    shard_tls: TlsFiles = NO_TLS  # towards the workers: their CA, and our client certificate for mTLS
+    auth_token: str | None = None  # required as "authorization: Bearer <token>" when set
+    log_text: bool = False  # prompts and generated text appear in logs only when asked
 
 
 def token_to_pb(token) -> gateway_pb2.Token:
@@ -193,6 +206,7 @@ async def _connect(
         servicer.options.limits,
         eos_token_id=checkpoint.config.eos_token_id,
         on_serving_change=health.set,
+        log_text=servicer.options.log_text,
     )
     engine.start()
     servicer.shards = pool
@@ -218,16 +232,23 @@ async def serve(options: GatewayOptions, host: str, port: int) -> int:
         *(option for option in SERVER_OPTIONS if option[0] != "grpc.max_receive_message_length"),
         ("grpc.max_receive_message_length", limits.max_request_bytes),
     ]
-    server = grpc.aio.server(options=server_options)
+    interceptors = [BearerTokenAuth(options.auth_token)] if options.auth_token else []
+    server = grpc.aio.server(options=server_options, interceptors=interceptors)
     servicer = GenerationServicer(options, tokenizer, checkpoint)
     gateway_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, server)
     health = Health(server, [SERVICE_NAME])
     enable_reflection(server, [SERVICE_NAME])
-    bound = bind(server, f"{host}:{port}")
+    bound = bind(server, f"{host}:{port}", options.tls)
     await server.start()
     await health.set(False)
-    log.info("gateway_listening", address=f"{host}:{bound}", shards=options.shard_targets)
-    pool = ShardPool(options.shard_targets, vocab_size, step_timeout_s=options.step_timeout_s)
+    log.info(
+        "gateway_listening",
+        address=f"{host}:{bound}",
+        shards=options.shard_targets,
+        tls=options.tls.enabled,
+        auth=bool(options.auth_token),
+    )
+    pool = ShardPool(options.shard_targets, vocab_size, options.step_timeout_s, options.shard_tls)
     stop = stop_event_on_signals()
     connect = asyncio.ensure_future(_connect(servicer, pool, checkpoint, health))
     waiter = asyncio.ensure_future(stop.wait())

@@ -11,7 +11,7 @@ import grpc
 import torch
 
 from bloomduo.logs import get_logger
-from bloomduo.serving import CHANNEL_OPTIONS
+from bloomduo.serving import NO_TLS, TlsFiles, secure_or_insecure_channel
 from bloomduo.tensor_wire import decode_tensor, encode_tensor
 from bloomduo.v1 import shard_pb2, shard_pb2_grpc
 
@@ -23,9 +23,9 @@ class ShardUnavailable(RuntimeError):
 
 
 class ShardConnection:
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, tls: TlsFiles) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.channel = secure_or_insecure_channel(target, tls)
         self.stub = shard_pb2_grpc.ShardServiceStub(self.channel)
         self.call: grpc.aio.StreamStreamCall | None = None
 
@@ -58,10 +58,16 @@ class ShardConnection:
 class ShardPool:
     """All W workers of one tensor-parallel group, addressed in rank order."""
 
-    def __init__(self, targets: Sequence[str], vocab_size: int, step_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        targets: Sequence[str],
+        vocab_size: int,
+        step_timeout_s: float = 120.0,
+        tls: TlsFiles = NO_TLS,
+    ) -> None:
         if not targets:
             raise ValueError("the gateway needs at least one shard worker address")
-        self.connections = [ShardConnection(target) for target in targets]
+        self.connections = [ShardConnection(target, tls) for target in targets]
         self.vocab_size = vocab_size
         self.infos: list[shard_pb2.ShardInfoResponse] = []
         self.step_ids = itertools.count(1)

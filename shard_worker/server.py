@@ -13,7 +13,15 @@ import structlog
 
 from bloomduo import metrics
 from bloomduo.logs import get_logger
-from bloomduo.serving import SERVER_OPTIONS, Health, bind, enable_reflection, stop_event_on_signals
+from bloomduo.serving import (
+    NO_TLS,
+    SERVER_OPTIONS,
+    Health,
+    TlsFiles,
+    bind,
+    enable_reflection,
+    stop_event_on_signals,
+)
 from bloomduo.tensor_wire import TensorWireError, decode_tensor, encode_tensor
 from bloomduo.v1 import shard_pb2, shard_pb2_grpc
 from shard_worker.engine import ShardEngine, ShardOptions
@@ -157,7 +165,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             pass
 
 
-async def serve(options: ShardOptions, host: str, port: int) -> None:
+async def serve(options: ShardOptions, host: str, port: int, tls: TlsFiles = NO_TLS) -> None:
     structlog.contextvars.bind_contextvars(rank=options.rank)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     stop = stop_event_on_signals()
@@ -172,7 +180,7 @@ async def serve(options: ShardOptions, host: str, port: int) -> None:
     shard_pb2_grpc.add_ShardServiceServicer_to_server(servicer, server)
     health = Health(server, [SERVICE_NAME])
     enable_reflection(server, [SERVICE_NAME])
-    bound = bind(server, f"{host}:{port}")
+    bound = bind(server, f"{host}:{port}", tls)
     await server.start()
     await health.set(False)
     log.info("shard_listening", address=f"{host}:{bound}")
