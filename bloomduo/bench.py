@@ -113,7 +113,11 @@ def _positive(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("what to measure")
-    target.add_argument("--target", help=f"host:port of a running gateway (default {DEFAULT_TARGET})")
+    target.add_argument(
+        "--target",
+        help=f"host:port of a running gateway (default {DEFAULT_TARGET}); "
+        "a gateway that requires a token gets BLOOMDUO_AUTH_TOKEN",
+    )
     target.add_argument(
         "--launch",
         action="store_true",
@@ -270,7 +274,10 @@ def _launch(args: argparse.Namespace) -> Stack:
 async def _measure_stack(args: argparse.Namespace, target: str, stack: Stack | None) -> dict[str, Any]:
     from client import AsyncClient
 
-    async with AsyncClient(target) as client:
+    # No retries: a retried request would hide a failure and count its wait as time to first token.
+    # The token is the one a secured gateway reads from the same variable.
+    token = os.environ.get("BLOOMDUO_AUTH_TOKEN") or None
+    async with AsyncClient(target, retries=0, token=token) as client:
         info = await client.info()
         prompt, prompt_ids = await build_prompt(client, args.prompt_tokens)
         started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
