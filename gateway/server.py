@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from bloomduo.serving import (
 )
 from bloomduo.tensor_wire import DTYPES
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.auth import BearerTokenAuth
+from gateway.auth import BearerTokenAuth, RejectUndecodable
 from gateway.embedding import Embedder
 from gateway.engine import Engine, EngineUnavailable, GenerationResult, StreamEvent
 from gateway.shards import ShardPool
@@ -36,6 +37,8 @@ from gateway.validation import GenerationRequest, Limits, ValidationError, valid
 
 log = get_logger(__name__)
 SERVICE_NAME = "bloomduo.v1.GenerationService"
+# Echoed back as x-request-id metadata and into logs, so it must be safe in both.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 
 FINISH_REASONS = {
     FinishReason.LENGTH: gateway_pb2.FINISH_REASON_LENGTH,
@@ -107,6 +110,12 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
     async def _admit(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         """Validate and admit a request, or abort the call with the status that says why."""
         request_id = request.request_id or uuid.uuid4().hex
+        if not REQUEST_ID.fullmatch(request_id):
+            metrics.REQUESTS.labels("invalid_argument", "").inc()
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "request_id: use 1 to 128 characters among letters, digits and . _ : / -",
+            )
         structlog.contextvars.bind_contextvars(request_id=request_id)
         await context.send_initial_metadata((("x-request-id", request_id),))
         engine = self.engine
@@ -232,7 +241,10 @@ async def serve(options: GatewayOptions, host: str, port: int) -> int:
         *(option for option in SERVER_OPTIONS if option[0] != "grpc.max_receive_message_length"),
         ("grpc.max_receive_message_length", limits.max_request_bytes),
     ]
-    interceptors = [BearerTokenAuth(options.auth_token)] if options.auth_token else []
+    interceptors = [
+        RejectUndecodable(),
+        *([BearerTokenAuth(options.auth_token)] if options.auth_token else []),
+    ]
     server = grpc.aio.server(options=server_options, interceptors=interceptors)
     servicer = GenerationServicer(options, tokenizer, checkpoint)
     gateway_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, server)

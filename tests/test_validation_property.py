@@ -518,13 +518,6 @@ def test_oversized_message_is_resource_exhausted(gateway: Gateway) -> None:
     assert call(gateway.stub, FIXED[0], stream=False).code == STATUS_OK
 
 
-# Known gaps in the gateway's servicer (gateway/server.py), not in validation: strict, so that the fix
-# turns these into failures that ask for the marker to go.
-@pytest.mark.xfail(
-    strict=True,
-    reason="the servicer echoes request_id as x-request-id metadata before validating it: non-ASCII or "
-    "control characters give INTERNAL 'Invalid metadata', over 16 KiB the client's metadata limit",
-)
 @pytest.mark.parametrize("request_id", ["héllo", "line\nbreak", "x" * 20_000])
 def test_any_request_id_gets_a_documented_code(gateway: Gateway, request_id: str) -> None:
     request = gateway_pb2.GenerateRequest(
@@ -536,11 +529,6 @@ def test_any_request_id_gets_a_documented_code(gateway: Gateway, request_id: str
         assert outcome.details.startswith("request_id"), outcome
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a message protobuf cannot parse (such as a string field holding invalid UTF-8) fails in "
-    "grpc's deserializer, which answers UNKNOWN",
-)
 def test_undecodable_request_is_invalid_argument(tiny_stack) -> None:
     with grpc.insecure_channel(tiny_stack.target) as channel:
         generate = channel.unary_unary("/bloomduo.v1.GenerationService/Generate")
