@@ -139,7 +139,10 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
             )
         params = {field.name: value for field, value in request.parameters.ListFields()}
         try:
-            validated = validate(request_id, request.prompt, params, self.tokenizer, self.options.limits)
+            # Tokenizing a long prompt takes a while: keep it off the loop that serves every stream.
+            validated = await asyncio.to_thread(
+                validate, request_id, request.prompt, params, self.tokenizer, self.options.limits
+            )
         except ValidationError as exc:
             log.info("request_rejected", field=exc.field_name, error=str(exc))
             metrics.REQUESTS.labels("invalid_argument", "").inc()
