@@ -251,24 +251,13 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def _launch(args: argparse.Namespace) -> Stack:
-    from bloomduo.launcher import Stack, StackOptions, free_port
+    from bloomduo.launcher import start_private_stack
 
-    stack = Stack(
-        StackOptions(
-            model_dir=args.model.resolve(),
-            num_shards=args.num_shards,
-            device=args.device,
-            dtype=args.dtype,
-            port=free_port(),
-        )
-    )
     print(f"bench: starting {args.num_shards} shards and a gateway on {args.model}", file=sys.stderr)
     try:
-        stack.start()
+        return start_private_stack(args.model, args.num_shards, args.device, args.dtype)
     except (RuntimeError, TimeoutError) as exc:
-        stack.stop()
         raise BenchError(f"the stack did not start: {exc}") from None
-    return stack
 
 
 async def _measure_stack(args: argparse.Namespace, target: str, stack: Stack | None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ tensor-parallel bug changes the generated tokens instead of hiding in near-ties.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import BloomConfig
 
-from bloomduo.checkpoint import SAFETENSORS_DTYPES
+from bloomduo.checkpoint import SAFETENSORS_DTYPES, write_safetensors
 from bloomduo.logs import get_logger
 
 log = get_logger(__name__)
@@ -136,7 +137,8 @@ def write_demo_model(
         file_name = f"{stem}{suffix}" if num_files == 1 else f"{stem}-{number:05d}-of-{num_files:05d}{suffix}"
         keys = [_stored_key(spec.name, prefix) for spec in group]
         if fmt == "safetensors":
-            _write_safetensors(out / file_name, keys, group, tensors, dtype)
+            layout = {key: (tuple(spec.shape), dtype) for key, spec in zip(keys, group, strict=True)}
+            write_safetensors(out / file_name, layout, itertools.islice(tensors, len(keys)))
         else:
             # torch.save takes a whole dict, so this format holds one file's tensors at a time.
             torch.save({key: next(tensors) for key in keys}, out / file_name)
@@ -331,27 +333,3 @@ def _split_into_files(specs: list[_TensorSpec], num_files: int, itemsize: int) -
 
 def _stored_key(name: str, prefix: bool) -> str:
     return f"transformer.{name}" if prefix else name
-
-
-def _write_safetensors(
-    path: Path, keys: list[str], specs: list[_TensorSpec], tensors: Iterator[torch.Tensor], dtype: torch.dtype
-) -> None:
-    """Stream tensors into a safetensors file: the header is known from the shapes, then data follows."""
-    dtype_name = next(name for name, value in SAFETENSORS_DTYPES.items() if value == dtype)
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # transformers refuses files without it
-    offset = 0
-    for key, spec in zip(keys, specs, strict=True):
-        size = spec.numel * dtype.itemsize
-        header[key] = {
-            "dtype": dtype_name,
-            "shape": list(spec.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # the format pads the header so tensor data starts 8-byte aligned
-    with path.open("wb") as handle:
-        handle.write(len(raw).to_bytes(8, "little"))
-        handle.write(raw)
-        for _ in specs:
-            handle.write(next(tensors).contiguous().view(torch.uint8).numpy())

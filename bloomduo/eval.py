@@ -269,19 +269,10 @@ def _serving(args: argparse.Namespace) -> Iterator[str]:
     if args.target:
         yield args.target
         return
-    from bloomduo.launcher import Stack, StackOptions, free_port
+    from bloomduo.launcher import start_private_stack
 
-    stack = Stack(
-        StackOptions(
-            model_dir=args.model.resolve(),
-            num_shards=args.num_shards,
-            device=args.device,
-            dtype=args.dtype,
-            port=free_port(),
-        )
-    )
+    stack = start_private_stack(args.model, args.num_shards, args.device, args.dtype)
     try:
-        stack.start()
         yield stack.target
     finally:
         stack.stop()

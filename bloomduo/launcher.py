@@ -154,6 +154,21 @@ class Stack:
         _terminate(self.shards, timeout_s)
 
 
+def start_private_stack(model_dir: Path, num_shards: int, device: str, dtype: str) -> Stack:
+    """A stack on a free loopback port for tools that need one for a while (bench, eval); stop() it."""
+    stack = Stack(
+        StackOptions(
+            model_dir=model_dir.resolve(), num_shards=num_shards, device=device, dtype=dtype, port=free_port()
+        )
+    )
+    try:
+        stack.start()
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
 def _terminate(processes: list[subprocess.Popen | None], timeout_s: float) -> None:
     live = [p for p in processes if p is not None and p.poll() is None]
     for process in live:

@@ -96,9 +96,6 @@ def test_bench_against_the_stack_and_transformers(tiny_stack, demo_model, tmp_pa
             for metric in ("ttft_s", "tpot_s"):
                 figures = level[metric]
                 assert 0 < figures["p50"] <= figures["p90"] <= figures["p99"], (name, metric, figures)
-    # One at a time, the second stream's requests queue behind the first's: their wait is in their TTFT.
-    one = baseline["one_at_a_time"]
-    assert one[1]["ttft_s"]["p99"] > one[0]["ttft_s"]["p99"]
     assert [row["concurrency"] for row in report["ratios"]] == [1, 2]
     assert all(value > 0 for row in report["ratios"] for value in row.values())
     assert [check["status"] for check in report["targets"]][1:] == ["SKIP", "SKIP", "SKIP"]  # no level 16
