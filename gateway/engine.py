@@ -266,29 +266,43 @@ class Engine:
         )
         timings.embed = time.perf_counter() - started
         started = time.perf_counter()
-        logits, timings.worker_compute = await self.shards.step(
-            hidden, chunks, free_ids, [sequence.request.request_id for sequence, _ in plan]
+        # Only the rows a sampler must see travel back in full; plain greedy rows (and prompts still
+        # being prefilled) come back as each slice's best token and log-sum-exp.
+        ready = [
+            sequence.pending == chunk.num_tokens for (sequence, _), chunk in zip(plan, chunks, strict=True)
+        ]
+        full = [
+            is_ready and not sequence.sampler.is_plain_greedy
+            for (sequence, _), is_ready in zip(plan, ready, strict=True)
+        ]
+        result = await self.shards.step(
+            hidden, chunks, free_ids, [sequence.request.request_id for sequence, _ in plan], full
         )
         timings.shards = time.perf_counter() - started
+        timings.worker_compute = result.worker_seconds
         self.steps += 1
         for (sequence, _), chunk in zip(plan, chunks, strict=True):
             sequence.cached += chunk.num_tokens
-        # A prompt cut into chunks yields its first token only after its last chunk.
-        ready = [i for i, (sequence, _) in enumerate(plan) if sequence.pending == 0]
-        if ready:
-            started = time.perf_counter()
-            batch = [plan[i][0] for i in ready]
-            rows = logits if len(ready) == len(plan) else logits[ready]
-            picks = await loop.run_in_executor(
+        sampled = [sequence for (sequence, _), wants_row in zip(plan, full, strict=True) if wants_row]
+        started = time.perf_counter()
+        picks = iter(
+            await loop.run_in_executor(
                 self.executor,
                 sample_batch,
-                [sequence.sampler for sequence in batch],
-                rows,
-                [sequence.token_ids for sequence in batch],
+                [sequence.sampler for sequence in sampled],
+                result.logits,
+                [sequence.token_ids for sequence in sampled],
             )
-            timings.sample = time.perf_counter() - started
-            for sequence, (token_id, logprob) in zip(batch, picks, strict=True):
-                self._advance(sequence, token_id, logprob)
+            if sampled
+            else []
+        )
+        timings.sample = time.perf_counter() - started
+        greedy = iter(result.greedy)
+        # Summaries come in request order for every row not sent in full, partial prefills included.
+        for (sequence, _), is_ready, wants_row in zip(plan, ready, full, strict=True):
+            pick = next(picks) if wants_row else next(greedy)
+            if is_ready:
+                self._advance(sequence, *pick)
         self._record(timings, len(plan), len(input_ids))
 
     def _record(self, timings: StepTimings, sequences: int, tokens: int) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -53,6 +54,27 @@ class ShardConnection:
             self.call.cancel()
             self.call = None
         await self.channel.close()
+
+
+@dataclass(frozen=True)
+class StepResult:
+    logits: torch.Tensor  # float32 [sequences that asked for full logits, vocab_size]
+    greedy: list[tuple[int, float]]  # (token, logprob) of the others, in order
+    worker_seconds: float  # slowest worker's compute; the rest of the round trip is wire and queueing
+
+
+def _join_greedy(responses: Sequence[shard_pb2.StepResponse]) -> list[tuple[int, float]]:
+    """The vocabulary's best token and its log-softmax, from each slice's best logit and log-sum-exp."""
+    if not responses[0].best_token:
+        return []
+    best = torch.tensor([list(r.best_logit) for r in responses])  # [workers, sequences]
+    tokens = torch.tensor([list(r.best_token) for r in responses])
+    winner = best.argmax(dim=0)  # ties go to the lowest rank, i.e. the lowest id, like argmax
+    logprob = best.max(dim=0).values - torch.logsumexp(
+        torch.tensor([list(r.logsumexp) for r in responses]), 0
+    )
+    chosen = tokens.gather(0, winner[None]).squeeze(0)
+    return list(zip(chosen.tolist(), logprob.tolist(), strict=True))
 
 
 class ShardPool:
@@ -129,15 +151,19 @@ class ShardPool:
         chunks: Sequence[shard_pb2.SequenceChunk],
         free_ids: Sequence[int],
         request_ids: Sequence[str] = (),
-    ) -> tuple[torch.Tensor, float]:
-        """Send one step to every worker; return float32 logits [len(chunks), vocab_size] and the
-        slowest worker's compute seconds (the rest of the round trip is wire and queueing)."""
+        full_logits: Sequence[bool] = (),
+    ) -> StepResult:
+        """Send one step to every worker and join their vocabulary slices.
+
+        full_logits[i] false: sequence i needs only its greedy token (the default is every row).
+        """
         request = shard_pb2.StepRequest(
             step_id=next(self.step_ids),
             hidden_states=encode_tensor(hidden_states),
             sequences=chunks,
             free_sequence_ids=list(free_ids),
             request_ids=list(request_ids),
+            full_logits=list(full_logits),
         )
         tasks = [asyncio.ensure_future(c.step(request)) for c in self.connections]
         done, pending = await asyncio.wait(
@@ -159,7 +185,9 @@ class ShardPool:
         responses = [task.result() for task in tasks]
         slices = [decode_tensor(response.logits) for response in responses]
         logits = torch.cat(slices, dim=-1)[:, : self.vocab_size].float()
-        return logits, max(response.compute_seconds for response in responses)
+        return StepResult(
+            logits, _join_greedy(responses), max(response.compute_seconds for response in responses)
+        )
 
     async def load(self) -> list[shard_pb2.ShardInfoResponse]:
         """Every worker's current Info (cached sequences and tokens), in rank order."""

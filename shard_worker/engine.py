@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,6 +53,14 @@ def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype | None:
     return None
 
 
+@dataclass(frozen=True)
+class StepOutput:
+    logits: torch.Tensor  # rows of the sequences that asked for them
+    best_logit: list[float] = field(default_factory=list)  # the others', in order
+    best_token: list[int] = field(default_factory=list)
+    logsumexp: list[float] = field(default_factory=list)
+
+
 class ShardEngine:
     """Holds one rank's slice of the model and its KV caches; steps run strictly in arrival order."""
 
@@ -75,6 +83,7 @@ class ShardEngine:
         self.parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.backend = backend_for(device)
         self.local_heads = model.num_local_heads
+        self.real_vocab_end = min(self.vocab_end, model.config.vocab_size)
         self.group_id = ""
 
     @classmethod
@@ -116,14 +125,32 @@ class ShardEngine:
         return engine
 
     @torch.inference_mode()
-    def step(self, hidden_states: torch.Tensor, chunks: list[Chunk], free_ids: list[int]) -> torch.Tensor:
-        """Free finished sequences, run the model on the step's chunks, return [len(chunks), vocab slice]."""
+    def step(
+        self,
+        hidden_states: torch.Tensor,
+        chunks: list[Chunk],
+        free_ids: list[int],
+        full_logits: list[bool] | None = None,
+    ) -> StepOutput:
+        """Free finished sequences, run the model on the step's chunks, and return each sequence's
+        logits row (full_logits[i], the default) or just its best token and log-sum-exp."""
         for sequence_id in free_ids:
             self.cache.free(sequence_id)
         if not chunks:
-            return torch.empty((0, self.vocab_end - self.vocab_start), dtype=self.dtype)
+            return StepOutput(torch.empty((0, self.vocab_end - self.vocab_start), dtype=self.dtype))
         logits = self.model(hidden_states, chunks, self.cache)
-        return logits.to("cpu")
+        if not full_logits or all(full_logits):
+            return StepOutput(logits.to("cpu"))
+        wanted = torch.tensor(full_logits, dtype=torch.bool, device=logits.device)
+        # Summaries cover the real vocabulary only: padding rows must never win or add mass.
+        summary = logits[~wanted, : self.real_vocab_end - self.vocab_start].float()
+        best, index = summary.max(dim=-1)
+        return StepOutput(
+            logits[wanted].to("cpu"),
+            best_logit=best.tolist(),
+            best_token=(index + self.vocab_start).tolist(),
+            logsumexp=torch.logsumexp(summary, dim=-1).tolist(),
+        )
 
     def reset(self) -> None:
         """Drop every KV cache, e.g. when the gateway that owned them went away."""

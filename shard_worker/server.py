@@ -92,10 +92,15 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
                 chunks = [Chunk(c.sequence_id, c.start_position, c.num_tokens) for c in request.sequences]
                 started = time.perf_counter()
                 self.running_step = loop.run_in_executor(
-                    self.executor, engine.step, hidden, chunks, list(request.free_sequence_ids)
+                    self.executor,
+                    engine.step,
+                    hidden,
+                    chunks,
+                    list(request.free_sequence_ids),
+                    list(request.full_logits),
                 )
                 try:
-                    logits = await asyncio.shield(self.running_step)
+                    output = await asyncio.shield(self.running_step)
                 except (ValueError, KeyError) as exc:
                     # Every rank sees the same request and fails the same way, before any collective.
                     log.warning("step_rejected", step_id=request.step_id, error=str(exc))
@@ -120,7 +125,10 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
                 )
                 yield shard_pb2.StepResponse(
                     step_id=request.step_id,
-                    logits=encode_tensor(logits),
+                    logits=encode_tensor(output.logits),
+                    best_logit=output.best_logit,
+                    best_token=output.best_token,
+                    logsumexp=output.logsumexp,
                     vocab_start=engine.vocab_start,
                     vocab_end=engine.vocab_end,
                     compute_seconds=elapsed,

@@ -27,32 +27,40 @@ class SequenceChunk(_message.Message):
     def __init__(self, sequence_id: _Optional[int] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "hidden_states", "sequences", "free_sequence_ids", "request_ids")
+    __slots__ = ("step_id", "hidden_states", "sequences", "free_sequence_ids", "request_ids", "full_logits")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     FREE_SEQUENCE_IDS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    FULL_LOGITS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden_states: Tensor
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceChunk]
     free_sequence_ids: _containers.RepeatedScalarFieldContainer[int]
     request_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., sequences: _Optional[_Iterable[_Union[SequenceChunk, _Mapping]]] = ..., free_sequence_ids: _Optional[_Iterable[int]] = ..., request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    full_logits: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., sequences: _Optional[_Iterable[_Union[SequenceChunk, _Mapping]]] = ..., free_sequence_ids: _Optional[_Iterable[int]] = ..., request_ids: _Optional[_Iterable[str]] = ..., full_logits: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step_id", "logits", "vocab_start", "vocab_end", "compute_seconds")
+    __slots__ = ("step_id", "logits", "vocab_start", "vocab_end", "compute_seconds", "best_logit", "best_token", "logsumexp")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_START_FIELD_NUMBER: _ClassVar[int]
     VOCAB_END_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BEST_LOGIT_FIELD_NUMBER: _ClassVar[int]
+    BEST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOGSUMEXP_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     logits: Tensor
     vocab_start: int
     vocab_end: int
     compute_seconds: float
-    def __init__(self, step_id: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., vocab_start: _Optional[int] = ..., vocab_end: _Optional[int] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    best_logit: _containers.RepeatedScalarFieldContainer[float]
+    best_token: _containers.RepeatedScalarFieldContainer[int]
+    logsumexp: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, step_id: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., vocab_start: _Optional[int] = ..., vocab_end: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., best_logit: _Optional[_Iterable[float]] = ..., best_token: _Optional[_Iterable[int]] = ..., logsumexp: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ShardInfoRequest(_message.Message):
     __slots__ = ()
