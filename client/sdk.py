@@ -242,6 +242,13 @@ class _Base:
                 ("grpc.max_reconnect_backoff_ms", max(1, round(max(backoff_s, max_backoff_s) * 1000))),
             ]
 
+    def _open_channel(self, module: Any, target: str, tls: bool, root_certificates: bytes | None) -> Any:
+        """A channel from `module` (grpc or grpc.aio, which name their factories alike)."""
+        if tls or root_certificates:
+            credentials = grpc.ssl_channel_credentials(root_certificates)
+            return module.secure_channel(target, credentials, options=self._channel_options)
+        return module.insecure_channel(target, options=self._channel_options)
+
     def _deadline(self, timeout: Timeout) -> float | None:
         seconds = self.timeout if timeout is _UNSET else timeout
         return None if seconds is None else time.monotonic() + seconds
@@ -289,11 +296,7 @@ class Client(_Base):
             system's CAs, or against root_certificates (PEM bytes) when given.
         """
         super().__init__(timeout, retries, backoff_s, max_backoff_s, retry_overloaded, token, metadata)
-        if tls or root_certificates:
-            credentials = grpc.ssl_channel_credentials(root_certificates)
-            self._channel = grpc.secure_channel(target, credentials, options=self._channel_options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=self._channel_options)
+        self._channel = self._open_channel(grpc, target, tls, root_certificates)
         self._stub = gateway_pb2_grpc.GenerationServiceStub(self._channel)
 
     def _unary(self, method: Callable[..., _T], request: Any, timeout: Timeout, metadata: Metadata) -> _T:
@@ -405,11 +408,7 @@ class AsyncClient(_Base):
     ) -> None:
         """Connect (lazily) to the gateway at `target`; the options are those of Client."""
         super().__init__(timeout, retries, backoff_s, max_backoff_s, retry_overloaded, token, metadata)
-        if tls or root_certificates:
-            credentials = grpc.ssl_channel_credentials(root_certificates)
-            self._channel = grpc.aio.secure_channel(target, credentials, options=self._channel_options)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=self._channel_options)
+        self._channel = self._open_channel(grpc.aio, target, tls, root_certificates)
         self._stub = gateway_pb2_grpc.GenerationServiceStub(self._channel)
 
     async def _unary(
