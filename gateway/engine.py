@@ -88,7 +88,7 @@ class _Sequence:
 
 @dataclass
 class StepTimings:
-    """Where one step's time went, in seconds (logged per step, summed for profiles)."""
+    """Where one step's time went, in seconds (logged per step and exported as metrics)."""
 
     embed: float = 0.0
     shards: float = 0.0  # wire + worker compute, as seen by the gateway
@@ -128,10 +128,6 @@ class Engine:
         self.serving = True
         self.on_serving_change = on_serving_change
         self.log_text = log_text
-        # Seconds spent per phase since start, for `bloomduo bench --profile` and metrics.
-        self.profile: dict[str, float] = dict.fromkeys(
-            ("embed", "shards", "worker_compute", "sample", "steps"), 0.0
-        )
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
@@ -307,10 +303,7 @@ class Engine:
 
     def _record(self, timings: StepTimings, sequences: int, tokens: int) -> None:
         for name in ("embed", "shards", "worker_compute", "sample"):
-            seconds = getattr(timings, name)
-            self.profile[name] += seconds
-            metrics.STEP_PHASE.labels(name).observe(seconds)
-        self.profile["steps"] += 1
+            metrics.STEP_PHASE.labels(name).observe(getattr(timings, name))
         metrics.STEP_BATCH.observe(sequences)
         metrics.BATCH_SIZE.set(len(self.running))
         metrics.QUEUE_SIZE.set(len(self.waiting))
