@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from bloomduo.checkpoint import Checkpoint
 from bloomduo.logs import get_logger
+from bloomduo.tensor_wire import DTYPES
 from shard_worker.distributed import backend_for, init_distributed, npu_nz_requested, to_npu_nz_format
 from shard_worker.kv_cache import KVCache
 from shard_worker.model import BloomShardModel, Chunk
@@ -34,9 +35,8 @@ class ShardOptions:
 
 def resolve_dtype(name: str, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
     """ "auto" keeps the checkpoint's dtype, except on npu where 310P chips have no bfloat16."""
-    explicit = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name in explicit:
-        return explicit[name]
+    if name in DTYPES:
+        return DTYPES[name]
     if name != "auto":
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, not {name!r}")
     if device.type == "npu":
@@ -48,9 +48,7 @@ def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype | None:
     stored = getattr(checkpoint.config, "torch_dtype", None) or getattr(checkpoint.config, "dtype", None)
     if isinstance(stored, torch.dtype):
         return stored
-    if isinstance(stored, str) and stored in ("float32", "bfloat16", "float16"):
-        return getattr(torch, stored)
-    return None
+    return DTYPES.get(stored) if isinstance(stored, str) else None
 
 
 @dataclass(frozen=True)
