@@ -13,6 +13,7 @@ import torch.distributed as dist
 from bloomduo.checkpoint import Checkpoint
 from bloomduo.logs import get_logger
 from bloomduo.tensor_wire import DTYPES
+from shard_worker.cpu_weights import pack_linear_weights, packing_applies
 from shard_worker.distributed import backend_for, init_distributed, npu_nz_requested, to_npu_nz_format
 from shard_worker.kv_cache import KVCache
 from shard_worker.model import BloomShardModel, Chunk
@@ -111,6 +112,8 @@ class ShardEngine:
         )
         if npu_nz_requested(device):
             to_npu_nz_format(model)
+        elif packing_applies(device, dtype):
+            pack_linear_weights(model)
         engine = cls(model, device=device, dtype=dtype, model_name=Path(options.model_dir).name)
         engine.group_id = group_id[0]
         log.info(
