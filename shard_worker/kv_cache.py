@@ -174,15 +174,11 @@ class KVCache:
         """Store one token per sequence (keys/values [B, num_heads, head_dim]) at its slot and position.
 
         Returns the first `num_slots` slots' first `kv_length` positions as views
-        [num_slots * num_heads, kv_length, head_dim], ready for a batched matmul.
+        [num_slots, num_heads, kv_length, head_dim], ready for one batched attention call.
         """
         self.keys[layer, slots, :, positions] = keys
         self.values[layer, slots, :, positions] = values
-        shape = (num_slots * self.num_heads, kv_length, self.head_dim)
-        return (
-            self.keys[layer, :num_slots, :, :kv_length].view(shape),
-            self.values[layer, :num_slots, :, :kv_length].view(shape),
-        )
+        return self.keys[layer, :num_slots, :, :kv_length], self.values[layer, :num_slots, :, :kv_length]
 
     def commit(self, chunks: Iterable[ChunkLike]) -> None:
         """Advance each sequence's length once every layer has written the chunk."""

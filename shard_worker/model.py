@@ -7,8 +7,10 @@ computes", which is all of them when the model is not sharded.
 
 A step's input is "flat tokens": hidden_states [total_tokens, hidden] made of one chunk per
 sequence. Linear layers see all rows at once; attention runs per chunk against that sequence's
-KV cache. The arithmetic follows transformers' modeling_bloom.py step by step (ALiBi added through
-baddbmm, softmax in float32, tanh GELU), so logits match BloomForCausalLM in every dtype.
+KV cache. The arithmetic follows transformers' modeling_bloom.py (ALiBi added to the scaled scores,
+softmax in float32, tanh GELU), so float32 logits match BloomForCausalLM to float32 rounding.
+Attention goes through the fused scaled_dot_product_attention: HF's bf16 path rounds the scores to
+bf16 and copies the strided KV views on every call, which cost a CPU worker a fifth of its step.
 
     block(x) = x' + MLP(LN2(x')),   x' = x + Attention(LN1(x))      (pre-LN; see residual_from_ln)
     Attention: scores = alibi_slope[h] * key_position + q.k / sqrt(head_dim), causal, softmax
@@ -57,38 +59,57 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
-    """The tanh approximation of GELU, with BLOOM's exact constants."""
-    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+    """The tanh approximation of GELU, fused: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    BLOOM writes sqrt(2/pi) as 0.79788456, 1e-9 from the exact constant torch uses: below float32's
+    resolution. Unfused, the eight elementwise passes cost a CPU worker a quarter of a prefill.
+    """
+    return F.gelu(x, approximate="tanh")
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """How one step's rows map onto sequences; built once per step, shared by every layer.
+    """How one step's rows map onto sequences, and their attention biases; built once per step and
+    shared by every layer (the biases depend on positions and heads only).
 
-    Chunks of one token (every decode, and one-token prompts) attend together in one batched
-    matmul over the cache's first `num_slots` slots; longer chunks (prefills) attend one by one.
+    Chunks of one token (every decode, and one-token prompts) attend together in one batched call
+    over the cache's first `num_slots` slots; longer chunks (prefills) attend one by one.
     """
 
-    single_rows: torch.Tensor  # rows of hidden_states that are one-token chunks
+    single_rows: torch.Tensor | None  # rows of hidden_states that are one-token chunks (None: all rows)
     single_slots: torch.Tensor  # their cache slots
     single_positions: torch.Tensor  # their positions (= keys already cached)
-    num_slots: int  # slots covered by the batched matmul
+    num_slots: int  # slots covered by the batched call
     kv_length: int  # keys per slot it reads
-    # [num_slots * heads, 1, kv_length]: ALiBi where a slot's token may look, dtype-min elsewhere
+    # [num_slots, heads, 1, kv_length]: ALiBi where a slot's token may look, dtype-min elsewhere
     single_bias: torch.Tensor | None
-    multi: list[tuple[Chunk, slice]]  # longer chunks and their rows
+    # longer chunks, their rows and their [heads, num_tokens, kv_length] ALiBi + causal bias
+    multi: list[tuple[Chunk, slice, torch.Tensor]]
+
+
+def alibi_bias(slopes: torch.Tensor, kv_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[heads, 1, kv_length]: slope[h] * key_position, as HF builds it (the query's own offset is a
+    per-row constant, which softmax ignores)."""
+    key_positions = torch.arange(kv_length, device=slopes.device)
+    return (slopes[:, None, None] * key_positions).to(dtype)
 
 
 def plan_step(chunks: list[Chunk], cache: KVCache, slopes: torch.Tensor, dtype: torch.dtype) -> StepPlan:
     device = slopes.device
+    masked = torch.finfo(dtype).min
     singles: list[tuple[int, int, int]] = []
-    multi: list[tuple[Chunk, slice]] = []
+    multi: list[tuple[Chunk, slice, torch.Tensor]] = []
     offset = 0
     for chunk in chunks:
         if chunk.num_tokens == 1:
             singles.append((offset, cache.slot(chunk.sequence_id), chunk.start_position))
         else:
-            multi.append((chunk, slice(offset, offset + chunk.num_tokens)))
+            rows = slice(offset, offset + chunk.num_tokens)
+            kv_length = chunk.start_position + chunk.num_tokens
+            # a query at position p sees keys 0..p
+            query_positions = torch.arange(chunk.start_position, kv_length, device=device)
+            future = torch.arange(kv_length, device=device)[None, :] > query_positions[:, None]
+            multi.append((chunk, rows, alibi_bias(slopes, kv_length, dtype).masked_fill(future, masked)))
         offset += chunk.num_tokens
     rows, slots, positions = torch.tensor(singles, dtype=torch.long, device=device).view(-1, 3).unbind(1)
     bias = None
@@ -96,15 +117,13 @@ def plan_step(chunks: list[Chunk], cache: KVCache, slopes: torch.Tensor, dtype: 
     if singles:
         num_slots = max(slot for _, slot, _ in singles) + 1
         kv_length = max(position for _, _, position in singles) + 1
-        key_positions = torch.arange(kv_length, device=device)
-        alibi = (slopes[:, None, None] * key_positions).to(dtype)  # [heads, 1, kv_length], as HF builds it
         # Each slot sees keys 0..its position; slots outside this batch see nothing (their rows are dropped).
         limit = torch.full((num_slots,), -1, dtype=torch.long, device=device)
         limit[slots] = positions
-        visible = key_positions[None, :] <= limit[:, None]  # [num_slots, kv_length]
-        bias = torch.where(visible[:, None, None, :], alibi, torch.finfo(dtype).min)
-        bias = bias.reshape(num_slots * slopes.shape[0], 1, kv_length)
-    return StepPlan(rows, slots, positions, num_slots, kv_length, bias, multi)
+        visible = torch.arange(kv_length, device=device)[None, :] <= limit[:, None]  # [num_slots, kv_length]
+        bias = torch.where(visible[:, None, None, :], alibi_bias(slopes, kv_length, dtype), masked)
+    all_rows = not multi  # a decode-only step: the singles are every row, in order
+    return StepPlan(None if all_rows else rows, slots, positions, num_slots, kv_length, bias, multi)
 
 
 class Attention(nn.Module):
@@ -127,41 +146,38 @@ class Attention(nn.Module):
         qkv = self.query_key_value(x).view(total, self.num_heads, 3, self.head_dim)
         # [tokens, heads, head_dim] views of the fused projection
         query, key, value = qkv.unbind(2)
-        context = torch.empty(total, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
-        if plan.single_bias is not None:
-            rows = plan.single_rows
-            context[rows] = self._attend_singles(plan, query[rows], key[rows], value[rows], cache, layer)
-        for chunk, rows in plan.multi:
-            q, k, v = (t[rows].transpose(0, 1) for t in (query, key, value))
-            context[rows] = self._attend_chunk(chunk, q, k, v, cache, layer)
-        return self.dense(context.view(total, self.num_heads * self.head_dim))
+        if not plan.multi:
+            context = self._attend_singles(plan, query, key, value, cache, layer)
+        else:
+            context = torch.empty(total, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
+            if plan.single_bias is not None:
+                rows = plan.single_rows
+                context[rows] = self._attend_singles(plan, query[rows], key[rows], value[rows], cache, layer)
+            for chunk, rows, bias in plan.multi:
+                q, k, v = (t[rows].transpose(0, 1) for t in (query, key, value))
+                context[rows] = self._attend_chunk(chunk, q, k, v, bias, cache, layer)
+        return self.dense(context.reshape(total, self.num_heads * self.head_dim))
+
+    def _attention(self, q, keys, values, bias) -> torch.Tensor:
+        """softmax(q.k / sqrt(head_dim) + bias) . v, fused (scores and softmax in float32 on every device)."""
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=self.inv_norm_factor)
 
     def _attend_singles(self, plan: StepPlan, q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
-        """One new token per sequence ([B, heads, d]) against each one's cache, in one batched matmul."""
+        """One new token per sequence ([B, heads, d]) against each one's cache, in one batched call."""
         keys, values = cache.write_tokens(
             layer, plan.single_slots, plan.single_positions, k, v, plan.num_slots, plan.kv_length
         )
-        queries = q.new_zeros(plan.num_slots, self.num_heads, self.head_dim)
-        queries[plan.single_slots] = q
-        queries = queries.view(plan.num_slots * self.num_heads, 1, self.head_dim)
-        scores = plan.single_bias.baddbmm(queries, keys.transpose(1, 2), beta=1.0, alpha=self.inv_norm_factor)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.bmm(probs, values).view(plan.num_slots, self.num_heads, self.head_dim)
-        return out[plan.single_slots]
+        queries = q.new_zeros(plan.num_slots, self.num_heads, 1, self.head_dim)
+        queries[plan.single_slots, :, 0] = q
+        out = self._attention(queries, keys, values, plan.single_bias)  # [num_slots, heads, 1, d]
+        return out[plan.single_slots, :, 0]
 
-    def _attend_chunk(self, chunk: Chunk, q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
+    def _attend_chunk(self, chunk: Chunk, q, k, v, bias, cache: KVCache, layer: int) -> torch.Tensor:
         """One sequence's queries [heads, n, d] against its cached and new keys; returns [n, heads, d]."""
         keys, values = cache.write(layer, chunk.sequence_id, chunk.start_position, k, v)
-        kv_length = keys.shape[1]
-        key_positions = torch.arange(kv_length, device=q.device)
-        alibi = (self.alibi_slopes[:, None, None] * key_positions).to(q.dtype)  # [heads, 1, kv_length]
-        scores = alibi.baddbmm(q, keys.transpose(1, 2), beta=1.0, alpha=self.inv_norm_factor)
-        # a query at position p sees keys 0..p
-        query_positions = torch.arange(chunk.start_position, kv_length, device=q.device)
-        future = key_positions[None, :] > query_positions[:, None]
-        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.bmm(probs, values).transpose(0, 1)
+        # 4-d [1, heads, ...]: the fused CPU kernel takes only batched inputs (3-d falls back to unfused)
+        out = self._attention(q[None], keys[None], values[None], bias[None])
+        return out[0].transpose(0, 1)
 
 
 class MLP(nn.Module):
