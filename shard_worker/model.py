@@ -83,6 +83,7 @@ class StepPlan:
     kv_length: int  # keys per slot it reads
     # [num_slots, heads, 1, kv_length]: ALiBi where a slot's token may look, dtype-min elsewhere
     single_bias: torch.Tensor | None
+    slots_match_rows: bool  # single i sits in slot i (the usual decode batch): no scatter or gather
     # longer chunks, their rows and their [heads, num_tokens, kv_length] ALiBi + causal bias
     multi: list[tuple[Chunk, slice, torch.Tensor]]
 
@@ -123,7 +124,10 @@ def plan_step(chunks: list[Chunk], cache: KVCache, slopes: torch.Tensor, dtype: 
         visible = torch.arange(kv_length, device=device)[None, :] <= limit[:, None]  # [num_slots, kv_length]
         bias = torch.where(visible[:, None, None, :], alibi_bias(slopes, kv_length, dtype), masked)
     all_rows = not multi  # a decode-only step: the singles are every row, in order
-    return StepPlan(None if all_rows else rows, slots, positions, num_slots, kv_length, bias, multi)
+    slots_match_rows = num_slots == len(singles) and all(slot == i for i, (_, slot, _) in enumerate(singles))
+    return StepPlan(
+        None if all_rows else rows, slots, positions, num_slots, kv_length, bias, slots_match_rows, multi
+    )
 
 
 class Attention(nn.Module):
@@ -167,6 +171,8 @@ class Attention(nn.Module):
         keys, values = cache.write_tokens(
             layer, plan.single_slots, plan.single_positions, k, v, plan.num_slots, plan.kv_length
         )
+        if plan.slots_match_rows:
+            return self._attention(q[:, :, None], keys, values, plan.single_bias)[:, :, 0]
         queries = q.new_zeros(plan.num_slots, self.num_heads, 1, self.head_dim)
         queries[plan.single_slots, :, 0] = q
         out = self._attention(queries, keys, values, plan.single_bias)  # [num_slots, heads, 1, d]
