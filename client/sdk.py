@@ -111,8 +111,20 @@ class StreamEvent:
 
 
 @dataclass(frozen=True)
+class Load:
+    """What the deployment holds right now; the worker lists are in rank order (empty while not serving)."""
+
+    running_requests: int
+    waiting_requests: int
+    serving: bool
+    worker_cached_sequences: list[int]
+    worker_cached_tokens: list[int]
+    worker_kv_cache_bytes: list[int]  # allocated, used or not
+
+
+@dataclass(frozen=True)
 class Info:
-    """What the gateway serves: model name, shard count, dtype, devices, vocabulary size and limits."""
+    """What the gateway serves: model name, shard count, dtype, devices, vocabulary size, limits and load."""
 
     model: str
     num_shards: int
@@ -121,6 +133,7 @@ class Info:
     vocab_size: int
     limits: dict[str, int]
     version: str
+    load: Load
 
 
 @dataclass(frozen=True)
@@ -204,6 +217,14 @@ def _info(message: gateway_pb2.InfoResponse) -> Info:
         vocab_size=message.vocab_size,
         limits=limits,
         version=message.version,
+        load=Load(
+            running_requests=message.load.running_requests,
+            waiting_requests=message.load.waiting_requests,
+            serving=message.load.serving,
+            worker_cached_sequences=list(message.load.worker_cached_sequences),
+            worker_cached_tokens=list(message.load.worker_cached_tokens),
+            worker_kv_cache_bytes=list(message.load.worker_kv_cache_bytes),
+        ),
     )
 
 

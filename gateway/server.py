@@ -200,6 +200,7 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
             else:
                 info.load.worker_cached_sequences.extend(w.cached_sequences for w in workers)
                 info.load.worker_cached_tokens.extend(w.cached_tokens for w in workers)
+                info.load.worker_kv_cache_bytes.extend(w.kv_cache_bytes for w in workers)
         return info
 
 

@@ -58,6 +58,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             info.parameter_bytes = engine.parameter_bytes
             info.cached_sequences = engine.cache.num_sequences
             info.cached_tokens = engine.cache.num_tokens
+            info.kv_cache_bytes = engine.cache.nbytes
             info.local_heads = engine.local_heads
             info.model = engine.model_name
             info.group_id = engine.group_id

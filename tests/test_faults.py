@@ -139,7 +139,7 @@ def test_cancel_and_deadline_free_the_kv_cache(tiny_stack) -> None:
         stream = bloom.generate_stream("Cancel me", **LONG)
         for _ in range(3):
             next(stream)
-        assert max(bloom_info_load(bloom).worker_cached_sequences) == 1
+        assert max(bloom.info(timeout=5).load.worker_cached_sequences) == 1
         stream.close()  # the client goes away mid-generation
         _wait_for(lambda: _idle(tiny_stack.target), timeout_s=5)
 
@@ -150,15 +150,9 @@ def test_cancel_and_deadline_free_the_kv_cache(tiny_stack) -> None:
         assert bloom.generate("next one", max_new_tokens=3).generated_tokens == 3
 
 
-def bloom_info_load(bloom: Client):
-    from bloomduo.v1 import gateway_pb2
-
-    return bloom._stub.Info(gateway_pb2.InfoRequest(), timeout=5).load
-
-
 def _idle(target: str) -> bool:
     with Client(target) as bloom:
-        load = bloom_info_load(bloom)
+        load = bloom.info(timeout=5).load
     return (
         load.running_requests == 0 and load.waiting_requests == 0 and set(load.worker_cached_sequences) == {0}
     )
