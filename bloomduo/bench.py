@@ -204,6 +204,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             stack.stop()
 
     prompt_ids = measured.pop("prompt_ids")
+    if measured["memory"]:
+        measured["memory"].update(checkpoint_sizes(args.model))
     baseline = None
     if args.baseline == "transformers":
         if args.dtype not in ("auto", measured["info"]["dtype"]):
@@ -276,6 +278,7 @@ async def _measure_stack(args: argparse.Namespace, target: str, stack: Stack | N
             print(f"bench: warming up the stack ({args.warmup} requests)", file=sys.stderr)
             await asyncio.gather(*(_timed_request(client, prompt, args) for _ in range(args.warmup)))
         memory = {name: 0 for name in _stack_processes(stack)}
+        kv_cache: list[int] = []
         levels = []
         for level in args.concurrency:
             requests = requests_for_level(level, args.requests_per_level)
@@ -283,6 +286,7 @@ async def _measure_stack(args: argparse.Namespace, target: str, stack: Stack | N
             # Sampled between levels, while the stack still holds every sequence's memory it allocated.
             for name, process in _stack_processes(stack).items():
                 memory[name] = max(memory[name], rss_bytes(process.pid))
+            kv_cache = (await client.info()).load.worker_kv_cache_bytes  # caches only grow
     return {
         "started_at": started_at,
         "load_average": load_average,
@@ -294,7 +298,23 @@ async def _measure_stack(args: argparse.Namespace, target: str, stack: Stack | N
         },
         "prompt_ids": prompt_ids,
         "stack": {"levels": levels},
-        "memory": {"max_rss_bytes": memory} if stack else None,
+        "memory": {"max_rss_bytes": memory, "kv_cache_bytes": kv_cache} if stack else None,
+    }
+
+
+def checkpoint_sizes(model_dir: Path) -> dict[str, int]:
+    """Bytes of every tensor of the checkpoint as stored, and of its word embeddings (the memory targets'
+    yardsticks)."""
+    from bloomduo.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint(model_dir)
+
+    def size(name: str) -> int:
+        return math.prod(checkpoint.shape(name)) * checkpoint.dtype(name).itemsize
+
+    return {
+        "checkpoint_bytes": sum(size(name) for name in checkpoint.names()),
+        "embedding_bytes": size("word_embeddings.weight"),
     }
 
 
@@ -480,6 +500,25 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         ours, theirs = stack[16]["tokens_per_s"], batch[16]["tokens_per_s"]
         return ours >= 1.2 * theirs, f"{ours:.1f} tokens/s vs 1.2 x {theirs:.1f} = {1.2 * theirs:.1f}"
 
+    memory = report["memory"]
+
+    def worker_memory() -> tuple[bool, str]:
+        budget = 0.6 * memory["checkpoint_bytes"]
+        rss = [size for name, size in memory["max_rss_bytes"].items() if name.startswith("shard_")]
+        details = [
+            f"{size / 2**20:.0f} MiB vs {budget / 2**20:.0f} + {kv / 2**20:.0f} MiB"
+            for size, kv in zip(rss, memory["kv_cache_bytes"], strict=True)
+        ]
+        within = [size <= budget + kv for size, kv in zip(rss, memory["kv_cache_bytes"], strict=True)]
+        return all(within), "; ".join(details)
+
+    def gateway_memory() -> tuple[bool, str]:
+        rss, budget = memory["max_rss_bytes"]["gateway"], memory["embedding_bytes"] + 0.5e9
+        return (
+            rss <= budget,
+            f"{rss / 2**20:.0f} MiB vs {memory['embedding_bytes'] / 2**20:.0f} + {0.5e9 / 2**20:.0f} MiB",
+        )
+
     def ttft() -> tuple[bool, str]:
         at16, at1 = stack[16]["ttft_s"]["p50"] * 1000, stack[1]["ttft_s"]["p50"] * 1000
         return at16 <= 3 * at1, f"{at16:.1f} ms vs 3 x {at1:.1f} = {3 * at1:.1f} ms"
@@ -503,6 +542,19 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         1 in stack and 16 in stack,
         "needs levels 1 and 16",
         ttft,
+    )
+    measured_memory = bool(memory and memory["kv_cache_bytes"])
+    check(
+        "each worker's RSS <= 0.6 x checkpoint bytes + its KV cache",
+        measured_memory,
+        "needs --launch",
+        worker_memory,
+    )
+    check(
+        "gateway's RSS <= embedding bytes + 0.5 GB",
+        measured_memory and "gateway" in memory["max_rss_bytes"],
+        "needs --launch",
+        gateway_memory,
     )
     return checks
 
@@ -539,6 +591,14 @@ def print_report(report: dict[str, Any]) -> None:
             f"{name} {size / 2**20:.0f} MiB" for name, size in report["memory"]["max_rss_bytes"].items()
         )
         print(f"\nresident memory (VmRSS, max over the levels): {sizes}")
+        kv = ", ".join(
+            f"shard_{rank} {size / 2**20:.0f} MiB"
+            for rank, size in enumerate(report["memory"]["kv_cache_bytes"])
+        )
+        print(
+            f"KV cache allocated: {kv}; checkpoint {report['memory']['checkpoint_bytes'] / 2**20:.0f} MiB, "
+            f"embeddings {report['memory']['embedding_bytes'] / 2**20:.0f} MiB"
+        )
     baseline = report["baseline"]
     if baseline:
         print(

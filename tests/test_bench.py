@@ -98,7 +98,8 @@ def test_bench_against_the_stack_and_transformers(tiny_stack, demo_model, tmp_pa
                 assert 0 < figures["p50"] <= figures["p90"] <= figures["p99"], (name, metric, figures)
     assert [row["concurrency"] for row in report["ratios"]] == [1, 2]
     assert all(value > 0 for row in report["ratios"] for value in row.values())
-    assert [check["status"] for check in report["targets"]][1:] == ["SKIP", "SKIP", "SKIP"]  # no level 16
+    # no level 16, and memory is measured only for a stack the bench launched
+    assert [check["status"] for check in report["targets"]][1:] == ["SKIP"] * 5
     assert report["targets"][0]["status"] in ("PASS", "FAIL")
 
     assert chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
@@ -126,6 +127,16 @@ def test_bench_launches_measures_memory_and_stops_the_stack(demo_model, tmp_path
     memory = report["memory"]["max_rss_bytes"]
     assert sorted(memory) == ["gateway", "shard_0", "shard_1"]
     assert all(size > 10 * 2**20 for size in memory.values())  # each process holds torch at least
+    # The tiny demo in float32: 1030 x 96 embeddings; each rank's cache at least its first 4 slots.
+    assert report["memory"]["embedding_bytes"] == 1030 * 96 * 4
+    assert report["memory"]["checkpoint_bytes"] > report["memory"]["embedding_bytes"]
+    assert [size >= 3 * 4 * 6 * 128 * 8 * 2 * 4 for size in report["memory"]["kv_cache_bytes"]] == [
+        True,
+        True,
+    ]
+    statuses = {check["name"]: check["status"] for check in report["targets"]}
+    assert statuses["gateway's RSS <= embedding bytes + 0.5 GB"] == "PASS"
+    assert statuses["each worker's RSS <= 0.6 x checkpoint bytes + its KV cache"] in ("PASS", "FAIL")
     assert report["stack"]["levels"][0]["generated_tokens"] == 6
     assert "bloomduo / transformers" not in capsys.readouterr().out
     assert _children() == before  # the launched stack is stopped
