@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo-model", help="write a small random BLOOM checkpoint with its tokenizer")
     demo.add_argument("out_dir", type=Path)
-    demo.add_argument("--preset", default="tiny", choices=("tiny", "bloom-560m"))
+    demo.add_argument("--preset", default="tiny", choices=("tiny", "bloom-560m", "bloom-7b1"))
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES[1:])
     demo.add_argument("--num-files", type=int, default=1, help="split the weights over this many safetensors")

@@ -35,10 +35,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_size": 96, "n_head": 12, "n_layer": 3, "vocab_size": 1030},
     # bloom-560m's shape, for benchmarks; rows past the tokenizer's 1000 are padding.
     "bloom-560m": {"hidden_size": 1024, "n_head": 16, "n_layer": 24, "vocab_size": 250880},
+    # bloom-7b1's shape (14 GB in 16-bit): the GPU benchmark and the memory check at the scale we serve.
+    "bloom-7b1": {"hidden_size": 4096, "n_head": 32, "n_layer": 30, "vocab_size": 250880},
 }
 # What ensure_demo_model stores each preset in: float16 like the bigscience releases (and the 310P, which
 # has no bfloat16), except tiny, whose float32 lets tests compare against transformers to the last bit.
-PRESET_DTYPES: dict[str, torch.dtype] = {"tiny": torch.float32, "bloom-560m": torch.float16}
+PRESET_DTYPES: dict[str, torch.dtype] = {
+    "tiny": torch.float32,
+    "bloom-560m": torch.float16,
+    "bloom-7b1": torch.float16,
+}
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3, as in BLOOM
 TOKENIZER_VOCAB_SIZE = 1000

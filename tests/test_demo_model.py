@@ -281,3 +281,12 @@ def test_ensure_demo_model_generates_once(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert ensure_demo_model("tiny") == tmp_path / "demo-tiny-v1"
     assert (tmp_path / "demo-tiny-v1" / "model.safetensors").stat().st_mtime_ns == modified
     assert Checkpoint(results[0]).config.n_layer == 3
+
+
+def test_cli_offers_every_preset():
+    from bloomduo.cli import build_parser
+
+    for preset in PRESETS:
+        assert build_parser().parse_args(["demo-model", "out", "--preset", preset]).preset == preset
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo-model", "out", "--preset", "bloom-176b"])
