@@ -144,13 +144,16 @@ class ShardEngine:
             return StepOutput(logits.to("cpu"))
         wanted = torch.tensor(full_logits, dtype=torch.bool, device=logits.device)
         # Summaries cover the real vocabulary only: padding rows must never win or add mass.
-        summary = logits[~wanted, : self.real_vocab_end - self.vocab_start].float()
-        best, index = summary.max(dim=-1)
+        rows = logits[~wanted, : self.real_vocab_end - self.vocab_start]
+        best, index = rows.max(dim=-1)  # exact in any dtype, so no float32 copy of the rows for it
+        best = best.float()
+        # log-sum-exp in float32, shifted by the max; one pass fewer than torch.logsumexp
+        logsumexp = rows.float().sub_(best[:, None]).exp_().sum(dim=-1).log_().add_(best)
         return StepOutput(
             logits[wanted].to("cpu"),
             best_logit=best.tolist(),
             best_token=(index + self.vocab_start).tolist(),
-            logsumexp=torch.logsumexp(summary, dim=-1).tolist(),
+            logsumexp=logsumexp.tolist(),
         )
 
     def reset(self) -> None:
