@@ -39,6 +39,9 @@ _FILLER = (
 )
 
 
+MAX_DISTINCT_PROMPTS = len(_FILLER.split())  # one per starting word of the filler
+
+
 class BenchError(Exception):
     """The benchmark cannot run or measured something inconsistent; the message says what."""
 
@@ -152,6 +155,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated numbers of concurrent streams (default 1,2,4,8,16,32)",
     )
     load.add_argument("--prompt-tokens", type=_positive, default=32, help="prompt length in tokens")
+    load.add_argument(
+        "--distinct-prompts",
+        action="store_true",
+        help="give each request its own prompt (default: one prompt for all, which the stack's prefix "
+        "sharing serves from a running sequence's cache)",
+    )
     load.add_argument("--new-tokens", type=_positive, default=64, help="tokens generated per request (>= 2)")
     load.add_argument(
         "--requests-per-level",
@@ -226,6 +235,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "concurrency": args.concurrency,
             "requests_per_level": args.requests_per_level,
             "warmup": args.warmup,
+            "distinct_prompts": args.distinct_prompts,
             "baseline": args.baseline,
             "started_at": measured.pop("started_at"),
             "cpu_count": os.cpu_count(),
@@ -271,18 +281,27 @@ async def _measure_stack(args: argparse.Namespace, target: str, stack: Stack | N
     async with AsyncClient(target, retries=0, token=token) as client:
         info = await client.info()
         prompt, prompt_ids = await build_prompt(client, args.prompt_tokens)
+        prompts = [prompt]
+        if args.distinct_prompts:
+            most = max(
+                [args.warmup, *(requests_for_level(c, args.requests_per_level) for c in args.concurrency)]
+            )
+            for variant in range(1, min(most, MAX_DISTINCT_PROMPTS)):
+                prompts.append((await build_prompt(client, args.prompt_tokens, variant))[0])
         started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         # Other work on the machine skews every figure; the load average at the start tells a reader.
         load_average = os.getloadavg()[0]
         if args.warmup:
             print(f"bench: warming up the stack ({args.warmup} requests)", file=sys.stderr)
-            await asyncio.gather(*(_timed_request(client, prompt, args) for _ in range(args.warmup)))
+            await asyncio.gather(
+                *(_timed_request(client, prompts[i % len(prompts)], args) for i in range(args.warmup))
+            )
         memory = {name: 0 for name in _stack_processes(stack)}
         kv_cache: list[int] = []
         levels = []
         for level in args.concurrency:
             requests = requests_for_level(level, args.requests_per_level)
-            levels.append(await _measure_level(client, prompt, args, level, requests))
+            levels.append(await _measure_level(client, prompts, args, level, requests))
             # Sampled between levels, while the stack still holds every sequence's memory it allocated.
             for name, process in _stack_processes(stack).items():
                 memory[name] = max(memory[name], rss_bytes(process.pid))
@@ -338,9 +357,14 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-async def build_prompt(client: AsyncClient, n_tokens: int) -> tuple[str, list[int]]:
-    """A prompt of exactly n_tokens under the served tokenizer, and its ids, found with the Tokenize RPC."""
-    text = _FILLER
+async def build_prompt(client: AsyncClient, n_tokens: int, variant: int = 0) -> tuple[str, list[int]]:
+    """A prompt of exactly n_tokens under the served tokenizer, and its ids, found with the Tokenize RPC.
+
+    Variant k starts the filler text k words later, so different variants share (almost) no prefix.
+    """
+    words = _FILLER.split()
+    shift = variant % len(words)
+    text = " ".join(words[shift:] + words[:shift]) + " "
     while len(await client.tokenize(text)) < n_tokens:
         text += text
     # The shortest prefix with at least n_tokens, by bisection on its length in characters.
@@ -385,15 +409,15 @@ async def _timed_request(client: AsyncClient, prompt: str, args: argparse.Namesp
 
 
 async def _measure_level(
-    client: AsyncClient, prompt: str, args: argparse.Namespace, level: int, requests: int
+    client: AsyncClient, prompts: list[str], args: argparse.Namespace, level: int, requests: int
 ) -> dict[str, Any]:
     samples: list[Sample] = []
     # Shared by the level's streams: each takes the next request as soon as its previous one finished.
     pending = iter(range(requests))
 
     async def stream() -> None:
-        for _ in pending:
-            sample = await _timed_request(client, prompt, args)
+        for number in pending:
+            sample = await _timed_request(client, prompts[number % len(prompts)], args)
             samples.append(sample)
             progress("stack", level, len(samples), requests, sample)
 
@@ -561,10 +585,12 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def print_report(report: dict[str, Any]) -> None:
     config, info = report["config"], report["info"]
+    prompts = "a distinct prompt per request" if config["distinct_prompts"] else "one prompt for all requests"
     print(
         f"\n{info['model']} on {info['num_shards']} shards ({info['dtype']}, {info['device']}) at "
-        f"{config['target']}: {config['prompt_tokens']} prompt tokens, {config['new_tokens']} new tokens, "
-        f"greedy; {config['cpu_count']} cores, load average {config['load_average']:.2f} at the start"
+        f"{config['target']}: {config['prompt_tokens']} prompt tokens ({prompts}), "
+        f"{config['new_tokens']} new tokens, greedy; {config['cpu_count']} cores, "
+        f"load average {config['load_average']:.2f} at the start"
     )
     header = (
         f"{'system':<28} {'streams':>7} {'requests':>8} {'tokens/s':>9} {'req/s':>7}"

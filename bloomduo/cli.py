@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--max-batch-size", type=int, default=32)
     gateway.add_argument("--max-batch-prefill-tokens", type=int, default=4096)
     gateway.add_argument("--max-concurrent-requests", type=int, default=128)
+    gateway.add_argument(
+        "--no-prefix-sharing",
+        dest="prefix_sharing",
+        action="store_false",
+        help="compute every prompt in full instead of copying the KV cache of a running sequence's "
+        "identical prefix",
+    )
     gateway.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     _add_public_doors(gateway)
     gateway.add_argument("--shard-tls-ca", type=Path, help="CA of the workers' certificates (TLS to workers)")
@@ -197,6 +204,7 @@ def _gateway(args: argparse.Namespace) -> int:
         max_batch_prefill_tokens=args.max_batch_prefill_tokens,
         max_concurrent_requests=args.max_concurrent_requests,
         max_new_tokens=args.max_total_tokens - 1,
+        prefix_sharing=args.prefix_sharing,
     )
     targets = [target.strip() for target in args.shards.split(",") if target.strip()]
     options = GatewayOptions(

@@ -73,6 +73,7 @@ class _Sequence:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     tokens: list[GeneratedToken] = field(default_factory=list)
     cached: int = 0
+    prefix_from: int = 0  # a running sequence whose first `cached` tokens this one shares, until sent
     cancelled: bool = False
     queued_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -85,8 +86,12 @@ class _Sequence:
     def next_chunk(self, max_tokens: int) -> tuple[shard_pb2.SequenceChunk, list[int]]:
         new_ids = self.token_ids[self.cached : self.cached + max_tokens]
         chunk = shard_pb2.SequenceChunk(
-            sequence_id=self.sequence_id, start_position=self.cached, num_tokens=len(new_ids)
+            sequence_id=self.sequence_id,
+            start_position=self.cached,
+            num_tokens=len(new_ids),
+            prefix_sequence_id=self.prefix_from,
         )
+        self.prefix_from = 0
         return chunk, new_ids
 
 
@@ -240,12 +245,40 @@ class Engine:
                 budget -= take
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_batch_size:
             sequence = self.waiting.popleft()
+            if self.limits.prefix_sharing:
+                self._share_prefix(sequence)
             self.running.append(sequence)
             metrics.QUEUE_TIME.observe(time.perf_counter() - sequence.queued_at)
             take = min(sequence.pending, budget)
             plan.append((sequence, take))
             budget -= take
         return plan
+
+    def _share_prefix(self, sequence: _Sequence) -> None:
+        """Start a new sequence after the longest prefix of its prompt that a running one has cached.
+
+        Its first chunk then tells the workers to copy those keys and values. Donors are sequences
+        whose cache the workers hold before this step (not ones admitted in it). The prompt's last
+        token always runs: its logits give the first new token.
+        """
+        prompt = sequence.token_ids
+        best, best_length = None, 0
+        for donor in self.running:
+            if donor.cached == 0 or donor.prefix_from:
+                continue
+            limit = min(len(prompt) - 1, donor.cached)
+            length = _shared_length(prompt[:limit], donor.token_ids[:limit])
+            if length > best_length:
+                best, best_length = donor, length
+        if best is not None:
+            sequence.cached, sequence.prefix_from = best_length, best.sequence_id
+            metrics.PREFIX_TOKENS_SHARED.inc(best_length)
+            log.debug(
+                "prefix_shared",
+                request_id=sequence.request.request_id,
+                tokens=best_length,
+                from_request_id=best.request.request_id,
+            )
 
     async def _step(self) -> None:
         self._drop_cancelled()
@@ -378,3 +411,10 @@ class Engine:
         metrics.REQUESTS.labels("unavailable", "").inc(len(sequences))
         for sequence in sequences:
             sequence.events.put_nowait(error)
+
+
+def _shared_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two id lists of the same length have in common."""
+    if a == b:  # the usual case worth sharing (one system prompt, one benchmark prompt), compared in C
+        return len(a)
+    return next(index for index, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)

@@ -30,6 +30,9 @@ class Limits:
     max_concurrent_requests: int = 128
     max_top_k: int = 1024
     max_request_bytes: int = 1024 * 1024
+    # A new prompt that starts like a running sequence copies that prefix's KV cache (vLLM's and TGI's
+    # prefix caching, limited to sequences still running).
+    prefix_sharing: bool = True
     # Logits are divided by the temperature and (for repeated tokens) by the repetition penalty. Below
     # these floors the quotient overflows float32 to inf, the softmax turns NaN and the draw fails, which
     # fails every request in the same batch step; a smaller temperature is greedy in all but name.

@@ -25,6 +25,7 @@ class ChunkLike(Protocol):
     sequence_id: int
     start_position: int
     num_tokens: int
+    prefix_sequence_id: int
 
 
 class CachePositionError(ValueError):
@@ -115,6 +116,9 @@ class KVCache:
     def prepare(self, chunks: Iterable[ChunkLike]) -> None:
         """Check that every chunk continues its sequence, then make room for its tokens.
 
+        A new sequence's chunk with a prefix_sequence_id starts at start_position = P: its first P
+        positions are copied from that sequence, which must be cached with at least P tokens.
+
         Raises CachePositionError (a ValueError) before changing anything when a chunk's
         start_position differs from the cached length, or a sequence appears twice.
         """
@@ -127,6 +131,9 @@ class KVCache:
             seen.add(sid)
             if chunk.num_tokens < 1:
                 raise CachePositionError(f"sequence {sid}: a chunk needs at least one token")
+            if chunk.prefix_sequence_id:
+                self._check_prefix(chunk)
+                continue
             cached = self.length(sid)
             if chunk.start_position != cached:
                 hint = (
@@ -147,6 +154,28 @@ class KVCache:
         for sequence_id in new:
             self._slots[sequence_id] = self._free_slots.pop(0)
             self._lengths[sequence_id] = 0
+        for chunk in chunks:
+            if chunk.prefix_sequence_id:
+                self._copy_prefix(chunk.prefix_sequence_id, chunk.sequence_id, chunk.start_position)
+
+    def _check_prefix(self, chunk: ChunkLike) -> None:
+        sid, source, length = chunk.sequence_id, chunk.prefix_sequence_id, chunk.start_position
+        if sid in self._slots:
+            raise CachePositionError(f"sequence {sid} is cached already; only a new sequence takes a prefix")
+        if source == sid or source not in self._slots:
+            raise CachePositionError(f"sequence {sid}: prefix source {source} is not a cached sequence")
+        held = self.length(source)
+        if not 1 <= length <= held:
+            raise CachePositionError(
+                f"sequence {sid}: a prefix of {length} tokens, but sequence {source} holds {held}"
+            )
+
+    def _copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Give `target` the keys and values of `source`'s first `length` positions, in every layer."""
+        src, dst = self._slots[source], self._slots[target]
+        self.keys[:, dst, :, :length] = self.keys[:, src, :, :length]
+        self.values[:, dst, :, :length] = self.values[:, src, :, :length]
+        self._lengths[target] = length
 
     def write(
         self, layer: int, sequence_id: int, start: int, keys: torch.Tensor, values: torch.Tensor

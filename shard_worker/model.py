@@ -32,11 +32,16 @@ from shard_worker.kv_cache import KVCache
 
 @dataclass(frozen=True)
 class Chunk:
-    """Rows of hidden_states holding tokens start_position .. start_position+num_tokens-1 of a sequence."""
+    """Rows of hidden_states holding tokens start_position .. start_position+num_tokens-1 of a sequence.
+
+    prefix_sequence_id (non-zero) starts a new sequence whose first start_position tokens are those of
+    that cached sequence: the KV cache copies them (see KVCache.prepare).
+    """
 
     sequence_id: int
     start_position: int
     num_tokens: int
+    prefix_sequence_id: int = 0
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

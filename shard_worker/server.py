@@ -90,7 +90,10 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
                     hidden = decode_tensor(request.hidden_states)
                 except TensorWireError as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"hidden_states: {exc}")
-                chunks = [Chunk(c.sequence_id, c.start_position, c.num_tokens) for c in request.sequences]
+                chunks = [
+                    Chunk(c.sequence_id, c.start_position, c.num_tokens, c.prefix_sequence_id)
+                    for c in request.sequences
+                ]
                 started = time.perf_counter()
                 self.running_step = loop.run_in_executor(
                     self.executor,

@@ -62,6 +62,21 @@ def test_prompts_have_exactly_the_asked_number_of_tokens(tiny_stack) -> None:
     assert asyncio.run(lengths()) == [1, 13, 100]
 
 
+def test_prompt_variants_share_almost_no_prefix(tiny_stack) -> None:
+    """--distinct-prompts must defeat prefix sharing: variants keep the length, not the start."""
+
+    async def variants() -> list[list[int]]:
+        async with AsyncClient(tiny_stack.target) as client:
+            return [(await bench.build_prompt(client, 20, variant))[1] for variant in range(6)]
+
+    found = asyncio.run(variants())
+    assert all(len(ids) == 20 for ids in found)
+    for i, first in enumerate(found):
+        for second in found[i + 1 :]:
+            shared = next((k for k, (a, b) in enumerate(zip(first, second, strict=True)) if a != b), 20)
+            assert shared <= 2, (first, second)
+
+
 def test_bench_against_the_stack_and_transformers(tiny_stack, demo_model, tmp_path, capsys) -> None:
     out, chart = tmp_path / "results.json", tmp_path / "chart.png"
     args = _parse(
@@ -116,13 +131,13 @@ def test_bench_launches_measures_memory_and_stops_the_stack(demo_model, tmp_path
         [
             "--launch", "--model", str(demo_model()), "--num-shards", "2", "--concurrency", "2",
             "--prompt-tokens", "4", "--new-tokens", "3", "--requests-per-level", "2", "--warmup", "0",
-            "--out", str(out),
+            "--distinct-prompts", "--out", str(out),
         ]
     )  # fmt: skip
     assert bench.run(args) == 0
 
     report = json.loads(out.read_text())
-    assert report["config"]["launched"] is True
+    assert report["config"]["launched"] is True and report["config"]["distinct_prompts"] is True
     assert report["baseline"] is None and report["ratios"] == []
     memory = report["memory"]["max_rss_bytes"]
     assert sorted(memory) == ["gateway", "shard_0", "shard_1"]

@@ -60,3 +60,36 @@ def test_reflection_lists_the_services(tiny_stack) -> None:
             response = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=5)))
         names = {s.name for s in response.list_services_response.service}
         assert {service, "grpc.health.v1.Health"} <= names
+
+
+def test_a_prompt_starting_like_a_running_one_copies_its_cache(demo_model) -> None:
+    """Prefix sharing: same tokens and log-probabilities as computing the prompt, fewer tokens computed."""
+    metrics_port = free_port()
+    prompt = "One long system prompt shared by every user, then the question:"
+    longer = prompt + " and what follows it"
+    greedy = {"max_new_tokens": 8, "ignore_eos": True, "details": True}
+    with (
+        running_stack(demo_model(), num_shards=2, metrics_port=metrics_port) as stack,
+        Client(stack.target) as bloom,
+    ):
+        alone = {text: bloom.generate(text, **greedy) for text in (prompt, longer)}  # nothing to share
+        assert _value(_scrape(metrics_port), "bloomduo_prefix_tokens_shared_total") == 0
+        prompt_ids, longer_ids = bloom.tokenize(prompt), bloom.tokenize(longer)
+
+        donor = bloom.generate_stream(prompt, max_new_tokens=400, ignore_eos=True)
+        next(donor)  # its prompt is in the workers' caches now, and it keeps running
+        shared = {text: bloom.generate(text, **greedy) for text in (prompt, longer)}
+        for _ in donor:
+            pass
+        counted = _value(_scrape(metrics_port), "bloomduo_prefix_tokens_shared_total")
+
+    for text in (prompt, longer):
+        assert [t.id for t in shared[text].tokens] == [t.id for t in alone[text].tokens], text
+        for mine, theirs in zip(shared[text].tokens, alone[text].tokens, strict=True):
+            assert abs(mine.logprob - theirs.logprob) < 1e-4
+    common = next(
+        (i for i, (a, b) in enumerate(zip(prompt_ids, longer_ids, strict=False)) if a != b), len(prompt_ids)
+    )
+    # all of the identical prompt but its last token; at least the common start of the longer one
+    assert counted >= len(prompt_ids) - 1 + common
+    assert counted <= len(prompt_ids) - 1 + len(longer_ids) - 1

@@ -328,3 +328,45 @@ def test_distributed_helpers():
     if importlib.util.find_spec("torch_npu") is None:
         with pytest.raises(RuntimeError, match="torch_npu"):
             import_torch_npu()
+
+
+def test_a_copied_prefix_gives_the_logits_of_a_full_prompt():
+    """A new sequence that takes a running one's first P tokens from the cache computes only the rest,
+    and ends where computing its whole prompt ends."""
+    torch.manual_seed(0)
+    config = BloomConfig(hidden_size=24, n_head=3, n_layer=2, vocab_size=50)
+    model = BloomShardModel(config).eval()
+    shared, own = torch.randn(6, 24), torch.randn(3, 24)
+
+    cache = model.new_kv_cache(initial_capacity=4)
+    model(shared, [Chunk(1, 0, 6)], cache)  # the donor, running
+    reused = model(own, [Chunk(2, 5, 3, prefix_sequence_id=1)], cache)  # its first 5 tokens, then 3 own
+    assert cache.length(2) == 8 and cache.length(1) == 6
+
+    alone = model.new_kv_cache()
+    full = model(torch.cat([shared[:5], own]), [Chunk(7, 0, 8)], alone)
+    assert torch.allclose(reused, full, atol=1e-6)
+    # and the copy is the sequence's own from then on: the donor decoding on does not touch it
+    step = torch.randn(1, 24)
+    model(torch.randn(1, 24), [Chunk(1, 6, 1)], cache)
+    assert torch.allclose(
+        model(step, [Chunk(2, 8, 1)], cache), model(step, [Chunk(7, 8, 1)], alone), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("chunk", "message"),
+    [
+        (Chunk(2, 3, 1, prefix_sequence_id=9), "not a cached sequence"),
+        (Chunk(2, 5, 1, prefix_sequence_id=1), "holds 4"),
+        (Chunk(2, 0, 1, prefix_sequence_id=1), "a prefix of 0 tokens"),
+        (Chunk(1, 4, 1, prefix_sequence_id=1), "is cached already"),
+    ],
+)
+def test_a_bad_prefix_is_refused_before_anything_changes(chunk, message):
+    cache = KVCache(1, 2, 4)
+    cache.prepare([Chunk(1, 0, 4)])
+    cache.commit([Chunk(1, 0, 4)])
+    with pytest.raises(CachePositionError, match=message):
+        cache.prepare([chunk])
+    assert cache.sequence_ids == [1] and cache.length(1) == 4

@@ -17,14 +17,16 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SequenceChunk(_message.Message):
-    __slots__ = ("sequence_id", "start_position", "num_tokens")
+    __slots__ = ("sequence_id", "start_position", "num_tokens", "prefix_sequence_id")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     sequence_id: int
     start_position: int
     num_tokens: int
-    def __init__(self, sequence_id: _Optional[int] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    prefix_sequence_id: int
+    def __init__(self, sequence_id: _Optional[int] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., prefix_sequence_id: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("step_id", "hidden_states", "sequences", "free_sequence_ids", "request_ids", "full_logits")
