@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--device", default="cpu", help="cpu, cuda:N or npu:N")
     shard.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     shard.add_argument("--threads", type=int, help="torch threads on cpu (default: torch's own)")
+    shard.add_argument(
+        "--kv-cache-slots",
+        type=int,
+        default=32,
+        help="sequences the KV cache is allocated for at start (match the gateway's --max-batch-size)",
+    )
     shard.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     shard.add_argument("--tls-cert", type=Path, help="PEM certificate of this worker (TLS)")
     shard.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
@@ -237,6 +243,7 @@ def _shard(args: argparse.Namespace) -> int:
         dist_init=args.dist_init,
         device=args.device,
         dtype=args.dtype,
+        kv_cache_slots=args.kv_cache_slots,
     )
     serve_metrics(args.metrics_port)
     asyncio.run(serve(options, args.host, args.port, TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)))

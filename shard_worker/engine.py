@@ -32,6 +32,8 @@ class ShardOptions:
     dtype: str = "auto"
     dist_timeout_s: float = 600.0
     wedge_grace_s: float = 10.0  # how long a step may outlive its closed stream before the group is dropped
+    # Allocated at start-up, so a burst of new sequences does not stop to grow (and zero) the cache.
+    kv_cache_slots: int = 32
 
 
 def resolve_dtype(name: str, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -70,9 +72,10 @@ class ShardEngine:
         device: torch.device,
         dtype: torch.dtype,
         model_name: str,
+        kv_cache_slots: int = 4,
     ) -> None:
         self.model = model
-        self.cache: KVCache = model.new_kv_cache()
+        self.cache: KVCache = model.new_kv_cache(initial_slots=kv_cache_slots)
         self.rank = model.tp_rank
         self.world_size = model.tp_world_size
         self.device = device
@@ -114,7 +117,13 @@ class ShardEngine:
             to_npu_nz_format(model)
         elif packing_applies(device, dtype):
             pack_linear_weights(model)
-        engine = cls(model, device=device, dtype=dtype, model_name=Path(options.model_dir).name)
+        engine = cls(
+            model,
+            device=device,
+            dtype=dtype,
+            model_name=Path(options.model_dir).name,
+            kv_cache_slots=options.kv_cache_slots,
+        )
         engine.group_id = group_id[0]
         log.info(
             "shard_loaded",

@@ -234,7 +234,7 @@ class BloomShardModel(nn.Module):
     def num_local_heads(self) -> int:
         return self.h[0].self_attention.num_heads
 
-    def new_kv_cache(self, *, initial_capacity: int = 128) -> KVCache:
+    def new_kv_cache(self, *, initial_capacity: int = 128, initial_slots: int = 4) -> KVCache:
         """An empty cache shaped for this model's (local) heads, on its device and in its dtype."""
         weight = self.lm_head.weight
         return KVCache(
@@ -244,6 +244,7 @@ class BloomShardModel(nn.Module):
             device=weight.device,
             dtype=weight.dtype,
             initial_capacity=initial_capacity,
+            initial_slots=initial_slots,
         )
 
     @torch.inference_mode()

@@ -80,6 +80,10 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         self.stream_open = True
         loop = asyncio.get_running_loop()
         log.info("step_stream_opened", peer=context.peer())
+        if self.running_step is not None and not self.running_step.done():
+            # The last stream's step is still running although that stream is gone: it waits in a
+            # collective. Its own watch should have caught it; watching again costs nothing.
+            self.settling = asyncio.ensure_future(self._settle_running_step())
         # Reading in its own task keeps a receive pending at all times, so a gateway that vanishes
         # mid-step is noticed even while this handler waits on the step (gRPC notices only on I/O).
         requests: asyncio.Queue[shard_pb2.StepRequest | None] = asyncio.Queue()

@@ -38,10 +38,10 @@ def test_info_describes_the_deployment(tiny_stack) -> None:
     assert info.limits["max_input_tokens"] == 1024
     assert info.limits["max_total_tokens"] == 2048
     assert info.load.serving and len(info.load.worker_cached_sequences) == 2
-    # Each rank's cache: 3 layers x 4 slots x 6 heads x 128 positions x 8 dims, keys and values, float32
-    # at least (it only grows); both ranks hold the same shape.
+    # Each rank's cache from the start: 3 layers x 32 slots (--kv-cache-slots) x 6 heads x 128 positions
+    # x 8 dims, keys and values, float32; it only grows, and both ranks hold the same shape.
     first, second = info.load.worker_kv_cache_bytes
-    assert first == second >= 3 * 4 * 6 * 128 * 8 * 2 * 4
+    assert first == second >= 3 * 32 * 6 * 128 * 8 * 2 * 4
 
 
 def test_tokenize_returns_ids_and_count(tiny_stack) -> None:
