@@ -231,7 +231,8 @@ class Engine:
         Running decodes always go (arrivals never starve them); prompts share a token budget
         (max_batch_prefill_tokens), longer ones are cut into chunks across steps so a long prompt
         delays the running decodes by one bounded chunk at a time; new requests join first come
-        first served while the batch has room.
+        first served while the batch has room. With prefix sharing, a prompt that mostly repeats one
+        starting in this very step waits one step and then copies it (see _share_prefix).
         """
         budget = self.limits.max_batch_prefill_tokens
         plan: list[tuple[_Sequence, int]] = []
@@ -243,42 +244,48 @@ class Engine:
                 take = min(sequence.pending, budget)
                 plan.append((sequence, take))
                 budget -= take
+        starting: list[_Sequence] = []  # admitted now, computing their prompts from the first token
+        deferred: list[_Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_batch_size:
             sequence = self.waiting.popleft()
-            if self.limits.prefix_sharing:
-                self._share_prefix(sequence)
+            if self.limits.prefix_sharing and not self._share_prefix(sequence, starting):
+                deferred.append(sequence)
+                continue
+            if sequence.cached == 0:
+                starting.append(sequence)
             self.running.append(sequence)
             metrics.QUEUE_TIME.observe(time.perf_counter() - sequence.queued_at)
             take = min(sequence.pending, budget)
             plan.append((sequence, take))
             budget -= take
+        self.waiting.extendleft(reversed(deferred))
         return plan
 
-    def _share_prefix(self, sequence: _Sequence) -> None:
-        """Start a new sequence after the longest prefix of its prompt that a running one has cached.
+    def _share_prefix(self, sequence: _Sequence, starting: list[_Sequence]) -> bool:
+        """Start a new sequence after the longest prefix of its prompt that a running one has cached;
+        False (admit it next step) when a sequence `starting` in this step computes most of its prompt.
 
-        Its first chunk then tells the workers to copy those keys and values. Donors are sequences
-        whose cache the workers hold before this step (not ones admitted in it). The prompt's last
-        token always runs: its logits give the first new token.
+        The first chunk then tells the workers to copy those keys and values. Donors are sequences
+        whose cache the workers hold before this step. The prompt's last token always runs: its logits
+        give the first new token. Waiting one step for a prompt being computed right now costs about
+        what computing it again in this step would, and spares the step that work.
         """
         prompt = sequence.token_ids
-        best, best_length = None, 0
-        for donor in self.running:
-            if donor.cached == 0 or donor.prefix_from:
-                continue
-            limit = min(len(prompt) - 1, donor.cached)
-            length = _shared_length(prompt[:limit], donor.token_ids[:limit])
-            if length > best_length:
-                best, best_length = donor, length
-        if best is not None:
-            sequence.cached, sequence.prefix_from = best_length, best.sequence_id
-            metrics.PREFIX_TOKENS_SHARED.inc(best_length)
+        cached = [s for s in self.running if s.cached and not s.prefix_from]
+        donor, length = _longest_shared_prefix(prompt, cached, lambda s: s.cached)
+        pending, pending_length = _longest_shared_prefix(prompt, starting, lambda s: len(s.token_ids))
+        if pending is not None and pending_length > length and 2 * pending_length >= len(prompt):
+            return False
+        if donor is not None:
+            sequence.cached, sequence.prefix_from = length, donor.sequence_id
+            metrics.PREFIX_TOKENS_SHARED.inc(length)
             log.debug(
                 "prefix_shared",
                 request_id=sequence.request.request_id,
-                tokens=best_length,
-                from_request_id=best.request.request_id,
+                tokens=length,
+                from_request_id=donor.request.request_id,
             )
+        return True
 
     async def _step(self) -> None:
         self._drop_cancelled()
@@ -411,6 +418,20 @@ class Engine:
         metrics.REQUESTS.labels("unavailable", "").inc(len(sequences))
         for sequence in sequences:
             sequence.events.put_nowait(error)
+
+
+def _longest_shared_prefix(
+    prompt: list[int], candidates: list[_Sequence], known: Callable[[_Sequence], int]
+) -> tuple[_Sequence | None, int]:
+    """The candidate sharing the longest prefix with `prompt` among its first known(candidate) tokens
+    (never the prompt's last token), and that length; (None, 0) when none shares any."""
+    best, best_length = None, 0
+    for candidate in candidates:
+        limit = min(len(prompt) - 1, known(candidate))
+        length = _shared_length(prompt[:limit], candidate.token_ids[:limit])
+        if length > best_length:
+            best, best_length = candidate, length
+    return best, best_length
 
 
 def _shared_length(a: list[int], b: list[int]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import urllib.request
 
@@ -10,7 +11,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from bloomduo.launcher import free_port
-from client import BloomduoError, Client
+from client import AsyncClient, BloomduoError, Client
 from tests.conftest import running_stack
 
 
@@ -82,6 +83,22 @@ def test_a_prompt_starting_like_a_running_one_copies_its_cache(demo_model) -> No
         for _ in donor:
             pass
         counted = _value(_scrape(metrics_port), "bloomduo_prefix_tokens_shared_total")
+
+        # A burst of one new prompt: one request computes it, the others copy it, whether they arrive
+        # while it runs or in the very step it starts in (they then wait that one step).
+        burst = "A third prompt that four users send at the same moment, word for word"
+        burst_ids = bloom.tokenize(burst)
+
+        async def together() -> list:
+            async with AsyncClient(stack.target) as client:
+                return await asyncio.gather(
+                    *(client.generate(burst, max_new_tokens=60, ignore_eos=True) for _ in range(4))
+                )
+
+        texts = {result.text for result in asyncio.run(together())}
+        burst_counted = _value(_scrape(metrics_port), "bloomduo_prefix_tokens_shared_total") - counted
+    assert len(texts) == 1
+    assert burst_counted == 3 * (len(burst_ids) - 1)
 
     for text in (prompt, longer):
         assert [t.id for t in shared[text].tokens] == [t.id for t in alone[text].tokens], text
