@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +26,28 @@ RESTART_WINDOW_S = 300.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1", exclude: Collection[int] = ()) -> list[int]:
+    """`count` different free ports, none in `exclude` (ports already promised to another process).
+
+    Every probe socket stays bound until all are picked: a port released at once can be handed out
+    again, and gRPC's SO_REUSEPORT would then let a gateway and a worker share it.
+    """
+    probes: list[socket.socket] = []
+    try:
+        picked: list[int] = []
+        while len(picked) < count:
+            sock = socket.socket()
+            probes.append(sock)
+            sock.bind((host, 0))
+            if (port := sock.getsockname()[1]) not in exclude:
+                picked.append(port)
+        return picked
+    finally:
+        for sock in probes:
+            sock.close()
 
 
 def wait_serving(
@@ -96,8 +116,18 @@ class Stack:
         self.gateway: subprocess.Popen | None = None
         self.target = f"{'127.0.0.1' if options.host in ('0.0.0.0', '::') else options.host}:{options.port}"
         # Workers listen on loopback only: the gateway is the one public door.
-        self.shard_targets = [f"127.0.0.1:{free_port()}" for _ in range(options.num_shards)]
-        self.dist_init = f"tcp://127.0.0.1:{free_port()}"
+        self.shard_targets: list[str] = []
+        *shard_ports, rendezvous = free_ports(options.num_shards + 1, exclude=self._promised_ports())
+        self.shard_targets = [f"127.0.0.1:{port}" for port in shard_ports]
+        self.dist_init = f"tcp://127.0.0.1:{rendezvous}"
+
+    def _promised_ports(self) -> set[int]:
+        """Ports this stack's processes listen on already (or will): the gateway's and its metrics'."""
+        opts = self.options
+        metrics = (
+            range(opts.metrics_port, opts.metrics_port + opts.num_shards + 1) if opts.metrics_port else ()
+        )
+        return {opts.port, *metrics, *(int(target.rsplit(":", 1)[1]) for target in self.shard_targets)}
 
     def shard_commands(self) -> list[list[str]]:
         """One `bloomduo shard` per rank: the same CLI docker-compose runs."""
@@ -137,7 +167,7 @@ class Stack:
         """Replace the whole shard group: a survivor's process group is broken along with its peer."""
         _terminate(self.shards, timeout_s=5.0)
         # A fresh rendezvous port: the old one may still be held by the dead group's store.
-        self.dist_init = f"tcp://127.0.0.1:{free_port()}"
+        self.dist_init = f"tcp://127.0.0.1:{free_ports(1, exclude=self._promised_ports())[0]}"
         self.shards = [subprocess.Popen(command) for command in self.shard_commands()]
 
     def restart_gateway(self) -> None:

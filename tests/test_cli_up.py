@@ -7,14 +7,27 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from bloomduo.launcher import free_port
+from bloomduo.launcher import Stack, StackOptions, free_port, free_ports
 from client import Client
 
 
 def _children(pid: int) -> list[int]:
     result = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
     return [int(line) for line in result.stdout.split()]
+
+
+def test_ports_are_never_handed_out_twice() -> None:
+    """A gateway and a worker once got the same port (both bound it: gRPC sets SO_REUSEPORT)."""
+    ports = free_ports(32)
+    assert len(set(ports)) == 32
+    assert not set(free_ports(32, exclude=set(ports))) & set(ports)
+    gateway = free_port()
+    stack = Stack(StackOptions(Path("model"), num_shards=4, port=gateway, metrics_port=gateway + 100))
+    taken = [int(target.rsplit(":", 1)[1]) for target in stack.shard_targets]
+    taken.append(int(stack.dist_init.rsplit(":", 1)[1]))
+    assert len(set(taken)) == 5 and not set(taken) & {gateway, *range(gateway + 100, gateway + 105)}
 
 
 def test_up_serves_the_demo_model_and_stops_cleanly(tmp_path) -> None:
