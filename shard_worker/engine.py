@@ -72,7 +72,7 @@ class ShardEngine:
         device: torch.device,
         dtype: torch.dtype,
         model_name: str,
-        kv_cache_slots: int = 4,
+        kv_cache_slots: int,
     ) -> None:
         self.model = model
         self.cache: KVCache = model.new_kv_cache(initial_slots=kv_cache_slots)
