@@ -63,15 +63,6 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return slopes
 
 
-def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
-    """The tanh approximation of GELU, fused: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
-
-    BLOOM writes sqrt(2/pi) as 0.79788456, 1e-9 from the exact constant torch uses: below float32's
-    resolution. Unfused, the eight elementwise passes cost a CPU worker a quarter of a prefill.
-    """
-    return F.gelu(x, approximate="tanh")
-
-
 @dataclass(frozen=True)
 class StepPlan:
     """How one step's rows map onto sequences, and their attention biases; built once per step and
@@ -195,10 +186,15 @@ class MLP(nn.Module):
     def __init__(self, config: BloomConfig) -> None:
         super().__init__()
         self.dense_h_to_4h = nn.Linear(config.hidden_size, 4 * config.hidden_size)
+        # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in one fused op. BLOOM writes sqrt(2/pi) as
+        # 0.79788456, 1e-9 from torch's constant: below float32's resolution. Unfused, the eight
+        # elementwise passes cost a CPU worker a quarter of a prefill. A module, so that
+        # cpu_weights.py can fold it into dense_h_to_4h.
+        self.gelu = nn.GELU(approximate="tanh")
         self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(bloom_gelu(self.dense_h_to_4h(x)))
+        return self.dense_4h_to_h(self.gelu(self.dense_h_to_4h(x)))
 
 
 class Block(nn.Module):
