@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute every prompt in full instead of copying the KV cache of a running sequence's "
         "identical prefix",
     )
+    gateway.add_argument(
+        "--no-burst-wait",
+        dest="burst_wait",
+        action="store_false",
+        help="start a step as soon as a request arrives at an idle gateway, instead of waiting a few "
+        "percent of a step for the rest of a burst",
+    )
     gateway.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     _add_public_doors(gateway)
     gateway.add_argument("--shard-tls-ca", type=Path, help="CA of the workers' certificates (TLS to workers)")
@@ -211,6 +218,7 @@ def _gateway(args: argparse.Namespace) -> int:
         max_concurrent_requests=args.max_concurrent_requests,
         max_new_tokens=args.max_total_tokens - 1,
         prefix_sharing=args.prefix_sharing,
+        burst_wait=args.burst_wait,
     )
     targets = [target.strip() for target in args.shards.split(",") if target.strip()]
     options = GatewayOptions(

@@ -24,6 +24,7 @@ from gateway.detokenizer import IncrementalDetokenizer
 from gateway.embedding import Embedder
 from gateway.sampling import Sampler, sample_batch
 from gateway.shards import ShardPool, ShardUnavailable
+from gateway.step_cost import StepCostModel, arrival_wait, prompts_to_start
 from gateway.stopping import FinishReason, StoppingCriteria
 from gateway.validation import GenerationRequest, Limits
 
@@ -133,6 +134,7 @@ class Engine:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-step")
         self.task: asyncio.Task | None = None
         self.steps = 0
+        self.step_cost = StepCostModel()
         # False while the shard group is lost and being re-formed; requests are then refused.
         self.serving = True
         self.on_serving_change = on_serving_change
@@ -186,6 +188,7 @@ class Engine:
             if not self.waiting and not self.running and not self.to_free:
                 self.wakeup.clear()
                 await self.wakeup.wait()
+                await self._await_burst()
                 continue
             try:
                 await self._step()
@@ -196,6 +199,19 @@ class Engine:
                 self.to_free.extend(s.sequence_id for s in self.running)
                 self._fail(self.running, exc)
                 self.running = []
+
+    async def _await_burst(self) -> None:
+        """Woken from idle: let the rest of a burst of requests arrive, so it shares the first step
+        instead of waiting a whole step behind its first request (see step_cost.arrival_wait)."""
+        quiet_s, max_s = arrival_wait(self.step_cost.estimate()) if self.limits.burst_wait else (0.0, 0.0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max_s
+        while (left := deadline - loop.time()) > 0:
+            self.wakeup.clear()
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), timeout=min(quiet_s, left))
+            except TimeoutError:
+                return
 
     async def _recover(self, exc: ShardUnavailable) -> None:
         """Fail everything in flight at once, then wait for the workers to re-form their group."""
@@ -231,8 +247,10 @@ class Engine:
         Running decodes always go (arrivals never starve them); prompts share a token budget
         (max_batch_prefill_tokens), longer ones are cut into chunks across steps so a long prompt
         delays the running decodes by one bounded chunk at a time; new requests join first come
-        first served while the batch has room. With prefix sharing, a prompt that mostly repeats one
-        starting in this very step waits one step and then copies it (see _share_prefix).
+        first served while the batch has room, as many at once as minimises their summed time to
+        first token under the step cost learned so far (step_cost.py); the rest start next step.
+        With prefix sharing, a prompt that mostly repeats one starting in this very step waits one
+        step and then copies it (see _share_prefix).
         """
         budget = self.limits.max_batch_prefill_tokens
         plan: list[tuple[_Sequence, int]] = []
@@ -245,20 +263,37 @@ class Engine:
                 plan.append((sequence, take))
                 budget -= take
         starting: list[_Sequence] = []  # admitted now, computing their prompts from the first token
+        admitted: list[tuple[_Sequence, int]] = []
         deferred: list[_Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.limits.max_batch_size:
+        while self.waiting and budget > 0 and len(self.running) + len(admitted) < self.limits.max_batch_size:
             sequence = self.waiting.popleft()
             if self.limits.prefix_sharing and not self._share_prefix(sequence, starting):
                 deferred.append(sequence)
                 continue
             if sequence.cached == 0:
                 starting.append(sequence)
+            take = min(sequence.pending, budget)
+            admitted.append((sequence, take))
+            budget -= take
+        start = prompts_to_start(
+            [take for _, take in admitted], sum(take for _, take in plan), self.step_cost.estimate()
+        )
+        for sequence, _ in admitted[start:]:
+            sequence.cached = sequence.prefix_from = 0  # looks for a prefix again when it starts
+        later = [sequence for sequence, _ in admitted[start:]] + deferred
+        self.waiting.extendleft(sorted(later, key=lambda s: s.sequence_id, reverse=True))
+        for sequence, take in admitted[:start]:
             self.running.append(sequence)
             metrics.QUEUE_TIME.observe(time.perf_counter() - sequence.queued_at)
-            take = min(sequence.pending, budget)
+            if sequence.prefix_from:
+                metrics.PREFIX_TOKENS_SHARED.inc(sequence.cached)
+                log.debug(
+                    "prefix_shared",
+                    request_id=sequence.request.request_id,
+                    tokens=sequence.cached,
+                    from_sequence_id=sequence.prefix_from,
+                )
             plan.append((sequence, take))
-            budget -= take
-        self.waiting.extendleft(reversed(deferred))
         return plan
 
     def _share_prefix(self, sequence: _Sequence, starting: list[_Sequence]) -> bool:
@@ -278,13 +313,6 @@ class Engine:
             return False
         if donor is not None:
             sequence.cached, sequence.prefix_from = length, donor.sequence_id
-            metrics.PREFIX_TOKENS_SHARED.inc(length)
-            log.debug(
-                "prefix_shared",
-                request_id=sequence.request.request_id,
-                tokens=length,
-                from_request_id=donor.request.request_id,
-            )
         return True
 
     async def _step(self) -> None:
@@ -300,7 +328,7 @@ class Engine:
 
         timings = StepTimings()
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
+        step_started = started = time.perf_counter()
         token_ids = torch.tensor(input_ids, dtype=torch.long)
         if len(input_ids) <= INLINE_EMBED_TOKENS:
             hidden = self.embedder(token_ids)
@@ -339,6 +367,7 @@ class Engine:
             else []
         )
         timings.sample = time.perf_counter() - started
+        self.step_cost.observe(len(input_ids), time.perf_counter() - step_started)
         greedy = iter(result.greedy)
         # Summaries come in request order for every row not sent in full, partial prefills included.
         for (sequence, _), is_ready, wants_row in zip(plan, ready, full, strict=True):

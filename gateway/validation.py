@@ -33,6 +33,9 @@ class Limits:
     # A new prompt that starts like a running sequence copies that prefix's KV cache (vLLM's and TGI's
     # prefix caching, limited to sequences still running).
     prefix_sharing: bool = True
+    # An idle engine woken by a request waits a few percent of a step for more (a burst), so they share
+    # the first step (gateway/step_cost.py arrival_wait).
+    burst_wait: bool = True
     # Logits are divided by the temperature and (for repeated tokens) by the repetition penalty. Below
     # these floors the quotient overflows float32 to inf, the softmax turns NaN and the draw fails, which
     # fails every request in the same batch step; a smaller temperature is greedy in all but name.
