@@ -190,6 +190,14 @@ class KVCache:
         self.values[layer, slot, :, start:end] = values
         return self.keys[layer, slot, :, :end], self.values[layer, slot, :, :end]
 
+    def write_prompts(
+        self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        """Store whole prompts' keys/values [prompts, num_heads, n, head_dim] at positions 0..n-1."""
+        length = keys.shape[2]
+        self.keys[layer, slots, :, :length] = keys
+        self.values[layer, slots, :, :length] = values
+
     def write_tokens(
         self,
         layer: int,

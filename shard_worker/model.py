@@ -64,12 +64,25 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class PromptGroup:
+    """Whole prompts of one length (chunks from position 0): they attend only to themselves, all under
+    the same causal ALiBi bias, so one batched call serves them all."""
+
+    rows: torch.Tensor  # their rows of hidden_states, prompt after prompt
+    slots: torch.Tensor  # their cache slots
+    length: int  # tokens per prompt
+    bias: torch.Tensor  # [heads, length, length] ALiBi + causal
+
+
+@dataclass(frozen=True)
 class StepPlan:
     """How one step's rows map onto sequences, and their attention biases; built once per step and
     shared by every layer (the biases depend on positions and heads only).
 
     Chunks of one token (every decode, and one-token prompts) attend together in one batched call
-    over the cache's first `num_slots` slots; longer chunks (prefills) attend one by one.
+    over the cache's first `num_slots` slots; whole prompts of equal length attend together in one
+    call per length; other chunks (a long prompt's later chunks, prompts after a shared prefix)
+    attend one by one.
     """
 
     single_rows: torch.Tensor | None  # rows of hidden_states that are one-token chunks (None: all rows)
@@ -80,8 +93,13 @@ class StepPlan:
     # [num_slots, heads, 1, kv_length]: ALiBi where a slot's token may look, dtype-min elsewhere
     single_bias: torch.Tensor | None
     slots_match_rows: bool  # single i sits in slot i (the usual decode batch): no scatter or gather
-    # longer chunks, their rows and their [heads, num_tokens, kv_length] ALiBi + causal bias
+    prompts: list[PromptGroup]
+    # other chunks, their rows and their [heads, num_tokens, kv_length] ALiBi + causal bias
     multi: list[tuple[Chunk, slice, torch.Tensor]]
+
+    @property
+    def decode_only(self) -> bool:
+        return not (self.prompts or self.multi)
 
 
 def alibi_bias(slopes: torch.Tensor, kv_length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -91,23 +109,43 @@ def alibi_bias(slopes: torch.Tensor, kv_length: int, dtype: torch.dtype) -> torc
     return (slopes[:, None, None] * key_positions).to(dtype)
 
 
+def causal_alibi_bias(slopes: torch.Tensor, start: int, kv_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[heads, kv_length - start, kv_length]: ALiBi for queries at positions start.., p seeing keys 0..p."""
+    device = slopes.device
+    query_positions = torch.arange(start, kv_length, device=device)
+    future = torch.arange(kv_length, device=device)[None, :] > query_positions[:, None]
+    return alibi_bias(slopes, kv_length, dtype).masked_fill(future, torch.finfo(dtype).min)
+
+
 def plan_step(chunks: list[Chunk], cache: KVCache, slopes: torch.Tensor, dtype: torch.dtype) -> StepPlan:
     device = slopes.device
     masked = torch.finfo(dtype).min
     singles: list[tuple[int, int, int]] = []
+    whole_prompts: dict[int, list[tuple[int, int]]] = {}  # length -> (first row, slot) of each prompt
     multi: list[tuple[Chunk, slice, torch.Tensor]] = []
     offset = 0
     for chunk in chunks:
         if chunk.num_tokens == 1:
             singles.append((offset, cache.slot(chunk.sequence_id), chunk.start_position))
+        elif chunk.start_position == 0:
+            whole_prompts.setdefault(chunk.num_tokens, []).append((offset, cache.slot(chunk.sequence_id)))
         else:
             rows = slice(offset, offset + chunk.num_tokens)
-            kv_length = chunk.start_position + chunk.num_tokens
-            # a query at position p sees keys 0..p
-            query_positions = torch.arange(chunk.start_position, kv_length, device=device)
-            future = torch.arange(kv_length, device=device)[None, :] > query_positions[:, None]
-            multi.append((chunk, rows, alibi_bias(slopes, kv_length, dtype).masked_fill(future, masked)))
+            end = chunk.start_position + chunk.num_tokens
+            multi.append((chunk, rows, causal_alibi_bias(slopes, chunk.start_position, end, dtype)))
         offset += chunk.num_tokens
+    prompts = [
+        PromptGroup(
+            (
+                torch.tensor([first for first, _ in members], device=device)[:, None]
+                + torch.arange(length, device=device)
+            ).view(-1),
+            torch.tensor([slot for _, slot in members], dtype=torch.long, device=device),
+            length,
+            causal_alibi_bias(slopes, 0, length, dtype),
+        )
+        for length, members in whole_prompts.items()
+    ]
     rows, slots, positions = torch.tensor(singles, dtype=torch.long, device=device).view(-1, 3).unbind(1)
     bias = None
     num_slots = kv_length = 0
@@ -119,10 +157,18 @@ def plan_step(chunks: list[Chunk], cache: KVCache, slopes: torch.Tensor, dtype: 
         limit[slots] = positions
         visible = torch.arange(kv_length, device=device)[None, :] <= limit[:, None]  # [num_slots, kv_length]
         bias = torch.where(visible[:, None, None, :], alibi_bias(slopes, kv_length, dtype), masked)
-    all_rows = not multi  # a decode-only step: the singles are every row, in order
+    all_rows = not (prompts or multi)  # a decode-only step: the singles are every row, in order
     slots_match_rows = num_slots == len(singles) and all(slot == i for i, (_, slot, _) in enumerate(singles))
     return StepPlan(
-        None if all_rows else rows, slots, positions, num_slots, kv_length, bias, slots_match_rows, multi
+        None if all_rows else rows,
+        slots,
+        positions,
+        num_slots,
+        kv_length,
+        bias,
+        slots_match_rows,
+        prompts,
+        multi,
     )
 
 
@@ -146,13 +192,16 @@ class Attention(nn.Module):
         qkv = self.query_key_value(x).view(total, self.num_heads, 3, self.head_dim)
         # [tokens, heads, head_dim] views of the fused projection
         query, key, value = qkv.unbind(2)
-        if not plan.multi:
+        if plan.decode_only:
             context = self._attend_singles(plan, query, key, value, cache, layer)
         else:
             context = torch.empty(total, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
             if plan.single_bias is not None:
                 rows = plan.single_rows
                 context[rows] = self._attend_singles(plan, query[rows], key[rows], value[rows], cache, layer)
+            for group in plan.prompts:
+                rows = group.rows
+                context[rows] = self._attend_prompts(group, query[rows], key[rows], value[rows], cache, layer)
             for chunk, rows, bias in plan.multi:
                 q, k, v = (t[rows].transpose(0, 1) for t in (query, key, value))
                 context[rows] = self._attend_chunk(chunk, q, k, v, bias, cache, layer)
@@ -173,6 +222,15 @@ class Attention(nn.Module):
         queries[plan.single_slots, :, 0] = q
         out = self._attention(queries, keys, values, plan.single_bias)  # [num_slots, heads, 1, d]
         return out[plan.single_slots, :, 0]
+
+    def _attend_prompts(self, group: PromptGroup, q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
+        """Whole prompts' queries, keys and values [prompts * length, heads, d], each prompt attending
+        to its own tokens only; returns [prompts * length, heads, d]."""
+        shape = (len(group.slots), group.length, self.num_heads, self.head_dim)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # [prompts, heads, length, d]
+        cache.write_prompts(layer, group.slots, k, v)
+        out = self._attention(q, k, v, group.bias[None])
+        return out.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim)
 
     def _attend_chunk(self, chunk: Chunk, q, k, v, bias, cache: KVCache, layer: int) -> torch.Tensor:
         """One sequence's queries [heads, n, d] against its cached and new keys; returns [n, heads, d]."""

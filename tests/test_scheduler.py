@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -77,3 +78,90 @@ def test_without_prefix_sharing_every_prompt_runs_in_full(tokenizer) -> None:
         assert not engine.waiting and all(s.prefix_from == 0 for s in engine.running)
 
     _with_requests(Limits(prefix_sharing=False), tokenizer, ["The same words", "The same words"], check)
+
+
+def _cpu_like(engine: Engine) -> None:
+    """Teach the engine a CPU's step cost: 77 ms per step plus 0.63 ms per token."""
+    for tokens in [1, 32, 1, 16, 1, 32, 1, 480, 1, 1]:
+        engine.step_cost.observe(tokens, 0.077 + 0.00063 * tokens)
+
+
+def test_a_compute_bound_burst_starts_in_the_split_with_the_least_summed_wait(tokenizer) -> None:
+    prompts = [f"Request number {n} asks about something else, at some length" for n in range(12)]
+
+    def check(engine: Engine) -> None:
+        plan = engine._schedule()  # nothing learned yet: everything starts in one step
+        assert len(plan) == 12
+        _step_done(plan)
+
+    _with_requests(Limits(prefix_sharing=False), tokenizer, prompts, check)
+
+    def check_learned(engine: Engine) -> None:
+        _cpu_like(engine)
+        plan = engine._schedule()
+        started = [s.request.request_id for s, _ in plan]
+        assert 6 <= len(started) < 12
+        assert started == [f"r{n}" for n in range(len(started))]  # first come, first served
+        assert [s.request.request_id for s in engine.waiting] == [f"r{n}" for n in range(len(started), 12)]
+        _step_done(plan)
+        for sequence, _ in plan:
+            sequence.token_ids.append(5)  # each sampled its first token
+        second = engine._schedule()  # the running ones decode; more of the queue starts
+        assert [take for _, take in second[: len(started)]] == [1] * len(started)
+        assert len(second) > len(started)
+
+    _with_requests(Limits(prefix_sharing=False), tokenizer, prompts, check_learned)
+
+
+def test_a_prompt_sent_back_to_the_queue_forgets_its_shared_prefix(tokenizer) -> None:
+    system = "You are a helpful assistant who answers in one short sentence. Question:"
+    prompts = [system] + [f"{system} item {n}" for n in range(10)]
+
+    def check(engine: Engine) -> None:
+        _step_done(engine._schedule())  # the first one starts alone; the rest copy it next step
+        _cpu_like(engine)
+        for sequence in engine.waiting:
+            sequence.token_ids += list(range(100, 160))  # long tails, so not all start at once
+        plan = engine._schedule()
+        assert 1 < len(plan) < len(prompts)
+        assert all(s.prefix_from == engine.running[0].sequence_id for s, _ in plan[1:])
+        assert engine.waiting and all(s.cached == 0 and s.prefix_from == 0 for s in engine.waiting)
+
+    _with_requests(Limits(), tokenizer, prompts, check)
+
+
+def test_an_idle_engine_lets_a_burst_arrive_before_its_first_step(tokenizer) -> None:
+    async def scenario(burst_wait: bool) -> tuple[int, float]:
+        limits = Limits(burst_wait=burst_wait)
+        engine = Engine(tokenizer, None, None, limits, eos_token_id=2)
+        for tokens in [1, 100] * 5:  # 1 s steps: waits of 40 ms of quiet, 250 ms at most
+            engine.step_cost.observe(tokens, 1.0 + 0.001 * tokens)
+        streams = []
+
+        async def arrive() -> None:
+            for n in range(5):
+                request = validate(f"r{n}", "Hello there", {"max_new_tokens": 2}, tokenizer, limits)
+                streams.append(engine.generate(request))
+                waiting.append(asyncio.ensure_future(anext(streams[-1])))
+                await asyncio.sleep(0.01)
+
+        waiting: list[asyncio.Future] = []
+        arrivals = asyncio.ensure_future(arrive())
+        while not engine.waiting:  # the first request wakes the idle engine
+            await asyncio.sleep(0)
+        started = time.perf_counter()
+        await engine._await_burst()
+        waited = time.perf_counter() - started
+        queued = len(engine.waiting)
+        await arrivals
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+        return queued, waited
+
+    queued, waited = asyncio.run(scenario(burst_wait=True))
+    assert queued == 5 and 0.04 + 0.04 <= waited < 0.25 + 0.05
+    queued, waited = asyncio.run(scenario(burst_wait=False))
+    assert queued == 1 and waited < 0.01

@@ -3,8 +3,9 @@
 W real worker processes (torch.multiprocessing spawn, gloo) each load their slice of a tiny random
 checkpoint (n_head 12, vocab 1009: prime, so no W divides it) and run the same ragged steps:
 a prefill of sequences of different lengths, decode steps fed HF's greedy tokens, a chunked
-prefill joining mid-flight, a multi-token continuation, a freed id reused. The ranks' vocabulary
-slices, concatenated and trimmed, must equal HF's logits for the last token of every chunk.
+prefill joining mid-flight, a multi-token continuation, a freed id reused, prompts of equal length.
+The ranks' vocabulary slices, concatenated and trimmed, must equal HF's logits for the last token of
+every chunk.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from shard_worker.tensor_parallel import (
 from tests._dist_helpers import TINY, make_checkpoint, open_checkpoint, parameter_bytes, run_rank
 
 # name: (sequence_id, prompt length). "F" reuses C's id after C is freed.
-SEQUENCES = {"A": (0, 5), "B": (1, 9), "C": (2, 3), "D": (3, 10), "F": (2, 6)}
+SEQUENCES = {"A": (0, 5), "B": (1, 9), "C": (2, 3), "D": (3, 10), "F": (2, 6), "G": (4, 4), "H": (5, 4)}
 # Each step: (names to free first, [(name, tokens fed)]); a chunk continues where its sequence stopped.
 SCHEDULE = [
     ([], [("A", 5), ("B", 9), ("C", 3)]),  # ragged prefill
@@ -46,6 +47,8 @@ SCHEDULE = [
     ([], [("A", 1), ("B", 1), ("D", 1)]),  # A's 8th decode
     ([], [("B", 1), ("A", 3), ("D", 1)]),  # several tokens continuing A
     ([], [("A", 1), ("F", 6)]),  # C's id reused
+    ([], [("G", 4), ("F", 1), ("H", 4), ("A", 1)]),  # two whole prompts of one length, attending together
+    ([], [("H", 1), ("G", 1), ("F", 1)]),
 ]
 
 
@@ -141,7 +144,7 @@ def test_tensor_parallel_matches_transformers(reference, world_size, tmp_path):
 
     # The wrong start_position was refused with a clear message on every rank, and nothing hung.
     assert all("starts at position" in r["position_error"] for r in ranks)
-    assert ranks[0]["cache_sequences"] == 4  # A, B, D and F (C freed)
+    assert ranks[0]["cache_sequences"] == 6  # A, B, D, F, G and H (C freed)
 
 
 def test_alibi_slopes_match_transformers():
