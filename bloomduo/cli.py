@@ -57,6 +57,46 @@ def _auth_token(path: Path | None) -> str | None:
     return os.environ.get("BLOOMDUO_AUTH_TOKEN") or None
 
 
+def _add_scheduling(parser: argparse.ArgumentParser) -> None:
+    """The gateway's limits and batching choices; `up` forwards them (and sizes the workers' KV caches)."""
+    group = parser.add_argument_group("limits and batching")
+    group.add_argument("--max-input-tokens", type=int, default=1024)
+    group.add_argument("--max-total-tokens", type=int, default=2048)
+    group.add_argument("--max-batch-size", type=int, default=32)
+    group.add_argument("--max-batch-prefill-tokens", type=int, default=4096)
+    group.add_argument("--max-concurrent-requests", type=int, default=128)
+    group.add_argument(
+        "--no-prefix-sharing",
+        dest="prefix_sharing",
+        action="store_false",
+        help="compute every prompt in full instead of copying the KV cache of a running sequence's "
+        "identical prefix",
+    )
+    group.add_argument(
+        "--no-burst-wait",
+        dest="burst_wait",
+        action="store_false",
+        help="start a step as soon as a request arrives at an idle gateway, instead of waiting a few "
+        "percent of a step for the rest of a burst",
+    )
+
+
+def _scheduling_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The `bloomduo gateway` flags that reproduce _add_scheduling's choices in `args`."""
+    values = [
+        ("--max-input-tokens", args.max_input_tokens),
+        ("--max-total-tokens", args.max_total_tokens),
+        ("--max-batch-size", args.max_batch_size),
+        ("--max-batch-prefill-tokens", args.max_batch_prefill_tokens),
+        ("--max-concurrent-requests", args.max_concurrent_requests),
+    ]
+    switches = [("--no-prefix-sharing", not args.prefix_sharing), ("--no-burst-wait", not args.burst_wait)]
+    return (
+        *(arg for flag, value in values for arg in (flag, str(value))),
+        *(flag for flag, on in switches if on),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bloomduo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, help="Prometheus /metrics of the gateway on P, of worker r on P+1+r"
     )
     _add_public_doors(up)
+    _add_scheduling(up)
 
     gateway = commands.add_parser("gateway", help="run the gateway alone (docker-compose runs it like this)")
     _add_model(gateway, required=True)
@@ -83,25 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=50051)
-    gateway.add_argument("--max-input-tokens", type=int, default=1024)
-    gateway.add_argument("--max-total-tokens", type=int, default=2048)
-    gateway.add_argument("--max-batch-size", type=int, default=32)
-    gateway.add_argument("--max-batch-prefill-tokens", type=int, default=4096)
-    gateway.add_argument("--max-concurrent-requests", type=int, default=128)
-    gateway.add_argument(
-        "--no-prefix-sharing",
-        dest="prefix_sharing",
-        action="store_false",
-        help="compute every prompt in full instead of copying the KV cache of a running sequence's "
-        "identical prefix",
-    )
-    gateway.add_argument(
-        "--no-burst-wait",
-        dest="burst_wait",
-        action="store_false",
-        help="start a step as soon as a request arrives at an idle gateway, instead of waiting a few "
-        "percent of a step for the rest of a burst",
-    )
+    _add_scheduling(gateway)
     gateway.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     _add_public_doors(gateway)
     gateway.add_argument("--shard-tls-ca", type=Path, help="CA of the workers' certificates (TLS to workers)")
@@ -190,16 +213,21 @@ def _up(args: argparse.Namespace) -> int:
         port=args.port,
         threads_per_shard=args.threads_per_shard,
         metrics_port=args.metrics_port,
-        gateway_args=tuple(
-            arg
-            for flag, value in (
-                ("--tls-cert", args.tls_cert),
-                ("--tls-key", args.tls_key),
-                ("--auth-token-file", args.auth_token_file),
-            )
-            if value is not None
-            for arg in (flag, str(value.resolve()))
+        gateway_args=(
+            *(
+                arg
+                for flag, value in (
+                    ("--tls-cert", args.tls_cert),
+                    ("--tls-key", args.tls_key),
+                    ("--auth-token-file", args.auth_token_file),
+                )
+                if value is not None
+                for arg in (flag, str(value.resolve()))
+            ),
+            *_scheduling_args(args),
         ),
+        # one KV slot per sequence the gateway may run at once
+        shard_args=("--kv-cache-slots", str(args.max_batch_size)),
         tls_root=args.tls_cert.read_bytes() if args.tls_cert else None,
     )
     return run_stack(options)

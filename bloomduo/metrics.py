@@ -26,6 +26,11 @@ PREFIX_TOKENS_SHARED = Counter(
     "bloomduo_prefix_tokens_shared_total",
     "Prompt tokens whose keys and values were copied from a running sequence instead of computed",
 )
+STEP_COST = Gauge(
+    "bloomduo_step_cost_seconds",
+    "The scheduler's fitted step time: fixed seconds per step, and seconds per token (gateway/step_cost.py)",
+    ["part"],
+)
 QUEUE_SIZE = Gauge("bloomduo_queue_size", "Requests admitted and waiting to join the batch")
 BATCH_SIZE = Gauge("bloomduo_batch_size", "Sequences in the running batch")
 STEP_BATCH = Histogram("bloomduo_step_sequences", "Sequences per model step", buckets=_BATCH_BUCKETS)

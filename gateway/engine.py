@@ -380,6 +380,10 @@ class Engine:
         for name in ("embed", "shards", "worker_compute", "sample"):
             metrics.STEP_PHASE.labels(name).observe(getattr(timings, name))
         metrics.STEP_BATCH.observe(sequences)
+        cost = self.step_cost.estimate()
+        if cost is not None:
+            metrics.STEP_COST.labels("fixed").set(cost.fixed_s)
+            metrics.STEP_COST.labels("per_token").set(cost.per_token_s)
         metrics.BATCH_SIZE.set(len(self.running))
         metrics.QUEUE_SIZE.set(len(self.waiting))
         log.debug(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -34,7 +35,10 @@ def test_up_serves_the_demo_model_and_stops_cleanly(tmp_path) -> None:
     port = free_port()
     env = {**os.environ, "BLOOMDUO_CACHE": str(tmp_path / "cache")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "bloomduo.cli", "up", "--port", str(port), "--threads-per-shard", "1"],
+        [
+            *(sys.executable, "-m", "bloomduo.cli", "up", "--port", str(port), "--threads-per-shard", "1"),
+            *("--max-batch-size", "6", "--no-burst-wait"),  # forwarded to the gateway, and to the workers
+        ],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -45,7 +49,13 @@ def test_up_serves_the_demo_model_and_stops_cleanly(tmp_path) -> None:
         children = _children(process.pid)
         assert len(children) == 3  # two shard workers and the gateway
         with Client(f"127.0.0.1:{port}") as bloom:
-            assert bloom.info().num_shards == 2
+            info = bloom.info()
+            assert info.num_shards == 2
+            assert info.limits["max_batch_size"] == 6
+            # each worker allocated KV slots for exactly the gateway's batch size
+            config = json.loads(next((tmp_path / "cache").glob("demo-tiny-*/config.json")).read_text())
+            per_slot = 2 * config["n_layer"] * 128 * config["hidden_size"] // 2 * 4  # K and V, half the heads
+            assert info.load.worker_kv_cache_bytes == [6 * per_slot] * 2
             assert bloom.generate("Hello", max_new_tokens=5, ignore_eos=True).generated_tokens == 5
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0

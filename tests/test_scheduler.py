@@ -9,7 +9,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 from tokenizers import Tokenizer
 
-from gateway.engine import Engine
+from bloomduo import metrics
+from gateway.engine import Engine, StepTimings
 from gateway.validation import Limits, validate
 
 
@@ -98,6 +99,9 @@ def test_a_compute_bound_burst_starts_in_the_split_with_the_least_summed_wait(to
 
     def check_learned(engine: Engine) -> None:
         _cpu_like(engine)
+        engine._record(StepTimings(), sequences=1, tokens=1)  # exports the fitted cost
+        assert metrics.STEP_COST.labels("fixed")._value.get() == pytest.approx(0.077)
+        assert metrics.STEP_COST.labels("per_token")._value.get() == pytest.approx(0.00063)
         plan = engine._schedule()
         started = [s.request.request_id for s, _ in plan]
         assert 6 <= len(started) < 12
