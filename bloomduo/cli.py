@@ -66,6 +66,12 @@ def _add_scheduling(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-batch-prefill-tokens", type=int, default=4096)
     group.add_argument("--max-concurrent-requests", type=int, default=128)
     group.add_argument(
+        "--max-waiting-steps",
+        type=int,
+        default=4,
+        help="steps a prompt that fits the batch may be held back to start with a later group",
+    )
+    group.add_argument(
         "--no-prefix-sharing",
         dest="prefix_sharing",
         action="store_false",
@@ -89,6 +95,7 @@ def _scheduling_args(args: argparse.Namespace) -> tuple[str, ...]:
         ("--max-batch-size", args.max_batch_size),
         ("--max-batch-prefill-tokens", args.max_batch_prefill_tokens),
         ("--max-concurrent-requests", args.max_concurrent_requests),
+        ("--max-waiting-steps", args.max_waiting_steps),
     ]
     switches = [("--no-prefix-sharing", not args.prefix_sharing), ("--no-burst-wait", not args.burst_wait)]
     return (
@@ -244,6 +251,7 @@ def _gateway(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_batch_prefill_tokens=args.max_batch_prefill_tokens,
         max_concurrent_requests=args.max_concurrent_requests,
+        max_waiting_steps=args.max_waiting_steps,
         max_new_tokens=args.max_total_tokens - 1,
         prefix_sharing=args.prefix_sharing,
         burst_wait=args.burst_wait,

@@ -76,6 +76,7 @@ class _Sequence:
     cached: int = 0
     prefix_from: int = 0  # a running sequence whose first `cached` tokens this one shares, until sent
     cancelled: bool = False
+    waited_steps: int = 0  # steps run while this one was queued
     queued_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
 
@@ -248,7 +249,8 @@ class Engine:
         (max_batch_prefill_tokens), longer ones are cut into chunks across steps so a long prompt
         delays the running decodes by one bounded chunk at a time; new requests join first come
         first served while the batch has room, as many at once as minimises their summed time to
-        first token under the step cost learned so far (step_cost.py); the rest start next step.
+        first token under the step cost learned so far (step_cost.py), and at least every one that
+        has waited max_waiting_steps steps; the rest start next step.
         With prefix sharing, a prompt that mostly repeats one starting in this very step waits one
         step and then copies it (see _share_prefix).
         """
@@ -278,10 +280,15 @@ class Engine:
         start = prompts_to_start(
             [take for _, take in admitted], sum(take for _, take in plan), self.step_cost.estimate()
         )
+        overdue = [i for i, (s, _) in enumerate(admitted) if s.waited_steps >= self.limits.max_waiting_steps]
+        if overdue:  # a bound on every prompt's wait, whatever the split would prefer
+            start = max(start, overdue[-1] + 1)
         for sequence, _ in admitted[start:]:
             sequence.cached = sequence.prefix_from = 0  # looks for a prefix again when it starts
         later = [sequence for sequence, _ in admitted[start:]] + deferred
         self.waiting.extendleft(sorted(later, key=lambda s: s.sequence_id, reverse=True))
+        for sequence in self.waiting:
+            sequence.waited_steps += 1
         for sequence, take in admitted[:start]:
             self.running.append(sequence)
             metrics.QUEUE_TIME.observe(time.perf_counter() - sequence.queued_at)

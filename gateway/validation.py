@@ -27,6 +27,9 @@ class Limits:
     max_stop_sequence_length: int = 64
     max_batch_size: int = 32
     max_batch_prefill_tokens: int = 4096
+    # A prompt that fits the batch starts after at most this many steps in the queue, even where the
+    # scheduler's split (gateway/step_cost.py) would hold it back longer.
+    max_waiting_steps: int = 4
     max_concurrent_requests: int = 128
     max_top_k: int = 1024
     max_request_bytes: int = 1024 * 1024

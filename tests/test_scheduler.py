@@ -169,3 +169,31 @@ def test_an_idle_engine_lets_a_burst_arrive_before_its_first_step(tokenizer) -> 
     assert queued == 5 and 0.04 + 0.04 <= waited < 0.25 + 0.05
     queued, waited = asyncio.run(scenario(burst_wait=False))
     assert queued == 1 and waited < 0.01
+
+
+def test_no_prompt_is_held_back_more_than_max_waiting_steps(tokenizer) -> None:
+    prompts = [f"Request number {n} asks about something else, at some length" for n in range(12)]
+
+    def two_steps(engine: Engine) -> tuple[int, int]:
+        """Prompts started in the first and the second step, for prompts long enough to be split."""
+        _cpu_like(engine)
+        for sequence in engine.waiting:
+            sequence.token_ids += list(range(100, 150))
+        first = engine._schedule()
+        assert all(s.waited_steps == 1 for s in engine.waiting)
+        _step_done(first)
+        for sequence, _ in first:
+            sequence.token_ids.append(5)
+        return len(first), len(engine._schedule()) - len(first)
+
+    def check(engine: Engine) -> None:
+        started, then = two_steps(engine)
+        assert started + then < 12  # the split holds some back twice ...
+
+    _with_requests(Limits(prefix_sharing=False), tokenizer, prompts, check)
+
+    def check_bounded(engine: Engine) -> None:
+        started, then = two_steps(engine)
+        assert started + then == 12 and not engine.waiting  # ... unless they already waited a step
+
+    _with_requests(Limits(prefix_sharing=False, max_waiting_steps=1), tokenizer, prompts, check_bounded)
