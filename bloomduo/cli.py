@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     shard.add_argument("--threads", type=int, help="torch threads on cpu (default: torch's own)")
     shard.add_argument(
+        "--cpu-cores",
+        help="comma-separated cores to run on, e.g. 0,1 (`up` gives each cpu worker its own when they fit)",
+    )
+    shard.add_argument(
         "--kv-cache-slots",
         type=int,
         default=32,
@@ -278,6 +282,20 @@ def _shard(args: argparse.Namespace) -> int:
     from shard_worker.engine import ShardOptions
     from shard_worker.server import serve
 
+    if args.cpu_cores:
+        allowed = os.sched_getaffinity(0)
+        try:
+            cores = {int(core) for core in args.cpu_cores.split(",")}
+        except ValueError:
+            cores = set()
+        if not cores or not cores <= allowed:
+            print(
+                f"bloomduo shard: --cpu-cores {args.cpu_cores!r} must be a comma-separated list of the cores "
+                f"this process may run on: {','.join(map(str, sorted(allowed)))}",
+                file=sys.stderr,
+            )
+            return 2
+        os.sched_setaffinity(0, cores)
     if args.threads:
         torch.set_num_threads(args.threads)
     options = ShardOptions(

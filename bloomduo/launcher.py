@@ -132,13 +132,24 @@ class Stack:
     def shard_commands(self) -> list[list[str]]:
         """One `bloomduo shard` per rank: the same CLI docker-compose runs."""
         opts = self.options
-        threads = opts.threads_per_shard or max(1, (os.cpu_count() or 1) // opts.num_shards)
+        cores = sorted(os.sched_getaffinity(0))
+        threads = opts.threads_per_shard or max(1, len(cores) // opts.num_shards)
+        # CPU workers that fit get cores of their own: a worker's step is 48 all-reduces, each waiting for
+        # the slower rank, so a worker moved between cores (or its cache with it) slows both.
+        pinned = opts.device == "cpu" and threads * opts.num_shards <= len(cores)
+        own_cores = [
+            ("--cpu-cores", ",".join(map(str, cores[rank * threads : (rank + 1) * threads])))
+            if pinned
+            else ()
+            for rank in range(opts.num_shards)
+        ]
         return [
             [
                 *CLI, "shard", "--model", str(opts.model_dir), "--rank", str(rank),
                 "--world-size", str(opts.num_shards), "--dist-init", self.dist_init,
                 "--host", host, "--port", port, "--device", shard_device(opts.device, rank),
                 "--dtype", opts.dtype, "--threads", str(threads),
+                *own_cores[rank],
                 *(("--metrics-port", str(opts.metrics_port + 1 + rank)) if opts.metrics_port else ()),
                 *opts.shard_args,
             ]

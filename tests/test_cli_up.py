@@ -48,6 +48,11 @@ def test_up_serves_the_demo_model_and_stops_cleanly(tmp_path) -> None:
         assert f"127.0.0.1:{port}" in line, line
         children = _children(process.pid)
         assert len(children) == 3  # two shard workers and the gateway
+        commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in children}
+        ranks = {int(c[c.index(b"--rank") + 1]): pid for pid, c in commands.items() if b"--rank" in c}
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) >= 2:  # each worker on cores of its own
+            assert [os.sched_getaffinity(ranks[rank]) for rank in (0, 1)] == [{cores[0]}, {cores[1]}]
         with Client(f"127.0.0.1:{port}") as bloom:
             info = bloom.info()
             assert info.num_shards == 2
@@ -64,3 +69,18 @@ def test_up_serves_the_demo_model_and_stops_cleanly(tmp_path) -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_worker_refuses_cores_it_may_not_use(tmp_path) -> None:
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "bloomduo.cli", "shard", "--model", str(tmp_path), "--rank", "0"),
+            *("--world-size", "1", "--dist-init", "tcp://127.0.0.1:1", "--port", "1"),
+            *("--cpu-cores", "0,4096"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--cpu-cores '0,4096' must be a comma-separated list of the cores" in result.stderr
