@@ -2,6 +2,8 @@
 
 Every step carries one decode token for each running sequence plus the prompts of newly admitted
 requests (within the batch-size and prefill-token budgets), so no request waits for another to finish.
+How many new prompts start per step, and how long an idle engine lets a burst arrive, follow from what
+a step costs on this machine (step_cost.py).
 """
 
 from __future__ import annotations
@@ -277,12 +279,7 @@ class Engine:
             take = min(sequence.pending, budget)
             admitted.append((sequence, take))
             budget -= take
-        start = prompts_to_start(
-            [take for _, take in admitted], sum(take for _, take in plan), self.step_cost.estimate()
-        )
-        overdue = [i for i, (s, _) in enumerate(admitted) if s.waited_steps >= self.limits.max_waiting_steps]
-        if overdue:  # a bound on every prompt's wait, whatever the split would prefer
-            start = max(start, overdue[-1] + 1)
+        start = self._prompts_starting_now(admitted, running_tokens=sum(take for _, take in plan))
         for sequence, _ in admitted[start:]:
             sequence.cached = sequence.prefix_from = 0  # looks for a prefix again when it starts
         later = [sequence for sequence, _ in admitted[start:]] + deferred
@@ -302,6 +299,17 @@ class Engine:
                 )
             plan.append((sequence, take))
         return plan
+
+    def _prompts_starting_now(self, admitted: list[tuple[_Sequence, int]], running_tokens: int) -> int:
+        """How many of the admitted prompts start in this step: the split with the least summed time to
+        first token, stretched to include every prompt that has waited max_waiting_steps already."""
+        start = prompts_to_start([take for _, take in admitted], running_tokens, self.step_cost.estimate())
+        overdue = [
+            index
+            for index, (sequence, _) in enumerate(admitted)
+            if sequence.waited_steps >= self.limits.max_waiting_steps
+        ]
+        return max(start, overdue[-1] + 1) if overdue else start
 
     def _share_prefix(self, sequence: _Sequence, starting: list[_Sequence]) -> bool:
         """Start a new sequence after the longest prefix of its prompt that a running one has cached;
