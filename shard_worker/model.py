@@ -50,16 +50,19 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     With p the largest power of two <= num_heads: slopes base^1..base^p, base = 2^(-8/p); the
     remaining heads take the odd powers 1, 3, 5, ... of 2^(-8/(2p)). Always call this with the
     model's TOTAL head count; a shard then takes its own slice.
+
+    Always on the CPU, also inside `with torch.device("meta")`: meta pow runs a Python decomposition
+    whose imports (dynamo, sympy) cost a worker 70 MiB of resident memory.
     """
+    cpu = torch.device("cpu")
     p = 2 ** math.floor(math.log2(num_heads))
-    base = torch.tensor(2 ** (-(2 ** -(math.log2(p) - 3))), dtype=torch.float32)
-    slopes = torch.pow(base, torch.arange(1, 1 + p, dtype=torch.int32))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(p) - 3))), dtype=torch.float32, device=cpu)
+    slopes = torch.pow(base, torch.arange(1, 1 + p, dtype=torch.int32, device=cpu))
     if p != num_heads:
-        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * p) - 3))), dtype=torch.float32)
+        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * p) - 3))), dtype=torch.float32, device=cpu)
         extra = min(p, num_heads - p)
-        slopes = torch.cat(
-            [slopes, torch.pow(extra_base, torch.arange(1, 1 + 2 * extra, 2, dtype=torch.int32))]
-        )
+        powers = torch.arange(1, 1 + 2 * extra, 2, dtype=torch.int32, device=cpu)
+        slopes = torch.cat([slopes, torch.pow(extra_base, powers)])
     return slopes
 
 

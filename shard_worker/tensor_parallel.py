@@ -124,6 +124,10 @@ def shard_tensor(name: str, tensor: torch.Tensor, rank: int, world_size: int) ->
     rule, dim, start, stop = part
     if dim is None:
         return tensor
+    if tensor.is_meta:  # a shape only; meta narrow and clone would import sympy & co (40 MiB per worker)
+        shape = list(tensor.shape)
+        shape[dim] = stop - start
+        return torch.empty(shape, dtype=tensor.dtype, device="meta")
     if rule == VOCAB:
         rows = tensor.new_zeros((stop - start, *tensor.shape[1:]))
         real = max(0, min(stop, tensor.shape[0]) - start)
