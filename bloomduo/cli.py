@@ -88,20 +88,18 @@ def _add_scheduling(parser: argparse.ArgumentParser) -> None:
 
 
 def _scheduling_args(args: argparse.Namespace) -> tuple[str, ...]:
-    """The `bloomduo gateway` flags that reproduce _add_scheduling's choices in `args`."""
-    values = [
-        ("--max-input-tokens", args.max_input_tokens),
-        ("--max-total-tokens", args.max_total_tokens),
-        ("--max-batch-size", args.max_batch_size),
-        ("--max-batch-prefill-tokens", args.max_batch_prefill_tokens),
-        ("--max-concurrent-requests", args.max_concurrent_requests),
-        ("--max-waiting-steps", args.max_waiting_steps),
-    ]
-    switches = [("--no-prefix-sharing", not args.prefix_sharing), ("--no-burst-wait", not args.burst_wait)]
-    return (
-        *(arg for flag, value in values for arg in (flag, str(value))),
-        *(flag for flag, on in switches if on),
-    )
+    """The `bloomduo gateway` flags that reproduce _add_scheduling's choices in `args`, read off the
+    flags _add_scheduling defines, so the two never drift apart."""
+    flags = argparse.ArgumentParser(add_help=False)
+    _add_scheduling(flags)
+    forwarded: list[str] = []
+    for action in flags._actions:
+        value, flag = getattr(args, action.dest), action.option_strings[0]
+        if action.nargs == 0:  # an --no-... switch: given only when it changed the default
+            forwarded += [flag] if value != action.default else []
+        else:
+            forwarded += [flag, str(value)]
+    return tuple(forwarded)
 
 
 def build_parser() -> argparse.ArgumentParser:
