@@ -1,6 +1,6 @@
 """Python SDK for bloomduo: `Client` (blocking) and `AsyncClient` (asyncio) over the gateway's gRPC API.
 
-    from client import Client
+    from bloomduo.client import Client
     with Client("localhost:50051", timeout=60) as bloom:
         result = bloom.generate("The capital of France is", max_new_tokens=16)
         print(result.text, result.finish_reason)
@@ -13,7 +13,7 @@ per-call `timeout=` and `metadata=`; `token=` sends a bearer token on every call
 BloomduoError with the gRPC status code.
 """
 
-from client.sdk import (
+from bloomduo.client.sdk import (
     AsyncClient,
     BloomduoError,
     Client,

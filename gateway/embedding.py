@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bloomduo.checkpoint import Checkpoint
+from bloomduo.core.checkpoint import Checkpoint
 
 
 class Embedder:

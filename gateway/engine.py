@@ -18,17 +18,17 @@ from dataclasses import dataclass, field
 
 import tokenizers
 import torch
+from bloomduo.gateway.detokenizer import IncrementalDetokenizer
+from bloomduo.gateway.embedding import Embedder
+from bloomduo.gateway.sampling import Sampler, sample_batch
+from bloomduo.gateway.shards import ShardPool, ShardUnavailable
+from bloomduo.gateway.step_cost import StepCostModel, arrival_wait, prompts_to_start
+from bloomduo.gateway.stopping import FinishReason, StoppingCriteria
+from bloomduo.gateway.validation import GenerationRequest, Limits
 
-from bloomduo import metrics
-from bloomduo.logs import get_logger
+from bloomduo.core import metrics
+from bloomduo.core.logs import get_logger
 from bloomduo.v1 import shard_pb2
-from gateway.detokenizer import IncrementalDetokenizer
-from gateway.embedding import Embedder
-from gateway.sampling import Sampler, sample_batch
-from gateway.shards import ShardPool, ShardUnavailable
-from gateway.step_cost import StepCostModel, arrival_wait, prompts_to_start
-from gateway.stopping import FinishReason, StoppingCriteria
-from gateway.validation import GenerationRequest, Limits
 
 log = get_logger(__name__)
 

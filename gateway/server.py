@@ -13,11 +13,19 @@ from pathlib import Path
 import grpc
 import structlog
 import tokenizers
+from bloomduo.gateway.auth import BearerTokenAuth, RejectUndecodable
+from bloomduo.gateway.embedding import Embedder
+from bloomduo.gateway.engine import Engine, EngineUnavailable, GenerationResult, StreamEvent
+from bloomduo.gateway.shards import ShardPool
+from bloomduo.gateway.stopping import FinishReason
+from bloomduo.gateway.validation import GenerationRequest, Limits, ValidationError, validate
 
-from bloomduo import __version__, metrics
-from bloomduo.checkpoint import Checkpoint
-from bloomduo.logs import get_logger
-from bloomduo.serving import (
+from bloomduo import __version__
+from bloomduo.core import metrics
+from bloomduo.core.checkpoint import Checkpoint
+from bloomduo.core.dtypes import to_torch
+from bloomduo.core.logs import get_logger
+from bloomduo.core.serving import (
     NO_TLS,
     SERVER_OPTIONS,
     Health,
@@ -26,14 +34,7 @@ from bloomduo.serving import (
     enable_reflection,
     stop_event_on_signals,
 )
-from bloomduo.tensor_wire import DTYPES
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.auth import BearerTokenAuth, RejectUndecodable
-from gateway.embedding import Embedder
-from gateway.engine import Engine, EngineUnavailable, GenerationResult, StreamEvent
-from gateway.shards import ShardPool
-from gateway.stopping import FinishReason
-from gateway.validation import GenerationRequest, Limits, ValidationError, validate
 
 log = get_logger(__name__)
 SERVICE_NAME = "bloomduo.v1.GenerationService"
@@ -208,7 +209,7 @@ async def _connect(
     servicer: GenerationServicer, pool: ShardPool, checkpoint: Checkpoint, health: Health
 ) -> None:
     infos = await pool.wait_ready(servicer.options.shard_ready_timeout_s)
-    dtype = DTYPES[infos[0].dtype]
+    dtype = to_torch(infos[0].dtype)
     servicer.info.dtype = infos[0].dtype
     servicer.info.device = ",".join(info.device for info in infos)
     embedder = await asyncio.to_thread(Embedder, checkpoint, dtype)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from bloomduo.logs import get_logger
-from bloomduo.serving import NO_TLS, TlsFiles, secure_or_insecure_channel
-from bloomduo.tensor_wire import decode_tensor, encode_tensor
+from bloomduo.core.logs import get_logger
+from bloomduo.core.serving import NO_TLS, TlsFiles, secure_or_insecure_channel
+from bloomduo.core.tensor_wire import decode_tensor, encode_tensor
 from bloomduo.v1 import shard_pb2, shard_pb2_grpc
 
 log = get_logger(__name__)

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import tokenizers
-
-from gateway.sampling import SamplingParams
+from bloomduo.gateway.sampling import SamplingParams
 
 MAX_SEED = 2**64 - 1  # seeds travel as uint64 and seed torch.Generator, which takes at most this
 

@@ -14,6 +14,12 @@ python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet -c constraints.txt -e ".[test]"
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check .
+# The import contracts (pyproject.toml). import-linter reads packages from disk, and bloomduo.gateway & co
+# live in folders that the editable install maps, so it reads a wheel's layout built into a scratch folder.
+layout=$(mktemp -d)
+trap 'rm -rf "$layout"' EXIT
+"$venv/bin/pip" install --quiet --no-deps --target "$layout" .
+(cd "$layout" && PYTHONPATH="$layout" "$OLDPWD/$venv/bin/lint-imports" "$OLDPWD/pyproject.toml")
 # Tests write demo models into a private cache, never into the user's.
 export BLOOMDUO_CACHE="${BLOOMDUO_CACHE:-$PWD/$venv/cache}"
 "$venv/bin/python" -m pytest "$@"

@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
     import torch.distributed as dist
+    from bloomduo.shard_worker.shm_allreduce import ShmAllReduce
     from torch import nn
-
-    from shard_worker.shm_allreduce import ShmAllReduce
 
 _BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 
@@ -156,7 +155,7 @@ def init_distributed(
 
 def _start_shm_all_reduce(timeout_s: float) -> None:
     global _shm_reducer
-    from shard_worker.shm_allreduce import DEFAULT_SLOT_BYTES, ShmAllReduce
+    from bloomduo.shard_worker.shm_allreduce import DEFAULT_SLOT_BYTES, ShmAllReduce
 
     slot_bytes = int(os.environ.get("BLOOMDUO_SHM_ALLREDUCE_BYTES", DEFAULT_SLOT_BYTES))
     _shm_reducer = ShmAllReduce.create(slot_bytes=slot_bytes, timeout_s=timeout_s)

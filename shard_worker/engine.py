@@ -9,15 +9,20 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from bloomduo.shard_worker.cpu_weights import pack_linear_weights, packing_applies
+from bloomduo.shard_worker.distributed import (
+    backend_for,
+    init_distributed,
+    npu_nz_requested,
+    to_npu_nz_format,
+)
+from bloomduo.shard_worker.kv_cache import KVCache
+from bloomduo.shard_worker.model import BloomShardModel, Chunk
+from bloomduo.shard_worker.tensor_parallel import load_shard
 
-from bloomduo.checkpoint import Checkpoint
-from bloomduo.logs import get_logger
-from bloomduo.tensor_wire import DTYPES
-from shard_worker.cpu_weights import pack_linear_weights, packing_applies
-from shard_worker.distributed import backend_for, init_distributed, npu_nz_requested, to_npu_nz_format
-from shard_worker.kv_cache import KVCache
-from shard_worker.model import BloomShardModel, Chunk
-from shard_worker.tensor_parallel import load_shard
+from bloomduo.core.checkpoint import Checkpoint
+from bloomduo.core.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, to_torch
+from bloomduo.core.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -38,10 +43,10 @@ class ShardOptions:
 
 def resolve_dtype(name: str, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
     """ "auto" keeps the checkpoint's dtype, except on npu where 310P chips have no bfloat16."""
-    if name in DTYPES:
-        return DTYPES[name]
+    if name in FLOAT_DTYPES:
+        return to_torch(name)
     if name != "auto":
-        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, not {name!r}")
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, not {name!r}")
     if device.type == "npu":
         return torch.float16
     return checkpoint_dtype or torch.float32
@@ -51,7 +56,7 @@ def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype | None:
     stored = getattr(checkpoint.config, "torch_dtype", None) or getattr(checkpoint.config, "dtype", None)
     if isinstance(stored, torch.dtype):
         return stored
-    return DTYPES.get(stored) if isinstance(stored, str) else None
+    return to_torch(stored) if stored in FLOAT_DTYPES else None
 
 
 @dataclass(frozen=True)

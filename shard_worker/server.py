@@ -10,10 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import structlog
+from bloomduo.shard_worker.engine import ShardEngine, ShardOptions
+from bloomduo.shard_worker.model import Chunk
 
-from bloomduo import metrics
-from bloomduo.logs import get_logger
-from bloomduo.serving import (
+from bloomduo.core import metrics
+from bloomduo.core.dtypes import name_of
+from bloomduo.core.logs import get_logger
+from bloomduo.core.serving import (
     NO_TLS,
     SERVER_OPTIONS,
     Health,
@@ -22,10 +25,8 @@ from bloomduo.serving import (
     enable_reflection,
     stop_event_on_signals,
 )
-from bloomduo.tensor_wire import TensorWireError, decode_tensor, encode_tensor
+from bloomduo.core.tensor_wire import TensorWireError, decode_tensor, encode_tensor
 from bloomduo.v1 import shard_pb2, shard_pb2_grpc
-from shard_worker.engine import ShardEngine, ShardOptions
-from shard_worker.model import Chunk
 
 log = get_logger(__name__)
 SERVICE_NAME = "bloomduo.v1.ShardService"
@@ -50,7 +51,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         )
         if engine is not None:
             info.device = str(engine.device)
-            info.dtype = str(engine.dtype).removeprefix("torch.")
+            info.dtype = name_of(engine.dtype)
             info.backend = engine.backend
             info.vocab_start = engine.vocab_start
             info.vocab_end = engine.vocab_end

@@ -44,7 +44,7 @@ from multiprocessing.shared_memory import SharedMemory
 import torch
 import torch.distributed as dist
 
-from bloomduo.logs import get_logger
+from bloomduo.core.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -37,11 +37,10 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from bloomduo.shard_worker.distributed import all_reduce_sum
+from bloomduo.shard_worker.model import BloomShardModel, alibi_slopes
 from torch import nn
 from transformers import BloomConfig
-
-from shard_worker.distributed import all_reduce_sum
-from shard_worker.model import BloomShardModel, alibi_slopes
 
 REPLICATE = "replicate"  # every rank holds the whole tensor
 COLUMN = "column"  # split along dim 0 (output features): each rank computes its own outputs
@@ -185,14 +184,14 @@ def load_shard(
 ) -> BloomShardModel:
     """Build rank `rank`'s BloomShardModel reading only its slices of `checkpoint`.
 
-    `checkpoint` is a bloomduo.checkpoint.Checkpoint (or a model directory to open as one): a full
+    `checkpoint` is a bloomduo.core.checkpoint.Checkpoint (or a model directory to open as one): a full
     checkpoint, or one cut for `world_size` ranks by `bloomduo shard-weights`, whose rank file is read
     whole. Weights are cast to `dtype` on `device`; the ALiBi slopes stay float32. The model carries
     `tp_rank`, `tp_world_size` and `vocab_range` (its LM head rows). Call it on every rank: with
     world_size > 1 the forward pass all-reduces over `group` (default: the whole process group).
     """
     if isinstance(checkpoint, str | os.PathLike):
-        from bloomduo.checkpoint import Checkpoint
+        from bloomduo.core.checkpoint import Checkpoint
 
         checkpoint = Checkpoint(checkpoint)
     device = torch.device(device)

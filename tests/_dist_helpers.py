@@ -30,7 +30,7 @@ def make_checkpoint(model_dir: Path, seed: int = 0) -> BloomForCausalLM:
 
 
 class _SafetensorsCheckpoint:
-    """Stand-in for bloomduo.checkpoint.Checkpoint (same interface) until that module exists."""
+    """Stand-in for bloomduo.core.checkpoint.Checkpoint (same interface) until that module exists."""
 
     def __init__(self, model_dir) -> None:
         self.config = BloomConfig.from_pretrained(model_dir)
@@ -64,7 +64,7 @@ class _SafetensorsCheckpoint:
 
 def open_checkpoint(model_dir):
     try:
-        from bloomduo.checkpoint import Checkpoint
+        from bloomduo.core.checkpoint import Checkpoint
     except ImportError:
         return _SafetensorsCheckpoint(model_dir)
     return Checkpoint(model_dir)
@@ -79,10 +79,10 @@ def run_rank(
 ) -> None:
     """One shard worker: load this rank's slices, run the plan in each dtype, save its logits slices."""
     torch.set_num_threads(1)
-    from shard_worker.distributed import init_distributed, shutdown_distributed
-    from shard_worker.kv_cache import CachePositionError
-    from shard_worker.model import Chunk
-    from shard_worker.tensor_parallel import load_shard
+    from bloomduo.shard_worker.distributed import init_distributed, shutdown_distributed
+    from bloomduo.shard_worker.kv_cache import CachePositionError
+    from bloomduo.shard_worker.model import Chunk
+    from bloomduo.shard_worker.tensor_parallel import load_shard
 
     plan = torch.load(plan_path)
     device = torch.device("cpu")

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from bloomduo.launcher import Stack, StackOptions, free_port
+from bloomduo.apps.launcher import Stack, StackOptions, free_port
 
 
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """make(**write_demo_model kwargs) -> checkpoint dir, written once per distinct kwargs."""
-    from bloomduo.demo_model import write_demo_model
+    from bloomduo.apps.demo_model import write_demo_model
 
     made: dict[tuple, Path] = {}
 

@@ -9,9 +9,9 @@ import os
 import subprocess
 
 import pytest
+from bloomduo.client import AsyncClient
 
-from bloomduo import bench
-from client import AsyncClient
+from bloomduo.apps import bench
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from structlog.testing import capture_logs
 from transformers import BloomForCausalLM
 
-from bloomduo.checkpoint import Checkpoint, CheckpointError
-from bloomduo.demo_model import write_demo_model
+from bloomduo.apps.demo_model import write_demo_model
+from bloomduo.core.checkpoint import Checkpoint, CheckpointError
 
 QKV = "h.1.self_attention.query_key_value.weight"
 DENSE = "h.0.self_attention.dense.weight"

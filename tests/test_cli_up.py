@@ -10,8 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from bloomduo.launcher import Stack, StackOptions, free_port, free_ports
-from client import Client
+from bloomduo.client import Client
+
+from bloomduo.apps.launcher import Stack, StackOptions, free_port, free_ports
 
 
 def _children(pid: int) -> list[int]:
@@ -36,7 +37,7 @@ def test_up_serves_the_demo_model_and_stops_cleanly(tmp_path) -> None:
     env = {**os.environ, "BLOOMDUO_CACHE": str(tmp_path / "cache")}
     process = subprocess.Popen(
         [
-            *(sys.executable, "-m", "bloomduo.cli", "up", "--port", str(port), "--threads-per-shard", "1"),
+            *(sys.executable, "-m", "bloomduo", "up", "--port", str(port), "--threads-per-shard", "1"),
             *("--max-batch-size", "6", "--no-burst-wait"),  # forwarded to the gateway, and to the workers
         ],
         stdout=subprocess.PIPE,
@@ -74,7 +75,7 @@ def test_up_serves_the_demo_model_and_stops_cleanly(tmp_path) -> None:
 def test_a_worker_refuses_cores_it_may_not_use(tmp_path) -> None:
     result = subprocess.run(
         [
-            *(sys.executable, "-m", "bloomduo.cli", "shard", "--model", str(tmp_path), "--rank", "0"),
+            *(sys.executable, "-m", "bloomduo", "shard", "--model", str(tmp_path), "--rank", "0"),
             *("--world-size", "1", "--dist-init", "tcp://127.0.0.1:1", "--port", "1"),
             *("--cpu-cores", "0,4096"),
         ],

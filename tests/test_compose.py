@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bloomduo.cli import build_parser
+from bloomduo.apps.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

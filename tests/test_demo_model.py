@@ -11,8 +11,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, BloomForCausalLM
 
-from bloomduo.checkpoint import Checkpoint
-from bloomduo.demo_model import (
+from bloomduo.apps.demo_model import (
     PRESETS,
     TOKENIZER_VOCAB_SIZE,
     default_cache_dir,
@@ -21,6 +20,7 @@ from bloomduo.demo_model import (
     train_tokenizer,
     write_demo_model,
 )
+from bloomduo.core.checkpoint import Checkpoint
 
 MULTILINGUAL = [
     "Hello world! The quick brown fox.",
@@ -284,7 +284,7 @@ def test_ensure_demo_model_generates_once(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 
 def test_cli_offers_every_preset():
-    from bloomduo.cli import build_parser
+    from bloomduo.apps.cli import build_parser
 
     for preset in PRESETS:
         assert build_parser().parse_args(["demo-model", "out", "--preset", preset]).preset == preset

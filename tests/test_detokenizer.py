@@ -6,9 +6,8 @@ import random
 from collections.abc import Sequence
 
 import pytest
+from bloomduo.gateway.detokenizer import REPLACEMENT_CHARACTER, IncrementalDetokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-from gateway.detokenizer import REPLACEMENT_CHARACTER, IncrementalDetokenizer
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 

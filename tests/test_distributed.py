@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
-
-from shard_worker.distributed import (
+from bloomduo.shard_worker.distributed import (
     NPU_FORMAT_FRACTAL_NZ,
     all_reduce_sum,
     backend_for,
@@ -32,6 +30,7 @@ from shard_worker.distributed import (
     shutdown_distributed,
     to_npu_nz_format,
 )
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 AUTOLOAD = "TORCH_DEVICE_BACKEND_AUTOLOAD"
@@ -115,7 +114,7 @@ def test_an_installed_torch_npu_does_not_break_a_cpu_run(tmp_path):
 
     code = textwrap.dedent(
         """
-        from shard_worker.distributed import prepare_device_environment
+        from bloomduo.shard_worker.distributed import prepare_device_environment
         prepare_device_environment("cpu")
         import torch
         print(torch.ones(2).sum().item())

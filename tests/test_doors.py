@@ -7,9 +7,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from bloomduo.client import BloomduoError, Client
 
-from bloomduo.checkpoint import Checkpoint
-from client import BloomduoError, Client
+from bloomduo.core.checkpoint import Checkpoint
 from tests.conftest import running_stack
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bloomduo import eval as bloomduo_eval
+from bloomduo.apps import eval as bloomduo_eval
 
 TEXT = "The quick brown fox jumps over the lazy dog. 北京是中国的首都。 def add(a, b):\n    return a + b\n"
 

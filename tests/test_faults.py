@@ -13,10 +13,10 @@ from contextlib import contextmanager
 
 import grpc
 import pytest
+from bloomduo.client import BloomduoError, Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bloomduo.launcher import free_port
-from client import BloomduoError, Client
+from bloomduo.apps.launcher import free_port
 from tests.conftest import running_stack
 
 LONG = {"max_new_tokens": 1500, "ignore_eos": True}
@@ -62,7 +62,7 @@ def bloomduo_up(tmp_path) -> Iterator[tuple[subprocess.Popen, str]]:
     port = free_port()
     env = {**os.environ, "BLOOMDUO_CACHE": str(tmp_path / "cache")}
     up = subprocess.Popen(
-        [sys.executable, "-m", "bloomduo.cli", "up", "--port", str(port), "--threads-per-shard", "1"],
+        [sys.executable, "-m", "bloomduo", "up", "--port", str(port), "--threads-per-shard", "1"],
         stdout=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     target = f"127.0.0.1:{port}"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from bloomduo.client import AsyncClient, Client
 
-from client import AsyncClient, Client
 from tests.conftest import running_stack
 from tests.reference import hf_greedy
 
@@ -68,7 +68,7 @@ def test_chunked_prefill_and_mixed_batches_match_transformers(demo_model) -> Non
 def test_worker_holds_its_share_of_the_weights(tiny_stack, demo_model) -> None:
     import grpc
 
-    from bloomduo.checkpoint import Checkpoint
+    from bloomduo.core.checkpoint import Checkpoint
     from bloomduo.v1 import shard_pb2, shard_pb2_grpc
 
     checkpoint = Checkpoint(demo_model())

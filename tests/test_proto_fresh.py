@@ -1,10 +1,10 @@
-"""The committed generated code is exactly what `python -m bloomduo.protogen` makes from proto/."""
+"""The committed generated code is exactly what `python -m bloomduo.apps.protogen` makes from proto/."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bloomduo.protogen import REPO_ROOT, generate
+from bloomduo.apps.protogen import REPO_ROOT, generate
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
@@ -13,7 +13,7 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     assert fresh, "protoc generated nothing"
     for relative in fresh:
         committed = REPO_ROOT / relative
-        assert committed.is_file(), f"{relative} is not committed; run python -m bloomduo.protogen"
+        assert committed.is_file(), f"{relative} is not committed; run python -m bloomduo.apps.protogen"
         assert committed.read_bytes() == (tmp_path / relative).read_bytes(), (
-            f"{relative} is stale; run python -m bloomduo.protogen"
+            f"{relative} is stale; run python -m bloomduo.apps.protogen"
         )

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from bloomduo.gateway.sampling import Sampler, SamplingParams, sample_batch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -15,8 +16,6 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
-
-from gateway.sampling import Sampler, SamplingParams, sample_batch
 
 VOCAB = 1000
 

@@ -7,11 +7,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
+from bloomduo.gateway.engine import Engine, StepTimings
+from bloomduo.gateway.validation import Limits, validate
 from tokenizers import Tokenizer
 
-from bloomduo import metrics
-from gateway.engine import Engine, StepTimings
-from gateway.validation import Limits, validate
+from bloomduo.core import metrics
 
 
 @pytest.fixture

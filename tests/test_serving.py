@@ -8,9 +8,8 @@ import sys
 
 import grpc
 import pytest
+from bloomduo.client import AsyncClient, BloomduoError, Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from client import AsyncClient, BloomduoError, Client
 
 MIXED_PROMPTS = [
     "北京是中国的首都，上海",
@@ -155,11 +154,11 @@ def test_bad_parameters_are_invalid_argument_naming_the_field(tiny_stack, prompt
 def test_cli_generate_streams_text(tiny_stack) -> None:
     args = ["--target", tiny_stack.target, "--max-new-tokens", "8", "--seed", "1", "--do-sample"]
     streamed = subprocess.run(
-        [sys.executable, "-m", "bloomduo.cli", "generate", "Hello", *args],
+        [sys.executable, "-m", "bloomduo", "generate", "Hello", *args],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     unary = subprocess.run(
-        [sys.executable, "-m", "bloomduo.cli", "generate", "Hello", *args, "--no-stream"],
+        [sys.executable, "-m", "bloomduo", "generate", "Hello", *args, "--no-stream"],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     with Client(tiny_stack.target) as bloom:
@@ -168,10 +167,10 @@ def test_cli_generate_streams_text(tiny_stack) -> None:
 
 
 def test_cli_health_probe(tiny_stack) -> None:
-    from bloomduo.launcher import free_port
+    from bloomduo.apps.launcher import free_port
 
     def probe(target: str) -> int:
-        command = [sys.executable, "-m", "bloomduo.cli", "health", "--target", target, "--timeout", "1"]
+        command = [sys.executable, "-m", "bloomduo", "health", "--target", target, "--timeout", "1"]
         return subprocess.run(command, capture_output=True, timeout=60).returncode
 
     assert probe(tiny_stack.target) == 0

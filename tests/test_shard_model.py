@@ -19,19 +19,19 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-from transformers import BloomConfig
-from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
-
-from shard_worker.distributed import all_reduce_sum, backend_for, import_torch_npu
-from shard_worker.kv_cache import CachePositionError, KVCache
-from shard_worker.model import BloomShardModel, Chunk, alibi_slopes
-from shard_worker.tensor_parallel import (
+from bloomduo.shard_worker.distributed import all_reduce_sum, backend_for, import_torch_npu
+from bloomduo.shard_worker.kv_cache import CachePositionError, KVCache
+from bloomduo.shard_worker.model import BloomShardModel, Chunk, alibi_slopes
+from bloomduo.shard_worker.tensor_parallel import (
     RULES,
     apply_tensor_parallel,
     load_shard,
     rule_for,
     vocab_range,
 )
+from transformers import BloomConfig
+from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
 from tests._dist_helpers import TINY, make_checkpoint, open_checkpoint, parameter_bytes, run_rank
 
 # name: (sequence_id, prompt length). "F" reuses C's id after C is freed.
@@ -300,9 +300,8 @@ def test_kv_cache_reuses_freed_slots_lowest_first():
 def test_batched_single_token_attention_matches_one_by_one():
     """Decode chunks of different lengths attend in one matmul; the result equals attending one by one."""
     torch.manual_seed(0)
+    from bloomduo.shard_worker.model import BloomShardModel
     from transformers import BloomConfig
-
-    from shard_worker.model import BloomShardModel
 
     config = BloomConfig(hidden_size=24, n_head=3, n_layer=2, vocab_size=50)
     model = BloomShardModel(config).eval()
@@ -383,7 +382,7 @@ def test_building_a_rank_on_the_meta_device_imports_no_compiler_stack():
     script = (
         "import sys\n"
         "from transformers import BloomConfig\n"
-        "from shard_worker.tensor_parallel import build_meta_shard\n"
+        "from bloomduo.shard_worker.tensor_parallel import build_meta_shard\n"
         "build_meta_shard(BloomConfig(hidden_size=64, n_head=4, n_layer=2, vocab_size=301), 1, 2)\n"
         "print(sorted(m for m in ('sympy', 'torch._dynamo') if m in sys.modules))\n"
     )

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from bloomduo.client import Client
+from bloomduo.shard_worker.tensor_parallel import load_shard
 
-from bloomduo import shard_weights
-from bloomduo.checkpoint import Checkpoint, CheckpointError
-from client import Client
-from shard_worker.tensor_parallel import load_shard
+from bloomduo.apps import shard_weights
+from bloomduo.core.checkpoint import Checkpoint, CheckpointError
 from tests.conftest import running_stack
 
 PROMPTS = ["The quick brown fox", "北京是中国的首都，", "def add(a, b):\n    return"]
@@ -60,7 +60,7 @@ def test_the_layout(demo_model: Callable[..., Path], cut_model: Path) -> None:
     assert {"tokenizer.json", "gateway.safetensors", "rank-00001-of-00002.safetensors"} <= {
         path.name for path in cut_model.iterdir()
     }
-    # What the gateway reads, served from gateway.safetensors.
+    # What the gateway reads, served from bloomduo.gateway.safetensors.
     assert torch.equal(cut.mmap("word_embeddings.weight"), full.mmap("word_embeddings.weight"))
     assert torch.equal(
         cut.read("word_embeddings_layernorm.bias"), full.read("word_embeddings_layernorm.bias")

@@ -24,8 +24,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from shard_worker.distributed import all_reduce_sum, init_distributed, shm_reducer, shutdown_distributed
+from bloomduo.shard_worker.distributed import (
+    all_reduce_sum,
+    init_distributed,
+    shm_reducer,
+    shutdown_distributed,
+)
 
 SLOT_BYTES = 64 << 10  # small, so that a [16, 1024] float32 tensor already goes through gloo
 SHAPES = [(4096,), (16, 1024), (3, 5, 7), (1,), (2, 0), ()]

@@ -34,10 +34,10 @@ from typing import Any
 
 import grpc
 import pytest
+from bloomduo.client import AsyncClient, BloomduoError, Client, FinishReason
 
-from bloomduo.launcher import Stack
+from bloomduo.apps.launcher import Stack
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
-from client import AsyncClient, BloomduoError, Client, FinishReason
 from tests.conftest import running_stack
 
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-
-from gateway.step_cost import StepCost, StepCostModel, arrival_wait, prompts_to_start
+from bloomduo.gateway.step_cost import StepCost, StepCostModel, arrival_wait, prompts_to_start
 
 
 def test_the_fit_recovers_a_linear_step_cost_and_follows_changes() -> None:

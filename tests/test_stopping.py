@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
-
-from gateway.stopping import FinishReason, StoppingCriteria
+from bloomduo.gateway.stopping import FinishReason, StoppingCriteria
 
 EOS = 2
 

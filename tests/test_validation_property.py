@@ -21,11 +21,11 @@ from typing import Any
 import grpc
 import pytest
 import tokenizers
+from bloomduo.gateway.validation import MAX_SEED, GenerationRequest, Limits, ValidationError, validate
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.validation import MAX_SEED, GenerationRequest, Limits, ValidationError, validate
 
 FIELDS = frozenset(gateway_pb2.GenerateParameters.DESCRIPTOR.fields_by_name)
 ERROR_FIELDS = FIELDS | {"prompt"}

@@ -23,8 +23,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import BloomConfig
 
-from bloomduo.checkpoint import SAFETENSORS_DTYPES, write_safetensors
-from bloomduo.logs import get_logger
+from bloomduo.core.checkpoint import SAFETENSORS_DTYPES, write_safetensors
+from bloomduo.core.logs import get_logger
 
 log = get_logger(__name__)
 

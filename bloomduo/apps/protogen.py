@@ -1,4 +1,4 @@
-"""Regenerate the Python gRPC code from proto/: `python -m bloomduo.protogen`.
+"""Regenerate the Python gRPC code from proto/: `python -m bloomduo.apps.protogen`.
 
 The generated modules are committed (so an install needs no protoc) and a test checks that they
 match what this command produces from the current .proto files.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from grpc_tools import protoc
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO_ROOT / "proto"
 PROTO_FILES = ("bloomduo/v1/gateway.proto", "bloomduo/v1/shard.proto")
 

@@ -3,7 +3,7 @@
 Like text-generation-benchmark, it sweeps the number of concurrent streams with a fixed prompt length and a
 fixed number of new tokens (greedy, EOS ignored), each stream sending its requests back to back. With
 `--baseline transformers` it also measures transformers' `BloomForCausalLM.generate` on the same checkpoint,
-in a separate process (bloomduo.bench_baseline), and prints the stack's figures as ratios of it.
+in a separate process (bloomduo.apps.bench_baseline), and prints the stack's figures as ratios of it.
 
 Heavy imports (torch, transformers, matplotlib, even grpc) stay inside functions: the CLI imports this
 module to build its parser for every command.
@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bloomduo.core.dtypes import DTYPE_CHOICES
+
 if TYPE_CHECKING:
-    from bloomduo.launcher import Stack
-    from client import AsyncClient
+    from bloomduo.apps.launcher import Stack
+    from bloomduo.client import AsyncClient
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32)
 # A level of 1 or 2 streams would otherwise give one or two samples, and percentiles of nothing.
@@ -133,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument(
         "--dtype",
         default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        choices=DTYPE_CHOICES,
         help="with --launch: the stack's dtype (the baseline always uses the dtype the stack reports)",
     )
     target.add_argument(
@@ -197,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Measure the stack, then (if asked) the baseline, and return the whole report."""
-    from client import BloomduoError
+    from bloomduo.client import BloomduoError
 
     _check_arguments(args)
     stack = _launch(args) if args.launch else None
@@ -263,7 +265,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def _launch(args: argparse.Namespace) -> Stack:
-    from bloomduo.launcher import start_private_stack
+    from bloomduo.apps.launcher import start_private_stack
 
     print(f"bench: starting {args.num_shards} shards and a gateway on {args.model}", file=sys.stderr)
     try:
@@ -273,7 +275,7 @@ def _launch(args: argparse.Namespace) -> Stack:
 
 
 async def _measure_stack(args: argparse.Namespace, target: str, stack: Stack | None) -> dict[str, Any]:
-    from client import AsyncClient
+    from bloomduo.client import AsyncClient
 
     # No retries: a retried request would hide a failure and count its wait as time to first token.
     # The token is the one a secured gateway reads from the same variable.
@@ -324,7 +326,7 @@ async def _measure_stack(args: argparse.Namespace, target: str, stack: Stack | N
 def checkpoint_sizes(model_dir: Path) -> dict[str, int]:
     """Bytes of every tensor of the checkpoint as stored, and of its word embeddings (the memory targets'
     yardsticks)."""
-    from bloomduo.checkpoint import Checkpoint
+    from bloomduo.core.checkpoint import Checkpoint
 
     checkpoint = Checkpoint(model_dir)
 
@@ -448,10 +450,10 @@ def progress_level(system: str, summary: dict[str, Any]) -> None:
 
 def _run_baseline(args: argparse.Namespace, prompt_ids: list[int], dtype: str) -> dict[str, Any]:
     """transformers in its own process, so its memory and threads never meet the stack's."""
-    from bloomduo.launcher import shard_device
+    from bloomduo.apps.launcher import shard_device
 
     command = [
-        sys.executable, "-m", "bloomduo.bench_baseline",
+        sys.executable, "-m", "bloomduo.apps.bench_baseline",
         "--model", str(args.model.resolve()),
         "--dtype", dtype,
         "--device", shard_device(args.device, 0),

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bloomduo.logs import configure_logging
-from bloomduo.metrics import serve_metrics
-
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+from bloomduo.apps import bench, shard_weights
+from bloomduo.apps import eval as evaluation
+from bloomduo.core.dtypes import DTYPE_CHOICES, FLOAT_DTYPES
+from bloomduo.core.logs import configure_logging
+from bloomduo.core.metrics import serve_metrics
 
 
 def _add_model(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -192,25 +192,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("out_dir", type=Path)
     demo.add_argument("--preset", default="tiny", choices=("tiny", "bloom-560m", "bloom-7b1"))
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES[1:])
+    demo.add_argument("--dtype", default="float32", choices=FLOAT_DTYPES)
     demo.add_argument("--num-files", type=int, default=1, help="split the weights over this many safetensors")
     # Larger tools keep their options next to their code: each module has add_arguments() and run().
     for name, module, help_text in PLUGGED_COMMANDS:
-        plugged = commands.add_parser(name, help=help_text)
-        importlib.import_module(module).add_arguments(plugged)
+        module.add_arguments(commands.add_parser(name, help=help_text))
     return parser
 
 
 PLUGGED_COMMANDS = [
-    ("bench", "bloomduo.bench", "benchmark a running stack (and transformers as a baseline)"),
-    ("eval", "bloomduo.eval", "compare the stack with transformers: greedy agreement, logprobs, perplexity"),
-    ("shard-weights", "bloomduo.shard_weights", "cut a checkpoint into per-rank files that workers load"),
+    ("bench", bench, "benchmark a running stack (and transformers as a baseline)"),
+    ("eval", evaluation, "compare the stack with transformers: greedy agreement, logprobs, perplexity"),
+    ("shard-weights", shard_weights, "cut a checkpoint into per-rank files that workers load"),
 ]
 
 
 def _up(args: argparse.Namespace) -> int:
-    from bloomduo.demo_model import ensure_demo_model
-    from bloomduo.launcher import StackOptions, run_stack
+    from bloomduo.apps.demo_model import ensure_demo_model
+    from bloomduo.apps.launcher import StackOptions, run_stack
 
     model_dir = args.model or ensure_demo_model("tiny")
     options = StackOptions(
@@ -243,9 +242,9 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    from bloomduo.serving import TlsFiles
-    from gateway.server import GatewayOptions, serve
-    from gateway.validation import Limits
+    from bloomduo.core.serving import TlsFiles
+    from bloomduo.gateway.server import GatewayOptions, serve
+    from bloomduo.gateway.validation import Limits
 
     limits = Limits(
         max_input_tokens=args.max_input_tokens,
@@ -276,9 +275,9 @@ def _gateway(args: argparse.Namespace) -> int:
 def _shard(args: argparse.Namespace) -> int:
     import torch
 
-    from bloomduo.serving import TlsFiles
-    from shard_worker.engine import ShardOptions
-    from shard_worker.server import serve
+    from bloomduo.core.serving import TlsFiles
+    from bloomduo.shard_worker.engine import ShardOptions
+    from bloomduo.shard_worker.server import serve
 
     if args.cpu_cores:
         allowed = os.sched_getaffinity(0)
@@ -311,7 +310,7 @@ def _shard(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from client import BloomduoError, Client
+    from bloomduo.client import BloomduoError, Client
 
     params = {
         "max_new_tokens": args.max_new_tokens,
@@ -342,7 +341,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from bloomduo.launcher import wait_serving
+    from bloomduo.apps.launcher import wait_serving
 
     try:
         wait_serving(args.target, args.timeout)
@@ -355,7 +354,7 @@ def _health(args: argparse.Namespace) -> int:
 def _demo_model(args: argparse.Namespace) -> int:
     import torch
 
-    from bloomduo.demo_model import write_demo_model
+    from bloomduo.apps.demo_model import write_demo_model
 
     path = write_demo_model(
         args.out_dir, args.preset, seed=args.seed, dtype=getattr(torch, args.dtype), num_files=args.num_files
@@ -376,14 +375,14 @@ HANDLERS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from shard_worker.distributed import prepare_device_environment
+    from bloomduo.shard_worker.distributed import prepare_device_environment
 
     # Before torch is first imported: an installed torch_npu must only load where npu is asked for.
     prepare_device_environment(getattr(args, "device", "cpu"))
     configure_logging(service=args.command)
     plugged = {name: module for name, module, _ in PLUGGED_COMMANDS}
     if args.command in plugged:
-        return importlib.import_module(plugged[args.command]).run(args)
+        return plugged[args.command].run(args)
     return HANDLERS[args.command](args)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from bloomduo.logs import get_logger
+from bloomduo.core.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -6,14 +6,8 @@ import warnings
 
 import torch
 
+from bloomduo.core.dtypes import FLOAT_DTYPES, name_of, to_torch
 from bloomduo.v1 import shard_pb2
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 class TensorWireError(ValueError):
@@ -21,19 +15,21 @@ class TensorWireError(ValueError):
 
 
 def encode_tensor(tensor: torch.Tensor) -> shard_pb2.Tensor:
-    if tensor.dtype not in DTYPE_NAMES:
-        raise TensorWireError(f"cannot send a {tensor.dtype} tensor; supported: {', '.join(DTYPES)}")
+    try:
+        dtype_name = name_of(tensor.dtype)
+    except ValueError as exc:
+        raise TensorWireError(f"cannot send it: {exc}") from None
     cpu = tensor.detach().to("cpu").contiguous()
     # Viewing as bytes avoids numpy, which has no bfloat16.
     data = cpu.view(torch.uint8).numpy().tobytes() if cpu.numel() else b""
-    return shard_pb2.Tensor(data=data, dtype=DTYPE_NAMES[cpu.dtype], shape=list(cpu.shape))
+    return shard_pb2.Tensor(data=data, dtype=dtype_name, shape=list(cpu.shape))
 
 
 def decode_tensor(message: shard_pb2.Tensor) -> torch.Tensor:
     """A read-only tensor over the message's bytes (no copy); copy it before writing to it."""
-    dtype = DTYPES.get(message.dtype)
-    if dtype is None:
-        raise TensorWireError(f"unknown tensor dtype {message.dtype!r}; supported: {', '.join(DTYPES)}")
+    if message.dtype not in FLOAT_DTYPES:
+        raise TensorWireError(f"unknown tensor dtype {message.dtype!r}; supported: {', '.join(FLOAT_DTYPES)}")
+    dtype = to_torch(message.dtype)
     shape = tuple(message.shape)
     count = 1
     for size in shape:

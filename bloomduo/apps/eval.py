@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bloomduo.cli import DTYPE_CHOICES
+from bloomduo.core.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, name_of
 
 if TYPE_CHECKING:
     import torch
 
-    from client import Result
+    from bloomduo.client import Result
 
 # English, French, Chinese and code: BLOOM is multilingual, and precision problems often show first in the
 # scripts that split into many byte-level tokens.
@@ -97,15 +97,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="bloomduo's dtype")
     parser.add_argument(
-        "--reference-dtype", default="float32", choices=DTYPE_CHOICES[1:], help="transformers' dtype"
+        "--reference-dtype", default="float32", choices=FLOAT_DTYPES, help="transformers' dtype"
     )
     parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per prompt")
     parser.add_argument("--json", type=Path, help="also write the report as JSON to this file")
 
 
 def run(args: argparse.Namespace) -> int:
-    from bloomduo.checkpoint import CheckpointError
-    from client import BloomduoError
+    from bloomduo.client import BloomduoError
+    from bloomduo.core.checkpoint import CheckpointError
 
     try:
         prompts = read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
@@ -131,7 +131,7 @@ def evaluate(args: argparse.Namespace, prompts: Sequence[str]) -> dict[str, Any]
     memory; returns the JSON report."""
     import torch
 
-    from client import Client
+    from bloomduo.client import Client
 
     with _serving(args) as target, Client(target) as bloom:
         info = bloom.info()
@@ -177,7 +177,7 @@ def evaluate(args: argparse.Namespace, prompts: Sequence[str]) -> dict[str, Any]
                 bloomduo_in_process=in_process_ppl,
                 relative_difference=abs(in_process_ppl - reference_ppl) / reference_ppl,
                 in_process_device=str(device),
-                in_process_dtype=str(dtype).removeprefix("torch."),
+                in_process_dtype=name_of(dtype),
             )
         )
     return report
@@ -269,7 +269,7 @@ def _serving(args: argparse.Namespace) -> Iterator[str]:
     if args.target:
         yield args.target
         return
-    from bloomduo.launcher import start_private_stack
+    from bloomduo.apps.launcher import start_private_stack
 
     stack = start_private_stack(args.model, args.num_shards, args.device, args.dtype)
     try:
@@ -320,12 +320,12 @@ def _in_process_logits(
     """
     import torch
 
-    from bloomduo.checkpoint import Checkpoint
-    from bloomduo.launcher import shard_device
-    from gateway.embedding import Embedder
-    from shard_worker.engine import checkpoint_dtype, resolve_dtype
-    from shard_worker.model import Chunk
-    from shard_worker.tensor_parallel import load_shard
+    from bloomduo.apps.launcher import shard_device
+    from bloomduo.core.checkpoint import Checkpoint
+    from bloomduo.gateway.embedding import Embedder
+    from bloomduo.shard_worker.engine import checkpoint_dtype, resolve_dtype
+    from bloomduo.shard_worker.model import Chunk
+    from bloomduo.shard_worker.tensor_parallel import load_shard
 
     checkpoint = Checkpoint(args.model)
     device = torch.device(shard_device(args.device, 0))

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from transformers import BloomConfig
 
-from bloomduo.logs import get_logger
+from bloomduo.core.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from bloomduo.logs import get_logger
+from bloomduo.core.logs import get_logger
 
 log = get_logger(__name__)
 

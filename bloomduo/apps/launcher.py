@@ -15,12 +15,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bloomduo.logs import get_logger
+from bloomduo.core.logs import get_logger
 
 log = get_logger(__name__)
 
 
-CLI = [sys.executable, "-m", "bloomduo.cli"]
+CLI = [sys.executable, "-m", "bloomduo"]
 MAX_RESTARTS = 10  # within RESTART_WINDOW_S: more means a crash loop, not a fault to heal
 RESTART_WINDOW_S = 300.0
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
     from tqdm import tqdm
 
-    from bloomduo.checkpoint import Checkpoint
+    from bloomduo.core.checkpoint import Checkpoint
 
     Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bloomduo.checkpoint import CheckpointError
+    from bloomduo.core.checkpoint import CheckpointError
 
     try:
         out = shard_weights(args.model, args.num_shards, args.out)
@@ -67,7 +67,7 @@ def shard_weights(model_dir: Path, num_shards: int, out_dir: Path) -> Path:
     """Write the cut of `model_dir` for `num_shards` ranks into `out_dir` and return `out_dir`."""
     from tqdm import tqdm
 
-    from bloomduo.checkpoint import (
+    from bloomduo.core.checkpoint import (
         GATEWAY_FILE,
         NUM_SHARDS_KEY,
         Checkpoint,
@@ -75,7 +75,7 @@ def shard_weights(model_dir: Path, num_shards: int, out_dir: Path) -> Path:
         rank_file_name,
         write_safetensors,
     )
-    from shard_worker.tensor_parallel import check_world_size
+    from bloomduo.shard_worker.tensor_parallel import check_world_size
 
     checkpoint = Checkpoint(model_dir)
     if checkpoint.num_shards is not None:
@@ -120,7 +120,7 @@ def _gateway_part(checkpoint: Checkpoint) -> tuple[Layout, Iterator[torch.Tensor
 
 def _rank_part(checkpoint: Checkpoint, rank: int, num_shards: int) -> tuple[Layout, Iterator[torch.Tensor]]:
     """The rank's tensors exactly as its model holds them (load_shard's meta model gives names and shapes)."""
-    from shard_worker.tensor_parallel import build_meta_shard, read_shard_tensor, stored_name
+    from bloomduo.shard_worker.tensor_parallel import build_meta_shard, read_shard_tensor, stored_name
 
     model, full_shapes = build_meta_shard(checkpoint.config, rank, num_shards)
     layout = {

@@ -1,6 +1,6 @@
 """The transformers baseline of `bloomduo bench`, run as its own process; prints its figures as JSON.
 
-    python -m bloomduo.bench_baseline --model DIR --dtype bfloat16 --prompt-ids 1,2,3 --new-tokens 64 \\
+    python -m bloomduo.apps.bench_baseline --model DIR --dtype bfloat16 --prompt-ids 1,2,3 --new-tokens 64 \\
         --concurrency 1,16
 
 BloomForCausalLM.generate (greedy, EOS suppressed by min_new_tokens, KV cache on) is measured two ways at
@@ -28,7 +28,7 @@ import transformers
 from transformers import BloomForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
-from bloomduo.bench import (
+from bloomduo.apps.bench import (
     Sample,
     parse_levels,
     progress,
@@ -37,6 +37,7 @@ from bloomduo.bench import (
     rss_bytes,
     summarize_level,
 )
+from bloomduo.core.dtypes import FLOAT_DTYPES
 
 
 class StepClock(BaseStreamer):
@@ -129,9 +130,9 @@ def static_batch(baseline: Baseline, prompt_ids: list[int], level: int, requests
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bloomduo.bench_baseline", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bloomduo.apps.bench_baseline", description=__doc__)
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--dtype", required=True, choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", required=True, choices=FLOAT_DTYPES)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--prompt-ids", required=True, help="comma-separated token ids of the prompt")
     parser.add_argument("--new-tokens", type=int, required=True)
