@@ -18,16 +18,17 @@ from dataclasses import dataclass, field
 
 import tokenizers
 import torch
+
+from bloomduo.core import metrics
+from bloomduo.core.logs import get_logger
+from bloomduo.gateway.config import SchedulerSettings
 from bloomduo.gateway.detokenizer import IncrementalDetokenizer
 from bloomduo.gateway.embedding import Embedder
 from bloomduo.gateway.sampling import Sampler, sample_batch
 from bloomduo.gateway.shards import ShardPool, ShardUnavailable
 from bloomduo.gateway.step_cost import StepCostModel, arrival_wait, prompts_to_start
 from bloomduo.gateway.stopping import FinishReason, StoppingCriteria
-from bloomduo.gateway.validation import GenerationRequest, Limits
-
-from bloomduo.core import metrics
-from bloomduo.core.logs import get_logger
+from bloomduo.gateway.validation import GenerationRequest
 from bloomduo.v1 import shard_pb2
 
 log = get_logger(__name__)
@@ -115,7 +116,7 @@ class Engine:
         tokenizer: tokenizers.Tokenizer,
         embedder: Embedder,
         shards: ShardPool,
-        limits: Limits,
+        settings: SchedulerSettings,
         eos_token_id: int | None,
         on_serving_change: Callable[[bool], Awaitable[None]] | None = None,
         log_text: bool = False,
@@ -123,7 +124,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.embedder = embedder
         self.shards = shards
-        self.limits = limits
+        self.settings = settings
         self.eos_token_id = eos_token_id
         self.special_ids = set(tokenizer.get_vocab(with_added_tokens=True).values()) - set(
             tokenizer.get_vocab(with_added_tokens=False).values()
@@ -206,7 +207,7 @@ class Engine:
     async def _await_burst(self) -> None:
         """Woken from idle: let the rest of a burst of requests arrive, so it shares the first step
         instead of waiting a whole step behind its first request (see step_cost.arrival_wait)."""
-        quiet_s, max_s = arrival_wait(self.step_cost.estimate()) if self.limits.burst_wait else (0.0, 0.0)
+        quiet_s, max_s = arrival_wait(self.step_cost.estimate()) if self.settings.burst_wait else (0.0, 0.0)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max_s
         while (left := deadline - loop.time()) > 0:
@@ -256,7 +257,7 @@ class Engine:
         With prefix sharing, a prompt that mostly repeats one starting in this very step waits one
         step and then copies it (see _share_prefix).
         """
-        budget = self.limits.max_batch_prefill_tokens
+        budget = self.settings.max_batch_prefill_tokens
         plan: list[tuple[_Sequence, int]] = []
         for sequence in self.running:
             if sequence.pending == 1:
@@ -269,9 +270,11 @@ class Engine:
         starting: list[_Sequence] = []  # admitted now, computing their prompts from the first token
         admitted: list[tuple[_Sequence, int]] = []
         deferred: list[_Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) + len(admitted) < self.limits.max_batch_size:
+        while (
+            self.waiting and budget > 0 and len(self.running) + len(admitted) < self.settings.max_batch_size
+        ):
             sequence = self.waiting.popleft()
-            if self.limits.prefix_sharing and not self._share_prefix(sequence, starting):
+            if self.settings.prefix_sharing and not self._share_prefix(sequence, starting):
                 deferred.append(sequence)
                 continue
             if sequence.cached == 0:
@@ -307,7 +310,7 @@ class Engine:
         overdue = [
             index
             for index, (sequence, _) in enumerate(admitted)
-            if sequence.waited_steps >= self.limits.max_waiting_steps
+            if sequence.waited_steps >= self.settings.max_waiting_steps
         ]
         return max(start, overdue[-1] + 1) if overdue else start
 
@@ -357,7 +360,7 @@ class Engine:
             sequence.pending == chunk.num_tokens for (sequence, _), chunk in zip(plan, chunks, strict=True)
         ]
         full = [
-            is_ready and not sequence.sampler.is_plain_greedy
+            is_ready and not sequence.request.sampling.is_plain_greedy
             for (sequence, _), is_ready in zip(plan, ready, strict=True)
         ]
         result = await self.shards.step(

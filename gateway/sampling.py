@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bloomduo.core.logprobs import greedy_pick
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -38,6 +40,11 @@ class SamplingParams:
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
+    @property
+    def is_plain_greedy(self) -> bool:
+        """The argmax of the raw logits: the workers pick it from their slices, no row crosses the wire."""
+        return not self.do_sample and self.repetition_penalty == 1.0
+
 
 class Sampler:
     """The token chooser of one request.
@@ -52,10 +59,6 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(params.seed)
 
-    @property
-    def is_plain_greedy(self) -> bool:
-        return not self.params.do_sample and self.params.repetition_penalty == 1.0
-
     def __call__(self, logits: torch.Tensor, previous_token_ids: torch.Tensor) -> tuple[int, float]:
         """Next token and its log-probability under the distribution it was chosen from.
 
@@ -68,9 +71,7 @@ class Sampler:
             index = int(torch.multinomial(logprobs.exp(), 1, generator=self.generator))
             logprob = logprobs[index]
         else:
-            # One logsumexp instead of a full log_softmax: only the chosen token's value is needed.
-            index = int(torch.argmax(scores))
-            logprob = scores[index] - torch.logsumexp(scores, dim=-1)
+            index, logprob = greedy_pick(scores)
         token_id = index if token_ids is None else int(token_ids[index])
         return token_id, float(logprob)
 
@@ -168,18 +169,9 @@ def sample_batch(
 ) -> list[tuple[int, float]]:
     """(token id, logprob) for each row of logits [batch, vocab], row i chosen by samplers[i].
 
-    Plain greedy rows (no sampling, no repetition penalty) are decided together with one argmax and
-    one logsumexp over the batch; the others go through their own sampler and generator.
+    Plain greedy rows never come here: the workers pick those from their vocabulary slices.
     """
-    picks: list[tuple[int, float] | None] = [None] * len(samplers)
-    greedy = [i for i, sampler in enumerate(samplers) if sampler.is_plain_greedy]
-    if greedy:
-        rows = logits[greedy] if len(greedy) < len(samplers) else logits
-        best, token_ids = rows.max(dim=-1)
-        logprobs = best - torch.logsumexp(rows, dim=-1)
-        for i, token_id, logprob in zip(greedy, token_ids.tolist(), logprobs.tolist(), strict=True):
-            picks[i] = (token_id, logprob)
-    for i, sampler in enumerate(samplers):
-        if picks[i] is None:
-            picks[i] = sampler(logits[i], torch.tensor(previous[i], dtype=torch.long))
-    return picks
+    return [
+        sampler(row, torch.tensor(ids, dtype=torch.long))
+        for sampler, row, ids in zip(samplers, logits, previous, strict=True)
+    ]

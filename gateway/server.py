@@ -7,18 +7,10 @@ import dataclasses
 import re
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import structlog
 import tokenizers
-from bloomduo.gateway.auth import BearerTokenAuth, RejectUndecodable
-from bloomduo.gateway.embedding import Embedder
-from bloomduo.gateway.engine import Engine, EngineUnavailable, GenerationResult, StreamEvent
-from bloomduo.gateway.shards import ShardPool
-from bloomduo.gateway.stopping import FinishReason
-from bloomduo.gateway.validation import GenerationRequest, Limits, ValidationError, validate
 
 from bloomduo import __version__
 from bloomduo.core import metrics
@@ -26,14 +18,19 @@ from bloomduo.core.checkpoint import Checkpoint
 from bloomduo.core.dtypes import to_torch
 from bloomduo.core.logs import get_logger
 from bloomduo.core.serving import (
-    NO_TLS,
     SERVER_OPTIONS,
     Health,
-    TlsFiles,
     bind,
     enable_reflection,
     stop_event_on_signals,
 )
+from bloomduo.gateway.auth import BearerTokenAuth, RejectUndecodable
+from bloomduo.gateway.config import GatewayOptions
+from bloomduo.gateway.embedding import Embedder
+from bloomduo.gateway.engine import Engine, EngineUnavailable, GenerationResult, StreamEvent
+from bloomduo.gateway.shards import ShardPool
+from bloomduo.gateway.stopping import FinishReason
+from bloomduo.gateway.validation import GenerationRequest, ValidationError, validate
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = get_logger(__name__)
@@ -46,20 +43,6 @@ FINISH_REASONS = {
     FinishReason.EOS_TOKEN: gateway_pb2.FINISH_REASON_EOS_TOKEN,
     FinishReason.STOP_SEQUENCE: gateway_pb2.FINISH_REASON_STOP_SEQUENCE,
 }
-
-
-@dataclass(frozen=True)
-class GatewayOptions:
-    model_dir: Path
-    shard_targets: list[str]
-    limits: Limits = dataclasses.field(default_factory=Limits)
-    shard_ready_timeout_s: float = 3600.0
-    step_timeout_s: float = 120.0  # a step no worker answers in this long fails its requests
-    shutdown_grace_s: float = 30.0
-    tls: TlsFiles = NO_TLS  # the public port's certificate and key
-    shard_tls: TlsFiles = NO_TLS  # towards the workers: their CA, and our client certificate for mTLS
-    auth_token: str | None = None  # required as "authorization: Bearer <token>" when set
-    log_text: bool = False  # prompts and generated text appear in logs only when asked
 
 
 def token_to_pb(token) -> gateway_pb2.Token:
@@ -102,7 +85,7 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
                 max_new_tokens=options.limits.max_new_tokens,
                 max_stop_sequences=options.limits.max_stop_sequences,
                 max_stop_sequence_length=options.limits.max_stop_sequence_length,
-                max_batch_size=options.limits.max_batch_size,
+                max_batch_size=options.scheduler.max_batch_size,
                 max_concurrent_requests=options.limits.max_concurrent_requests,
                 max_top_k=options.limits.max_top_k,
             ),
@@ -217,7 +200,7 @@ async def _connect(
         servicer.tokenizer,
         embedder,
         pool,
-        servicer.options.limits,
+        servicer.options.scheduler,
         eos_token_id=checkpoint.config.eos_token_id,
         on_serving_change=health.set,
         log_text=servicer.options.log_text,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from bloomduo.core.logprobs import join_slices
 from bloomduo.core.logs import get_logger
 from bloomduo.core.serving import NO_TLS, TlsFiles, secure_or_insecure_channel
 from bloomduo.core.tensor_wire import decode_tensor, encode_tensor
@@ -64,17 +65,14 @@ class StepResult:
 
 
 def _join_greedy(responses: Sequence[shard_pb2.StepResponse]) -> list[tuple[int, float]]:
-    """The vocabulary's best token and its log-softmax, from each slice's best logit and log-sum-exp."""
+    """The vocabulary's best token and its log-softmax, from each slice's summary."""
     if not responses[0].best_token:
         return []
-    best = torch.tensor([list(r.best_logit) for r in responses])  # [workers, sequences]
-    tokens = torch.tensor([list(r.best_token) for r in responses])
-    winner = best.argmax(dim=0)  # ties go to the lowest rank, i.e. the lowest id, like argmax
-    logprob = best.max(dim=0).values - torch.logsumexp(
-        torch.tensor([list(r.logsumexp) for r in responses]), 0
+    return join_slices(
+        torch.tensor([list(r.best_logit) for r in responses]),
+        torch.tensor([list(r.best_token) for r in responses]),
+        torch.tensor([list(r.logsumexp) for r in responses]),
     )
-    chosen = tokens.gather(0, winner[None]).squeeze(0)
-    return list(zip(chosen.tolist(), logprob.tolist(), strict=True))
 
 
 class ShardPool:

@@ -9,43 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import tokenizers
+
+from bloomduo.gateway.config import RequestLimits
 from bloomduo.gateway.sampling import SamplingParams
 
 MAX_SEED = 2**64 - 1  # seeds travel as uint64 and seed torch.Generator, which takes at most this
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on every request; served by Info so clients can check before sending."""
-
-    max_input_tokens: int = 1024
-    max_total_tokens: int = 2048
-    max_new_tokens: int = 1024
-    default_max_new_tokens: int = 20
-    max_stop_sequences: int = 4
-    max_stop_sequence_length: int = 64
-    max_batch_size: int = 32
-    max_batch_prefill_tokens: int = 4096
-    # A prompt that fits the batch starts after at most this many steps in the queue, even where the
-    # scheduler's split (gateway/step_cost.py) would hold it back longer.
-    max_waiting_steps: int = 4
-    max_concurrent_requests: int = 128
-    max_top_k: int = 1024
-    max_request_bytes: int = 1024 * 1024
-    # A new prompt that starts like a running sequence copies that prefix's KV cache (vLLM's and TGI's
-    # prefix caching, limited to sequences still running).
-    prefix_sharing: bool = True
-    # An idle engine woken by a request waits a few percent of a step for more (a burst), so they share
-    # the first step (gateway/step_cost.py arrival_wait).
-    burst_wait: bool = True
-    # Logits are divided by the temperature and (for repeated tokens) by the repetition penalty. Below
-    # these floors the quotient overflows float32 to inf, the softmax turns NaN and the draw fails, which
-    # fails every request in the same batch step; a smaller temperature is greedy in all but name.
-    min_temperature: float = 1e-3
-    min_repetition_penalty: float = 1e-3
-    # Above this, repeated negative logits overflow to -inf; were every candidate repeated, no token
-    # would be left to draw.
-    max_repetition_penalty: float = 1e3
 
 
 class ValidationError(ValueError):
@@ -89,7 +57,7 @@ def validate(
     prompt: str,
     params: Mapping[str, Any],
     tokenizer: tokenizers.Tokenizer,
-    limits: Limits,
+    limits: RequestLimits,
 ) -> GenerationRequest:
     """params holds only the fields the caller set, named as in GenerateParameters.
 

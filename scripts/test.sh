@@ -17,7 +17,8 @@ python3 -m venv "$venv"
 # The import contracts (pyproject.toml). import-linter reads packages from disk, and bloomduo.gateway & co
 # live in folders that the editable install maps, so it reads a wheel's layout built into a scratch folder.
 layout=$(mktemp -d)
-trap 'rm -rf "$layout"' EXIT
+trap 'rm -rf "$layout" build' EXIT
+rm -rf build  # setuptools builds in ./build; a stale copy would carry deleted modules into the layout
 "$venv/bin/pip" install --quiet --no-deps --target "$layout" .
 (cd "$layout" && PYTHONPATH="$layout" "$OLDPWD/$venv/bin/lint-imports" "$OLDPWD/pyproject.toml")
 # Tests write demo models into a private cache, never into the user's.

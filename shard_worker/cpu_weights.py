@@ -19,8 +19,9 @@ from __future__ import annotations
 import os
 
 import torch
-from bloomduo.shard_worker.model import MLP
 from torch import nn
+
+from bloomduo.shard_worker.model import MLP
 
 
 class PackedLinear(nn.Linear):

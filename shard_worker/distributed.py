@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
     import torch.distributed as dist
-    from bloomduo.shard_worker.shm_allreduce import ShmAllReduce
     from torch import nn
+
+    from bloomduo.shard_worker.shm_allreduce import ShmAllReduce
 
 _BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 

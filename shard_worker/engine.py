@@ -9,6 +9,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from bloomduo.core.checkpoint import Checkpoint
+from bloomduo.core.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, to_torch
+from bloomduo.core.logprobs import summarize
+from bloomduo.core.logs import get_logger
+from bloomduo.shard_worker.config import ShardOptions
 from bloomduo.shard_worker.cpu_weights import pack_linear_weights, packing_applies
 from bloomduo.shard_worker.distributed import (
     backend_for,
@@ -20,25 +26,7 @@ from bloomduo.shard_worker.kv_cache import KVCache
 from bloomduo.shard_worker.model import BloomShardModel, Chunk
 from bloomduo.shard_worker.tensor_parallel import load_shard
 
-from bloomduo.core.checkpoint import Checkpoint
-from bloomduo.core.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, to_torch
-from bloomduo.core.logs import get_logger
-
 log = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class ShardOptions:
-    model_dir: Path
-    rank: int
-    world_size: int
-    dist_init: str  # torch.distributed init_method, e.g. tcp://127.0.0.1:29500
-    device: str = "cpu"
-    dtype: str = "auto"
-    dist_timeout_s: float = 600.0
-    wedge_grace_s: float = 10.0  # how long a step may outlive its closed stream before the group is dropped
-    # Allocated at start-up, so a burst of new sequences does not stop to grow (and zero) the cache.
-    kv_cache_slots: int = 32
 
 
 def resolve_dtype(name: str, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -163,11 +151,7 @@ class ShardEngine:
             return StepOutput(logits.to("cpu"))
         wanted = torch.tensor(full_logits, dtype=torch.bool, device=logits.device)
         # Summaries cover the real vocabulary only: padding rows must never win or add mass.
-        rows = logits[~wanted, : self.real_vocab_end - self.vocab_start]
-        best, index = rows.max(dim=-1)  # exact in any dtype, so no float32 copy of the rows for it
-        best = best.float()
-        # log-sum-exp in float32, shifted by the max; one pass fewer than torch.logsumexp
-        logsumexp = rows.float().sub_(best[:, None]).exp_().sum(dim=-1).log_().add_(best)
+        best, index, logsumexp = summarize(logits[~wanted, : self.real_vocab_end - self.vocab_start])
         return StepOutput(
             logits[wanted].to("cpu"),
             best_logit=best.tolist(),

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from bloomduo.shard_worker.kv_cache import KVCache
 from torch import nn
 from transformers import BloomConfig
+
+from bloomduo.shard_worker.kv_cache import KVCache
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import structlog
-from bloomduo.shard_worker.engine import ShardEngine, ShardOptions
-from bloomduo.shard_worker.model import Chunk
 
 from bloomduo.core import metrics
 from bloomduo.core.dtypes import name_of
@@ -26,6 +24,9 @@ from bloomduo.core.serving import (
     stop_event_on_signals,
 )
 from bloomduo.core.tensor_wire import TensorWireError, decode_tensor, encode_tensor
+from bloomduo.shard_worker.config import ShardOptions
+from bloomduo.shard_worker.engine import ShardEngine
+from bloomduo.shard_worker.model import Chunk
 from bloomduo.v1 import shard_pb2, shard_pb2_grpc
 
 log = get_logger(__name__)

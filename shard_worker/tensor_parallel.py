@@ -37,10 +37,11 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from bloomduo.shard_worker.distributed import all_reduce_sum
-from bloomduo.shard_worker.model import BloomShardModel, alibi_slopes
 from torch import nn
 from transformers import BloomConfig
+
+from bloomduo.shard_worker.distributed import all_reduce_sum
+from bloomduo.shard_worker.model import BloomShardModel, alibi_slopes
 
 REPLICATE = "replicate"  # every rank holds the whole tensor
 COLUMN = "column"  # split along dim 0 (output features): each rank computes its own outputs

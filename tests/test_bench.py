@@ -9,9 +9,9 @@ import os
 import subprocess
 
 import pytest
-from bloomduo.client import AsyncClient
 
 from bloomduo.apps import bench
+from bloomduo.client import AsyncClient
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

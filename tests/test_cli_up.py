@@ -10,9 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from bloomduo.client import Client
-
 from bloomduo.apps.launcher import Stack, StackOptions, free_port, free_ports
+from bloomduo.client import Client
 
 
 def _children(pid: int) -> list[int]:

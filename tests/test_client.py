@@ -18,9 +18,9 @@ from contextlib import contextmanager
 
 import grpc
 import pytest
-from bloomduo.client import AsyncClient, BloomduoError, Client, FinishReason
 
 from bloomduo.apps.launcher import free_port
+from bloomduo.client import AsyncClient, BloomduoError, Client, FinishReason
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
 
 LONG = {"max_new_tokens": 2000, "ignore_eos": True}  # takes seconds on the tiny model

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import BloomConfig
+
 from bloomduo.shard_worker.cpu_weights import PackedLinear, pack_linear_weights, packing_applies
 from bloomduo.shard_worker.model import MLP, BloomShardModel, Chunk
-from transformers import BloomConfig
 
 needs_bf16_onednn = pytest.mark.skipif(
     not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),

@@ -6,8 +6,9 @@ import random
 from collections.abc import Sequence
 
 import pytest
-from bloomduo.gateway.detokenizer import REPLACEMENT_CHARACTER, IncrementalDetokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from bloomduo.gateway.detokenizer import REPLACEMENT_CHARACTER, IncrementalDetokenizer
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
+
 from bloomduo.shard_worker.distributed import (
     NPU_FORMAT_FRACTAL_NZ,
     all_reduce_sum,
@@ -30,7 +32,6 @@ from bloomduo.shard_worker.distributed import (
     shutdown_distributed,
     to_npu_nz_format,
 )
-from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 AUTOLOAD = "TORCH_DEVICE_BACKEND_AUTOLOAD"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from bloomduo.client import BloomduoError, Client
 
+from bloomduo.client import BloomduoError, Client
 from bloomduo.core.checkpoint import Checkpoint
 from tests.conftest import running_stack
 

@@ -13,10 +13,10 @@ from contextlib import contextmanager
 
 import grpc
 import pytest
-from bloomduo.client import BloomduoError, Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bloomduo.apps.launcher import free_port
+from bloomduo.client import BloomduoError, Client
 from tests.conftest import running_stack
 
 LONG = {"max_new_tokens": 1500, "ignore_eos": True}

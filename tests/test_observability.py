@@ -8,10 +8,10 @@ import urllib.request
 
 import grpc
 import pytest
-from bloomduo.client import AsyncClient, BloomduoError, Client
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from bloomduo.apps.launcher import free_port
+from bloomduo.client import AsyncClient, BloomduoError, Client
 from tests.conftest import running_stack
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from bloomduo.client import AsyncClient, Client
 
+from bloomduo.client import AsyncClient, Client
 from tests.conftest import running_stack
 from tests.reference import hf_greedy
 

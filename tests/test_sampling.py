@@ -7,7 +7,6 @@ import itertools
 
 import pytest
 import torch
-from bloomduo.gateway.sampling import Sampler, SamplingParams, sample_batch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -16,6 +15,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
+
+from bloomduo.gateway.sampling import Sampler, SamplingParams, sample_batch
 
 VOCAB = 1000
 

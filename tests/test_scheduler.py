@@ -7,11 +7,12 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
-from bloomduo.gateway.engine import Engine, StepTimings
-from bloomduo.gateway.validation import Limits, validate
 from tokenizers import Tokenizer
 
 from bloomduo.core import metrics
+from bloomduo.gateway.config import RequestLimits, SchedulerSettings
+from bloomduo.gateway.engine import Engine, StepTimings
+from bloomduo.gateway.validation import validate
 
 
 @pytest.fixture
@@ -19,14 +20,16 @@ def tokenizer(demo_model) -> Tokenizer:
     return Tokenizer.from_file(str(demo_model() / "tokenizer.json"))
 
 
-def _with_requests(limits: Limits, tokenizer: Tokenizer, prompts: list[str], check: Callable[[Engine], None]):
+def _with_requests(
+    settings: SchedulerSettings, tokenizer: Tokenizer, prompts: list[str], check: Callable[[Engine], None]
+):
     """Queue one greedy request per prompt as the servicer does (the engine loop is not running), run
     `check` on the engine, then close the requests."""
 
     async def scenario() -> None:
-        engine = Engine(tokenizer, None, None, limits, eos_token_id=2)
+        engine = Engine(tokenizer, None, None, settings, eos_token_id=2)
         streams = [
-            engine.generate(validate(f"r{n}", prompt, {"max_new_tokens": 8}, tokenizer, limits))
+            engine.generate(validate(f"r{n}", prompt, {"max_new_tokens": 8}, tokenizer, RequestLimits()))
             for n, prompt in enumerate(prompts)
         ]
         waiting: list[Awaitable] = [asyncio.ensure_future(anext(stream)) for stream in streams]
@@ -69,7 +72,9 @@ def test_identical_prompts_wait_one_step_then_copy_the_first(tokenizer) -> None:
         longer, _ = second["r3"]
         assert longer.cached >= len(prompt_ids) - 1 and longer.prefix_from == donor
 
-    _with_requests(Limits(), tokenizer, [system, system, "Something else entirely", system + " why?"], check)
+    _with_requests(
+        SchedulerSettings(), tokenizer, [system, system, "Something else entirely", system + " why?"], check
+    )
 
 
 def test_without_prefix_sharing_every_prompt_runs_in_full(tokenizer) -> None:
@@ -78,7 +83,9 @@ def test_without_prefix_sharing_every_prompt_runs_in_full(tokenizer) -> None:
         assert [take for _, take in plan] == [len(engine.running[0].token_ids)] * 2
         assert not engine.waiting and all(s.prefix_from == 0 for s in engine.running)
 
-    _with_requests(Limits(prefix_sharing=False), tokenizer, ["The same words", "The same words"], check)
+    _with_requests(
+        SchedulerSettings(prefix_sharing=False), tokenizer, ["The same words", "The same words"], check
+    )
 
 
 def _cpu_like(engine: Engine) -> None:
@@ -95,7 +102,7 @@ def test_a_compute_bound_burst_starts_in_the_split_with_the_least_summed_wait(to
         assert len(plan) == 12
         _step_done(plan)
 
-    _with_requests(Limits(prefix_sharing=False), tokenizer, prompts, check)
+    _with_requests(SchedulerSettings(prefix_sharing=False), tokenizer, prompts, check)
 
     def check_learned(engine: Engine) -> None:
         _cpu_like(engine)
@@ -114,7 +121,7 @@ def test_a_compute_bound_burst_starts_in_the_split_with_the_least_summed_wait(to
         assert [take for _, take in second[: len(started)]] == [1] * len(started)
         assert len(second) > len(started)
 
-    _with_requests(Limits(prefix_sharing=False), tokenizer, prompts, check_learned)
+    _with_requests(SchedulerSettings(prefix_sharing=False), tokenizer, prompts, check_learned)
 
 
 def test_a_prompt_sent_back_to_the_queue_forgets_its_shared_prefix(tokenizer) -> None:
@@ -131,20 +138,20 @@ def test_a_prompt_sent_back_to_the_queue_forgets_its_shared_prefix(tokenizer) ->
         assert all(s.prefix_from == engine.running[0].sequence_id for s, _ in plan[1:])
         assert engine.waiting and all(s.cached == 0 and s.prefix_from == 0 for s in engine.waiting)
 
-    _with_requests(Limits(), tokenizer, prompts, check)
+    _with_requests(SchedulerSettings(), tokenizer, prompts, check)
 
 
 def test_an_idle_engine_lets_a_burst_arrive_before_its_first_step(tokenizer) -> None:
     async def scenario(burst_wait: bool) -> tuple[int, float]:
-        limits = Limits(burst_wait=burst_wait)
-        engine = Engine(tokenizer, None, None, limits, eos_token_id=2)
+        settings = SchedulerSettings(burst_wait=burst_wait)
+        engine = Engine(tokenizer, None, None, settings, eos_token_id=2)
         for tokens in [1, 100] * 5:  # 4 s steps: waits of 160 ms of quiet, 1 s at most
             engine.step_cost.observe(tokens, 4.0 + 0.001 * tokens)
         streams = []
 
         async def arrive() -> None:
             for n in range(5):
-                request = validate(f"r{n}", "Hello there", {"max_new_tokens": 2}, tokenizer, limits)
+                request = validate(f"r{n}", "Hello there", {"max_new_tokens": 2}, tokenizer, RequestLimits())
                 streams.append(engine.generate(request))
                 waiting.append(asyncio.ensure_future(anext(streams[-1])))
                 await asyncio.sleep(0.01)
@@ -191,10 +198,12 @@ def test_no_prompt_is_held_back_more_than_max_waiting_steps(tokenizer) -> None:
         started, then = two_steps(engine)
         assert started + then < 12  # the split holds some back twice ...
 
-    _with_requests(Limits(prefix_sharing=False), tokenizer, prompts, check)
+    _with_requests(SchedulerSettings(prefix_sharing=False), tokenizer, prompts, check)
 
     def check_bounded(engine: Engine) -> None:
         started, then = two_steps(engine)
         assert started + then == 12 and not engine.waiting  # ... unless they already waited a step
 
-    _with_requests(Limits(prefix_sharing=False, max_waiting_steps=1), tokenizer, prompts, check_bounded)
+    _with_requests(
+        SchedulerSettings(prefix_sharing=False, max_waiting_steps=1), tokenizer, prompts, check_bounded
+    )

@@ -8,8 +8,9 @@ import sys
 
 import grpc
 import pytest
-from bloomduo.client import AsyncClient, BloomduoError, Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bloomduo.client import AsyncClient, BloomduoError, Client
 
 MIXED_PROMPTS = [
     "北京是中国的首都，上海",

@@ -19,6 +19,9 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from transformers import BloomConfig
+from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
 from bloomduo.shard_worker.distributed import all_reduce_sum, backend_for, import_torch_npu
 from bloomduo.shard_worker.kv_cache import CachePositionError, KVCache
 from bloomduo.shard_worker.model import BloomShardModel, Chunk, alibi_slopes
@@ -29,9 +32,6 @@ from bloomduo.shard_worker.tensor_parallel import (
     rule_for,
     vocab_range,
 )
-from transformers import BloomConfig
-from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
-
 from tests._dist_helpers import TINY, make_checkpoint, open_checkpoint, parameter_bytes, run_rank
 
 # name: (sequence_id, prompt length). "F" reuses C's id after C is freed.
@@ -300,8 +300,9 @@ def test_kv_cache_reuses_freed_slots_lowest_first():
 def test_batched_single_token_attention_matches_one_by_one():
     """Decode chunks of different lengths attend in one matmul; the result equals attending one by one."""
     torch.manual_seed(0)
-    from bloomduo.shard_worker.model import BloomShardModel
     from transformers import BloomConfig
+
+    from bloomduo.shard_worker.model import BloomShardModel
 
     config = BloomConfig(hidden_size=24, n_head=3, n_layer=2, vocab_size=50)
     model = BloomShardModel(config).eval()

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from bloomduo.client import Client
-from bloomduo.shard_worker.tensor_parallel import load_shard
 
 from bloomduo.apps import shard_weights
+from bloomduo.client import Client
 from bloomduo.core.checkpoint import Checkpoint, CheckpointError
+from bloomduo.shard_worker.tensor_parallel import load_shard
 from tests.conftest import running_stack
 
 PROMPTS = ["The quick brown fox", "北京是中国的首都，", "def add(a, b):\n    return"]

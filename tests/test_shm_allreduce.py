@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from bloomduo.shard_worker.distributed import (
     all_reduce_sum,
     init_distributed,

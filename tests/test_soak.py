@@ -34,9 +34,9 @@ from typing import Any
 
 import grpc
 import pytest
-from bloomduo.client import AsyncClient, BloomduoError, Client, FinishReason
 
 from bloomduo.apps.launcher import Stack
+from bloomduo.client import AsyncClient, BloomduoError, Client, FinishReason
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import running_stack
 

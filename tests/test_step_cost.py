@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+
 from bloomduo.gateway.step_cost import StepCost, StepCostModel, arrival_wait, prompts_to_start
 
 

@@ -1,6 +1,6 @@
 """Every request parameter is bounded: validate() and the real server under random requests (hypothesis).
 
-Unit level: validate() returns a GenerationRequest within every bound of Limits, or raises a
+Unit level: validate() returns a GenerationRequest within every bound of RequestLimits, or raises a
 ValidationError naming a GenerateParameters field or "prompt", never any other exception; and it
 accepts exactly the requests that a plain reading of the documented bounds accepts.
 
@@ -21,10 +21,11 @@ from typing import Any
 import grpc
 import pytest
 import tokenizers
-from bloomduo.gateway.validation import MAX_SEED, GenerationRequest, Limits, ValidationError, validate
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from bloomduo.gateway.config import RequestLimits
+from bloomduo.gateway.validation import MAX_SEED, GenerationRequest, ValidationError, validate
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
 
 FIELDS = frozenset(gateway_pb2.GenerateParameters.DESCRIPTOR.fields_by_name)
@@ -74,7 +75,7 @@ def _is_text(value: str) -> bool:
 
 
 def expected_violations(
-    prompt: str, params: Mapping[str, Any], tokenizer: tokenizers.Tokenizer, limits: Limits
+    prompt: str, params: Mapping[str, Any], tokenizer: tokenizers.Tokenizer, limits: RequestLimits
 ) -> set[str]:
     """Every field that breaks a documented bound, read off the bounds independently of validate()."""
     bad: set[str] = set()
@@ -121,7 +122,7 @@ def assert_within_limits(
     prompt: str,
     params: Mapping[str, Any],
     tokenizer: tokenizers.Tokenizer,
-    limits: Limits,
+    limits: RequestLimits,
 ) -> None:
     """An accepted request keeps what the caller asked for and sits inside every bound."""
     full_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
@@ -182,10 +183,9 @@ UNIT_PARAMS = st.fixed_dictionaries(
 )
 # Small limits make each bound, and the prompt + new tokens total, easy to land on either side of.
 SMALL_LIMITS = st.builds(
-    Limits,
+    RequestLimits,
     max_input_tokens=st.integers(1, 64),
     max_total_tokens=st.integers(1, 96),
-    max_new_tokens=st.integers(1, 64),
     default_max_new_tokens=st.integers(1, 32),
     max_stop_sequences=st.integers(0, 4),
     max_stop_sequence_length=st.integers(1, 8),
@@ -195,41 +195,45 @@ NAN, INF = float("nan"), float("inf")
 
 
 @settings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(prompt=st.one_of(PROMPTS, SURROGATE_TEXT), params=UNIT_PARAMS, limits=st.just(Limits()) | SMALL_LIMITS)
+@given(
+    prompt=st.one_of(PROMPTS, SURROGATE_TEXT),
+    params=UNIT_PARAMS,
+    limits=st.just(RequestLimits()) | SMALL_LIMITS,
+)
 # The issue's list, one example each, so none depends on the random draw.
-@example(prompt="", params={}, limits=Limits())
-@example(prompt="word " * 1500, params={}, limits=Limits())
-@example(prompt="word " * 1500, params={"truncate": 1024}, limits=Limits())
-@example(prompt="hi", params={"max_new_tokens": 0}, limits=Limits())
-@example(prompt="hi", params={"max_new_tokens": UINT32_MAX}, limits=Limits())
-@example(prompt="word " * 1000, params={"max_new_tokens": 1024}, limits=Limits())
-@example(prompt="hi", params={"do_sample": True, "temperature": 0.0}, limits=Limits())
-@example(prompt="hi", params={"do_sample": True, "temperature": NAN}, limits=Limits())
-@example(prompt="hi", params={"do_sample": True, "temperature": 1e-45}, limits=Limits())
-@example(prompt="hi", params={"temperature": INF}, limits=Limits())
-@example(prompt="hi", params={"top_p": 0.0}, limits=Limits())
-@example(prompt="hi", params={"top_p": 1.0000001}, limits=Limits())
-@example(prompt="hi", params={"typical_p": NAN}, limits=Limits())
-@example(prompt="hi", params={"top_k": -1}, limits=Limits())
-@example(prompt="hi", params={"top_k": UINT32_MAX}, limits=Limits())
-@example(prompt="hi", params={"repetition_penalty": 0.0}, limits=Limits())
-@example(prompt="hi", params={"repetition_penalty": 1e-45}, limits=Limits())
-@example(prompt="hi", params={"repetition_penalty": 3.4e38}, limits=Limits())
-@example(prompt="hi", params={"seed": -1}, limits=Limits())
-@example(prompt="hi", params={"seed": MAX_SEED + 1}, limits=Limits())
-@example(prompt="hi", params={"seed": MAX_SEED}, limits=Limits())
-@example(prompt="hi", params={"truncate": 0}, limits=Limits())
-@example(prompt="hi", params={"truncate": UINT32_MAX}, limits=Limits())
-@example(prompt="hi", params={"stop": ["a", "b", "c", "d", "e"]}, limits=Limits())
-@example(prompt="hi", params={"stop": ["x" * 65]}, limits=Limits())
-@example(prompt="hi", params={"stop": [""]}, limits=Limits())
-@example(prompt="hi", params={"stop": ["\ud800"]}, limits=Limits())
-@example(prompt="a\udfffb", params={}, limits=Limits())
-@example(prompt="\x00\x01\x1b[0m", params={"stop": ["\x00"]}, limits=Limits())
-@example(prompt=" \t\n", params={}, limits=Limits())
-@example(prompt="</s><pad>", params={}, limits=Limits())
+@example(prompt="", params={}, limits=RequestLimits())
+@example(prompt="word " * 1500, params={}, limits=RequestLimits())
+@example(prompt="word " * 1500, params={"truncate": 1024}, limits=RequestLimits())
+@example(prompt="hi", params={"max_new_tokens": 0}, limits=RequestLimits())
+@example(prompt="hi", params={"max_new_tokens": UINT32_MAX}, limits=RequestLimits())
+@example(prompt="word " * 1000, params={"max_new_tokens": 1024}, limits=RequestLimits())
+@example(prompt="hi", params={"do_sample": True, "temperature": 0.0}, limits=RequestLimits())
+@example(prompt="hi", params={"do_sample": True, "temperature": NAN}, limits=RequestLimits())
+@example(prompt="hi", params={"do_sample": True, "temperature": 1e-45}, limits=RequestLimits())
+@example(prompt="hi", params={"temperature": INF}, limits=RequestLimits())
+@example(prompt="hi", params={"top_p": 0.0}, limits=RequestLimits())
+@example(prompt="hi", params={"top_p": 1.0000001}, limits=RequestLimits())
+@example(prompt="hi", params={"typical_p": NAN}, limits=RequestLimits())
+@example(prompt="hi", params={"top_k": -1}, limits=RequestLimits())
+@example(prompt="hi", params={"top_k": UINT32_MAX}, limits=RequestLimits())
+@example(prompt="hi", params={"repetition_penalty": 0.0}, limits=RequestLimits())
+@example(prompt="hi", params={"repetition_penalty": 1e-45}, limits=RequestLimits())
+@example(prompt="hi", params={"repetition_penalty": 3.4e38}, limits=RequestLimits())
+@example(prompt="hi", params={"seed": -1}, limits=RequestLimits())
+@example(prompt="hi", params={"seed": MAX_SEED + 1}, limits=RequestLimits())
+@example(prompt="hi", params={"seed": MAX_SEED}, limits=RequestLimits())
+@example(prompt="hi", params={"truncate": 0}, limits=RequestLimits())
+@example(prompt="hi", params={"truncate": UINT32_MAX}, limits=RequestLimits())
+@example(prompt="hi", params={"stop": ["a", "b", "c", "d", "e"]}, limits=RequestLimits())
+@example(prompt="hi", params={"stop": ["x" * 65]}, limits=RequestLimits())
+@example(prompt="hi", params={"stop": [""]}, limits=RequestLimits())
+@example(prompt="hi", params={"stop": ["\ud800"]}, limits=RequestLimits())
+@example(prompt="a\udfffb", params={}, limits=RequestLimits())
+@example(prompt="\x00\x01\x1b[0m", params={"stop": ["\x00"]}, limits=RequestLimits())
+@example(prompt=" \t\n", params={}, limits=RequestLimits())
+@example(prompt="</s><pad>", params={}, limits=RequestLimits())
 def test_validate_accepts_exactly_the_documented_bounds(
-    tokenizer: tokenizers.Tokenizer, prompt: str, params: dict[str, Any], limits: Limits
+    tokenizer: tokenizers.Tokenizer, prompt: str, params: dict[str, Any], limits: RequestLimits
 ) -> None:
     expected = expected_violations(prompt, params, tokenizer, limits)
     try:
@@ -246,9 +250,9 @@ def test_validate_accepts_exactly_the_documented_bounds(
 def test_truncate_accepts_a_prompt_past_max_input_tokens(tokenizer: tokenizers.Tokenizer) -> None:
     prompt = "word " * 1500
     with pytest.raises(ValidationError) as caught:
-        validate("r", prompt, {}, tokenizer, Limits())
+        validate("r", prompt, {}, tokenizer, RequestLimits())
     assert caught.value.field_name == "prompt" and "truncate" in str(caught.value)
-    request = validate("r", prompt, {"truncate": 1024}, tokenizer, Limits())
+    request = validate("r", prompt, {"truncate": 1024}, tokenizer, RequestLimits())
     assert len(request.prompt_ids) == 1024 and request.truncated
 
 
@@ -275,7 +279,7 @@ FIXED = [
 @dataclass(frozen=True)
 class Gateway:
     stub: gateway_pb2_grpc.GenerationServiceStub
-    limits: Limits
+    limits: RequestLimits
     tokenizer: tokenizers.Tokenizer
 
 
@@ -285,14 +289,14 @@ def gateway(tiny_stack) -> Iterator[Gateway]:
         stub = gateway_pb2_grpc.GenerationServiceStub(channel)
         served = stub.Info(gateway_pb2.InfoRequest(), timeout=10).limits
         # The bounds Info serves; the rest are the gateway's defaults.
-        limits = Limits(
+        limits = RequestLimits(
             max_input_tokens=served.max_input_tokens,
             max_total_tokens=served.max_total_tokens,
-            max_new_tokens=served.max_new_tokens,
             max_stop_sequences=served.max_stop_sequences,
             max_stop_sequence_length=served.max_stop_sequence_length,
             max_top_k=served.max_top_k,
         )
+        assert served.max_new_tokens == limits.max_new_tokens
         tokenizer = tokenizers.Tokenizer.from_file(str(tiny_stack.options.model_dir / "tokenizer.json"))
         yield Gateway(stub, limits, tokenizer)
 
@@ -329,7 +333,7 @@ def _tail_tokens(gw: Gateway, prompt: str, truncate: int | None) -> int:
     return len(ids if truncate is None or truncate == 0 else ids[-truncate:])
 
 
-def _valid_values(limits: Limits) -> dict[str, st.SearchStrategy]:
+def _valid_values(limits: RequestLimits) -> dict[str, st.SearchStrategy]:
     """Values inside the documented bounds, field by field, edges included."""
     return {
         "temperature": st.one_of(

@@ -11,9 +11,13 @@ from pathlib import Path
 
 from bloomduo.apps import bench, shard_weights
 from bloomduo.apps import eval as evaluation
-from bloomduo.core.dtypes import DTYPE_CHOICES, FLOAT_DTYPES
+from bloomduo.apps.flags import add_flags, from_args
+from bloomduo.apps.launcher import StackOptions
+from bloomduo.core.dtypes import FLOAT_DTYPES
 from bloomduo.core.logs import configure_logging
 from bloomduo.core.metrics import serve_metrics
+from bloomduo.gateway.config import GatewayOptions, RequestLimits, SchedulerSettings
+from bloomduo.shard_worker.config import ShardOptions
 
 
 def _add_model(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -57,49 +61,9 @@ def _auth_token(path: Path | None) -> str | None:
     return os.environ.get("BLOOMDUO_AUTH_TOKEN") or None
 
 
-def _add_scheduling(parser: argparse.ArgumentParser) -> None:
-    """The gateway's limits and batching choices; `up` forwards them (and sizes the workers' KV caches)."""
-    group = parser.add_argument_group("limits and batching")
-    group.add_argument("--max-input-tokens", type=int, default=1024)
-    group.add_argument("--max-total-tokens", type=int, default=2048)
-    group.add_argument("--max-batch-size", type=int, default=32)
-    group.add_argument("--max-batch-prefill-tokens", type=int, default=4096)
-    group.add_argument("--max-concurrent-requests", type=int, default=128)
-    group.add_argument(
-        "--max-waiting-steps",
-        type=int,
-        default=4,
-        help="steps a prompt that fits the batch may be held back to start with a later group",
-    )
-    group.add_argument(
-        "--no-prefix-sharing",
-        dest="prefix_sharing",
-        action="store_false",
-        help="compute every prompt in full instead of copying the KV cache of a running sequence's "
-        "identical prefix",
-    )
-    group.add_argument(
-        "--no-burst-wait",
-        dest="burst_wait",
-        action="store_false",
-        help="start a step as soon as a request arrives at an idle gateway, instead of waiting a few "
-        "percent of a step for the rest of a burst",
-    )
-
-
-def _scheduling_args(args: argparse.Namespace) -> tuple[str, ...]:
-    """The `bloomduo gateway` flags that reproduce _add_scheduling's choices in `args`, read off the
-    flags _add_scheduling defines, so the two never drift apart."""
-    flags = argparse.ArgumentParser(add_help=False)
-    _add_scheduling(flags)
-    forwarded: list[str] = []
-    for action in flags._actions:
-        value, flag = getattr(args, action.dest), action.option_strings[0]
-        if action.nargs == 0:  # an --no-... switch: given only when it changed the default
-            forwarded += [flag] if value != action.default else []
-        else:
-            forwarded += [flag, str(value)]
-    return tuple(forwarded)
+def _add_gateway_settings(parser: argparse.ArgumentParser) -> None:
+    add_flags(parser, RequestLimits, "request limits")
+    add_flags(parser, SchedulerSettings, "batching")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,19 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="start the shard workers and the gateway, and serve until Ctrl-C")
     _add_model(up, required=False)
-    up.add_argument("--num-shards", type=int, default=2, help="tensor-parallel degree (divides n_head)")
-    up.add_argument("--device", default="cpu", help="cpu, cuda or npu (rank r uses chip r) or e.g. cuda:0")
-    up.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
-    up.add_argument("--host", default="127.0.0.1", help="public address of the gateway (0.0.0.0 for all)")
-    up.add_argument("--port", type=int, default=50051)
-    up.add_argument(
-        "--threads-per-shard", type=int, help="torch threads per worker on cpu (default: cores / W)"
-    )
-    up.add_argument(
-        "--metrics-port", type=int, help="Prometheus /metrics of the gateway on P, of worker r on P+1+r"
-    )
+    add_flags(up, StackOptions)
     _add_public_doors(up)
-    _add_scheduling(up)
+    _add_gateway_settings(up)
 
     gateway = commands.add_parser("gateway", help="run the gateway alone (docker-compose runs it like this)")
     _add_model(gateway, required=True)
@@ -129,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=50051)
-    _add_scheduling(gateway)
+    _add_gateway_settings(gateway)
+    add_flags(gateway, GatewayOptions)
     gateway.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     _add_public_doors(gateway)
     gateway.add_argument("--shard-tls-ca", type=Path, help="CA of the workers' certificates (TLS to workers)")
@@ -137,15 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard-tls-cert", type=Path, help="client certificate for workers that require mTLS"
     )
     gateway.add_argument("--shard-tls-key", type=Path, help="private key of --shard-tls-cert")
-    gateway.add_argument(
-        "--log-text", action="store_true", help="log prompts and generated text (off: privacy)"
-    )
-    gateway.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=30.0,
-        help="seconds in-flight streams get to finish on SIGTERM",
-    )
 
     shard = commands.add_parser("shard", help="run one shard worker (rank r of W)")
     _add_model(shard, required=True)
@@ -158,18 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shard.add_argument("--host", default="127.0.0.1")
     shard.add_argument("--port", type=int, required=True)
-    shard.add_argument("--device", default="cpu", help="cpu, cuda:N or npu:N")
-    shard.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    add_flags(shard, ShardOptions)
     shard.add_argument("--threads", type=int, help="torch threads on cpu (default: torch's own)")
     shard.add_argument(
         "--cpu-cores",
         help="comma-separated cores to run on, e.g. 0,1 (`up` gives each cpu worker its own when they fit)",
-    )
-    shard.add_argument(
-        "--kv-cache-slots",
-        type=int,
-        default=32,
-        help="sequences the KV cache is allocated for at start (match the gateway's --max-batch-size)",
     )
     shard.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     shard.add_argument("--tls-cert", type=Path, help="PEM certificate of this worker (TLS)")
@@ -209,33 +148,26 @@ PLUGGED_COMMANDS = [
 
 def _up(args: argparse.Namespace) -> int:
     from bloomduo.apps.demo_model import ensure_demo_model
-    from bloomduo.apps.launcher import StackOptions, run_stack
+    from bloomduo.apps.launcher import run_stack
 
     model_dir = args.model or ensure_demo_model("tiny")
-    options = StackOptions(
+    door_flags = (
+        arg
+        for flag, value in (
+            ("--tls-cert", args.tls_cert),
+            ("--tls-key", args.tls_key),
+            ("--auth-token-file", args.auth_token_file),
+        )
+        if value is not None
+        for arg in (flag, str(value.resolve()))
+    )
+    options = from_args(
+        StackOptions,
+        args,
         model_dir=model_dir.resolve(),
-        num_shards=args.num_shards,
-        device=args.device,
-        dtype=args.dtype,
-        host=args.host,
-        port=args.port,
-        threads_per_shard=args.threads_per_shard,
-        metrics_port=args.metrics_port,
-        gateway_args=(
-            *(
-                arg
-                for flag, value in (
-                    ("--tls-cert", args.tls_cert),
-                    ("--tls-key", args.tls_key),
-                    ("--auth-token-file", args.auth_token_file),
-                )
-                if value is not None
-                for arg in (flag, str(value.resolve()))
-            ),
-            *_scheduling_args(args),
-        ),
-        # one KV slot per sequence the gateway may run at once
-        shard_args=("--kv-cache-slots", str(args.max_batch_size)),
+        limits=from_args(RequestLimits, args),
+        scheduler=from_args(SchedulerSettings, args),
+        gateway_args=tuple(door_flags),
         tls_root=args.tls_cert.read_bytes() if args.tls_cert else None,
     )
     return run_stack(options)
@@ -243,30 +175,18 @@ def _up(args: argparse.Namespace) -> int:
 
 def _gateway(args: argparse.Namespace) -> int:
     from bloomduo.core.serving import TlsFiles
-    from bloomduo.gateway.server import GatewayOptions, serve
-    from bloomduo.gateway.validation import Limits
+    from bloomduo.gateway.server import serve
 
-    limits = Limits(
-        max_input_tokens=args.max_input_tokens,
-        max_total_tokens=args.max_total_tokens,
-        max_batch_size=args.max_batch_size,
-        max_batch_prefill_tokens=args.max_batch_prefill_tokens,
-        max_concurrent_requests=args.max_concurrent_requests,
-        max_waiting_steps=args.max_waiting_steps,
-        max_new_tokens=args.max_total_tokens - 1,
-        prefix_sharing=args.prefix_sharing,
-        burst_wait=args.burst_wait,
-    )
-    targets = [target.strip() for target in args.shards.split(",") if target.strip()]
-    options = GatewayOptions(
-        args.model.resolve(),
-        targets,
-        limits,
-        shutdown_grace_s=args.shutdown_grace,
+    options = from_args(
+        GatewayOptions,
+        args,
+        model_dir=args.model.resolve(),
+        shard_targets=[target.strip() for target in args.shards.split(",") if target.strip()],
+        limits=from_args(RequestLimits, args),
+        scheduler=from_args(SchedulerSettings, args),
         tls=TlsFiles(args.tls_cert, args.tls_key),
         shard_tls=TlsFiles(args.shard_tls_cert, args.shard_tls_key, args.shard_tls_ca),
         auth_token=_auth_token(args.auth_token_file),
-        log_text=args.log_text,
     )
     serve_metrics(args.metrics_port)
     return asyncio.run(serve(options, args.host, args.port))
@@ -276,7 +196,6 @@ def _shard(args: argparse.Namespace) -> int:
     import torch
 
     from bloomduo.core.serving import TlsFiles
-    from bloomduo.shard_worker.engine import ShardOptions
     from bloomduo.shard_worker.server import serve
 
     if args.cpu_cores:
@@ -295,14 +214,13 @@ def _shard(args: argparse.Namespace) -> int:
         os.sched_setaffinity(0, cores)
     if args.threads:
         torch.set_num_threads(args.threads)
-    options = ShardOptions(
+    options = from_args(
+        ShardOptions,
+        args,
         model_dir=args.model.resolve(),
         rank=args.rank,
         world_size=args.world_size,
         dist_init=args.dist_init,
-        device=args.device,
-        dtype=args.dtype,
-        kv_cache_slots=args.kv_cache_slots,
     )
     serve_metrics(args.metrics_port)
     asyncio.run(serve(options, args.host, args.port, TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)))

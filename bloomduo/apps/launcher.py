@@ -9,13 +9,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bloomduo.apps.flags import to_flags
+from bloomduo.core.dtypes import DTYPE_CHOICES
 from bloomduo.core.logs import get_logger
+from bloomduo.gateway.config import RequestLimits, SchedulerSettings
 
 log = get_logger(__name__)
 
@@ -85,17 +88,33 @@ def wait_serving(
 
 @dataclass(frozen=True)
 class StackOptions:
+    """What `bloomduo up` starts; the fields with a "help" are its flags (bloomduo.apps.flags)."""
+
     model_dir: Path
-    num_shards: int = 2
-    device: str = "cpu"
-    dtype: str = "auto"
-    host: str = "127.0.0.1"
-    port: int = 50051
-    threads_per_shard: int | None = None
+    num_shards: int = field(default=2, metadata={"help": "tensor-parallel degree (divides n_head)"})
+    device: str = field(
+        default="cpu", metadata={"help": "cpu, cuda or npu (rank r uses chip r) or e.g. cuda:0"}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "auto: the checkpoint's dtype (float16 on npu)", "choices": DTYPE_CHOICES},
+    )
+    host: str = field(
+        default="127.0.0.1", metadata={"help": "public address of the gateway (0.0.0.0 for all)"}
+    )
+    port: int = field(default=50051, metadata={"help": "the gateway's public port"})
+    threads_per_shard: int | None = field(
+        default=None, metadata={"help": "torch threads per worker on cpu (default: cores / W)"}
+    )
+    metrics_port: int | None = field(
+        default=None, metadata={"help": "Prometheus /metrics of the gateway on P, of worker r on P+1+r"}
+    )
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    # Also sizes the workers' KV caches: one slot per sequence the gateway may run at once.
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     ready_timeout_s: float = 600.0
-    gateway_args: tuple[str, ...] = ()  # extra `bloomduo gateway` flags, e.g. its limits
-    metrics_port: int | None = None  # gateway's; worker r uses metrics_port + 1 + r
-    shard_args: tuple[str, ...] = ()  # extra `bloomduo shard` flags, e.g. its TLS files
+    gateway_args: tuple[str, ...] = ()  # extra `bloomduo gateway` flags, e.g. its TLS files
+    shard_args: tuple[str, ...] = ()  # extra `bloomduo shard` flags, e.g. their TLS files
     # PEM the readiness probe trusts when the gateway serves TLS (its certificate chain, or its CA)
     tls_root: bytes | None = None
 
@@ -151,6 +170,7 @@ class Stack:
                 "--dtype", opts.dtype, "--threads", str(threads),
                 *own_cores[rank],
                 *(("--metrics-port", str(opts.metrics_port + 1 + rank)) if opts.metrics_port else ()),
+                "--kv-cache-slots", str(opts.scheduler.max_batch_size),
                 *opts.shard_args,
             ]
             for rank, (host, port) in enumerate(target.rsplit(":", 1) for target in self.shard_targets)
@@ -160,7 +180,8 @@ class Stack:
         opts = self.options
         return [
             *CLI, "gateway", "--model", str(opts.model_dir), "--shards", ",".join(self.shard_targets),
-            "--host", opts.host, "--port", str(opts.port), *opts.gateway_args,
+            "--host", opts.host, "--port", str(opts.port),
+            *to_flags(opts.limits), *to_flags(opts.scheduler), *opts.gateway_args,
             *(("--metrics-port", str(opts.metrics_port)) if opts.metrics_port else ()),
         ]  # fmt: skip
 
@@ -184,10 +205,6 @@ class Stack:
     def restart_gateway(self) -> None:
         _terminate([self.gateway], timeout_s=5.0)
         self.gateway = subprocess.Popen(self.gateway_command())
-
-    @property
-    def processes(self) -> list[subprocess.Popen]:
-        return [p for p in [self.gateway, *self.shards] if p is not None]
 
     def stop(self, timeout_s: float = 40.0) -> None:
         """Gateway first (it drains its streams), then the workers; kill whatever outlives the timeout."""

@@ -1,0 +1,92 @@
+"""The gateway's settings, each with its one default: bounds on a request (served by Info, so clients can
+check before sending) apart from how the scheduler batches.
+
+A field whose metadata has a "help" is also a `bloomduo gateway` flag (and a `bloomduo up` flag that `up`
+forwards); bloomduo.apps.flags derives the flags from these fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bloomduo.core.serving import NO_TLS, TlsFiles
+
+
+def _flag(default, help_text: str, **metadata):
+    return field(default=default, metadata={"help": help_text, **metadata})
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on every request; the validator (request.py) names the field that passes one."""
+
+    max_input_tokens: int = _flag(1024, "most prompt tokens a request may have (after truncate)")
+    max_total_tokens: int = _flag(2048, "most prompt + new tokens of one request")
+    default_max_new_tokens: int = 20
+    max_stop_sequences: int = 4
+    max_stop_sequence_length: int = 64
+    max_concurrent_requests: int = _flag(
+        128, "requests in flight (queued or running) before new ones get RESOURCE_EXHAUSTED"
+    )
+    max_top_k: int = 1024  # the gateway lowers it to the vocabulary size at start
+    max_request_bytes: int = 1024 * 1024  # larger messages get RESOURCE_EXHAUSTED from gRPC itself
+    # Logits are divided by the temperature and (for repeated tokens) by the repetition penalty. Below
+    # these floors the quotient overflows float32 to inf, the softmax turns NaN and the draw fails, which
+    # fails every request in the same batch step; a smaller temperature is greedy in all but name.
+    min_temperature: float = 1e-3
+    min_repetition_penalty: float = 1e-3
+    # Above this, repeated negative logits overflow to -inf; were every candidate repeated, no token
+    # would be left to draw.
+    max_repetition_penalty: float = 1e3
+
+    @property
+    def max_new_tokens(self) -> int:
+        """A request needs at least one prompt token, so it may ask for the rest of max_total_tokens."""
+        return self.max_total_tokens - 1
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """How the engine batches (scheduler.py, step_cost.py)."""
+
+    max_batch_size: int = _flag(
+        32, "sequences running at once (bloomduo up sizes the workers' KV caches to it)"
+    )
+    max_batch_prefill_tokens: int = _flag(
+        4096, "prompt tokens one step may carry; longer prompts are computed in chunks over steps"
+    )
+    max_waiting_steps: int = _flag(
+        4, "steps a prompt that fits the batch may be held back to start with a later group"
+    )
+    # A new prompt that starts like a running sequence copies that prefix's KV cache (vLLM's and TGI's
+    # prefix caching, limited to sequences still running).
+    prefix_sharing: bool = _flag(
+        True,
+        "copy the KV cache of a running sequence's identical prefix instead of computing it again",
+    )
+    # An idle engine woken by a request waits a few percent of a step for more (a burst), so they share
+    # the first step (step_cost.arrival_wait).
+    burst_wait: bool = _flag(
+        True,
+        "at an idle gateway, wait a few percent of a step for the rest of a burst before starting it",
+    )
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    model_dir: Path
+    shard_targets: list[str]
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    shard_ready_timeout_s: float = 3600.0
+    step_timeout_s: float = _flag(
+        120.0, "seconds a step may take before its requests fail as a worker fault", flag="--step-timeout"
+    )
+    shutdown_grace_s: float = _flag(
+        30.0, "seconds in-flight streams get to finish on SIGTERM", flag="--shutdown-grace"
+    )
+    tls: TlsFiles = NO_TLS  # the public port's certificate and key
+    shard_tls: TlsFiles = NO_TLS  # towards the workers: their CA, and our client certificate for mTLS
+    auth_token: str | None = None  # required as "authorization: Bearer <token>" when set
+    log_text: bool = _flag(False, "log prompts and generated text (off: privacy)")

@@ -1,0 +1,36 @@
+"""A shard worker's settings, each with its one default.
+
+A field whose metadata has a "help" is also a `bloomduo shard` flag (bloomduo.apps.flags derives them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bloomduo.core.dtypes import DTYPE_CHOICES
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    model_dir: Path
+    rank: int
+    world_size: int
+    dist_init: str  # torch.distributed init_method, e.g. tcp://127.0.0.1:29500
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda:N or npu:N"})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "weights and activations; auto: the checkpoint's (float16 on npu)",
+            "choices": DTYPE_CHOICES,
+        },
+    )
+    dist_timeout_s: float = 600.0
+    wedge_grace_s: float = 10.0  # how long a step may outlive its closed stream before the group is dropped
+    # Allocated at start-up, so a burst of new sequences does not stop to grow (and zero) the cache.
+    kv_cache_slots: int = field(
+        default=32,
+        metadata={
+            "help": "sequences the KV cache is allocated for at start (the gateway's --max-batch-size)"
+        },
+    )
