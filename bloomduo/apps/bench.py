@@ -500,7 +500,8 @@ def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The goals from the issue, each PASS, FAIL or SKIP (a level or the baseline it needs was not run)."""
+    """The service's speed and memory targets against transformers measured in the same run, each PASS,
+    FAIL or SKIP (a level or the baseline it needs was not run)."""
     stack = _by_level(report["stack"]["levels"])
     baseline = report["baseline"]
     one = _by_level(baseline["one_at_a_time"]) if baseline else {}
