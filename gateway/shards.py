@@ -1,4 +1,7 @@
-"""The gateway's connections to its shard workers: one long-lived Step stream each, driven in lock step."""
+"""The gateway's connections to its shard workers: one long-lived Step stream each, driven in lock step.
+
+The only gateway module that speaks the shard protocol: the rest of the gateway hands it plain chunks.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from bloomduo.core.logprobs import join_slices
 from bloomduo.core.logs import get_logger
 from bloomduo.core.serving import NO_TLS, TlsFiles, secure_or_insecure_channel
 from bloomduo.core.tensor_wire import decode_tensor, encode_tensor
+from bloomduo.gateway.sequence import Chunk
 from bloomduo.v1 import shard_pb2, shard_pb2_grpc
 
 log = get_logger(__name__)
@@ -72,6 +76,15 @@ def _join_greedy(responses: Sequence[shard_pb2.StepResponse]) -> list[tuple[int,
         torch.tensor([list(r.best_logit) for r in responses]),
         torch.tensor([list(r.best_token) for r in responses]),
         torch.tensor([list(r.logsumexp) for r in responses]),
+    )
+
+
+def _wire_chunk(chunk: Chunk) -> shard_pb2.SequenceChunk:
+    return shard_pb2.SequenceChunk(
+        sequence_id=chunk.sequence_id,
+        start_position=chunk.start_position,
+        num_tokens=chunk.num_tokens,
+        prefix_sequence_id=chunk.prefix_sequence_id,
     )
 
 
@@ -146,7 +159,7 @@ class ShardPool:
     async def step(
         self,
         hidden_states: torch.Tensor,
-        chunks: Sequence[shard_pb2.SequenceChunk],
+        chunks: Sequence[Chunk],
         free_ids: Sequence[int],
         request_ids: Sequence[str] = (),
         full_logits: Sequence[bool] = (),
@@ -158,7 +171,7 @@ class ShardPool:
         request = shard_pb2.StepRequest(
             step_id=next(self.step_ids),
             hidden_states=encode_tensor(hidden_states),
-            sequences=chunks,
+            sequences=[_wire_chunk(chunk) for chunk in chunks],
             free_sequence_ids=list(free_ids),
             request_ids=list(request_ids),
             full_logits=list(full_logits),
@@ -173,7 +186,7 @@ class ShardPool:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-            await self.reset_streams()
+            self.reset_streams()
             failed = [task.exception() for task in done if task.exception() is not None]
             if failed:
                 raise failed[0]
@@ -191,7 +204,7 @@ class ShardPool:
         """Every worker's current Info (cached sequences and tokens), in rank order."""
         return list(await asyncio.gather(*(c.info() for c in self.connections)))
 
-    async def reset_streams(self) -> None:
+    def reset_streams(self) -> None:
         for connection in self.connections:
             if connection.call is not None:
                 connection.call.cancel()

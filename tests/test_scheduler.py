@@ -1,209 +1,209 @@
-"""The gateway's scheduler on its own (no workers, no gRPC): what one step takes, and prefix sharing."""
+"""The gateway's scheduler on its own (token ids only: no model, no workers, no event loop): what each
+step carries, the time-to-first-token split, prefix sharing and cancellation."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable
+import itertools
+from collections.abc import Iterable
 
 import pytest
-from tokenizers import Tokenizer
 
 from bloomduo.core import metrics
-from bloomduo.gateway.config import RequestLimits, SchedulerSettings
-from bloomduo.gateway.engine import Engine, StepTimings
-from bloomduo.gateway.validation import validate
+from bloomduo.gateway.config import SchedulerSettings
+from bloomduo.gateway.scheduler import Scheduler
+from bloomduo.gateway.sequence import Chunk, SequenceState
+
+SYSTEM = list(range(100, 130))  # a system prompt many requests start with
 
 
-@pytest.fixture
-def tokenizer(demo_model) -> Tokenizer:
-    return Tokenizer.from_file(str(demo_model() / "tokenizer.json"))
+def _queue(settings: SchedulerSettings, prompts: list[list[int]]) -> Scheduler[SequenceState]:
+    scheduler: Scheduler[SequenceState] = Scheduler(settings)
+    for n, prompt in enumerate(prompts):
+        scheduler.add(SequenceState(sequence_id=n + 1, request_id=f"r{n}", token_ids=list(prompt)))
+    return scheduler
 
 
-def _with_requests(
-    settings: SchedulerSettings, tokenizer: Tokenizer, prompts: list[str], check: Callable[[Engine], None]
-):
-    """Queue one greedy request per prompt as the servicer does (the engine loop is not running), run
-    `check` on the engine, then close the requests."""
-
-    async def scenario() -> None:
-        engine = Engine(tokenizer, None, None, settings, eos_token_id=2)
-        streams = [
-            engine.generate(validate(f"r{n}", prompt, {"max_new_tokens": 8}, tokenizer, RequestLimits()))
-            for n, prompt in enumerate(prompts)
-        ]
-        waiting: list[Awaitable] = [asyncio.ensure_future(anext(stream)) for stream in streams]
-        await asyncio.sleep(0)  # each request is queued and waits for its first token
-        try:
-            check(engine)
-        finally:
-            for task in waiting:
-                task.cancel()
-            await asyncio.gather(*waiting, return_exceptions=True)
-            for stream in streams:
-                await stream.aclose()
-
-    asyncio.run(scenario())
+def _run_step(scheduler: Scheduler[SequenceState]) -> list[tuple[SequenceState, Chunk]]:
+    """Schedule a step and let it run: the workers cache every chunk, and each sequence whose chunk
+    reached its last token samples one (id 7)."""
+    plan = scheduler.schedule()
+    finishing = [sequence for sequence, chunk in plan if sequence.pending == chunk.num_tokens]
+    scheduler.computed(plan)
+    for sequence in finishing:
+        sequence.token_ids.append(7)
+    return plan
 
 
-def _step_done(plan) -> None:
-    """What a finished step leaves: the workers hold every chunk's tokens."""
-    for sequence, take in plan:
-        sequence.cached += take
+def _ids(sequences: Iterable[SequenceState]) -> list[str]:
+    return [sequence.request_id for sequence in sequences]
 
 
-def test_identical_prompts_wait_one_step_then_copy_the_first(tokenizer) -> None:
-    system = "You are a helpful assistant who answers in one short sentence. Question:"
-
-    def check(engine: Engine) -> None:
-        prompt_ids = engine.waiting[0].token_ids
-        first = engine._schedule()
-        # Copies of the first prompt (and a longer one sharing most of it) wait; the other one goes now.
-        assert [s.request.request_id for s, _ in first] == ["r0", "r2"]
-        assert [s.request.request_id for s in engine.waiting] == ["r1", "r3"]
-        _step_done(first)
-
-        second = {s.request.request_id: (s, take) for s, take in engine._schedule()}
-        donor = first[0][0].sequence_id
-        copy, take = second["r1"]
-        assert (copy.cached, take) == (len(prompt_ids) - 1, 1)  # only the prompt's last token runs
-        chunk, _ = copy.next_chunk(take)
-        assert (chunk.prefix_sequence_id, chunk.start_position) == (donor, len(prompt_ids) - 1)
-        longer, _ = second["r3"]
-        assert longer.cached >= len(prompt_ids) - 1 and longer.prefix_from == donor
-
-    _with_requests(
-        SchedulerSettings(), tokenizer, [system, system, "Something else entirely", system + " why?"], check
-    )
+def _plan_ids(plan: list[tuple[SequenceState, Chunk]]) -> list[str]:
+    return _ids(sequence for sequence, _ in plan)
 
 
-def test_without_prefix_sharing_every_prompt_runs_in_full(tokenizer) -> None:
-    def check(engine: Engine) -> None:
-        plan = engine._schedule()
-        assert [take for _, take in plan] == [len(engine.running[0].token_ids)] * 2
-        assert not engine.waiting and all(s.prefix_from == 0 for s in engine.running)
-
-    _with_requests(
-        SchedulerSettings(prefix_sharing=False), tokenizer, ["The same words", "The same words"], check
-    )
+def _chunks(plan: list[tuple[SequenceState, Chunk]]) -> dict[str, Chunk]:
+    return {sequence.request_id: chunk for sequence, chunk in plan}
 
 
-def _cpu_like(engine: Engine) -> None:
-    """Teach the engine a CPU's step cost: 77 ms per step plus 0.63 ms per token."""
+def _distinct(count: int, length: int) -> list[list[int]]:
+    return [[1000 * (n + 1) + k for k in range(length)] for n in range(count)]
+
+
+def _cpu_like(scheduler: Scheduler) -> None:
+    """Teach the scheduler a CPU's step cost: 77 ms per step plus 0.63 ms per token."""
     for tokens in [1, 32, 1, 16, 1, 32, 1, 480, 1, 1]:
-        engine.step_cost.observe(tokens, 0.077 + 0.00063 * tokens)
+        scheduler.observe_step(tokens, 0.077 + 0.00063 * tokens)
 
 
-def test_a_compute_bound_burst_starts_in_the_split_with_the_least_summed_wait(tokenizer) -> None:
-    prompts = [f"Request number {n} asks about something else, at some length" for n in range(12)]
+def test_identical_prompts_wait_one_step_then_copy_the_first() -> None:
+    prompts = [SYSTEM, SYSTEM, _distinct(1, 12)[0], [*SYSTEM, 5, 6, 7]]
+    scheduler = _queue(SchedulerSettings(), prompts)
+    first = _run_step(scheduler)
+    # Copies of the first prompt (and a longer one sharing most of it) wait; the other one goes now.
+    assert _plan_ids(first) == ["r0", "r2"]
+    assert [chunk.num_tokens for _, chunk in first] == [len(SYSTEM), 12]
+    assert _ids(scheduler.waiting) == ["r1", "r3"]
 
-    def check(engine: Engine) -> None:
-        plan = engine._schedule()  # nothing learned yet: everything starts in one step
-        assert len(plan) == 12
-        _step_done(plan)
-
-    _with_requests(SchedulerSettings(prefix_sharing=False), tokenizer, prompts, check)
-
-    def check_learned(engine: Engine) -> None:
-        _cpu_like(engine)
-        engine._record(StepTimings(), sequences=1, tokens=1)  # exports the fitted cost
-        assert metrics.STEP_COST.labels("fixed")._value.get() == pytest.approx(0.077)
-        assert metrics.STEP_COST.labels("per_token")._value.get() == pytest.approx(0.00063)
-        plan = engine._schedule()
-        started = [s.request.request_id for s, _ in plan]
-        assert 6 <= len(started) < 12
-        assert started == [f"r{n}" for n in range(len(started))]  # first come, first served
-        assert [s.request.request_id for s in engine.waiting] == [f"r{n}" for n in range(len(started), 12)]
-        _step_done(plan)
-        for sequence, _ in plan:
-            sequence.token_ids.append(5)  # each sampled its first token
-        second = engine._schedule()  # the running ones decode; more of the queue starts
-        assert [take for _, take in second[: len(started)]] == [1] * len(started)
-        assert len(second) > len(started)
-
-    _with_requests(SchedulerSettings(prefix_sharing=False), tokenizer, prompts, check_learned)
+    second = _chunks(scheduler.schedule())
+    donor = first[0][0].sequence_id
+    # only the prompt's last token runs; the rest is copied from the donor's cache
+    assert second["r1"] == Chunk(2, len(SYSTEM) - 1, 1, prefix_sequence_id=donor)
+    assert second["r3"] == Chunk(4, len(SYSTEM), 3, prefix_sequence_id=donor)
+    assert (second["r0"].num_tokens, second["r2"].num_tokens) == (1, 1)  # the first two decode
 
 
-def test_a_prompt_sent_back_to_the_queue_forgets_its_shared_prefix(tokenizer) -> None:
-    system = "You are a helpful assistant who answers in one short sentence. Question:"
-    prompts = [system] + [f"{system} item {n}" for n in range(10)]
-
-    def check(engine: Engine) -> None:
-        _step_done(engine._schedule())  # the first one starts alone; the rest copy it next step
-        _cpu_like(engine)
-        for sequence in engine.waiting:
-            sequence.token_ids += list(range(100, 160))  # long tails, so not all start at once
-        plan = engine._schedule()
-        assert 1 < len(plan) < len(prompts)
-        assert all(s.prefix_from == engine.running[0].sequence_id for s, _ in plan[1:])
-        assert engine.waiting and all(s.cached == 0 and s.prefix_from == 0 for s in engine.waiting)
-
-    _with_requests(SchedulerSettings(), tokenizer, prompts, check)
-
-
-def test_an_idle_engine_lets_a_burst_arrive_before_its_first_step(tokenizer) -> None:
-    async def scenario(burst_wait: bool) -> tuple[int, float]:
-        settings = SchedulerSettings(burst_wait=burst_wait)
-        engine = Engine(tokenizer, None, None, settings, eos_token_id=2)
-        for tokens in [1, 100] * 5:  # 4 s steps: waits of 160 ms of quiet, 1 s at most
-            engine.step_cost.observe(tokens, 4.0 + 0.001 * tokens)
-        streams = []
-
-        async def arrive() -> None:
-            for n in range(5):
-                request = validate(f"r{n}", "Hello there", {"max_new_tokens": 2}, tokenizer, RequestLimits())
-                streams.append(engine.generate(request))
-                waiting.append(asyncio.ensure_future(anext(streams[-1])))
-                await asyncio.sleep(0.01)
-
-        waiting: list[asyncio.Future] = []
-        arrivals = asyncio.ensure_future(arrive())
-        while not engine.waiting:  # the first request wakes the idle engine
-            await asyncio.sleep(0)
-        started = time.perf_counter()
-        await engine._await_burst()
-        waited = time.perf_counter() - started
-        queued = len(engine.waiting)
-        await arrivals
-        for task in waiting:
-            task.cancel()
-        await asyncio.gather(*waiting, return_exceptions=True)
-        for stream in streams:
-            await stream.aclose()
-        return queued, waited
-
-    queued, waited = asyncio.run(scenario(burst_wait=True))
-    # arrivals 10 ms apart (a slow machine may stretch them to 150 ms) end after 40 ms; then 160 ms of quiet
-    assert queued == 5 and 0.04 + 0.16 <= waited < 1.0 + 0.2
-    queued, waited = asyncio.run(scenario(burst_wait=False))
-    assert queued == 1 and waited < 0.01
+def test_a_prefix_is_copied_from_the_running_sequence_sharing_most_of_it() -> None:
+    scheduler = _queue(SchedulerSettings(), [SYSTEM])
+    _run_step(scheduler)
+    _run_step(scheduler)
+    scheduler.add(SequenceState(sequence_id=2, request_id="r1", token_ids=[*SYSTEM[:20], 1, 2, 3]))
+    scheduler.add(SequenceState(sequence_id=3, request_id="r2", token_ids=[*SYSTEM[:20], 1, 2, 4]))
+    plan = _chunks(_run_step(scheduler))
+    assert plan["r1"] == Chunk(2, 20, 3, prefix_sequence_id=1)
+    # r1 shares more with r2 but the workers cache it only after this step: r2 copies from r0 too
+    assert plan["r2"] == Chunk(3, 20, 3, prefix_sequence_id=1)
+    scheduler.add(SequenceState(sequence_id=4, request_id="r3", token_ids=[*SYSTEM[:20], 1, 2, 3, 9]))
+    plan = _chunks(scheduler.schedule())
+    assert plan["r3"] == Chunk(4, 23, 1, prefix_sequence_id=2)  # r1's cache now holds the longest prefix
+    assert [chunk.prefix_sequence_id for name, chunk in plan.items() if name != "r3"] == [0, 0, 0]
 
 
-def test_no_prompt_is_held_back_more_than_max_waiting_steps(tokenizer) -> None:
-    prompts = [f"Request number {n} asks about something else, at some length" for n in range(12)]
+def test_without_prefix_sharing_every_prompt_runs_in_full() -> None:
+    scheduler = _queue(SchedulerSettings(prefix_sharing=False), [SYSTEM, SYSTEM])
+    plan = scheduler.schedule()
+    assert [chunk for _, chunk in plan] == [Chunk(1, 0, len(SYSTEM)), Chunk(2, 0, len(SYSTEM))]
+    assert not scheduler.waiting
 
-    def two_steps(engine: Engine) -> tuple[int, int]:
-        """Prompts started in the first and the second step, for prompts long enough to be split."""
-        _cpu_like(engine)
-        for sequence in engine.waiting:
-            sequence.token_ids += list(range(100, 150))
-        first = engine._schedule()
-        assert all(s.waited_steps == 1 for s in engine.waiting)
-        _step_done(first)
-        for sequence, _ in first:
-            sequence.token_ids.append(5)
-        return len(first), len(engine._schedule()) - len(first)
 
-    def check(engine: Engine) -> None:
-        started, then = two_steps(engine)
-        assert started + then < 12  # the split holds some back twice ...
+def test_a_compute_bound_burst_starts_in_the_split_with_the_least_summed_wait() -> None:
+    prompts = _distinct(12, 20)
+    untaught = _queue(SchedulerSettings(prefix_sharing=False), prompts)
+    assert len(untaught.schedule()) == 12  # nothing learned yet: everything starts in one step
 
-    _with_requests(SchedulerSettings(prefix_sharing=False), tokenizer, prompts, check)
+    scheduler = _queue(SchedulerSettings(prefix_sharing=False), prompts)
+    _cpu_like(scheduler)
+    assert metrics.STEP_COST.labels("fixed")._value.get() == pytest.approx(0.077)
+    assert metrics.STEP_COST.labels("per_token")._value.get() == pytest.approx(0.00063)
+    first = _run_step(scheduler)
+    started = len(first)
+    assert 6 <= started < 12
+    assert _plan_ids(first) == [f"r{n}" for n in range(started)]  # first come, first served
+    assert _ids(scheduler.waiting) == [f"r{n}" for n in range(started, 12)]
+    second = scheduler.schedule()  # the running ones decode; more of the queue starts
+    assert [chunk.num_tokens for _, chunk in second[:started]] == [1] * started
+    assert len(second) > started
 
-    def check_bounded(engine: Engine) -> None:
-        started, then = two_steps(engine)
-        assert started + then == 12 and not engine.waiting  # ... unless they already waited a step
 
-    _with_requests(
-        SchedulerSettings(prefix_sharing=False, max_waiting_steps=1), tokenizer, prompts, check_bounded
-    )
+def test_no_prompt_is_held_back_more_than_max_waiting_steps() -> None:
+    prompts = _distinct(12, 70)  # long enough for the learned cost to split them
+
+    def two_steps(settings: SchedulerSettings) -> tuple[int, int, Scheduler]:
+        """Prompts started in the first and the second step."""
+        scheduler = _queue(settings, prompts)
+        _cpu_like(scheduler)
+        first = _run_step(scheduler)
+        assert scheduler.waiting and all(s.waited_steps == 1 for s in scheduler.waiting)
+        return len(first), len(scheduler.schedule()) - len(first), scheduler
+
+    started, then, scheduler = two_steps(SchedulerSettings(prefix_sharing=False))
+    assert started + then < 12  # the split holds some back twice ...
+    assert all(s.waited_steps == 2 for s in scheduler.waiting)
+    started, then, scheduler = two_steps(SchedulerSettings(prefix_sharing=False, max_waiting_steps=1))
+    assert started + then == 12 and not scheduler.waiting  # ... unless they already waited a step
+
+
+def test_a_prompt_sent_back_to_the_queue_forgets_its_shared_prefix() -> None:
+    # tails long enough for the learned cost to split them, short enough to wait for the system prompt
+    prompts = [SYSTEM] + [[*SYSTEM, *range(200 + n, 228 + n)] for n in range(10)]
+    scheduler = _queue(SchedulerSettings(), prompts)
+    assert _plan_ids(_run_step(scheduler)) == ["r0"]  # the first one starts alone; the rest copy it later
+    _cpu_like(scheduler)
+    plan = scheduler.schedule()
+    assert 1 < len(plan) < len(prompts)  # the split starts some now, not all
+    assert all(chunk.prefix_sequence_id == 1 for _, chunk in plan[1:])
+    assert scheduler.waiting and all(s.cached == 0 and s.prefix_from == 0 for s in scheduler.waiting)
+
+
+def test_long_prompts_are_chunked_within_the_prefill_budget_and_decodes_always_run() -> None:
+    settings = SchedulerSettings(max_batch_prefill_tokens=16, prefix_sharing=False)
+    scheduler = _queue(settings, _distinct(2, 4))
+    _run_step(scheduler)  # two short prompts start and decode from now on
+    long_prompt, late = _distinct(4, 40)[2:]
+    scheduler.add(SequenceState(sequence_id=3, request_id="long", token_ids=long_prompt))
+    scheduler.add(SequenceState(sequence_id=4, request_id="late", token_ids=late))
+    steps = [
+        [(s.request_id, c.start_position, c.num_tokens) for s, c in _run_step(scheduler)] for _ in range(4)
+    ]
+    assert steps == [
+        [("r0", 4, 1), ("r1", 4, 1), ("long", 0, 16)],  # the budget is spent: "late" waits
+        [("r0", 5, 1), ("r1", 5, 1), ("long", 16, 16)],
+        [("r0", 6, 1), ("r1", 6, 1), ("long", 32, 8), ("late", 0, 8)],
+        [("r0", 7, 1), ("r1", 7, 1), ("long", 40, 1), ("late", 8, 16)],
+    ]
+
+
+def test_the_batch_never_grows_past_max_batch_size() -> None:
+    scheduler = _queue(SchedulerSettings(max_batch_size=3, prefix_sharing=False), _distinct(5, 4))
+    assert _plan_ids(_run_step(scheduler)) == ["r0", "r1", "r2"]
+    scheduler.finish(scheduler.running[1])
+    assert scheduler.take_freed() == [2] and scheduler.take_freed() == []
+    assert _plan_ids(scheduler.schedule()) == ["r0", "r2", "r3"]
+    assert _ids(scheduler.waiting) == ["r4"]
+
+
+def test_cancelled_sequences_leave_at_the_next_step_and_running_ones_free_their_cache() -> None:
+    scheduler = _queue(SchedulerSettings(max_batch_size=2, prefix_sharing=False), _distinct(4, 4))
+    _run_step(scheduler)
+    cancelled = metrics.REQUESTS.labels("cancelled", "")
+    before = cancelled._value.get()
+    scheduler.running[0].cancelled = True
+    scheduler.waiting[1].cancelled = True
+    assert _plan_ids(scheduler.schedule()) == ["r1", "r2"]
+    assert scheduler.take_freed() == [1]
+    assert not scheduler.waiting and scheduler.in_flight == 2
+    assert cancelled._value.get() == before + 2
+
+
+def test_lost_workers_drop_every_sequence_and_a_failed_step_drops_the_running_ones() -> None:
+    scheduler = _queue(SchedulerSettings(max_batch_size=2, prefix_sharing=False), _distinct(5, 4))
+    _run_step(scheduler)
+    assert _ids(scheduler.drop_running()) == ["r0", "r1"]
+    assert scheduler.take_freed() == [1, 2] and scheduler.has_work  # the others still wait
+    _run_step(scheduler)
+    scheduler.finish(scheduler.running[0])
+    assert _ids(scheduler.drop_all()) == ["r3", "r4"]
+    assert scheduler.take_freed() == [] and not scheduler.has_work  # the workers dropped their caches
+
+
+@pytest.mark.parametrize("burst_wait", [True, False])
+def test_an_idle_engine_waits_a_small_fraction_of_a_step_for_a_burst(burst_wait: bool) -> None:
+    scheduler = _queue(SchedulerSettings(burst_wait=burst_wait), [])
+    assert scheduler.arrival_wait() == (0.0, 0.0)  # nothing learned yet
+    for tokens in itertools.islice(itertools.cycle([1, 100]), 10):
+        scheduler.observe_step(tokens, 4.0 + 0.001 * tokens)
+    quiet_s, max_s = scheduler.arrival_wait()
+    if burst_wait:
+        assert 0 < quiet_s < max_s < 0.3 * 4.0
+    else:
+        assert (quiet_s, max_s) == (0.0, 0.0)

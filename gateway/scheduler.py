@@ -1,0 +1,212 @@
+"""The queue and what each step carries: plain bookkeeping over token counts (no model, no asyncio).
+
+Every step carries one decode token for each running sequence plus the prompts of newly admitted
+requests (within the batch-size and prefill-token budgets), so no request waits for another to finish.
+How many new prompts start per step, and how long an idle engine lets a burst arrive, follow from what
+a step costs on this machine (step_cost.py), which the scheduler learns from the steps it is told of.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from bloomduo.core import metrics
+from bloomduo.core.logs import get_logger
+from bloomduo.gateway.config import SchedulerSettings
+from bloomduo.gateway.sequence import Chunk, SequenceState
+from bloomduo.gateway.step_cost import StepCostModel, arrival_wait, prompts_to_start
+
+log = get_logger(__name__)
+
+S = TypeVar("S", bound=SequenceState)
+
+
+class Scheduler(Generic[S]):
+    """Sequences waiting and running, the caches to free, and the plan of each step.
+
+    A step's life: `schedule()` picks its chunks, `take_freed()` the caches to drop before it; once the
+    workers ran it, `computed(plan)` and `observe_step(...)`; a sequence that is done goes by `finish`.
+    """
+
+    def __init__(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self.step_cost = StepCostModel()
+        self.waiting: deque[S] = deque()
+        self.running: list[S] = []
+        self._to_free: list[int] = []
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    @property
+    def has_work(self) -> bool:
+        """Something to step: a sequence, or only caches to free."""
+        return bool(self.waiting or self.running or self._to_free)
+
+    def add(self, sequence: S) -> None:
+        self.waiting.append(sequence)
+
+    def finish(self, sequence: S) -> None:
+        """A running sequence is done; its cache is freed with the next step."""
+        self.running.remove(sequence)
+        self._to_free.append(sequence.sequence_id)
+
+    def take_freed(self) -> list[int]:
+        """The sequence ids whose caches the next step drops (each handed out once)."""
+        free_ids, self._to_free = self._to_free, []
+        return free_ids
+
+    def drop_running(self) -> list[S]:
+        """Forget every running sequence (their caches are freed next step) and return them."""
+        dropped, self.running = self.running, []
+        self._to_free.extend(sequence.sequence_id for sequence in dropped)
+        return dropped
+
+    def drop_all(self) -> list[S]:
+        """Forget every sequence, running and waiting, and return them: the workers lost their caches
+        (broken streams make every worker drop them), so nothing is left to free."""
+        dropped = [*self.running, *self.waiting]
+        self.running, self.waiting = [], deque()
+        self._to_free.clear()
+        return dropped
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        """A step of `tokens` rows took `seconds`, from embedding to sampled tokens."""
+        self.step_cost.observe(tokens, seconds)
+        cost = self.step_cost.estimate()
+        if cost is not None:
+            metrics.STEP_COST.labels("fixed").set(cost.fixed_s)
+            metrics.STEP_COST.labels("per_token").set(cost.per_token_s)
+
+    def arrival_wait(self) -> tuple[float, float]:
+        """(quiet_s, max_s) an idle engine woken by a request waits for the rest of a burst, so it shares
+        the first step instead of waiting a whole step behind its first request (step_cost.arrival_wait).
+        """
+        return arrival_wait(self.step_cost.estimate()) if self.settings.burst_wait else (0.0, 0.0)
+
+    def computed(self, plan: list[tuple[S, Chunk]]) -> None:
+        """The workers ran this plan: each sequence's cache holds its chunk."""
+        for sequence, chunk in plan:
+            sequence.cached += chunk.num_tokens
+
+    def schedule(self) -> list[tuple[S, Chunk]]:
+        """Drop cancelled sequences, then pick this step's sequences and the chunk each sends.
+
+        Running decodes always go (arrivals never starve them); prompts share a token budget
+        (max_batch_prefill_tokens), longer ones are cut into chunks across steps so a long prompt
+        delays the running decodes by one bounded chunk at a time; new requests join first come
+        first served while the batch has room, as many at once as minimises their summed time to
+        first token under the step cost learned so far (step_cost.py), and at least every one that
+        has waited max_waiting_steps steps; the rest start next step.
+        With prefix sharing, a prompt that mostly repeats one starting in this very step waits one
+        step and then copies it (see _share_prefix).
+        """
+        self._drop_cancelled()
+        budget = self.settings.max_batch_prefill_tokens
+        plan = [(sequence, sequence.next_chunk(1)) for sequence in self.running if sequence.pending == 1]
+        for sequence in self.running:
+            if sequence.pending > 1 and budget > 0:
+                chunk = sequence.next_chunk(budget)
+                plan.append((sequence, chunk))
+                budget -= chunk.num_tokens
+        taken: list[S] = []  # off the queue, in its order
+        starting: list[S] = []  # admitted now, computing their prompts from the first token
+        admitted: list[tuple[S, int]] = []
+        while (
+            self.waiting and budget > 0 and len(self.running) + len(admitted) < self.settings.max_batch_size
+        ):
+            sequence = self.waiting.popleft()
+            taken.append(sequence)
+            if self.settings.prefix_sharing and not self._share_prefix(sequence, starting):
+                continue
+            if sequence.cached == 0:
+                starting.append(sequence)
+            take = min(sequence.pending, budget)
+            admitted.append((sequence, take))
+            budget -= take
+        start = self._prompts_starting_now(admitted, running_tokens=sum(c.num_tokens for _, c in plan))
+        for sequence, _ in admitted[start:]:
+            sequence.cached = sequence.prefix_from = 0  # looks for a prefix again when it starts
+        started = [sequence for sequence, _ in admitted[:start]]
+        self.waiting.extendleft(reversed([sequence for sequence in taken if sequence not in started]))
+        for sequence in self.waiting:
+            sequence.waited_steps += 1
+        for sequence, take in admitted[:start]:
+            self.running.append(sequence)
+            metrics.QUEUE_TIME.observe(time.perf_counter() - sequence.queued_at)
+            if sequence.prefix_from:
+                metrics.PREFIX_TOKENS_SHARED.inc(sequence.cached)
+                log.debug(
+                    "prefix_shared",
+                    request_id=sequence.request_id,
+                    tokens=sequence.cached,
+                    from_sequence_id=sequence.prefix_from,
+                )
+            plan.append((sequence, sequence.next_chunk(take)))
+        return plan
+
+    def _drop_cancelled(self) -> None:
+        for sequence in [s for s in self.running if s.cancelled]:
+            self.running.remove(sequence)
+            self._to_free.append(sequence.sequence_id)
+            log.info("request_cancelled", request_id=sequence.request_id)
+            metrics.REQUESTS.labels("cancelled", "").inc()
+        cancelled_waiting = sum(s.cancelled for s in self.waiting)
+        if cancelled_waiting:
+            metrics.REQUESTS.labels("cancelled", "").inc(cancelled_waiting)
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)
+
+    def _prompts_starting_now(self, admitted: list[tuple[S, int]], running_tokens: int) -> int:
+        """How many of the admitted prompts start in this step: the split with the least summed time to
+        first token, stretched to include every prompt that has waited max_waiting_steps already."""
+        start = prompts_to_start([take for _, take in admitted], running_tokens, self.step_cost.estimate())
+        overdue = [
+            index
+            for index, (sequence, _) in enumerate(admitted)
+            if sequence.waited_steps >= self.settings.max_waiting_steps
+        ]
+        return max(start, overdue[-1] + 1) if overdue else start
+
+    def _share_prefix(self, sequence: S, starting: list[S]) -> bool:
+        """Start a new sequence after the longest prefix of its prompt that a running one has cached;
+        False (admit it next step) when a sequence `starting` in this step computes most of its prompt.
+
+        The first chunk then tells the workers to copy those keys and values. Donors are sequences
+        whose cache the workers hold before this step. The prompt's last token always runs: its logits
+        give the first new token. Waiting one step for a prompt being computed right now costs about
+        what computing it again in this step would, and spares the step that work.
+        """
+        prompt = sequence.token_ids
+        cached = [s for s in self.running if s.cached and not s.prefix_from]
+        donor, length = _longest_shared_prefix(prompt, cached, lambda s: s.cached)
+        pending, pending_length = _longest_shared_prefix(prompt, starting, lambda s: len(s.token_ids))
+        if pending is not None and pending_length > length and 2 * pending_length >= len(prompt):
+            return False
+        if donor is not None:
+            sequence.cached, sequence.prefix_from = length, donor.sequence_id
+        return True
+
+
+def _longest_shared_prefix(
+    prompt: list[int], candidates: list[S], known: Callable[[S], int]
+) -> tuple[S | None, int]:
+    """The candidate sharing the longest prefix with `prompt` among its first known(candidate) tokens
+    (never the prompt's last token), and that length; (None, 0) when none shares any."""
+    best, best_length = None, 0
+    for candidate in candidates:
+        limit = min(len(prompt) - 1, known(candidate))
+        length = _shared_length(prompt[:limit], candidate.token_ids[:limit])
+        if length > best_length:
+            best, best_length = candidate, length
+    return best, best_length
+
+
+def _shared_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two id lists of the same length have in common."""
+    if a == b:  # the usual case worth sharing (one system prompt, one benchmark prompt), compared in C
+        return len(a)
+    return next(index for index, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
