@@ -148,6 +148,16 @@ class ShardPool:
                 f"the gateway was given {self.world_size} workers but they report ranks {ranks} of world "
                 f"sizes {sorted(sizes)}; pass every worker of one group, and only those"
             )
+        dtypes = {info.dtype for info in self.infos}
+        if len(dtypes) > 1:
+            served = ", ".join(
+                f"{connection.target} (rank {info.rank}) {info.dtype}"
+                for info, connection in zip(self.infos, self.connections, strict=True)
+            )
+            raise ShardUnavailable(
+                f"shard workers disagree on the dtype they serve: {served}; start every worker of one "
+                "group with the same --dtype"
+            )
         bounds = [(info.vocab_start, info.vocab_end) for info in self.infos]
         if bounds[0][0] != 0 or any(a[1] != b[0] for a, b in itertools.pairwise(bounds)):
             raise ShardUnavailable(f"workers' vocabulary slices do not tile the vocabulary: {bounds}")
