@@ -1,29 +1,58 @@
-"""Turn a user's request into a checked GenerationRequest, or say exactly which field is wrong."""
+"""The request schema: what a caller may ask of one generation, every default, and the one validator.
+
+Each front builds a GenerationParameters from its own wire format (the gRPC edge from protobuf, the HTTP
+front from JSON) and hands it to `validate`, which checks it against RequestLimits and names the field on
+every refusal. What comes out, a GenerationRequest, is trusted by the sampler, the stopping criteria
+and the engine: nothing downstream checks a bound again.
+"""
 
 from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import tokenizers
 
 from bloomduo.gateway.config import RequestLimits
+from bloomduo.gateway.errors import ValidationError
 from bloomduo.gateway.sampling import SamplingParams
 
 MAX_SEED = 2**64 - 1  # seeds travel as uint64 and seed torch.Generator, which takes at most this
 
+# Each sampling stage is off by default: its parameter defaults to the value that leaves the scores as
+# they are.
+_NEUTRAL = SamplingParams()
 
-class ValidationError(ValueError):
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field_name = field_name
+
+@dataclass(frozen=True)
+class GenerationParameters:
+    """Sampling and stopping parameters, named as in text-generation-inference, in plain Python types.
+
+    A field the caller left unset holds its default; None where the default depends on the server
+    (max_new_tokens: RequestLimits.default_max_new_tokens; seed: a random one, returned with the
+    result) or means "off" (truncate).
+    """
+
+    max_new_tokens: int | None = None
+    do_sample: bool = _NEUTRAL.do_sample  # off: greedy
+    temperature: float = _NEUTRAL.temperature
+    top_k: int = _NEUTRAL.top_k
+    top_p: float = _NEUTRAL.top_p
+    typical_p: float = _NEUTRAL.typical_p
+    repetition_penalty: float = _NEUTRAL.repetition_penalty
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # matched on the generated text
+    truncate: int | None = None  # keep only the last `truncate` prompt tokens
+    return_full_text: bool = False  # prepend the prompt to the returned text
+    details: bool = False  # return every token's id, text and logprob
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks)
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """A validated request: every bound of RequestLimits holds, and every default is filled in."""
+
     request_id: str
     prompt: str
     prompt_ids: list[int]
@@ -33,7 +62,6 @@ class GenerationRequest:
     ignore_eos: bool = False
     details: bool = False
     return_full_text: bool = False
-    truncated: bool = field(default=False)
 
 
 def _finite(name: str, value: float) -> float:
@@ -43,7 +71,7 @@ def _finite(name: str, value: float) -> float:
 
 
 def _text(name: str, value: str) -> str:
-    """Protobuf only carries valid UTF-8, but a direct caller can pass lone surrogates, which the
+    """Protobuf only carries valid UTF-8, but JSON and direct callers can pass lone surrogates, which the
     tokenizer rejects with a TypeError and which could never be sent back in a response."""
     try:
         value.encode("utf-8")
@@ -52,62 +80,48 @@ def _text(name: str, value: str) -> str:
     return value
 
 
-def validate(
-    request_id: str,
-    prompt: str,
-    params: Mapping[str, Any],
-    tokenizer: tokenizers.Tokenizer,
-    limits: RequestLimits,
-) -> GenerationRequest:
-    """params holds only the fields the caller set, named as in GenerateParameters.
-
-    Raises ValidationError naming the first bad field: a GenerateParameters field or "prompt".
-    The cheap checks come first, so a bad parameter costs no tokenization of a large prompt.
-    """
-    if not prompt:
-        raise ValidationError("prompt", "must not be empty")
-    _text("prompt", prompt)
-    do_sample = bool(params.get("do_sample", False))
-
-    max_new_tokens = int(params.get("max_new_tokens", limits.default_max_new_tokens))
-    if not 0 < max_new_tokens <= limits.max_new_tokens:
-        raise ValidationError(
-            "max_new_tokens", f"must be in [1, {limits.max_new_tokens}], got {max_new_tokens}"
-        )
-
+def _sampling(params: GenerationParameters, limits: RequestLimits) -> SamplingParams:
     # Checked whether or not do_sample is set, as text-generation-inference does, so a request that is
     # valid greedy stays valid when sampling is switched on.
-    temperature = _finite("temperature", float(params.get("temperature", 1.0)))
+    temperature = _finite("temperature", params.temperature)
     if not temperature >= limits.min_temperature:
         raise ValidationError(
             "temperature",
             f"must be >= {limits.min_temperature} (lower is greedy: leave do_sample off), got {temperature}",
         )
-    top_k = int(params.get("top_k", 0))
-    if not 0 <= top_k <= limits.max_top_k:
-        raise ValidationError("top_k", f"must be in [0, {limits.max_top_k}] (0 disables it), got {top_k}")
-    top_p, typical_p = (_finite(name, float(params.get(name, 1.0))) for name in ("top_p", "typical_p"))
-    for name, value in (("top_p", top_p), ("typical_p", typical_p)):
+    if not 0 <= params.top_k <= limits.max_top_k:
+        raise ValidationError(
+            "top_k", f"must be in [0, {limits.max_top_k}] (0 disables it), got {params.top_k}"
+        )
+    for name in ("top_p", "typical_p"):
+        value = _finite(name, getattr(params, name))
         if not 0 < value <= 1:
             raise ValidationError(name, f"must be in (0, 1], got {value}")
-    repetition_penalty = _finite("repetition_penalty", float(params.get("repetition_penalty", 1.0)))
-    if not limits.min_repetition_penalty <= repetition_penalty <= limits.max_repetition_penalty:
+    penalty = _finite("repetition_penalty", params.repetition_penalty)
+    if not limits.min_repetition_penalty <= penalty <= limits.max_repetition_penalty:
         raise ValidationError(
             "repetition_penalty",
             f"must be in [{limits.min_repetition_penalty}, {limits.max_repetition_penalty}] "
-            f"(1 disables it), got {repetition_penalty}",
+            f"(1 disables it), got {penalty}",
         )
-    if "seed" in params:
-        seed = int(params["seed"])
-        if not 0 <= seed <= MAX_SEED:
-            raise ValidationError("seed", f"must be in [0, 2**64 - 1], got {seed}")
-    else:
-        seed = secrets.randbits(63)
+    if params.seed is not None and not 0 <= params.seed <= MAX_SEED:
+        raise ValidationError("seed", f"must be in [0, 2**64 - 1], got {params.seed}")
+    return SamplingParams(
+        do_sample=params.do_sample,
+        temperature=temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        typical_p=params.typical_p,
+        repetition_penalty=penalty,
+        seed=secrets.randbits(63) if params.seed is None else params.seed,
+    )
 
-    stop = tuple(params.get("stop", ()))
+
+def _check_stop(stop: tuple[str, ...], limits: RequestLimits) -> None:
     if len(stop) > limits.max_stop_sequences:
         raise ValidationError("stop", f"at most {limits.max_stop_sequences} stop sequences, got {len(stop)}")
     for index, sequence in enumerate(stop):
+        # An empty stop sequence would match before any text and end the request at once.
         if not 0 < len(sequence) <= limits.max_stop_sequence_length:
             raise ValidationError(
                 "stop",
@@ -116,14 +130,35 @@ def validate(
             )
         _text("stop", sequence)
 
-    truncate = params.get("truncate")
+
+def validate(
+    request_id: str,
+    prompt: str,
+    params: GenerationParameters,
+    tokenizer: tokenizers.Tokenizer,
+    limits: RequestLimits,
+) -> GenerationRequest:
+    """The request within every bound of `limits`, or ValidationError naming the first bad field: a
+    GenerationParameters field or "prompt".
+
+    The cheap checks come first, so a bad parameter costs no tokenization of a large prompt.
+    """
+    if not prompt:
+        raise ValidationError("prompt", "must not be empty")
+    _text("prompt", prompt)
+    max_new_tokens = limits.default_max_new_tokens if params.max_new_tokens is None else params.max_new_tokens
+    if not 0 < max_new_tokens <= limits.max_new_tokens:
+        raise ValidationError(
+            "max_new_tokens", f"must be in [1, {limits.max_new_tokens}], got {max_new_tokens}"
+        )
+    sampling = _sampling(params, limits)
+    _check_stop(params.stop, limits)
+    truncate = params.truncate
     if truncate is not None and not 0 < truncate <= limits.max_input_tokens:
         raise ValidationError("truncate", f"must be in [1, {limits.max_input_tokens}], got {truncate}")
 
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    truncated = False
     if truncate is not None:
-        truncated = len(prompt_ids) > truncate
         prompt_ids = prompt_ids[-truncate:]
     if not prompt_ids:
         raise ValidationError("prompt", "encodes to no tokens")
@@ -139,25 +174,14 @@ def validate(
             f"prompt tokens ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceed "
             f"max_total_tokens={limits.max_total_tokens}",
         )
-
-    sampling = SamplingParams(
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        typical_p=typical_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
     return GenerationRequest(
         request_id=request_id,
         prompt=prompt,
         prompt_ids=list(prompt_ids),
         sampling=sampling,
         max_new_tokens=max_new_tokens,
-        stop=stop,
-        ignore_eos=bool(params.get("ignore_eos", False)),
-        details=bool(params.get("details", False)),
-        return_full_text=bool(params.get("return_full_text", False)),
-        truncated=truncated,
+        stop=params.stop,
+        ignore_eos=params.ignore_eos,
+        details=params.details,
+        return_full_text=params.return_full_text,
     )

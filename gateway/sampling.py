@@ -17,7 +17,10 @@ from bloomduo.core.logprobs import greedy_pick
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Neutral values (1.0, or 0 for top_k) switch a stage off."""
+    """Neutral values (1.0, or 0 for top_k) switch a stage off.
+
+    Trusted as they come: the request validator (request.py) has kept every value within its bounds.
+    """
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -26,19 +29,6 @@ class SamplingParams:
     typical_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        # Written as "not (valid)" so that NaN is rejected too.
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.typical_p <= 1:
-            raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     @property
     def is_plain_greedy(self) -> bool:
@@ -65,7 +55,7 @@ class Sampler:
         logits: float32 [vocab] of the last position; previous_token_ids: int64, prompt and
         generated tokens so far.
         """
-        token_ids, scores = self._candidates(logits, previous_token_ids)
+        token_ids, scores = self.candidates(logits, previous_token_ids)
         if self.params.do_sample:
             logprobs = torch.log_softmax(scores, dim=-1)
             index = int(torch.multinomial(logprobs.exp(), 1, generator=self.generator))
@@ -75,23 +65,12 @@ class Sampler:
         token_id = index if token_ids is None else int(token_ids[index])
         return token_id, float(logprob)
 
-    def process(self, logits: torch.Tensor, previous_token_ids: torch.Tensor) -> torch.Tensor:
-        """The processed scores over the whole vocabulary, -inf where a filter removed the token.
-
-        This is what transformers' processors and warpers return for the same parameters; the
-        sampler itself works on the candidates only.
-        """
-        token_ids, scores = self._candidates(logits, previous_token_ids)
-        if token_ids is None:
-            return scores
-        full = torch.full_like(logits, float("-inf"))
-        full[token_ids] = scores
-        return full
-
-    def _candidates(
+    def candidates(
         self, logits: torch.Tensor, previous_token_ids: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(token ids, their processed scores); token ids None means the whole vocabulary, in order."""
+        """(token ids, their processed scores): the tokens the filters leave, and what transformers'
+        processors and warpers make of their logits. Token ids None means the whole vocabulary, in order.
+        """
         params = self.params
         scores = logits
         if params.repetition_penalty != 1.0 and previous_token_ids.numel():

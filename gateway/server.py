@@ -1,22 +1,22 @@
-"""gRPC face of the gateway: protobuf in, calls on Engine / tokenizer, protobuf out."""
+"""gRPC face of the gateway: protobuf in, the request schema and admission, calls on Engine, protobuf out."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import re
-import uuid
-from collections.abc import AsyncIterator
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import structlog
 import tokenizers
 
 from bloomduo import __version__
-from bloomduo.core import metrics
 from bloomduo.core.checkpoint import Checkpoint
 from bloomduo.core.dtypes import to_torch
 from bloomduo.core.logs import get_logger
+from bloomduo.core.metrics import Outcome
 from bloomduo.core.serving import (
     SERVER_OPTIONS,
     Health,
@@ -24,25 +24,41 @@ from bloomduo.core.serving import (
     enable_reflection,
     stop_event_on_signals,
 )
+from bloomduo.gateway.admission import Admission
 from bloomduo.gateway.auth import BearerTokenAuth, RejectUndecodable
 from bloomduo.gateway.config import GatewayOptions
 from bloomduo.gateway.embedding import Embedder
 from bloomduo.gateway.engine import Engine, EngineUnavailable, GenerationResult, StreamEvent
+from bloomduo.gateway.errors import RequestFailed, Unavailable
+from bloomduo.gateway.request import GenerationParameters
 from bloomduo.gateway.shards import ShardPool
 from bloomduo.gateway.stopping import FinishReason
-from bloomduo.gateway.validation import GenerationRequest, ValidationError, validate
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = get_logger(__name__)
 SERVICE_NAME = "bloomduo.v1.GenerationService"
-# Echoed back as x-request-id metadata and into logs, so it must be safe in both.
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 
 FINISH_REASONS = {
     FinishReason.LENGTH: gateway_pb2.FINISH_REASON_LENGTH,
     FinishReason.EOS_TOKEN: gateway_pb2.FINISH_REASON_EOS_TOKEN,
     FinishReason.STOP_SEQUENCE: gateway_pb2.FINISH_REASON_STOP_SEQUENCE,
 }
+# The status a call fails with, by the outcome of the request failure that ended it.
+STATUS_CODES = {
+    Outcome.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Outcome.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Outcome.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def parameters_from_pb(message: gateway_pb2.GenerateParameters) -> GenerationParameters:
+    """The one conversion of the wire's parameters; an unset optional field takes the schema's default."""
+    present = {
+        field.name: getattr(message, field.name)
+        for field in message.DESCRIPTOR.fields
+        if not field.has_presence or message.HasField(field.name)
+    }
+    return GenerationParameters(**{**present, "stop": tuple(message.stop)})
 
 
 def token_to_pb(token) -> gateway_pb2.Token:
@@ -60,25 +76,51 @@ def result_to_pb(result: GenerationResult) -> gateway_pb2.GenerateResult:
     )
 
 
+def answers_failures(method: Callable) -> Callable:
+    """Ends the call of a unary or server-streaming method that raises RequestFailed with the status of
+    its outcome and its message."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self, request, context: grpc.aio.ServicerContext):
+            try:
+                async for message in method(self, request, context):
+                    yield message
+            except RequestFailed as exc:
+                await context.abort(STATUS_CODES[exc.outcome], str(exc))
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return await method(self, request, context)
+        except RequestFailed as exc:
+            await context.abort(STATUS_CODES[exc.outcome], str(exc))
+
+    return unary
+
+
 class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
+    """Protobuf in and out; admission decides, the engine generates."""
+
     def __init__(
         self, options: GatewayOptions, tokenizer: tokenizers.Tokenizer, checkpoint: Checkpoint
     ) -> None:
         self.options = options
         self.tokenizer = tokenizer
-        self.config = checkpoint.config
-        self.engine: Engine | None = None
+        self.admission = Admission(tokenizer, options.limits)
         self.shards: ShardPool | None = None
-        self.draining = False
+        config = checkpoint.config
         self.info = gateway_pb2.InfoResponse(
             model=options.model_dir.name,
             model_type="bloom",
             num_shards=len(options.shard_targets),
-            vocab_size=self.config.vocab_size,
+            vocab_size=config.vocab_size,
             version=__version__,
-            hidden_size=self.config.hidden_size,
-            num_layers=self.config.n_layer,
-            num_heads=self.config.n_head,
+            hidden_size=config.hidden_size,
+            num_layers=config.n_layer,
+            num_heads=config.n_head,
             limits=gateway_pb2.Limits(
                 max_input_tokens=options.limits.max_input_tokens,
                 max_total_tokens=options.limits.max_total_tokens,
@@ -91,73 +133,31 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
             ),
         )
 
-    async def _admit(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        """Validate and admit a request, or abort the call with the status that says why."""
-        request_id = request.request_id or uuid.uuid4().hex
-        if not REQUEST_ID.fullmatch(request_id):
-            metrics.REQUESTS.labels("invalid_argument", "").inc()
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "request_id: use 1 to 128 characters among letters, digits and . _ : / -",
-            )
+    async def _events(
+        self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[StreamEvent]:
+        request_id = self.admission.request_id(request.request_id)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         await context.send_initial_metadata((("x-request-id", request_id),))
-        engine = self.engine
-        if self.draining:
-            metrics.REQUESTS.labels("unavailable", "").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down; retry on another")
-        if engine is None:
-            metrics.REQUESTS.labels("unavailable", "").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
-        if not engine.serving:
-            metrics.REQUESTS.labels("unavailable", "").inc()
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "a shard worker failed and the group is re-forming; retry shortly",
-            )
-        if engine.in_flight >= self.options.limits.max_concurrent_requests:
-            metrics.REQUESTS.labels("overloaded", "").inc()
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the model is overloaded ({engine.in_flight} requests in flight); retry later",
-            )
-        params = {field.name: value for field, value in request.parameters.ListFields()}
-        try:
-            # Tokenizing a long prompt takes a while: keep it off the loop that serves every stream.
-            validated = await asyncio.to_thread(
-                validate, request_id, request.prompt, params, self.tokenizer, self.options.limits
-            )
-        except ValidationError as exc:
-            log.info("request_rejected", field=exc.field_name, error=str(exc))
-            metrics.REQUESTS.labels("invalid_argument", "").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        log.info(
-            "request_admitted",
-            prompt_tokens=len(validated.prompt_ids),
-            max_new_tokens=validated.max_new_tokens,
-            do_sample=validated.sampling.do_sample,
+        engine, admitted = await self.admission.admit(
+            request_id, request.prompt, parameters_from_pb(request.parameters)
         )
-        return engine, validated
-
-    async def _events(
-        self, engine: Engine, request: GenerationRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[StreamEvent]:
         try:
-            async for event in engine.generate(request):
+            async for event in engine.generate(admitted):
                 yield event
         except EngineUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise Unavailable(str(exc)) from exc
 
+    @answers_failures
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        engine, validated = await self._admit(request, context)
-        async for event in self._events(engine, validated, context):
+        async for event in self._events(request, context):
             if event.result is not None:
                 return gateway_pb2.GenerateResponse(result=result_to_pb(event.result))
         await context.abort(grpc.StatusCode.INTERNAL, "generation ended without a result")
 
+    @answers_failures
     async def GenerateStream(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        engine, validated = await self._admit(request, context)
-        async for event in self._events(engine, validated, context):
+        async for event in self._events(request, context):
             message = gateway_pb2.GenerateStreamResponse(token=token_to_pb(event.token))
             if event.result is not None:
                 message.result.CopyFrom(result_to_pb(event.result))
@@ -170,12 +170,12 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
     async def Info(self, request: gateway_pb2.InfoRequest, context: grpc.aio.ServicerContext):
         info = gateway_pb2.InfoResponse()
         info.CopyFrom(self.info)
-        engine = self.engine
+        engine = self.admission.engine
         if engine is None or self.shards is None:
             return info
         info.load.running_requests = len(engine.running)
         info.load.waiting_requests = len(engine.waiting)
-        info.load.serving = engine.serving and not self.draining
+        info.load.serving = engine.serving and not self.admission.draining
         if engine.serving:
             try:
                 workers = await self.shards.load()
@@ -207,7 +207,7 @@ async def _connect(
     )
     engine.start()
     servicer.shards = pool
-    servicer.engine = engine
+    servicer.admission.engine = engine
     await health.set(True)
     log.info("gateway_ready", shards=len(infos), dtype=infos[0].dtype)
 
@@ -261,9 +261,9 @@ async def serve(options: GatewayOptions, host: str, port: int) -> int:
     connect.cancel()
     waiter.cancel()
     # Refuse new work, let in-flight streams finish within the grace period, then stop.
-    servicer.draining = True
+    servicer.admission.draining = True
     await health.shutting_down()
-    engine = servicer.engine
+    engine = servicer.admission.engine
     in_flight = engine.in_flight if engine is not None else 0
     log.info("gateway_draining", in_flight=in_flight, grace_s=options.shutdown_grace_s)
     await server.stop(grace=options.shutdown_grace_s)

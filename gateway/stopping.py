@@ -16,7 +16,7 @@ class StoppingCriteria:
     """Called once per generated token; says whether generation ends there.
 
     Precedence when several apply to the same token: end-of-sequence, then a stop sequence, then the
-    length limit.
+    length limit. The arguments come from a validated request (request.py): stop sequences are not empty.
     """
 
     def __init__(
@@ -27,9 +27,6 @@ class StoppingCriteria:
         stop_sequences: Sequence[str] = (),
         ignore_eos: bool = False,
     ) -> None:
-        if not all(stop_sequences):
-            # An empty stop sequence would match before any text and end every request at once.
-            raise ValueError("stop sequences must not be empty")
         self.max_new_tokens = max_new_tokens
         self.eos_token_id = None if ignore_eos else eos_token_id
         self.stop_sequences = tuple(stop_sequences)

@@ -5,6 +5,8 @@ Each process serves its own registry on its --metrics-port; nothing here is comp
 
 from __future__ import annotations
 
+from enum import Enum
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from bloomduo.core.logs import get_logger
@@ -15,10 +17,25 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
+
+class Outcome(str, Enum):
+    """How a request ended: the outcome label of bloomduo_requests_total, whichever protocol it came by."""
+
+    OK = "ok"
+    INVALID_ARGUMENT = "invalid_argument"
+    OVERLOADED = "overloaded"
+    UNAVAILABLE = "unavailable"  # refused while not serving, or failed by a worker fault
+    CANCELLED = "cancelled"  # the caller went away
+
+    def __str__(self) -> str:
+        # prometheus_client labels with str(); Python 3.11 made that the qualified name for str enums.
+        return self.value
+
+
 # --- gateway
 REQUESTS = Counter(
     "bloomduo_requests",
-    "Finished requests by outcome (ok, invalid_argument, overloaded, unavailable, cancelled, error) "
+    f"Finished requests by outcome ({', '.join(outcome.value for outcome in Outcome)}) "
     "and, for ok, finish reason",
     ["outcome", "finish_reason"],
 )

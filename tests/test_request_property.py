@@ -1,7 +1,7 @@
 """Every request parameter is bounded: validate() and the real server under random requests (hypothesis).
 
 Unit level: validate() returns a GenerationRequest within every bound of RequestLimits, or raises a
-ValidationError naming a GenerateParameters field or "prompt", never any other exception; and it
+ValidationError naming a GenerationParameters field or "prompt", never any other exception; and it
 accepts exactly the requests that a plain reading of the documented bounds accepts.
 
 Server level: random GenerateRequests, including what only a raw protobuf client sends (set versus unset
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from typing import Any
 
 import grpc
@@ -25,10 +25,12 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from bloomduo.gateway.config import RequestLimits
-from bloomduo.gateway.validation import MAX_SEED, GenerationRequest, ValidationError, validate
+from bloomduo.gateway.errors import ValidationError
+from bloomduo.gateway.request import MAX_SEED, GenerationParameters, GenerationRequest, validate
+from bloomduo.gateway.server import parameters_from_pb
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
 
-FIELDS = frozenset(gateway_pb2.GenerateParameters.DESCRIPTOR.fields_by_name)
+FIELDS = frozenset(field.name for field in fields(GenerationParameters))
 ERROR_FIELDS = FIELDS | {"prompt"}
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
@@ -75,35 +77,34 @@ def _is_text(value: str) -> bool:
 
 
 def expected_violations(
-    prompt: str, params: Mapping[str, Any], tokenizer: tokenizers.Tokenizer, limits: RequestLimits
+    prompt: str, params: GenerationParameters, tokenizer: tokenizers.Tokenizer, limits: RequestLimits
 ) -> set[str]:
     """Every field that breaks a documented bound, read off the bounds independently of validate()."""
     bad: set[str] = set()
     if not prompt or not _is_text(prompt):
         bad.add("prompt")
-    max_new_tokens = params.get("max_new_tokens", limits.default_max_new_tokens)
+    max_new_tokens = limits.default_max_new_tokens if params.max_new_tokens is None else params.max_new_tokens
     if not 1 <= max_new_tokens <= limits.max_new_tokens:
         bad.add("max_new_tokens")
-    temperature = params.get("temperature", 1.0)
-    if not math.isfinite(temperature) or temperature < limits.min_temperature:
+    if not math.isfinite(params.temperature) or params.temperature < limits.min_temperature:
         bad.add("temperature")
-    if not 0 <= params.get("top_k", 0) <= limits.max_top_k:
+    if not 0 <= params.top_k <= limits.max_top_k:
         bad.add("top_k")
     for name in ("top_p", "typical_p"):
-        value = params.get(name, 1.0)
+        value = getattr(params, name)
         if math.isnan(value) or not 0 < value <= 1:
             bad.add(name)
-    penalty = params.get("repetition_penalty", 1.0)
+    penalty = params.repetition_penalty
     if math.isnan(penalty) or not limits.min_repetition_penalty <= penalty <= limits.max_repetition_penalty:
         bad.add("repetition_penalty")
-    if not 0 <= params.get("seed", 0) <= UINT64_MAX:
+    if params.seed is not None and not 0 <= params.seed <= UINT64_MAX:
         bad.add("seed")
-    stop = params.get("stop", [])
+    stop = params.stop
     if len(stop) > limits.max_stop_sequences or not all(
         1 <= len(s) <= limits.max_stop_sequence_length and _is_text(s) for s in stop
     ):
         bad.add("stop")
-    truncate = params.get("truncate")
+    truncate = params.truncate
     if truncate is not None and not 1 <= truncate <= limits.max_input_tokens:
         bad.add("truncate")
     if "prompt" not in bad:
@@ -120,29 +121,31 @@ def expected_violations(
 def assert_within_limits(
     request: GenerationRequest,
     prompt: str,
-    params: Mapping[str, Any],
+    params: GenerationParameters,
     tokenizer: tokenizers.Tokenizer,
     limits: RequestLimits,
 ) -> None:
     """An accepted request keeps what the caller asked for and sits inside every bound."""
     full_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    truncate = params.get("truncate")
+    truncate = params.truncate
     assert request.prompt_ids == (full_ids if truncate is None else full_ids[-truncate:])
-    assert request.truncated == (truncate is not None and len(full_ids) > truncate)
     assert 1 <= len(request.prompt_ids) <= limits.max_input_tokens
     assert 1 <= request.max_new_tokens <= limits.max_new_tokens
     assert len(request.prompt_ids) + request.max_new_tokens <= limits.max_total_tokens
-    assert request.max_new_tokens == params.get("max_new_tokens", limits.default_max_new_tokens)
+    if params.max_new_tokens is None:
+        assert request.max_new_tokens == limits.default_max_new_tokens
+    else:
+        assert request.max_new_tokens == params.max_new_tokens
     sampling = request.sampling
-    assert sampling.do_sample == params.get("do_sample", False)
+    assert sampling.do_sample == params.do_sample
     assert math.isfinite(sampling.temperature) and sampling.temperature >= limits.min_temperature
     assert 0 <= sampling.top_k <= limits.max_top_k
     assert 0 < sampling.top_p <= 1 and 0 < sampling.typical_p <= 1
     assert limits.min_repetition_penalty <= sampling.repetition_penalty <= limits.max_repetition_penalty
     assert 0 <= sampling.seed <= MAX_SEED
-    if "seed" in params:
-        assert sampling.seed == params["seed"]
-    assert request.stop == tuple(params.get("stop", ()))
+    if params.seed is not None:
+        assert sampling.seed == params.seed
+    assert request.stop == params.stop
     assert len(request.stop) <= limits.max_stop_sequences
     assert all(1 <= len(s) <= limits.max_stop_sequence_length for s in request.stop)
 
@@ -155,8 +158,8 @@ def tokenizer(demo_model) -> tokenizers.Tokenizer:
     return tokenizers.Tokenizer.from_file(str(demo_model() / "tokenizer.json"))
 
 
-# validate() takes a mapping, so unlike protobuf it can be handed negative and oversized integers, and
-# strings with lone surrogates.
+# Unlike protobuf, GenerationParameters holds negative and oversized integers, and strings with lone
+# surrogates (JSON carries both).
 INTS = st.one_of(
     st.integers(-3, 40),
     st.integers(-(2**70), 2**70),
@@ -235,25 +238,26 @@ NAN, INF = float("nan"), float("inf")
 def test_validate_accepts_exactly_the_documented_bounds(
     tokenizer: tokenizers.Tokenizer, prompt: str, params: dict[str, Any], limits: RequestLimits
 ) -> None:
-    expected = expected_violations(prompt, params, tokenizer, limits)
+    parameters = GenerationParameters(**{**params, "stop": tuple(params.get("stop", ()))})
+    expected = expected_violations(prompt, parameters, tokenizer, limits)
     try:
-        request = validate("r-1", prompt, params, tokenizer, limits)
+        request = validate("r-1", prompt, parameters, tokenizer, limits)
     except ValidationError as exc:
         assert exc.field_name in ERROR_FIELDS
         assert str(exc).startswith(f"{exc.field_name}: ")
         assert exc.field_name in expected, f"rejected {exc.field_name!r}, expected one of {expected}: {exc}"
         return
     assert not expected, f"accepted, but {expected} break the documented bounds"
-    assert_within_limits(request, prompt, params, tokenizer, limits)
+    assert_within_limits(request, prompt, parameters, tokenizer, limits)
 
 
 def test_truncate_accepts_a_prompt_past_max_input_tokens(tokenizer: tokenizers.Tokenizer) -> None:
     prompt = "word " * 1500
     with pytest.raises(ValidationError) as caught:
-        validate("r", prompt, {}, tokenizer, RequestLimits())
+        validate("r", prompt, GenerationParameters(), tokenizer, RequestLimits())
     assert caught.value.field_name == "prompt" and "truncate" in str(caught.value)
-    request = validate("r", prompt, {"truncate": 1024}, tokenizer, RequestLimits())
-    assert len(request.prompt_ids) == 1024 and request.truncated
+    request = validate("r", prompt, GenerationParameters(truncate=1024), tokenizer, RequestLimits())
+    assert len(request.prompt_ids) == 1024
 
 
 # --- server level: raw protobuf at the running stack ---------------------------------------------------
@@ -413,7 +417,7 @@ def expected_outcome(gw: Gateway, request: gateway_pb2.GenerateRequest) -> tuple
     """What the server must answer: computed with the same validate() on the same tokenizer and limits."""
     if request.ByteSize() > gw.limits.max_request_bytes:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, None
-    params = {field.name: value for field, value in request.parameters.ListFields()}
+    params = parameters_from_pb(request.parameters)
     try:
         validated = validate("local", request.prompt, params, gw.tokenizer, gw.limits)
     except ValidationError as exc:
