@@ -309,7 +309,7 @@ class Engine:
         sequence.events.put_nowait(StreamEvent(token, result))
         ttft = sequence.first_token_at - sequence.queued_at
         duration = now - sequence.queued_at
-        metrics.REQUESTS.labels("ok", finish.value).inc()
+        metrics.REQUESTS.labels(metrics.Outcome.OK, finish.value).inc()
         metrics.TIME_TO_FIRST_TOKEN.observe(ttft)
         metrics.REQUEST_DURATION.observe(duration)
         metrics.GENERATED_TOKENS.observe(len(sequence.tokens))
@@ -331,6 +331,6 @@ class Engine:
             return
         log.error("requests_failed", reason=str(exc), requests=[s.request.request_id for s in sequences])
         error = EngineUnavailable(f"the model failed while serving this request: {exc}; retry it")
-        metrics.REQUESTS.labels("unavailable", "").inc(len(sequences))
+        metrics.REQUESTS.labels(metrics.Outcome.UNAVAILABLE, "").inc(len(sequences))
         for sequence in sequences:
             sequence.events.put_nowait(error)

@@ -154,10 +154,10 @@ class Scheduler(Generic[S]):
             self.running.remove(sequence)
             self._to_free.append(sequence.sequence_id)
             log.info("request_cancelled", request_id=sequence.request_id)
-            metrics.REQUESTS.labels("cancelled", "").inc()
+            metrics.REQUESTS.labels(metrics.Outcome.CANCELLED, "").inc()
         cancelled_waiting = sum(s.cancelled for s in self.waiting)
         if cancelled_waiting:
-            metrics.REQUESTS.labels("cancelled", "").inc(cancelled_waiting)
+            metrics.REQUESTS.labels(metrics.Outcome.CANCELLED, "").inc(cancelled_waiting)
             self.waiting = deque(s for s in self.waiting if not s.cancelled)
 
     def _prompts_starting_now(self, admitted: list[tuple[S, int]], running_tokens: int) -> int:

@@ -175,7 +175,7 @@ def test_the_batch_never_grows_past_max_batch_size() -> None:
 def test_cancelled_sequences_leave_at_the_next_step_and_running_ones_free_their_cache() -> None:
     scheduler = _queue(SchedulerSettings(max_batch_size=2, prefix_sharing=False), _distinct(4, 4))
     _run_step(scheduler)
-    cancelled = metrics.REQUESTS.labels("cancelled", "")
+    cancelled = metrics.REQUESTS.labels(metrics.Outcome.CANCELLED, "")
     before = cancelled._value.get()
     scheduler.running[0].cancelled = True
     scheduler.waiting[1].cancelled = True
