@@ -10,7 +10,10 @@
 Parameter names are those of GenerateParameters in proto/bloomduo/v1/gateway.proto. Calls that fail
 with UNAVAILABLE are retried with exponential backoff (`retries=`, `backoff_s=`); every method takes a
 per-call `timeout=` and `metadata=`; `token=` sends a bearer token on every call. Failures raise
-BloomduoError with the gRPC status code.
+BloomduoError with the gRPC status code. A bad argument raises BloomduoError with INVALID_ARGUMENT and a
+message that starts with its name ("top_k: ..."), from the server, or from the SDK before sending when
+the request message cannot carry it (wrong type, out of the field's range); an unknown parameter name
+raises TypeError.
 """
 
 from bloomduo.client.sdk import (

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
+import numbers
 import random
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -12,10 +15,12 @@ from enum import Enum
 from typing import Any, Literal, TypeVar
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
 
-_PARAMETER_NAMES = frozenset(gateway_pb2.GenerateParameters.DESCRIPTOR.fields_by_name)
+_PARAMETERS = gateway_pb2.GenerateParameters.DESCRIPTOR.fields_by_name
+_UINT_MAX = {FieldDescriptor.TYPE_UINT32: 2**32 - 1, FieldDescriptor.TYPE_UINT64: 2**64 - 1}
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
 Metadata = Sequence[tuple[str, str]]
@@ -55,7 +60,10 @@ _FINISH_REASONS = {
 class BloomduoError(Exception):
     """A failed call: `.code` is the grpc.StatusCode, `.message` says what went wrong.
 
-    INVALID_ARGUMENT names the bad parameter; RESOURCE_EXHAUSTED means the gateway is overloaded;
+    INVALID_ARGUMENT names the bad parameter ("top_k: ..."), whether the server refused it or the SDK
+    did before sending: an argument the request message cannot carry (a wrong type, a negative or
+    too large integer, a float past float32's range, text that is not valid Unicode) never leaves the
+    client. RESOURCE_EXHAUSTED means the gateway is overloaded;
     UNAVAILABLE means it (or a shard worker) cannot serve right now, after the client's retries;
     DEADLINE_EXCEEDED means the call's timeout passed.
     """
@@ -174,15 +182,62 @@ class _RetryPolicy:
         return wait
 
 
+def _invalid(name: str, message: str) -> BloomduoError:
+    return BloomduoError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {message}")
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _invalid(name, f"must be a str, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _invalid(name, f"must be valid Unicode text ({exc.reason} at {exc.start})") from None
+    return value
+
+
+def _parameter(field: FieldDescriptor, value: Any) -> Any:
+    """`value` as the field takes it, or the error naming the field where protobuf would raise one that
+    does not (or would change the value silently)."""
+    name = field.name
+    if field.is_repeated:  # stop: one string or a list of them
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, (list, tuple)):
+            raise _invalid(name, f"must be a str or a list of str, got {type(value).__name__}")
+        return [_text(name, item) for item in value]
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        if not isinstance(value, bool):
+            raise _invalid(name, f"must be a bool, got {type(value).__name__}")
+    elif field.type in _UINT_MAX:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise _invalid(name, f"must be an int, got {type(value).__name__}")
+        if not 0 <= value <= _UINT_MAX[field.type]:
+            raise _invalid(name, f"must be in [0, {_UINT_MAX[field.type]}], got {value}")
+    elif field.type == FieldDescriptor.TYPE_FLOAT:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise _invalid(name, f"must be a number, got {type(value).__name__}")
+        # Protobuf would round it to infinity without a word.
+        if math.isfinite(value) and math.isinf(struct.unpack("f", struct.pack("f", value))[0]):
+            raise _invalid(name, f"must be within float32's range, got {value}")
+    return value
+
+
 def _request(prompt: str, params: dict[str, Any], request_id: str | None) -> gateway_pb2.GenerateRequest:
-    unknown = set(params) - _PARAMETER_NAMES
+    """Server-side bounds (max_new_tokens, top_p...) are the server's to check; the SDK checks what the
+    message itself can carry, so every error names its field."""
+    unknown = set(params) - set(_PARAMETERS)
     if unknown:
-        raise TypeError(f"unknown generation parameters {sorted(unknown)}; known: {sorted(_PARAMETER_NAMES)}")
-    stop = params.pop("stop", None)
-    parameters = gateway_pb2.GenerateParameters(**{k: v for k, v in params.items() if v is not None})
-    if stop:
-        parameters.stop.extend([stop] if isinstance(stop, str) else stop)
-    return gateway_pb2.GenerateRequest(prompt=prompt, parameters=parameters, request_id=request_id or "")
+        raise TypeError(f"unknown generation parameters {sorted(unknown)}; known: {sorted(_PARAMETERS)}")
+    # None is the server's default: the field stays unset.
+    checked = {
+        name: _parameter(_PARAMETERS[name], value) for name, value in params.items() if value is not None
+    }
+    return gateway_pb2.GenerateRequest(
+        prompt=_text("prompt", prompt),
+        parameters=gateway_pb2.GenerateParameters(**checked),
+        request_id="" if request_id is None else _text("request_id", request_id),
+    )
 
 
 def _token(message: gateway_pb2.Token) -> Token:
@@ -347,7 +402,8 @@ class Client(_Base):
         `params` are GenerateParameters fields (max_new_tokens, do_sample, temperature, top_k, top_p,
         typical_p, repetition_penalty, seed, stop, truncate, return_full_text, details, ignore_eos);
         None means the server's default. `request_id` is echoed in the server's logs.
-        Raises BloomduoError, or TypeError for an unknown parameter name.
+        Raises BloomduoError (INVALID_ARGUMENT naming the parameter for a bad value, before sending when
+        the request cannot carry it), or TypeError for an unknown parameter name.
         """
         request = _request(prompt, params, request_id)
         return _result(self._unary(self._stub.Generate, request, timeout, metadata).result)

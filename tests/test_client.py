@@ -9,6 +9,7 @@ reads the authorization header yet.
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import threading
 import time
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 
 import grpc
 import pytest
+from google.protobuf.descriptor import FieldDescriptor
 
 from bloomduo.apps.launcher import free_port
 from bloomduo.client import AsyncClient, BloomduoError, Client, FinishReason
@@ -186,6 +188,7 @@ class ScriptedServicer(gateway_pb2_grpc.GenerationServiceServicer):
         self.events_before_failure = 0
         self.calls = 0
         self.metadata: list[dict[str, str]] = []
+        self.requests: list[gateway_pb2.GenerateRequest] = []
 
     def _serve(self, context: grpc.ServicerContext) -> None:
         self.calls += 1
@@ -196,6 +199,11 @@ class ScriptedServicer(gateway_pb2_grpc.GenerationServiceServicer):
     def Tokenize(self, request, context):
         self._serve(context)
         return gateway_pb2.TokenizeResponse(ids=[1, 2])
+
+    def Generate(self, request, context):
+        self._serve(context)
+        self.requests.append(request)
+        return gateway_pb2.GenerateResponse(result=gateway_pb2.GenerateResult(text="ok"))
 
     def Info(self, request, context):
         self._serve(context)
@@ -285,3 +293,75 @@ def test_token_and_metadata_are_sent_on_every_call(scripted) -> None:
     assert [m["authorization"] for m in servicer.metadata] == ["Bearer s3cret"] * 3
     assert servicer.metadata[0]["x-team"] == servicer.metadata[1]["x-team"] == "a"
     assert servicer.metadata[1]["x-call"] == "1" and "x-call" not in servicer.metadata[0]
+
+
+# --- arguments the request message cannot carry never leave the client ---------------------------------
+
+PARAMETER_FIELDS = gateway_pb2.GenerateParameters.DESCRIPTOR.fields
+UINT32, UINT64 = FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64
+FLOAT, BOOL, STRING = FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_BOOL, FieldDescriptor.TYPE_STRING
+BAD_VALUES = {
+    UINT32: [-1, 2**32, 1.5, True, "3"],
+    UINT64: [-1, 2**64, 2.0, False, "3"],
+    FLOAT: ["1.0", True, 1e39, -3.5e38, [0.5]],
+    BOOL: [1, "yes", 0.0],
+    STRING: [3, [1], [b"x"], b"x", ["ok", "a\ud800"]],  # stop: a str or a list of str
+}
+EDGE_VALUES = {
+    UINT32: [0, 2**32 - 1],
+    UINT64: [0, 2**64 - 1],
+    FLOAT: [0, -3.4e38, 3.4028234e38, math.inf],
+    BOOL: [True, False],
+    STRING: ["one", ("a", "停")],
+}
+BAD_ARGUMENTS = [(field.name, value) for field in PARAMETER_FIELDS for value in BAD_VALUES[field.type]] + [
+    ("prompt", 3),
+    ("prompt", "a\udfffb"),
+    ("request_id", 7),
+]
+
+
+def test_every_parameter_field_is_of_a_type_the_sdk_checks() -> None:
+    for field in PARAMETER_FIELDS:
+        assert field.type in BAD_VALUES and field.is_repeated == (field.type == STRING), field.name
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_ARGUMENTS)
+def test_a_bad_argument_is_refused_before_sending_naming_it(scripted, name: str, value) -> None:
+    servicer, target = scripted
+    arguments = {"prompt": "hi", name: value}
+    with Client(target) as bloom:
+        for call in (
+            lambda: bloom.generate(**arguments),
+            lambda: list(bloom.generate_stream(**arguments)),
+        ):
+            with pytest.raises(BloomduoError) as caught:
+                call()
+            assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert caught.value.message.startswith(f"{name}: "), caught.value.message
+
+    async def generate() -> None:
+        async with AsyncClient(target) as bloom:
+            await bloom.generate(**arguments)
+
+    with pytest.raises(BloomduoError) as caught:
+        asyncio.run(generate())
+    assert caught.value.message.startswith(f"{name}: ")
+    assert servicer.calls == 0
+
+
+def test_arguments_at_the_edges_of_their_types_arrive_unchanged(scripted) -> None:
+    servicer, target = scripted
+    with Client(target) as bloom:
+        for field in PARAMETER_FIELDS:
+            for value in EDGE_VALUES[field.type]:
+                assert bloom.generate("hi", **{field.name: value}).text == "ok"
+                sent = servicer.requests[-1].parameters
+                if field.is_repeated:
+                    assert list(sent.stop) == ([value] if isinstance(value, str) else list(value))
+                else:
+                    # float32 keeps 24 significant bits: half an ulp of relative rounding.
+                    expected = pytest.approx(value, rel=2**-24) if field.type == FLOAT else value
+                    assert getattr(sent, field.name) == expected, field.name
+        bloom.generate("hi", top_k=None, stop=None)
+    assert servicer.requests[-1].parameters == gateway_pb2.GenerateParameters()
