@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -12,6 +13,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from bloomduo.apps.launcher import free_port
 from bloomduo.client import AsyncClient, BloomduoError, Client
+from bloomduo.core import metrics
+from bloomduo.core.metrics import Outcome
+from bloomduo.gateway.errors import RequestFailed
 from tests.conftest import running_stack
 
 
@@ -24,6 +28,33 @@ def _value(text: str, name: str, labels: str = "") -> float:
     match = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", text, re.MULTILINE)
     assert match, f"{name}{labels} not in /metrics"
     return float(match.group(1))
+
+
+def _counted_outcomes() -> set[Outcome]:
+    """The outcomes requests are counted under: literal labels, and those of the failures admission counts."""
+    root = Path(__file__).parents[1]
+    counted: set[Outcome] = set()
+    for path in [
+        path for folder in ("gateway", "shard_worker", "bloomduo") for path in (root / folder).rglob("*.py")
+    ]:
+        for label in re.findall(r"REQUESTS\.labels\(\s*([^,]+),", path.read_text()):
+            if label == "exc.outcome":  # a RequestFailed's, below
+                continue
+            literal = re.fullmatch(r'"(.*)"|(?:metrics\.)?Outcome\.(\w+)', label)
+            assert literal, f"{path}: REQUESTS counted under {label}, neither a literal nor an Outcome"
+            counted.add(Outcome(literal[1]) if literal[1] is not None else Outcome[literal[2]])
+    failures, found = [RequestFailed], []
+    while failures:
+        subclasses = failures.pop().__subclasses__()
+        failures += subclasses
+        found += subclasses
+    return counted | {failure.outcome for failure in found}
+
+
+def test_requests_total_counts_exactly_the_outcomes_its_help_names() -> None:
+    assert _counted_outcomes() == set(Outcome)
+    help_text = metrics.REQUESTS._documentation
+    assert re.search(r"\((.*)\)", help_text)[1].split(", ") == [outcome.value for outcome in Outcome]
 
 
 def test_metrics_count_what_happened(demo_model) -> None:
