@@ -18,12 +18,12 @@ import importlib
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
     import torch.distributed as dist
-    from torch import nn
 
     from bloomduo.shard_worker.shm_allreduce import ShmAllReduce
 
@@ -34,9 +34,14 @@ _BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 _HCCL_CONNECT_RANGE = (120, 7200)
 _HCCL_EXEC_STEP, _HCCL_EXEC_MAX = 68, 17340
 
-NPU_FORMAT_FRACTAL_NZ = 29  # torch_npu's ACL_FORMAT_FRACTAL_NZ: the weight layout 310P matmuls prefer
 
-_shm_reducer: ShmAllReduce | None = None
+@dataclass(frozen=True)
+class ShardGroup:
+    """The process group of the shard workers, and the shared-memory all-reduce that serves it when
+    they are CPU ranks on one host (None otherwise)."""
+
+    process_group: dist.ProcessGroup
+    shm: ShmAllReduce | None = None
 
 
 def device_type(device: torch.device | str) -> str:
@@ -119,7 +124,7 @@ def init_distributed(
     init_method: str,
     device: torch.device | str,
     timeout_s: float = 120.0,
-) -> dist.ProcessGroup:
+) -> ShardGroup:
     """Join the process group of the `world_size` shard workers and return it.
 
     For cuda/npu the process is pinned to `device` before the group is created, as nccl/hccl
@@ -149,72 +154,46 @@ def init_distributed(
         world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    shm = None
     if backend == "gloo" and world_size > 1 and os.environ.get("BLOOMDUO_SHM_ALLREDUCE", "1") != "0":
-        _start_shm_all_reduce(timeout_s)
-    return dist.group.WORLD
+        shm = _start_shm_all_reduce(timeout_s)
+    return ShardGroup(dist.group.WORLD, shm)
 
 
-def _start_shm_all_reduce(timeout_s: float) -> None:
-    global _shm_reducer
+def _start_shm_all_reduce(timeout_s: float) -> ShmAllReduce | None:
     from bloomduo.shard_worker.shm_allreduce import DEFAULT_SLOT_BYTES, ShmAllReduce
 
     slot_bytes = int(os.environ.get("BLOOMDUO_SHM_ALLREDUCE_BYTES", DEFAULT_SLOT_BYTES))
-    _shm_reducer = ShmAllReduce.create(slot_bytes=slot_bytes, timeout_s=timeout_s)
-    if _shm_reducer is not None:
-        atexit.register(_shm_reducer.close)
+    reducer = ShmAllReduce.create(slot_bytes=slot_bytes, timeout_s=timeout_s)
+    if reducer is not None:
+        atexit.register(reducer.close)
+    return reducer
 
 
-def shm_reducer() -> ShmAllReduce | None:
-    """The shared-memory all-reduce init_distributed set up, or None (other device, hosts, or off)."""
-    return _shm_reducer
-
-
-def shutdown_distributed() -> None:
-    """Leave the process group if one was joined, and unmap the shared memory (safe to call twice)."""
-    global _shm_reducer
+def shutdown_distributed(group: ShardGroup | None = None) -> None:
+    """Unmap `group`'s shared memory and leave the process group if one was joined (safe to call twice)."""
     import torch.distributed as dist
 
-    if _shm_reducer is not None:
-        _shm_reducer.close()
-        _shm_reducer = None
+    if group is not None and group.shm is not None:
+        group.shm.close()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Sum `tensor` in place across the group and return it; a no-op for a single process.
+def all_reduce_sum(tensor: torch.Tensor, group: ShardGroup | None = None) -> torch.Tensor:
+    """Sum `tensor` in place across `group` (None: the default process group) and return it; a no-op
+    for a single process.
 
-    Through shared memory when init_distributed set that up and the tensor fits, else torch.distributed.
+    Through the group's shared memory when it has one and the tensor fits, else torch.distributed.
     """
-    reducer = _shm_reducer
-    if reducer is not None and (group is None or group is reducer.group) and reducer.fits(tensor):
-        return reducer.all_reduce(tensor)
+    if group is not None and group.shm is not None and group.shm.fits(tensor):
+        return group.shm.all_reduce(tensor)
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
         return tensor
-    if dist.get_world_size(group) == 1:
+    process_group = None if group is None else group.process_group
+    if dist.get_world_size(process_group) == 1:
         return tensor
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
     return tensor
-
-
-def npu_nz_requested(device: torch.device | str) -> bool:
-    """Whether to store Linear weights in the NZ format: on an npu, with BLOOMDUO_NPU_NZ=1."""
-    return device_type(device) == "npu" and os.environ.get("BLOOMDUO_NPU_NZ") == "1"
-
-
-def to_npu_nz_format(model: nn.Module) -> nn.Module:
-    """Cast every nn.Linear weight of `model` (already on the npu) to the FRACTAL_NZ layout, in place.
-
-    310P matmuls run faster on NZ weights; nn.Linear's forward takes them as they are. Biases,
-    LayerNorms and embeddings keep their layout.
-    """
-    from torch import nn
-
-    torch_npu = import_torch_npu()
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            weight = torch_npu.npu_format_cast(module.weight.data, NPU_FORMAT_FRACTAL_NZ)
-            module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
-    return model

@@ -15,16 +15,12 @@ from bloomduo.core.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, to_torch
 from bloomduo.core.logprobs import summarize
 from bloomduo.core.logs import get_logger
 from bloomduo.shard_worker.config import ShardOptions
-from bloomduo.shard_worker.cpu_weights import pack_linear_weights, packing_applies
-from bloomduo.shard_worker.distributed import (
-    backend_for,
-    init_distributed,
-    npu_nz_requested,
-    to_npu_nz_format,
-)
+from bloomduo.shard_worker.distributed import backend_for, init_distributed
 from bloomduo.shard_worker.kv_cache import KVCache
-from bloomduo.shard_worker.model import BloomShardModel, Chunk
-from bloomduo.shard_worker.tensor_parallel import load_shard
+from bloomduo.shard_worker.model import BloomShardModel
+from bloomduo.shard_worker.step_plan import Chunk
+from bloomduo.shard_worker.tensor_parallel import ShardLayout, load_shard, shard_layout
+from bloomduo.shard_worker.weight_formats import apply_weight_format
 
 log = get_logger(__name__)
 
@@ -61,25 +57,26 @@ class ShardEngine:
     def __init__(
         self,
         model: BloomShardModel,
+        layout: ShardLayout,
         *,
         device: torch.device,
         dtype: torch.dtype,
         model_name: str,
         kv_cache_slots: int,
+        group_id: str = "",
     ) -> None:
         self.model = model
+        self.layout = layout
         self.cache: KVCache = model.new_kv_cache(initial_slots=kv_cache_slots)
-        self.rank = model.tp_rank
-        self.world_size = model.tp_world_size
         self.device = device
         self.dtype = dtype
         self.model_name = model_name
-        self.vocab_start, self.vocab_end, self.padded_vocab_size = model.vocab_range
+        self.vocab_start, self.vocab_end, self.padded_vocab_size = layout.vocab
         self.parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.backend = backend_for(device)
         self.local_heads = model.num_local_heads
         self.real_vocab_end = min(self.vocab_end, model.config.vocab_size)
-        self.group_id = ""
+        self.group_id = group_id
 
     @classmethod
     def load(cls, options: ShardOptions) -> ShardEngine:
@@ -92,6 +89,7 @@ class ShardEngine:
             torch.set_flush_denormal(True)
         checkpoint = Checkpoint(options.model_dir)
         dtype = resolve_dtype(options.dtype, checkpoint_dtype(checkpoint), device)
+        layout = shard_layout(checkpoint.config, options.rank, options.world_size)
         log.info(
             "shard_joining_group",
             rank=options.rank,
@@ -106,23 +104,21 @@ class ShardEngine:
         # survivor of a failed group is never paired with a restarted peer.
         group_id = [uuid.uuid4().hex if options.rank == 0 else ""]
         if options.world_size > 1:
-            dist.broadcast_object_list(group_id, src=0, group=group)
+            dist.broadcast_object_list(group_id, src=0, group=group.process_group)
         log.info("shard_loading", model=str(options.model_dir), device=str(device), dtype=str(dtype))
         model = load_shard(
             checkpoint, options.rank, options.world_size, device=device, dtype=dtype, group=group
         )
-        if npu_nz_requested(device):
-            to_npu_nz_format(model)
-        elif packing_applies(device, dtype):
-            pack_linear_weights(model)
+        apply_weight_format(model, device, dtype)
         engine = cls(
             model,
+            layout,
             device=device,
             dtype=dtype,
             model_name=Path(options.model_dir).name,
             kv_cache_slots=options.kv_cache_slots,
+            group_id=group_id[0],
         )
-        engine.group_id = group_id[0]
         log.info(
             "shard_loaded",
             seconds=round(time.perf_counter() - started, 3),

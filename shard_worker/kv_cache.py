@@ -63,9 +63,6 @@ class KVCache:
         self._free_slots: list[int] = list(range(initial_slots))
 
     # ----------------------------------------------------------------- bookkeeping
-    def __contains__(self, sequence_id: int) -> bool:
-        return sequence_id in self._slots
-
     def length(self, sequence_id: int) -> int:
         """Tokens cached for the sequence (0 for one never seen or freed)."""
         return self._lengths.get(sequence_id, 0)
@@ -94,10 +91,6 @@ class KVCache:
     def clear(self) -> None:
         for sequence_id in list(self._slots):
             self.free(sequence_id)
-
-    @property
-    def sequence_ids(self) -> list[int]:
-        return list(self._slots)
 
     @property
     def num_sequences(self) -> int:

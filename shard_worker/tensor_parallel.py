@@ -1,8 +1,8 @@
 """Tensor parallelism for BloomShardModel: how W ranks split BLOOM, and the one collective it needs.
 
 Read this file to learn the sharding. model.py stays a plain single-device BLOOM; this file shrinks
-each layer to one rank's share after the model is built (gpt-fast style) and adds an all-reduce
-after the two row-parallel projections of every block.
+each layer to one rank's share after the model is built (gpt-fast style) and wraps the two
+row-parallel projections of every block in RowParallel, which all-reduces their output.
 
     parameter (in block h.<i>)             split               why
     -------------------------------------  ------------------  -----------------------------------------
@@ -25,22 +25,24 @@ Two all-reduces per block; nothing else is communicated. LM head logits stay spl
 (each rank returns its slice; the gateway concatenates them and trims the padding).
 
 Only this rank's slices are read from disk: `load_shard` builds the model on the meta device,
-applies the rules above to its shapes, reads each parameter's slice through the checkpoint's
-sliced `read`, and loads them with `assign=True`. `bloomduo shard-weights` cuts a checkpoint with
-the same functions ahead of time, into one file per rank that `load_shard` then reads whole.
+applies the rules above to its shapes (`shard_parameters`), reads each parameter's slice through
+the checkpoint's sliced `read`, loads them with `assign=True`, and then wraps the ROW layers in
+RowParallel (`add_all_reduces`; after loading, so that parameter names stay the checkpoint's).
+`bloomduo shard-weights` cuts a checkpoint with the same functions ahead of time, into one file per
+rank that `load_shard` then reads whole.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import BloomConfig
 
-from bloomduo.shard_worker.distributed import all_reduce_sum
+from bloomduo.shard_worker.distributed import ShardGroup, all_reduce_sum
 from bloomduo.shard_worker.model import BloomShardModel, alibi_slopes
 
 REPLICATE = "replicate"  # every rank holds the whole tensor
@@ -67,14 +69,32 @@ RULES: dict[str, str] = {
     "lm_head.weight": VOCAB,
 }
 
-# Modules whose output is a partial sum over ranks: all-reduce right after them.
-ROW_PARALLEL_MODULES = ("self_attention.dense", "mlp.dense_4h_to_h")
-
 
 class VocabRange(NamedTuple):
     start: int  # first vocabulary row of this rank
     end: int  # one past its last row (may exceed vocab_size on the last rank: padding)
     padded_vocab_size: int  # vocab_size rounded up to a multiple of world_size
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Which share of the model a rank holds (see shard_layout)."""
+
+    rank: int
+    world_size: int
+    vocab: VocabRange  # its rows of the LM head
+
+
+class RowParallel(nn.Module):
+    """A ROW-split Linear and the all-reduce(SUM) that turns the ranks' partial outputs into its output."""
+
+    def __init__(self, linear: nn.Module, group: ShardGroup | None) -> None:
+        super().__init__()
+        self.linear = linear
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(self.linear(x), self.group)
 
 
 def vocab_range(vocab_size: int, rank: int, world_size: int) -> VocabRange:
@@ -87,6 +107,14 @@ def vocab_range(vocab_size: int, rank: int, world_size: int) -> VocabRange:
 def check_world_size(config: BloomConfig, world_size: int) -> None:
     if world_size < 1 or config.n_head % world_size:
         raise ValueError(f"world_size {world_size} must divide n_head {config.n_head}")
+
+
+def shard_layout(config: BloomConfig, rank: int, world_size: int) -> ShardLayout:
+    """Rank `rank`'s share of a model of `config` split `world_size` ways; raises for an impossible one."""
+    check_world_size(config, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, {world_size})")
+    return ShardLayout(rank, world_size, vocab_range(config.vocab_size, rank, world_size))
 
 
 def rule_for(name: str) -> str:
@@ -136,18 +164,15 @@ def shard_tensor(name: str, tensor: torch.Tensor, rank: int, world_size: int) ->
     return tensor.narrow(dim, start, stop - start).clone()
 
 
-def apply_tensor_parallel(
-    model: BloomShardModel, rank: int, world_size: int, group: dist.ProcessGroup | None = None
-) -> BloomShardModel:
-    """Shrink a full model to rank `rank`'s share in place and hook in the all-reduces.
+def shard_parameters(model: BloomShardModel, rank: int, world_size: int) -> BloomShardModel:
+    """Shrink a full model's parameters and ALiBi slopes to rank `rank`'s share, in place; their names
+    stay those of the checkpoint.
 
     Works on a model built on the meta device (shapes only, then load the slices) as well as on a
     loaded full model (its tensors are sliced).
     """
     config = model.config
-    check_world_size(config, world_size)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside [0, {world_size})")
+    shard_layout(config, rank, world_size)
     for name, param in list(model.named_parameters()):
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -163,14 +188,14 @@ def apply_tensor_parallel(
         device = attention.alibi_slopes.device
         attention.num_heads = heads
         attention.alibi_slopes = own_slopes.to("cpu" if device.type == "meta" else device)
+    return model
 
-    if world_size > 1:
-        for module_name, module in model.named_modules():
-            if module_name.endswith(ROW_PARALLEL_MODULES):
-                module.register_forward_hook(lambda _mod, _inp, out: all_reduce_sum(out, group))
 
-    model.tp_rank, model.tp_world_size = rank, world_size
-    model.vocab_range = vocab_range(config.vocab_size, rank, world_size)
+def add_all_reduces(model: BloomShardModel, group: ShardGroup | None) -> BloomShardModel:
+    """Wrap the ROW layers of every block in RowParallel, in place: their outputs are partial sums."""
+    for block in model.h:
+        block.self_attention.dense = RowParallel(block.self_attention.dense, group)
+        block.mlp.dense_4h_to_h = RowParallel(block.mlp.dense_4h_to_h, group)
     return model
 
 
@@ -181,22 +206,22 @@ def load_shard(
     *,
     device: torch.device,
     dtype: torch.dtype,
-    group: dist.ProcessGroup | None = None,
+    group: ShardGroup | None = None,
 ) -> BloomShardModel:
     """Build rank `rank`'s BloomShardModel reading only its slices of `checkpoint`.
 
     `checkpoint` is a bloomduo.core.checkpoint.Checkpoint (or a model directory to open as one): a full
     checkpoint, or one cut for `world_size` ranks by `bloomduo shard-weights`, whose rank file is read
-    whole. Weights are cast to `dtype` on `device`; the ALiBi slopes stay float32. The model carries
-    `tp_rank`, `tp_world_size` and `vocab_range` (its LM head rows). Call it on every rank: with
-    world_size > 1 the forward pass all-reduces over `group` (default: the whole process group).
+    whole. Weights are cast to `dtype` on `device`; the ALiBi slopes stay float32. `shard_layout` tells
+    which share it holds. Call it on every rank: with world_size > 1 the forward pass all-reduces over
+    `group` (None: the default process group).
     """
     if isinstance(checkpoint, str | os.PathLike):
         from bloomduo.core.checkpoint import Checkpoint
 
         checkpoint = Checkpoint(checkpoint)
     device = torch.device(device)
-    model, full_shapes = build_meta_shard(checkpoint.config, rank, world_size, group)
+    model, full_shapes = build_meta_shard(checkpoint.config, rank, world_size)
 
     state = {}
     if checkpoint.num_shards is None:
@@ -211,19 +236,21 @@ def load_shard(
 
     model.load_state_dict(state, strict=True, assign=True)
     model.to(device)  # the ALiBi slopes: still float32, like HF
+    if world_size > 1:  # after loading: the state dict's names are the checkpoint's, without RowParallel
+        add_all_reduces(model, group)
     return model.eval().requires_grad_(False)
 
 
 def build_meta_shard(
-    config: BloomConfig, rank: int, world_size: int, group: dist.ProcessGroup | None = None
+    config: BloomConfig, rank: int, world_size: int
 ) -> tuple[BloomShardModel, dict[str, tuple[int, ...]]]:
-    """Rank `rank`'s model on the meta device (its parameters have the rank's shapes, no data), and the
-    full, unsharded shape of every parameter by name."""
+    """Rank `rank`'s model on the meta device (its parameters have the rank's shapes and the checkpoint's
+    names, no data, no all-reduces), and the full, unsharded shape of every parameter by name."""
     check_world_size(config, world_size)
     with torch.device("meta"):
         model = BloomShardModel(config)
     full_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    apply_tensor_parallel(model, rank, world_size, group)
+    shard_parameters(model, rank, world_size)
     return model, full_shapes
 
 

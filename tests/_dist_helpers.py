@@ -81,8 +81,8 @@ def run_rank(
     torch.set_num_threads(1)
     from bloomduo.shard_worker.distributed import init_distributed, shutdown_distributed
     from bloomduo.shard_worker.kv_cache import CachePositionError
-    from bloomduo.shard_worker.model import Chunk
-    from bloomduo.shard_worker.tensor_parallel import load_shard
+    from bloomduo.shard_worker.step_plan import Chunk
+    from bloomduo.shard_worker.tensor_parallel import load_shard, shard_layout
 
     plan = torch.load(plan_path)
     device = torch.device("cpu")
@@ -109,7 +109,9 @@ def run_rank(
                 logits.append(model(step["hidden"][dtype_name], chunks, cache))
             result[dtype_name] = logits
             if dtype == torch.float32:
-                result["vocab_range"] = tuple(model.vocab_range)
+                vocab = shard_layout(checkpoint.config, rank, world_size).vocab
+                assert model.lm_head.weight.shape[0] == vocab.end - vocab.start
+                result["vocab_range"] = tuple(vocab)
                 result["block_bytes"] = parameter_bytes(model.h)
                 result["lm_head_bytes"] = parameter_bytes(model.lm_head)
                 result["local_heads"] = model.num_local_heads
@@ -117,4 +119,13 @@ def run_rank(
                 result["cache_tokens"] = cache.num_tokens
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
-        shutdown_distributed()
+        shutdown_distributed(group)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> float:
+    """max|got - want| in units of eps(dtype) * max|want|: the dtype's resolution at the reference's scale.
+
+    Tests bound it by a small count k derived from how many roundings separate the two sides.
+    """
+    scale = torch.finfo(dtype).eps * want.float().abs().max().item()
+    return (got.float() - want.float()).abs().max().item() / scale

@@ -10,27 +10,21 @@ import os
 import subprocess
 import sys
 import textwrap
-import types
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from bloomduo.shard_worker.distributed import (
-    NPU_FORMAT_FRACTAL_NZ,
     all_reduce_sum,
     backend_for,
     device_type,
     hccl_environment,
     import_torch_npu,
     init_distributed,
-    npu_nz_requested,
     prepare_device_environment,
-    shm_reducer,
     shutdown_distributed,
-    to_npu_nz_format,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,55 +167,16 @@ def test_hccl_timeouts_set_by_the_user_win():
     assert hccl_environment(600, environ=dict.fromkeys(HCCL_VARS, "300")) == {}
 
 
-def test_nz_format_only_on_the_npu_when_asked(monkeypatch):
-    monkeypatch.setenv("BLOOMDUO_NPU_NZ", "1")
-    assert npu_nz_requested("npu:0") and npu_nz_requested("npu")
-    assert not npu_nz_requested("cpu") and not npu_nz_requested("cuda:0")
-    monkeypatch.setenv("BLOOMDUO_NPU_NZ", "0")
-    assert not npu_nz_requested("npu:0")
-    monkeypatch.delenv("BLOOMDUO_NPU_NZ")
-    assert not npu_nz_requested("npu:0")
-
-
-def test_nz_format_casts_every_linear_weight_and_nothing_else(monkeypatch):
-    casts = []
-
-    def npu_format_cast(tensor, acl_format):
-        casts.append((tensor, acl_format))
-        return tensor.clone()
-
-    monkeypatch.setitem(sys.modules, "torch_npu", types.SimpleNamespace(npu_format_cast=npu_format_cast))
-    model = nn.ModuleDict(
-        {
-            "embed": nn.Embedding(10, 8),
-            "qkv": nn.Linear(8, 24),
-            "norm": nn.LayerNorm(8),
-            "head": nn.Linear(8, 10, bias=False),
-        }
-    ).requires_grad_(False)
-    before = {name: p for name, p in model.named_parameters()}
-    assert to_npu_nz_format(model) is model
-    assert [(tuple(t.shape), acl_format) for t, acl_format in casts] == [
-        ((24, 8), NPU_FORMAT_FRACTAL_NZ),
-        ((10, 8), NPU_FORMAT_FRACTAL_NZ),
-    ]
-    after = dict(model.named_parameters())
-    changed = {name for name in before if after[name] is not before[name]}
-    assert changed == {"qkv.weight", "head.weight"}
-    assert all(isinstance(p, nn.Parameter) and not p.requires_grad for p in after.values())
-    assert torch.equal(after["qkv.weight"], before["qkv.weight"])
-
-
 def test_single_cpu_rank_needs_no_shared_memory(tmp_path):
     group = init_distributed(0, 1, f"file://{tmp_path / 'rendezvous'}", "cpu", timeout_s=30)
     try:
-        assert dist.get_backend(group) == "gloo"
-        assert shm_reducer() is None
+        assert dist.get_backend(group.process_group) == "gloo"
+        assert group.shm is None
         tensor = torch.arange(4.0)
         assert all_reduce_sum(tensor, group) is tensor and tensor.tolist() == [0.0, 1.0, 2.0, 3.0]
     finally:
-        shutdown_distributed()
-        shutdown_distributed()  # twice is fine
+        shutdown_distributed(group)
+        shutdown_distributed(group)  # twice is fine
     assert not dist.is_initialized()
 
 

@@ -24,15 +24,25 @@ from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
 from bloomduo.shard_worker.distributed import all_reduce_sum, backend_for, import_torch_npu
 from bloomduo.shard_worker.kv_cache import CachePositionError, KVCache
-from bloomduo.shard_worker.model import BloomShardModel, Chunk, alibi_slopes
+from bloomduo.shard_worker.model import BloomShardModel, alibi_slopes
+from bloomduo.shard_worker.step_plan import Chunk
 from bloomduo.shard_worker.tensor_parallel import (
     RULES,
-    apply_tensor_parallel,
+    RowParallel,
+    add_all_reduces,
     load_shard,
     rule_for,
+    shard_parameters,
     vocab_range,
 )
-from tests._dist_helpers import TINY, make_checkpoint, open_checkpoint, parameter_bytes, run_rank
+from tests._dist_helpers import (
+    TINY,
+    make_checkpoint,
+    open_checkpoint,
+    parameter_bytes,
+    relative_error,
+    run_rank,
+)
 
 # name: (sequence_id, prompt length). "F" reuses C's id after C is freed.
 SEQUENCES = {"A": (0, 5), "B": (1, 9), "C": (2, 3), "D": (3, 10), "F": (2, 6), "G": (4, 4), "H": (5, 4)}
@@ -118,18 +128,18 @@ def test_tensor_parallel_matches_transformers(reference, world_size, tmp_path):
     ]
     assert all(r["local_heads"] == TINY["n_head"] // world_size for r in ranks)
 
-    for dtype_name, atol in (("float32", 1e-5 if world_size == 1 else 1e-4), ("bfloat16", None)):
+    # float32: the sums run in another order (split over ranks, fused attention), measured <= 5 eps;
+    # bfloat16: both sides round every layer's output, measured < 1 eps, and may tie-break argmaxes apart.
+    for dtype, bound in ((torch.float32, 32), (torch.bfloat16, 2)):
+        dtype_name = str(dtype).removeprefix("torch.")
         for step, want in enumerate(reference["expected"][dtype_name]):
             full = torch.cat([r[dtype_name][step] for r in ranks], dim=1)
             assert full.shape == (want.shape[0], padded)
             assert not full[:, vocab:].any(), "padding rows of the LM head must give zero logits"
             got = full[:, :vocab]
-            if atol is not None:
-                diff = (got - want).abs().max().item()
-                assert diff < atol, f"W={world_size} step {step}: max |ours - HF| = {diff:.3g}"
-            else:  # bf16: both sides round differently; logits are O(1)
-                diff = (got.float() - want.float()).abs().max().item()
-                assert diff < 0.1, f"W={world_size} bf16 step {step}: max |ours - HF| = {diff:.3g}"
+            error = relative_error(got, want, dtype)
+            assert error < bound, f"W={world_size} {dtype_name} step {step}: |ours - HF| = {error:.3g} eps"
+            if dtype == torch.bfloat16:
                 assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
 
     # Each rank holds ~1/W of the blocks (LayerNorms replicated; row-parallel biases on rank 0) and
@@ -158,14 +168,18 @@ def test_shards_take_their_slice_of_all_heads_slopes():
     config = BloomConfig(**TINY)
     with torch.device("meta"):
         model = BloomShardModel(config)
-    apply_tensor_parallel(model, rank=1, world_size=4)
-    attention = model.h[0].self_attention
+    shard_parameters(model, rank=1, world_size=4)
+    add_all_reduces(model, group=None)
+    attention, mlp = model.h[0].self_attention, model.h[0].mlp
     assert attention.num_heads == 3
     assert torch.equal(attention.alibi_slopes, alibi_slopes(12)[3:6])
     assert not torch.equal(attention.alibi_slopes, alibi_slopes(3))  # the classic bug
     assert attention.query_key_value.weight.shape == (3 * 3 * 8, 96)
-    assert attention.dense.weight.shape == (96, 24) and attention.dense.bias is None  # bias on rank 0 only
-    assert model.h[0].mlp.dense_h_to_4h.weight.shape == (96, 96)
+    # the ROW layers: wrapped with their all-reduce, bias on rank 0 only
+    assert isinstance(attention.dense, RowParallel) and isinstance(mlp.dense_4h_to_h, RowParallel)
+    assert attention.dense.linear.weight.shape == (96, 24) and attention.dense.linear.bias is None
+    assert mlp.dense_4h_to_h.linear.weight.shape == (96, 96) and mlp.dense_4h_to_h.linear.bias is None
+    assert mlp.dense_h_to_4h.weight.shape == (96, 96)
     assert model.lm_head.weight.shape == (1012 // 4, 96)
 
 
@@ -232,7 +246,7 @@ def test_single_process_cache_lifecycle_and_errors(reference):
     out = model(hidden[:7], [Chunk(5, 0, 7)], cache)
     for pos in range(7, 20):  # one token at a time: the cache grows well past its first capacity
         out = model(hidden[pos : pos + 1], [Chunk(5, pos, 1)], cache)
-    assert (out[0, :1009] - want[19]).abs().max() < 1e-5
+    assert relative_error(out[0, :1009], want[19], torch.float32) < 32
     assert cache.length(5) == 20 and cache.capacity >= 20
     assert cache.num_sequences == 1 and cache.num_tokens == 20
 
@@ -248,13 +262,13 @@ def test_single_process_cache_lifecycle_and_errors(reference):
         model(hidden[:2], [Chunk(7, 0, 1), Chunk(7, 1, 1)], cache)
     with pytest.raises(ValueError, match="rows"):
         model(hidden[:3], [Chunk(8, 0, 2)], cache)
-    assert cache.length(5) == 20 and 6 not in cache and 7 not in cache  # failed steps changed nothing
+    assert cache.length(5) == 20 and cache.num_sequences == 1  # failed steps changed nothing
 
     assert cache.free(5) and not cache.free(5)
     assert cache.num_sequences == 0 and cache.num_tokens == 0 and cache.length(5) == 0
     out = model(hidden[:4], [Chunk(5, 0, 4)], cache)  # the id is free again
     with torch.no_grad():
-        assert (out[0, :1009] - hf(ids[None, :4]).logits[0, -1]).abs().max() < 1e-5
+        assert relative_error(out[0, :1009], hf(ids[None, :4]).logits[0, -1], torch.float32) < 32
 
 
 def test_float16_runs_and_is_close(reference):
@@ -270,8 +284,8 @@ def test_float16_runs_and_is_close(reference):
     prefill = model(hidden[:9], [Chunk(0, 0, 9)], cache)
     decode = model(hidden[9:12], [Chunk(0, 9, 3)], cache)
     assert prefill.dtype == torch.float16 and cache.num_tokens == 12
-    assert (prefill[0, :1009].float() - want[8].float()).abs().max() < 0.02
-    assert (decode[0, :1009].float() - want[11].float()).abs().max() < 0.02
+    assert relative_error(prefill[0, :1009], want[8], torch.float16) < 4
+    assert relative_error(decode[0, :1009], want[11], torch.float16) < 4
 
 
 def test_kv_cache_grows_without_losing_rows():
@@ -319,7 +333,7 @@ def test_batched_single_token_attention_matches_one_by_one():
         alone = model.new_kv_cache()
         model(prompt, [Chunk(0, 0, len(prompt))], alone)
         single = model(step[sid : sid + 1], [Chunk(0, lengths[sid], 1)], alone)
-        assert torch.allclose(batched[sid], single[0], atol=1e-6)
+        assert relative_error(batched[sid], single[0], torch.float32) < 8
 
 
 def test_distributed_helpers():
@@ -350,13 +364,12 @@ def test_a_copied_prefix_gives_the_logits_of_a_full_prompt():
 
     alone = model.new_kv_cache()
     full = model(torch.cat([shared[:5], own]), [Chunk(7, 0, 8)], alone)
-    assert torch.allclose(reused, full, atol=1e-6)
+    assert relative_error(reused, full, torch.float32) < 8
     # and the copy is the sequence's own from then on: the donor decoding on does not touch it
     step = torch.randn(1, 24)
     model(torch.randn(1, 24), [Chunk(1, 6, 1)], cache)
-    assert torch.allclose(
-        model(step, [Chunk(2, 8, 1)], cache), model(step, [Chunk(7, 8, 1)], alone), atol=1e-6
-    )
+    copied, own = model(step, [Chunk(2, 8, 1)], cache), model(step, [Chunk(7, 8, 1)], alone)
+    assert relative_error(copied, own, torch.float32) < 8
 
 
 @pytest.mark.parametrize(
@@ -374,7 +387,7 @@ def test_a_bad_prefix_is_refused_before_anything_changes(chunk, message):
     cache.commit([Chunk(1, 0, 4)])
     with pytest.raises(CachePositionError, match=message):
         cache.prepare([chunk])
-    assert cache.sequence_ids == [1] and cache.length(1) == 4
+    assert cache.num_sequences == 1 and cache.length(1) == 4
 
 
 def test_building_a_rank_on_the_meta_device_imports_no_compiler_stack():
