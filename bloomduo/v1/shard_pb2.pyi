@@ -45,24 +45,20 @@ class StepRequest(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., sequences: _Optional[_Iterable[_Union[SequenceChunk, _Mapping]]] = ..., free_sequence_ids: _Optional[_Iterable[int]] = ..., request_ids: _Optional[_Iterable[str]] = ..., full_logits: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step_id", "logits", "vocab_start", "vocab_end", "compute_seconds", "best_logit", "best_token", "logsumexp")
+    __slots__ = ("step_id", "logits", "compute_seconds", "best_logit", "best_token", "logsumexp")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
-    VOCAB_START_FIELD_NUMBER: _ClassVar[int]
-    VOCAB_END_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BEST_LOGIT_FIELD_NUMBER: _ClassVar[int]
     BEST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     LOGSUMEXP_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     logits: Tensor
-    vocab_start: int
-    vocab_end: int
     compute_seconds: float
     best_logit: _containers.RepeatedScalarFieldContainer[float]
     best_token: _containers.RepeatedScalarFieldContainer[int]
     logsumexp: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, step_id: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., vocab_start: _Optional[int] = ..., vocab_end: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., best_logit: _Optional[_Iterable[float]] = ..., best_token: _Optional[_Iterable[int]] = ..., logsumexp: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, step_id: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., best_logit: _Optional[_Iterable[float]] = ..., best_token: _Optional[_Iterable[int]] = ..., logsumexp: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ShardInfoRequest(_message.Message):
     __slots__ = ()
