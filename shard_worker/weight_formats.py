@@ -12,9 +12,8 @@ layout. That op also takes a post-op, so the MLP's tanh GELU runs inside dense_h
 accumulator before the one rounding to bfloat16: a prefill's separate bfloat16 GELU pass cost as much
 as a third of that matmul. It is one bfloat16 rounding closer to float32 than the unfused pair (tested).
 float32 is left alone: there the packed kernel sums in another order and float32 is the dtype the
-parity tests hold to transformers bit for bit. CPUs without native bfloat16 (AVX2 only, no
-AVX512-BF16 or AMX) keep the plain layout too: oneDNN reports no bfloat16 support there, also when
-ONEDNN_MAX_CPU_ISA caps a newer CPU to AVX2.
+parity tests hold to transformers bit for bit. CPUs where oneDNN has no bfloat16 matmul (AVX2 only)
+keep the plain layout too; oneDNN reports that also when ONEDNN_MAX_CPU_ISA=AVX2 caps a newer CPU.
 
 FRACTAL_NZ on the npu (BLOOMDUO_NPU_NZ=1): 310P matmuls run faster on NZ weights, and nn.Linear's
 forward takes them as they are. Biases, LayerNorms and embeddings keep their layout.
