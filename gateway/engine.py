@@ -23,6 +23,7 @@ from bloomduo.core.logs import get_logger
 from bloomduo.gateway.config import SchedulerSettings
 from bloomduo.gateway.detokenizer import IncrementalDetokenizer
 from bloomduo.gateway.embedding import Embedder
+from bloomduo.gateway.errors import Unavailable
 from bloomduo.gateway.request import GenerationRequest
 from bloomduo.gateway.sampling import Sampler, sample_batch
 from bloomduo.gateway.scheduler import Scheduler
@@ -61,8 +62,9 @@ class StreamEvent:
     result: GenerationResult | None = None
 
 
-class EngineUnavailable(RuntimeError):
-    """The model could not run this request (a shard worker failed); the caller may retry."""
+class EngineUnavailable(Unavailable):
+    """The model could not run this request (a shard worker failed); the caller may retry. Counted by the
+    engine when it fails the request, so no front counts it again."""
 
 
 @dataclass(eq=False, kw_only=True)

@@ -28,8 +28,8 @@ from bloomduo.gateway.admission import Admission
 from bloomduo.gateway.auth import BearerTokenAuth, RejectUndecodable
 from bloomduo.gateway.config import GatewayOptions
 from bloomduo.gateway.embedding import Embedder
-from bloomduo.gateway.engine import Engine, EngineUnavailable, GenerationResult, StreamEvent
-from bloomduo.gateway.errors import RequestFailed, Unavailable
+from bloomduo.gateway.engine import Engine, GenerationResult, StreamEvent
+from bloomduo.gateway.errors import RequestFailed
 from bloomduo.gateway.request import GenerationParameters
 from bloomduo.gateway.shards import ShardPool
 from bloomduo.gateway.stopping import FinishReason
@@ -142,11 +142,8 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
         engine, admitted = await self.admission.admit(
             request_id, request.prompt, parameters_from_pb(request.parameters)
         )
-        try:
-            async for event in engine.generate(admitted):
-                yield event
-        except EngineUnavailable as exc:
-            raise Unavailable(str(exc)) from exc
+        async for event in engine.generate(admitted):
+            yield event
 
     @answers_failures
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
