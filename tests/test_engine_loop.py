@@ -1,175 +1,254 @@
-"""The engine's loop over stand-in workers: streaming, freeing caches, letting a burst arrive, and failing
-in-flight requests when the workers are lost."""
+"""The engine's loop over a real shard worker process (W=1) through a real ShardPool: streaming token by
+token, freeing the worker's cache, letting a burst arrive, and failing in-flight requests when the worker
+is lost, then serving again once a fresh one answers on the same port."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from tokenizers import Tokenizer
 
+from bloomduo.core.checkpoint import Checkpoint
 from bloomduo.gateway.config import SchedulerSettings
+from bloomduo.gateway.embedding import Embedder
 from bloomduo.gateway.engine import Engine, EngineUnavailable, StreamEvent
 from bloomduo.gateway.request import GenerationRequest
 from bloomduo.gateway.sampling import SamplingParams
-from bloomduo.gateway.sequence import Chunk
-from bloomduo.gateway.shards import ShardUnavailable, StepResult
+from bloomduo.gateway.shards import ShardPool
 from bloomduo.gateway.stopping import FinishReason
+from bloomduo.v1 import shard_pb2, shard_pb2_grpc
+from tests.reference import hf_greedy, hf_model
+from tests.test_engine_shards import ShardWorkers
 
-HIDDEN = 8
-
-
-@pytest.fixture
-def tokenizer(demo_model) -> Tokenizer:
-    return Tokenizer.from_file(str(demo_model() / "tokenizer.json"))
+EPS32 = torch.finfo(torch.float32).eps
 
 
-class FakeWorkers:
-    """Stands in for the ShardPool: records each step and answers every row with the same greedy token."""
-
-    def __init__(self, token_id: int, vocab_size: int, fail_steps: Sequence[int] = ()) -> None:
-        self.token_id = token_id
-        self.vocab_size = vocab_size
-        self.fail_steps = set(fail_steps)  # 1-based steps that raise ShardUnavailable
-        self.steps: list[tuple[list[Chunk], list[int]]] = []
-        self.first_step_at: float | None = None
-        self.streams_reset = 0
-
-    async def step(
-        self,
-        hidden_states: torch.Tensor,
-        chunks: Sequence[Chunk],
-        free_ids: Sequence[int],
-        request_ids: Sequence[str] = (),
-        full_logits: Sequence[bool] = (),
-    ) -> StepResult:
-        assert hidden_states.shape == (sum(chunk.num_tokens for chunk in chunks), HIDDEN)
-        self.first_step_at = self.first_step_at or time.perf_counter()
-        self.steps.append((list(chunks), list(free_ids)))
-        if len(self.steps) in self.fail_steps:
-            raise ShardUnavailable("worker 1 went away")
-        full = sum(full_logits)
-        return StepResult(
-            logits=torch.zeros(full, self.vocab_size),
-            greedy=[(self.token_id, -0.25)] * (len(chunks) - full),
-            worker_seconds=0.0,
-        )
-
-    def reset_streams(self) -> None:
-        self.streams_reset += 1
-
-    async def wait_ready(self, timeout_s: float) -> list:
-        return []
+@dataclass(frozen=True)
+class Model:
+    model_dir: Path
+    tokenizer: Tokenizer
+    embedder: Embedder
+    vocab_size: int
+    eos_token_id: int
 
 
-def _embed(token_ids: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(len(token_ids), HIDDEN)
+@pytest.fixture(scope="module")
+def model(demo_model) -> Model:
+    model_dir = demo_model()
+    checkpoint = Checkpoint(model_dir)
+    return Model(
+        model_dir,
+        Tokenizer.from_file(str(model_dir / "tokenizer.json")),
+        Embedder(checkpoint, torch.float32),
+        checkpoint.config.vocab_size,
+        checkpoint.config.eos_token_id,
+    )
 
 
-def _request(tokenizer: Tokenizer, request_id: str, prompt: str, max_new_tokens: int) -> GenerationRequest:
+@pytest.fixture(scope="module")
+def worker(model: Model) -> Iterator[ShardWorkers]:
+    """One float32 worker (W=1) for the whole module; the last test kills it and starts a fresh one."""
+    with ShardWorkers(model.model_dir, ["float32"]) as workers:
+        yield workers
+
+
+def _request(model: Model, request_id: str, prompt: str, max_new_tokens: int) -> GenerationRequest:
     return GenerationRequest(
         request_id=request_id,
         prompt=prompt,
-        prompt_ids=tokenizer.encode(prompt).ids,
+        prompt_ids=model.tokenizer.encode(prompt).ids,
         sampling=SamplingParams(),
         max_new_tokens=max_new_tokens,
+        ignore_eos=True,
         details=True,
     )
+
+
+def _engine(model: Model, pool: ShardPool, settings: SchedulerSettings, **kwargs) -> Engine:
+    return Engine(model.tokenizer, model.embedder, pool, settings, eos_token_id=model.eos_token_id, **kwargs)
 
 
 async def _collect(engine: Engine, request: GenerationRequest) -> list[StreamEvent]:
     return [event async for event in engine.generate(request)]
 
 
-def _engine(tokenizer: Tokenizer, workers: FakeWorkers, settings: SchedulerSettings, **kwargs) -> Engine:
-    return Engine(tokenizer, _embed, workers, settings, eos_token_id=2, **kwargs)
+async def _until(predicate, timeout_s: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"not reached within {timeout_s} s"
+        await asyncio.sleep(0.01)
 
 
-def test_a_request_streams_one_event_per_token_and_its_cache_is_freed_after(tokenizer) -> None:
-    token_id = tokenizer.encode(" world").ids[0]
-    workers = FakeWorkers(token_id, tokenizer.get_vocab_size())
-    request = _request(tokenizer, "r0", "Hello", max_new_tokens=3)
+async def _idle(pool: ShardPool, engine: Engine | None = None, steps: int = 0) -> bool:
+    """The worker holds no sequence (and the engine has had `steps` steps come back: the worker frees
+    caches as a step starts, before its answer reaches the engine)."""
+    cached = [info.cached_sequences for info in await pool.load()]
+    return cached == [0] and (engine is None or engine.steps >= steps)
 
-    async def scenario() -> list[StreamEvent]:
-        engine = _engine(tokenizer, workers, SchedulerSettings())
+
+def _assert_greedy(model: Model, request: GenerationRequest, events: list[StreamEvent]) -> None:
+    """The tokens are transformers' greedy ones; logprobs within a few float32 roundings of its logits'
+    scale (the worker sums in another order)."""
+    expected_ids, expected_logprobs = hf_greedy(model.model_dir, request.prompt_ids, request.max_new_tokens)
+    assert [event.token.id for event in events] == expected_ids
+    with torch.inference_mode():
+        ids = torch.tensor([request.prompt_ids + expected_ids])
+        scale = hf_model(model.model_dir)(ids).logits.abs().max().item()
+    for event, expected in zip(events, expected_logprobs, strict=True):
+        assert abs(event.token.logprob - expected) <= 16 * EPS32 * scale
+
+
+def test_a_request_streams_one_event_per_token_and_its_cache_is_freed_after(model, worker) -> None:
+    request = _request(model, "r0", "Hello", max_new_tokens=3)
+
+    async def scenario() -> tuple[list[StreamEvent], list[int], list[int], int]:
+        pool = ShardPool(worker.targets, model.vocab_size, step_timeout_s=30.0)
+        engine = _engine(model, pool, SchedulerSettings())
+        await pool.wait_ready(timeout_s=30.0)
         engine.start()
         try:
-            events = await _collect(engine, request)
-            while len(workers.steps) < 4:  # the step after the last token only frees its cache
-                await asyncio.sleep(0.001)
+            events, steps_at_event, cached_while_streaming = [], [], []
+            with grpc.insecure_channel(worker.targets[0]) as channel:
+                info = shard_pb2_grpc.ShardServiceStub(channel).Info
+                async for event in engine.generate(request):
+                    # Read before anything awaits: the engine's next step cannot have come back yet.
+                    steps_at_event.append(engine.steps)
+                    events.append(event)
+                    if event.result is None:
+                        # A blocking call holds the loop the engine runs on: no step that could free the
+                        # cache is sent while the worker is asked.
+                        cached_while_streaming.append(
+                            info(shard_pb2.ShardInfoRequest(), timeout=10).cached_sequences
+                        )
+            await _until(lambda: _idle(pool, engine, steps=4), timeout_s=10.0)
             assert engine.in_flight == 0
-            return events
+            return events, steps_at_event, cached_while_streaming, engine.steps
         finally:
             await engine.stop()
+            await pool.close()
 
-    events = asyncio.run(scenario())
-    assert [event.token.id for event in events] == [token_id] * 3
+    events, steps_at_event, cached_while_streaming, steps = asyncio.run(scenario())
+    # One event per step, each as its step came back; the worker held the sequence until the last token,
+    # then one more step (with no token) freed it.
+    assert steps_at_event == [1, 2, 3]
+    assert cached_while_streaming == [1, 1]
+    assert steps == 3 + 1
+    _assert_greedy(model, request, events)
     result = events[-1].result
     assert result is not None and [event.result for event in events[:-1]] == [None, None]
     assert (result.finish_reason, result.generated_tokens) == (FinishReason.LENGTH, 3)
-    assert result.text == tokenizer.decode([token_id] * 3)
-    prompt = len(request.prompt_ids)
-    assert workers.steps == [
-        ([Chunk(1, 0, prompt)], []),
-        ([Chunk(1, prompt, 1)], []),
-        ([Chunk(1, prompt + 1, 1)], []),
-        ([], [1]),
-    ]
+    assert result.tokens == [event.token for event in events]
+    assert result.text == model.tokenizer.decode([event.token.id for event in events])
+
+
+# A learned step cost of 20 s (a large model on a slow machine): an idle engine then waits for 0.8 s of
+# quiet after the latest arrival, 5 s at most (step_cost.arrival_wait), however slow this machine is.
+LEARNED_STEP_S = 20.0
+QUIET_S, MAX_WAIT_S = 0.04 * LEARNED_STEP_S, 0.25 * LEARNED_STEP_S
+BURST = 5
 
 
 @pytest.mark.parametrize("burst_wait", [True, False])
-def test_an_idle_engine_lets_a_burst_arrive_before_its_first_step(tokenizer, burst_wait: bool) -> None:
-    workers = FakeWorkers(tokenizer.encode(" world").ids[0], tokenizer.get_vocab_size())
-
-    async def scenario() -> float:
-        engine = _engine(tokenizer, workers, SchedulerSettings(burst_wait=burst_wait, prefix_sharing=False))
-        for tokens in [1, 100] * 5:  # 4 s steps: waits of 160 ms of quiet, 1 s at most
-            engine.scheduler.observe_step(tokens, 4.0 + 0.001 * tokens)
+def test_an_idle_engine_lets_a_burst_arrive_before_its_first_step(model, worker, burst_wait: bool) -> None:
+    async def scenario() -> tuple[list[int], float, float, dict[int, list[int]]]:
+        pool = ShardPool(worker.targets, model.vocab_size, step_timeout_s=30.0)
+        engine = _engine(model, pool, SchedulerSettings(burst_wait=burst_wait, prefix_sharing=False))
+        for tokens in [1, 100] * 5:
+            engine.scheduler.observe_step(tokens, LEARNED_STEP_S + 0.001 * tokens)
+        # The cost is a least-squares fit: exact up to a few float64 roundings.
+        expected_wait = (QUIET_S, MAX_WAIT_S) if burst_wait else (0.0, 0.0)
+        assert engine.scheduler.arrival_wait() == pytest.approx(expected_wait, rel=8 * sys.float_info.epsilon)
+        await pool.wait_ready(timeout_s=30.0)
         engine.start()
-        requests = []
+        loop = asyncio.get_running_loop()
+        first_token_at: list[float] = []
+        steps_at_event: dict[int, list[int]] = {n: [] for n in range(BURST)}
+
+        async def generate(n: int) -> None:
+            async for _ in engine.generate(_request(model, f"r{n}", "Hello there", max_new_tokens=2)):
+                steps_at_event[n].append(engine.steps)  # the step this token came from
+                first_token_at.append(loop.time())
+
+        requests, queued_at_arrival = [], []
         try:
-            started = time.perf_counter()
-            for n in range(5):
-                request = _request(tokenizer, f"r{n}", "Hello there", max_new_tokens=2)
-                requests.append(asyncio.ensure_future(_collect(engine, request)))
+            for n in range(BURST):
+                queued_at_arrival.append(len(engine.waiting))
+                requests.append(asyncio.ensure_future(generate(n)))
+                last_arrival = loop.time()
                 await asyncio.sleep(0.01)
             await asyncio.gather(*requests)
-            return workers.first_step_at - started
+            await _until(lambda: _idle(pool), timeout_s=10.0)
+            return queued_at_arrival, last_arrival, min(first_token_at), steps_at_event
         finally:
+            for request in requests:
+                request.cancel()
             await engine.stop()
+            await pool.close()
 
-    waited = asyncio.run(scenario())
-    first_step = workers.steps[0][0]
+    queued_at_arrival, last_arrival, first_token, steps_at_event = asyncio.run(scenario())
     if burst_wait:
-        # arrivals 10 ms apart (a slow machine may stretch them to 150 ms) end after 40 ms; then 160 ms
-        # of quiet
-        assert len(first_step) == 5 and 0.04 + 0.16 <= waited < 1.0 + 0.2
+        # Each arrival found every earlier request still queued; the first step went only after the quiet
+        # period, and carried all five: each got its tokens from steps 1 and 2.
+        assert queued_at_arrival == list(range(BURST))
+        assert first_token >= last_arrival + QUIET_S * (1 - 8 * sys.float_info.epsilon)
+        assert first_token < last_arrival + MAX_WAIT_S  # it went once the burst was quiet, not at the cap
+        assert steps_at_event == {n: [1, 2] for n in range(BURST)}
     else:
-        assert len(first_step) == 1 and waited < 0.01
+        # The first request left the queue for a step of its own before the second one arrived.
+        assert queued_at_arrival[:2] == [0, 0]
+        assert steps_at_event[0] == [1, 2]
+        assert all(steps[0] > 1 for n, steps in steps_at_event.items() if n > 0)
 
 
-def test_lost_workers_fail_the_requests_in_flight_and_the_engine_serves_again(tokenizer) -> None:
-    workers = FakeWorkers(tokenizer.encode(" world").ids[0], tokenizer.get_vocab_size(), fail_steps=[2])
+def test_a_lost_worker_fails_the_requests_in_flight_and_the_engine_serves_again(model, worker) -> None:
     changes: list[bool] = []
 
     async def on_serving_change(serving: bool) -> None:
         changes.append(serving)
 
-    async def scenario() -> list[StreamEvent]:
-        engine = _engine(tokenizer, workers, SchedulerSettings(), on_serving_change=on_serving_change)
+    async def scenario() -> tuple[list[StreamEvent], list[StreamEvent]]:
+        pool = ShardPool(worker.targets, model.vocab_size, step_timeout_s=30.0)
+        engine = _engine(model, pool, SchedulerSettings(), on_serving_change=on_serving_change)
+        await pool.wait_ready(timeout_s=30.0)
         engine.start()
         try:
-            with pytest.raises(EngineUnavailable, match="worker 1 went away"):
-                await _collect(engine, _request(tokenizer, "r0", "Hello", max_new_tokens=3))
-            return await _collect(engine, _request(tokenizer, "r1", "Hello", max_new_tokens=2))
+            before = await _collect(engine, _request(model, "r0", "Hello", max_new_tokens=8))
+            streams = [
+                engine.generate(_request(model, f"r{n}", "A long story", max_new_tokens=1000)) for n in (1, 2)
+            ]
+            for stream in streams:
+                await anext(stream)
+            assert engine.in_flight == 2
+            worker.kill()
+            for stream in streams:  # every request in flight fails, at once
+                with pytest.raises(EngineUnavailable, match=f"shard worker {worker.targets[0]}"):
+                    async for _ in stream:
+                        pass
+            await _until(lambda: _changed(changes, [False]), timeout_s=10.0)
+            assert not engine.serving
+            await asyncio.to_thread(worker.start)  # a fresh process on the same port
+            await _until(lambda: _changed(changes, [False, True]), timeout_s=60.0)
+            assert engine.serving and engine.in_flight == 0
+            after = await _collect(engine, _request(model, "r3", "Hello", max_new_tokens=8))
+            # The fresh worker holds only what this engine gave it, and frees that too.
+            await _until(lambda: _idle(pool), timeout_s=10.0)
+            return before, after
         finally:
             await engine.stop()
+            await pool.close()
 
-    events = asyncio.run(scenario())
-    assert events[-1].result is not None and events[-1].result.generated_tokens == 2
-    assert workers.streams_reset == 1 and changes == [False, True]
-    # the workers dropped every cache with their streams: r0's is never freed, r1 starts afresh
-    assert workers.steps[2] == ([Chunk(2, 0, len(tokenizer.encode("Hello").ids))], [])
+    before, after = asyncio.run(scenario())
+    assert [event.token.id for event in after] == [event.token.id for event in before]
+    assert after[-1].result is not None and after[-1].result.generated_tokens == 8
+    assert changes == [False, True]
+
+
+async def _changed(changes: list[bool], expected: list[bool]) -> bool:
+    return changes == expected

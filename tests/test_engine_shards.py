@@ -1,70 +1,150 @@
-"""The gateway's ShardPool against stand-in workers served over gRPC: the handshake's checks on the group,
-and the plain chunks it puts on the wire."""
+"""The gateway's ShardPool against real `bloomduo shard` processes on loopback: the handshake's checks on
+the group, and one step sent to every worker of a W=2 group whose joined slices give transformers' logits.
+
+ShardWorkers (real worker processes of one group) is shared with tests/test_engine_loop.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import signal
+import subprocess
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import grpc
 import pytest
 import torch
+from tokenizers import Tokenizer
 
-from bloomduo.core.tensor_wire import decode_tensor, encode_tensor
+from bloomduo.apps.launcher import CLI, free_ports, wait_serving
+from bloomduo.core.checkpoint import Checkpoint
+from bloomduo.gateway.embedding import Embedder
 from bloomduo.gateway.sequence import Chunk
 from bloomduo.gateway.shards import ShardPool, ShardUnavailable
 from bloomduo.v1 import shard_pb2, shard_pb2_grpc
+from tests.reference import hf_model
 
-VOCAB = 10
+EPS32 = torch.finfo(torch.float32).eps
 
 
-class FakeShard(shard_pb2_grpc.ShardServiceServicer):
-    """One worker of two: reports `info`, answers each step with its half of a logits row per chunk."""
+class ShardWorkers:
+    """One group of real shard workers, rank r on loopback port ports[r] serving dtypes[r].
 
-    def __init__(self, info: shard_pb2.ShardInfoResponse) -> None:
-        self.info = info
-        self.target = ""  # known once served
-        self.requests: list[shard_pb2.StepRequest] = []
+    start() (re)starts the whole group on the same ports with a fresh rendezvous port (the dead group's
+    store may still hold the old one) and waits until every worker is SERVING; stop() ends every process.
+    """
+
+    def __init__(self, model_dir: Path, dtypes: Sequence[str] = ("float32",)) -> None:
+        self.model_dir = model_dir
+        self.dtypes = list(dtypes)
+        self.ports = free_ports(len(self.dtypes))
+        self.targets = [f"127.0.0.1:{port}" for port in self.ports]
+        self.processes: list[subprocess.Popen] = []
+
+    def command(self, rank: int, dist_init: str) -> list[str]:
+        return [
+            *CLI, "shard", "--model", str(self.model_dir), "--rank", str(rank),
+            "--world-size", str(len(self.dtypes)), "--dist-init", dist_init,
+            "--port", str(self.ports[rank]), "--dtype", self.dtypes[rank], "--threads", "1",
+        ]  # fmt: skip
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        (rendezvous,) = free_ports(1, exclude=self.ports)
+        dist_init = f"tcp://127.0.0.1:{rendezvous}"
+        self.processes = [subprocess.Popen(self.command(rank, dist_init)) for rank in range(len(self.dtypes))]
+        for target in self.targets:
+            wait_serving(target, timeout_s, self.processes)
+
+    def kill(self) -> None:
+        """SIGKILL every worker, as a crash would end them."""
+        for process in self.processes:
+            process.send_signal(signal.SIGKILL)
+        for process in self.processes:
+            process.wait(30)
+
+    def stop(self) -> None:
+        live = [process for process in self.processes if process.poll() is None]
+        for process in live:
+            process.send_signal(signal.SIGTERM)
+        for process in live:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def __enter__(self) -> ShardWorkers:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(demo_model) -> Iterator[ShardWorkers]:
+    """Two float32 workers of one group: each holds half of every split matrix and of the vocabulary."""
+    with ShardWorkers(demo_model(), ["float32", "float32"]) as workers:
+        yield workers
+
+
+def test_workers_serving_different_dtypes_are_refused_by_name(demo_model) -> None:
+    with ShardWorkers(demo_model(), ["float32", "bfloat16"]) as workers:
+
+        async def refuse() -> str:
+            pool = ShardPool(workers.targets, vocab_size=1030, step_timeout_s=10.0)
+            try:
+                with pytest.raises(ShardUnavailable, match="disagree on the dtype") as refused:
+                    await pool.wait_ready(timeout_s=30.0)
+                return str(refused.value)
+            finally:
+                await pool.close()
+
+        message = asyncio.run(refuse())
+    for rank, (target, dtype) in enumerate(zip(workers.targets, workers.dtypes, strict=True)):
+        assert f"{target} (rank {rank}) {dtype}" in message
+
+
+class GapShard(shard_pb2_grpc.ShardServiceServicer):
+    """A stand-in worker that only answers Info. Real workers always tile the vocabulary (each takes its
+    slice from the same shard_layout), so the gap that ShardPool must refuse (a worker of another build or
+    model) can only be produced by a servicer that reports one."""
+
+    def __init__(self, rank: int, vocab_start: int, vocab_end: int) -> None:
+        self.info = shard_pb2.ShardInfoResponse(
+            rank=rank,
+            world_size=2,
+            ready=True,
+            dtype="float32",
+            vocab_start=vocab_start,
+            vocab_end=vocab_end,
+            group_id="group-1",
+        )
 
     async def Info(self, request, context) -> shard_pb2.ShardInfoResponse:
         return self.info
 
-    async def Step(self, requests, context) -> AsyncIterator[shard_pb2.StepResponse]:
-        async for request in requests:
-            self.requests.append(request)
-            rows = torch.full((len(request.sequences), VOCAB // 2), float(self.info.rank))
-            yield shard_pb2.StepResponse(step_id=request.step_id, logits=encode_tensor(rows))
 
-
-def _info(rank: int, dtype: str = "float32") -> shard_pb2.ShardInfoResponse:
-    half = VOCAB // 2
-    return shard_pb2.ShardInfoResponse(
-        rank=rank,
-        world_size=2,
-        ready=True,
-        dtype=dtype,
-        vocab_start=rank * half,
-        vocab_end=(rank + 1) * half,
-        group_id="group-1",
-    )
-
-
-def _with_pool(
-    infos: list[shard_pb2.ShardInfoResponse], use: Callable[[ShardPool, list[FakeShard]], Awaitable]
-):
+def test_workers_whose_vocabulary_slices_leave_a_gap_are_refused() -> None:
     async def scenario() -> None:
-        shards = [FakeShard(info) for info in infos]
         servers, targets = [], []
-        for shard in shards:
+        for shard in (GapShard(0, 0, 5), GapShard(1, 6, 10)):
             server = grpc.aio.server()
             shard_pb2_grpc.add_ShardServiceServicer_to_server(shard, server)
-            shard.target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-            targets.append(shard.target)
+            targets.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
             await server.start()
             servers.append(server)
-        pool = ShardPool(targets, vocab_size=VOCAB, step_timeout_s=10.0)
+        pool = ShardPool(targets, vocab_size=10, step_timeout_s=10.0)
         try:
-            await use(pool, shards)
+            with pytest.raises(
+                ShardUnavailable, match=r"do not tile the vocabulary: \[\(0, 5\), \(6, 10\)\]"
+            ):
+                await pool.wait_ready(timeout_s=5.0)
         finally:
             await pool.close()
             await asyncio.gather(*(server.stop(None) for server in servers))
@@ -72,43 +152,59 @@ def _with_pool(
     asyncio.run(scenario())
 
 
-def test_workers_serving_different_dtypes_are_refused_by_name() -> None:
-    async def use(pool: ShardPool, shards: list[FakeShard]) -> None:
-        with pytest.raises(ShardUnavailable, match="disagree on the dtype") as refused:
-            await pool.wait_ready(timeout_s=5.0)
-        message = str(refused.value)
-        for shard in shards:
-            assert f"{shard.target} (rank {shard.info.rank}) {shard.info.dtype}" in message
+def test_a_step_reaches_every_worker_and_their_slices_join_in_rank_order(pair, demo_model) -> None:
+    """Given out of rank order, the pool drives rank 0 first: the joined logits rows and greedy picks are
+    transformers' on the whole vocabulary, a prefix copy included, and freed ids reach every worker."""
+    model_dir = demo_model()
+    checkpoint = Checkpoint(model_dir)
+    vocab_size = checkpoint.config.vocab_size
+    embed = Embedder(checkpoint, torch.float32)
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    a = tokenizer.encode("The quick brown fox jumps over the lazy dog").ids[:7]
+    b = tokenizer.encode("Bonjour tout le monde").ids[:3]
+    c = [*a[:5], b[0]]  # shares a's first 5 tokens, then goes its own way
+    assert len(a) == 7 and len(b) == 3 and c[5] != a[5]
+    steps = [
+        # (chunks, their tokens, free ids, full logits?)
+        ([Chunk(7, 0, 6), Chunk(9, 0, 3)], a[:6] + b, [], [True, False]),
+        ([Chunk(7, 6, 1), Chunk(8, 5, 1, prefix_sequence_id=7)], [a[6], c[5]], [9], [True, False]),
+        ([Chunk(8, 6, 1)], [a[0]], [], [True]),
+    ]
+    # What each step's rows must be: transformers' logits after each sequence's tokens so far.
+    expected_rows = [[a[:6]], [a], [[*c, a[0]]]]
+    expected_greedy = [[b], [c], []]
 
-    _with_pool([_info(0, "float32"), _info(1, "bfloat16")], use)
+    async def scenario() -> tuple[list, list, list[list[int]]]:
+        pool = ShardPool(list(reversed(pair.targets)), vocab_size=vocab_size, step_timeout_s=30.0)
+        try:
+            infos = await pool.wait_ready(timeout_s=30.0)
+            assert [info.rank for info in infos] == [0, 1]
+            assert [connection.target for connection in pool.connections] == pair.targets
+            assert infos[0].vocab_end == infos[1].vocab_start and infos[1].vocab_end >= vocab_size
+            results, cached = [], []
+            for chunks, tokens, free_ids, full in steps:
+                hidden = embed(torch.tensor(tokens))
+                results.append(await pool.step(hidden, chunks, free_ids, full_logits=full))
+                cached.append([info.cached_sequences for info in await pool.load()])
+            await pool.step(torch.empty(0, embed.hidden_size), [], free_ids=[7, 8])
+            cached.append([info.cached_sequences for info in await pool.load()])
+            return results, cached
+        finally:
+            await pool.close()
 
+    results, cached = asyncio.run(scenario())
+    assert cached == [[2, 2], [2, 2], [2, 2], [0, 0]]  # 7 and 9; 9 freed, 8 copied 7's prefix; all freed
 
-def test_workers_whose_vocabulary_slices_leave_a_gap_are_refused() -> None:
-    gap = _info(1)
-    gap.vocab_start += 1
-
-    async def use(pool: ShardPool, shards: list[FakeShard]) -> None:
-        with pytest.raises(ShardUnavailable, match="do not tile the vocabulary"):
-            await pool.wait_ready(timeout_s=5.0)
-
-    _with_pool([_info(0), gap], use)
-
-
-def test_a_step_sends_the_chunks_to_every_worker_and_joins_their_slices_in_rank_order() -> None:
-    chunks = [Chunk(7, 0, 3), Chunk(8, 5, 1, prefix_sequence_id=7)]
-
-    async def use(pool: ShardPool, shards: list[FakeShard]) -> None:
-        infos = await pool.wait_ready(timeout_s=5.0)
-        assert [info.rank for info in infos] == [0, 1]  # given out of order, driven in rank order
-        result = await pool.step(torch.zeros(4, 2), chunks, free_ids=[3], full_logits=[True, True])
-        assert result.logits.tolist() == [[0.0] * 5 + [1.0] * 5] * 2
-        for shard in shards:
-            (request,) = shard.requests
-            assert [
-                Chunk(c.sequence_id, c.start_position, c.num_tokens, c.prefix_sequence_id)
-                for c in request.sequences
-            ] == chunks
-            assert list(request.free_sequence_ids) == [3]
-            assert decode_tensor(request.hidden_states).shape == (4, 2)
-
-    _with_pool([_info(1), _info(0)], use)
+    model = hf_model(model_dir)
+    for result, rows, greedy in zip(results, expected_rows, expected_greedy, strict=True):
+        with torch.inference_mode():
+            want = torch.stack([model(torch.tensor([ids])).logits[0, -1] for ids in rows])
+            picks = [model(torch.tensor([ids])).logits[0, -1].log_softmax(-1) for ids in greedy]
+        assert result.logits.shape == (len(rows), vocab_size)
+        # Splitting the hidden dimension between two ranks changes the order of the sums the all-reduce
+        # adds up, twice per block (3 blocks): a few roundings at the logits' scale (about 5 measured).
+        tolerance = 16 * EPS32 * want.abs().max().item()
+        assert (result.logits - want).abs().max().item() <= tolerance
+        assert [token for token, _ in result.greedy] == [int(pick.argmax()) for pick in picks]
+        for (_, logprob), pick in zip(result.greedy, picks, strict=True):
+            assert abs(logprob - pick.max().item()) <= 16 * EPS32 * pick.abs().max().item()
