@@ -24,8 +24,8 @@ from bloomduo.gateway.sampling import SamplingParams
 from bloomduo.gateway.shards import ShardPool
 from bloomduo.gateway.stopping import FinishReason
 from bloomduo.v1 import shard_pb2, shard_pb2_grpc
+from tests._shard_workers import ShardWorkers
 from tests.reference import hf_greedy, hf_model
-from tests.test_engine_shards import ShardWorkers
 
 EPS32 = torch.finfo(torch.float32).eps
 
