@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from tokenizers import Tokenizer
 
 from bloomduo.apps.launcher import Stack, StackOptions, free_port
+from bloomduo.core.checkpoint import Checkpoint
+from bloomduo.gateway.embedding import Embedder
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +30,24 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return made[key]
 
     return make
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """The tiny demo model as the gateway holds it: checkpoint, tokenizer and float32 embeddings."""
+
+    model_dir: Path
+    checkpoint: Checkpoint
+    tokenizer: Tokenizer
+    embedder: Embedder
+
+
+@pytest.fixture(scope="session")
+def model(demo_model: Callable[..., Path]) -> TinyModel:
+    model_dir = demo_model()
+    checkpoint = Checkpoint(model_dir)
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return TinyModel(model_dir, checkpoint, tokenizer, Embedder(checkpoint, torch.float32))
 
 
 @contextmanager

@@ -11,50 +11,29 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from prometheus_client import REGISTRY
-from tokenizers import Tokenizer
 
 from bloomduo.apps.launcher import free_port
-from bloomduo.core.checkpoint import Checkpoint
 from bloomduo.core.metrics import Outcome
 from bloomduo.gateway.admission import Admission
 from bloomduo.gateway.config import GatewayOptions, RequestLimits, SchedulerSettings
-from bloomduo.gateway.embedding import Embedder
 from bloomduo.gateway.engine import Engine
 from bloomduo.gateway.errors import Overloaded, RequestFailed, Unavailable, ValidationError
 from bloomduo.gateway.request import GenerationParameters, validate
 from bloomduo.gateway.server import STATUS_CODES, GenerationServicer
 from bloomduo.gateway.shards import ShardPool
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.conftest import TinyModel
 
 LIMITS = RequestLimits(max_concurrent_requests=2)
 
 
-@dataclass(frozen=True)
-class Model:
-    model_dir: Path
-    checkpoint: Checkpoint
-    tokenizer: Tokenizer
-    embedder: Embedder
-
-
-@pytest.fixture(scope="module")
-def model(demo_model) -> Model:
-    model_dir = demo_model()
-    checkpoint = Checkpoint(model_dir)
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    return Model(model_dir, checkpoint, tokenizer, Embedder(checkpoint, torch.float32))
-
-
 @asynccontextmanager
 async def engine_in(
-    model: Model, *, queued: int = 0, serving: bool = True, started: bool = False
+    model: TinyModel, *, queued: int = 0, serving: bool = True, started: bool = False
 ) -> AsyncIterator[Engine]:
     """A real Engine over a ShardPool whose worker is not there: `queued` requests wait in it (its loop
     is not running unless `started`, and then its first step fails for want of the worker)."""

@@ -7,17 +7,12 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from tokenizers import Tokenizer
 
-from bloomduo.core.checkpoint import Checkpoint
 from bloomduo.gateway.config import SchedulerSettings
-from bloomduo.gateway.embedding import Embedder
 from bloomduo.gateway.engine import Engine, EngineUnavailable, StreamEvent
 from bloomduo.gateway.request import GenerationRequest
 from bloomduo.gateway.sampling import SamplingParams
@@ -25,41 +20,20 @@ from bloomduo.gateway.shards import ShardPool
 from bloomduo.gateway.stopping import FinishReason
 from bloomduo.v1 import shard_pb2, shard_pb2_grpc
 from tests._shard_workers import ShardWorkers
+from tests.conftest import TinyModel
 from tests.reference import hf_greedy, hf_model
 
 EPS32 = torch.finfo(torch.float32).eps
 
 
-@dataclass(frozen=True)
-class Model:
-    model_dir: Path
-    tokenizer: Tokenizer
-    embedder: Embedder
-    vocab_size: int
-    eos_token_id: int
-
-
 @pytest.fixture(scope="module")
-def model(demo_model) -> Model:
-    model_dir = demo_model()
-    checkpoint = Checkpoint(model_dir)
-    return Model(
-        model_dir,
-        Tokenizer.from_file(str(model_dir / "tokenizer.json")),
-        Embedder(checkpoint, torch.float32),
-        checkpoint.config.vocab_size,
-        checkpoint.config.eos_token_id,
-    )
-
-
-@pytest.fixture(scope="module")
-def worker(model: Model) -> Iterator[ShardWorkers]:
+def worker(model: TinyModel) -> Iterator[ShardWorkers]:
     """One float32 worker (W=1) for the whole module; the last test kills it and starts a fresh one."""
     with ShardWorkers(model.model_dir, ["float32"]) as workers:
         yield workers
 
 
-def _request(model: Model, request_id: str, prompt: str, max_new_tokens: int) -> GenerationRequest:
+def _request(model: TinyModel, request_id: str, prompt: str, max_new_tokens: int) -> GenerationRequest:
     return GenerationRequest(
         request_id=request_id,
         prompt=prompt,
@@ -71,8 +45,15 @@ def _request(model: Model, request_id: str, prompt: str, max_new_tokens: int) ->
     )
 
 
-def _engine(model: Model, pool: ShardPool, settings: SchedulerSettings, **kwargs) -> Engine:
-    return Engine(model.tokenizer, model.embedder, pool, settings, eos_token_id=model.eos_token_id, **kwargs)
+def _engine(model: TinyModel, pool: ShardPool, settings: SchedulerSettings, **kwargs) -> Engine:
+    return Engine(
+        model.tokenizer,
+        model.embedder,
+        pool,
+        settings,
+        eos_token_id=model.checkpoint.config.eos_token_id,
+        **kwargs,
+    )
 
 
 async def _collect(engine: Engine, request: GenerationRequest) -> list[StreamEvent]:
@@ -93,7 +74,7 @@ async def _idle(pool: ShardPool, engine: Engine | None = None, steps: int = 0) -
     return cached == [0] and (engine is None or engine.steps >= steps)
 
 
-def _assert_greedy(model: Model, request: GenerationRequest, events: list[StreamEvent]) -> None:
+def _assert_greedy(model: TinyModel, request: GenerationRequest, events: list[StreamEvent]) -> None:
     """The tokens are transformers' greedy ones; logprobs within a few float32 roundings of its logits'
     scale (the worker sums in another order)."""
     expected_ids, expected_logprobs = hf_greedy(model.model_dir, request.prompt_ids, request.max_new_tokens)
@@ -109,7 +90,7 @@ def test_a_request_streams_one_event_per_token_and_its_cache_is_freed_after(mode
     request = _request(model, "r0", "Hello", max_new_tokens=3)
 
     async def scenario() -> tuple[list[StreamEvent], list[int], list[int], int]:
-        pool = ShardPool(worker.targets, model.vocab_size, step_timeout_s=30.0)
+        pool = ShardPool(worker.targets, model.checkpoint.config.vocab_size, step_timeout_s=30.0)
         engine = _engine(model, pool, SchedulerSettings())
         await pool.wait_ready(timeout_s=30.0)
         engine.start()
@@ -158,7 +139,7 @@ BURST = 5
 @pytest.mark.parametrize("burst_wait", [True, False])
 def test_an_idle_engine_lets_a_burst_arrive_before_its_first_step(model, worker, burst_wait: bool) -> None:
     async def scenario() -> tuple[list[int], float, float, dict[int, list[int]]]:
-        pool = ShardPool(worker.targets, model.vocab_size, step_timeout_s=30.0)
+        pool = ShardPool(worker.targets, model.checkpoint.config.vocab_size, step_timeout_s=30.0)
         engine = _engine(model, pool, SchedulerSettings(burst_wait=burst_wait, prefix_sharing=False))
         for tokens in [1, 100] * 5:
             engine.scheduler.observe_step(tokens, LEARNED_STEP_S + 0.001 * tokens)
@@ -214,7 +195,7 @@ def test_a_lost_worker_fails_the_requests_in_flight_and_the_engine_serves_again(
         changes.append(serving)
 
     async def scenario() -> tuple[list[StreamEvent], list[StreamEvent]]:
-        pool = ShardPool(worker.targets, model.vocab_size, step_timeout_s=30.0)
+        pool = ShardPool(worker.targets, model.checkpoint.config.vocab_size, step_timeout_s=30.0)
         engine = _engine(model, pool, SchedulerSettings(), on_serving_change=on_serving_change)
         await pool.wait_ready(timeout_s=30.0)
         engine.start()
