@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bloomduo.apps.launcher import Stack, StackOptions, shard_device, start_private_stack
 from bloomduo.core.dtypes import DTYPE_CHOICES
 
 if TYPE_CHECKING:
-    from bloomduo.apps.launcher import Stack
     from bloomduo.client import AsyncClient
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32)
@@ -131,15 +131,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument(
         "--model", type=Path, help="checkpoint directory: for --launch and for --baseline transformers"
     )
-    target.add_argument("--num-shards", type=int, default=2, help="with --launch: tensor-parallel degree")
+    target.add_argument(
+        "--num-shards",
+        type=int,
+        default=StackOptions.num_shards,
+        help="with --launch: tensor-parallel degree",
+    )
     target.add_argument(
         "--dtype",
-        default="auto",
+        default=StackOptions.dtype,
         choices=DTYPE_CHOICES,
         help="with --launch: the stack's dtype (the baseline always uses the dtype the stack reports)",
     )
     target.add_argument(
-        "--device", default="cpu", help="with --launch: cpu, cuda or npu; also the baseline's"
+        "--device", default=StackOptions.device, help="with --launch: cpu, cuda or npu; also the baseline's"
     )
     target.add_argument(
         "--baseline",
@@ -265,7 +270,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def _launch(args: argparse.Namespace) -> Stack:
-    from bloomduo.apps.launcher import start_private_stack
 
     print(f"bench: starting {args.num_shards} shards and a gateway on {args.model}", file=sys.stderr)
     try:
@@ -450,7 +454,6 @@ def progress_level(system: str, summary: dict[str, Any]) -> None:
 
 def _run_baseline(args: argparse.Namespace, prompt_ids: list[int], dtype: str) -> dict[str, Any]:
     """transformers in its own process, so its memory and threads never meet the stack's."""
-    from bloomduo.apps.launcher import shard_device
 
     command = [
         sys.executable, "-m", "bloomduo.apps.bench_baseline",

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bloomduo.apps.launcher import StackOptions, shard_device, start_private_stack
 from bloomduo.core.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, name_of
 
 if TYPE_CHECKING:
@@ -90,12 +91,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--target", help="host:port of a running gateway on --model (default: launch a stack on --model)"
     )
     parser.add_argument(
-        "--num-shards", type=int, default=2, help="tensor-parallel degree of the launched stack"
+        "--num-shards",
+        type=int,
+        default=StackOptions.num_shards,
+        help="tensor-parallel degree of the launched stack",
     )
     parser.add_argument(
-        "--device", default="cpu", help="device of the launched stack and the in-process model"
+        "--device", default=StackOptions.device, help="device of the launched stack and the in-process model"
     )
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="bloomduo's dtype")
+    parser.add_argument("--dtype", default=StackOptions.dtype, choices=DTYPE_CHOICES, help="bloomduo's dtype")
     parser.add_argument(
         "--reference-dtype", default="float32", choices=FLOAT_DTYPES, help="transformers' dtype"
     )
@@ -269,7 +273,6 @@ def _serving(args: argparse.Namespace) -> Iterator[str]:
     if args.target:
         yield args.target
         return
-    from bloomduo.apps.launcher import start_private_stack
 
     stack = start_private_stack(args.model, args.num_shards, args.device, args.dtype)
     try:
@@ -320,7 +323,6 @@ def _in_process_logits(
     """
     import torch
 
-    from bloomduo.apps.launcher import shard_device
     from bloomduo.core.checkpoint import Checkpoint
     from bloomduo.gateway.embedding import Embedder
     from bloomduo.shard_worker.engine import checkpoint_dtype, resolve_dtype
