@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import subprocess
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from bloomduo.apps import bench
+from bloomduo.apps import bench, machine_floor
+from bloomduo.apps.shard_weights import shard_weights
 from bloomduo.client import AsyncClient
 
 
@@ -49,6 +54,118 @@ def test_concurrency_levels_parse_sorted_and_positive() -> None:
     assert bench.requests_for_level(32, 5) == 5
 
 
+def _positive_finite(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def test_machine_class_names_the_cpu() -> None:
+    machine = machine_floor.machine_class()
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["cpu_capability"] in ("DEFAULT", "NO AVX", "AVX2", "AVX512", "ZVECTOR", "VSX", "SVE256")
+    assert isinstance(machine["onednn_bf16_native"], bool)
+    assert machine["cores"] == len(os.sched_getaffinity(0)) and machine["cpu_count"] == os.cpu_count()
+    assert machine["cpu_model"]
+
+
+def test_machine_rates_are_measured_and_positive() -> None:
+    """Real kernels, short budgets; nothing about how fast (the machine is shared)."""
+    threads_before = torch.get_num_threads()
+    threads = machine_floor.stack_threads(2, None)
+    assert threads == 2 * max(1, len(os.sched_getaffinity(0)) // 2)
+    assert machine_floor.stack_threads(3, 2) == 6
+    rates = machine_floor.measure_rates("cpu", "float32", 96, num_shards=2, threads=threads, budget_s=0.05)
+    assert torch.get_num_threads() == threads_before  # the bench process's own setting is given back
+    assert rates["device"] == "cpu" and rates["threads"] == threads and rates["parallel_devices"] == 1
+    assert rates["array_bytes"] >= 256 * 2**20  # well past any L3 of this class of machine
+    for key in ("read_bytes_per_s_single", "read_bytes_per_s", "gemm_flop_per_s"):
+        assert _positive_finite(rates[key]), (key, rates)
+    assert rates["gemm_shape"] == [machine_floor.GEMM_ROWS, 96, 384] and rates["gemm_kernel"] == "F.linear"
+
+    # bf16: the workers' oneDNN-packed kernel competes where oneDNN runs bf16 natively.
+    rate, kernel = machine_floor.gemm_rate("cpu", "bfloat16", 64, threads=1, budget_s=0.05)
+    assert _positive_finite(rate)
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert kernel in (("F.linear", "oneDNN packed linear") if native else ("F.linear",))
+
+
+def _expected_costs(model_dir: Path, itemsize: int, tokens: int) -> tuple[int, int]:
+    """Decode bytes and prompt FLOPs of a BLOOM from its config alone, independently of model_costs."""
+    config = json.loads((model_dir / "config.json").read_text())
+    h, layers, vocab = config["hidden_size"], config["n_layer"], config["vocab_size"]
+    # per block: qkv 3h^2 + 3h, dense h^2 + h, two LayerNorms 4h, MLP 4h^2 + 4h and 4h^2 + h
+    block_elements = 12 * h * h + 13 * h
+    decode_bytes = (layers * block_elements + 2 * h + vocab * h) * itemsize  # + ln_f + LM head
+    flops = 2 * tokens * layers * 12 * h * h + 2 * h * tokens * (tokens + 1) * layers + 2 * vocab * h
+    return decode_bytes, flops
+
+
+def test_floor_arithmetic_from_the_checkpoint(demo_model, tmp_path) -> None:
+    model_dir = demo_model()
+    bf16 = machine_floor.model_costs(model_dir, "bfloat16", 32)
+    fp32 = machine_floor.model_costs(model_dir, "float32", 7)
+    assert (bf16["decode_bytes"], bf16["prompt_flops"]) == _expected_costs(model_dir, 2, 32)
+    assert (fp32["decode_bytes"], fp32["prompt_flops"]) == _expected_costs(model_dir, 4, 7)
+    assert sum(bf16["decode_bytes_parts"].values()) == bf16["decode_bytes"]
+    assert sum(bf16["prompt_flops_parts"].values()) == bf16["prompt_flops"]
+    assert bf16["decode_bytes_parts"]["lm_head"] == 1030 * 96 * 2  # the tiny demo's vocabulary x hidden
+
+    # A checkpoint cut for 2 ranks: the same matrices, plus each rank's own copy of the replicated vectors.
+    cut = machine_floor.model_costs(shard_weights(model_dir, 2, tmp_path / "cut"), "bfloat16", 32)
+    assert cut["prompt_flops"] == bf16["prompt_flops"]
+    assert bf16["decode_bytes"] < cut["decode_bytes"] < 1.05 * bf16["decode_bytes"]
+
+    memory_bound = machine_floor.floors(bf16, {"read_bytes_per_s": 1e6, "gemm_flop_per_s": 1e12})
+    assert memory_bound["tpot_s"] == pytest.approx(bf16["decode_bytes"] / 1e6)
+    assert memory_bound["ttft_compute_s"] == pytest.approx(bf16["prompt_flops"] / 1e12)
+    assert memory_bound["ttft_s"] == memory_bound["tpot_s"] and memory_bound["ttft_bound"] == "memory"
+    compute_bound = machine_floor.floors(bf16, {"read_bytes_per_s": 1e12, "gemm_flop_per_s": 1e6})
+    assert compute_bound["ttft_s"] == pytest.approx(bf16["prompt_flops"] / 1e6)
+    assert compute_bound["ttft_bound"] == "compute"
+
+    level = {"concurrency": 4, "tpot_s": {"p50": 3.0}, "ttft_s": {"p50": 5.0}}
+    [row] = machine_floor.against_floor(compute_bound, {"bloomduo": [level]})
+    assert row["tpot_p50_x_floor"] == pytest.approx(3.0 / compute_bound["tpot_s"])
+    assert row["ttft_p50_x_floor"] == pytest.approx(5.0 / compute_bound["ttft_s"])
+
+
+def test_no_floor_for_a_stack_on_another_machine(demo_model) -> None:
+    info = SimpleNamespace(device="cpu,cpu", num_shards=2, dtype="float32")
+    args = _parse(["--model", str(demo_model())])
+    floor = bench.measure_floor(args, info, "bloom.example.com:50051", launched=False)
+    assert floor == {"reason": "the stack runs on bloom.example.com, and the floor would be this machine's"}
+    npu = SimpleNamespace(device="npu:0,npu:1", num_shards=2, dtype="float16")
+    assert bench.measure_floor(args, npu, "x:1", launched=True) == {
+        "reason": "measured on cpu and cuda only, not npu:0"
+    }
+    assert "--model" in bench.measure_floor(_parse([]), info, "127.0.0.1:1", launched=False)["reason"]
+
+
+def _check_floor(report: dict, printed: str, systems: dict[str, list[dict]], threads: int) -> None:
+    """The report's floor: measured figures, its arithmetic, every level against it, in JSON and text."""
+    floor = report["floor"]
+    machine = report["config"]["machine"]
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"torch CPU capability {machine['cpu_capability']}" in printed
+    assert floor["device"] == "cpu" and floor["threads"] == threads and floor["dtype"] == "float32"
+    for key in ("read_bytes_per_s_single", "read_bytes_per_s", "gemm_flop_per_s", "tpot_s", "ttft_s"):
+        assert _positive_finite(floor[key]), (key, floor)
+    model_dir = Path(report["config"]["model"])
+    decode_bytes, flops = _expected_costs(model_dir, 4, report["config"]["prompt_tokens"])
+    assert floor["tpot_s"] == pytest.approx(decode_bytes / floor["read_bytes_per_s"])
+    assert floor["ttft_s"] == pytest.approx(max(flops / floor["gemm_flop_per_s"], floor["tpot_s"]))
+    rows = {(row["system"], row["concurrency"]): row for row in floor["levels"]}
+    assert len(rows) == sum(len(levels) for levels in systems.values())
+    for system, levels in systems.items():
+        for level in levels:
+            row = rows[system, level["concurrency"]]
+            assert row["tpot_p50_x_floor"] == pytest.approx(level["tpot_s"]["p50"] / floor["tpot_s"])
+            assert row["ttft_p50_x_floor"] == pytest.approx(level["ttft_s"]["p50"] / floor["ttft_s"])
+            assert f"{row['tpot_p50_x_floor']:>16.2f}  {row['ttft_p50_x_floor']:>16.2f}" in printed
+    assert f"floor (measured before the levels on cpu, {threads} threads" in printed
+    assert f"TPOT floor {floor['tpot_s'] * 1000:.2f} ms" in printed
+    assert f"memory read bandwidth {floor['read_bytes_per_s'] / 1e9:.1f} GB/s" in printed
+
+
 def test_prompts_have_exactly_the_asked_number_of_tokens(tiny_stack) -> None:
     async def lengths() -> list[int]:
         async with AsyncClient(tiny_stack.target) as client:
@@ -82,6 +199,7 @@ def test_bench_against_the_stack_and_transformers(tiny_stack, demo_model, tmp_pa
     args = _parse(
         [
             "--target", tiny_stack.target, "--model", str(demo_model()), "--baseline", "transformers",
+            "--threads-per-shard", "1",
             "--concurrency", "1,2", "--prompt-tokens", "8", "--new-tokens", "6",
             "--requests-per-level", "3", "--warmup", "1", "--out", str(out), "--chart", str(chart),
         ]
@@ -119,6 +237,14 @@ def test_bench_against_the_stack_and_transformers(tiny_stack, demo_model, tmp_pa
 
     assert chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     printed = capsys.readouterr().out
+    # tiny_stack's workers run one thread each; told so, the floor uses the same two.
+    names = {
+        "stack": "bloomduo",
+        "one_at_a_time": "transformers one at a time",
+        "static_batch": "transformers static batch",
+    }
+    _check_floor(report, printed, {names[key]: levels for key, levels in systems.items()}, threads=2)
+    assert "the stack may reuse its cached prefill" in printed  # one prompt for all requests
     assert "bloomduo / transformers" in printed
     assert "transformers static batch" in printed
     assert "targets" in printed
@@ -131,7 +257,7 @@ def test_bench_launches_measures_memory_and_stops_the_stack(demo_model, tmp_path
         [
             "--launch", "--model", str(demo_model()), "--num-shards", "2", "--concurrency", "2",
             "--prompt-tokens", "4", "--new-tokens", "3", "--requests-per-level", "2", "--warmup", "0",
-            "--distinct-prompts", "--out", str(out),
+            "--distinct-prompts", "--threads-per-shard", "1", "--out", str(out),
         ]
     )  # fmt: skip
     assert bench.run(args) == 0
@@ -153,7 +279,10 @@ def test_bench_launches_measures_memory_and_stops_the_stack(demo_model, tmp_path
     assert statuses["gateway's RSS <= embedding bytes + 0.5 GB"] == "PASS"
     assert statuses["each worker's RSS <= 0.6 x checkpoint bytes + its KV cache"] in ("PASS", "FAIL")
     assert report["stack"]["levels"][0]["generated_tokens"] == 6
-    assert "bloomduo / transformers" not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    _check_floor(report, printed, {"bloomduo": report["stack"]["levels"]}, threads=2)
+    assert "the stack may reuse its cached prefill" not in printed  # distinct prompts
+    assert "bloomduo / transformers" not in printed
     assert _children() == before  # the launched stack is stopped
 
 

@@ -4,6 +4,8 @@ Like text-generation-benchmark, it sweeps the number of concurrent streams with 
 fixed number of new tokens (greedy, EOS ignored), each stream sending its requests back to back. With
 `--baseline transformers` it also measures transformers' `BloomForCausalLM.generate` on the same checkpoint,
 in a separate process (bloomduo.apps.bench_baseline), and prints the stack's figures as ratios of it.
+Before the levels run it measures the machine's floor (bloomduo.apps.machine_floor: memory read bandwidth
+and GEMM rate against the checkpoint's bytes and FLOPs) and prints every level's TPOT and TTFT against it.
 
 Heavy imports (torch, transformers, matplotlib, even grpc) stay inside functions: the CLI imports this
 module to build its parser for every command.
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bloomduo.apps.launcher import Stack, StackOptions, shard_device, start_private_stack
+from bloomduo.apps.launcher import Stack, StackOptions, free_port, shard_device
 from bloomduo.core.dtypes import DTYPE_CHOICES
 
 if TYPE_CHECKING:
@@ -147,6 +149,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default=StackOptions.device, help="with --launch: cpu, cuda or npu; also the baseline's"
     )
     target.add_argument(
+        "--threads-per-shard",
+        type=_positive,
+        default=StackOptions.threads_per_shard,
+        help="torch threads per worker on cpu (default: cores / W): with --launch the stack's, with "
+        "--target what the running stack was given; the floor's bandwidth and GEMM rate use W times it",
+    )
+    target.add_argument(
         "--baseline",
         choices=("none", "transformers"),
         default="none",
@@ -204,9 +213,11 @@ def run(args: argparse.Namespace) -> int:
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Measure the stack, then (if asked) the baseline, and return the whole report."""
+    from bloomduo.apps.machine_floor import against_floor, machine_class
     from bloomduo.client import BloomduoError
 
     _check_arguments(args)
+    machine = machine_class()
     stack = _launch(args) if args.launch else None
     try:
         target = stack.target if stack else args.target or DEFAULT_TARGET
@@ -246,11 +257,24 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "baseline": args.baseline,
             "started_at": measured.pop("started_at"),
             "cpu_count": os.cpu_count(),
+            "machine": machine,
+            "threads_per_shard": args.threads_per_shard,
             "load_average": measured.pop("load_average"),
         },
         **measured,
         "baseline": baseline,
     }
+    floor = report["floor"]
+    if "tpot_s" in floor:
+        systems = {"bloomduo": report["stack"]["levels"]}
+        if baseline:
+            systems.update(
+                {
+                    "transformers one at a time": baseline["one_at_a_time"],
+                    "transformers static batch": baseline["static_batch"],
+                }
+            )
+        floor["levels"] = against_floor(floor, systems)
     report["ratios"] = ratios(report)
     report["targets"] = targets(report)
     return report
@@ -272,10 +296,26 @@ def _check_arguments(args: argparse.Namespace) -> None:
 def _launch(args: argparse.Namespace) -> Stack:
 
     print(f"bench: starting {args.num_shards} shards and a gateway on {args.model}", file=sys.stderr)
+    # As launcher.start_private_stack, plus --threads-per-shard: the floor is measured with the same threads.
+    stack = Stack(
+        StackOptions(
+            model_dir=args.model.resolve(),
+            num_shards=args.num_shards,
+            device=args.device,
+            dtype=args.dtype,
+            port=free_port(),
+            threads_per_shard=args.threads_per_shard,
+        )
+    )
     try:
-        return start_private_stack(args.model, args.num_shards, args.device, args.dtype)
+        stack.start()
     except (RuntimeError, TimeoutError) as exc:
+        stack.stop()
         raise BenchError(f"the stack did not start: {exc}") from None
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
 
 
 async def _measure_stack(args: argparse.Namespace, target: str, stack: Stack | None) -> dict[str, Any]:
@@ -294,6 +334,8 @@ async def _measure_stack(args: argparse.Namespace, target: str, stack: Stack | N
             )
             for variant in range(1, min(most, MAX_DISTINCT_PROMPTS)):
                 prompts.append((await build_prompt(client, args.prompt_tokens, variant))[0])
+        # Before the warm-up and the levels, while the stack is idle: the floor's rates need the machine.
+        floor = measure_floor(args, info, target, launched=stack is not None)
         started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         # Other work on the machine skews every figure; the load average at the start tells a reader.
         load_average = os.getloadavg()[0]
@@ -322,9 +364,42 @@ async def _measure_stack(args: argparse.Namespace, target: str, stack: Stack | N
             "device": info.device,
         },
         "prompt_ids": prompt_ids,
+        "floor": floor,
         "stack": {"levels": levels},
         "memory": {"max_rss_bytes": memory, "kv_cache_bytes": kv_cache} if stack else None,
     }
+
+
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def measure_floor(args: argparse.Namespace, info: Any, target: str, launched: bool) -> dict[str, Any]:
+    """The machine's floor for the served model (machine_floor), or {"reason": why it was not measured}."""
+    from bloomduo.apps import machine_floor
+
+    device = info.device.split(",")[0]
+    host = target.rsplit(":", 1)[0].strip("[]")
+    if args.model is None:
+        reason = "needs --model (the checkpoint's sizes)"
+    elif not launched and host not in _LOOPBACK:
+        reason = f"the stack runs on {host}, and the floor would be this machine's"
+    elif not (device == "cpu" or device.startswith("cuda")):
+        reason = f"measured on cpu and cuda only, not {device}"
+    else:
+        reason = None
+    if reason is None and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            reason = "the stack runs on cuda but this process sees no CUDA device"
+    if reason:
+        print(f"bench: no floor: {reason}", file=sys.stderr)
+        return {"reason": reason}
+    print(f"bench: measuring the floor (memory read bandwidth, GEMM rate) on {device}", file=sys.stderr)
+    costs = machine_floor.model_costs(args.model, info.dtype, args.prompt_tokens)
+    threads = machine_floor.stack_threads(info.num_shards, args.threads_per_shard)
+    rates = machine_floor.measure_rates(device, info.dtype, costs["hidden_size"], info.num_shards, threads)
+    return machine_floor.floors(costs, rates)
 
 
 def checkpoint_sizes(model_dir: Path) -> dict[str, int]:
@@ -592,11 +667,17 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 def print_report(report: dict[str, Any]) -> None:
     config, info = report["config"], report["info"]
     prompts = "a distinct prompt per request" if config["distinct_prompts"] else "one prompt for all requests"
+    machine = config["machine"]
     print(
         f"\n{info['model']} on {info['num_shards']} shards ({info['dtype']}, {info['device']}) at "
         f"{config['target']}: {config['prompt_tokens']} prompt tokens ({prompts}), "
         f"{config['new_tokens']} new tokens, greedy; {config['cpu_count']} cores, "
         f"load average {config['load_average']:.2f} at the start"
+    )
+    bf16 = "native" if machine["onednn_bf16_native"] else "emulated"
+    print(
+        f"machine: {machine['cpu_model']}, {machine['cores']} cores to run on; torch CPU capability "
+        f"{machine['cpu_capability']}, oneDNN bf16 {bf16}"
     )
     header = (
         f"{'system':<28} {'streams':>7} {'requests':>8} {'tokens/s':>9} {'req/s':>7}"
@@ -652,9 +733,57 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{row['tpot_p50_vs_static_batch']:>12.2f}  {row['ttft_p50_vs_one_at_a_time']:>13.2f} "
                 f"{row['ttft_p50_vs_static_batch']:>12.2f}"
             )
+    print_floor(report["floor"], config["distinct_prompts"])
     print("\ntargets")
     for check in report["targets"]:
         print(f"  {check['status']:<4}  {check['name']}: {check['detail']}")
+
+
+def print_floor(floor: dict[str, Any], distinct_prompts: bool) -> None:
+    """The floor block: the measured rates, the model's bytes and FLOPs, and each level as a multiple."""
+    if "tpot_s" not in floor:
+        print(f"\nfloor: not measured: {floor['reason']}")
+        return
+    if floor["threads"] is None:
+        where = f"{floor['device']}, x {floor['parallel_devices']} devices"
+        single = "one device"
+    else:
+        where = f"{floor['device']}, {floor['threads']} threads (the workers' together)"
+        single = "one thread"
+    shape = " x ".join(map(str, floor["gemm_shape"]))
+    parts = floor["prompt_flops_parts"]
+    print(f"\nfloor (measured before the levels on {where})")
+    print(
+        f"  memory read bandwidth {floor['read_bytes_per_s'] / 1e9:.1f} GB/s "
+        f"({single} {floor['read_bytes_per_s_single'] / 1e9:.1f} GB/s; sum over "
+        f"{floor['array_bytes'] / 2**20:.0f} MiB)"
+    )
+    print(
+        f"  {floor['dtype']} GEMM {floor['gemm_flop_per_s'] / 1e9:.1f} GFLOP/s "
+        f"({floor['gemm_kernel']} {shape})"
+    )
+    print(
+        f"  TPOT floor {floor['tpot_s'] * 1000:.2f} ms = {floor['decode_bytes'] / 1e9:.3f} GB per token "
+        f"(blocks, ln_f and LM head in {floor['dtype']}; KV cache reads left out) / bandwidth"
+    )
+    print(
+        f"  TTFT floor {floor['ttft_s'] * 1000:.2f} ms ({floor['ttft_bound']}-bound): the longer of "
+        f"{floor['prompt_flops'] / 1e9:.2f} GFLOP for {floor['prompt_tokens']} prompt tokens / GEMM rate = "
+        f"{floor['ttft_compute_s'] * 1000:.2f} ms (block matrices {parts['blocks'] / 1e9:.2f}, causal "
+        f"attention {parts['attention'] / 1e9:.3f}, LM head for the last row {parts['lm_head'] / 1e9:.3f}) "
+        "and the weights' read time (the TPOT floor)"
+    )
+    header = f"  {'system':<28} {'streams':>7}  {'TPOT p50 ÷ floor':>16}  {'TTFT p50 ÷ floor':>16}"
+    print(header)
+    print("  " + "-" * (len(header) - 2))
+    for row in floor["levels"]:
+        print(
+            f"  {row['system']:<28} {row['concurrency']:>7}  {row['tpot_p50_x_floor']:>16.2f}  "
+            f"{row['ttft_p50_x_floor']:>16.2f}"
+        )
+    if not distinct_prompts:
+        # A repeated prompt's prefill can come from a cached prefix, so its TTFT may fall below the floor.
+        print("  (one prompt for all requests: the stack may reuse its cached prefill; --distinct-prompts)")
 
 
 def draw_chart(report: dict[str, Any], path: Path) -> None:
