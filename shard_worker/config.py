@@ -34,3 +34,11 @@ class ShardOptions:
             "help": "sequences the KV cache is allocated for at start (the gateway's --max-batch-size)"
         },
     )
+    # bfloat16 CPU workers only; see shard_worker/cpu_kernels.py. Tests and comparisons force a route.
+    cpu_kernels: str = field(
+        default="auto",
+        metadata={
+            "help": "bfloat16 CPU Linear kernels: auto (timed at start; BLOOMDUO_CPU_KERNELS when set), "
+            "or forced: packed, eager, aten, fp32, or by rows like aten,fp32@8"
+        },
+    )

@@ -20,7 +20,7 @@ from bloomduo.shard_worker.kv_cache import KVCache
 from bloomduo.shard_worker.model import BloomShardModel
 from bloomduo.shard_worker.step_plan import Chunk
 from bloomduo.shard_worker.tensor_parallel import ShardLayout, load_shard, shard_layout
-from bloomduo.shard_worker.weight_formats import apply_weight_format
+from bloomduo.shard_worker.weight_formats import format_weights
 
 log = get_logger(__name__)
 
@@ -64,6 +64,7 @@ class ShardEngine:
         model_name: str,
         kv_cache_slots: int,
         group_id: str = "",
+        kernels: str = "eager",
     ) -> None:
         self.model = model
         self.layout = layout
@@ -77,6 +78,7 @@ class ShardEngine:
         self.local_heads = model.num_local_heads
         self.real_vocab_end = min(self.vocab_end, model.config.vocab_size)
         self.group_id = group_id
+        self.kernels = kernels  # the Linear kernels format_weights chose, in words
 
     @classmethod
     def load(cls, options: ShardOptions) -> ShardEngine:
@@ -109,7 +111,7 @@ class ShardEngine:
         model = load_shard(
             checkpoint, options.rank, options.world_size, device=device, dtype=dtype, group=group
         )
-        apply_weight_format(model, device, dtype)
+        kernels = format_weights(model, device, dtype, options.cpu_kernels)
         engine = cls(
             model,
             layout,
@@ -118,6 +120,7 @@ class ShardEngine:
             model_name=Path(options.model_dir).name,
             kv_cache_slots=options.kv_cache_slots,
             group_id=group_id[0],
+            kernels=kernels,
         )
         log.info(
             "shard_loaded",
@@ -125,6 +128,7 @@ class ShardEngine:
             parameter_bytes=engine.parameter_bytes,
             vocab_start=engine.vocab_start,
             vocab_end=engine.vocab_end,
+            kernels=kernels,
         )
         return engine
 

@@ -105,6 +105,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             info.local_heads = engine.local_heads
             info.model = engine.model_name
             info.group_id = engine.group_id
+            info.kernels = engine.kernels
         return info
 
     async def Step(

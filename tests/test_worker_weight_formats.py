@@ -1,10 +1,12 @@
 """The Linear weight formats of weight_formats.py.
 
-oneDNN-packed bfloat16 (CPUs with a native oneDNN bfloat16 matmul, AVX512-BF16 or AMX): the same
+oneDNN-packed bfloat16 (CPUs with a native oneDNN bfloat16 matmul, AVX512-BF16 or AMX; forced here, as
+the chooser of tests/test_worker_kernels.py may pick another kernel on tiny shapes): the same
 matmuls as the plain layout, a GELU folded into the MLP's first one that rounds once instead of twice,
 and the tensor-parallel all-reduces kept. Its fallback, the plain layout, is tested on every CPU: turned
-off by BLOOMDUO_CPU_PACKED_WEIGHTS=0, and on an AVX2-class CPU, imitated with ONEDNN_MAX_CPU_ISA=AVX2
-and ATEN_CPU_CAPABILITY=avx2 (oneDNN then reports no bfloat16 matmul, as it does on such a CPU).
+off by BLOOMDUO_CPU_PACKED_WEIGHTS=0 (then never chosen), and on an AVX2-class CPU, imitated with
+ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2 (oneDNN then reports no bfloat16 matmul, as it
+does on such a CPU).
 
 FRACTAL_NZ on the npu, with a stand-in torch_npu.
 """
@@ -92,7 +94,8 @@ def _hidden() -> torch.Tensor:
 
 
 @needs_packing
-def test_packed_model_keeps_its_logits_and_all_reduces():
+def test_packed_model_keeps_its_logits_and_all_reduces(monkeypatch):
+    monkeypatch.setenv("BLOOMDUO_CPU_KERNELS", "packed")  # auto may not pick it on these tiny shapes
     plain = _model(torch.bfloat16)
     reducer = _CountingReducer()
     packed = _model(torch.bfloat16, reducer)
@@ -159,6 +162,7 @@ def test_packing_applies_to_bfloat16_cpu_only(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_switched_off_the_plain_layout_stays_and_computes_the_same(monkeypatch, dtype):
     monkeypatch.setenv("BLOOMDUO_CPU_PACKED_WEIGHTS", "0")
+    monkeypatch.setenv("BLOOMDUO_CPU_KERNELS", "eager")  # nn.Linear as it is: the fallback on every CPU
     reducer = _CountingReducer()
     model = _model(dtype, reducer)
     before = _steps(model, _hidden())
@@ -168,6 +172,16 @@ def test_switched_off_the_plain_layout_stays_and_computes_the_same(monkeypatch, 
     for want, got in zip(before, _steps(model, _hidden()), strict=True):
         assert torch.equal(got, want)
     assert reducer.calls == 2 * 2 * CONFIG["n_layer"] * 3
+
+
+def test_switched_off_packing_is_never_chosen(monkeypatch):
+    monkeypatch.setenv("BLOOMDUO_CPU_PACKED_WEIGHTS", "0")
+    monkeypatch.delenv("BLOOMDUO_CPU_KERNELS", raising=False)
+    model = _model(torch.bfloat16)
+    apply_weight_format(model, CPU, torch.bfloat16)
+    assert not [m for m in model.modules() if isinstance(m, PackedLinear)]
+    for want, got in zip(_steps(_model(torch.bfloat16), _hidden()), _steps(model, _hidden()), strict=True):
+        assert relative_error(got, want, torch.bfloat16) < 4  # other kernels sum in another order
 
 
 # Run in a fresh interpreter: oneDNN and ATen read their ISA caps once, at the first kernel.
@@ -197,6 +211,7 @@ _AVX2_SCRIPT = textwrap.dedent(
 def test_an_avx2_class_cpu_keeps_the_plain_layout_and_is_correct():
     env = {**os.environ, **AVX2_CLASS}
     env.pop("BLOOMDUO_CPU_PACKED_WEIGHTS", None)
+    env.pop("BLOOMDUO_CPU_KERNELS", None)
     result = subprocess.run(
         [sys.executable, "-c", _AVX2_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )

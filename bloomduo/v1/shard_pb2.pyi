@@ -65,7 +65,7 @@ class ShardInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardInfoResponse(_message.Message):
-    __slots__ = ("rank", "world_size", "ready", "device", "dtype", "backend", "vocab_start", "vocab_end", "padded_vocab_size", "parameter_bytes", "cached_sequences", "cached_tokens", "local_heads", "model", "group_id", "kv_cache_bytes")
+    __slots__ = ("rank", "world_size", "ready", "device", "dtype", "backend", "vocab_start", "vocab_end", "padded_vocab_size", "parameter_bytes", "cached_sequences", "cached_tokens", "local_heads", "model", "group_id", "kv_cache_bytes", "kernels")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class ShardInfoResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     world_size: int
     ready: bool
@@ -98,4 +99,5 @@ class ShardInfoResponse(_message.Message):
     model: str
     group_id: str
     kv_cache_bytes: int
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., ready: _Optional[bool] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_start: _Optional[int] = ..., vocab_end: _Optional[int] = ..., padded_vocab_size: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., cached_sequences: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., local_heads: _Optional[int] = ..., model: _Optional[str] = ..., group_id: _Optional[str] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+    kernels: str
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., ready: _Optional[bool] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_start: _Optional[int] = ..., vocab_end: _Optional[int] = ..., padded_vocab_size: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., cached_sequences: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., local_heads: _Optional[int] = ..., model: _Optional[str] = ..., group_id: _Optional[str] = ..., kv_cache_bytes: _Optional[int] = ..., kernels: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,459 @@
+"""Which kernel runs each Linear of a bfloat16 CPU worker, chosen at start by timing them on this machine.
+
+The fastest path depends on the CPU and on how many rows a call has, and no rule written in advance
+got both right. Measured at one thread, bloom-560m's shapes split over two ranks, cold weights (ms for
+all 96 block Linears; `eager` is what nn.Linear does, `aten` is ATen's own kernel with oneDNN off):
+
+    AMD EPYC, AVX512-BF16        rows=1    4     32    256
+      packed (oneDNN blocked)     20.0   18.4   51.8   358
+      eager  (oneDNN plain)       31.4   33.3   69.5   375
+      aten   (ATen GEMV/GEMM)     15.3   61.5    452     -
+    the same, AVX2 only (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2; bfloat16 emulated)
+      eager (= aten)              16.0   61.6    462   3568
+      fp32 (weights stay bf16)    31.0   65.4    152   1614
+
+So ATen's GEMV wins one-row calls where oneDNN has native bfloat16, the packed layout wins everything
+from a few rows up, and where bfloat16 arithmetic is emulated a float32 GEMM (converting the weight a
+slice at a time into one reused float32 scratch) is 3x faster from ~16 rows up, and 2x slower at one
+row. A worker times the paths its CPU can run on its own weights, at its thread count: decode sizes
+(1 and 4 rows) on weights past the last-level cache, prefill sizes (32 and 256 rows) on one block; the
+LM head, whose calls have one row per sequence, at 1, 4 and 16 rows. Each path's output is checked
+against nn.Linear's first (`TOLERANCE_EPS` roundings of the output's scale); a path that misses is
+dropped, and so is one that is `PRUNE_FACTOR` times slower than the best at a size, for larger sizes.
+
+One weight layout per group (blocks, LM head): packed and plain cannot both be held without a second
+copy of the weights. The layout whose worst slowdown over the probed sizes is smallest wins; on the
+AVX512-BF16 EPYC above that is packed (1.31x at one row, against plain's 1.81x at four rows). Within
+the plain layout each call takes the path whose time, interpolated between the probed sizes, is
+smallest for its row count.
+
+`BLOOMDUO_CPU_KERNELS` (or `bloomduo shard --cpu-kernels`) forces a route instead, e.g. `packed`,
+`eager`, `aten` or `aten,fp32@8` (aten below 8 rows, fp32 from 8): no timing, the same on every run.
+float32 and float16 workers keep nn.Linear as it is: float32 is held to transformers bit for bit.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bloomduo.core.logs import get_logger
+from bloomduo.shard_worker.model import MLP
+
+log = get_logger(__name__)
+
+PACKED, EAGER, ATEN, FP32 = "packed", "eager", "aten", "fp32"
+PATHS = (PACKED, EAGER, ATEN, FP32)
+PLAIN = "plain"  # the layout of every path but PACKED: the weight as loaded, row-major
+KERNELS_ENV = "BLOOMDUO_CPU_KERNELS"
+BLOCKS, LM_HEAD = "blocks", "lm_head"
+PROBE_ROWS = {BLOCKS: (1, 4, 32, 256), LM_HEAD: (1, 4, 16)}
+PREFILL_FROM = 32  # probes of this many rows or more are compute-bound: timed on one block only
+# Decode probes stream this many weight bytes per pass: twice a 32 MiB L3, so the weights come from
+# memory as they do in a real step (a hot 3 MiB Linear made packed look 2x faster than it is).
+SAMPLE_BYTES = 64 << 20
+TIMED_RUNS, TIMED_BUDGET_S = 3, 0.05  # best of up to 3 runs after a warm-up, fewer when one is slow
+PRUNE_FACTOR = 3.0
+# Every path rounds a float32 sum to bfloat16 once, in its own order: measured <= 1 rounding apart.
+TOLERANCE_EPS = 2
+# float32 scratch for the FP32 path: 4 MiB, big enough for a GEMM of good shape, small enough to stay
+# in cache between the conversion and the GEMM that reads it. One per process, shared by all Linears.
+SCRATCH_ELEMENTS = 1 << 20
+
+
+def bf16_is_emulated() -> bool:
+    """Whether this CPU lacks bfloat16 dot-product instructions that oneDNN uses (AVX512-BF16, AMX).
+
+    oneDNN's own check is also False when ONEDNN_MAX_CPU_ISA caps a newer CPU, which is how tests
+    imitate an AVX2-only one.
+    """
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return True
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = set(next((line for line in cpuinfo if line.startswith("flags")), "").split())
+    except OSError:
+        return True
+    return not flags & {"avx512_bf16", "amx_bf16"}
+
+
+def aten_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear on ATen's own kernel: oneDNN switched off for this call only.
+
+    The raw switch costs 0.2 us a call against 7.7 us for `torch.backends.mkldnn.flags`. It is
+    process-wide; a worker runs its model on one thread, so no other matmul sees it.
+    """
+    previous = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return F.linear(x, weight, bias)
+    finally:
+        torch._C._set_mkldnn_enabled(previous)
+
+
+class Fp32Scratch:
+    """The one reused float32 buffer the FP32 path converts weight slices into (never a whole weight)."""
+
+    def __init__(self, elements: int = SCRATCH_ELEMENTS) -> None:
+        self.elements = elements
+        self._buffer: torch.Tensor | None = None
+
+    def get(self) -> torch.Tensor:
+        if self._buffer is None:  # allocated on first use: a worker that never takes the path pays nothing
+            self._buffer = torch.empty(self.elements, dtype=torch.float32)
+        return self._buffer
+
+
+def fp32_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scratch: Fp32Scratch,
+    approximate: str | None = None,
+) -> torch.Tensor:
+    """F.linear computed in float32 from a bfloat16 weight, slice by slice of output features, and
+    rounded to the weight's dtype once, after the optional GELU (`approximate`: "tanh" or "none").
+
+    Converting a whole weight per call into a fresh buffer cost more than the GEMM saves (page faults
+    of 256 MiB a call); a slice converted into the cache-sized scratch costs ~0.1 ms per 2 M weights.
+    """
+    rows = x.reshape(-1, x.shape[-1]).float()
+    out_features, in_features = weight.shape
+    buffer = scratch.get()
+    per_slice = max(1, buffer.numel() // in_features)
+    out = None if per_slice >= out_features else torch.empty(rows.shape[0], out_features, dtype=weight.dtype)
+    for start in range(0, out_features, per_slice):
+        stop = min(out_features, start + per_slice)
+        w = buffer[: (stop - start) * in_features].view(stop - start, in_features)
+        w.copy_(weight[start:stop])
+        y = F.linear(rows, w, None if bias is None else bias[start:stop].float())
+        if approximate:
+            y = F.gelu(y, approximate=approximate)
+        if out is None:
+            return y.to(weight.dtype).view(*x.shape[:-1], out_features)
+        out[:, start:stop] = y
+    return out.view(*x.shape[:-1], out_features)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One group's kernels: its weight layout and the path for each row count."""
+
+    layout: str  # PACKED or PLAIN
+    steps: tuple[tuple[int, str], ...]  # (first row count, path), ascending, the first from 1 row
+
+    def path_for(self, rows: int) -> str:
+        index = bisect.bisect_right([first for first, _ in self.steps], rows) - 1
+        return self.steps[max(index, 0)][1]
+
+    @property
+    def paths(self) -> set[str]:
+        return {path for _, path in self.steps}
+
+    def describe(self) -> str:
+        """ "packed", or "aten 1-7, fp32 8+" """
+        if len(self.steps) == 1:
+            return self.steps[0][1]
+        parts = []
+        for (first, path), (following, _) in zip(self.steps, [*self.steps[1:], (0, "")], strict=True):
+            last = f"-{following - 1}" if following - 1 > first else ""
+            parts.append(f"{path} {first}{last}" if following else f"{path} {first}+")
+        return ", ".join(parts)
+
+
+def parse_route(spec: str) -> Route:
+    """A forced route: "packed", "eager", "aten", "fp32", or steps like "aten,fp32@8" (fp32 from 8 rows)."""
+    steps: list[tuple[int, str]] = []
+    for part in spec.replace(" ", "").split(","):
+        path, _, first = part.partition("@")
+        valid_first = first in ("", "1") if not steps else first.isdigit()
+        if path not in PATHS or not valid_first:
+            raise ValueError(
+                f"{KERNELS_ENV}/--cpu-kernels: {spec!r} is not auto, one of {', '.join(PATHS)}, or steps "
+                "like aten,fp32@8 (a path for 1 row, then path@first-row)"
+            )
+        start = int(first) if steps else 1
+        if steps and start <= steps[-1][0]:
+            raise ValueError(f"{KERNELS_ENV}/--cpu-kernels: the steps of {spec!r} must start at rising rows")
+        steps.append((start, path))
+    if PACKED in {path for _, path in steps} and len(steps) > 1:
+        raise ValueError(
+            f"{KERNELS_ENV}/--cpu-kernels: {spec!r}: packed holds its own layout, so no other path"
+        )
+    return Route(PACKED if steps[0][1] == PACKED else PLAIN, tuple(steps))
+
+
+def kernels_setting(option: str = "auto") -> str:
+    """The worker's setting: its --cpu-kernels when not "auto", else BLOOMDUO_CPU_KERNELS, else "auto"."""
+    return option if option != "auto" else os.environ.get(KERNELS_ENV, "").strip() or "auto"
+
+
+class PackedLinear(nn.Module):
+    """A Linear whose weight is in oneDNN's packed layout, optionally with a oneDNN post-op on its output."""
+
+    def __init__(self, linear: nn.Linear, activation: str = "none", algorithm: str = "") -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.bias = linear.bias
+        # post-op applied in the same pass: "gelu" with algorithm "tanh", or "none"
+        self.activation, self.algorithm = activation, algorithm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(
+            rows, self.weight, self.bias, self.activation, [], self.algorithm
+        )
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class RoutedLinear(nn.Module):
+    """A plain-layout Linear that runs each call on its route's path for the call's row count, with an
+    optional GELU folded in (inside the float32 path before its one rounding; after the others)."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        route: Route,
+        scratch: Fp32Scratch,
+        activation: str = "none",
+        algorithm: str = "",
+    ) -> None:
+        super().__init__()
+        if route.layout != PLAIN:
+            raise ValueError("RoutedLinear runs plain-layout paths only")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.route, self.scratch = route, scratch
+        self.approximate = (algorithm or "none") if activation == "gelu" else None
+        self._firsts = [first for first, _ in route.steps]
+        self._paths = [path for _, path in route.steps]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = self._paths[bisect.bisect_right(self._firsts, x.numel() // self.in_features) - 1]
+        if path == FP32:
+            return fp32_linear(x, self.weight, self.bias, self.scratch, self.approximate)
+        out = aten_linear(x, self.weight, self.bias) if path == ATEN else F.linear(x, self.weight, self.bias)
+        return F.gelu(out, approximate=self.approximate) if self.approximate else out
+
+
+@dataclass
+class KernelChoice:
+    """What a worker chose (or was told) for each group, and what it measured."""
+
+    routes: dict[str, Route]
+    forced: bool = False
+    timings_ms: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)  # group, path, rows
+    rejected: dict[str, dict[str, str]] = field(default_factory=dict)  # group, path: why
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        """The line Info shows: "blocks: packed; lm_head: aten 1-3, packed 4+"."""
+        text = "; ".join(f"{group}: {route.describe()}" for group, route in self.routes.items())
+        return f"{text} (forced)" if self.forced else text
+
+
+def candidate_paths(packing: bool) -> list[str]:
+    """The paths this CPU can run: packed where packing applies, aten where the default is oneDNN's
+    (elsewhere it is the same kernel as eager), fp32 where bfloat16 arithmetic is emulated."""
+    paths = [PACKED] if packing else []
+    paths.append(EAGER)
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        paths.append(ATEN)
+    if bf16_is_emulated():
+        paths.append(FP32)
+    return paths
+
+
+def groups_of(model: nn.Module) -> dict[str, list[nn.Linear]]:
+    """The plain nn.Linear modules of `model` by group: its `lm_head`, and all the others (the blocks)."""
+    head = getattr(model, "lm_head", None)
+    blocks = [m for m in model.modules() if type(m) is nn.Linear and m is not head]
+    groups = {BLOCKS: blocks}
+    if type(head) is nn.Linear:
+        groups[LM_HEAD] = [head]
+    return {group: linears for group, linears in groups.items() if linears}
+
+
+def choose(
+    groups: dict[str, list[nn.Linear]], paths: list[str], scratch: Fp32Scratch, forced: str = "auto"
+) -> KernelChoice:
+    """Each group's route: `forced` ("auto": measured on `groups`' own weights, see the module doc)."""
+    if forced != "auto":
+        route = parse_route(forced)
+        if route.layout == PACKED and PACKED not in paths:
+            raise ValueError(
+                f"{KERNELS_ENV}/--cpu-kernels: packed needs oneDNN's bfloat16 matmul (AVX512-BF16 or AMX), "
+                "which this CPU or torch build lacks, or BLOOMDUO_CPU_PACKED_WEIGHTS=0 turned it off"
+            )
+        return KernelChoice({group: route for group in groups}, forced=True)
+    started = time.perf_counter()
+    choice = KernelChoice({})
+    generator = torch.Generator().manual_seed(0)
+    for group, linears in groups.items():
+        timings, rejected = measure_group(group, linears, paths, scratch, generator)
+        choice.timings_ms[group], choice.rejected[group] = timings, rejected
+        choice.routes[group] = route_from(timings, PROBE_ROWS[group])
+    choice.seconds = time.perf_counter() - started
+    return choice
+
+
+def route_from(timings: dict[str, dict[int, float]], probes: tuple[int, ...]) -> Route:
+    """The route the measured `timings` (path -> rows -> ms) call for.
+
+    Layout: the one whose worst ratio to the best time at a probed size is smallest (packed on a tie).
+    Within the plain layout: per row count, the path of least time interpolated linearly between the
+    probed sizes; a path not timed at a size (pruned) is out from the size before it onwards.
+    """
+    if not timings:
+        return Route(PLAIN, ((1, EAGER),))
+    best = {rows: min(t[rows] for t in timings.values() if rows in t) for rows in probes}
+    plain = {path: t for path, t in timings.items() if path != PACKED}
+    regret = {}
+    if PACKED in timings:
+        regret[PACKED] = max(timings[PACKED].get(rows, float("inf")) / best[rows] for rows in probes)
+    if plain:
+        regret[PLAIN] = max(
+            min(t.get(rows, float("inf")) for t in plain.values()) / best[rows] for rows in probes
+        )
+    layout = min(regret, key=lambda name: (regret[name], name != PACKED))
+    if layout == PACKED:
+        return Route(PACKED, ((1, PACKED),))
+    steps: list[tuple[int, str]] = []
+    for rows in range(1, probes[-1] + 1):
+        path = min(plain, key=lambda p: (_interpolate(plain[p], probes, rows), list(plain).index(p)))
+        if not steps or steps[-1][1] != path:
+            steps.append((rows, path))
+    return Route(PLAIN, tuple(steps))
+
+
+def _interpolate(times: dict[int, float], probes: tuple[int, ...], rows: int) -> float:
+    for low, high in itertools.pairwise(probes):
+        if low <= rows <= high:
+            if rows in (low, high):
+                return times.get(rows, float("inf"))
+            if low not in times or high not in times:
+                return float("inf")
+            return times[low] + (times[high] - times[low]) * (rows - low) / (high - low)
+    return times.get(rows, float("inf"))
+
+
+def _sample(group: str, linears: list[nn.Linear], budget: int) -> list[nn.Linear]:
+    """The Linears a probe times: whole blocks (4 Linears each, one of every shape) up to `budget`
+    weight bytes; for the LM head, its first vocabulary rows up to `budget` (a view, not a copy)."""
+    if group == LM_HEAD:
+        head = linears[0]
+        rows = max(1, min(head.out_features, budget // (head.in_features * head.weight.element_size())))
+        part = nn.Linear(head.in_features, rows, bias=head.bias is not None, device="meta")
+        part.weight = nn.Parameter(head.weight[:rows], requires_grad=False)
+        part.bias = None if head.bias is None else nn.Parameter(head.bias[:rows], requires_grad=False)
+        return [part]
+    chosen: list[nn.Linear] = []
+    for linear in linears:
+        if len(chosen) % 4 == 0 and chosen and sum(m.weight.nbytes for m in chosen) >= budget:
+            break
+        chosen.append(linear)
+    return chosen
+
+
+def _runner(path: str, linears: list[nn.Linear], scratch: Fp32Scratch) -> list[nn.Module]:
+    """The modules that run `path` on `linears`: exactly what apply_routes installs."""
+    if path == PACKED:
+        return [PackedLinear(linear) for linear in linears]
+    if path == EAGER:
+        return list(linears)
+    return [RoutedLinear(linear, Route(PLAIN, ((1, path),)), scratch) for linear in linears]
+
+
+@torch.inference_mode()
+def measure_group(
+    group: str, linears: list[nn.Linear], paths: list[str], scratch: Fp32Scratch, generator: torch.Generator
+) -> tuple[dict[str, dict[int, float]], dict[str, str]]:
+    """ms of each path at each probe size of `group` (path -> rows -> ms), and the paths rejected."""
+    dtype = linears[0].weight.dtype
+    timings: dict[str, dict[int, float]] = {path: {} for path in paths}
+    rejected: dict[str, str] = {}
+    alive = list(paths)
+    for sample_kind in ("decode", "prefill"):
+        probes = [r for r in PROBE_ROWS[group] if (r >= PREFILL_FROM) == (sample_kind == "prefill")]
+        if not probes:
+            continue
+        sample = _sample(group, linears, SAMPLE_BYTES if sample_kind == "decode" or group == LM_HEAD else 0)
+        runners = {path: _runner(path, sample, scratch) for path in alive}
+        for rows in probes:
+            inputs = {
+                n: torch.randn(rows, n, generator=generator).to(dtype)
+                for n in {m.in_features for m in sample}
+            }
+            reference = sample[0](inputs[sample[0].in_features])
+            for path in list(alive):
+                modules = runners[path]
+                error = _error(modules[0](inputs[sample[0].in_features]), reference, dtype)
+                if not error <= TOLERANCE_EPS:
+                    rejected[path] = f"{error:.3g} eps from nn.Linear at {rows} rows"
+                    alive.remove(path)
+                    timings.pop(path)
+                    continue
+                timings[path][rows] = _time(modules, inputs)
+            fastest = min(timings[path][rows] for path in alive)
+            for path in list(alive):  # hopeless at this size: worse still at larger ones
+                if timings[path][rows] > PRUNE_FACTOR * fastest:
+                    alive.remove(path)
+        del runners  # the packed copies of the sample
+    return {path: t for path, t in timings.items() if t}, rejected
+
+
+def _error(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> float:
+    """max|got - want| in roundings of `dtype` at the scale of `want` (inf when either is not finite)."""
+    scale = torch.finfo(dtype).eps * want.float().abs().max().item()
+    difference = (got.float() - want.float()).abs().max().item()
+    return difference / scale if scale > 0 else (0.0 if difference == 0 else float("inf"))
+
+
+def _time(modules: list[nn.Module], inputs: dict[int, torch.Tensor]) -> float:
+    def once() -> None:
+        for module in modules:
+            module(inputs[module.in_features])
+
+    once()  # warm-up: oneDNN builds its primitive on the first call of each shape
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < TIMED_RUNS and (runs == 0 or spent < TIMED_BUDGET_S):
+        started = time.perf_counter()
+        once()
+        elapsed = time.perf_counter() - started
+        best, spent, runs = min(best, elapsed), spent + elapsed, runs + 1
+    return round(best * 1e3, 3)
+
+
+def apply_routes(model: nn.Module, choice: KernelChoice, scratch: Fp32Scratch) -> nn.Module:
+    """Install `choice` in `model`, in place: PackedLinear or RoutedLinear per group (a group routed to
+    eager alone keeps its nn.Linear), each MLP's tanh GELU folded into the Linear before it."""
+    groups = groups_of(model)
+    route_of = {id(linear): choice.routes[group] for group, linears in groups.items() for linear in linears}
+
+    def convert(linear: nn.Linear, activation: str = "none", algorithm: str = "") -> nn.Module | None:
+        route = route_of.get(id(linear))
+        if route is None or route.paths == {EAGER}:
+            return None
+        if route.layout == PACKED:
+            return PackedLinear(linear, activation, algorithm)
+        return RoutedLinear(linear, route, scratch, activation, algorithm)
+
+    for mlp in [m for m in model.modules() if isinstance(m, MLP)]:
+        if isinstance(mlp.gelu, nn.GELU) and type(mlp.dense_h_to_4h) is nn.Linear:
+            folded = convert(mlp.dense_h_to_4h, "gelu", mlp.gelu.approximate)
+            if folded is not None:
+                mlp.dense_h_to_4h, mlp.gelu = folded, nn.Identity()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and (converted := convert(child)) is not None:
+                setattr(parent, name, converted)
+    return model

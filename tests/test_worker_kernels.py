@@ -1,0 +1,423 @@
+"""The Linear kernels a bfloat16 CPU worker chooses at start (shard_worker/cpu_kernels.py).
+
+Every path the chooser may pick against nn.Linear, on this CPU, where it can run: packed needs oneDNN's
+bfloat16 matmul (skipped elsewhere); eager, aten and fp32 run on every CPU. The decision logic on
+given timings and forced routes; a whole model's bfloat16 logits with each route against transformers,
+within the bound tests/test_shard_model.py uses; float32 untouched; the choice in the worker's Info.
+The AVX2 class is imitated in a fresh interpreter with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+(and the whole file can be run under them too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import BloomConfig
+
+from bloomduo.shard_worker import cpu_kernels
+from bloomduo.shard_worker.config import ShardOptions
+from bloomduo.shard_worker.cpu_kernels import (
+    ATEN,
+    BLOCKS,
+    EAGER,
+    FP32,
+    KERNELS_ENV,
+    LM_HEAD,
+    PACKED,
+    PLAIN,
+    PROBE_ROWS,
+    TOLERANCE_EPS,
+    Fp32Scratch,
+    PackedLinear,
+    Route,
+    RoutedLinear,
+    apply_routes,
+    candidate_paths,
+    choose,
+    groups_of,
+    kernels_setting,
+    parse_route,
+    route_from,
+)
+from bloomduo.shard_worker.distributed import ShardGroup, shutdown_distributed
+from bloomduo.shard_worker.model import MLP, BloomShardModel
+from bloomduo.shard_worker.step_plan import Chunk
+from bloomduo.shard_worker.tensor_parallel import RowParallel, add_all_reduces, load_shard
+from bloomduo.shard_worker.weight_formats import format_weights, packing_applies
+from bloomduo.v1 import shard_pb2
+from tests._dist_helpers import TINY, make_checkpoint, relative_error
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+AVX2_CLASS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+CAN_PACK = packing_applies(CPU, torch.bfloat16)
+needs_packing = pytest.mark.skipif(
+    not CAN_PACK,
+    reason="no oneDNN bfloat16 matmul on this CPU (AVX2 class) or torch build, or "
+    "BLOOMDUO_CPU_PACKED_WEIGHTS=0: the packed layout cannot be built here",
+)
+PLAIN_PATHS = [EAGER, ATEN, FP32]  # run on every CPU: aten is eager's own kernel where oneDNN has no bf16
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_kernels(monkeypatch):
+    monkeypatch.delenv(KERNELS_ENV, raising=False)
+
+
+def _linear(in_features: int, out_features: int, bias: bool = True, seed: int = 1) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(in_features, out_features, bias=bias).to(torch.bfloat16).requires_grad_(False)
+
+
+def _module_for(path: str, linear: nn.Linear, scratch: Fp32Scratch, activation: str = "none") -> nn.Module:
+    algorithm = "tanh" if activation == "gelu" else ""
+    if path == PACKED:
+        return PackedLinear(linear, activation, algorithm)
+    return RoutedLinear(linear, Route(PLAIN, ((1, path),)), scratch, activation, algorithm)
+
+
+# ------------------------------------------------------------------------------ each path, one Linear
+@pytest.mark.parametrize("path", [pytest.param(PACKED, marks=needs_packing), *PLAIN_PATHS])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 3, 33])
+@torch.inference_mode()
+def test_every_path_computes_what_nn_linear_does(path, bias, rows):
+    linear = _linear(320, 200, bias)
+    # a scratch smaller than the weight: the fp32 path converts it in slices
+    module = _module_for(path, linear, Fp32Scratch(320 * 64))
+    x = torch.randn(rows, 320, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    want, got = linear(x), module(x)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert relative_error(got, want, torch.bfloat16) <= TOLERANCE_EPS
+    if path in (EAGER, ATEN) and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert torch.equal(got, want)  # one kernel: ATen's, with or without oneDNN switched on
+    three_d = module(x.view(1, rows, 320))  # [batch, tokens, hidden] keeps its shape
+    assert three_d.shape == (1, rows, 200) and torch.equal(three_d[0], got)
+
+
+@pytest.mark.parametrize("path", [pytest.param(PACKED, marks=needs_packing), FP32])
+@torch.inference_mode()
+def test_a_folded_gelu_rounds_once(path):
+    """packed and fp32 apply the GELU to the float32 sum: within one rounding of float32 throughout."""
+    linear = _linear(256, 384, seed=2)
+    x = torch.randn(16, 256).to(torch.bfloat16)
+    exact = nn.functional.gelu(
+        nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float()), approximate="tanh"
+    )
+    got = _module_for(path, linear, Fp32Scratch(), "gelu")(x).float()
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    assert bool(((got - exact).abs() <= ulp).all())
+
+
+@pytest.mark.parametrize("path", [EAGER, ATEN])
+@torch.inference_mode()
+def test_a_gelu_after_the_bfloat16_paths_is_the_unfused_pair(path):
+    linear = _linear(96, 64, seed=3)
+    x = torch.randn(5, 96).to(torch.bfloat16)
+    plain = nn.functional.gelu(
+        RoutedLinear(linear, Route(PLAIN, ((1, path),)), Fp32Scratch())(x), approximate="tanh"
+    )
+    assert torch.equal(_module_for(path, linear, Fp32Scratch(), "gelu")(x), plain)
+
+
+@torch.inference_mode()
+def test_the_aten_path_leaves_onednn_as_it_found_it():
+    linear = _linear(64, 32)
+    before = torch._C._get_mkldnn_enabled()
+    cpu_kernels.aten_linear(torch.randn(2, 64).to(torch.bfloat16), linear.weight, linear.bias)
+    assert torch._C._get_mkldnn_enabled() == before
+
+
+def test_the_fp32_path_holds_one_small_scratch_not_a_weight_copy():
+    scratch = Fp32Scratch(1024)
+    linear = _linear(256, 100)
+    module = RoutedLinear(linear, Route(PLAIN, ((1, FP32),)), scratch)
+    with torch.inference_mode():
+        module(torch.randn(4, 256).to(torch.bfloat16))
+    assert scratch.get().numel() == 1024 and scratch.get().dtype == torch.float32
+    assert module.weight is linear.weight and module.weight.dtype == torch.bfloat16  # stored once, in bf16
+
+
+# --------------------------------------------------------------------------- routes and the decision
+def test_a_route_dispatches_by_row_count_and_says_so():
+    route = parse_route("aten,fp32@8")
+    assert route == Route(PLAIN, ((1, ATEN), (8, FP32)))
+    assert [route.path_for(rows) for rows in (1, 7, 8, 500)] == [ATEN, ATEN, FP32, FP32]
+    assert route.describe() == "aten 1-7, fp32 8+"
+    assert parse_route("eager,aten@2,fp32@3").describe() == "eager 1, aten 2, fp32 3+"
+    assert parse_route("packed") == Route(PACKED, ((1, PACKED),))
+    assert parse_route("eager").describe() == "eager"
+
+
+@pytest.mark.parametrize(
+    "spec", ["fast", "aten,fp32", "aten@2", "fp32,aten@0", "aten,fp32@8,eager@4", "packed,aten@4"]
+)
+def test_a_bad_forced_route_is_refused_naming_the_setting(spec):
+    with pytest.raises(ValueError, match=KERNELS_ENV):
+        parse_route(spec)
+
+
+def test_the_setting_is_the_flag_then_the_environment(monkeypatch):
+    assert kernels_setting("auto") == "auto" and ShardOptions.cpu_kernels == "auto"
+    monkeypatch.setenv(KERNELS_ENV, "fp32")
+    assert kernels_setting("auto") == "fp32"
+    assert kernels_setting("eager") == "eager"
+
+
+def test_forced_routes_measure_nothing(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "measure_group", lambda *a: pytest.fail("a forced route was timed"))
+    groups = {BLOCKS: [_linear(8, 8)], LM_HEAD: [_linear(8, 16, False)]}
+    choice = choose(groups, [EAGER, ATEN, FP32], Fp32Scratch(), "aten,fp32@8")
+    assert (
+        choice.forced
+        and choice.describe() == "blocks: aten 1-7, fp32 8+; lm_head: aten 1-7, fp32 8+ (forced)"
+    )
+    with pytest.raises(ValueError, match="packed needs oneDNN"):
+        choose(groups, [EAGER, FP32], Fp32Scratch(), "packed")
+
+
+def test_packing_switched_off_takes_packed_out_of_the_candidates(monkeypatch):
+    monkeypatch.setenv("BLOOMDUO_CPU_PACKED_WEIGHTS", "0")
+    assert PACKED not in candidate_paths(packing_applies(CPU, torch.bfloat16))
+    assert EAGER in candidate_paths(False)
+
+
+# Measured on the AMD EPYC (AVX512-BF16) and with the AVX2 caps, bloom-560m shapes (ms).
+AVX512_BLOCKS = {
+    PACKED: {1: 20.0, 4: 18.4, 32: 51.8, 256: 358.0},
+    EAGER: {1: 31.4, 4: 33.3, 32: 69.5, 256: 375.0},
+    ATEN: {1: 15.3, 4: 61.5, 32: 452.0},
+}
+AVX2_BLOCKS = {EAGER: {1: 16.0, 4: 61.6, 32: 462.0}, FP32: {1: 31.0, 4: 65.4, 32: 152.0, 256: 1614.0}}
+
+
+def test_the_layout_with_the_smallest_worst_slowdown_wins():
+    # packed is 1.31x the best at one row; plain's best is 1.81x packed at four rows
+    assert route_from(AVX512_BLOCKS, PROBE_ROWS[BLOCKS]) == Route(PACKED, ((1, PACKED),))
+    # without packing: ATen's GEMV for a row, oneDNN from the crossover on
+    plain = {path: t for path, t in AVX512_BLOCKS.items() if path != PACKED}
+    route = route_from(plain, PROBE_ROWS[BLOCKS])
+    assert route.layout == PLAIN and route.steps[0] == (1, ATEN) and route.path_for(4) == EAGER
+    assert route.path_for(256) == EAGER  # aten was pruned at 32: out from there on
+    # a one-row-heavy machine where packing loses everywhere keeps the plain layout
+    slow_packing = {**AVX512_BLOCKS, PACKED: {rows: 3 * t for rows, t in AVX512_BLOCKS[PACKED].items()}}
+    assert route_from(slow_packing, PROBE_ROWS[BLOCKS]).layout == PLAIN
+
+
+def test_emulated_bfloat16_switches_to_float32_where_the_interpolated_times_cross():
+    route = route_from(AVX2_BLOCKS, PROBE_ROWS[BLOCKS])
+    assert route.layout == PLAIN and [path for _, path in route.steps] == [EAGER, FP32]
+    crossover = route.steps[1][0]
+    assert 4 < crossover < 32
+    for rows in range(4, 33):  # the line through (4, 61.6)-(32, 462) against (4, 65.4)-(32, 152)
+        eager = 61.6 + (462 - 61.6) * (rows - 4) / 28
+        fp32 = 65.4 + (152 - 65.4) * (rows - 4) / 28
+        assert route.path_for(rows) == (EAGER if eager <= fp32 else FP32)
+    assert route_from({}, PROBE_ROWS[BLOCKS]) == Route(PLAIN, ((1, EAGER),))
+
+
+@torch.inference_mode()
+def test_measuring_times_every_candidate_checks_it_and_drops_a_wrong_one(monkeypatch):
+    model = _model(torch.bfloat16)
+    groups = groups_of(model)
+    assert [len(groups[BLOCKS]), len(groups[LM_HEAD])] == [4 * TINY["n_layer"], 1]
+    paths = candidate_paths(CAN_PACK)
+    choice = choose(groups, paths, Fp32Scratch(), "auto")
+    assert not choice.forced and choice.seconds > 0
+    for group in (BLOCKS, LM_HEAD):
+        assert set(choice.timings_ms[group]) == set(paths)  # every candidate timed at one row
+        assert all(t[1] > 0 for t in choice.timings_ms[group].values())
+        assert choice.routes[group].paths <= set(paths) and not choice.rejected[group]
+
+    def off_by_much(x, weight, bias, scratch, approximate=None):
+        return torch.nn.functional.linear(x, weight, bias) * 1.1
+
+    monkeypatch.setattr(cpu_kernels, "fp32_linear", off_by_much)
+    choice = choose(groups, [EAGER, FP32], Fp32Scratch(), "auto")
+    assert set(choice.rejected[BLOCKS]) == {FP32} and "eps from nn.Linear" in choice.rejected[BLOCKS][FP32]
+    assert choice.routes[BLOCKS] == Route(PLAIN, ((1, EAGER),))
+
+
+# ------------------------------------------------------------------------------ the whole model
+class _CountingReducer:
+    """The shared-memory all-reduce of a one-rank group: the sum of one part is itself."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def fits(self, tensor: torch.Tensor) -> bool:
+        return True
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return tensor
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A tiny checkpoint, transformers' logits for a ragged prefill and two decode steps, per dtype."""
+    model_dir = tmp_path_factory.mktemp("kernels_bloom")
+    hf32 = make_checkpoint(model_dir)
+    models = {torch.float32: hf32, torch.bfloat16: copy.deepcopy(hf32).to(torch.bfloat16)}
+    ids = torch.randint(3, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(4))
+    steps = [([Chunk(0, 0, 10), Chunk(1, 0, 7)], [(0, 0, 10), (1, 0, 7)])]
+    steps += [([Chunk(0, 10 + i, 1), Chunk(1, 7 + i, 1)], [(0, 10 + i, 1), (1, 7 + i, 1)]) for i in range(2)]
+    expected, hidden = {}, {}
+    with torch.no_grad():
+        for dtype, hf in models.items():
+            logits = hf(ids).logits  # [2, 12, vocab]: no padding, both rows are full prompts
+            embed = hf.transformer.word_embeddings_layernorm(hf.transformer.word_embeddings(ids))
+            expected[dtype] = [torch.stack([logits[s, p + n - 1] for s, p, n in rows]) for _, rows in steps]
+            hidden[dtype] = [torch.cat([embed[s, p : p + n] for s, p, n in rows]) for _, rows in steps]
+    return {"model_dir": model_dir, "steps": [c for c, _ in steps], "expected": expected, "hidden": hidden}
+
+
+def _model(dtype: torch.dtype, model_dir: Path | None = None, reducer=None) -> BloomShardModel:
+    if model_dir is None:
+        torch.manual_seed(0)
+        model = BloomShardModel(BloomConfig(**TINY)).eval().to(dtype).requires_grad_(False)
+        for block in model.h:
+            block.self_attention.alibi_slopes = block.self_attention.alibi_slopes.float()
+    else:
+        model = load_shard(model_dir, 0, 1, device=CPU, dtype=dtype)
+    if reducer is not None:
+        add_all_reduces(model, ShardGroup(process_group=None, shm=reducer))
+    return model
+
+
+def _run(model: BloomShardModel, reference, dtype: torch.dtype) -> list[torch.Tensor]:
+    cache = model.new_kv_cache(initial_capacity=4)
+    return [
+        model(h, chunks, cache)
+        for h, chunks in zip(reference["hidden"][dtype], reference["steps"], strict=True)
+    ]
+
+
+FORCED = [pytest.param("packed", marks=needs_packing), "eager", "aten", "fp32", "aten,fp32@3", "auto"]
+
+
+@pytest.mark.parametrize("setting", FORCED)
+def test_bfloat16_logits_with_the_chosen_kernels_stay_with_transformers(reference, setting, monkeypatch):
+    if setting != "auto":
+        monkeypatch.setenv(KERNELS_ENV, setting)
+    reducer = _CountingReducer()
+    model = _model(torch.bfloat16, reference["model_dir"], reducer)
+    described = format_weights(model, CPU, torch.bfloat16)
+    assert described.startswith("blocks: ") and "; lm_head: " in described
+    if setting != "auto":
+        assert described.endswith("(forced)") and parse_route(setting).describe() in described
+    for block in model.h:  # the row-parallel all-reduces stay around whatever Linear is inside
+        assert isinstance(block.self_attention.dense, RowParallel)
+        assert isinstance(block.mlp.dense_4h_to_h, RowParallel)
+    if setting in ("eager",):
+        assert all(type(m) is not RoutedLinear and type(m) is not PackedLinear for m in model.modules())
+    got = _run(model, reference, torch.bfloat16)
+    for step, (logits, want) in enumerate(zip(got, reference["expected"][torch.bfloat16], strict=True)):
+        # the bound and agreement tests/test_shard_model.py holds bfloat16 to
+        error = relative_error(logits, want, torch.bfloat16)
+        assert error < 2, f"{setting} step {step}: |ours - HF| = {error:.3g} eps"
+        assert (logits.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    assert reducer.calls == 2 * TINY["n_layer"] * len(reference["steps"])
+
+
+@pytest.mark.parametrize("setting", ["auto", "fp32", "aten,fp32@3"])
+def test_float32_stays_bit_for_bit_whatever_the_setting(reference, setting, monkeypatch):
+    monkeypatch.setenv(KERNELS_ENV, setting)
+    model = _model(torch.float32, reference["model_dir"])
+    before = _run(model, reference, torch.float32)
+    assert format_weights(model, CPU, torch.float32) == "eager"
+    assert all(type(m) in (nn.Linear,) for m in model.modules() if "Linear" in type(m).__name__)
+    assert all(isinstance(mlp.gelu, nn.GELU) for mlp in model.modules() if isinstance(mlp, MLP))
+    for want, got in zip(before, _run(model, reference, torch.float32), strict=True):
+        assert torch.equal(got, want)
+
+
+@torch.inference_mode()
+def test_routes_fold_the_gelu_except_where_eager_keeps_the_model_as_it_is():
+    model = _model(torch.bfloat16)
+    choice = cpu_kernels.KernelChoice({BLOCKS: parse_route("aten,fp32@8"), LM_HEAD: parse_route("eager")})
+    apply_routes(model, choice, Fp32Scratch())
+    for block in model.h:
+        assert isinstance(block.mlp.gelu, nn.Identity) and block.mlp.dense_h_to_4h.approximate == "tanh"
+        assert type(block.self_attention.query_key_value) is RoutedLinear
+    assert type(model.lm_head) is nn.Linear
+
+
+# --------------------------------------------------------------------------- a worker's Info says it
+def test_the_worker_logs_and_shows_its_choice_in_info(reference, tmp_path, monkeypatch):
+    from bloomduo.shard_worker.engine import ShardEngine
+    from bloomduo.shard_worker.server import ShardServicer
+
+    options = ShardOptions(
+        model_dir=reference["model_dir"],
+        rank=0,
+        world_size=1,
+        dist_init=f"file://{tmp_path / 'store'}",
+        dist_timeout_s=60,
+        dtype="bfloat16",
+        kv_cache_slots=2,
+        cpu_kernels="aten,fp32@3",
+    )
+    with ThreadPoolExecutor(max_workers=1) as loader:  # load() sets flush-denormal on its own thread
+        try:
+            engine = loader.submit(ShardEngine.load, options).result()
+        finally:
+            shutdown_distributed()
+    servicer = ShardServicer(options, lambda reason: None)
+    try:
+        servicer.runner.engine = engine
+        info = asyncio.run(servicer.Info(shard_pb2.ShardInfoRequest(), None))
+    finally:
+        servicer.runner.executor.shutdown(wait=True)
+    assert info.kernels == "blocks: aten 1-2, fp32 3+; lm_head: aten 1-2, fp32 3+ (forced)"
+    assert info.dtype == "bfloat16"
+
+
+# ------------------------------------------------------------------------ the AVX2 class, imitated
+# A fresh interpreter: oneDNN and ATen read their ISA caps once, at the first kernel.
+_AVX2_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from bloomduo.shard_worker.cpu_kernels import PackedLinear, RoutedLinear, candidate_paths
+    from bloomduo.shard_worker.weight_formats import format_weights, packing_applies
+    from bloomduo.shard_worker.tensor_parallel import load_shard
+    model = load_shard(sys.argv[1], 0, 1, device=torch.device("cpu"), dtype=torch.bfloat16)
+    print(json.dumps({
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "candidates": candidate_paths(packing_applies(torch.device("cpu"), torch.bfloat16)),
+        "kernels": format_weights(model, torch.device("cpu"), torch.bfloat16),
+        "packed": sum(isinstance(m, PackedLinear) for m in model.modules()),
+        "routed": sum(isinstance(m, RoutedLinear) for m in model.modules()),
+    }))
+    """
+)
+
+
+def test_an_avx2_class_cpu_chooses_among_what_it_can_run(reference):
+    env = {**os.environ, **AVX2_CLASS}
+    env.pop(KERNELS_ENV, None)
+    env.pop("BLOOMDUO_CPU_PACKED_WEIGHTS", None)
+    result = subprocess.run(
+        [sys.executable, "-c", _AVX2_SCRIPT, str(reference["model_dir"])],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["capability"] in ("AVX2", "DEFAULT"), report  # the ATen cap took effect
+    assert report["candidates"] == [EAGER, FP32] and report["packed"] == 0, report
+    assert report["kernels"].startswith("blocks: ") and PACKED not in report["kernels"], report
