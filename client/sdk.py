@@ -142,6 +142,7 @@ class Info:
     limits: dict[str, int]
     version: str
     load: Load
+    worker_kernels: list[str]  # each worker's matmul kernels, in rank order (see Info in gateway.proto)
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,7 @@ def _info(message: gateway_pb2.InfoResponse) -> Info:
         vocab_size=message.vocab_size,
         limits=limits,
         version=message.version,
+        worker_kernels=list(message.worker_kernels),
         load=Load(
             running_requests=message.load.running_requests,
             waiting_requests=message.load.waiting_requests,

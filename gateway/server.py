@@ -192,6 +192,7 @@ async def _connect(
     dtype = to_torch(infos[0].dtype)
     servicer.info.dtype = infos[0].dtype
     servicer.info.device = ",".join(info.device for info in infos)
+    servicer.info.worker_kernels[:] = [info.kernels for info in infos]
     embedder = await asyncio.to_thread(Embedder, checkpoint, dtype)
     engine = Engine(
         servicer.tokenizer,

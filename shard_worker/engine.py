@@ -111,7 +111,7 @@ class ShardEngine:
         model = load_shard(
             checkpoint, options.rank, options.world_size, device=device, dtype=dtype, group=group
         )
-        kernels = format_weights(model, device, dtype, options.cpu_kernels)
+        kernels = format_weights(model, device, dtype, options.cpu_kernels, group)
         engine = cls(
             model,
             layout,

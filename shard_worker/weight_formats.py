@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from bloomduo.core.logs import get_logger
@@ -43,7 +44,7 @@ from bloomduo.shard_worker.cpu_kernels import (
     groups_of,
     kernels_setting,
 )
-from bloomduo.shard_worker.distributed import device_type, import_torch_npu
+from bloomduo.shard_worker.distributed import ShardGroup, device_type, import_torch_npu
 
 __all__ = [
     "NPU_FORMAT_FRACTAL_NZ",
@@ -68,10 +69,19 @@ def apply_weight_format(
     return model
 
 
-def format_weights(model: nn.Module, device: torch.device, dtype: torch.dtype, kernels: str = "auto") -> str:
+def format_weights(
+    model: nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    kernels: str = "auto",
+    group: ShardGroup | None = None,
+) -> str:
     """apply_weight_format, returning what it chose in words (the worker's Info shows it).
 
-    `kernels`: the worker's --cpu-kernels; "auto" defers to BLOOMDUO_CPU_KERNELS, else measures.
+    `kernels`: the worker's --cpu-kernels; "auto" defers to BLOOMDUO_CPU_KERNELS, else measures. With a
+    `group` of several ranks, every rank takes rank 0's measured choice: ranks timing on their own cores
+    chose differently where the paths are close (the tiny demo model's blocks: aten on one rank, packed
+    on the other), and ranks whose kernels differ round differently.
     """
     if npu_nz_requested(device):
         to_npu_nz_format(model)
@@ -83,6 +93,10 @@ def format_weights(model: nn.Module, device: torch.device, dtype: torch.dtype, k
     scratch = Fp32Scratch()
     paths = candidate_paths(packing_applies(device, dtype))
     choice = choose(groups, paths, scratch, setting)
+    if group is not None and not choice.forced and dist.get_world_size(group.process_group) > 1:
+        routes = [choice.routes]
+        dist.broadcast_object_list(routes, src=0, group=group.process_group)
+        choice.routes = routes[0]
     apply_routes(model, choice, scratch)
     log.info(
         "cpu_kernels_chosen",

@@ -11,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bloomduo.client import AsyncClient, BloomduoError, Client
+from tests.conftest import running_stack
 
 MIXED_PROMPTS = [
     "北京是中国的首都，上海",
@@ -34,6 +35,7 @@ def test_info_describes_the_deployment(tiny_stack) -> None:
     assert info.num_shards == 2
     assert info.dtype == "float32"
     assert info.device == "cpu,cpu"
+    assert info.worker_kernels == ["eager", "eager"]  # float32 workers keep nn.Linear as it is
     assert info.vocab_size == 1030
     assert info.limits["max_input_tokens"] == 1024
     assert info.limits["max_total_tokens"] == 2048
@@ -42,6 +44,19 @@ def test_info_describes_the_deployment(tiny_stack) -> None:
     # x 8 dims, keys and values, float32; it only grows, and both ranks hold the same shape.
     first, second = info.load.worker_kv_cache_bytes
     assert first == second >= 3 * 32 * 6 * 128 * 8 * 2 * 4
+
+
+def test_bfloat16_workers_show_the_kernels_they_chose_and_serve(demo_model) -> None:
+    """bfloat16 CPU workers time their matmul paths at start (shard_worker/cpu_kernels.py) and all take rank
+    0's choice; it reaches the public Info, and the stack serves with it."""
+    with running_stack(demo_model(), num_shards=2, dtype="bfloat16") as stack, Client(stack.target) as bloom:
+        info = bloom.info()
+        result = bloom.generate("Hello there", max_new_tokens=4, ignore_eos=True)
+    assert info.dtype == "bfloat16" and len(info.worker_kernels) == 2
+    first, second = info.worker_kernels
+    assert first.startswith("blocks: ") and "; lm_head: " in first, first
+    assert second == first  # rank 0's measured choice, taken by every rank
+    assert result.generated_tokens == 4
 
 
 def test_tokenize_returns_ids_and_count(tiny_stack) -> None:

@@ -141,7 +141,7 @@ class Limits(_message.Message):
     def __init__(self, max_input_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_sequence_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_top_k: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "model_type", "num_shards", "dtype", "device", "vocab_size", "limits", "version", "hidden_size", "num_layers", "num_heads", "load")
+    __slots__ = ("model", "model_type", "num_shards", "dtype", "device", "vocab_size", "limits", "version", "hidden_size", "num_layers", "num_heads", "load", "worker_kernels")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class InfoResponse(_message.Message):
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_HEADS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    WORKER_KERNELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_type: str
     num_shards: int
@@ -166,7 +167,8 @@ class InfoResponse(_message.Message):
     num_layers: int
     num_heads: int
     load: Load
-    def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., num_shards: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., load: _Optional[_Union[Load, _Mapping]] = ...) -> None: ...
+    worker_kernels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., num_shards: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., worker_kernels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Load(_message.Message):
     __slots__ = ("running_requests", "waiting_requests", "worker_cached_sequences", "worker_cached_tokens", "serving", "worker_kv_cache_bytes")
