@@ -8,6 +8,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -231,6 +232,8 @@ def test_bench_against_the_stack_and_transformers(tiny_stack, demo_model, tmp_pa
                 assert 0 < figures["p50"] <= figures["p90"] <= figures["p99"], (name, metric, figures)
     assert [row["concurrency"] for row in report["ratios"]] == [1, 2]
     assert all(value > 0 for row in report["ratios"] for value in row.values())
+    assert list(report["baselines"]) == ["transformers"] and report["baselines"]["transformers"] == baseline
+    assert report["config"]["baseline"] == "transformers"
     # no level 16, and memory is measured only for a stack the bench launched
     assert [check["status"] for check in report["targets"]][1:] == ["SKIP"] * 5
     assert report["targets"][0]["status"] in ("PASS", "FAIL")
@@ -245,7 +248,7 @@ def test_bench_against_the_stack_and_transformers(tiny_stack, demo_model, tmp_pa
     }
     _check_floor(report, printed, {names[key]: levels for key, levels in systems.items()}, threads=2)
     assert "the stack may reuse its cached prefill" in printed  # one prompt for all requests
-    assert "bloomduo / transformers" in printed
+    assert "bloomduo against each baseline, one run on" in printed
     assert "transformers static batch" in printed
     assert "targets" in printed
 
@@ -282,10 +285,138 @@ def test_bench_launches_measures_memory_and_stops_the_stack(demo_model, tmp_path
     printed = capsys.readouterr().out
     _check_floor(report, printed, {"bloomduo": report["stack"]["levels"]}, threads=2)
     assert "the stack may reuse its cached prefill" not in printed  # distinct prompts
-    assert "bloomduo / transformers" not in printed
+    assert "bloomduo against each baseline" not in printed
     assert _children() == before  # the launched stack is stopped
 
 
 def test_bench_refuses_a_baseline_without_a_model(capsys) -> None:
     assert bench.run(_parse(["--baseline", "transformers"])) == 1
     assert "--model" in capsys.readouterr().err
+
+
+def test_baseline_lists_parse() -> None:
+    assert bench.parse_baselines("none") == []
+    assert bench.parse_baselines("transformers,ctranslate2") == ["transformers", "ctranslate2"]
+    assert bench.parse_baselines("ctranslate2, transformers,ctranslate2") == ["ctranslate2", "transformers"]
+    assert _parse([]).baseline == []
+    for bad in ("", "vllm", "none,transformers", "transformers,openvino"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_baselines(bad)
+
+
+def test_a_missing_peer_is_a_clear_error(demo_model, monkeypatch, capsys) -> None:
+    """Without ctranslate2 the bench names the fix before starting anything."""
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # find_spec answers None, as when not installed
+    before = _children()
+    args = _parse(["--launch", "--model", str(demo_model()), "--baseline", "transformers,ctranslate2"])
+    assert bench.run(args) == 1
+    err = capsys.readouterr().err
+    assert "ctranslate2" in err and "pip install 'bloomduo[peers]'" in err
+    assert _children() == before  # no stack was started
+
+
+def _has_ct2() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ctranslate2") is not None
+
+
+needs_ct2 = pytest.mark.skipif(
+    not _has_ct2(), reason="ctranslate2 is not installed (pip install 'bloomduo[peers]')"
+)
+
+
+@needs_ct2
+def test_ct2_float_greedy_tokens_equal_transformers(demo_model, tmp_path) -> None:
+    """A real check of the conversion: on the tiny float32 model, CT2's float variant picks transformers'
+    greedy tokens, streamed and batched."""
+    from transformers import BloomForCausalLM
+
+    from bloomduo.apps import bench_peers
+
+    model_dir = demo_model()
+    [float_variant, int8_variant] = bench_peers.ct2_variants("float32")
+    assert float_variant["quantization"] == "float32" and int8_variant["quantization"] == "int8_float32"
+    converted = tmp_path / "ct2"
+    assert bench_peers.main(["convert", "--model", str(model_dir), "--out", str(converted),
+                             "--quantization", "float32"]) == 0  # fmt: skip
+    engine = bench_peers.Ct2(converted, "float32", threads=1, new_tokens=12)
+    assert engine.generator.compute_type == "float32"
+    prompt = [5, 100, 200, 37, 900, 12, 15, 44, 321, 7]
+    ids, times = engine.stream(prompt)
+    assert len(times) == 12 and times == sorted(times)
+    model = BloomForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        expected = model.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+            pad_token_id=model.config.pad_token_id,
+        )[0, len(prompt):].tolist()  # fmt: skip
+    assert ids == expected
+    assert len(engine.batch(prompt, 3)) == 12
+
+
+@needs_ct2
+def test_bench_with_ctranslate2_converts_once(demo_model, tmp_path, monkeypatch, capsys) -> None:
+    """A real short bench with CTranslate2 as the baseline; a second run reuses the cached conversions."""
+    from bloomduo.apps import bench_peers
+
+    monkeypatch.setenv("BLOOMDUO_CACHE", str(tmp_path / "cache"))
+    model_dir = demo_model()
+    before = _children()
+
+    def run_once(out: Path) -> dict:
+        args = _parse(
+            [
+                "--launch", "--model", str(model_dir), "--num-shards", "2", "--threads-per-shard", "1",
+                "--baseline", "ctranslate2", "--concurrency", "1,2", "--prompt-tokens", "6",
+                "--new-tokens", "4", "--requests-per-level", "2", "--warmup", "1", "--out", str(out),
+            ]
+        )  # fmt: skip
+        assert bench.run(args) == 0
+        return json.loads(out.read_text())
+
+    report = run_once(tmp_path / "first.json")
+    printed = capsys.readouterr().out
+    assert report["baseline"] is None and report["ratios"] == []  # transformers was not asked for
+    assert list(report["baselines"]) == ["ctranslate2", "ctranslate2 int8"]
+    for name, quantization, compute in (
+        ("ctranslate2", "float32", "float32"),
+        ("ctranslate2 int8", "int8_float32", "int8_float32"),
+    ):
+        peer = report["baselines"][name]
+        assert peer["quantization"] == quantization and peer["compute_type"] == compute
+        assert peer["intra_threads"] == 2  # the stack's two workers, one thread each
+        assert peer["conversion_s"] > 0 and peer["max_rss_bytes"] > 0
+        converted = Path(peer["converted"])
+        assert converted == bench_peers.conversion_dir(tmp_path / "cache", model_dir, quantization)
+        assert converted.parent == tmp_path / "cache" / "peers" / "ctranslate2"
+        assert converted.name.startswith(f"{model_dir.name}-") and converted.name.endswith(f"-{quantization}")
+        for way in ("one_at_a_time", "static_batch"):
+            levels = peer[way]
+            assert [level["concurrency"] for level in levels] == [1, 2]
+            for level in levels:
+                assert level["generated_tokens"] == 4 * level["requests"]
+                assert level["tpot_s"]["p50"] > 0 and level["ttft_s"]["p50"] > 0
+        assert f"{name}: CTranslate2 " in printed and f"computes in {compute}" in printed
+    rows = {(row["system"], row["concurrency"]) for row in report["side_by_side"]}
+    assert rows == {
+        (f"{name} {way}", c)
+        for name in ("ctranslate2", "ctranslate2 int8")
+        for way in ("one at a time", "static batch")
+        for c in (1, 2)
+    }
+    assert all(row["stack_tokens_per_s_ratio"] > 0 for row in report["side_by_side"])
+    assert "bloomduo against each baseline, one run on" in printed
+    assert report["config"]["machine"]["cpu_model"] in printed
+    floor_systems = {row["system"] for row in report["floor"]["levels"]}
+    assert "ctranslate2 int8 static batch" in floor_systems
+
+    model_bins = {name: Path(peer["converted"], "model.bin").stat().st_mtime_ns
+                  for name, peer in report["baselines"].items()}  # fmt: skip
+    again = run_once(tmp_path / "second.json")
+    err = capsys.readouterr().err
+    assert "bench: converting" not in err  # the converter did not run again
+    for name, peer in again["baselines"].items():
+        assert peer["conversion_s"] is None
+        assert Path(peer["converted"], "model.bin").stat().st_mtime_ns == model_bins[name]
+    assert _children() == before

@@ -3,7 +3,9 @@
 Like text-generation-benchmark, it sweeps the number of concurrent streams with a fixed prompt length and a
 fixed number of new tokens (greedy, EOS ignored), each stream sending its requests back to back. With
 `--baseline transformers` it also measures transformers' `BloomForCausalLM.generate` on the same checkpoint,
-in a separate process (bloomduo.apps.bench_baseline), and prints the stack's figures as ratios of it.
+in a separate process (bloomduo.apps.bench_baseline); with `--baseline ctranslate2` the CPU engine people
+pick instead, CTranslate2, in its float and int8 variants (bloomduo.apps.bench_peers, an optional extra). It
+prints the stack's figures as ratios of every baseline's, side by side.
 Before the levels run it measures the machine's floor (bloomduo.apps.machine_floor: memory read bandwidth
 and GEMM rate against the checkpoint's bytes and FLOPs) and prints every level's TPOT and TTFT against it.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import math
 import os
@@ -44,6 +47,9 @@ _FILLER = (
 
 
 MAX_DISTINCT_PROMPTS = len(_FILLER.split())  # one per starting word of the filler
+
+
+BASELINES = ("transformers", "ctranslate2")
 
 
 class BenchError(Exception):
@@ -111,6 +117,19 @@ def parse_levels(text: str) -> list[int]:
     return levels
 
 
+def parse_baselines(text: str) -> list[str]:
+    """Parse "transformers,ctranslate2" (or "none") into the baselines to run, in the order given."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if names == ["none"]:
+        return []
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected none or a comma-separated list of {', '.join(BASELINES)}, not {text!r}"
+        )
+    return list(dict.fromkeys(names))
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -157,10 +176,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     target.add_argument(
         "--baseline",
-        choices=("none", "transformers"),
-        default="none",
-        help="also measure transformers' generate on the same checkpoint, one request at a time and as "
-        "a static batch per level",
+        type=parse_baselines,
+        default=[],
+        metavar="none|" + ",".join(BASELINES),
+        help="also measure these on the same checkpoint, each one request at a time and as a static batch "
+        "per level: transformers' generate; ctranslate2 (float and int8, converted once into "
+        "$BLOOMDUO_CACHE/peers; needs pip install 'bloomduo[peers]')",
     )
 
     load = parser.add_argument_group("load")
@@ -233,15 +254,20 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     prompt_ids = measured.pop("prompt_ids")
     if measured["memory"]:
         measured["memory"].update(checkpoint_sizes(args.model))
-    baseline = None
-    if args.baseline == "transformers":
-        if args.dtype not in ("auto", measured["info"]["dtype"]):
-            print(
-                f"bench: the stack serves {measured['info']['dtype']}, not --dtype {args.dtype}; "
-                "the baseline uses the stack's dtype",
-                file=sys.stderr,
-            )
-        baseline = _run_baseline(args, prompt_ids, measured["info"]["dtype"])
+    served = measured["info"]["dtype"]
+    if args.baseline and args.dtype not in ("auto", served):
+        print(
+            f"bench: the stack serves {served}, not --dtype {args.dtype}; "
+            "the baselines use the stack's dtype",
+            file=sys.stderr,
+        )
+    baselines: dict[str, dict[str, Any]] = {}
+    for name in args.baseline:
+        if name == "transformers":
+            baselines[name] = _run_baseline(args, prompt_ids, served)
+        else:
+            baselines.update(_run_ct2(args, prompt_ids, measured["info"]))
+    baseline = baselines.get("transformers")
 
     report = {
         "config": {
@@ -254,7 +280,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "requests_per_level": args.requests_per_level,
             "warmup": args.warmup,
             "distinct_prompts": args.distinct_prompts,
-            "baseline": args.baseline,
+            "baseline": ",".join(args.baseline) or "none",
             "started_at": measured.pop("started_at"),
             "cpu_count": os.cpu_count(),
             "machine": machine,
@@ -262,20 +288,16 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "load_average": measured.pop("load_average"),
         },
         **measured,
+        # transformers' figures, which the targets and `ratios` compare with (None without it)
         "baseline": baseline,
+        # every baseline under its name: transformers, ctranslate2, ctranslate2 int8
+        "baselines": baselines,
     }
     floor = report["floor"]
     if "tpot_s" in floor:
-        systems = {"bloomduo": report["stack"]["levels"]}
-        if baseline:
-            systems.update(
-                {
-                    "transformers one at a time": baseline["one_at_a_time"],
-                    "transformers static batch": baseline["static_batch"],
-                }
-            )
-        floor["levels"] = against_floor(floor, systems)
+        floor["levels"] = against_floor(floor, dict(systems(report)))
     report["ratios"] = ratios(report)
+    report["side_by_side"] = side_by_side(report)
     report["targets"] = targets(report)
     return report
 
@@ -287,10 +309,17 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise BenchError("--warmup cannot be negative")
     if args.launch and args.target:
         raise BenchError("give either --target (a running stack) or --launch, not both")
-    if (args.launch or args.baseline != "none") and args.model is None:
-        raise BenchError("--launch and --baseline transformers need --model DIR")
+    if (args.launch or args.baseline) and args.model is None:
+        raise BenchError("--launch and --baseline need --model DIR")
     if args.model is not None and not (args.model / "config.json").is_file():
         raise BenchError(f"--model {args.model} is not a checkpoint directory (no config.json)")
+    # Checked before the stack starts, so a missing peer costs nothing but this message.
+    if "ctranslate2" in args.baseline and importlib.util.find_spec("ctranslate2") is None:
+        raise BenchError(
+            "--baseline ctranslate2 needs CTranslate2, which is not installed: pip install 'bloomduo[peers]'"
+        )
+    if "ctranslate2" in args.baseline and not args.device.startswith("cpu"):
+        raise BenchError(f"--baseline ctranslate2 runs on cpu only here, not {args.device}")
 
 
 def _launch(args: argparse.Namespace) -> Stack:
@@ -550,6 +579,85 @@ def _run_baseline(args: argparse.Namespace, prompt_ids: list[int], dtype: str) -
     return json.loads(finished.stdout)
 
 
+def _run_ct2(args: argparse.Namespace, prompt_ids: list[int], info: dict[str, Any]) -> dict[str, Any]:
+    """CTranslate2's variants, each converted once into the cache and measured in a process of its own,
+    with as many threads as the stack's workers had together."""
+    from bloomduo.apps import bench_peers
+    from bloomduo.apps.demo_model import default_cache_dir
+    from bloomduo.apps.machine_floor import stack_threads
+
+    threads = stack_threads(info["num_shards"], args.threads_per_shard)
+    results = {}
+    for variant in bench_peers.ct2_variants(info["dtype"]):
+        name, quantization = variant["name"], variant["quantization"]
+        converted = bench_peers.conversion_dir(default_cache_dir(), args.model, quantization)
+        conversion_s = None
+        if not (converted / "model.bin").is_file():
+            print(
+                f"bench: converting {args.model} for {name} ({quantization}) into {converted}",
+                file=sys.stderr,
+            )
+            conversion_s = _peer_process(
+                name, ["convert", "--model", str(args.model.resolve()), "--out", str(converted),
+                       "--quantization", quantization],
+            )["conversion_s"]  # fmt: skip
+        command = [
+            "measure", "--name", name, "--converted", str(converted),
+            "--quantization", quantization, "--compute-type", quantization, "--threads", str(threads),
+            "--prompt-ids", ",".join(map(str, prompt_ids)), "--new-tokens", str(args.new_tokens),
+            "--concurrency", ",".join(map(str, args.concurrency)), "--warmup", str(args.warmup),
+        ]  # fmt: skip
+        if args.requests_per_level:
+            command += ["--requests-per-level", str(args.requests_per_level)]
+        print(f"bench: measuring {name} (the stack is idle)", file=sys.stderr)
+        results[name] = {**_peer_process(name, command), "conversion_s": conversion_s}
+    return results
+
+
+def _peer_process(name: str, command: list[str]) -> dict[str, Any]:
+    finished = subprocess.run(
+        [sys.executable, "-m", "bloomduo.apps.bench_peers", *command], stdout=subprocess.PIPE, text=True
+    )
+    if finished.returncode != 0:
+        raise BenchError(f"{name} ({command[0]}) exited with {finished.returncode}")
+    return json.loads(finished.stdout)
+
+
+def systems(report: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Every system's levels under its display name: the stack, then each baseline's two ways."""
+    found = [("bloomduo", report["stack"]["levels"])]
+    for name, baseline in (report.get("baselines") or {}).items():
+        found += [
+            (f"{name} one at a time", baseline["one_at_a_time"]),
+            (f"{name} static batch", baseline["static_batch"]),
+        ]
+    return found
+
+
+def side_by_side(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per baseline way and level: its figures and the stack's as a ratio of them (stack / baseline)."""
+    stack = _by_level(report["stack"]["levels"])
+    rows = []
+    for name, levels in systems(report)[1:]:
+        for level in levels:
+            ours = stack.get(level["concurrency"])
+            if ours is None:
+                continue
+            rows.append(
+                {
+                    "system": name,
+                    "concurrency": level["concurrency"],
+                    "tokens_per_s": level["tokens_per_s"],
+                    "tpot_p50_s": level["tpot_s"]["p50"],
+                    "ttft_p50_s": level["ttft_s"]["p50"],
+                    "stack_tokens_per_s_ratio": ours["tokens_per_s"] / level["tokens_per_s"],
+                    "stack_tpot_p50_ratio": ours["tpot_s"]["p50"] / level["tpot_s"]["p50"],
+                    "stack_ttft_p50_ratio": ours["ttft_s"]["p50"] / level["ttft_s"]["p50"],
+                }
+            )
+    return rows
+
+
 def _by_level(levels: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     return {level["concurrency"]: level for level in levels}
 
@@ -680,23 +788,17 @@ def print_report(report: dict[str, Any]) -> None:
         f"{machine['cpu_capability']}, oneDNN bf16 {bf16}"
     )
     header = (
-        f"{'system':<28} {'streams':>7} {'requests':>8} {'tokens/s':>9} {'req/s':>7}"
+        f"{'system':<32} {'streams':>7} {'requests':>8} {'tokens/s':>9} {'req/s':>7}"
         f"   {'TTFT p50/p90/p99 (ms)':<26} {'TPOT p50/p90/p99 (ms)':<24}"
     )
     print(header)
     print("-" * len(header))
-    systems = [("bloomduo", report["stack"]["levels"])]
-    if report["baseline"]:
-        systems += [
-            ("transformers one at a time", report["baseline"]["one_at_a_time"]),
-            ("transformers static batch", report["baseline"]["static_batch"]),
-        ]
-    for name, levels in systems:
+    for name, levels in systems(report):
         for level in levels:
             ttft = "/".join(f"{level['ttft_s'][p] * 1000:.1f}" for p in ("p50", "p90", "p99"))
             tpot = "/".join(f"{level['tpot_s'][p] * 1000:.2f}" for p in ("p50", "p90", "p99"))
             print(
-                f"{name:<28} {level['concurrency']:>7} {level['requests']:>8} {level['tokens_per_s']:>9.1f} "
+                f"{name:<32} {level['concurrency']:>7} {level['requests']:>8} {level['tokens_per_s']:>9.1f} "
                 f"{level['requests_per_s']:>7.2f}   {ttft:<26} {tpot:<24}"
             )
     if report["memory"]:
@@ -712,31 +814,55 @@ def print_report(report: dict[str, Any]) -> None:
             f"KV cache allocated: {kv}; checkpoint {report['memory']['checkpoint_bytes'] / 2**20:.0f} MiB, "
             f"embeddings {report['memory']['embedding_bytes'] / 2**20:.0f} MiB"
         )
-    baseline = report["baseline"]
-    if baseline:
-        print(
-            f"transformers {baseline['transformers_version']}: {baseline['torch_threads']} threads, "
-            f"resident memory {baseline['max_rss_bytes'] / 2**20:.0f} MiB"
-        )
-    if report["ratios"]:
-        print("\nbloomduo / transformers (tokens/s: higher is better; TPOT, TTFT: lower is better)")
-        header = (
-            f"{'streams':>7}  {'tok/s ÷ 1-by-1':>14} {'tok/s ÷ batch':>13}  {'TPOT ÷ 1-by-1':>13} "
-            f"{'TPOT ÷ batch':>12}  {'TTFT ÷ 1-by-1':>13} {'TTFT ÷ batch':>12}"
-        )
-        print(header)
-        print("-" * len(header))
-        for row in report["ratios"]:
+    for name, baseline in (report.get("baselines") or {}).items():
+        rss = f"resident memory {baseline['max_rss_bytes'] / 2**20:.0f} MiB"
+        if name == "transformers":
             print(
-                f"{row['concurrency']:>7}  {row['tokens_per_s_vs_one_at_a_time']:>14.2f} "
-                f"{row['tokens_per_s_vs_static_batch']:>13.2f}  {row['tpot_p50_vs_one_at_a_time']:>13.2f} "
-                f"{row['tpot_p50_vs_static_batch']:>12.2f}  {row['ttft_p50_vs_one_at_a_time']:>13.2f} "
-                f"{row['ttft_p50_vs_static_batch']:>12.2f}"
+                f"transformers {baseline['transformers_version']}: {baseline['torch_threads']} threads, {rss}"
             )
+        else:
+            print(
+                f"{name}: CTranslate2 {baseline['ctranslate2_version']}, stored {baseline['quantization']}, "
+                f"computes in {baseline['compute_type']}, {baseline['intra_threads']} threads, {rss}"
+            )
+    if report["side_by_side"]:
+        print_side_by_side(report)
     print_floor(report["floor"], config["distinct_prompts"])
     print("\ntargets")
     for check in report["targets"]:
         print(f"  {check['status']:<4}  {check['name']}: {check['detail']}")
+
+
+def print_side_by_side(report: dict[str, Any]) -> None:
+    """One table: every baseline's figures next to the stack's at each level, and the stack's ratio."""
+    machine = report["config"]["machine"]
+    bf16 = "bf16 native" if machine["onednn_bf16_native"] else "bf16 emulated"
+    stack = _by_level(report["stack"]["levels"])
+    print(
+        f"\nbloomduo against each baseline, one run on {machine['cpu_model']} ({machine['cpu_capability']}, "
+        f"{bf16}, {machine['cores']} cores); ÷: bloomduo / baseline (tokens/s: higher is better for "
+        "bloomduo; TPOT, TTFT: lower is)"
+    )
+    header = (
+        f"{'baseline':<32} {'streams':>7}  {'tok/s':>8} {'÷':>6}  {'TPOT ms':>8} {'÷':>6}  "
+        f"{'TTFT ms':>8} {'÷':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for level in report["stack"]["levels"]:
+        c = level["concurrency"]
+        print(
+            f"{'bloomduo':<32} {c:>7}  {level['tokens_per_s']:>8.1f} {'':>6}  "
+            f"{level['tpot_s']['p50'] * 1000:>8.2f} {'':>6}  {level['ttft_s']['p50'] * 1000:>8.1f} {'':>6}"
+        )
+        for row in report["side_by_side"]:
+            if row["concurrency"] == c and c in stack:
+                print(
+                    f"{row['system']:<32} {c:>7}  {row['tokens_per_s']:>8.1f} "
+                    f"{row['stack_tokens_per_s_ratio']:>6.2f}  {row['tpot_p50_s'] * 1000:>8.2f} "
+                    f"{row['stack_tpot_p50_ratio']:>6.2f}  {row['ttft_p50_s'] * 1000:>8.1f} "
+                    f"{row['stack_ttft_p50_ratio']:>6.2f}"
+                )
 
 
 def print_floor(floor: dict[str, Any], distinct_prompts: bool) -> None:
@@ -773,12 +899,12 @@ def print_floor(floor: dict[str, Any], distinct_prompts: bool) -> None:
         f"attention {parts['attention'] / 1e9:.3f}, LM head for the last row {parts['lm_head'] / 1e9:.3f}) "
         "and the weights' read time (the TPOT floor)"
     )
-    header = f"  {'system':<28} {'streams':>7}  {'TPOT p50 ÷ floor':>16}  {'TTFT p50 ÷ floor':>16}"
+    header = f"  {'system':<32} {'streams':>7}  {'TPOT p50 ÷ floor':>16}  {'TTFT p50 ÷ floor':>16}"
     print(header)
     print("  " + "-" * (len(header) - 2))
     for row in floor["levels"]:
         print(
-            f"  {row['system']:<28} {row['concurrency']:>7}  {row['tpot_p50_x_floor']:>16.2f}  "
+            f"  {row['system']:<32} {row['concurrency']:>7}  {row['tpot_p50_x_floor']:>16.2f}  "
             f"{row['ttft_p50_x_floor']:>16.2f}"
         )
     if not distinct_prompts:
@@ -793,12 +919,10 @@ def draw_chart(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
 
-    series = [("bloomduo", report["stack"]["levels"], "o-")]
-    if report["baseline"]:
-        series += [
-            ("transformers one at a time", report["baseline"]["one_at_a_time"], "s--"),
-            ("transformers static batch", report["baseline"]["static_batch"], "^--"),
-        ]
+    styles = ["o-", "s--", "^--", "s:", "^:", "s-.", "^-."]
+    series = [
+        (name, levels, styles[index % len(styles)]) for index, (name, levels) in enumerate(systems(report))
+    ]
     panels = [
         ("throughput", "tokens/s", lambda level: level["tokens_per_s"]),
         ("time to first token (p50)", "ms", lambda level: level["ttft_s"]["p50"] * 1000),
