@@ -79,24 +79,23 @@ def format_weights(
     """apply_weight_format, returning what it chose in words (the worker's Info shows it).
 
     `kernels`: the worker's --cpu-kernels; "auto" defers to BLOOMDUO_CPU_KERNELS, else measures. With a
-    `group` of several ranks, every rank takes rank 0's measured choice: ranks timing on their own cores
-    chose differently where the paths are close (the tiny demo model's blocks: aten on one rank, packed
-    on the other), and ranks whose kernels differ round differently.
+    `group` of several CPU ranks, every rank takes rank 0's measured choice: ranks timing on their own
+    cores chose differently where the paths are close (the tiny demo model's blocks: aten on one rank,
+    packed on the other), and ranks whose kernels differ round differently.
     """
     if npu_nz_requested(device):
         to_npu_nz_format(model)
         return "FRACTAL_NZ"
     groups = groups_of(model)
-    if not (device.type == "cpu" and dtype == torch.bfloat16 and groups):
-        return "eager"
+    measures = device.type == "cpu" and dtype == torch.bfloat16 and bool(groups)
     setting = kernels_setting(kernels)
     scratch = Fp32Scratch()
-    paths = candidate_paths(packing_applies(device, dtype))
-    choice = choose(groups, paths, scratch, setting)
-    if group is not None and not choice.forced and dist.get_world_size(group.process_group) > 1:
-        routes = [choice.routes]
-        dist.broadcast_object_list(routes, src=0, group=group.process_group)
-        choice.routes = routes[0]
+    paths = candidate_paths(packing_applies(device, dtype)) if measures else []
+    choice = choose(groups, paths, scratch, setting) if measures else None
+    if device.type == "cpu":
+        choice = _rank_zero_choice(choice, group)
+    if choice is None:
+        return "eager"
     apply_routes(model, choice, scratch)
     log.info(
         "cpu_kernels_chosen",
@@ -110,6 +109,20 @@ def format_weights(
         seconds=round(choice.seconds, 3),
     )
     return choice.describe()
+
+
+def _rank_zero_choice(choice: KernelChoice | None, group: ShardGroup | None) -> KernelChoice | None:
+    """`choice` with rank 0's measured routes. Every CPU rank of the group calls it, whatever its dtype:
+    a collective that only bfloat16 ranks entered would hang a group started with mixed --dtype, which the
+    gateway must be able to refuse by name."""
+    if group is None or dist.get_world_size(group.process_group) == 1:
+        return choice
+    measured = choice is not None and not choice.forced
+    routes = [choice.routes if measured else None]
+    dist.broadcast_object_list(routes, src=0, group=group.process_group)
+    if measured and routes[0] is not None:
+        choice.routes = routes[0]
+    return choice
 
 
 def packing_applies(device: torch.device, dtype: torch.dtype) -> bool:
