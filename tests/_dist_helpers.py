@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from transformers import BloomConfig, BloomForCausalLM
@@ -129,3 +130,22 @@ def relative_error(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) ->
     """
     scale = torch.finfo(dtype).eps * want.float().abs().max().item()
     return (got.float() - want.float()).abs().max().item() / scale
+
+
+# The AVX2-only CPU class, simulated on a newer CPU: ATen's AVX2 kernels and no oneDNN bfloat16 (so no
+# packed layout, and bfloat16 matmuls emulated), for subprocesses that check what that class runs.
+AVX2_CLASS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def can_pack() -> bool:
+    """Whether bfloat16 CPU workers may use oneDNN's packed layout here."""
+    from bloomduo.shard_worker.weight_formats import packing_applies
+
+    return packing_applies(torch.device("cpu"), torch.bfloat16)
+
+
+needs_packing = pytest.mark.skipif(
+    not can_pack(),
+    reason="packing is off here: no oneDNN bfloat16 matmul on this CPU (the AVX2 class) or torch build "
+    "(needs AVX512-BF16 or AMX), or BLOOMDUO_CPU_PACKED_WEIGHTS=0",
+)

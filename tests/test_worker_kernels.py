@@ -56,17 +56,11 @@ from bloomduo.shard_worker.step_plan import Chunk
 from bloomduo.shard_worker.tensor_parallel import RowParallel, add_all_reduces, load_shard
 from bloomduo.shard_worker.weight_formats import format_weights, packing_applies
 from bloomduo.v1 import shard_pb2
-from tests._dist_helpers import TINY, make_checkpoint, relative_error
+from tests._dist_helpers import AVX2_CLASS, TINY, can_pack, make_checkpoint, needs_packing, relative_error
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-AVX2_CLASS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-CAN_PACK = packing_applies(CPU, torch.bfloat16)
-needs_packing = pytest.mark.skipif(
-    not CAN_PACK,
-    reason="no oneDNN bfloat16 matmul on this CPU (AVX2 class) or torch build, or "
-    "BLOOMDUO_CPU_PACKED_WEIGHTS=0: the packed layout cannot be built here",
-)
+CAN_PACK = can_pack()
 PLAIN_PATHS = [EAGER, ATEN, FP32]  # run on every CPU: aten is eager's own kernel where oneDNN has no bf16
 
 

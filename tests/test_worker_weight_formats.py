@@ -39,18 +39,11 @@ from bloomduo.shard_worker.weight_formats import (
     packing_applies,
     to_npu_nz_format,
 )
-from tests._dist_helpers import relative_error
+from tests._dist_helpers import AVX2_CLASS, needs_packing, relative_error
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-AVX2_CLASS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 CONFIG = dict(hidden_size=64, n_head=4, n_layer=2, vocab_size=300)
-
-needs_packing = pytest.mark.skipif(
-    not packing_applies(CPU, torch.bfloat16),
-    reason="packing is off here: no oneDNN bfloat16 matmul on this CPU or torch build (needs AVX512-BF16 "
-    "or AMX), or BLOOMDUO_CPU_PACKED_WEIGHTS=0",
-)
 
 
 class _CountingReducer:
@@ -189,7 +182,7 @@ _AVX2_SCRIPT = textwrap.dedent(
     """
     import json, torch
     from tests.test_worker_weight_formats import CPU, _hidden, _model, _steps
-    from tests._dist_helpers import relative_error
+    from tests._dist_helpers import AVX2_CLASS, needs_packing, relative_error
     from bloomduo.shard_worker.weight_formats import PackedLinear, apply_weight_format, packing_applies
 
     model = _model(torch.bfloat16)

@@ -106,6 +106,16 @@ def requests_for_level(concurrency: int, requests_per_level: int | None) -> int:
     return requests_per_level or max(concurrency, MIN_REQUESTS_PER_LEVEL)
 
 
+def add_baseline_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load a baseline's own process is told to run: the same prompt, new tokens and levels as the
+    stack's (bench_baseline.py for transformers, bench_peers.py for the peers)."""
+    parser.add_argument("--prompt-ids", required=True, help="comma-separated token ids of the prompt")
+    parser.add_argument("--new-tokens", type=int, required=True)
+    parser.add_argument("--concurrency", type=parse_levels, required=True)
+    parser.add_argument("--requests-per-level", type=int)
+    parser.add_argument("--warmup", type=int, default=2, help="size of one unmeasured batch (0: none)")
+
+
 def parse_levels(text: str) -> list[int]:
     """Parse "1,2,4" into [1, 2, 4]; as an argparse type, a bad list is a usage error."""
     try:

@@ -30,7 +30,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from bloomduo.apps.bench import (
     Sample,
-    parse_levels,
+    add_baseline_run_arguments,
     progress,
     progress_level,
     requests_for_level,
@@ -134,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--dtype", required=True, choices=FLOAT_DTYPES)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--prompt-ids", required=True, help="comma-separated token ids of the prompt")
-    parser.add_argument("--new-tokens", type=int, required=True)
-    parser.add_argument("--concurrency", type=parse_levels, required=True)
-    parser.add_argument("--requests-per-level", type=int)
-    parser.add_argument("--warmup", type=int, default=2, help="size of one unmeasured batch (0: none)")
+    add_baseline_run_arguments(parser)
     args = parser.parse_args(argv)
 
     # Only the JSON may reach stdout, whatever transformers prints along the way.

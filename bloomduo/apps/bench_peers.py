@@ -35,7 +35,7 @@ from typing import Any
 
 from bloomduo.apps.bench import (
     Sample,
-    parse_levels,
+    add_baseline_run_arguments,
     progress,
     progress_level,
     requests_for_level,
@@ -244,11 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     to_measure.add_argument("--quantization", required=True, help="what the conversion stored (reported)")
     to_measure.add_argument("--compute-type", required=True)
     to_measure.add_argument("--threads", type=int, required=True, help="intra_threads: the stack's cores")
-    to_measure.add_argument("--prompt-ids", required=True, help="comma-separated token ids of the prompt")
-    to_measure.add_argument("--new-tokens", type=int, required=True)
-    to_measure.add_argument("--concurrency", type=parse_levels, required=True)
-    to_measure.add_argument("--requests-per-level", type=int)
-    to_measure.add_argument("--warmup", type=int, default=2, help="size of one unmeasured batch (0: none)")
+    add_baseline_run_arguments(to_measure)
     args = parser.parse_args(argv)
 
     # Only the JSON may reach stdout, whatever the converter prints along the way.
