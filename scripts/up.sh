@@ -4,10 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv
-if [ ! -x "$venv/bin/bloomduo" ]; then
+# Installed again when pyproject.toml changed since (an entry point or a package mapping may have moved).
+if [ ! -x "$venv/bin/bloomduo" ] || [ pyproject.toml -nt "$venv/.installed" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --upgrade pip
   "$venv/bin/pip" install --quiet -c constraints.txt torch
   "$venv/bin/pip" install --quiet -c constraints.txt -e .
+  touch "$venv/.installed"
 fi
 exec "$venv/bin/bloomduo" up "$@"
