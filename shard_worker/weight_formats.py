@@ -33,11 +33,9 @@ from torch import nn
 
 from bloomduo.core.logs import get_logger
 from bloomduo.shard_worker.cpu_kernels import (
-    PACKED,
     Fp32Scratch,
     KernelChoice,
     PackedLinear,
-    Route,
     apply_routes,
     candidate_paths,
     choose,
@@ -49,24 +47,14 @@ from bloomduo.shard_worker.distributed import ShardGroup, device_type, import_to
 __all__ = [
     "NPU_FORMAT_FRACTAL_NZ",
     "PackedLinear",
-    "apply_weight_format",
     "format_weights",
     "npu_nz_requested",
-    "pack_linear_weights",
     "packing_applies",
     "to_npu_nz_format",
 ]
 
 log = get_logger(__name__)
 NPU_FORMAT_FRACTAL_NZ = 29  # torch_npu's ACL_FORMAT_FRACTAL_NZ: the weight layout 310P matmuls prefer
-
-
-def apply_weight_format(
-    model: nn.Module, device: torch.device, dtype: torch.dtype, kernels: str = "auto"
-) -> nn.Module:
-    """Convert `model`'s Linear weights, in place, to the layout and kernels fastest on `device`."""
-    format_weights(model, device, dtype, kernels)
-    return model
 
 
 def format_weights(
@@ -76,7 +64,8 @@ def format_weights(
     kernels: str = "auto",
     group: ShardGroup | None = None,
 ) -> str:
-    """apply_weight_format, returning what it chose in words (the worker's Info shows it).
+    """Convert `model`'s Linear weights, in place, to the layout and kernels fastest on `device`, and
+    say what it chose in words (the worker's Info shows it).
 
     `kernels`: the worker's --cpu-kernels; "auto" defers to BLOOMDUO_CPU_KERNELS, else measures. With a
     `group` of several CPU ranks, every rank takes rank 0's measured choice: ranks timing on their own
@@ -134,13 +123,6 @@ def packing_applies(device: torch.device, dtype: torch.dtype) -> bool:
         and torch.backends.mkldnn.is_available()
         and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
-
-
-def pack_linear_weights(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear inside `model` by a PackedLinear, in place, folding each MLP's GELU into
-    the matmul before it."""
-    packed = Route(PACKED, ((1, PACKED),))
-    return apply_routes(model, KernelChoice({group: packed for group in groups_of(model)}), Fp32Scratch())
 
 
 def npu_nz_requested(device: torch.device | str) -> bool:

@@ -33,9 +33,8 @@ from bloomduo.shard_worker.tensor_parallel import RowParallel, add_all_reduces
 from bloomduo.shard_worker.weight_formats import (
     NPU_FORMAT_FRACTAL_NZ,
     PackedLinear,
-    apply_weight_format,
+    format_weights,
     npu_nz_requested,
-    pack_linear_weights,
     packing_applies,
     to_npu_nz_format,
 )
@@ -93,7 +92,7 @@ def test_packed_model_keeps_its_logits_and_all_reduces(monkeypatch):
     reducer = _CountingReducer()
     packed = _model(torch.bfloat16, reducer)
 
-    assert apply_weight_format(packed, CPU, torch.bfloat16) is packed
+    assert format_weights(packed, CPU, torch.bfloat16).startswith("blocks: packed")
     assert not [m for m in packed.modules() if isinstance(m, nn.Linear)]
     linears = [m for m in packed.modules() if isinstance(m, PackedLinear)]
     assert len(linears) == 4 * CONFIG["n_layer"] + 1 and all(m.weight.is_mkldnn for m in linears)
@@ -133,7 +132,7 @@ def test_folded_gelu_rounds_once_so_it_is_closer_to_float32():
         torch.nn.functional.linear(x.float(), fc1.weight.float(), fc1.bias.float()), approximate="tanh"
     )
     unfused = mlp.gelu(fc1(x)).float()
-    pack_linear_weights(mlp)
+    format_weights(mlp, CPU, torch.bfloat16, "packed")
     folded = mlp.gelu(mlp.dense_h_to_4h(x)).float()
     error_folded, error_unfused = (folded - exact).abs().mean(), (unfused - exact).abs().mean()
     assert error_folded < 0.8 * error_unfused, (error_folded, error_unfused)
@@ -159,7 +158,7 @@ def test_switched_off_the_plain_layout_stays_and_computes_the_same(monkeypatch, 
     reducer = _CountingReducer()
     model = _model(dtype, reducer)
     before = _steps(model, _hidden())
-    assert apply_weight_format(model, CPU, dtype) is model
+    assert format_weights(model, CPU, dtype).startswith(("eager", "blocks: eager"))
     assert not [m for m in model.modules() if isinstance(m, PackedLinear)]
     assert all(isinstance(block.mlp.gelu, nn.GELU) for block in model.h)
     for want, got in zip(before, _steps(model, _hidden()), strict=True):
@@ -171,7 +170,7 @@ def test_switched_off_packing_is_never_chosen(monkeypatch):
     monkeypatch.setenv("BLOOMDUO_CPU_PACKED_WEIGHTS", "0")
     monkeypatch.delenv("BLOOMDUO_CPU_KERNELS", raising=False)
     model = _model(torch.bfloat16)
-    apply_weight_format(model, CPU, torch.bfloat16)
+    format_weights(model, CPU, torch.bfloat16)
     assert not [m for m in model.modules() if isinstance(m, PackedLinear)]
     for want, got in zip(_steps(_model(torch.bfloat16), _hidden()), _steps(model, _hidden()), strict=True):
         assert relative_error(got, want, torch.bfloat16) < 4  # other kernels sum in another order
@@ -183,10 +182,10 @@ _AVX2_SCRIPT = textwrap.dedent(
     import json, torch
     from tests.test_worker_weight_formats import CPU, _hidden, _model, _steps
     from tests._dist_helpers import AVX2_CLASS, needs_packing, relative_error
-    from bloomduo.shard_worker.weight_formats import PackedLinear, apply_weight_format, packing_applies
+    from bloomduo.shard_worker.weight_formats import PackedLinear, format_weights, packing_applies
 
     model = _model(torch.bfloat16)
-    apply_weight_format(model, CPU, torch.bfloat16)
+    format_weights(model, CPU, torch.bfloat16)
     errors = [
         relative_error(got, want, torch.bfloat16)
         for got, want in zip(_steps(model, _hidden()), _steps(_model(torch.float32), _hidden()))
@@ -244,7 +243,7 @@ def test_nz_format_casts_every_linear_weight_and_nothing_else(monkeypatch):
     ).requires_grad_(False)
     before = {name: p for name, p in model.named_parameters()}
     monkeypatch.setenv("BLOOMDUO_NPU_NZ", "1")
-    assert apply_weight_format(model, torch.device("meta"), torch.float16) is model  # meta: no npu here
+    assert format_weights(model, torch.device("meta"), torch.float16) == "eager"  # meta: no npu here
     assert not casts
     assert to_npu_nz_format(model) is model
     assert [(tuple(t.shape), acl_format) for t, acl_format in casts] == [
