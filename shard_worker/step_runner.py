@@ -120,8 +120,12 @@ class StepRunner:
         finally:
             reader.cancel()
             self.stream_open = False
-            await loop.run_in_executor(self.executor, engine.reset)
-            log.info("step_stream_closed", peer=peer)
+            # gRPC may cancel a vanished gateway's handler more than once, and a second cancel would
+            # interrupt this await: the reset is queued first and shielded, so it runs (before any step
+            # of a next stream, on the one step thread) however often the handler is cancelled.
+            reset = loop.run_in_executor(self.executor, engine.reset)
+            reset.add_done_callback(lambda _: log.info("step_stream_closed", peer=peer))
+            await asyncio.shield(reset)
 
     async def run(self, step: Step) -> StepDone:
         """Run one step on the step thread; raises StepRejected or GroupBroken."""

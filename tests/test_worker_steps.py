@@ -246,6 +246,38 @@ def test_one_stream_per_worker(engine, make_runner):
     assert not broken
 
 
+def test_the_caches_go_with_a_stream_cancelled_again_while_it_closes(engine, make_runner):
+    """gRPC may cancel a vanished gateway's handler twice; the second cancel lands in the stream's own
+    cleanup. The caches must go all the same: held, they kept the next gateway's stack from ever idling."""
+    runner, broken = make_runner(engine)
+
+    async def scenario() -> list[StepDone]:
+        feed: asyncio.Queue = asyncio.Queue()
+
+        async def handler() -> None:
+            async with runner.stream(_fed(feed), "vanishing") as requests:
+                feed.put_nowait(_step(1, Chunk(0, 0, 3)))
+                await runner.run(await anext(requests))
+                await asyncio.Event().wait()  # waiting for the next step, as a live handler does
+
+        task = asyncio.ensure_future(handler())
+        await _until(lambda: engine.cache.num_sequences == 1)
+        step_thread_free = threading.Event()
+        runner.executor.submit(step_thread_free.wait)  # the reset queues behind this, not yet run
+        task.cancel()
+        await asyncio.sleep(0.05)  # the handler now awaits the reset in its cleanup
+        task.cancel()
+        await asyncio.sleep(0.05)
+        step_thread_free.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await _until(lambda: engine.cache.num_sequences == 0, timeout_s=5)
+        return await _serve(runner, _incoming([_step(2, Chunk(0, 0, 2))]), steps=1)  # free again
+
+    assert [d.step_id for d in asyncio.run(scenario())] == [2]
+    assert not runner.stream_open and not broken
+
+
 def test_a_refused_step_leaves_the_group_alone(engine, make_runner):
     """The real KV cache refuses a chunk that does not continue its sequence, before the model runs a
     layer and so before any collective; the engine, its caches and the stream carry on. With one rank
