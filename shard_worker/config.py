@@ -10,6 +10,8 @@ from pathlib import Path
 
 from bloomduo.core.dtypes import DTYPE_CHOICES
 
+QUANTIZE_CHOICES = ("none", "int8", "int8-dynamic")  # quantize.py says what each does
+
 
 @dataclass(frozen=True)
 class ShardOptions:
@@ -40,5 +42,13 @@ class ShardOptions:
         metadata={
             "help": "bfloat16 CPU Linear kernels: auto (timed at start; BLOOMDUO_CPU_KERNELS when set), "
             "or forced: packed, eager, aten, fp32, or by rows like aten,fp32@8"
+        },
+    )
+    quantize: str = field(
+        default="none",
+        metadata={
+            "help": "int8 weights per output channel for every Linear and the LM head: int8 keeps the "
+            "activations exact, int8-dynamic (cpu) also quantizes them per call, faster and less exact",
+            "choices": QUANTIZE_CHOICES,
         },
     )

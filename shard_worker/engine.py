@@ -18,6 +18,7 @@ from bloomduo.shard_worker.config import ShardOptions
 from bloomduo.shard_worker.distributed import backend_for, init_distributed
 from bloomduo.shard_worker.kv_cache import KVCache
 from bloomduo.shard_worker.model import BloomShardModel
+from bloomduo.shard_worker.quantize import quantize_linears, weight_bytes
 from bloomduo.shard_worker.step_plan import Chunk
 from bloomduo.shard_worker.tensor_parallel import ShardLayout, load_shard, shard_layout
 from bloomduo.shard_worker.weight_formats import format_weights
@@ -73,7 +74,7 @@ class ShardEngine:
         self.dtype = dtype
         self.model_name = model_name
         self.vocab_start, self.vocab_end, self.padded_vocab_size = layout.vocab
-        self.parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.parameter_bytes = weight_bytes(model)
         self.backend = backend_for(device)
         self.local_heads = model.num_local_heads
         self.real_vocab_end = min(self.vocab_end, model.config.vocab_size)
@@ -111,7 +112,10 @@ class ShardEngine:
         model = load_shard(
             checkpoint, options.rank, options.world_size, device=device, dtype=dtype, group=group
         )
+        quantized = quantize_linears(model, options.quantize)
+        # Every CPU rank enters format_weights' agreement on kernels, even with no plain Linear left.
         kernels = format_weights(model, device, dtype, options.cpu_kernels, group)
+        kernels = quantized or kernels
         engine = cls(
             model,
             layout,

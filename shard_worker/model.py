@@ -170,7 +170,7 @@ class BloomShardModel(nn.Module):
 
     def new_kv_cache(self, *, initial_capacity: int = 128, initial_slots: int = 4) -> KVCache:
         """An empty cache shaped for this model's (local) heads, on its device and in its dtype."""
-        weight = self.lm_head.weight
+        weight = self.ln_f.weight  # the LM head's may be int8 (quantize.py)
         return KVCache(
             len(self.h),
             self.num_local_heads,
@@ -194,7 +194,7 @@ class BloomShardModel(nn.Module):
                 f"the chunks cover {sum(sizes)} tokens but hidden_states has {hidden_states.shape[0]} rows"
             )
         cache.prepare(chunks)
-        weight = self.lm_head.weight
+        weight = self.ln_f.weight
         x = hidden_states.to(device=weight.device, dtype=weight.dtype)
         plan = plan_step(chunks, cache, self.h[0].self_attention.alibi_slopes, x.dtype)
         for layer, block in enumerate(self.h):

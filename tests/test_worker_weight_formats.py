@@ -73,7 +73,7 @@ def _model(dtype: torch.dtype, reducer: _CountingReducer | None = None) -> Bloom
 def _steps(model: BloomShardModel, hidden: torch.Tensor) -> list[torch.Tensor]:
     """A ragged prefill, a decode step of both sequences, then a chunk joining a decode."""
     cache = model.new_kv_cache(initial_capacity=4)
-    hidden = hidden.to(model.lm_head.weight.dtype)
+    hidden = hidden.to(model.ln_f.weight.dtype)
     return [
         model(hidden[:9], [Chunk(0, 0, 5), Chunk(1, 0, 4)], cache),
         model(hidden[9:11], [Chunk(0, 5, 1), Chunk(1, 4, 1)], cache),

@@ -19,6 +19,7 @@ from bloomduo.apps.flags import to_flags
 from bloomduo.core.dtypes import DTYPE_CHOICES
 from bloomduo.core.logs import get_logger
 from bloomduo.gateway.config import RequestLimits, SchedulerSettings
+from bloomduo.shard_worker.config import QUANTIZE_CHOICES
 
 log = get_logger(__name__)
 
@@ -103,6 +104,13 @@ class StackOptions:
         default="127.0.0.1", metadata={"help": "public address of the gateway (0.0.0.0 for all)"}
     )
     port: int = field(default=50051, metadata={"help": "the gateway's public port"})
+    quantize: str = field(
+        default="none",
+        metadata={
+            "help": "int8 weights on every worker: int8 or int8-dynamic (see bloomduo shard)",
+            "choices": QUANTIZE_CHOICES,
+        },
+    )
     threads_per_shard: int | None = field(
         default=None, metadata={"help": "torch threads per worker on cpu (default: cores / W)"}
     )
@@ -167,7 +175,7 @@ class Stack:
                 *CLI, "shard", "--model", str(opts.model_dir), "--rank", str(rank),
                 "--world-size", str(opts.num_shards), "--dist-init", self.dist_init,
                 "--host", host, "--port", port, "--device", shard_device(opts.device, rank),
-                "--dtype", opts.dtype, "--threads", str(threads),
+                "--dtype", opts.dtype, "--quantize", opts.quantize, "--threads", str(threads),
                 *own_cores[rank],
                 *(("--metrics-port", str(opts.metrics_port + 1 + rank)) if opts.metrics_port else ()),
                 "--kv-cache-slots", str(opts.scheduler.max_batch_size),

@@ -1,0 +1,106 @@
+"""int8 weights (`--quantize`, shard_worker/quantize.py): each Int8Linear's error stays within what
+rounding its weights (and, for int8-dynamic, its activations) can cause; a quantized model keeps its
+tensor-parallel all-reduces and close logits; a stack started with `up --quantize` serves from int8
+weights, in a real two-rank group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bloomduo.client import Client
+from bloomduo.shard_worker.quantize import (
+    INT8,
+    INT8_DYNAMIC,
+    Int8Linear,
+    per_channel_int8,
+    quantize_linears,
+    weight_bytes,
+)
+from tests._dist_helpers import relative_error
+from tests.conftest import running_stack
+from tests.test_worker_weight_formats import CONFIG, _CountingReducer, _hidden, _model, _steps
+
+SCHEMES = [INT8, INT8_DYNAMIC]
+
+
+def _linear(dtype: torch.dtype) -> tuple[nn.Linear, torch.Tensor]:
+    torch.manual_seed(1)
+    linear = nn.Linear(256, 192).to(dtype).requires_grad_(False)
+    x = torch.randn(33, 256).to(dtype)
+    x[3, 7] = 9.0  # one outlier feature, as BLOOM's activations have
+    return linear, x
+
+
+def test_per_channel_weights_round_to_the_nearest_step():
+    weight = torch.randn(48, 80, generator=torch.Generator().manual_seed(2))
+    weight[5] = 0.0  # an all-zero row keeps a usable (tiny) scale
+    q, scale = per_channel_int8(weight)
+    assert q.dtype == torch.int8 and q.abs().max() == 127 and scale.shape == (48,)
+    assert bool(((q.float() * scale[:, None] - weight).abs() <= scale[:, None] / 2 * (1 + 1e-6)).all())
+    assert bool((q[5] == 0).all()) and scale[5] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("rows", [1, 4, 33])
+def test_int8_linear_errs_no_more_than_its_rounding_allows(scheme, dtype, rows):
+    """Bound per output: sum_k |x_k| * (weight step)/2, plus for int8-dynamic sum_k |w_k| * (activation
+    step), plus one rounding of the output to `dtype` and its float32 accumulation."""
+    linear, x = _linear(dtype)
+    x = x[:rows]
+    quantized = Int8Linear(linear, scheme)
+    got = quantized(x).double()
+    w, b, xd = linear.weight.double(), linear.bias.double(), x.double()
+    exact = xd @ w.T + b
+    _, scale = per_channel_int8(linear.weight)
+    bound = xd.abs() @ (scale.double()[:, None].expand_as(w)).T / 2
+    if scheme == INT8_DYNAMIC:
+        step = float(xd.max().clamp(min=0) - xd.min().clamp(max=0)) / 127  # 7-bit when reduce_range
+        bound += step * (w.abs().sum(dim=1) + scale.double() * 127 / 2)[None, :]
+    bound += torch.finfo(dtype).eps * (exact.abs() + bound) + 1e-6
+    assert got.dtype == torch.float64 and quantized(x).dtype == dtype
+    assert bool(((got - exact).abs() <= bound).all()), float(((got - exact).abs() / bound).max())
+    assert float((got - exact).abs().max()) > 0  # it really computed from int8 weights
+    assert quantized.nbytes == 192 * 256 + 192 * 4
+
+
+def test_int8_dynamic_is_refused_off_the_cpu():
+    linear = nn.Linear(8, 8, device="meta")
+    with pytest.raises(ValueError, match="int8-dynamic runs on the CPU only"):
+        Int8Linear(linear, INT8_DYNAMIC)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_quantized_model_keeps_its_all_reduces_and_close_logits(scheme, dtype):
+    full = _steps(_model(dtype), _hidden())
+    reducer = _CountingReducer()
+    model = _model(dtype, reducer)
+    before = weight_bytes(model)
+    assert quantize_linears(model, scheme).startswith(scheme)
+    assert not [m for m in model.modules() if type(m) is nn.Linear]
+    assert len([m for m in model.modules() if isinstance(m, Int8Linear)]) == 4 * CONFIG["n_layer"] + 1
+    matrices = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int8Linear))
+    assert weight_bytes(model) < before - matrices * (dtype.itemsize - 1) + matrices // 10
+    for want, got in zip(full, _steps(model, _hidden()), strict=True):
+        assert got.dtype == dtype and relative_error(got, want, torch.bfloat16) < 16  # a few bf16 steps
+    assert reducer.calls == 2 * 3 * CONFIG["n_layer"]  # attention and MLP, each of the 3 steps
+
+
+def test_quantize_none_changes_nothing():
+    model = _model(torch.float32)
+    assert quantize_linears(model, "none") == ""
+    assert len([m for m in model.modules() if type(m) is nn.Linear]) == 4 * CONFIG["n_layer"] + 1
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_up_quantize_serves_from_int8_weights(demo_model, scheme):
+    model_dir = demo_model()
+    with running_stack(model_dir, dtype="bfloat16", quantize=scheme) as stack, Client(stack.target) as bloom:
+        info = bloom.info()
+        assert [kernels.split(" ")[0] for kernels in info.worker_kernels] == [scheme, scheme]
+        result = bloom.generate("The int8 stack", max_new_tokens=6, ignore_eos=True, details=True)
+        assert result.generated_tokens == 6
+        assert len(result.tokens) == 6 and all(token.logprob <= 0 for token in result.tokens)
