@@ -90,3 +90,15 @@ class GatewayOptions:
     shard_tls: TlsFiles = NO_TLS  # towards the workers: their CA, and our client certificate for mTLS
     auth_token: str | None = None  # required as "authorization: Bearer <token>" when set
     log_text: bool = _flag(False, "log prompts and generated text (off: privacy)")
+    # The HTTP front (OpenAI and TGI APIs) listens on the gRPC port's host, in the same process and loop.
+    http_port: int = _flag(0, "serve the OpenAI and TGI HTTP APIs on this port (0: off)")
+    served_model_name: str | None = _flag(
+        None, "model id of the HTTP APIs (default: the checkpoint directory's name)"
+    )
+    chat_template: Path | None = field(
+        default=None,
+        metadata={
+            "help": "Jinja chat template for /v1/chat/completions "
+            "(default: tokenizer_config.json's, else plain turns)"
+        },
+    )

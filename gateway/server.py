@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import functools
 import inspect
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -26,10 +27,13 @@ from bloomduo.core.serving import (
 )
 from bloomduo.gateway.admission import Admission
 from bloomduo.gateway.auth import BearerTokenAuth, RejectUndecodable
+from bloomduo.gateway.chat_template import load_chat_template
 from bloomduo.gateway.config import GatewayOptions
 from bloomduo.gateway.embedding import Embedder
 from bloomduo.gateway.engine import Engine, GenerationResult, StreamEvent
 from bloomduo.gateway.errors import RequestFailed
+from bloomduo.gateway.http_api import HttpServer, create_app
+from bloomduo.gateway.http_common import HttpFront
 from bloomduo.gateway.request import GenerationParameters
 from bloomduo.gateway.shards import ShardPool
 from bloomduo.gateway.stopping import FinishReason
@@ -210,6 +214,21 @@ async def _connect(
     log.info("gateway_ready", shards=len(infos), dtype=infos[0].dtype)
 
 
+def _http_server(options: GatewayOptions, servicer: GenerationServicer, host: str) -> HttpServer:
+    """The OpenAI and TGI front on the servicer's admission (so on its engine), bound but not started."""
+    front = HttpFront(
+        admission=servicer.admission,
+        tokenizer=servicer.tokenizer,
+        info=servicer.info,
+        model_name=options.served_model_name or options.model_dir.name,
+        render_chat=load_chat_template(options.model_dir, options.chat_template),
+        auth_token=options.auth_token,
+        created=int(time.time()),
+    )
+    app = create_app(front, options.limits.max_request_bytes)
+    return HttpServer(app, host, options.http_port, options.shutdown_grace_s, options.tls)
+
+
 async def serve(options: GatewayOptions, host: str, port: int) -> int:
     """Serve until SIGTERM/SIGINT, then drain in-flight requests; returns the exit status."""
     checkpoint = Checkpoint(options.model_dir)
@@ -237,7 +256,10 @@ async def serve(options: GatewayOptions, host: str, port: int) -> int:
     health = Health(server, [SERVICE_NAME])
     enable_reflection(server, [SERVICE_NAME])
     bound = bind(server, f"{host}:{port}", options.tls)
+    http = _http_server(options, servicer, host) if options.http_port else None
     await server.start()
+    if http is not None:
+        http.start()
     await health.set(False)
     log.info(
         "gateway_listening",
@@ -245,6 +267,7 @@ async def serve(options: GatewayOptions, host: str, port: int) -> int:
         shards=options.shard_targets,
         tls=options.tls.enabled,
         auth=bool(options.auth_token),
+        http=f"{host}:{http.port}" if http is not None else None,
     )
     pool = ShardPool(options.shard_targets, vocab_size, options.step_timeout_s, options.shard_tls)
     stop = stop_event_on_signals()
@@ -264,7 +287,7 @@ async def serve(options: GatewayOptions, host: str, port: int) -> int:
     engine = servicer.admission.engine
     in_flight = engine.in_flight if engine is not None else 0
     log.info("gateway_draining", in_flight=in_flight, grace_s=options.shutdown_grace_s)
-    await server.stop(grace=options.shutdown_grace_s)
+    await asyncio.gather(server.stop(grace=options.shutdown_grace_s), *([http.stop()] if http else ()))
     if engine is not None:
         await engine.stop()
     await pool.close()

@@ -51,10 +51,16 @@ def model(demo_model: Callable[..., Path]) -> TinyModel:
 
 
 @contextmanager
-def running_stack(model_dir: Path, num_shards: int = 2, **options) -> Iterator[Stack]:
+def running_stack(model_dir: Path, num_shards: int = 2, http_port: int = 0, **options) -> Iterator[Stack]:
+    """HTTP stays off unless asked for: stacks of tests run side by side, and `up`'s 8080 is one port."""
     stack = Stack(
         StackOptions(
-            model_dir=model_dir, num_shards=num_shards, port=free_port(), threads_per_shard=1, **options
+            model_dir=model_dir,
+            num_shards=num_shards,
+            port=free_port(),
+            http_port=http_port,
+            threads_per_shard=1,
+            **options,
         )
     )
     try:

@@ -104,6 +104,9 @@ class StackOptions:
         default="127.0.0.1", metadata={"help": "public address of the gateway (0.0.0.0 for all)"}
     )
     port: int = field(default=50051, metadata={"help": "the gateway's public port"})
+    http_port: int = field(
+        default=8080, metadata={"help": "the gateway's OpenAI and TGI HTTP port on the same host (0: off)"}
+    )
     quantize: str = field(
         default="none",
         metadata={
@@ -154,7 +157,8 @@ class Stack:
         metrics = (
             range(opts.metrics_port, opts.metrics_port + opts.num_shards + 1) if opts.metrics_port else ()
         )
-        return {opts.port, *metrics, *(int(target.rsplit(":", 1)[1]) for target in self.shard_targets)}
+        shards = (int(target.rsplit(":", 1)[1]) for target in self.shard_targets)
+        return {opts.port, opts.http_port, *metrics, *shards} - {0}
 
     def shard_commands(self) -> list[list[str]]:
         """One `bloomduo shard` per rank: the same CLI docker-compose runs."""
@@ -188,7 +192,7 @@ class Stack:
         opts = self.options
         return [
             *CLI, "gateway", "--model", str(opts.model_dir), "--shards", ",".join(self.shard_targets),
-            "--host", opts.host, "--port", str(opts.port),
+            "--host", opts.host, "--port", str(opts.port), "--http-port", str(opts.http_port),
             *to_flags(opts.limits), *to_flags(opts.scheduler), *opts.gateway_args,
             *(("--metrics-port", str(opts.metrics_port)) if opts.metrics_port else ()),
         ]  # fmt: skip
@@ -221,10 +225,16 @@ class Stack:
 
 
 def start_private_stack(model_dir: Path, num_shards: int, device: str, dtype: str) -> Stack:
-    """A stack on a free loopback port for tools that need one for a while (bench, eval); stop() it."""
+    """A stack on a free loopback port for tools that need one for a while (bench, eval); stop() it.
+    They speak gRPC, so no HTTP port is taken."""
     stack = Stack(
         StackOptions(
-            model_dir=model_dir.resolve(), num_shards=num_shards, device=device, dtype=dtype, port=free_port()
+            model_dir=model_dir.resolve(),
+            num_shards=num_shards,
+            device=device,
+            dtype=dtype,
+            port=free_port(),
+            http_port=0,
         )
     )
     try:
@@ -260,7 +270,11 @@ def run_stack(options: StackOptions) -> int:
     restarts: list[float] = []
     try:
         stack.start()
-        print(f"bloomduo is serving {options.model_dir.name} on {stack.target} (Ctrl-C stops it)", flush=True)
+        http = f" and HTTP (OpenAI, TGI) on port {options.http_port}" if options.http_port else ""
+        print(
+            f"bloomduo is serving {options.model_dir.name} on {stack.target}{http} (Ctrl-C stops it)",
+            flush=True,
+        )
         while True:
             time.sleep(0.2)
             dead_shards = [p for p in stack.shards if p.poll() is not None]

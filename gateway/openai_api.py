@@ -1,0 +1,365 @@
+"""OpenAI's API under /v1: models, completions and chat completions, translated onto GenerationParameters.
+
+Differences from OpenAI's service, each refused by name rather than ignored: `logprobs` (and chat's
+`top_logprobs`) above 0 need the engine's top-n alternatives, except 1 when greedy (temperature 0), where
+the chosen token is the top one; `echo` with `logprobs` needs the prompt's log-probabilities; neither is
+computed by the engine yet. Penalties, `logit_bias`, `best_of` and `suffix` are accepted only at values
+that ask for nothing. `max_tokens` defaults to the gateway's default (20).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal
+
+import tokenizers
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import Field
+
+from bloomduo.gateway.engine import GeneratedToken, GenerationResult
+from bloomduo.gateway.errors import ValidationError
+from bloomduo.gateway.http_common import (
+    Body,
+    Choice,
+    Failure,
+    HttpFront,
+    Protocol,
+    front_of,
+    gathered,
+    pieces,
+    refuse_unless_neutral,
+    seeds,
+)
+from bloomduo.gateway.request import GenerationParameters
+from bloomduo.gateway.stopping import FinishReason
+
+MAX_N = 16  # choices per prompt: each is a sequence of its own in the batch
+MAX_LOGPROBS = 5  # OpenAI's bound on `logprobs`
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on chat's `top_logprobs`
+
+_ERROR_TYPES = {
+    "validation": ("invalid_request_error", None),
+    "unauthorized": ("invalid_request_error", "invalid_api_key"),
+    "not_found": ("invalid_request_error", "model_not_found"),
+    "too_large": ("invalid_request_error", "request_too_large"),
+    "overloaded": ("rate_limit_error", "rate_limit_exceeded"),
+    "unavailable": ("server_error", "service_unavailable"),
+}
+
+
+def _error_body(failure: Failure) -> dict[str, Any]:
+    kind, code = _ERROR_TYPES[failure.kind]
+    return {"error": {"message": failure.message, "type": kind, "param": failure.param, "code": code}}
+
+
+OPENAI = Protocol(
+    name="openai",
+    statuses={
+        "validation": 400,
+        "unauthorized": 401,
+        "not_found": 404,
+        "too_large": 413,
+        "overloaded": 429,
+        "unavailable": 503,
+    },
+    body=_error_body,
+    field_names={"max_new_tokens": "max_tokens"},
+)
+
+FINISH_REASONS = {
+    FinishReason.LENGTH: "length",
+    FinishReason.EOS_TOKEN: "stop",
+    FinishReason.STOP_SEQUENCE: "stop",
+}
+_ALTERNATIVES = (
+    "alternatives to the chosen token need the engine's top-n per step, which it does not compute yet; "
+    "0 gives the chosen token's logprob (1 too with temperature 0, where greedy picks the top token)"
+)
+_NEUTRAL = {
+    "presence_penalty": ((None, 0), "is not implemented by this server; leave it unset or 0"),
+    "frequency_penalty": ((None, 0), "is not implemented by this server; leave it unset or 0"),
+    "logit_bias": ((None, {}), "is not implemented by this server; leave it unset"),
+}
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class _Generation(Body):
+    """What completions and chat completions share."""
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None  # OpenAI's default is 1: sampling
+    top_p: float | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: benchmarks generate exactly max_tokens
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def parameters(self, max_tokens: int | None) -> list[GenerationParameters]:
+        """One GenerationParameters per choice."""
+        refuse_unless_neutral(self, _NEUTRAL)
+        temperature = 1.0 if self.temperature is None else self.temperature
+        if temperature < 0:
+            raise ValidationError("temperature", f"must be >= 0 (0 is greedy), got {temperature}")
+        sampled = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
+        return [
+            GenerationParameters(
+                max_new_tokens=max_tokens,
+                top_p=1.0 if self.top_p is None else self.top_p,
+                seed=seed,
+                stop=self.stops,
+                ignore_eos=self.ignore_eos,
+                **sampled,
+            )
+            for seed in seeds(self.seed, self.n)
+        ]
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def rendered(self) -> dict[str, Any]:
+        parts = self.content
+        content = parts if isinstance(parts, str) else "".join(part.text for part in parts or ())
+        return {"role": self.role, "content": content, **({"name": self.name} if self.name else {})}
+
+
+class ChatRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+router = APIRouter(prefix="/v1")
+
+
+@router.get("/models")
+async def models(request: Request) -> dict[str, Any]:
+    front = front_of(request)
+    model = {"id": front.model_name, "object": "model", "created": front.created, "owned_by": "bloomduo"}
+    return {"object": "list", "data": [model]}
+
+
+def _check_model(front: HttpFront, model: str) -> JSONResponse | None:
+    if model == front.model_name:
+        return None
+    message = f"The model {model!r} does not exist; this server serves {front.model_name!r}"
+    return OPENAI.response(Failure("not_found", message, "model"))
+
+
+def _check_alternatives(name: str, count: int | None, greedy: bool) -> None:
+    if count is not None and count > (1 if greedy else 0):
+        raise ValidationError(name, _ALTERNATIVES)
+
+
+def _text_of_ids(tokenizer: tokenizers.Tokenizer, ids: list[int]) -> str:
+    """The prompt the engine takes (text) for a prompt of token ids, when tokenizing it gives those ids."""
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    if outside := [token for token in ids if not 0 <= token < vocab]:
+        raise ValidationError("prompt", f"token id {outside[0]} is outside the vocabulary [0, {vocab})")
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    if tokenizer.encode(text, add_special_tokens=False).ids != ids:
+        raise ValidationError(
+            "prompt",
+            "these token ids are not what their text tokenizes to, and the engine takes prompts as text; "
+            "send the text, or the ids the tokenizer gives for it",
+        )
+    return text
+
+
+async def _prompts(tokenizer: tokenizers.Tokenizer, prompt: str | list) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ValidationError("prompt", "must not be empty")
+    if isinstance(prompt[0], str):
+        return list(prompt)
+    lists = [prompt] if isinstance(prompt[0], int) else prompt
+    return [await asyncio.to_thread(_text_of_ids, tokenizer, ids) for ids in lists]
+
+
+def _usage(choices: Sequence[Choice | GenerationResult], per_prompt: int) -> dict[str, int]:
+    results = [c.result if isinstance(c, Choice) else c for c in choices]
+    prompt = sum(result.prompt_tokens for result in results[::per_prompt])
+    completion = sum(result.generated_tokens for result in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _completion_logprobs(tokens: list[GeneratedToken], offset: int) -> dict[str, Any]:
+    starts = itertools.accumulate((len(token.text) for token in tokens[:-1]), initial=offset)
+    return {
+        "tokens": [token.text for token in tokens],
+        "token_logprobs": [token.logprob for token in tokens],
+        "top_logprobs": [{token.text: token.logprob} for token in tokens],
+        "text_offset": list(starts),
+    }
+
+
+def _chat_logprobs(tokens: list[GeneratedToken], top: bool) -> dict[str, Any]:
+    def entry(token: GeneratedToken) -> dict[str, Any]:
+        return {"token": token.text, "logprob": token.logprob, "bytes": list(token.text.encode("utf-8"))}
+
+    return {"content": [{**entry(t), "top_logprobs": [entry(t)] if top else []} for t in tokens]}
+
+
+@router.post("/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+    front = front_of(request)
+    if (refusal := _check_model(front, body.model)) is not None:
+        return refusal
+    refuse_unless_neutral(
+        body,
+        {
+            "best_of": ((None, 1), "is not implemented by this server; leave it unset or 1"),
+            "suffix": ((None, ""), "is not implemented by this server; leave it unset"),
+        },
+    )
+    if body.echo and body.logprobs is not None:
+        message = "with logprobs needs the prompt's log-probabilities, which the engine does not compute yet"
+        raise ValidationError("echo", message)
+    _check_alternatives("logprobs", body.logprobs, body.greedy)
+    parameters = body.parameters(body.max_tokens)
+    prompts = await _prompts(front.tokenizer, body.prompt)
+    streams = await front.admit(request.state.request_id, [(p, q) for p in prompts for q in parameters])
+    # With echo a choice's text starts with its prompt, and text offsets count from there.
+    prefixes = [prompt if body.echo else "" for prompt in prompts for _ in parameters]
+    head = {"id": f"cmpl-{request.state.request_id}", "object": "text_completion", "model": front.model_name}
+
+    def choice(index: int, text: str, tokens: list[GeneratedToken], offset: int, result) -> dict[str, Any]:
+        logprobs = None if body.logprobs is None else _completion_logprobs(tokens, offset)
+        finish = None if result is None else FINISH_REASONS[result.finish_reason]
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    if not body.stream:
+        choices = await gathered(pieces(streams, body.stops), len(streams))
+        return JSONResponse(
+            {
+                **head,
+                "created": front.created,
+                "choices": [
+                    choice(i, prefixes[i] + c.text, c.tokens, len(prefixes[i]), c.result)
+                    for i, c in enumerate(choices)
+                ],
+                "usage": _usage(choices, len(parameters)),
+            }
+        )
+
+    async def chunks() -> AsyncIterator[dict[str, Any] | str]:
+        usage = {"usage": None} if body.include_usage else {}
+        offsets = [len(prefix) for prefix in prefixes]
+        results: list[GenerationResult] = [None] * len(streams)  # type: ignore[list-item]
+        for index, prefix in enumerate(prefixes):
+            if prefix:
+                echoed = choice(index, prefix, [], 0, None)
+                yield {**head, "created": front.created, "choices": [echoed], **usage}
+        async for piece in pieces(streams, body.stops):
+            chunk = choice(piece.index, piece.text, piece.tokens, offsets[piece.index], piece.result)
+            offsets[piece.index] += sum(len(token.text) for token in piece.tokens)
+            results[piece.index] = piece.result or results[piece.index]
+            yield {**head, "created": front.created, "choices": [chunk], **usage}
+        if body.include_usage:
+            yield {**head, "created": front.created, "choices": [], "usage": _usage(results, len(parameters))}
+        yield "[DONE]"
+
+    return OPENAI.events(chunks())
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
+    front = front_of(request)
+    if (refusal := _check_model(front, body.model)) is not None:
+        return refusal
+    _check_alternatives("top_logprobs", body.top_logprobs, body.greedy)
+    if body.top_logprobs and not body.logprobs:
+        raise ValidationError("top_logprobs", "needs logprobs: true")
+    top = bool(body.top_logprobs)
+    parameters = body.parameters(
+        body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+    )
+    prompt = front.render_chat([message.rendered() for message in body.messages])
+    streams = await front.admit(request.state.request_id, [(prompt, q) for q in parameters])
+    head = {"id": f"chatcmpl-{request.state.request_id}", "model": front.model_name, "created": front.created}
+
+    def logprobs(tokens: list[GeneratedToken]) -> dict[str, Any] | None:
+        return _chat_logprobs(tokens, top) if body.logprobs else None
+
+    def finish(result: GenerationResult | None) -> str | None:
+        return None if result is None else FINISH_REASONS[result.finish_reason]
+
+    if not body.stream:
+        choices = await gathered(pieces(streams, body.stops), len(streams))
+        return JSONResponse(
+            {
+                **head,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": logprobs(c.tokens),
+                        "finish_reason": finish(c.result),
+                    }
+                    for i, c in enumerate(choices)
+                ],
+                "usage": _usage(choices, len(streams)),
+            }
+        )
+
+    async def chunks() -> AsyncIterator[dict[str, Any] | str]:
+        head_ = {**head, "object": "chat.completion.chunk", **({"usage": None} if body.include_usage else {})}
+
+        def chunk(index: int, delta: dict[str, str], tokens: list[GeneratedToken], result=None) -> dict:
+            entry = {"index": index, "delta": delta, "logprobs": logprobs(tokens)}
+            return {**head_, "choices": [{**entry, "finish_reason": finish(result)}]}
+
+        results: list[GenerationResult] = [None] * len(streams)  # type: ignore[list-item]
+        for index in range(len(streams)):
+            yield chunk(index, {"role": "assistant", "content": ""}, [])
+        async for piece in pieces(streams, body.stops):
+            results[piece.index] = piece.result or results[piece.index]
+            yield chunk(piece.index, {"content": piece.text}, piece.tokens, piece.result)
+        if body.include_usage:
+            yield {**head_, "choices": [], "usage": _usage(results, len(streams))}
+        yield "[DONE]"
+
+    return OPENAI.events(chunks())

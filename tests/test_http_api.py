@@ -1,0 +1,283 @@
+"""The HTTP front (OpenAI's and TGI's APIs) on the real two-shard stack, through the real, unmodified
+clients people point at it: the openai SDK (sync and async) and huggingface_hub's InferenceClient.
+Greedy answers must equal the gRPC SDK's token for token: the HTTP layer only translates."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+from huggingface_hub import InferenceClient
+from huggingface_hub.errors import TextGenerationError
+
+from bloomduo.apps.launcher import free_port
+from bloomduo.client import BloomduoError, Client
+from bloomduo.gateway.chat_template import load_chat_template, plain_turns
+from bloomduo.gateway.config import RequestLimits
+from tests.conftest import running_stack
+
+TOKEN = "http-s3cret"
+GREEDY = {"max_tokens": 12, "temperature": 0, "extra_body": {"ignore_eos": True}}
+LONG = {"max_tokens": 1500, "temperature": 0, "extra_body": {"ignore_eos": True}, "stream": True}
+
+
+@dataclass(frozen=True)
+class HttpStack:
+    grpc: str
+    url: str
+    model: str
+
+
+@pytest.fixture(scope="module")
+def stack(demo_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpStack]:
+    token_file = tmp_path_factory.mktemp("http") / "token"
+    token_file.write_text(TOKEN)
+    model_dir = demo_model()
+    http_port = free_port()
+    gateway_args = ("--auth-token-file", str(token_file))
+    with running_stack(
+        model_dir,
+        num_shards=2,
+        http_port=http_port,
+        gateway_args=gateway_args,
+        limits=RequestLimits(max_concurrent_requests=2),
+    ) as running:
+        yield HttpStack(running.target, f"http://127.0.0.1:{http_port}", model_dir.name)
+
+
+def _openai(stack: HttpStack, api_key: str = TOKEN) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=api_key, max_retries=0)
+
+
+def _grpc_greedy(stack: HttpStack, prompt: str, max_new_tokens: int = 12):
+    with Client(stack.grpc, token=TOKEN) as bloom:
+        return bloom.generate(prompt, max_new_tokens=max_new_tokens, ignore_eos=True, details=True)
+
+
+def _http(stack: HttpStack, path: str, body: dict | None = None, headers: dict | None = None):
+    """(status, headers, parsed body) of a raw request, for what no client exposes."""
+    request = urllib.request.Request(
+        stack.url + path,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"content-type": "application/json", **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.headers, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, json.loads(error.read())
+
+
+def test_openai_completions_equal_grpc_token_for_token(stack: HttpStack) -> None:
+    prompt = "The capital of France is"
+    expected = _grpc_greedy(stack, prompt)
+    with _openai(stack) as client:
+        answer = client.completions.create(model=stack.model, prompt=prompt, logprobs=0, **GREEDY)
+        (choice,) = answer.choices
+        assert choice.text == expected.text and choice.finish_reason == "length"
+        assert choice.logprobs.tokens == [token.text for token in expected.tokens]
+        assert choice.logprobs.token_logprobs == pytest.approx([t.logprob for t in expected.tokens], abs=1e-5)
+        assert choice.logprobs.text_offset[0] == 0
+        assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (expected.prompt_tokens, 12)
+
+        # The same prompt as token ids, and as a list of prompts next to another one: one choice each.
+        with Client(stack.grpc, token=TOKEN) as bloom:
+            ids = bloom.tokenize(prompt)
+        listed = client.completions.create(model=stack.model, prompt=[ids, ids[:2]], **GREEDY)
+        assert [c.index for c in listed.choices] == [0, 1] and listed.choices[0].text == expected.text
+
+        streamed = list(
+            client.completions.create(
+                model=stack.model,
+                prompt=prompt,
+                stream=True,
+                stream_options={"include_usage": True},
+                **GREEDY,
+            )
+        )
+        *chunks, last = streamed
+        assert "".join(chunk.choices[0].text for chunk in chunks) == expected.text
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert last.choices == [] and last.usage.completion_tokens == 12
+
+        # n choices are independent draws, each reproducible from its seed.
+        sampled = {"model": stack.model, "prompt": prompt, "max_tokens": 6, "n": 2, "seed": 7}
+        first, again = (client.completions.create(**sampled) for _ in range(2))
+        assert [c.text for c in first.choices] == [c.text for c in again.choices]
+        assert first.usage.prompt_tokens == expected.prompt_tokens and first.usage.completion_tokens <= 12
+
+        stopped = client.completions.create(
+            model=stack.model, prompt=prompt, stop=[expected.text[3:6]], **GREEDY
+        )
+        assert stopped.choices[0].text == expected.text[:3] and stopped.choices[0].finish_reason == "stop"
+
+
+def test_openai_async_chat_renders_plain_turns_and_streams_role_first(stack: HttpStack) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    expected = _grpc_greedy(stack, plain_turns(messages))
+
+    async def chat() -> tuple:
+        async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=TOKEN, max_retries=0) as client:
+            answer = await client.chat.completions.create(model=stack.model, messages=messages, **GREEDY)
+            stream = await client.chat.completions.create(
+                model=stack.model,
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+                **GREEDY,
+            )
+            return answer, [chunk async for chunk in stream]
+
+    answer, chunks = asyncio.run(chat())
+    (choice,) = answer.choices
+    assert choice.message.role == "assistant" and choice.message.content == expected.text
+    assert choice.finish_reason == "length" and answer.usage.total_tokens == expected.prompt_tokens + 12
+    first, *deltas, usage = chunks
+    assert first.choices[0].delta.role == "assistant"
+    assert "".join(chunk.choices[0].delta.content for chunk in deltas) == expected.text
+    assert usage.choices == [] and usage.usage.completion_tokens == 12
+
+
+def test_openai_refusals_are_the_sdks_typed_errors_naming_the_field(stack: HttpStack) -> None:
+    with Client(stack.grpc, token=TOKEN) as bloom, pytest.raises(BloomduoError) as grpc_refusal:
+        bloom.generate("Hello", max_new_tokens=0)
+    with _openai(stack) as client:
+        create = client.completions.create
+        with pytest.raises(openai.BadRequestError) as refused:
+            create(model=stack.model, prompt="Hello", max_tokens=0)
+        # The gRPC refusal's words, with the field under OpenAI's name.
+        assert refused.value.param == "max_tokens"
+        assert refused.value.body["message"] == grpc_refusal.value.message.replace(
+            "max_new_tokens", "max_tokens"
+        )
+        for extra, param in (
+            ({"extra_body": {"frobnicate": 1}}, "frobnicate"),  # unknown: never silently ignored
+            ({"logprobs": 3}, "logprobs"),  # top-n alternatives: not computed by the engine yet
+            ({"logprobs": 1, "echo": True}, "echo"),  # prompt logprobs: not computed by the engine yet
+            ({"presence_penalty": 0.5}, "presence_penalty"),
+            ({"n": 0}, "n"),
+        ):
+            with pytest.raises(openai.BadRequestError) as refused:
+                create(model=stack.model, prompt="Hello", **extra)
+            assert refused.value.param == param and param in refused.value.message
+        with pytest.raises(openai.NotFoundError):
+            create(model="gpt-4", prompt="Hello")
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=stack.model, messages=[{"role": "robot", "content": "x"}])
+        assert refused.value.param == "messages.0.role"
+    with _openai(stack, api_key="wrong") as client, pytest.raises(openai.AuthenticationError):
+        client.models.list()
+
+    # Over the concurrency limit (2 for this stack): 429 with Retry-After, which the SDK would honour.
+    with _openai(stack) as client:
+        streams = [
+            client.completions.create(model=stack.model, prompt="A long story", **LONG) for _ in range(2)
+        ]
+        for stream in streams:
+            next(iter(stream))
+        with pytest.raises(openai.RateLimitError) as overloaded:
+            client.completions.create(model=stack.model, prompt="Hello", max_tokens=2)
+        assert overloaded.value.response.headers["retry-after"] == "1"
+        for stream in streams:
+            stream.close()  # a client gone cancels its sequence
+    with Client(stack.grpc, token=TOKEN) as bloom:
+        deadline = time.monotonic() + 30
+        while bloom.info().load.running_requests and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert bloom.info().load.running_requests == 0
+
+
+def test_tgi_clients_equal_grpc(stack: HttpStack) -> None:
+    prompt = "Once upon a time"
+    expected = _grpc_greedy(stack, prompt, max_new_tokens=8)
+    client = InferenceClient(model=stack.url, token=TOKEN)
+    assert client.text_generation(prompt, max_new_tokens=8) == expected.text
+    detailed = client.text_generation(prompt, max_new_tokens=8, details=True)
+    assert [t.id for t in detailed.details.tokens] == [t.id for t in expected.tokens]
+    assert detailed.generated_text == expected.text and detailed.details.generated_tokens == len(
+        expected.tokens
+    )
+    *tokens, last = client.text_generation(prompt, max_new_tokens=8, details=True, stream=True)
+    assert [t.token.id for t in [*tokens, last]] == [t.id for t in expected.tokens]
+    assert last.generated_text == expected.text and last.details.finish_reason == expected.finish_reason
+    with pytest.raises(TextGenerationError, match="top_n_tokens"):
+        client.text_generation(prompt, max_new_tokens=2, top_n_tokens=3)
+
+    status, _, info = _http(stack, "/info", headers={"authorization": f"Bearer {TOKEN}"})
+    assert status == 200 and info["model_id"] == stack.model and info["max_concurrent_requests"] == 2
+    assert _http(stack, "/health")[0] == 200  # open to probes, like grpc.health.v1
+    status, _, body = _http(stack, "/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 0}})
+    assert status == 401 and "error_type" in body
+    status, _, body = _http(
+        stack, "/generate", {"inputs": "Hi", "bogus": 1}, headers={"authorization": f"Bearer {TOKEN}"}
+    )
+    assert (status, body["error_type"]) == (422, "validation") and "bogus" in body["error"]
+
+
+def test_request_id_is_honoured_and_returned(stack: HttpStack) -> None:
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    status, headers, _ = _http(stack, "/v1/models", headers={**auth, "x-request-id": "trace-42"})
+    assert status == 200 and headers["x-request-id"] == "trace-42"
+    status, headers, body = _http(stack, "/v1/models", headers={**auth, "x-request-id": "bad id!"})
+    assert status == 400 and body["error"]["param"] == "request_id"
+    status, headers, _ = _http(stack, "/openapi.json")
+    assert status == 200 and re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"])
+
+
+def test_http_port_zero_leaves_http_off(demo_model) -> None:
+    """A gateway started with --http-port 0 listens on its gRPC port only (no workers needed to see it)."""
+    port = free_port()
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "bloomduo", "gateway", "--model", str(demo_model()), "--shards",
+         f"127.0.0.1:{free_port()}", "--port", str(port), "--http-port", "0"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "BLOOMDUO_LOG_FORMAT": "json"},
+    )  # fmt: skip
+    try:
+        for line in gateway.stderr:
+            if '"gateway_listening"' in line:
+                break
+        assert json.loads(line)["http"] is None
+        assert _listening_ports(gateway.pid) == {port}
+    finally:
+        gateway.terminate()
+        gateway.wait(30)
+
+
+def _listening_ports(pid: int) -> set[int]:
+    """TCP ports the process listens on: its socket inodes matched against the kernel's LISTEN table."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with_target = os.readlink(fd) if fd.is_symlink() else ""
+        if match := re.fullmatch(r"socket:\[(\d+)\]", with_target):
+            inodes.add(match.group(1))
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_chat_template_from_file_or_plain_fallback(tmp_path: Path) -> None:
+    messages = [{"role": "user", "content": "Hi"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    assert load_chat_template(tmp_path, None)(messages) == "User: Hi\nAssistant:"
+    template = tmp_path / "chat.jinja"
+    template.write_text(
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    assert load_chat_template(tmp_path, template)(messages) == "<|user|>Hi</s><|assistant|>"
