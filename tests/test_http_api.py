@@ -38,6 +38,7 @@ class HttpStack:
     grpc: str
     url: str
     model: str
+    metrics_port: int
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +46,17 @@ def stack(demo_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Http
     token_file = tmp_path_factory.mktemp("http") / "token"
     token_file.write_text(TOKEN)
     model_dir = demo_model()
-    http_port = free_port()
+    http_port, metrics_port = free_port(), free_port()
     gateway_args = ("--auth-token-file", str(token_file))
     with running_stack(
         model_dir,
         num_shards=2,
         http_port=http_port,
+        metrics_port=metrics_port,
         gateway_args=gateway_args,
         limits=RequestLimits(max_concurrent_requests=2),
     ) as running:
-        yield HttpStack(running.target, f"http://127.0.0.1:{http_port}", model_dir.name)
+        yield HttpStack(running.target, f"http://127.0.0.1:{http_port}", model_dir.name, metrics_port)
 
 
 def _openai(stack: HttpStack, api_key: str = TOKEN) -> openai.OpenAI:
@@ -226,7 +228,7 @@ def test_tgi_clients_equal_grpc(stack: HttpStack) -> None:
     assert (status, body["error_type"]) == (422, "validation") and "bogus" in body["error"]
 
 
-def test_request_id_is_honoured_and_returned(stack: HttpStack) -> None:
+def test_request_id_is_honoured_and_returned_and_requests_counted_by_protocol(stack: HttpStack) -> None:
     auth = {"authorization": f"Bearer {TOKEN}"}
     status, headers, _ = _http(stack, "/v1/models", headers={**auth, "x-request-id": "trace-42"})
     assert status == 200 and headers["x-request-id"] == "trace-42"
@@ -234,6 +236,10 @@ def test_request_id_is_honoured_and_returned(stack: HttpStack) -> None:
     assert status == 400 and body["error"]["param"] == "request_id"
     status, headers, _ = _http(stack, "/openapi.json")
     assert status == 200 and re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"])
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=10) as scrape:
+        metrics = scrape.read().decode()
+    assert 'bloomduo_http_requests_total{protocol="openai",status="400"}' in metrics
+    assert re.search(r'bloomduo_http_requests_total\{protocol="tgi",status="200"\} [1-9]', metrics)
 
 
 def test_http_port_zero_leaves_http_off(demo_model) -> None:
