@@ -8,7 +8,6 @@ through the same Admission and reads the same Engine's events.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -216,15 +215,17 @@ class Choice:
     """A whole choice, gathered from its pieces."""
 
     text: str = ""
-    tokens: list[GeneratedToken] = dataclasses.field(default_factory=list)
+    tokens: list[GeneratedToken] = field(default_factory=list)
     result: GenerationResult | None = None
 
+    def add(self, piece: Piece) -> None:
+        self.text += piece.text
+        self.tokens += piece.tokens
+        self.result = piece.result or self.result
 
-async def gathered(pieces_: AsyncIterator[Piece], count: int) -> list[Choice]:
+
+async def gathered(stream: AsyncIterator[Piece], count: int) -> list[Choice]:
     choices = [Choice() for _ in range(count)]
-    async for piece in pieces_:
-        choice = choices[piece.index]
-        choice.text += piece.text
-        choice.tokens += piece.tokens
-        choice.result = piece.result or choice.result
+    async for piece in stream:
+        choices[piece.index].add(piece)
     return choices

@@ -218,10 +218,10 @@ async def _prompts(tokenizer: tokenizers.Tokenizer, prompt: str | list) -> list[
     return [await asyncio.to_thread(_text_of_ids, tokenizer, ids) for ids in lists]
 
 
-def _usage(choices: Sequence[Choice | GenerationResult], per_prompt: int) -> dict[str, int]:
-    results = [c.result if isinstance(c, Choice) else c for c in choices]
-    prompt = sum(result.prompt_tokens for result in results[::per_prompt])
-    completion = sum(result.generated_tokens for result in results)
+def _usage(choices: Sequence[Choice], per_prompt: int) -> dict[str, int]:
+    """Each prompt counted once, however many choices it has."""
+    prompt = sum(choice.result.prompt_tokens for choice in choices[::per_prompt])
+    completion = sum(choice.result.generated_tokens for choice in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -287,7 +287,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
     async def chunks() -> AsyncIterator[dict[str, Any] | str]:
         usage = {"usage": None} if body.include_usage else {}
         offsets = [len(prefix) for prefix in prefixes]
-        results: list[GenerationResult] = [None] * len(streams)  # type: ignore[list-item]
+        choices = [Choice() for _ in streams]
         for index, prefix in enumerate(prefixes):
             if prefix:
                 echoed = choice(index, prefix, [], 0, None)
@@ -295,10 +295,10 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         async for piece in pieces(streams, body.stops):
             chunk = choice(piece.index, piece.text, piece.tokens, offsets[piece.index], piece.result)
             offsets[piece.index] += sum(len(token.text) for token in piece.tokens)
-            results[piece.index] = piece.result or results[piece.index]
+            choices[piece.index].add(piece)
             yield {**head, "created": front.created, "choices": [chunk], **usage}
         if body.include_usage:
-            yield {**head, "created": front.created, "choices": [], "usage": _usage(results, len(parameters))}
+            yield {**head, "created": front.created, "choices": [], "usage": _usage(choices, len(parameters))}
         yield "[DONE]"
 
     return OPENAI.events(chunks())
@@ -352,14 +352,14 @@ async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse 
             entry = {"index": index, "delta": delta, "logprobs": logprobs(tokens)}
             return {**head_, "choices": [{**entry, "finish_reason": finish(result)}]}
 
-        results: list[GenerationResult] = [None] * len(streams)  # type: ignore[list-item]
+        choices = [Choice() for _ in streams]
         for index in range(len(streams)):
             yield chunk(index, {"role": "assistant", "content": ""}, [])
         async for piece in pieces(streams, body.stops):
-            results[piece.index] = piece.result or results[piece.index]
+            choices[piece.index].add(piece)
             yield chunk(piece.index, {"content": piece.text}, piece.tokens, piece.result)
         if body.include_usage:
-            yield {**head_, "choices": [], "usage": _usage(results, len(streams))}
+            yield {**head_, "choices": [], "usage": _usage(choices, len(streams))}
         yield "[DONE]"
 
     return OPENAI.events(chunks())

@@ -9,6 +9,7 @@ Refused by name unless left neutral: `decoder_input_details` (the prompt's log-p
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +25,7 @@ from bloomduo.gateway.http_common import (
     Protocol,
     front_of,
     gathered,
+    merged,
     pieces,
     refuse_unless_neutral,
 )
@@ -144,19 +146,17 @@ async def _generate_stream(front: HttpFront, request: Request, body: GenerateReq
     streams = await front.admit(request.state.request_id, [(body.inputs, parameters)])
 
     async def events() -> AsyncIterator[dict[str, Any]]:
-        index = 0
-        async for piece in pieces(streams, ()):
-            for token in piece.tokens:
-                index += 1
-                result = piece.result
-                details = {**_finish(result), "input_length": result.prompt_tokens} if result else None
-                yield {
-                    "index": index,
-                    "token": _token(token),
-                    "top_tokens": None,
-                    "generated_text": result.text if result else None,
-                    "details": details if parameters.details else None,
-                }
+        index = itertools.count(1)
+        async for _, event in merged(streams):
+            result = event.result
+            details = {**_finish(result), "input_length": result.prompt_tokens} if result else None
+            yield {
+                "index": next(index),
+                "token": _token(event.token),
+                "top_tokens": None,
+                "generated_text": result.text if result else None,
+                "details": details if parameters.details else None,
+            }
 
     return TGI.events(events())
 
