@@ -110,6 +110,15 @@ def test_floor_arithmetic_from_the_checkpoint(demo_model, tmp_path) -> None:
     assert sum(bf16["prompt_flops_parts"].values()) == bf16["prompt_flops"]
     assert bf16["decode_bytes_parts"]["lm_head"] == 1030 * 96 * 2  # the tiny demo's vocabulary x hidden
 
+    # --quantize: every matrix at one byte plus a float32 scale per row; vectors stay bfloat16.
+    int8 = machine_floor.model_costs(model_dir, "bfloat16", 32, int8_matrices=True)
+    config = json.loads((model_dir / "config.json").read_text())
+    h, layers, vocab = config["hidden_size"], config["n_layer"], config["vocab_size"]
+    matrices, rows = 12 * h * h, 3 * h + h + 4 * h + h  # qkv, dense, h_to_4h, 4h_to_h
+    vectors = 13 * h * layers + 2 * h
+    assert int8["decode_bytes"] == layers * (matrices + 4 * rows) + vectors * 2 + vocab * (h + 4)
+    assert int8["prompt_flops"] == bf16["prompt_flops"]
+
     # A checkpoint cut for 2 ranks: the same matrices, plus each rank's own copy of the replicated vectors.
     cut = machine_floor.model_costs(shard_weights(model_dir, 2, tmp_path / "cut"), "bfloat16", 32)
     assert cut["prompt_flops"] == bf16["prompt_flops"]

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from bloomduo.apps.launcher import Stack, StackOptions, free_port, shard_device
 from bloomduo.core.dtypes import DTYPE_CHOICES
+from bloomduo.shard_worker.config import QUANTIZE_CHOICES
 
 if TYPE_CHECKING:
     from bloomduo.client import AsyncClient
@@ -173,6 +174,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=StackOptions.dtype,
         choices=DTYPE_CHOICES,
         help="with --launch: the stack's dtype (the baseline always uses the dtype the stack reports)",
+    )
+    target.add_argument(
+        "--quantize",
+        default=StackOptions.quantize,
+        choices=QUANTIZE_CHOICES,
+        help="with --launch: int8 weights on the workers (the floor then counts int8 bytes)",
     )
     target.add_argument(
         "--device", default=StackOptions.device, help="with --launch: cpu, cuda or npu; also the baseline's"
@@ -342,6 +349,7 @@ def _launch(args: argparse.Namespace) -> Stack:
             num_shards=args.num_shards,
             device=args.device,
             dtype=args.dtype,
+            quantize=args.quantize,
             port=free_port(),
             threads_per_shard=args.threads_per_shard,
         )
@@ -435,7 +443,9 @@ def measure_floor(args: argparse.Namespace, info: Any, target: str, launched: bo
         print(f"bench: no floor: {reason}", file=sys.stderr)
         return {"reason": reason}
     print(f"bench: measuring the floor (memory read bandwidth, GEMM rate) on {device}", file=sys.stderr)
-    costs = machine_floor.model_costs(args.model, info.dtype, args.prompt_tokens)
+    # Workers say "int8 (...)" or "int8-dynamic (...)" in their kernels when they hold int8 weights.
+    int8 = all(kernels.split(" ")[0] in QUANTIZE_CHOICES[1:] for kernels in info.worker_kernels)
+    costs = machine_floor.model_costs(args.model, info.dtype, args.prompt_tokens, int8_matrices=int8)
     threads = machine_floor.stack_threads(info.num_shards, args.threads_per_shard)
     rates = machine_floor.measure_rates(device, info.dtype, costs["hidden_size"], info.num_shards, threads)
     return machine_floor.floors(costs, rates)
@@ -900,7 +910,7 @@ def print_floor(floor: dict[str, Any], distinct_prompts: bool) -> None:
     )
     print(
         f"  TPOT floor {floor['tpot_s'] * 1000:.2f} ms = {floor['decode_bytes'] / 1e9:.3f} GB per token "
-        f"(blocks, ln_f and LM head in {floor['dtype']}; KV cache reads left out) / bandwidth"
+        f"(blocks, ln_f and LM head in {floor['weights']}; KV cache reads left out) / bandwidth"
     )
     print(
         f"  TTFT floor {floor['ttft_s'] * 1000:.2f} ms ({floor['ttft_bound']}-bound): the longer of "

@@ -70,7 +70,9 @@ def stack_threads(num_shards: int, threads_per_shard: int | None) -> int:
     return per_shard * num_shards
 
 
-def model_costs(model_dir: Path, dtype_name: str, prompt_tokens: int) -> dict[str, Any]:
+def model_costs(
+    model_dir: Path, dtype_name: str, prompt_tokens: int, *, int8_matrices: bool = False
+) -> dict[str, Any]:
     """What one decode step reads and one prefill computes, from the checkpoint's tensor sizes.
 
     Bytes: every tensor the workers hold (the blocks, ln_f, the LM head rows) at the served dtype's size;
@@ -79,6 +81,7 @@ def model_costs(model_dir: Path, dtype_name: str, prompt_tokens: int) -> dict[st
     causal half (2 x hidden x T(T+1) per layer), and the LM head for the last row only (as the workers do);
     biases, LayerNorms and softmax are elementwise and left out. A checkpoint cut by `bloomduo
     shard-weights` is read rank by rank: what each worker holds, replicated LayerNorms included.
+    `int8_matrices` (workers started with --quantize): the matrices at one byte plus a float32 scale per row.
     """
     from bloomduo.core.checkpoint import Checkpoint
     from bloomduo.core.dtypes import to_torch
@@ -91,19 +94,22 @@ def model_costs(model_dir: Path, dtype_name: str, prompt_tokens: int) -> dict[st
         else [checkpoint]
     )
     elements = {"blocks": 0, "ln_f": 0, "lm_head": 0}
+    part_bytes = {"blocks": 0, "ln_f": 0, "lm_head": 0}
     block_matrix_elements = 0
     for part in parts:
         head = part.lm_head_name()
         for name in part.names():
-            count = math.prod(part.shape(name))
-            if name.startswith("h."):
-                elements["blocks"] += count
-                if len(part.shape(name)) == 2:
-                    block_matrix_elements += count
-            elif name.startswith("ln_f."):
-                elements["ln_f"] += count
-            elif name == head:
-                elements["lm_head"] += count
+            shape = part.shape(name)
+            count = math.prod(shape)
+            group = "blocks" if name.startswith("h.") else "ln_f" if name.startswith("ln_f.") else None
+            group = "lm_head" if name == head else group
+            if group is None:
+                continue
+            elements[group] += count
+            quantized = int8_matrices and len(shape) == 2
+            part_bytes[group] += count + 4 * shape[0] if quantized else count * itemsize
+            if group == "blocks" and len(shape) == 2:
+                block_matrix_elements += count
     if not block_matrix_elements or not elements["lm_head"]:
         raise ValueError(f"{model_dir}: no block matrices or no LM head among the checkpoint's tensors")
     config = checkpoint.config
@@ -114,8 +120,9 @@ def model_costs(model_dir: Path, dtype_name: str, prompt_tokens: int) -> dict[st
     }
     return {
         "dtype": dtype_name,
-        "decode_bytes": sum(elements.values()) * itemsize,
-        "decode_bytes_parts": {part: count * itemsize for part, count in elements.items()},
+        "weights": f"int8 (matrices) and {dtype_name}" if int8_matrices else dtype_name,
+        "decode_bytes": sum(part_bytes.values()),
+        "decode_bytes_parts": part_bytes,
         "prompt_tokens": prompt_tokens,
         "prompt_flops": sum(flops.values()),
         "prompt_flops_parts": flops,
