@@ -123,9 +123,13 @@ class StepRunner:
             # gRPC may cancel a vanished gateway's handler more than once, and a second cancel would
             # interrupt this await: the reset is queued first and shielded, so it runs (before any step
             # of a next stream, on the one step thread) however often the handler is cancelled.
-            reset = loop.run_in_executor(self.executor, engine.reset)
-            reset.add_done_callback(lambda _: log.info("step_stream_closed", peer=peer))
-            await asyncio.shield(reset)
+            try:
+                reset = loop.run_in_executor(self.executor, engine.reset)
+            except RuntimeError:  # the worker is stopping and its step thread is gone, caches with it
+                log.info("step_stream_closed", peer=peer, reset="skipped: the worker is stopping")
+            else:
+                reset.add_done_callback(lambda _: log.info("step_stream_closed", peer=peer))
+                await asyncio.shield(reset)
 
     async def run(self, step: Step) -> StepDone:
         """Run one step on the step thread; raises StepRejected or GroupBroken."""

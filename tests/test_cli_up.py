@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from bloomduo.apps.launcher import Stack, StackOptions, free_port, free_ports
@@ -32,11 +33,12 @@ def test_ports_are_never_handed_out_twice() -> None:
 
 
 def test_up_serves_the_demo_model_and_stops_cleanly(tmp_path) -> None:
-    port = free_port()
+    port, http_port = free_ports(2)  # HTTP off its default 8080, which this machine may not have free
     env = {**os.environ, "BLOOMDUO_CACHE": str(tmp_path / "cache")}
     process = subprocess.Popen(
         [
             *(sys.executable, "-m", "bloomduo", "up", "--port", str(port), "--threads-per-shard", "1"),
+            *("--http-port", str(http_port)),
             *("--max-batch-size", "6", "--no-burst-wait"),  # forwarded to the gateway, and to the workers
         ],
         stdout=subprocess.PIPE,
@@ -62,6 +64,8 @@ def test_up_serves_the_demo_model_and_stops_cleanly(tmp_path) -> None:
             per_slot = 2 * config["n_layer"] * 128 * config["hidden_size"] // 2 * 4  # K and V, half the heads
             assert info.load.worker_kv_cache_bytes == [6 * per_slot] * 2
             assert bloom.generate("Hello", max_new_tokens=5, ignore_eos=True).generated_tokens == 5
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=10) as health:
+            assert health.status == 200  # up's HTTP front, on the port it was given
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         time.sleep(0.5)

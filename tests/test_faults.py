@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bloomduo.apps.launcher import free_port
+from bloomduo.apps.launcher import free_ports
 from bloomduo.client import BloomduoError, Client
 from tests.conftest import running_stack
 
@@ -59,10 +59,11 @@ def _children(pid: int) -> dict[int, str]:
 @contextmanager
 def bloomduo_up(tmp_path) -> Iterator[tuple[subprocess.Popen, str]]:
     """`bloomduo up` on the demo model, as a user runs it: the launcher supervises its processes."""
-    port = free_port()
+    port, http_port = free_ports(2)  # HTTP off its default 8080, which this machine may not have free
     env = {**os.environ, "BLOOMDUO_CACHE": str(tmp_path / "cache")}
     up = subprocess.Popen(
-        [sys.executable, "-m", "bloomduo", "up", "--port", str(port), "--threads-per-shard", "1"],
+        [sys.executable, "-m", "bloomduo", "up", "--port", str(port), "--threads-per-shard", "1",
+         "--http-port", str(http_port)],
         stdout=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     target = f"127.0.0.1:{port}"
