@@ -37,7 +37,7 @@ def _counted_outcomes() -> set[Outcome]:
     for path in [
         path for folder in ("gateway", "shard_worker", "bloomduo") for path in (root / folder).rglob("*.py")
     ]:
-        for label in re.findall(r"REQUESTS\.labels\(\s*([^,]+),", path.read_text()):
+        for label in re.findall(r"\bREQUESTS\.labels\(\s*([^,]+),", path.read_text()):
             if label == "exc.outcome":  # a RequestFailed's, below
                 continue
             literal = re.fullmatch(r'"(.*)"|(?:metrics\.)?Outcome\.(\w+)', label)
