@@ -76,12 +76,17 @@ def bf16_is_emulated() -> bool:
     """
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return True
+    flags = cpu_flags()
+    return not flags or not flags & {"avx512_bf16", "amx_bf16"}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            flags = set(next((line for line in cpuinfo if line.startswith("flags")), "").split())
+            return set(next((line for line in cpuinfo if line.startswith("flags")), "").split())
     except OSError:
-        return True
-    return not flags & {"avx512_bf16", "amx_bf16"}
+        return set()
 
 
 def aten_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bloomduo.shard_worker.config import QUANTIZE_CHOICES
+from bloomduo.shard_worker.cpu_kernels import cpu_flags
 
 NONE, INT8, INT8_DYNAMIC = QUANTIZE_CHOICES
 
@@ -38,12 +39,7 @@ def per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def vnni_available() -> bool:
     """Whether the CPU has 8-bit dot-product instructions, so fbgemm's int8 GEMM cannot saturate."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = set(next((line for line in cpuinfo if line.startswith("flags")), "").split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 class Int8Linear(nn.Module):
