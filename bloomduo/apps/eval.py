@@ -5,19 +5,19 @@ Like the reference deployment's precision check (parity with the GPU is the bar)
 - per prompt, the deployed stack's greedy continuation (public API, details=True) against transformers'
   BloomForCausalLM: the fraction of positions that agree up to the first divergence, where that is, and
   the largest |logprob difference| over the agreed prefix;
-- with --text, the perplexity of a text under transformers and under the bloomduo model.
+- with --text, teacher-forced on that text, what every dtype and int8 scheme costs against the reference:
+  KL divergence per token (mean and max), greedy agreement and perplexity, beside transformers in the same
+  low-precision dtype and CTranslate2's int8 where installed (bloomduo.apps.eval_precision).
 
-Limitation: the public API returns the logprobs of generated tokens only, so the perplexity of a given
-text (teacher forcing through tokens the model would not have chosen) cannot be measured through the
-deployed stack. It is measured on bloomduo's model code run in-process instead (one rank, world size 1,
-on --device and --dtype, the gateway's Embedder in front), and labelled "bloomduo model (in-process)".
+Limitation: the public API returns the logprobs of generated tokens only, so a given text cannot be
+teacher-forced through the deployed stack. bloomduo's rows of the text's table run its model code in-process
+instead (one rank, world size 1, on --device, the gateway's Embedder in front), and say so.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import unicodedata
 from collections.abc import Iterator, Sequence
@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bloomduo.apps import eval_precision
 from bloomduo.apps.launcher import StackOptions, shard_device, start_private_stack
-from bloomduo.core.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, name_of
+from bloomduo.core.dtypes import DTYPE_CHOICES, FLOAT_DTYPES
 
 if TYPE_CHECKING:
     import torch
@@ -46,10 +47,6 @@ DEFAULT_PROMPTS = (
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
     "for (int i = 0; i < n; i++) {",
 )
-PERPLEXITY_NOTE = (
-    "the public API returns only generated tokens' logprobs, so the text's perplexity is measured on "
-    "bloomduo's model code run in-process (world size 1), not through the deployed stack"
-)
 
 
 @dataclass(frozen=True)
@@ -63,18 +60,6 @@ class PromptResult:
     text: str  # the stack's continuation
 
 
-@dataclass(frozen=True)
-class Perplexity:
-    text_file: str
-    tokens: int
-    transformers: float
-    bloomduo_in_process: float
-    relative_difference: float
-    in_process_device: str
-    in_process_dtype: str
-    note: str = PERPLEXITY_NOTE
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -83,9 +68,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the full checkpoint (transformers loads it as the reference)",
     )
     parser.add_argument("--prompts", type=Path, help="one prompt per line (default: a multilingual set)")
-    parser.add_argument("--text", type=Path, help="also report the perplexity of this text file")
     parser.add_argument(
-        "--max-text-tokens", type=int, default=1024, help="perplexity over the text's first N tokens"
+        "--text", type=Path, help="also measure every variant's KL divergence and perplexity on this text"
+    )
+    parser.add_argument(
+        "--variants",
+        default="auto",
+        help="with --text, comma-separated: DTYPE[+QUANTIZE] (bloomduo, e.g. bfloat16+int8-dynamic), "
+        "transformers:DTYPE, ctranslate2:int8; auto: every dtype the device computes in, each int8 "
+        "scheme, transformers in the low-precision dtype, and ctranslate2:int8 when installed",
+    )
+    parser.add_argument(
+        "--max-text-tokens", type=int, default=1024, help="measure on the text's first N tokens"
     )
     parser.add_argument(
         "--target", help="host:port of a running gateway on --model (default: launch a stack on --model)"
@@ -113,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         prompts = read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
+        if args.text:
+            eval_precision.parse_variants(args.variants, args.device)  # a typo fails before the stack starts
         report = evaluate(args, prompts)
     except (BloomduoError, CheckpointError, RuntimeError, TimeoutError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -169,21 +165,9 @@ def evaluate(args: argparse.Namespace, prompts: Sequence[str]) -> dict[str, Any]
         text_ids = _tokenize(args.model, args.text.read_text(encoding="utf-8"))[: args.max_text_tokens]
         if len(text_ids) < 2:
             raise ValueError(f"{args.text} encodes to fewer than 2 tokens: nothing to predict")
-        reference_ppl = perplexity(_transformers_logits(reference, text_ids), text_ids)
-        del reference  # before the in-process model is loaded: a 7B1 is big twice over
-        logits, device, dtype = _in_process_logits(args, text_ids)
-        in_process_ppl = perplexity(logits, text_ids)
-        report["perplexity"] = asdict(
-            Perplexity(
-                text_file=str(args.text),
-                tokens=len(text_ids),
-                transformers=reference_ppl,
-                bloomduo_in_process=in_process_ppl,
-                relative_difference=abs(in_process_ppl - reference_ppl) / reference_ppl,
-                in_process_device=str(device),
-                in_process_dtype=name_of(dtype),
-            )
-        )
+        reference_logits = _transformers_logits(reference, text_ids)
+        del reference  # before the variants load: a 7B1 is big twice over
+        report["text"] = _text_precision(args, text_ids, reference_logits)
     return report
 
 
@@ -215,16 +199,6 @@ def compare(
     )
 
 
-def perplexity(logits: torch.Tensor, token_ids: list[int]) -> float:
-    """exp(mean negative log-likelihood) of tokens 1.. given the logits [len(token_ids), vocab] at every
-    position."""
-    import torch
-
-    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
-    targets = torch.tensor(token_ids[1:], device=logprobs.device)
-    return math.exp(-float(logprobs.gather(1, targets[:, None]).mean()))
-
-
 def format_report(report: dict[str, Any]) -> str:
     stack, reference = report["stack"], report["reference"]
     lines = [
@@ -241,16 +215,14 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"{prompt} {row['generated_tokens']:>6} {row['agreement']:>9.3f} {divergence:>16} {diff:>14}"
         )
-    ppl = report.get("perplexity")
-    if ppl:
-        in_process = f"bloomduo model (in-process, {ppl['in_process_dtype']}, {ppl['in_process_device']})"
+    text = report.get("text")
+    if text:
         lines += [
             "",
-            f"perplexity of {ppl['text_file']} ({ppl['tokens']} tokens)",
-            f"  {'transformers (' + reference['dtype'] + ')':<44} {ppl['transformers']:.6g}",
-            f"  {in_process:<44} "
-            f"{ppl['bloomduo_in_process']:.6g}   relative difference {ppl['relative_difference']:.2e}",
-            f"  note: {ppl['note']}",
+            f"{text['file']} ({text['tokens']} tokens, teacher-forced) against transformers "
+            f"({reference['dtype']}), on {text['device']}",
+            *eval_precision.format_rows(text["rows"]),
+            f"  note: {text['note']}",
         ]
     return "\n".join(lines)
 
@@ -311,12 +283,44 @@ def _tokenize(model_dir: Path, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 
+def _text_precision(
+    args: argparse.Namespace, text_ids: list[int], reference_logits: torch.Tensor
+) -> dict[str, Any]:
+    """The --text table: the reference's perplexity, then every variant against it."""
+    import torch
+
+    from bloomduo.apps.demo_model import default_cache_dir
+
+    own = eval_precision.compare(reference_logits, reference_logits, text_ids, "")
+    reference_row = eval_precision.Precision(
+        f"transformers {args.reference_dtype} (reference)", own.perplexity, None, None, None
+    )
+    rows = eval_precision.measure(
+        args.model,
+        text_ids,
+        reference_logits,
+        eval_precision.parse_variants(args.variants, args.device),
+        args.device,
+        in_process_logits=lambda dtype, quantize: _in_process_logits(args, text_ids, dtype, quantize),
+        transformers_logits=lambda dtype: _transformers_logits(
+            _transformers_model(args.model, getattr(torch, dtype)), text_ids
+        ),
+        cache_dir=default_cache_dir(),
+    )
+    return {
+        "file": str(args.text),
+        "tokens": len(text_ids),
+        "device": shard_device(args.device, 0),
+        "rows": eval_precision.to_json(rows, reference_row),
+        "note": eval_precision.IN_PROCESS_NOTE,
+    }
+
+
 def _in_process_logits(
-    args: argparse.Namespace, token_ids: list[int]
-) -> tuple[torch.Tensor, torch.device, torch.dtype]:
-    """Logits at every position from bloomduo's own model code, the text fed as one prefill chunk, on the
-    device and in the dtype that rank 0 of a launched stack would use; returns them with that device and
-    dtype.
+    args: argparse.Namespace, token_ids: list[int], dtype: str, quantize: str
+) -> torch.Tensor:
+    """Logits at every position from bloomduo's own model code in `dtype` with `quantize`d weights, the text
+    fed as one prefill chunk, on the device rank 0 of a launched stack would use.
 
     The model returns logits for a chunk's last row only, so the last block's output (all rows) is
     captured and passed through the model's own ln_f and LM head.
@@ -324,16 +328,17 @@ def _in_process_logits(
     import torch
 
     from bloomduo.core.checkpoint import Checkpoint
+    from bloomduo.core.dtypes import to_torch
     from bloomduo.gateway.embedding import Embedder
-    from bloomduo.shard_worker.engine import checkpoint_dtype, resolve_dtype
     from bloomduo.shard_worker.model import Chunk
+    from bloomduo.shard_worker.quantize import quantize_linears
     from bloomduo.shard_worker.tensor_parallel import load_shard
 
     checkpoint = Checkpoint(args.model)
     device = torch.device(shard_device(args.device, 0))
-    dtype = resolve_dtype(args.dtype, checkpoint_dtype(checkpoint), device)
-    model = load_shard(checkpoint, 0, 1, device=device, dtype=dtype)
-    hidden = Embedder(checkpoint, dtype)(torch.tensor(token_ids))
+    model = load_shard(checkpoint, 0, 1, device=device, dtype=to_torch(dtype))
+    quantize_linears(model, quantize)
+    hidden = Embedder(checkpoint, to_torch(dtype))(torch.tensor(token_ids))
     captured: list[torch.Tensor] = []
     hook = model.h[-1].register_forward_hook(lambda _module, _inputs, output: captured.append(output))
     try:
@@ -341,4 +346,4 @@ def _in_process_logits(
     finally:
         hook.remove()
     with torch.inference_mode():
-        return model.lm_head(model.ln_f(captured[0])), device, dtype
+        return model.lm_head(model.ln_f(captured[0])).float().cpu()
