@@ -18,7 +18,8 @@ from bloomduo.shard_worker.config import ShardOptions
 from bloomduo.shard_worker.distributed import backend_for, init_distributed
 from bloomduo.shard_worker.kv_cache import KVCache
 from bloomduo.shard_worker.model import BloomShardModel
-from bloomduo.shard_worker.quantize import quantize_linears, weight_bytes
+from bloomduo.shard_worker.quantize import describe as describe_int8
+from bloomduo.shard_worker.quantize import weight_bytes
 from bloomduo.shard_worker.step_plan import Chunk
 from bloomduo.shard_worker.tensor_parallel import ShardLayout, load_shard, shard_layout
 from bloomduo.shard_worker.weight_formats import format_weights
@@ -110,12 +111,17 @@ class ShardEngine:
             dist.broadcast_object_list(group_id, src=0, group=group.process_group)
         log.info("shard_loading", model=str(options.model_dir), device=str(device), dtype=str(dtype))
         model = load_shard(
-            checkpoint, options.rank, options.world_size, device=device, dtype=dtype, group=group
+            checkpoint,
+            options.rank,
+            options.world_size,
+            device=device,
+            dtype=dtype,
+            group=group,
+            quantize=options.quantize,
         )
-        quantized = quantize_linears(model, options.quantize)
         # Every CPU rank enters format_weights' agreement on kernels, even with no plain Linear left.
         kernels = format_weights(model, device, dtype, options.cpu_kernels, group)
-        kernels = quantized or kernels
+        kernels = describe_int8(model) or kernels
         engine = cls(
             model,
             layout,

@@ -19,6 +19,7 @@ Two ways to compute with them, because they trade accuracy for speed differently
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,8 @@ from bloomduo.shard_worker.config import QUANTIZE_CHOICES
 from bloomduo.shard_worker.cpu_kernels import cpu_flags
 
 NONE, INT8, INT8_DYNAMIC = QUANTIZE_CHOICES
+# A quantized cut stores a Linear's int8 weight under the weight's name and its scales under name + this.
+SCALE_SUFFIX = "_scale"
 
 
 def per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,32 +48,45 @@ def vnni_available() -> bool:
 class Int8Linear(nn.Module):
     """An nn.Linear whose weight is int8 with a float32 scale per output channel (see the module doc)."""
 
-    def __init__(self, linear: nn.Linear, scheme: str) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        scale: torch.Tensor,
+        bias: nn.Parameter | None,
+        scheme: str,
+        dtype: torch.dtype,
+    ) -> None:
+        """`weight` int8 [out, in] and `scale` float32 [out], as per_channel_int8 makes them; `dtype` the
+        activations'."""
         super().__init__()
         if scheme not in (INT8, INT8_DYNAMIC):
             raise ValueError(f"--quantize {scheme!r}: expected one of {', '.join(QUANTIZE_CHOICES)}")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = weight.shape
         self.scheme = scheme
-        self.dtype = linear.weight.dtype
-        weight, scale = per_channel_int8(linear.weight)
-        self.bias = linear.bias
+        self.dtype = dtype
+        self.bias = bias
         self.nbytes = weight.numel() + scale.numel() * scale.element_size()
         if scheme == INT8_DYNAMIC:
-            if linear.weight.device.type != "cpu":
+            if weight.device.type != "cpu":
                 raise ValueError("--quantize int8-dynamic runs on the CPU only; use int8 elsewhere")
             # Without VNNI, fbgemm's u8 x s8 pair sums can saturate int16: 7-bit activations avoid that.
             self.reduce_range = not vnni_available()
-            bias = None if linear.bias is None else linear.bias.detach().float()
+            float_bias = None if bias is None else bias.detach().float()
             with warnings.catch_warnings():  # quantized tensors are deprecated as a user-facing type
                 warnings.simplefilter("ignore")
                 quantized = torch._make_per_channel_quantized_tensor(
                     weight, scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0
                 )
-                self._packed = torch.ops.quantized.linear_prepack(quantized, bias)
+                self._packed = torch.ops.quantized.linear_prepack(quantized, float_bias)
         else:
-            self.register_buffer("weight_int8", weight.to(linear.weight.device))
-            self.register_buffer("scale", scale.to(linear.weight.device, self.dtype))
-            self._aten = linear.weight.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16)
+            self.register_buffer("weight_int8", weight)
+            self.register_buffer("scale", scale.to(weight.device, dtype))
+            self._aten = weight.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: str) -> Int8Linear:
+        weight, scale = per_channel_int8(linear.weight)
+        return cls(weight.to(linear.weight.device), scale, linear.bias, scheme, linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -89,18 +105,49 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
 
 
-def quantize_linears(model: nn.Module, scheme: str) -> str:
-    """Replace every nn.Linear of `model` by an Int8Linear, in place; say what runs them, in words."""
+def quantize_linears(
+    model: nn.Module, scheme: str, stored: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+) -> None:
+    """Replace every nn.Linear of `model` by an Int8Linear, in place.
+
+    `stored` has the int8 weight and scales of Linears that a quantized cut (`bloomduo shard-weights
+    --quantize int8`) holds, by module name: those are used as they are, so serving the cut computes
+    exactly what quantizing the full checkpoint at start does.
+    """
+    stored = stored or {}
     if scheme == NONE:
-        return ""
-    for parent in list(model.modules()):
+        if stored:
+            raise ValueError(
+                "this checkpoint holds int8 weights (cut by `bloomduo shard-weights --quantize int8`): serve "
+                "it with --quantize int8 or int8-dynamic, or cut the full checkpoint again without --quantize"
+            )
+        return
+    for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, Int8Linear(child, scheme))
+            if type(child) is not nn.Linear:
+                continue
+            path = f"{parent_name}.{name}" if parent_name else name
+            if path in stored:
+                weight, scale = stored[path]
+                linear = Int8Linear(weight, scale, child.bias, scheme, child.weight.dtype)  # weight: meta
+            else:
+                linear = Int8Linear.from_linear(child, scheme)
+            setattr(parent, name, linear)
+
+
+def describe(model: nn.Module) -> str:
+    """What runs the model's int8 Linears, in words ("" when it has none)."""
     sample = next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
-    if sample is None or scheme == INT8_DYNAMIC:
-        return f"{scheme} (fbgemm)" if sample is not None else scheme
-    return f"{scheme} ({'aten int8pack' if sample._aten else 'dequantized per call'})"
+    if sample is None:
+        return ""
+    if sample.scheme == INT8_DYNAMIC:
+        return f"{INT8_DYNAMIC} (fbgemm)"
+    return f"{INT8} ({'aten int8pack' if sample._aten else 'dequantized per call'})"
+
+
+def linear_weights(model: nn.Module) -> dict[str, str]:
+    """Every nn.Linear's weight parameter name -> the Linear's module name: what a quantized cut stores."""
+    return {f"{name}.weight": name for name, module in model.named_modules() if type(module) is nn.Linear}
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -44,6 +44,7 @@ from transformers import BloomConfig
 
 from bloomduo.shard_worker.distributed import ShardGroup, all_reduce_sum
 from bloomduo.shard_worker.model import BloomShardModel, alibi_slopes
+from bloomduo.shard_worker.quantize import SCALE_SUFFIX, linear_weights, quantize_linears
 
 REPLICATE = "replicate"  # every rank holds the whole tensor
 COLUMN = "column"  # split along dim 0 (output features): each rank computes its own outputs
@@ -207,14 +208,16 @@ def load_shard(
     device: torch.device,
     dtype: torch.dtype,
     group: ShardGroup | None = None,
+    quantize: str = "none",
 ) -> BloomShardModel:
     """Build rank `rank`'s BloomShardModel reading only its slices of `checkpoint`.
 
     `checkpoint` is a bloomduo.core.checkpoint.Checkpoint (or a model directory to open as one): a full
     checkpoint, or one cut for `world_size` ranks by `bloomduo shard-weights`, whose rank file is read
-    whole. Weights are cast to `dtype` on `device`; the ALiBi slopes stay float32. `shard_layout` tells
-    which share it holds. Call it on every rank: with world_size > 1 the forward pass all-reduces over
-    `group` (None: the default process group).
+    whole. Weights are cast to `dtype` on `device`; the ALiBi slopes stay float32. `quantize` (quantize.py)
+    gives the Linears int8 weights: quantized from the loaded ones, or read as they are from a cut made with
+    --quantize int8. `shard_layout` tells which share it holds. Call it on every rank: with world_size > 1
+    the forward pass all-reduces over `group` (None: the default process group).
     """
     if isinstance(checkpoint, str | os.PathLike):
         from bloomduo.core.checkpoint import Checkpoint
@@ -223,18 +226,25 @@ def load_shard(
     device = torch.device(device)
     model, full_shapes = build_meta_shard(checkpoint.config, rank, world_size)
 
-    state = {}
+    state, stored_int8 = {}, {}
     if checkpoint.num_shards is None:
         for name in dict(model.named_parameters()):
             tensor = read_shard_tensor(checkpoint, name, full_shapes[name], rank, world_size)
             state[name] = tensor.to(device=device, dtype=dtype)
     else:
         part = checkpoint.rank_part(rank, world_size)  # raises when cut for another world size
+        int8_weights = linear_weights(model) if part.quantized else {}
         for name, param in model.named_parameters():
             _check_shape(part, name, tuple(param.shape))
-            state[name] = part.read(name).to(device=device, dtype=dtype)
+            if name in int8_weights:  # the Linear is replaced by an Int8Linear below: hold no float copy
+                scale = part.read(name + SCALE_SUFFIX).to(device)
+                stored_int8[int8_weights[name]] = (part.read(name).to(device), scale)
+                state[name] = torch.empty(param.shape, dtype=dtype, device="meta")
+            else:
+                state[name] = part.read(name).to(device=device, dtype=dtype)
 
     model.load_state_dict(state, strict=True, assign=True)
+    quantize_linears(model, quantize, stored_int8)
     model.to(device)  # the ALiBi slopes: still float32, like HF
     if world_size > 1:  # after loading: the state dict's names are the checkpoint's, without RowParallel
         add_all_reduces(model, group)

@@ -96,3 +96,52 @@ def test_refuses_bad_requests(
 
 def _nbytes(checkpoint: Checkpoint, name: str) -> int:
     return math.prod(checkpoint.shape(name)) * checkpoint.dtype(name).itemsize
+
+
+@pytest.fixture(scope="module")
+def int8_cut(demo_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cut") / "tiny-2-int8"
+    argv = ["--model", str(demo_model()), "--num-shards", "2", "--out", str(out), "--quantize", "int8"]
+    assert _run(*argv) == 0
+    return out
+
+
+def test_an_int8_cut_holds_what_quantizing_at_start_makes(
+    demo_model: Callable[..., Path], cut_model: Path, int8_cut: Path
+) -> None:
+    cut = Checkpoint(int8_cut)
+    assert cut.quantized == "int8" and Checkpoint(cut_model).quantized is None
+    cpu = torch.device("cpu")
+    for rank in range(2):
+        part = cut.rank_part(rank, 2)
+        assert part.dtype("h.1.mlp.dense_4h_to_h.weight") == torch.int8
+        assert part.dtype("lm_head.weight") == torch.int8 and part.has("lm_head.weight_scale")
+        float_part = Checkpoint(cut_model).rank_part(rank, 2)
+        assert part.dtype("h.1.mlp.dense_h_to_4h.bias") == float_part.dtype("h.1.mlp.dense_h_to_4h.bias")
+        # quantized at start from the full checkpoint, and read as stored from the cut: the same buffers
+        at_start = load_shard(demo_model(), rank, 2, device=cpu, dtype=torch.float32, quantize="int8")
+        from_cut = load_shard(cut, rank, 2, device=cpu, dtype=torch.float32, quantize="int8")
+        want, got = at_start.state_dict(), from_cut.state_dict()
+        assert want.keys() == got.keys() and any(name.endswith("weight_int8") for name in got)
+        for name, tensor in want.items():
+            assert torch.equal(got[name], tensor), name
+    int8_bytes = sum(_nbytes(cut.rank_part(0, 2), n) for n in cut.rank_part(0, 2).names())
+    float_bytes = sum(
+        _nbytes(Checkpoint(cut_model).rank_part(0, 2), n)
+        for n in cut.rank_part(0, 2).names()
+        if not n.endswith("_scale")
+    )
+    assert int8_bytes < 0.3 * float_bytes  # float32 demo weights: a quarter, plus scales, biases, norms
+
+
+def test_an_int8_cut_serves_as_quantizing_at_start_does_and_refuses_without(
+    demo_model: Callable[..., Path], int8_cut: Path
+) -> None:
+    with pytest.raises(ValueError, match=r"holds int8 weights.*--quantize int8 or int8-dynamic"):
+        load_shard(Checkpoint(int8_cut), 0, 2, device=torch.device("cpu"), dtype=torch.float32)
+    with running_stack(int8_cut, num_shards=2, quantize="int8") as stack:
+        with Client(stack.target) as bloom:
+            assert [kernels.split(" ")[0] for kernels in bloom.info().worker_kernels] == ["int8", "int8"]
+        served = _greedy(stack.target)
+    with running_stack(demo_model(), num_shards=2, quantize="int8") as stack:
+        assert served == _greedy(stack.target)  # the same int8 weights and scales, the same arithmetic

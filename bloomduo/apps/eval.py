@@ -331,13 +331,11 @@ def _in_process_logits(
     from bloomduo.core.dtypes import to_torch
     from bloomduo.gateway.embedding import Embedder
     from bloomduo.shard_worker.model import Chunk
-    from bloomduo.shard_worker.quantize import quantize_linears
     from bloomduo.shard_worker.tensor_parallel import load_shard
 
     checkpoint = Checkpoint(args.model)
     device = torch.device(shard_device(args.device, 0))
-    model = load_shard(checkpoint, 0, 1, device=device, dtype=to_torch(dtype))
-    quantize_linears(model, quantize)
+    model = load_shard(checkpoint, 0, 1, device=device, dtype=to_torch(dtype), quantize=quantize)
     hidden = Embedder(checkpoint, to_torch(dtype))(torch.tensor(token_ids))
     captured: list[torch.Tensor] = []
     hook = model.h[-1].register_forward_hook(lambda _module, _inputs, output: captured.append(output))

@@ -11,6 +11,12 @@ the full checkpoint. The output directory is served like any checkpoint (`bloomd
 
 Tensors are read (only the rank's slice of each) and written one at a time, so cutting BLOOM-7B1 never
 holds more than one tensor in memory.
+
+With --quantize int8 every Linear's weight (the LM head's slice too) is stored as the workers' --quantize
+would make it at start: int8 per output channel of the rank's slice, under the weight's name, with its
+float32 scales under the name + "_scale" (shard_worker/quantize.py); config.json says
+"bloomduo_quantized": "int8". Rank files are then about half the bytes of bfloat16, and a worker loads
+them without holding float weights first. Serve the cut with --quantize int8 or int8-dynamic.
 """
 
 from __future__ import annotations
@@ -49,27 +55,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the number of shard workers that will serve it (bloomduo up --num-shards); must divide n_head",
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
+    parser.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="int8: store every Linear's weight as int8 with per-channel scales (serve with --quantize int8 "
+        "or int8-dynamic)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from bloomduo.core.checkpoint import CheckpointError
 
     try:
-        out = shard_weights(args.model, args.num_shards, args.out)
+        out = shard_weights(args.model, args.num_shards, args.out, args.quantize)
     except (CheckpointError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"serve it with: bloomduo up --model {out} --num-shards {args.num_shards}")
+    quantize = "" if args.quantize == "none" else f" --quantize {args.quantize}"
+    print(f"serve it with: bloomduo up --model {out} --num-shards {args.num_shards}{quantize}")
     return 0
 
 
-def shard_weights(model_dir: Path, num_shards: int, out_dir: Path) -> Path:
-    """Write the cut of `model_dir` for `num_shards` ranks into `out_dir` and return `out_dir`."""
+def shard_weights(model_dir: Path, num_shards: int, out_dir: Path, quantize: str = "none") -> Path:
+    """Write the cut of `model_dir` for `num_shards` ranks into `out_dir` (with int8 Linears when
+    `quantize` is "int8") and return `out_dir`."""
     from tqdm import tqdm
 
     from bloomduo.core.checkpoint import (
         GATEWAY_FILE,
         NUM_SHARDS_KEY,
+        QUANTIZED_KEY,
         Checkpoint,
         CheckpointError,
         rank_file_name,
@@ -96,7 +112,7 @@ def shard_weights(model_dir: Path, num_shards: int, out_dir: Path) -> Path:
     (out_dir / "config.json").unlink(missing_ok=True)
     parts = {GATEWAY_FILE: _gateway_part(checkpoint)}
     for rank in range(num_shards):
-        parts[rank_file_name(rank, num_shards)] = _rank_part(checkpoint, rank, num_shards)
+        parts[rank_file_name(rank, num_shards)] = _rank_part(checkpoint, rank, num_shards, quantize == "int8")
     total_bytes = sum(
         math.prod(shape) * dtype.itemsize for layout, _ in parts.values() for shape, dtype in layout.values()
     )
@@ -109,6 +125,8 @@ def shard_weights(model_dir: Path, num_shards: int, out_dir: Path) -> Path:
             shutil.copyfile(model_dir / name, out_dir / name)
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     config[NUM_SHARDS_KEY] = num_shards
+    if quantize == "int8":
+        config[QUANTIZED_KEY] = quantize
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out_dir
 
@@ -118,17 +136,35 @@ def _gateway_part(checkpoint: Checkpoint) -> tuple[Layout, Iterator[torch.Tensor
     return layout, (checkpoint.read(name) for name in layout)
 
 
-def _rank_part(checkpoint: Checkpoint, rank: int, num_shards: int) -> tuple[Layout, Iterator[torch.Tensor]]:
-    """The rank's tensors exactly as its model holds them (load_shard's meta model gives names and shapes)."""
+def _rank_part(
+    checkpoint: Checkpoint, rank: int, num_shards: int, int8: bool
+) -> tuple[Layout, Iterator[torch.Tensor]]:
+    """The rank's tensors exactly as its model holds them (load_shard's meta model gives names and shapes);
+    with `int8`, each Linear's weight as int8 followed by its scales."""
+    import torch
+
+    from bloomduo.shard_worker.quantize import SCALE_SUFFIX, linear_weights, per_channel_int8
     from bloomduo.shard_worker.tensor_parallel import build_meta_shard, read_shard_tensor, stored_name
 
     model, full_shapes = build_meta_shard(checkpoint.config, rank, num_shards)
-    layout = {
-        name: (tuple(param.shape), checkpoint.dtype(stored_name(checkpoint, name)))
-        for name, param in model.named_parameters()
-    }
-    tensors = (read_shard_tensor(checkpoint, name, full_shapes[name], rank, num_shards) for name in layout)
-    return layout, tensors
+    int8_weights = linear_weights(model) if int8 else {}
+    layout = {}
+    for name, param in model.named_parameters():
+        if name in int8_weights:
+            layout[name] = (tuple(param.shape), torch.int8)
+            layout[name + SCALE_SUFFIX] = ((param.shape[0],), torch.float32)
+        else:
+            layout[name] = (tuple(param.shape), checkpoint.dtype(stored_name(checkpoint, name)))
+
+    def tensors() -> Iterator[torch.Tensor]:
+        for name in dict(model.named_parameters()):
+            tensor = read_shard_tensor(checkpoint, name, full_shapes[name], rank, num_shards)
+            if name in int8_weights:
+                yield from per_channel_int8(tensor)
+            else:
+                yield tensor
+
+    return layout, tensors()
 
 
 def _with_progress(tensors: Iterator[torch.Tensor], bar: tqdm, file_name: str) -> Iterator[torch.Tensor]:

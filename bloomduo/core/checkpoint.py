@@ -36,6 +36,8 @@ WORD_EMBEDDINGS = "word_embeddings.weight"
 # holds the gateway's tensors in GATEWAY_FILE and each rank's in rank_file_name(rank, num_shards).
 NUM_SHARDS_KEY = "bloomduo_num_shards"
 GATEWAY_FILE = "gateway.safetensors"
+# A cut made with `shard-weights --quantize int8` says so under this key: its Linears' weights are int8.
+QUANTIZED_KEY = "bloomduo_quantized"
 
 # safetensors' dtype names; demo_model writes with the same table.
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -100,6 +102,9 @@ class Checkpoint:
         self.num_shards: int | None = getattr(self.config, NUM_SHARDS_KEY, None)
         if self.num_shards is not None and (not isinstance(self.num_shards, int) or self.num_shards < 1):
             raise CheckpointError(f"{config_path}: {NUM_SHARDS_KEY} must be a positive integer")
+        self.quantized: str | None = getattr(self.config, QUANTIZED_KEY, None)
+        if self.quantized not in (None, "int8"):
+            raise CheckpointError(f'{config_path}: {QUANTIZED_KEY} must be "int8", not {self.quantized!r}')
         self._open(*self._weight_files())
 
     def rank_part(self, rank: int, world_size: int) -> Checkpoint:
