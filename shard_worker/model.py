@@ -96,12 +96,22 @@ class Attention(nn.Module):
         keys, values = cache.write_tokens(
             layer, plan.single_slots, plan.single_positions, k, v, plan.num_slots, plan.kv_length
         )
+        attention = self._attention if q.device.type != "cpu" else self._one_query_attention
         if plan.slots_match_rows:
-            return self._attention(q[:, :, None], keys, values, plan.single_bias)[:, :, 0]
+            return attention(q[:, :, None], keys, values, plan.single_bias)[:, :, 0]
         queries = q.new_zeros(plan.num_slots, self.num_heads, 1, self.head_dim)
         queries[plan.single_slots, :, 0] = q
-        out = self._attention(queries, keys, values, plan.single_bias)  # [num_slots, heads, 1, d]
+        out = attention(queries, keys, values, plan.single_bias)  # [num_slots, heads, 1, d]
         return out[plan.single_slots, :, 0]
+
+    def _one_query_attention(self, q, keys, values, bias) -> torch.Tensor:
+        """What _attention computes for one query row per slot, as BLOOM's reference writes it: scores,
+        a float32 softmax, the weighted values. On the CPU, SDPA's fused kernel costs about 5 us per (slot,
+        head) for a single row: 1.3 ms against 0.23 ms here for 16 slots x 16 heads x 48 keys, 5.6x at
+        0.55 ms of a 560m decode step's 1.5 ms per layer (measured, one thread). Scores of bfloat16 inputs
+        are rounded to bfloat16 before the softmax, as transformers' own bfloat16 does."""
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.inv_norm_factor + bias.float()
+        return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
 
     def _attend_prompts(self, group: PromptGroup, q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
         """Whole prompts' queries, keys and values [prompts * length, heads, d], each prompt attending

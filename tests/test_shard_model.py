@@ -403,3 +403,26 @@ def test_building_a_rank_on_the_meta_device_imports_no_compiler_stack():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_attention_computes_what_sdpa_does(dtype):
+    """The CPU's decode attention (two matmuls around a float32 softmax) against the fused kernel, with
+    masked keys: float32 a few roundings apart; bfloat16 also rounds each score once to bfloat16."""
+    from bloomduo.shard_worker.model import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(BloomConfig(hidden_size=64, n_head=4, n_layer=1, vocab_size=50))
+    slots, heads, keys_len, head_dim = 5, 4, 37, 16
+    q = torch.randn(slots, heads, 1, head_dim).to(dtype)
+    k, v = (torch.randn(slots, heads, keys_len, head_dim).to(dtype) for _ in range(2))
+    bias = torch.randn(slots, heads, 1, keys_len).to(dtype)
+    bias[:, :, :, 30:] = torch.finfo(dtype).min  # shorter sequences' slots see fewer keys
+    bias[2, :, :, 4:] = torch.finfo(dtype).min
+    want = attention._attention(q, k, v, bias)
+    got = attention._one_query_attention(q, k, v, bias)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert relative_error(got, want, dtype) < 8
+    # a masked key changes nothing
+    v[:, :, 30:] = 1000.0
+    assert torch.equal(attention._one_query_attention(q, k, v, bias), got)
