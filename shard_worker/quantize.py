@@ -18,6 +18,7 @@ Two ways to compute with them, because they trade accuracy for speed differently
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping
 
@@ -41,7 +42,14 @@ def per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def vnni_available() -> bool:
-    """Whether the CPU has 8-bit dot-product instructions, so fbgemm's int8 GEMM cannot saturate."""
+    """Whether fbgemm's int8 GEMM uses 8-bit dot-product instructions here, so it cannot saturate.
+
+    FBGEMM_ENABLE_INSTRUCTIONS caps fbgemm below the CPU (AVX2, AVX512; AVX512_E1 is its VNNI level): how
+    tests and benches imitate an AVX2-only CPU on a newer one.
+    """
+    capped = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper()
+    if capped and not capped.startswith("AVX512_E1"):
+        return False
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 

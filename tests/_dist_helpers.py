@@ -132,9 +132,14 @@ def relative_error(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) ->
     return (got.float() - want.float()).abs().max().item() / scale
 
 
-# The AVX2-only CPU class, simulated on a newer CPU: ATen's AVX2 kernels and no oneDNN bfloat16 (so no
-# packed layout, and bfloat16 matmuls emulated), for subprocesses that check what that class runs.
-AVX2_CLASS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+# The AVX2-only CPU class, simulated on a newer CPU: ATen's AVX2 kernels, no oneDNN bfloat16 (so no
+# packed layout, and bfloat16 matmuls emulated) and fbgemm's AVX2 int8 GEMM (no VNNI), for subprocesses
+# that check what that class runs.
+AVX2_CLASS = {
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+}
 
 
 def can_pack() -> bool:

@@ -5,6 +5,10 @@ weights, in a real two-rank group."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -19,7 +23,7 @@ from bloomduo.shard_worker.quantize import (
     quantize_linears,
     weight_bytes,
 )
-from tests._dist_helpers import relative_error
+from tests._dist_helpers import AVX2_CLASS, relative_error
 from tests.conftest import running_stack
 from tests.test_worker_weight_formats import CONFIG, _CountingReducer, _hidden, _model, _steps
 
@@ -107,3 +111,31 @@ def test_up_quantize_serves_from_int8_weights(demo_model, scheme):
         result = bloom.generate("The int8 stack", max_new_tokens=6, ignore_eos=True, details=True)
         assert result.generated_tokens == 6
         assert len(result.tokens) == 6 and all(token.logprob <= 0 for token in result.tokens)
+
+
+def test_an_avx2_class_cpu_quantizes_activations_to_7_bits_and_stays_within_bounds():
+    """fbgemm's AVX2 int8 GEMM sums u8 x s8 pairs in int16, which 8-bit activations can saturate: on that
+    class (simulated) int8-dynamic uses 7-bit activations, and the rounding bounds above still hold."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"{__file__}::test_int8_linear_errs_no_more_than_its_rounding_allows",
+            "-k",
+            "int8-dynamic",
+        ],
+        env={**os.environ, **AVX2_CLASS},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-2000:]
+    probe = "from bloomduo.shard_worker.quantize import vnni_available; print(vnni_available())"
+    check = subprocess.run(
+        [sys.executable, "-c", probe], env={**os.environ, **AVX2_CLASS}, capture_output=True, text=True
+    )
+    assert check.stdout.strip() == "False", check.stderr
