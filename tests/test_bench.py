@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -307,31 +310,30 @@ def test_baseline_lists_parse() -> None:
     assert bench.parse_baselines("none") == []
     assert bench.parse_baselines("transformers,ctranslate2") == ["transformers", "ctranslate2"]
     assert bench.parse_baselines("ctranslate2, transformers,ctranslate2") == ["ctranslate2", "transformers"]
+    assert bench.parse_baselines("openvino,transformers") == ["openvino", "transformers"]
     assert _parse([]).baseline == []
-    for bad in ("", "vllm", "none,transformers", "transformers,openvino"):
+    for bad in ("", "vllm", "none,transformers", "transformers,vllm"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench.parse_baselines(bad)
 
 
-def test_a_missing_peer_is_a_clear_error(demo_model, monkeypatch, capsys) -> None:
-    """Without ctranslate2 the bench names the fix before starting anything."""
-    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # find_spec answers None, as when not installed
+@pytest.mark.parametrize("peer", ["ctranslate2", "openvino"])
+def test_a_missing_peer_is_a_clear_error(peer, demo_model, monkeypatch, capsys) -> None:
+    """Without the peer's package the bench names the fix before starting anything."""
+    package = bench.PEERS[peer].package
+    monkeypatch.setitem(sys.modules, package, None)  # find_spec answers None, as when not installed
     before = _children()
-    args = _parse(["--launch", "--model", str(demo_model()), "--baseline", "transformers,ctranslate2"])
+    args = _parse(["--launch", "--model", str(demo_model()), "--baseline", f"transformers,{peer}"])
     assert bench.run(args) == 1
     err = capsys.readouterr().err
-    assert "ctranslate2" in err and "pip install 'bloomduo[peers]'" in err
+    assert f"--baseline {peer} needs {bench.PEERS[peer].title}" in err
+    assert "pip install 'bloomduo[peers]'" in err
     assert _children() == before  # no stack was started
 
 
-def _has_ct2() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("ctranslate2") is not None
-
-
 needs_ct2 = pytest.mark.skipif(
-    not _has_ct2(), reason="ctranslate2 is not installed (pip install 'bloomduo[peers]')"
+    importlib.util.find_spec("ctranslate2") is None,
+    reason="ctranslate2 is not installed (pip install 'bloomduo[peers]')",
 )
 
 
@@ -344,11 +346,12 @@ def test_ct2_float_greedy_tokens_equal_transformers(demo_model, tmp_path) -> Non
     from bloomduo.apps import bench_peers
 
     model_dir = demo_model()
-    [float_variant, int8_variant] = bench_peers.ct2_variants("float32")
-    assert float_variant["quantization"] == "float32" and int8_variant["quantization"] == "int8_float32"
+    [float_variant, int8_variant] = bench_peers.variants("float32")
+    assert (float_variant.stored, float_variant.compute) == ("float32", "float32")
+    assert (int8_variant.stored, int8_variant.compute) == ("int8_float32", "int8_float32")
     converted = tmp_path / "ct2"
     assert bench_peers.main(["convert", "--model", str(model_dir), "--out", str(converted),
-                             "--quantization", "float32"]) == 0  # fmt: skip
+                             "--stored", "float32"]) == 0  # fmt: skip
     engine = bench_peers.Ct2(converted, "float32", threads=1, new_tokens=12)
     assert engine.generator.compute_type == "float32"
     prompt = [5, 100, 200, 37, 900, 12, 15, 44, 321, 7]
@@ -429,3 +432,152 @@ def test_bench_with_ctranslate2_converts_once(demo_model, tmp_path, monkeypatch,
         assert peer["conversion_s"] is None
         assert Path(peer["converted"], "model.bin").stat().st_mtime_ns == model_bins[name]
     assert _children() == before
+
+
+needs_openvino = pytest.mark.skipif(
+    importlib.util.find_spec("openvino_genai") is None,
+    reason="openvino-genai is not installed (pip install 'bloomduo[peers]')",
+)
+
+
+def test_openvino_variants_and_where_their_conversions_go(demo_model, tmp_path) -> None:
+    from bloomduo.apps import bench_openvino
+
+    [fp32, int8] = bench_openvino.variants("bfloat16")
+    assert (fp32.name, fp32.stored, fp32.compute) == ("openvino", "fp32", "bf16")
+    assert (int8.name, int8.stored, int8.compute) == ("openvino int8", "int8", "bf16")
+    assert [variant.compute for variant in bench_openvino.variants("float32")] == ["f32", "f32"]
+
+    model_dir = Path(shutil.copytree(demo_model(), tmp_path / "bloom"))
+    converted = bench_openvino.conversion_dir(tmp_path / "cache", model_dir, "int8")
+    assert converted.parent == tmp_path / "cache" / "peers" / "openvino"
+    assert converted.name.startswith("bloom-") and converted.name.endswith("-int8")
+    assert not bench_openvino.is_converted(converted)
+    # Weights rewritten in place make the cached conversion stale.
+    weights = model_dir / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert bench_openvino.conversion_dir(tmp_path / "cache", model_dir, "int8") != converted
+    # The converter's environment is the project's, never pinned apart from the runtime that measures.
+    requirements = bench_openvino.converter_requirements()
+    for package in bench_openvino.OPENVINO_PACKAGES:
+        assert f"{package}=={bench_openvino.installed_version(package)}" in requirements
+    assert not any(requirement.startswith("optimum-intel") for requirement in requirements)  # --no-deps
+
+
+@pytest.fixture(scope="module")
+def openvino_fp32(demo_model: Callable[..., Path]) -> Iterator[tuple[Path, Path]]:
+    """The tiny demo model converted with fp32 weights into the peer cache, the way the bench does it
+    (the first use creates the converter's environment there); its conversions are removed afterwards."""
+    from bloomduo.apps import bench_openvino
+    from bloomduo.apps.demo_model import default_cache_dir
+
+    model_dir = demo_model()
+    converted = bench_openvino.conversion_dir(default_cache_dir(), model_dir, "fp32")
+    assert bench_openvino.main(["convert", "--model", str(model_dir), "--out", str(converted),
+                                "--stored", "fp32"]) == 0  # fmt: skip
+    yield model_dir, converted
+    for variant in bench_openvino.variants("float32"):  # int8 is there only if the bench test ran
+        shutil.rmtree(bench_openvino.conversion_dir(default_cache_dir(), model_dir, variant.stored), True)
+
+
+@needs_openvino
+def test_openvino_fp32_tokens_and_logprobs_equal_transformers(openvino_fp32) -> None:
+    """A real check of the conversion and of both pipelines: on the tiny float32 model, computing in f32,
+    GenAI picks transformers' greedy tokens one at a time and batched, and its log-probabilities match."""
+    from transformers import BloomForCausalLM
+
+    from bloomduo.apps import bench_openvino
+    from bloomduo.apps.demo_model import default_cache_dir
+
+    model_dir, converted = openvino_fp32
+    assert bench_openvino.is_converted(converted)
+    assert (converted / "openvino_tokenizer.xml").is_file() and (converted / "conversion.log").is_file()
+    model = BloomForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt = [5, 100, 200, 37, 900, 12, 15, 44, 321, 7]
+    with torch.inference_mode():
+        expected = model.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+            pad_token_id=model.config.pad_token_id,
+        )[0, len(prompt):].tolist()  # fmt: skip
+        reference = torch.log_softmax(model(torch.tensor([prompt + expected])).logits[0], dim=-1)
+
+    engine = bench_openvino.OpenVino(converted, "f32", threads=1, new_tokens=12, prefix_caching=False)
+    ids, times = engine.stream(engine.single(), prompt)
+    assert ids == expected and len(times) == 12 and times == sorted(times)
+    batched = engine.batched()
+    results = batched.generate([bench_openvino.prompt_tensor(prompt)] * 3, [engine.config] * 3)
+    assert [list(result.m_generation_ids[0]) for result in results] == [expected] * 3
+    level = engine.closed_loop("openvino", batched, prompt, level=2, requests=3)
+    assert (level["concurrency"], level["requests"], level["generated_tokens"]) == (2, 3, 36)
+    assert level["ttft_s"]["p50"] > 0 and level["tpot_s"]["p50"] > 0
+
+    logprobs = bench_openvino.model_logprobs(model_dir, prompt + expected, default_cache_dir(), "fp32")
+    assert logprobs.shape == tuple(reference.shape) == (22, 1030)
+    assert logprobs.argmax(axis=-1)[len(prompt) - 1 : -1].tolist() == expected
+    torch.testing.assert_close(torch.from_numpy(logprobs), reference, atol=2e-4, rtol=0)
+
+
+@needs_openvino
+def test_bench_with_openvino_converts_once(openvino_fp32, tmp_path, capsys) -> None:
+    """A real short bench with OpenVINO GenAI as the baseline: the fp32 conversion the fixture made is
+    reused, int8 is converted once, and a second run converts nothing."""
+    from bloomduo.apps import bench_openvino
+    from bloomduo.apps.demo_model import default_cache_dir
+
+    model_dir, fp32_converted = openvino_fp32
+    before = _children()
+
+    def run_once(out: Path, *extra: str) -> dict:
+        args = _parse(
+            [
+                "--launch", "--model", str(model_dir), "--num-shards", "2", "--threads-per-shard", "1",
+                "--baseline", "openvino", "--concurrency", "1,2", "--prompt-tokens", "6",
+                "--new-tokens", "4", "--requests-per-level", "3", "--warmup", "1", "--out", str(out), *extra,
+            ]
+        )  # fmt: skip
+        assert bench.run(args) == 0
+        return json.loads(out.read_text())
+
+    report = run_once(tmp_path / "first.json", "--distinct-prompts")
+    printed = capsys.readouterr().out
+    assert report["baseline"] is None and list(report["baselines"]) == ["openvino", "openvino int8"]
+    for name, weight_format in (("openvino", "fp32"), ("openvino int8", "int8")):
+        peer = report["baselines"][name]
+        assert peer["engine"] == "openvino" and peer["weight_format"] == weight_format
+        assert peer["inference_precision"] == "f32"  # the stack serves the tiny model in float32
+        assert peer["threads"] == 2  # the stack's two workers, one thread each
+        assert peer["prefix_caching"] is False  # distinct prompts: the stack has no cached prompt either
+        assert peer["openvino_genai_version"] == bench_openvino.installed_version("openvino-genai")
+        assert Path(peer["converted"]) == bench_openvino.conversion_dir(
+            default_cache_dir(), model_dir, weight_format
+        )
+        assert peer["max_rss_bytes"] > 0 and "static_batch" not in peer
+        for way in ("one_at_a_time", "continuous_batching"):
+            assert [level["concurrency"] for level in peer[way]] == [1, 2]
+            for level in peer[way]:
+                assert level["requests"] == 3 and level["generated_tokens"] == 12
+                assert level["tpot_s"]["p50"] > 0 and level["ttft_s"]["p50"] > 0
+        assert peer["continuous_batching"][0] == peer["one_at_a_time"][0]  # one stream: the same server
+        assert f"{name}: OpenVINO GenAI {peer['openvino_genai_version']}" in printed
+        assert f"{weight_format} weights converted by optimum-intel" in printed
+    assert report["baselines"]["openvino"]["conversion_s"] is None  # the fixture's conversion
+    assert report["baselines"]["openvino int8"]["conversion_s"] > 0
+    rows = {(row["system"], row["concurrency"]) for row in report["side_by_side"]}
+    assert rows == {
+        (f"{name} {way}", c)
+        for name in ("openvino", "openvino int8")
+        for way in ("one at a time", "continuous batching")
+        for c in (1, 2)
+    }
+    assert "openvino int8 continuous batching" in printed
+    assert "openvino int8 continuous batching" in {row["system"] for row in report["floor"]["levels"]}
+
+    int8_model = Path(report["baselines"]["openvino int8"]["converted"], "openvino_model.bin")
+    int8_mtime = int8_model.stat().st_mtime_ns
+    again = run_once(tmp_path / "second.json")
+    assert "bench: converting" not in capsys.readouterr().err  # the converter did not run again
+    assert [peer["conversion_s"] for peer in again["baselines"].values()] == [None, None]
+    assert int8_model.stat().st_mtime_ns == int8_mtime
+    # One prompt for all requests: the stack may serve it from its prefix cache, and GenAI may too.
+    assert [peer["prefix_caching"] for peer in again["baselines"].values()] == [True, True]
+    assert fp32_converted.is_dir() and _children() == before

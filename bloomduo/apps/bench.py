@@ -3,9 +3,10 @@
 Like text-generation-benchmark, it sweeps the number of concurrent streams with a fixed prompt length and a
 fixed number of new tokens (greedy, EOS ignored), each stream sending its requests back to back. With
 `--baseline transformers` it also measures transformers' `BloomForCausalLM.generate` on the same checkpoint,
-in a separate process (bloomduo.apps.bench_baseline); with `--baseline ctranslate2` the CPU engine people
-pick instead, CTranslate2, in its float and int8 variants (bloomduo.apps.bench_peers, an optional extra). It
-prints the stack's figures as ratios of every baseline's, side by side.
+in a separate process (bloomduo.apps.bench_baseline); with `--baseline ctranslate2,openvino` the CPU
+engines people pick instead, CTranslate2 (bloomduo.apps.bench_peers) and OpenVINO GenAI
+(bloomduo.apps.bench_openvino), each in its float and int8 variants (an optional extra). It prints the
+stack's figures as ratios of every baseline's, side by side.
 Before the levels run it measures the machine's floor (bloomduo.apps.machine_floor: memory read bandwidth
 and GEMM rate against the checkpoint's bytes and FLOPs) and prints every level's TPOT and TTFT against it.
 
@@ -50,7 +51,29 @@ _FILLER = (
 MAX_DISTINCT_PROMPTS = len(_FILLER.split())  # one per starting word of the filler
 
 
-BASELINES = ("transformers", "ctranslate2")
+@dataclass(frozen=True)
+class Peer:
+    """A peer engine: the module that converts and measures it (see bench_peers), and what it needs."""
+
+    module: str
+    package: str  # what must be importable to measure it
+    title: str
+    # It can serve a repeated prompt from a cache, and is let to (--prefix-caching) when the stack can too.
+    prefix_caching: bool = False
+
+
+PEERS = {
+    "ctranslate2": Peer("bloomduo.apps.bench_peers", "ctranslate2", "CTranslate2"),
+    "openvino": Peer("bloomduo.apps.bench_openvino", "openvino_genai", "OpenVINO GenAI", prefix_caching=True),
+}
+BASELINES = ("transformers", *PEERS)
+# How a baseline serves a level's streams, under its key in the JSON: every baseline one at a time, then
+# transformers and CTranslate2 in static batches, OpenVINO GenAI by continuous batching.
+WAYS = {
+    "one_at_a_time": "one at a time",
+    "static_batch": "static batch",
+    "continuous_batching": "continuous batching",
+}
 
 
 class BenchError(Exception):
@@ -196,9 +219,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_baselines,
         default=[],
         metavar="none|" + ",".join(BASELINES),
-        help="also measure these on the same checkpoint, each one request at a time and as a static batch "
-        "per level: transformers' generate; ctranslate2 (float and int8, converted once into "
-        "$BLOOMDUO_CACHE/peers; needs pip install 'bloomduo[peers]')",
+        help="also measure these on the same checkpoint, each one request at a time and batched per level: "
+        "transformers' generate; ctranslate2 and openvino (float and int8 weights, converted once into "
+        "$BLOOMDUO_CACHE/peers; need pip install 'bloomduo[peers]')",
     )
 
     load = parser.add_argument_group("load")
@@ -283,7 +306,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if name == "transformers":
             baselines[name] = _run_baseline(args, prompt_ids, served)
         else:
-            baselines.update(_run_ct2(args, prompt_ids, measured["info"]))
+            baselines.update(_run_peer(args, name, prompt_ids, measured["info"]))
     baseline = baselines.get("transformers")
 
     report = {
@@ -307,7 +330,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         **measured,
         # transformers' figures, which the targets and `ratios` compare with (None without it)
         "baseline": baseline,
-        # every baseline under its name: transformers, ctranslate2, ctranslate2 int8
+        # every baseline under its name: transformers, ctranslate2, ctranslate2 int8, openvino, openvino int8
         "baselines": baselines,
     }
     floor = report["floor"]
@@ -331,12 +354,14 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if args.model is not None and not (args.model / "config.json").is_file():
         raise BenchError(f"--model {args.model} is not a checkpoint directory (no config.json)")
     # Checked before the stack starts, so a missing peer costs nothing but this message.
-    if "ctranslate2" in args.baseline and importlib.util.find_spec("ctranslate2") is None:
-        raise BenchError(
-            "--baseline ctranslate2 needs CTranslate2, which is not installed: pip install 'bloomduo[peers]'"
-        )
-    if "ctranslate2" in args.baseline and not args.device.startswith("cpu"):
-        raise BenchError(f"--baseline ctranslate2 runs on cpu only here, not {args.device}")
+    for name in args.baseline:
+        peer = PEERS.get(name)
+        if peer and importlib.util.find_spec(peer.package) is None:
+            raise BenchError(
+                f"--baseline {name} needs {peer.title}, which is not installed: pip install 'bloomduo[peers]'"
+            )
+        if peer and not args.device.startswith("cpu"):
+            raise BenchError(f"--baseline {name} runs on cpu only here, not {args.device}")
 
 
 def _launch(args: argparse.Namespace) -> Stack:
@@ -584,13 +609,8 @@ def _run_baseline(args: argparse.Namespace, prompt_ids: list[int], dtype: str) -
         "--model", str(args.model.resolve()),
         "--dtype", dtype,
         "--device", shard_device(args.device, 0),
-        "--prompt-ids", ",".join(map(str, prompt_ids)),
-        "--new-tokens", str(args.new_tokens),
-        "--concurrency", ",".join(map(str, args.concurrency)),
-        "--warmup", str(args.warmup),
+        *_load_arguments(args, prompt_ids),
     ]  # fmt: skip
-    if args.requests_per_level:
-        command += ["--requests-per-level", str(args.requests_per_level)]
     print("bench: measuring transformers (the stack is idle)", file=sys.stderr)
     # stderr passes through: it carries the baseline's progress lines.
     finished = subprocess.run(command, stdout=subprocess.PIPE, text=True)
@@ -599,44 +619,57 @@ def _run_baseline(args: argparse.Namespace, prompt_ids: list[int], dtype: str) -
     return json.loads(finished.stdout)
 
 
-def _run_ct2(args: argparse.Namespace, prompt_ids: list[int], info: dict[str, Any]) -> dict[str, Any]:
-    """CTranslate2's variants, each converted once into the cache and measured in a process of its own,
-    with as many threads as the stack's workers had together."""
-    from bloomduo.apps import bench_peers
+def _load_arguments(args: argparse.Namespace, prompt_ids: list[int]) -> list[str]:
+    """The flags of add_baseline_run_arguments: the load the stack was given."""
+    command = [
+        "--prompt-ids", ",".join(map(str, prompt_ids)),
+        "--new-tokens", str(args.new_tokens),
+        "--concurrency", ",".join(map(str, args.concurrency)),
+        "--warmup", str(args.warmup),
+    ]  # fmt: skip
+    if args.requests_per_level:
+        command += ["--requests-per-level", str(args.requests_per_level)]
+    return command
+
+
+def _run_peer(
+    args: argparse.Namespace, name: str, prompt_ids: list[int], info: dict[str, Any]
+) -> dict[str, Any]:
+    """A peer's variants, each converted once into the cache and measured in a process of its own, with as
+    many threads as the stack's workers had together."""
     from bloomduo.apps.demo_model import default_cache_dir
     from bloomduo.apps.machine_floor import stack_threads
 
+    peer = PEERS[name]
+    module = importlib.import_module(peer.module)
     threads = stack_threads(info["num_shards"], args.threads_per_shard)
     results = {}
-    for variant in bench_peers.ct2_variants(info["dtype"]):
-        name, quantization = variant["name"], variant["quantization"]
-        converted = bench_peers.conversion_dir(default_cache_dir(), args.model, quantization)
+    for variant in module.variants(info["dtype"]):
+        converted = module.conversion_dir(default_cache_dir(), args.model, variant.stored)
         conversion_s = None
-        if not (converted / "model.bin").is_file():
+        if not module.is_converted(converted):
             print(
-                f"bench: converting {args.model} for {name} ({quantization}) into {converted}",
+                f"bench: converting {args.model} for {variant.name} ({variant.stored}) into {converted}",
                 file=sys.stderr,
             )
             conversion_s = _peer_process(
-                name, ["convert", "--model", str(args.model.resolve()), "--out", str(converted),
-                       "--quantization", quantization],
+                peer, variant.name, ["convert", "--model", str(args.model.resolve()), "--out", str(converted),
+                                     "--stored", variant.stored],
             )["conversion_s"]  # fmt: skip
         command = [
-            "measure", "--name", name, "--converted", str(converted),
-            "--quantization", quantization, "--compute-type", quantization, "--threads", str(threads),
-            "--prompt-ids", ",".join(map(str, prompt_ids)), "--new-tokens", str(args.new_tokens),
-            "--concurrency", ",".join(map(str, args.concurrency)), "--warmup", str(args.warmup),
+            "measure", "--name", variant.name, "--converted", str(converted), "--stored", variant.stored,
+            "--compute", variant.compute, "--threads", str(threads), *_load_arguments(args, prompt_ids),
         ]  # fmt: skip
-        if args.requests_per_level:
-            command += ["--requests-per-level", str(args.requests_per_level)]
-        print(f"bench: measuring {name} (the stack is idle)", file=sys.stderr)
-        results[name] = {**_peer_process(name, command), "conversion_s": conversion_s}
+        if peer.prefix_caching and not args.distinct_prompts:
+            command.append("--prefix-caching")
+        print(f"bench: measuring {variant.name} (the stack is idle)", file=sys.stderr)
+        results[variant.name] = {**_peer_process(peer, variant.name, command), "conversion_s": conversion_s}
     return results
 
 
-def _peer_process(name: str, command: list[str]) -> dict[str, Any]:
+def _peer_process(peer: Peer, name: str, command: list[str]) -> dict[str, Any]:
     finished = subprocess.run(
-        [sys.executable, "-m", "bloomduo.apps.bench_peers", *command], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", peer.module, *command], stdout=subprocess.PIPE, text=True
     )
     if finished.returncode != 0:
         raise BenchError(f"{name} ({command[0]}) exited with {finished.returncode}")
@@ -647,10 +680,7 @@ def systems(report: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
     """Every system's levels under its display name: the stack, then each baseline's two ways."""
     found = [("bloomduo", report["stack"]["levels"])]
     for name, baseline in (report.get("baselines") or {}).items():
-        found += [
-            (f"{name} one at a time", baseline["one_at_a_time"]),
-            (f"{name} static batch", baseline["static_batch"]),
-        ]
+        found += [(f"{name} {way}", baseline[key]) for key, way in WAYS.items() if key in baseline]
     return found
 
 
@@ -808,7 +838,7 @@ def print_report(report: dict[str, Any]) -> None:
         f"{machine['cpu_capability']}, oneDNN bf16 {bf16}"
     )
     header = (
-        f"{'system':<32} {'streams':>7} {'requests':>8} {'tokens/s':>9} {'req/s':>7}"
+        f"{'system':<34} {'streams':>7} {'requests':>8} {'tokens/s':>9} {'req/s':>7}"
         f"   {'TTFT p50/p90/p99 (ms)':<26} {'TPOT p50/p90/p99 (ms)':<24}"
     )
     print(header)
@@ -818,7 +848,7 @@ def print_report(report: dict[str, Any]) -> None:
             ttft = "/".join(f"{level['ttft_s'][p] * 1000:.1f}" for p in ("p50", "p90", "p99"))
             tpot = "/".join(f"{level['tpot_s'][p] * 1000:.2f}" for p in ("p50", "p90", "p99"))
             print(
-                f"{name:<32} {level['concurrency']:>7} {level['requests']:>8} {level['tokens_per_s']:>9.1f} "
+                f"{name:<34} {level['concurrency']:>7} {level['requests']:>8} {level['tokens_per_s']:>9.1f} "
                 f"{level['requests_per_s']:>7.2f}   {ttft:<26} {tpot:<24}"
             )
     if report["memory"]:
@@ -835,22 +865,34 @@ def print_report(report: dict[str, Any]) -> None:
             f"embeddings {report['memory']['embedding_bytes'] / 2**20:.0f} MiB"
         )
     for name, baseline in (report.get("baselines") or {}).items():
-        rss = f"resident memory {baseline['max_rss_bytes'] / 2**20:.0f} MiB"
-        if name == "transformers":
-            print(
-                f"transformers {baseline['transformers_version']}: {baseline['torch_threads']} threads, {rss}"
-            )
-        else:
-            print(
-                f"{name}: CTranslate2 {baseline['ctranslate2_version']}, stored {baseline['quantization']}, "
-                f"computes in {baseline['compute_type']}, {baseline['intra_threads']} threads, {rss}"
-            )
+        print(
+            f"{name}: {describe_baseline(baseline)}, "
+            f"resident memory {baseline['max_rss_bytes'] / 2**20:.0f} MiB"
+        )
     if report["side_by_side"]:
         print_side_by_side(report)
     print_floor(report["floor"], config["distinct_prompts"])
     print("\ntargets")
     for check in report["targets"]:
         print(f"  {check['status']:<4}  {check['name']}: {check['detail']}")
+
+
+def describe_baseline(baseline: dict[str, Any]) -> str:
+    """Which engine, which versions and what it computes in, from its own process's report."""
+    engine = baseline.get("engine", "transformers")
+    if engine == "transformers":
+        return f"transformers {baseline['transformers_version']}, {baseline['torch_threads']} threads"
+    if engine == "ctranslate2":
+        return (
+            f"CTranslate2 {baseline['ctranslate2_version']}, stored {baseline['quantization']}, "
+            f"computes in {baseline['compute_type']}, {baseline['intra_threads']} threads"
+        )
+    caching = "on" if baseline["prefix_caching"] else "off"
+    return (
+        f"OpenVINO GenAI {baseline['openvino_genai_version']} (OpenVINO {baseline['openvino_version']}), "
+        f"{baseline['weight_format']} weights converted by {baseline['converter']}, computes in "
+        f"{baseline['inference_precision']}, {baseline['threads']} threads, prefix cache {caching}"
+    )
 
 
 def print_side_by_side(report: dict[str, Any]) -> None:
@@ -864,7 +906,7 @@ def print_side_by_side(report: dict[str, Any]) -> None:
         "bloomduo; TPOT, TTFT: lower is)"
     )
     header = (
-        f"{'baseline':<32} {'streams':>7}  {'tok/s':>8} {'÷':>6}  {'TPOT ms':>8} {'÷':>6}  "
+        f"{'baseline':<34} {'streams':>7}  {'tok/s':>8} {'÷':>6}  {'TPOT ms':>8} {'÷':>6}  "
         f"{'TTFT ms':>8} {'÷':>6}"
     )
     print(header)
@@ -872,13 +914,13 @@ def print_side_by_side(report: dict[str, Any]) -> None:
     for level in report["stack"]["levels"]:
         c = level["concurrency"]
         print(
-            f"{'bloomduo':<32} {c:>7}  {level['tokens_per_s']:>8.1f} {'':>6}  "
+            f"{'bloomduo':<34} {c:>7}  {level['tokens_per_s']:>8.1f} {'':>6}  "
             f"{level['tpot_s']['p50'] * 1000:>8.2f} {'':>6}  {level['ttft_s']['p50'] * 1000:>8.1f} {'':>6}"
         )
         for row in report["side_by_side"]:
             if row["concurrency"] == c and c in stack:
                 print(
-                    f"{row['system']:<32} {c:>7}  {row['tokens_per_s']:>8.1f} "
+                    f"{row['system']:<34} {c:>7}  {row['tokens_per_s']:>8.1f} "
                     f"{row['stack_tokens_per_s_ratio']:>6.2f}  {row['tpot_p50_s'] * 1000:>8.2f} "
                     f"{row['stack_tpot_p50_ratio']:>6.2f}  {row['ttft_p50_s'] * 1000:>8.1f} "
                     f"{row['stack_ttft_p50_ratio']:>6.2f}"
@@ -919,12 +961,12 @@ def print_floor(floor: dict[str, Any], distinct_prompts: bool) -> None:
         f"attention {parts['attention'] / 1e9:.3f}, LM head for the last row {parts['lm_head'] / 1e9:.3f}) "
         "and the weights' read time (the TPOT floor)"
     )
-    header = f"  {'system':<32} {'streams':>7}  {'TPOT p50 ÷ floor':>16}  {'TTFT p50 ÷ floor':>16}"
+    header = f"  {'system':<34} {'streams':>7}  {'TPOT p50 ÷ floor':>16}  {'TTFT p50 ÷ floor':>16}"
     print(header)
     print("  " + "-" * (len(header) - 2))
     for row in floor["levels"]:
         print(
-            f"  {row['system']:<32} {row['concurrency']:>7}  {row['tpot_p50_x_floor']:>16.2f}  "
+            f"  {row['system']:<34} {row['concurrency']:>7}  {row['tpot_p50_x_floor']:>16.2f}  "
             f"{row['ttft_p50_x_floor']:>16.2f}"
         )
     if not distinct_prompts:

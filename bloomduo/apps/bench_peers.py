@@ -1,8 +1,13 @@
-"""Peer engines of `bloomduo bench`: CTranslate2, each variant run as its own process; prints JSON.
+"""Peer engines of `bloomduo bench`: CTranslate2 here, each variant run as its own process; prints JSON.
 
-    python -m bloomduo.apps.bench_peers convert --model DIR --out CACHE_DIR --quantization int8
-    python -m bloomduo.apps.bench_peers measure --converted CACHE_DIR --compute-type int8_float32 \\
+    python -m bloomduo.apps.bench_peers convert --model DIR --out CACHE_DIR --stored int8
+    python -m bloomduo.apps.bench_peers measure --converted CACHE_DIR --stored int8 --compute int8_float32 \\
         --threads 2 --prompt-ids 1,2,3 --new-tokens 64 --concurrency 1,16
+
+Every peer module (this one, bench_openvino) offers bench the same face: `variants(served_dtype)`,
+`conversion_dir(cache, model, stored)`, `is_converted(dir)` and a CLI with `convert` and `measure` taking the
+same flags, so bench runs them all through one path. The parts they share live here: the cache key, the
+rename into place, and the closed loops.
 
 CTranslate2 is what people pick to run a transformers checkpoint fast on CPU. Its own converter
 (`ctranslate2.converters.TransformersConverter`, what `ct2-transformers-converter` runs) turns the
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -29,11 +35,13 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from bloomduo.apps.bench import (
+    BenchError,
     Sample,
     add_baseline_run_arguments,
     progress,
@@ -43,34 +51,60 @@ from bloomduo.apps.bench import (
     summarize_level,
 )
 
-PEERS = ("ctranslate2",)
 INSTALL_HINT = "pip install 'bloomduo[peers]'"
 # CTranslate2's CPU backend computes in these float types; a served float16 or bfloat16 falls back to
 # float32 where the CPU lacks them (the generator reports what it really computes in).
 _FLOAT_QUANTIZATIONS = ("float32", "float16", "bfloat16")
 
 
-def ct2_variants(served_dtype: str) -> list[dict[str, str]]:
-    """The two variants measured: its float computation at the served dtype, and int8 weights.
+@dataclass(frozen=True)
+class PeerVariant:
+    """One way a peer is measured: `stored` is what its converter writes (CTranslate2's quantization,
+    OpenVINO's weight format), `compute` what its runtime is asked to compute in."""
 
-    `quantization` is what the converter stores; `compute_type` what the generator is asked to compute in.
-    """
+    name: str
+    stored: str
+    compute: str
+
+
+def variants(served_dtype: str) -> list[PeerVariant]:
+    """The two variants measured: its float computation at the served dtype, and int8 weights."""
     stored = served_dtype if served_dtype in _FLOAT_QUANTIZATIONS else "float32"
     return [
-        {"name": "ctranslate2", "quantization": stored},
-        {"name": "ctranslate2 int8", "quantization": f"int8_{stored}"},
+        PeerVariant("ctranslate2", stored, stored),
+        PeerVariant("ctranslate2 int8", f"int8_{stored}", f"int8_{stored}"),
     ]
 
 
-def checkpoint_key(model_dir: Path) -> str:
+def checkpoint_key(model_dir: Path, converter: str) -> str:
     """A short hash of what makes a conversion stale: config.json's bytes, the weights' sizes and mtimes,
-    and the converter's version (its output format may change)."""
+    and the converter's versions (its output format may change)."""
     digest = hashlib.sha256((model_dir / "config.json").read_bytes())
     for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
         stat = path.stat()
         digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    digest.update(ct2_version().encode())
+    digest.update(converter.encode())
     return digest.hexdigest()[:16]
+
+
+def publish(out: Path, write: Callable[[Path], None], is_complete: Callable[[Path], bool]) -> None:
+    """Let `write` fill a temporary directory beside `out`, then rename it into place, so an interrupted
+    conversion never looks like a finished one."""
+    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    try:
+        partial.rename(out)
+    except OSError:
+        # Another bench converted the same checkpoint meanwhile: its copy is as good as ours.
+        shutil.rmtree(partial, ignore_errors=True)
+        if not is_complete(out):
+            raise
 
 
 def ct2_version() -> str:
@@ -82,27 +116,22 @@ def ct2_version() -> str:
 
 def conversion_dir(cache_dir: Path, model_dir: Path, quantization: str) -> Path:
     model_dir = model_dir.resolve()
-    return (
-        cache_dir / "peers" / "ctranslate2" / f"{model_dir.name}-{checkpoint_key(model_dir)}-{quantization}"
-    )
+    key = checkpoint_key(model_dir, ct2_version())
+    return cache_dir / "peers" / "ctranslate2" / f"{model_dir.name}-{key}-{quantization}"
+
+
+def is_converted(converted: Path) -> bool:
+    return (converted / "model.bin").is_file()
 
 
 def convert(model_dir: Path, out: Path, quantization: str) -> None:
-    """Run CTranslate2's converter into a temporary directory and rename it into place, so an interrupted
-    conversion never looks like a finished one."""
+    """Run CTranslate2's converter into the cache (published whole, see `publish`)."""
     from ctranslate2.converters import TransformersConverter
 
-    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    TransformersConverter(str(model_dir)).convert(str(partial), quantization=quantization, force=True)
-    try:
-        partial.rename(out)
-    except OSError:
-        # Another bench converted the same checkpoint meanwhile: its copy is as good as ours.
-        shutil.rmtree(partial, ignore_errors=True)
-        if not (out / "model.bin").is_file():
-            raise
+    def write(partial: Path) -> None:
+        TransformersConverter(str(model_dir)).convert(str(partial), quantization=quantization, force=True)
+
+    publish(out, write, is_converted)
 
 
 class Ct2:
@@ -160,7 +189,8 @@ class Ct2:
             raise RuntimeError(f"CTranslate2 made {generated} tokens in {steps} steps, not {self.new_tokens}")
 
 
-def _sample(arrival: float, times: list[float]) -> Sample:
+def token_sample(arrival: float, times: list[float]) -> Sample:
+    """A request's figures from when it arrived and when each of its tokens was ready."""
     return Sample(
         ttft_s=times[0] - arrival,
         tpot_s=(times[-1] - times[0]) / (len(times) - 1),
@@ -177,7 +207,7 @@ def one_at_a_time(name: str, serve: Callable[[], list[float]], level: int, reque
         arrival = start if index < level else finished[index - level]
         times = serve()
         finished.append(times[-1])
-        samples.append(_sample(arrival, times))
+        samples.append(token_sample(arrival, times))
         progress(f"{name} one at a time", level, len(samples), requests, samples[-1])
     summary = summarize_level(level, samples, finished[-1] - start)
     progress_level(f"{name} one at a time", summary)
@@ -192,7 +222,7 @@ def static_batch(name: str, serve: Callable[[int], list[float]], level: int, req
     for _ in range(batches):
         sent = time.perf_counter()
         times = serve(level)
-        samples += [_sample(sent, times)] * level
+        samples += [token_sample(sent, times)] * level
         progress(f"{name} static batch", level, len(samples), batches * level, samples[-1])
     summary = summarize_level(level, samples, time.perf_counter() - start)
     progress_level(f"{name} static batch", summary)
@@ -203,13 +233,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import ctranslate2
 
     prompt_ids = [int(part) for part in args.prompt_ids.split(",")]
-    engine = Ct2(args.converted, args.compute_type, args.threads, args.new_tokens)
+    engine = Ct2(args.converted, args.compute, args.threads, args.new_tokens)
     if args.warmup:
         engine.batch(prompt_ids, args.warmup)
     results: dict[str, Any] = {
         "engine": "ctranslate2",
         "ctranslate2_version": ctranslate2.__version__,
-        "quantization": args.quantization,
+        "quantization": args.stored,
         "compute_type": engine.generator.compute_type,  # what it really computes in, after any fallback
         "intra_threads": args.threads,
         "converted": str(args.converted),
@@ -231,36 +261,57 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bloomduo.apps.bench_peers", description=__doc__)
+def peer_parser(
+    prog: str, engine: str, description: str | None
+) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The CLI every peer module shares: `convert` and `measure`; returns the parser and `measure`'s
+    subparser, for a peer's own flags."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.set_defaults(prog=prog)
     commands = parser.add_subparsers(dest="command", required=True)
-    to_convert = commands.add_parser("convert", help="convert a checkpoint with CTranslate2's converter")
+    to_convert = commands.add_parser("convert", help=f"convert a checkpoint with {engine}'s converter")
     to_convert.add_argument("--model", type=Path, required=True)
     to_convert.add_argument("--out", type=Path, required=True)
-    to_convert.add_argument("--quantization", required=True)
+    to_convert.add_argument("--stored", required=True, help="what the converter stores (PeerVariant.stored)")
     to_measure = commands.add_parser("measure", help="measure a converted model; prints JSON")
-    to_measure.add_argument("--name", default="ctranslate2", help="the system's name in progress lines")
+    to_measure.add_argument("--name", default=engine.lower(), help="the system's name in progress lines")
     to_measure.add_argument("--converted", type=Path, required=True)
-    to_measure.add_argument("--quantization", required=True, help="what the conversion stored (reported)")
-    to_measure.add_argument("--compute-type", required=True)
-    to_measure.add_argument("--threads", type=int, required=True, help="intra_threads: the stack's cores")
+    to_measure.add_argument("--stored", required=True, help="what the conversion stored (reported)")
+    to_measure.add_argument("--compute", required=True, help="what to compute in (PeerVariant.compute)")
+    to_measure.add_argument("--threads", type=int, required=True, help="the stack's cores, all together")
     add_baseline_run_arguments(to_measure)
-    args = parser.parse_args(argv)
+    return parser, to_measure
 
-    # Only the JSON may reach stdout, whatever the converter prints along the way.
-    out, sys.stdout = sys.stdout, sys.stderr
+
+def run_command(
+    args: argparse.Namespace,
+    package: str,
+    convert: Callable[[Path, Path, str], None],
+    measure: Callable[[argparse.Namespace], dict[str, Any]],
+) -> int:
+    """A peer module's `convert` or `measure`, its JSON alone on stdout (bench parses it)."""
+    out, sys.stdout = sys.stdout, sys.stderr  # whatever the engines print along the way goes to stderr
     try:
-        import ctranslate2  # noqa: F401
-    except ImportError:
-        print(f"bench_peers: ctranslate2 is not installed: {INSTALL_HINT}", file=sys.stderr)
-        return 2
-    if args.command == "convert":
-        started = time.perf_counter()
-        convert(args.model, args.out, args.quantization)
-        json.dump({"conversion_s": time.perf_counter() - started}, out)
-    else:
-        json.dump(measure(args), out)
-    return 0
+        if importlib.util.find_spec(package) is None:
+            print(f"{args.prog}: {package} is not installed: {INSTALL_HINT}", file=sys.stderr)
+            return 2
+        if args.command == "convert":
+            started = time.perf_counter()
+            convert(args.model, args.out, args.stored)
+            json.dump({"conversion_s": time.perf_counter() - started}, out)
+        else:
+            json.dump(measure(args), out)
+        return 0
+    except BenchError as exc:
+        print(f"{args.prog}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        sys.stdout = out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, _ = peer_parser("python -m bloomduo.apps.bench_peers", "CTranslate2", __doc__)
+    return run_command(parser.parse_args(argv), "ctranslate2", convert, measure)
 
 
 if __name__ == "__main__":
