@@ -1,5 +1,5 @@
 """The gateway's settings, each with its one default: bounds on a request (served by Info, so clients can
-check before sending) apart from how the scheduler batches.
+check before sending) apart from how the scheduler batches and when a step counts as stalled.
 
 A field whose metadata has a "help" is also a `bloomduo gateway` flag (and a `bloomduo up` flag that `up`
 forwards); bloomduo.apps.flags derives the flags from these fields.
@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bloomduo.core.serving import NO_TLS, TlsFiles
+
+# The gateway's exit status when its shard workers stalled: its supervisor must replace the whole group,
+# which `bloomduo up` does; under docker's restart policy the stalled workers leave by their own watchdog.
+EXIT_SHARDS_STALLED = 4
 
 
 def _flag(default, help_text: str, **metadata):
@@ -74,15 +78,36 @@ class SchedulerSettings:
 
 
 @dataclass(frozen=True)
+class StepDeadline:
+    """When a step that has not come back means a shard worker stalled (a hung chip, a wedged collective, a
+    frozen process): its requests then fail with UNAVAILABLE and the gateway exits for its supervisor to
+    replace the group (gateway/engine.py, `Engine.step_deadline`).
+
+    The margins are wide on purpose: a false alarm restarts the whole group, and the fitted cost lags a
+    machine that just got busier. The first step after the workers (re)loaded also allocates caches and
+    compiles kernels, and its cost is not known yet, so it gets an allowance of its own.
+    """
+
+    stall_factor: float = _flag(
+        10.0, "a step taking this many times what the gateway measured steps of its size to cost has stalled"
+    )
+    stall_min_s: float = _flag(5.0, "seconds no step is declared stalled before", flag="--stall-min")
+    first_step_timeout_s: float = _flag(
+        120.0,
+        "seconds the first step after the workers (re)loaded, or any step before the gateway has measured "
+        "what steps cost, may take before it has stalled",
+        flag="--first-step-timeout",
+    )
+
+
+@dataclass(frozen=True)
 class GatewayOptions:
     model_dir: Path
     shard_targets: list[str]
     limits: RequestLimits = field(default_factory=RequestLimits)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    step_deadline: StepDeadline = field(default_factory=StepDeadline)
     shard_ready_timeout_s: float = 3600.0
-    step_timeout_s: float = _flag(
-        120.0, "seconds a step may take before its requests fail as a worker fault", flag="--step-timeout"
-    )
     shutdown_grace_s: float = _flag(
         30.0, "seconds in-flight streams get to finish on SIGTERM", flag="--shutdown-grace"
     )

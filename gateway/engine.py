@@ -20,7 +20,7 @@ import torch
 
 from bloomduo.core import metrics
 from bloomduo.core.logs import get_logger
-from bloomduo.gateway.config import SchedulerSettings
+from bloomduo.gateway.config import SchedulerSettings, StepDeadline
 from bloomduo.gateway.detokenizer import IncrementalDetokenizer
 from bloomduo.gateway.embedding import Embedder
 from bloomduo.gateway.errors import Unavailable
@@ -28,7 +28,7 @@ from bloomduo.gateway.request import GenerationRequest
 from bloomduo.gateway.sampling import Sampler, sample_batch
 from bloomduo.gateway.scheduler import Scheduler
 from bloomduo.gateway.sequence import SequenceState
-from bloomduo.gateway.shards import ShardPool, ShardUnavailable
+from bloomduo.gateway.shards import ShardPool, ShardsStalled, ShardUnavailable
 from bloomduo.gateway.stopping import FinishReason, StoppingCriteria
 
 log = get_logger(__name__)
@@ -100,7 +100,11 @@ class Engine:
         eos_token_id: int | None,
         on_serving_change: Callable[[bool], Awaitable[None]] | None = None,
         log_text: bool = False,
+        deadline: StepDeadline | None = None,
+        on_stalled: Callable[[str], None] | None = None,
     ) -> None:
+        """on_stalled(reason): the workers stalled (see `step_deadline`); the engine has failed every
+        request, serves none from then on, and the caller must have the group replaced."""
         self.tokenizer = tokenizer
         self.embedder = embedder
         self.shards = shards
@@ -119,6 +123,13 @@ class Engine:
         self.serving = True
         self.on_serving_change = on_serving_change
         self.log_text = log_text
+        self.deadline = deadline or StepDeadline()
+        self.on_stalled = on_stalled
+        self.fresh_group = True  # no step ran on this group yet: its first gets the first-step allowance
+        # (seconds, tokens) of the slowest step but a group's first: what a step may cost while the fitted
+        # cost is unknown (too few steps, or all of one size).
+        self.slowest_step: tuple[float, int] | None = None
+        self.stalled: ShardsStalled | None = None
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
@@ -157,8 +168,11 @@ class Engine:
             ),
             detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
         )
-        self.scheduler.add(sequence)
-        self.wakeup.set()
+        if self.stalled is None:
+            self.scheduler.add(sequence)
+            self.wakeup.set()
+        else:  # admitted just before the stall: no step will ever run it
+            self._fail([sequence], self.stalled)
         try:
             while True:
                 item = await sequence.events.get()
@@ -181,6 +195,14 @@ class Engine:
                 continue
             try:
                 await self._step()
+            except ShardsStalled as exc:
+                # Hung workers stay alive, so nothing re-forms their group by itself: leave that to the
+                # supervisor, which can kill them.
+                self.stalled = exc
+                await self._lose_group(exc)
+                if self.on_stalled is not None:
+                    self.on_stalled(str(exc))
+                return
             except ShardUnavailable as exc:
                 await self._recover(exc)
             except Exception as exc:  # a bug must fail requests, not kill the loop that serves everybody
@@ -199,19 +221,41 @@ class Engine:
             except TimeoutError:
                 return
 
-    async def _recover(self, exc: ShardUnavailable) -> None:
-        """Fail everything in flight at once, then wait for the workers to re-form their group."""
+    async def _lose_group(self, exc: ShardUnavailable) -> None:
+        """Fail everything in flight at once and stop serving."""
         self.serving = False
         log.error("shards_lost", reason=str(exc))
         self._fail(self.scheduler.drop_all(), exc)
         self.shards.reset_streams()
         if self.on_serving_change is not None:
             await self.on_serving_change(False)
+
+    async def _recover(self, exc: ShardUnavailable) -> None:
+        """Lose the group, then wait for the workers to re-form it (their supervisor restarts them)."""
+        await self._lose_group(exc)
         await self.shards.wait_ready(timeout_s=float("inf"))
+        self.fresh_group = True
         self.serving = True
         if self.on_serving_change is not None:
             await self.on_serving_change(True)
         log.info("shards_recovered")
+
+    def step_deadline(self, tokens: int) -> float | None:
+        """Seconds a step of `tokens` rows may take before its workers count as stalled; None: the first-step
+        allowance (the pool's default), for a fresh group or before any step was measured.
+
+        What the step should cost comes from the fitted line (step_cost.py); while there is none, from the
+        slowest step seen, as if all of its time were per token when this step has more.
+        """
+        if self.fresh_group or self.slowest_step is None:
+            return None
+        cost = self.scheduler.step_cost.estimate()
+        if cost is None:
+            slowest_s, slowest_tokens = self.slowest_step
+            expected = slowest_s * max(1.0, tokens / slowest_tokens)
+        else:
+            expected = cost.fixed_s + cost.per_token_s * tokens
+        return max(self.deadline.stall_min_s, self.deadline.stall_factor * expected)
 
     async def _step(self) -> None:
         plan = self.scheduler.schedule()
@@ -237,8 +281,14 @@ class Engine:
             for (sequence, _), is_ready in zip(plan, ready, strict=True)
         ]
         result = await self.shards.step(
-            hidden, chunks, free_ids, [sequence.request_id for sequence, _ in plan], full
+            hidden,
+            chunks,
+            free_ids,
+            [sequence.request_id for sequence, _ in plan],
+            full,
+            self.step_deadline(len(input_ids)),
         )
+        first_of_group, self.fresh_group = self.fresh_group, False
         timings.shards = time.perf_counter() - started
         timings.worker_compute = result.worker_seconds
         self.steps += 1
@@ -257,7 +307,10 @@ class Engine:
             else []
         )
         timings.sample = time.perf_counter() - started
-        self.scheduler.observe_step(len(input_ids), time.perf_counter() - step_started)
+        step_s = time.perf_counter() - step_started
+        self.scheduler.observe_step(len(input_ids), step_s)
+        if input_ids and not first_of_group and (self.slowest_step is None or step_s > self.slowest_step[0]):
+            self.slowest_step = (step_s, len(input_ids))
         greedy = iter(result.greedy)
         # Summaries come in request order for every row not sent in full, partial prefills included.
         for (sequence, _), is_ready, wants_row in zip(plan, ready, full, strict=True):

@@ -28,7 +28,7 @@ from bloomduo.core.serving import (
 from bloomduo.gateway.admission import Admission
 from bloomduo.gateway.auth import BearerTokenAuth, RejectUndecodable
 from bloomduo.gateway.chat_template import load_chat_template
-from bloomduo.gateway.config import GatewayOptions
+from bloomduo.gateway.config import EXIT_SHARDS_STALLED, GatewayOptions
 from bloomduo.gateway.embedding import Embedder
 from bloomduo.gateway.engine import Engine, GenerationResult, StreamEvent
 from bloomduo.gateway.errors import RequestFailed
@@ -190,7 +190,11 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
 
 
 async def _connect(
-    servicer: GenerationServicer, pool: ShardPool, checkpoint: Checkpoint, health: Health
+    servicer: GenerationServicer,
+    pool: ShardPool,
+    checkpoint: Checkpoint,
+    health: Health,
+    on_stalled: Callable[[str], None],
 ) -> None:
     infos = await pool.wait_ready(servicer.options.shard_ready_timeout_s)
     dtype = to_torch(infos[0].dtype)
@@ -206,6 +210,8 @@ async def _connect(
         eos_token_id=checkpoint.config.eos_token_id,
         on_serving_change=health.set,
         log_text=servicer.options.log_text,
+        deadline=servicer.options.step_deadline,
+        on_stalled=on_stalled,
     )
     engine.start()
     servicer.shards = pool
@@ -230,7 +236,8 @@ def _http_server(options: GatewayOptions, servicer: GenerationServicer, host: st
 
 
 async def serve(options: GatewayOptions, host: str, port: int) -> int:
-    """Serve until SIGTERM/SIGINT, then drain in-flight requests; returns the exit status."""
+    """Serve until SIGTERM/SIGINT, or until the shard workers stall; then drain in-flight requests and
+    return the exit status (EXIT_SHARDS_STALLED after a stall)."""
     checkpoint = Checkpoint(options.model_dir)
     tokenizer_file = options.model_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
@@ -269,9 +276,23 @@ async def serve(options: GatewayOptions, host: str, port: int) -> int:
         auth=bool(options.auth_token),
         http=f"{host}:{http.port}" if http is not None else None,
     )
-    pool = ShardPool(options.shard_targets, vocab_size, options.step_timeout_s, options.shard_tls)
+    pool = ShardPool(
+        options.shard_targets, vocab_size, options.step_deadline.first_step_timeout_s, options.shard_tls
+    )
     stop = stop_event_on_signals()
-    connect = asyncio.ensure_future(_connect(servicer, pool, checkpoint, health))
+    stalled: list[str] = []
+
+    def shards_stalled(reason: str) -> None:
+        log.error(
+            "gateway_exiting",
+            reason=reason,
+            exit_code=EXIT_SHARDS_STALLED,
+            action="its supervisor replaces the shard group",
+        )
+        stalled.append(reason)
+        stop.set()
+
+    connect = asyncio.ensure_future(_connect(servicer, pool, checkpoint, health, shards_stalled))
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait({connect, waiter}, return_when=asyncio.FIRST_COMPLETED)
     failed = connect.done() and not connect.cancelled() and connect.exception() is not None
@@ -292,4 +313,6 @@ async def serve(options: GatewayOptions, host: str, port: int) -> int:
         await engine.stop()
     await pool.close()
     log.info("gateway_stopped")
+    if stalled:
+        return EXIT_SHARDS_STALLED
     return 1 if failed else 0

@@ -28,6 +28,11 @@ class ShardUnavailable(RuntimeError):
     """A shard worker cannot be reached or broke its stream; in-flight requests cannot finish."""
 
 
+class ShardsStalled(ShardUnavailable):
+    """A step got no answer within its deadline: a worker hangs (or waits in a collective for one that
+    does), still alive, so nothing will end the step and the group must be replaced."""
+
+
 class ShardConnection:
     def __init__(self, target: str, tls: TlsFiles) -> None:
         self.target = target
@@ -98,6 +103,7 @@ class ShardPool:
         step_timeout_s: float = 120.0,
         tls: TlsFiles = NO_TLS,
     ) -> None:
+        """step_timeout_s: the deadline of a step that is given none."""
         if not targets:
             raise ValueError("the gateway needs at least one shard worker address")
         self.connections = [ShardConnection(target, tls) for target in targets]
@@ -173,11 +179,14 @@ class ShardPool:
         free_ids: Sequence[int],
         request_ids: Sequence[str] = (),
         full_logits: Sequence[bool] = (),
+        timeout_s: float | None = None,
     ) -> StepResult:
         """Send one step to every worker and join their vocabulary slices.
 
-        full_logits[i] false: sequence i needs only its greedy token (the default is every row).
+        full_logits[i] false: sequence i needs only its greedy token (the default is every row). A step
+        still unanswered after timeout_s (None: step_timeout_s) raises ShardsStalled.
         """
+        timeout_s = self.step_timeout_s if timeout_s is None else timeout_s
         request = shard_pb2.StepRequest(
             step_id=next(self.step_ids),
             hidden_states=encode_tensor(hidden_states),
@@ -187,12 +196,11 @@ class ShardPool:
             full_logits=list(full_logits),
         )
         tasks = [asyncio.ensure_future(c.step(request)) for c in self.connections]
-        done, pending = await asyncio.wait(
-            tasks, timeout=self.step_timeout_s, return_when=asyncio.FIRST_EXCEPTION
-        )
+        done, pending = await asyncio.wait(tasks, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
         if pending:
-            # One worker failed (or all stalled): its peers are stuck in a collective with it, so
-            # waiting for them would hang the requests; break every stream instead.
+            # One worker failed (or stalled): its peers are stuck in a collective with it, so waiting
+            # for them would hang the requests; break every stream instead.
+            silent = [c.target for c, task in zip(self.connections, tasks, strict=True) if task in pending]
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -200,8 +208,9 @@ class ShardPool:
             failed = [task.exception() for task in done if task.exception() is not None]
             if failed:
                 raise failed[0]
-            raise ShardUnavailable(
-                f"shard workers did not answer step {request.step_id} in {self.step_timeout_s} s"
+            raise ShardsStalled(
+                f"a shard worker stalled: {', '.join(silent)} gave no answer to step {request.step_id} "
+                f"within {timeout_s:.1f} s"
             )
         responses = [task.result() for task in tasks]
         slices = [decode_tensor(response.logits) for response in responses]

@@ -16,7 +16,7 @@ from bloomduo.apps.launcher import StackOptions
 from bloomduo.core.dtypes import FLOAT_DTYPES
 from bloomduo.core.logs import configure_logging
 from bloomduo.core.metrics import serve_metrics
-from bloomduo.gateway.config import GatewayOptions, RequestLimits, SchedulerSettings
+from bloomduo.gateway.config import GatewayOptions, RequestLimits, SchedulerSettings, StepDeadline
 from bloomduo.shard_worker.config import ShardOptions
 
 
@@ -64,6 +64,7 @@ def _auth_token(path: Path | None) -> str | None:
 def _add_gateway_settings(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, RequestLimits, "request limits")
     add_flags(parser, SchedulerSettings, "batching")
+    add_flags(parser, StepDeadline, "stalled workers")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +168,7 @@ def _up(args: argparse.Namespace) -> int:
         model_dir=model_dir.resolve(),
         limits=from_args(RequestLimits, args),
         scheduler=from_args(SchedulerSettings, args),
+        step_deadline=from_args(StepDeadline, args),
         gateway_args=tuple(door_flags),
         tls_root=args.tls_cert.read_bytes() if args.tls_cert else None,
     )
@@ -184,6 +186,7 @@ def _gateway(args: argparse.Namespace) -> int:
         shard_targets=[target.strip() for target in args.shards.split(",") if target.strip()],
         limits=from_args(RequestLimits, args),
         scheduler=from_args(SchedulerSettings, args),
+        step_deadline=from_args(StepDeadline, args),
         tls=TlsFiles(args.tls_cert, args.tls_key),
         shard_tls=TlsFiles(args.shard_tls_cert, args.shard_tls_key, args.shard_tls_ca),
         auth_token=_auth_token(args.auth_token_file),
