@@ -1,4 +1,5 @@
-"""Faults on the real stack: a worker killed mid-generation, a gateway restart, cancellation, drain."""
+"""Faults on the real stack: a worker killed mid-generation or during start-up, a worker frozen mid-step,
+a gateway restart, cancellation, drain."""
 
 from __future__ import annotations
 
@@ -56,9 +57,25 @@ def _children(pid: int) -> dict[int, str]:
     return {int(child): open(f"/proc/{child}/cmdline").read().replace("\0", " ") for child in found}
 
 
+def _worker(up: subprocess.Popen, rank: int) -> tuple[int, str]:
+    """The pid and address of `up`'s shard worker of this rank, once it runs."""
+    found: list[tuple[int, str]] = []
+
+    def started() -> bool:
+        for pid, command in _children(up.pid).items():
+            words = command.split()
+            if "shard" in words and words[words.index("--rank") + 1] == str(rank):
+                found.append((pid, f"127.0.0.1:{words[words.index('--port') + 1]}"))
+        return bool(found)
+
+    _wait_for(started, timeout_s=30)
+    return found[-1]
+
+
 @contextmanager
-def bloomduo_up(tmp_path) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`bloomduo up` on the demo model, as a user runs it: the launcher supervises its processes."""
+def bloomduo_up(tmp_path, wait: bool = True) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`bloomduo up` on the demo model, as a user runs it: the launcher supervises its processes. With
+    wait, once it said it serves; else at once (its stdout says when it serves)."""
     port, http_port = free_ports(2)  # HTTP off its default 8080, which this machine may not have free
     env = {**os.environ, "BLOOMDUO_CACHE": str(tmp_path / "cache")}
     up = subprocess.Popen(
@@ -68,7 +85,8 @@ def bloomduo_up(tmp_path) -> Iterator[tuple[subprocess.Popen, str]]:
     )  # fmt: skip
     target = f"127.0.0.1:{port}"
     try:
-        assert target in up.stdout.readline()
+        if wait:
+            assert target in up.stdout.readline()
         yield up, target
     finally:
         up.send_signal(signal.SIGTERM)
@@ -83,9 +101,8 @@ def test_killed_worker_fails_requests_fast_and_the_stack_heals(tmp_path) -> None
     with bloomduo_up(tmp_path) as (up, target):
         with Client(target) as bloom:
             before = bloom.generate("The same prompt", max_new_tokens=24, ignore_eos=True, details=True)
-        shards = {pid: cmd for pid, cmd in _children(up.pid).items() if " shard " in cmd}
-        victim = next(pid for pid, cmd in shards.items() if "--rank 1 " in cmd)
-        survivor = next(pid for pid in shards if pid != victim)
+        victim, _ = _worker(up, rank=1)
+        survivor, _ = _worker(up, rank=0)
 
         errors: list = []
         first_token = threading.Event()
@@ -108,6 +125,52 @@ def test_killed_worker_fails_requests_fast_and_the_stack_heals(tmp_path) -> None
             after = bloom.generate("The same prompt", max_new_tokens=24, ignore_eos=True, details=True)
         assert [t.id for t in after.tokens] == [t.id for t in before.tokens]
         print(f"failed in {failed_at - killed_at:.2f} s, serving again after {healed_in:.1f} s")
+
+
+def test_a_worker_killed_during_start_up_is_replaced_and_the_stack_serves(tmp_path) -> None:
+    """`up` once took any exit before its first SERVING for a failed start and stopped everything."""
+    with bloomduo_up(tmp_path, wait=False) as (up, target):
+        victim, address = _worker(up, rank=1)
+        # A worker listens once imported, then loads; the gateway, slower to import, listens later.
+        _wait_for(lambda: _health(address) != -1, timeout_s=60, interval_s=0.02)
+        assert not _serving(target)
+        os.kill(victim, signal.SIGKILL)
+        assert target in up.stdout.readline()  # printed once it serves, after the repair
+        assert _worker(up, rank=1)[0] != victim
+        with Client(target) as bloom:
+            assert bloom.generate("after the repair", max_new_tokens=4, ignore_eos=True).generated_tokens == 4
+
+
+def test_a_frozen_worker_fails_its_requests_within_seconds_and_is_killed(tmp_path) -> None:
+    """SIGSTOP mid-step, as a hung chip or a wedged collective looks from outside: the step's deadline,
+    not gRPC's keepalive a minute later, fails the requests, and the frozen group is replaced."""
+    with bloomduo_up(tmp_path) as (up, target):
+        with Client(target) as bloom:
+            before = bloom.generate("The same prompt", max_new_tokens=24, ignore_eos=True, details=True)
+        victim, _ = _worker(up, rank=1)
+        errors: list = []
+        first_token = threading.Event()
+        streamer = threading.Thread(target=_stream_until_error, args=(target, errors, first_token))
+        streamer.start()
+        assert first_token.wait(60)
+        os.kill(victim, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            streamer.join(30)
+            assert not streamer.is_alive()
+            (error, failed_at), *_ = errors
+            assert error.code == grpc.StatusCode.UNAVAILABLE and "stalled" in error.message, error
+            assert failed_at - stopped_at < 10
+            # A stopped process ignores SIGTERM: only SIGKILL ends it.
+            _wait_for(lambda: _zombie(victim), timeout_s=30)
+            healed_in = _wait_for(lambda: _serving(target), timeout_s=30)
+        finally:
+            if not _zombie(victim):  # failed before the repair: leave no stopped process behind
+                os.kill(victim, signal.SIGCONT)
+        with Client(target) as bloom:
+            after = bloom.generate("The same prompt", max_new_tokens=24, ignore_eos=True, details=True)
+        assert [t.id for t in after.tokens] == [t.id for t in before.tokens]
+        print(f"failed in {failed_at - stopped_at:.2f} s, serving again {healed_in:.1f} s after that")
 
 
 def test_killed_gateway_is_restarted_and_leaves_no_orphaned_cache(tmp_path) -> None:

@@ -1,4 +1,26 @@
-"""`bloomduo up`: W shard workers and the gateway as separate processes, like text-generation-launcher."""
+"""`bloomduo up`: W shard workers and the gateway as separate processes, like text-generation-launcher.
+
+`run_stack` supervises them with one loop, the same from the first start to the last stop (`Supervisor`).
+A fault reaches it in one of two ways, and both end in the same repair:
+
+- a process exits: it crashed or was killed (a signal, the OOM killer), a worker left its broken process
+  group (code 3), or the gateway found its workers stalled (EXIT_SHARDS_STALLED);
+- a process stops answering its grpc.health.v1 probe, not even with a refusal, for --liveness-timeout
+  seconds: it is frozen (stopped, or its event loop stuck), gets SIGKILL, and has exited.
+
+The repair: a dead gateway is started again; a dead worker, or a gateway that exited because its workers
+stalled, means the group is broken, so every worker of it gets SIGKILL (a broken group holds nothing a
+graceful stop would save, and a frozen worker ignores SIGTERM) and a fresh group starts on a fresh
+rendezvous. Each repair is counted, and only more than --max-restarts within --restart-window seconds
+(a crash loop, not a fault) makes `up` give up with exit 1, during start-up as much as after it.
+
+Why the gateway reports a stall by exiting: it is the only process that knows what a step should cost
+(gateway/engine.py `Engine.step_deadline`), and an exit status is the one signal every supervisor reads:
+this loop, docker's restart policy, systemd, Kubernetes. The workers of a stalled step are alive, so only
+a supervisor that can kill them (this one) replaces them at once; where none can (docker-compose, one
+container per worker), the gateway's exit closes their step streams and their own watchdog ends them
+(shard_worker/step_runner.py `StepRunner`, the wedge grace).
+"""
 
 from __future__ import annotations
 
@@ -18,15 +40,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bloomduo.apps.flags import to_flags
 from bloomduo.core.dtypes import DTYPE_CHOICES
 from bloomduo.core.logs import get_logger
-from bloomduo.gateway.config import RequestLimits, SchedulerSettings
+from bloomduo.gateway.config import EXIT_SHARDS_STALLED, RequestLimits, SchedulerSettings, StepDeadline
 from bloomduo.shard_worker.config import QUANTIZE_CHOICES
 
 log = get_logger(__name__)
 
 
 CLI = [sys.executable, "-m", "bloomduo"]
-MAX_RESTARTS = 10  # within RESTART_WINDOW_S: more means a crash loop, not a fault to heal
-RESTART_WINDOW_S = 300.0
+SUPERVISE_PERIOD_S = 0.2  # how often the supervisor looks at its processes
+PROBE_PERIOD_S = 1.0  # how often it sends each process a health probe
+PROBE_TIMEOUT_S = 2.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -120,10 +143,25 @@ class StackOptions:
     metrics_port: int | None = field(
         default=None, metadata={"help": "Prometheus /metrics of the gateway on P, of worker r on P+1+r"}
     )
+    liveness_timeout_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "seconds a process may leave its health probes without any reply before it is killed",
+            "flag": "--liveness-timeout",
+        },
+    )
+    max_restarts: int = field(
+        default=10, metadata={"help": "repairs within --restart-window before `up` gives up (a crash loop)"}
+    )
+    restart_window_s: float = field(
+        default=300.0,
+        metadata={"help": "seconds over which --max-restarts counts", "flag": "--restart-window"},
+    )
     limits: RequestLimits = field(default_factory=RequestLimits)
     # Also sizes the workers' KV caches: one slot per sequence the gateway may run at once.
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
-    ready_timeout_s: float = 600.0
+    step_deadline: StepDeadline = field(default_factory=StepDeadline)
+    ready_timeout_s: float = 600.0  # to serve for the first time, counted from the last repair
     gateway_args: tuple[str, ...] = ()  # extra `bloomduo gateway` flags, e.g. its TLS files
     shard_args: tuple[str, ...] = ()  # extra `bloomduo shard` flags, e.g. their TLS files
     # PEM the readiness probe trusts when the gateway serves TLS (its certificate chain, or its CA)
@@ -193,30 +231,39 @@ class Stack:
         return [
             *CLI, "gateway", "--model", str(opts.model_dir), "--shards", ",".join(self.shard_targets),
             "--host", opts.host, "--port", str(opts.port), "--http-port", str(opts.http_port),
-            *to_flags(opts.limits), *to_flags(opts.scheduler), *opts.gateway_args,
+            *to_flags(opts.limits), *to_flags(opts.scheduler), *to_flags(opts.step_deadline),
+            *opts.gateway_args,
             *(("--metrics-port", str(opts.metrics_port)) if opts.metrics_port else ()),
         ]  # fmt: skip
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Start every process and return at once (run_stack supervises them)."""
         self.shards = [subprocess.Popen(command) for command in self.shard_commands()]
-        self.gateway = subprocess.Popen(self.gateway_command())
+        self.launch_gateway()
         log.info(
             "stack_starting", shards=len(self.shards), target=self.target, model=str(self.options.model_dir)
         )
+
+    def start(self) -> None:
+        """Start every process and wait until the gateway serves; any exit meanwhile raises RuntimeError.
+        For tools and tests that hold a stack without supervising it."""
+        self.launch()
         wait_serving(
             self.target, self.options.ready_timeout_s, [*self.shards, self.gateway], self.options.tls_root
         )
 
-    def restart_shards(self) -> None:
-        """Replace the whole shard group: a survivor's process group is broken along with its peer."""
-        _terminate(self.shards, timeout_s=5.0)
+    def launch_gateway(self) -> None:
+        self.gateway = subprocess.Popen(self.gateway_command())
+
+    def replace_shards(self) -> None:
+        """A fresh shard group in place of a broken one: a survivor's process group broke with its peer."""
+        for process in self.shards:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
         # A fresh rendezvous port: the old one may still be held by the dead group's store.
         self.dist_init = f"tcp://127.0.0.1:{free_ports(1, exclude=self._promised_ports())[0]}"
         self.shards = [subprocess.Popen(command) for command in self.shard_commands()]
-
-    def restart_gateway(self) -> None:
-        _terminate([self.gateway], timeout_s=5.0)
-        self.gateway = subprocess.Popen(self.gateway_command())
 
     def stop(self, timeout_s: float = 40.0) -> None:
         """Gateway first (it drains its streams), then the workers; kill whatever outlives the timeout."""
@@ -263,48 +310,169 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+class HealthProbe:
+    """grpc.health.v1 probes of one process, one at a time, without ever blocking the supervisor.
+
+    A probe that ends in DEADLINE_EXCEEDED got no reply at all: something holds the port (a stopped
+    process's socket still accepts connections) but does not run. Any other end is a reply from a live
+    process, a refusal included: a gateway draining refuses new calls, and before a process listens the
+    kernel refuses the connection (a process frozen before it ever listened is caught by the readiness
+    bound at start-up, nothing else).
+    """
+
+    def __init__(self, target: str, root_certificates: bytes | None = None) -> None:
+        # Reconnect within a second of a restarted process listening again, not after gRPC's usual backoff.
+        options = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
+        self.channel = (
+            grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options)
+            if root_certificates
+            else grpc.insecure_channel(target, options)
+        )
+        self.check = health_pb2_grpc.HealthStub(self.channel).Check
+        self.call: grpc.Future | None = None
+        self.restarted()
+
+    def restarted(self) -> None:
+        """Its process was started again: forget the last one's answers."""
+        if self.call is not None:
+            self.call.cancel()
+        self.call = None
+        self.sent_at = float("-inf")
+        self.replied_at = time.monotonic()
+        self.serving = False
+
+    def poll(self) -> None:
+        """Read the probe in flight if it ended, and send the next one when it is time."""
+        now = time.monotonic()
+        if self.call is not None:
+            if not self.call.done():
+                return
+            try:
+                self.serving = self.call.result().status == health_pb2.HealthCheckResponse.SERVING
+                self.replied_at = now
+            except grpc.RpcError as exc:
+                self.serving = False
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    self.replied_at = now
+            self.call = None
+        if now - self.sent_at >= PROBE_PERIOD_S:
+            self.sent_at = now
+            self.call = self.check.future(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
+
+    @property
+    def silent_s(self) -> float:
+        return time.monotonic() - self.replied_at
+
+    def close(self) -> None:
+        if self.call is not None:
+            self.call.cancel()
+        self.channel.close()
+
+
+class Supervisor:
+    """The one loop that watches a launched stack and repairs it (the module's docstring says how)."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.gateway_probe = HealthProbe(stack.target, stack.options.tls_root)
+        self.shard_probes = [HealthProbe(target) for target in stack.shard_targets]
+        self.restarts: list[float] = []
+
+    def run(self) -> int:
+        """Supervise until interrupted (KeyboardInterrupt); returns 1 when it gives up."""
+        stack, opts = self.stack, self.stack.options
+        announced = False
+        ready_by = time.monotonic() + opts.ready_timeout_s
+        while True:
+            time.sleep(SUPERVISE_PERIOD_S)
+            self._kill_frozen()
+            dead_shards = [process for process in stack.shards if process.poll() is not None]
+            gateway_dead = stack.gateway is not None and stack.gateway.poll() is not None
+            if dead_shards or gateway_dead:
+                if not self._within_budget():
+                    return 1
+                self._repair(dead_shards, gateway_dead)
+                ready_by = time.monotonic() + opts.ready_timeout_s
+            elif not announced and self.gateway_probe.serving:
+                announced = True
+                http = f" and HTTP (OpenAI, TGI) on port {opts.http_port}" if opts.http_port else ""
+                print(
+                    f"bloomduo is serving {opts.model_dir.name} on {stack.target}{http} (Ctrl-C stops it)",
+                    flush=True,
+                )
+            elif not announced and time.monotonic() > ready_by:
+                log.error("stack_failed", reason=f"not serving {opts.ready_timeout_s:.0f} s after starting")
+                return 1
+
+    def _watched(self) -> list[tuple[subprocess.Popen | None, HealthProbe]]:
+        return [
+            (self.stack.gateway, self.gateway_probe),
+            *zip(self.stack.shards, self.shard_probes, strict=True),
+        ]
+
+    def _kill_frozen(self) -> None:
+        for process, probe in self._watched():
+            if process is None or process.poll() is not None:
+                continue
+            probe.poll()
+            if probe.silent_s > self.stack.options.liveness_timeout_s:
+                log.error(
+                    "process_frozen", pid=process.pid, silent_s=round(probe.silent_s, 1), action="SIGKILL"
+                )
+                process.kill()
+                process.wait()
+
+    def _within_budget(self) -> bool:
+        opts = self.stack.options
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < opts.restart_window_s] + [now]
+        if len(self.restarts) > opts.max_restarts:
+            log.error(
+                "stack_failed",
+                reason=f"{len(self.restarts)} repairs in {opts.restart_window_s:.0f} s; giving up",
+            )
+            return False
+        return True
+
+    def _repair(self, dead_shards: list[subprocess.Popen], gateway_dead: bool) -> None:
+        stack = self.stack
+        stalled = (
+            gateway_dead and stack.gateway is not None and stack.gateway.returncode == EXIT_SHARDS_STALLED
+        )
+        for process in dead_shards:
+            log.error(
+                "shard_exited", pid=process.pid, returncode=process.returncode, action="replace the group"
+            )
+        if gateway_dead and stack.gateway is not None:
+            action = "restart it and replace the shard group" if stalled else "restart it"
+            log.error("gateway_exited", returncode=stack.gateway.returncode, action=action)
+        if dead_shards or stalled:
+            stack.replace_shards()
+            for probe in self.shard_probes:
+                probe.restarted()
+        if gateway_dead:
+            stack.launch_gateway()
+            self.gateway_probe.restarted()
+
+    def close(self) -> None:
+        for probe in (self.gateway_probe, *self.shard_probes):
+            probe.close()
+
+
 def run_stack(options: StackOptions) -> int:
-    """Serve until Ctrl-C or SIGTERM (exit 0), restarting what dies; always stop everything."""
+    """Serve until Ctrl-C or SIGTERM (exit 0), repairing what fails (Supervisor); always stop everything."""
     stack = Stack(options)
     signal.signal(signal.SIGTERM, _interrupt)
-    restarts: list[float] = []
+    supervisor = Supervisor(stack)
     try:
-        stack.start()
-        http = f" and HTTP (OpenAI, TGI) on port {options.http_port}" if options.http_port else ""
-        print(
-            f"bloomduo is serving {options.model_dir.name} on {stack.target}{http} (Ctrl-C stops it)",
-            flush=True,
-        )
-        while True:
-            time.sleep(0.2)
-            dead_shards = [p for p in stack.shards if p.poll() is not None]
-            gateway_dead = stack.gateway is not None and stack.gateway.poll() is not None
-            if not dead_shards and not gateway_dead:
-                continue
-            now = time.monotonic()
-            restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
-            if len(restarts) > MAX_RESTARTS:
-                log.error(
-                    "stack_failed", reason=f"{len(restarts)} restarts in {RESTART_WINDOW_S:.0f} s; giving up"
-                )
-                return 1
-            for process in dead_shards:
-                log.error(
-                    "shard_exited", pid=process.pid, returncode=process.returncode, action="restart group"
-                )
-            if dead_shards:
-                stack.restart_shards()
-            if gateway_dead:
-                log.error("gateway_exited", returncode=stack.gateway.returncode, action="restart")
-                stack.restart_gateway()
+        stack.launch()
+        return supervisor.run()
     except KeyboardInterrupt:
         return 0
-    except (RuntimeError, TimeoutError) as exc:
-        log.error("stack_failed", error=str(exc))
-        return 1
     finally:
         # A second Ctrl-C must not interrupt the orderly stop and orphan the workers.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         log.info("stack_stopping")
+        supervisor.close()
         stack.stop()
