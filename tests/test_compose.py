@@ -7,6 +7,7 @@ validates each combination and prints the merged file that these tests then chec
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -95,6 +96,32 @@ def test_base_file_as_docker_compose_reads_it() -> None:
     services = yaml.safe_load(docker_compose(COMPOSE).stdout)["services"]
     check_stack(services)
     assert services["gateway"]["restart"] == "unless-stopped"
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration as docker-compose config writes it, e.g. "1m30s" or "5s"."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    return sum(float(n) * units[unit] for n, unit in re.findall(r"([0-9.]+)(ms|h|m|s)", duration))
+
+
+def test_restart_policy_healthchecks_and_dependencies_agree() -> None:
+    """Every service that serves comes back by itself after any exit (a worker leaving a broken group with
+    code 3, the gateway with code 4 after a stall); the one-shot model step runs once and is waited for by
+    its exit; each probe can finish within its healthcheck's timeout."""
+    services = yaml.safe_load(docker_compose(COMPOSE).stdout)["services"]
+    parser = build_parser()
+    for name in (*SHARDS, "gateway"):
+        service = services[name]
+        assert service["restart"] in ("unless-stopped", "always"), name
+        # Only the one-shot step is waited for: a worker or gateway is never restarted by compose's
+        # depends_on, and the gateway waits for its workers itself.
+        assert set(service["depends_on"]) == {"demo-model"}, name
+        assert service["depends_on"]["demo-model"]["condition"] == "service_completed_successfully"
+        check = service["healthcheck"]
+        probe = parser.parse_args(check["test"][2:])
+        assert probe.timeout < _seconds(check["timeout"]), name
+        assert _seconds(check["start_period"]) >= 60, name  # loading a real checkpoint takes minutes
+    assert services["demo-model"].get("restart", "no") == "no"
 
 
 def test_ascend_override_gives_each_worker_its_own_chip() -> None:
