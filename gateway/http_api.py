@@ -27,7 +27,7 @@ from bloomduo.core.logs import get_logger
 from bloomduo.core.serving import TlsFiles
 from bloomduo.gateway import openai_api, tgi_api
 from bloomduo.gateway.errors import RequestFailed
-from bloomduo.gateway.http_common import Failure, HttpFront, Protocol
+from bloomduo.gateway.http_common import ClientGone, Failure, HttpFront, Protocol
 
 log = get_logger(__name__)
 
@@ -36,6 +36,8 @@ HTTP_REQUESTS = Counter(
     "HTTP requests by protocol (openai, tgi) and status code; bloomduo_requests_total counts generations",
     ["protocol", "status"],
 )
+# nginx's status for a request whose client closed the connection before the answer: no standard one fits.
+CLIENT_CLOSED_REQUEST = 499
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
 
@@ -75,6 +77,10 @@ def create_app(front: HttpFront, max_request_bytes: int) -> FastAPI:
     async def refused(request: Request, exc: RequestFailed) -> JSONResponse:
         protocol = protocol_of(request.url.path)
         return protocol.response(protocol.failure(exc))
+
+    @app.exception_handler(ClientGone)
+    async def gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # no one reads it; the log and the metric do
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, exc: RequestValidationError) -> JSONResponse:

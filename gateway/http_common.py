@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,8 +225,34 @@ class Choice:
         self.result = piece.result or self.result
 
 
-async def gathered(stream: AsyncIterator[Piece], count: int) -> list[Choice]:
+class ClientGone(Exception):
+    """The client closed its connection before a whole (not streamed) answer was ready."""
+
+
+async def gathered(stream: AsyncIterator[Piece], count: int, request: Request) -> list[Choice]:
+    """Whole choices, gathered from their pieces; ClientGone, with every sequence cancelled, when the
+    client leaves first. A streamed answer learns that from its failed writes; this one writes nothing
+    until the end, so it listens: once the body is read, the next ASGI message is the disconnect.
+    (`request.is_disconnected()` never sees it behind a BaseHTTPMiddleware, which the doors are.)"""
     choices = [Choice() for _ in range(count)]
-    async for piece in stream:
-        choices[piece.index].add(piece)
+
+    async def gather() -> None:
+        async with aclosing(stream):  # closing it cancels the engine's sequences still running
+            async for piece in stream:
+                choices[piece.index].add(piece)
+
+    async def client_left() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, left = asyncio.ensure_future(gather()), asyncio.ensure_future(client_left())
+    try:
+        await asyncio.wait({work, left}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work, left):
+            task.cancel()
+        await asyncio.gather(work, left, return_exceptions=True)
+    if not work.done() or work.cancelled():
+        raise ClientGone
+    work.result()  # a refusal or failure raised while gathering
     return choices

@@ -271,7 +271,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     if not body.stream:
-        choices = await gathered(pieces(streams, body.stops), len(streams))
+        choices = await gathered(pieces(streams, body.stops), len(streams), request)
         return JSONResponse(
             {
                 **head,
@@ -327,7 +327,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse 
         return None if result is None else FINISH_REASONS[result.finish_reason]
 
     if not body.stream:
-        choices = await gathered(pieces(streams, body.stops), len(streams))
+        choices = await gathered(pieces(streams, body.stops), len(streams), request)
         return JSONResponse(
             {
                 **head,

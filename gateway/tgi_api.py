@@ -128,7 +128,7 @@ def _finish(result: GenerationResult) -> dict[str, Any]:
 async def _generate(front: HttpFront, request: Request, body: GenerateRequest) -> dict[str, Any]:
     parameters = body.parameters.generation()
     streams = await front.admit(request.state.request_id, [(body.inputs, parameters)])
-    (choice,) = await gathered(pieces(streams, ()), 1)
+    (choice,) = await gathered(pieces(streams, ()), 1, request)
     answer: dict[str, Any] = {"generated_text": choice.result.text}
     if parameters.details:
         answer["details"] = {

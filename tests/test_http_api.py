@@ -242,6 +242,43 @@ def test_request_id_is_honoured_and_returned_and_requests_counted_by_protocol(st
     assert re.search(r'bloomduo_http_requests_total\{protocol="tgi",status="200"\} [1-9]', metrics)
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"prompt": "Leave early", "max_tokens": 1500, "ignore_eos": True}),
+        # TGI has no ignore_eos; the demo model's greedy text never reaches EOS
+        ("/generate", {"inputs": "Leave early", "parameters": {"max_new_tokens": 1500}}),
+    ],
+)
+def test_a_client_that_leaves_before_a_whole_answer_frees_its_sequence(stack: HttpStack, path, body) -> None:
+    """Not streamed: nothing is written until the end, so only asking the connection tells the server."""
+    if path.startswith("/v1"):
+        body = {**body, "model": stack.model}
+    request = urllib.request.Request(
+        stack.url + path,
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json", "authorization": f"Bearer {TOKEN}"},
+    )
+    with pytest.raises(TimeoutError):  # the client gives up and closes
+        urllib.request.urlopen(request, timeout=1.5)
+    started = time.monotonic()
+    while not _http_idle(stack):
+        # 1500 tokens take the tiny model several seconds more than this
+        assert time.monotonic() - started < 1.5, "the sequence kept running after its client left"
+        time.sleep(0.1)
+    assert _grpc_greedy(stack, "served after", max_new_tokens=3).generated_tokens == 3
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=10) as scrape:
+        assert re.search(
+            r'bloomduo_http_requests_total\{protocol="\w+",status="499"\} [1-9]', scrape.read().decode()
+        )
+
+
+def _http_idle(stack: HttpStack) -> bool:
+    with Client(stack.grpc, token=TOKEN) as bloom:
+        load = bloom.info(timeout=5).load
+    return load.running_requests == 0 and set(load.worker_cached_sequences) == {0}
+
+
 def test_http_port_zero_leaves_http_off(demo_model) -> None:
     """A gateway started with --http-port 0 listens on its gRPC port only (no workers needed to see it)."""
     port = free_port()
