@@ -1,12 +1,15 @@
 """`bloomduo up`: W shard workers and the gateway as separate processes, like text-generation-launcher.
 
 `run_stack` supervises them with one loop, the same from the first start to the last stop (`Supervisor`).
-A fault reaches it in one of two ways, and both end in the same repair:
+A fault reaches it in one of three ways, and all end in the same repair:
 
 - a process exits: it crashed or was killed (a signal, the OOM killer), a worker left its broken process
   group (code 3), or the gateway found its workers stalled (EXIT_SHARDS_STALLED);
-- a process stops answering its grpc.health.v1 probe, not even with a refusal, for --liveness-timeout
-  seconds: it is frozen (stopped, or its event loop stuck), gets SIGKILL, and has exited.
+- a process gives its grpc.health.v1 probes no reply for --liveness-timeout seconds (`HealthProbe`): it
+  is frozen (stopped, or its event loop stuck), gets SIGKILL, and has exited;
+- the gateway has not said SERVING for --ready-timeout seconds since it stopped saying it (or since the
+  last repair): something hangs that nothing above saw, e.g. a process stuck before it listens; every
+  process is replaced.
 
 The repair: a dead gateway is started again; a dead worker, or a gateway that exited because its workers
 stalled, means the group is broken, so every worker of it gets SIGKILL (a broken group holds nothing a
@@ -161,7 +164,14 @@ class StackOptions:
     # Also sizes the workers' KV caches: one slot per sequence the gateway may run at once.
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     step_deadline: StepDeadline = field(default_factory=StepDeadline)
-    ready_timeout_s: float = 600.0  # to serve for the first time, counted from the last repair
+    ready_timeout_s: float = field(
+        default=600.0,
+        metadata={
+            "help": "seconds the stack may go without serving (loading, after a repair) before all of it is "
+            "restarted",
+            "flag": "--ready-timeout",
+        },
+    )
     gateway_args: tuple[str, ...] = ()  # extra `bloomduo gateway` flags, e.g. its TLS files
     shard_args: tuple[str, ...] = ()  # extra `bloomduo shard` flags, e.g. their TLS files
     # PEM the readiness probe trusts when the gateway serves TLS (its certificate chain, or its CA)
@@ -255,12 +265,13 @@ class Stack:
     def launch_gateway(self) -> None:
         self.gateway = subprocess.Popen(self.gateway_command())
 
+    def replace_gateway(self) -> None:
+        _kill([self.gateway])
+        self.launch_gateway()
+
     def replace_shards(self) -> None:
         """A fresh shard group in place of a broken one: a survivor's process group broke with its peer."""
-        for process in self.shards:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        _kill(self.shards)
         # A fresh rendezvous port: the old one may still be held by the dead group's store.
         self.dist_init = f"tcp://127.0.0.1:{free_ports(1, exclude=self._promised_ports())[0]}"
         self.shards = [subprocess.Popen(command) for command in self.shard_commands()]
@@ -292,6 +303,22 @@ def start_private_stack(model_dir: Path, num_shards: int, device: str, dtype: st
     return stack
 
 
+def _kill(processes: list[subprocess.Popen | None]) -> None:
+    for process in processes:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _stopped(pid: int) -> bool:
+    """The process is stopped by a signal (SIGSTOP, SIGTSTP) or a tracer: it runs no code until continued."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] in ("T", "t")
+    except OSError:  # gone, or no /proc: nothing to say
+        return False
+
+
 def _terminate(processes: list[subprocess.Popen | None], timeout_s: float) -> None:
     live = [p for p in processes if p is not None and p.poll() is None]
     for process in live:
@@ -314,10 +341,9 @@ class HealthProbe:
     """grpc.health.v1 probes of one process, one at a time, without ever blocking the supervisor.
 
     A probe that ends in DEADLINE_EXCEEDED got no reply at all: something holds the port (a stopped
-    process's socket still accepts connections) but does not run. Any other end is a reply from a live
-    process, a refusal included: a gateway draining refuses new calls, and before a process listens the
-    kernel refuses the connection (a process frozen before it ever listened is caught by the readiness
-    bound at start-up, nothing else).
+    process's socket still accepts connections) but does not run. Any other end is a reply, a refusal
+    included (before a process listens, or once a draining gateway stopped listening, the kernel refuses
+    the connection), unless the process is stopped: a refusal then says nothing of it.
     """
 
     def __init__(self, target: str, root_certificates: bytes | None = None) -> None:
@@ -341,7 +367,7 @@ class HealthProbe:
         self.replied_at = time.monotonic()
         self.serving = False
 
-    def poll(self) -> None:
+    def poll(self, pid: int) -> None:
         """Read the probe in flight if it ended, and send the next one when it is time."""
         now = time.monotonic()
         if self.call is not None:
@@ -352,7 +378,7 @@ class HealthProbe:
                 self.replied_at = now
             except grpc.RpcError as exc:
                 self.serving = False
-                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED and not _stopped(pid):
                     self.replied_at = now
             self.call = None
         if now - self.sent_at >= PROBE_PERIOD_S:
@@ -377,44 +403,75 @@ class Supervisor:
         self.gateway_probe = HealthProbe(stack.target, stack.options.tls_root)
         self.shard_probes = [HealthProbe(target) for target in stack.shard_targets]
         self.restarts: list[float] = []
+        # When not serving by then, the stack is hung (None while it serves).
+        self.ready_by: float | None = time.monotonic() + stack.options.ready_timeout_s
 
     def run(self) -> int:
         """Supervise until interrupted (KeyboardInterrupt); returns 1 when it gives up."""
-        stack, opts = self.stack, self.stack.options
         announced = False
-        ready_by = time.monotonic() + opts.ready_timeout_s
         while True:
             time.sleep(SUPERVISE_PERIOD_S)
             self._kill_frozen()
-            dead_shards = [process for process in stack.shards if process.poll() is not None]
-            gateway_dead = stack.gateway is not None and stack.gateway.poll() is not None
-            if dead_shards or gateway_dead:
+            shards, gateway = self._broken()
+            if shards or gateway:
                 if not self._within_budget():
                     return 1
-                self._repair(dead_shards, gateway_dead)
-                ready_by = time.monotonic() + opts.ready_timeout_s
-            elif not announced and self.gateway_probe.serving:
-                announced = True
-                http = f" and HTTP (OpenAI, TGI) on port {opts.http_port}" if opts.http_port else ""
-                print(
-                    f"bloomduo is serving {opts.model_dir.name} on {stack.target}{http} (Ctrl-C stops it)",
-                    flush=True,
-                )
-            elif not announced and time.monotonic() > ready_by:
-                log.error("stack_failed", reason=f"not serving {opts.ready_timeout_s:.0f} s after starting")
-                return 1
+                self._repair(shards, gateway)
+            elif self.gateway_probe.serving:
+                self.ready_by = None
+                if not announced:
+                    announced = True
+                    self._announce()
+            elif self.ready_by is None:
+                self.ready_by = time.monotonic() + self.stack.options.ready_timeout_s
 
-    def _watched(self) -> list[tuple[subprocess.Popen | None, HealthProbe]]:
-        return [
+    def _announce(self) -> None:
+        opts = self.stack.options
+        http = f" and HTTP (OpenAI, TGI) on port {opts.http_port}" if opts.http_port else ""
+        print(
+            f"bloomduo is serving {opts.model_dir.name} on {self.stack.target}{http} (Ctrl-C stops it)",
+            flush=True,
+        )
+
+    def _broken(self) -> tuple[bool, bool]:
+        """Whether the shard group, and whether the gateway, must be replaced; logs why."""
+        stack = self.stack
+        dead_shards = [process for process in stack.shards if process.poll() is not None]
+        for process in dead_shards:
+            log.error(
+                "shard_exited", pid=process.pid, returncode=process.returncode, action="replace the group"
+            )
+        gateway_dead = stack.gateway is not None and stack.gateway.poll() is not None
+        stalled = gateway_dead and stack.gateway.returncode == EXIT_SHARDS_STALLED
+        if gateway_dead:
+            action = "restart it and replace the group" if stalled else "restart it"
+            log.error("gateway_exited", returncode=stack.gateway.returncode, action=action)
+        hung = self.ready_by is not None and time.monotonic() > self.ready_by
+        if hung:
+            log.error(
+                "stack_not_ready", waited_s=stack.options.ready_timeout_s, action="replace every process"
+            )
+        return bool(dead_shards) or stalled or hung, gateway_dead or hung
+
+    def _repair(self, shards: bool, gateway: bool) -> None:
+        if shards:
+            self.stack.replace_shards()
+            for probe in self.shard_probes:
+                probe.restarted()
+        if gateway:
+            self.stack.replace_gateway()
+            self.gateway_probe.restarted()
+        self.ready_by = time.monotonic() + self.stack.options.ready_timeout_s
+
+    def _kill_frozen(self) -> None:
+        watched = [
             (self.stack.gateway, self.gateway_probe),
             *zip(self.stack.shards, self.shard_probes, strict=True),
         ]
-
-    def _kill_frozen(self) -> None:
-        for process, probe in self._watched():
+        for process, probe in watched:
             if process is None or process.poll() is not None:
                 continue
-            probe.poll()
+            probe.poll(process.pid)
             if probe.silent_s > self.stack.options.liveness_timeout_s:
                 log.error(
                     "process_frozen", pid=process.pid, silent_s=round(probe.silent_s, 1), action="SIGKILL"
@@ -433,26 +490,6 @@ class Supervisor:
             )
             return False
         return True
-
-    def _repair(self, dead_shards: list[subprocess.Popen], gateway_dead: bool) -> None:
-        stack = self.stack
-        stalled = (
-            gateway_dead and stack.gateway is not None and stack.gateway.returncode == EXIT_SHARDS_STALLED
-        )
-        for process in dead_shards:
-            log.error(
-                "shard_exited", pid=process.pid, returncode=process.returncode, action="replace the group"
-            )
-        if gateway_dead and stack.gateway is not None:
-            action = "restart it and replace the shard group" if stalled else "restart it"
-            log.error("gateway_exited", returncode=stack.gateway.returncode, action=action)
-        if dead_shards or stalled:
-            stack.replace_shards()
-            for probe in self.shard_probes:
-                probe.restarted()
-        if gateway_dead:
-            stack.launch_gateway()
-            self.gateway_probe.restarted()
 
     def close(self) -> None:
         for probe in (self.gateway_probe, *self.shard_probes):
