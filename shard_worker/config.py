@@ -23,7 +23,8 @@ class ShardOptions:
     dtype: str = field(
         default="auto",
         metadata={
-            "help": "weights and activations; auto: the checkpoint's (float16 on npu)",
+            "help": "weights and activations; auto: the checkpoint's (float16 on npu, float32 with "
+            "--quantize int8-dynamic)",
             "choices": DTYPE_CHOICES,
         },
     )

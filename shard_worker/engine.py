@@ -27,14 +27,23 @@ from bloomduo.shard_worker.weight_formats import format_weights
 log = get_logger(__name__)
 
 
-def resolve_dtype(name: str, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
-    """ "auto" keeps the checkpoint's dtype, except on npu where 310P chips have no bfloat16."""
+def resolve_dtype(
+    name: str, checkpoint_dtype: torch.dtype | None, device: torch.device, quantize: str = "none"
+) -> torch.dtype:
+    """ "auto" keeps the checkpoint's dtype, except on npu, where 310P chips have no bfloat16, and with
+    --quantize int8-dynamic, whose GEMMs take float32 activations anyway: in float32 between them it skips
+    two conversions per Linear and bfloat16 elementwise work. Measured in-process on bloom-560m, one
+    thread, float32 against bfloat16 activations: a 32-token prefill 145 against 228 ms and a decode step
+    32 against 55 ms where bfloat16 is emulated (AVX2 class), 89 against 98 ms and 30 against 36 ms with
+    AVX512-BF16. Its cost is a KV cache twice as big."""
     if name in FLOAT_DTYPES:
         return to_torch(name)
     if name != "auto":
         raise ValueError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, not {name!r}")
     if device.type == "npu":
         return torch.float16
+    if quantize == "int8-dynamic":
+        return torch.float32
     return checkpoint_dtype or torch.float32
 
 
@@ -92,7 +101,7 @@ class ShardEngine:
             # Flushing them to zero moves results by less than 1e-38.
             torch.set_flush_denormal(True)
         checkpoint = Checkpoint(options.model_dir)
-        dtype = resolve_dtype(options.dtype, checkpoint_dtype(checkpoint), device)
+        dtype = resolve_dtype(options.dtype, checkpoint_dtype(checkpoint), device, options.quantize)
         layout = shard_layout(checkpoint.config, options.rank, options.world_size)
         log.info(
             "shard_joining_group",

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from bloomduo.client import Client
+from bloomduo.shard_worker.engine import resolve_dtype
 from bloomduo.shard_worker.quantize import (
     INT8,
     INT8_DYNAMIC,
@@ -139,3 +140,12 @@ def test_an_avx2_class_cpu_quantizes_activations_to_7_bits_and_stays_within_boun
         [sys.executable, "-c", probe], env={**os.environ, **AVX2_CLASS}, capture_output=True, text=True
     )
     assert check.stdout.strip() == "False", check.stderr
+
+
+def test_auto_dtype_gives_int8_dynamic_float32_activations():
+    """fbgemm's int8 GEMM takes float32 activations: bfloat16 between Linears would only add conversions."""
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", torch.bfloat16, cpu, INT8_DYNAMIC) == torch.float32
+    assert resolve_dtype("auto", torch.bfloat16, cpu, INT8) == torch.bfloat16
+    assert resolve_dtype("auto", torch.bfloat16, cpu) == torch.bfloat16
+    assert resolve_dtype("bfloat16", torch.float32, cpu, INT8_DYNAMIC) == torch.bfloat16  # asked for
