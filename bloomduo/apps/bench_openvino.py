@@ -228,7 +228,9 @@ def inference_precision(asked: str) -> str:
 class OpenVino:
     """One converted model, served by GenAI on the CPU with `threads` threads."""
 
-    def __init__(self, converted: Path, precision: str, threads: int, new_tokens: int, prefix_caching: bool):
+    def __init__(
+        self, converted: Path, precision: str, threads: int, new_tokens: int, prefix_caching: bool
+    ) -> None:
         import openvino_genai
 
         self.converted = converted
