@@ -23,9 +23,11 @@ from bloomduo.client.sdk import (
     FinishReason,
     Info,
     Load,
+    PromptToken,
     Result,
     StreamEvent,
     Token,
+    TopToken,
 )
 
 __all__ = [
@@ -35,7 +37,9 @@ __all__ = [
     "FinishReason",
     "Info",
     "Load",
+    "PromptToken",
     "Result",
     "StreamEvent",
     "Token",
+    "TopToken",
 ]

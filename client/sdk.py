@@ -75,18 +75,41 @@ class BloomduoError(Exception):
 
 
 @dataclass(frozen=True)
+class TopToken:
+    """One of the likeliest tokens at a position (top_n_tokens): `logprob` is log_softmax of the model's
+    logits, before any repetition penalty, temperature or filter; `text` is the token decoded alone."""
+
+    id: int
+    text: str
+    logprob: float
+    special: bool = False
+
+
+@dataclass(frozen=True)
 class Token:
     """One generated token.
 
     `text` is what the token adds to the output: empty while a UTF-8 character is still incomplete,
     so the texts of a stream joined always equal the final text. `logprob` is the token's
-    log-probability under the distribution it was drawn from.
+    log-probability under the distribution it was drawn from. `top_tokens`: the top_n_tokens likeliest.
     """
 
     id: int
     text: str
     logprob: float
     special: bool = False
+    top_tokens: list[TopToken] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PromptToken:
+    """A prompt token (decoder_input_details): `logprob` is log_softmax at it of the row before it, None
+    for the first token; `text` is what it adds to the prompt; `top_tokens` the top_n_tokens likeliest."""
+
+    id: int
+    text: str
+    logprob: float | None
+    top_tokens: list[TopToken] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -99,6 +122,7 @@ class Result:
     seed: int
     prompt_tokens: int
     tokens: list[Token] = field(default_factory=list)
+    prefill: list[PromptToken] = field(default_factory=list)  # filled when decoder_input_details=True
 
     def __repr__(self) -> str:
         # The text is cut and the tokens counted, so a long result still prints on one line.
@@ -241,8 +265,25 @@ def _request(prompt: str, params: dict[str, Any], request_id: str | None) -> gat
     )
 
 
+def _top_tokens(messages: Sequence[gateway_pb2.TopToken]) -> list[TopToken]:
+    return [TopToken(id=t.id, text=t.text, logprob=t.logprob, special=t.special) for t in messages]
+
+
 def _token(message: gateway_pb2.Token) -> Token:
-    return Token(id=message.id, text=message.text, logprob=message.logprob, special=message.special)
+    return Token(
+        id=message.id,
+        text=message.text,
+        logprob=message.logprob,
+        special=message.special,
+        top_tokens=_top_tokens(message.top_tokens),
+    )
+
+
+def _prompt_token(message: gateway_pb2.PromptToken) -> PromptToken:
+    logprob = message.logprob if message.HasField("logprob") else None
+    return PromptToken(
+        id=message.id, text=message.text, logprob=logprob, top_tokens=_top_tokens(message.top_tokens)
+    )
 
 
 def _result(message: gateway_pb2.GenerateResult) -> Result:
@@ -253,6 +294,7 @@ def _result(message: gateway_pb2.GenerateResult) -> Result:
         seed=message.seed,
         prompt_tokens=message.prompt_tokens,
         tokens=[_token(token) for token in message.tokens],
+        prefill=[_prompt_token(token) for token in message.prefill],
     )
 
 

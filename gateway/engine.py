@@ -19,6 +19,7 @@ import tokenizers
 import torch
 
 from bloomduo.core import metrics
+from bloomduo.core.logprobs import NO_SCORING, RowScore, Scoring
 from bloomduo.core.logs import get_logger
 from bloomduo.gateway.config import SchedulerSettings, StepDeadline
 from bloomduo.gateway.detokenizer import IncrementalDetokenizer
@@ -27,7 +28,7 @@ from bloomduo.gateway.errors import Unavailable
 from bloomduo.gateway.request import GenerationRequest
 from bloomduo.gateway.sampling import Sampler, sample_batch
 from bloomduo.gateway.scheduler import Scheduler
-from bloomduo.gateway.sequence import SequenceState
+from bloomduo.gateway.sequence import Chunk, SequenceState
 from bloomduo.gateway.shards import ShardPool, ShardsStalled, ShardUnavailable
 from bloomduo.gateway.stopping import FinishReason, StoppingCriteria
 
@@ -39,11 +40,32 @@ INLINE_EMBED_TOKENS = 64
 
 
 @dataclass(frozen=True)
+class TopToken:
+    """One of the likeliest tokens at a position (top_n_tokens): log_softmax of the model's logits."""
+
+    id: int
+    text: str  # the token decoded on its own
+    logprob: float
+    special: bool
+
+
+@dataclass(frozen=True)
 class GeneratedToken:
     id: int
     text: str
     logprob: float
     special: bool
+    top_tokens: tuple[TopToken, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptToken:
+    """A prompt token scored by the row before it (decoder_input_details); the first has no logprob."""
+
+    id: int
+    text: str  # what it adds to the prompt's text, as GeneratedToken.text
+    logprob: float | None
+    top_tokens: tuple[TopToken, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,12 +76,16 @@ class GenerationResult:
     seed: int
     prompt_tokens: int
     tokens: list[GeneratedToken]
+    prefill: list[PromptToken] = field(default_factory=list)  # with decoder_input_details
 
 
 @dataclass(frozen=True)
 class StreamEvent:
     token: GeneratedToken
     result: GenerationResult | None = None
+    # On the first event of a request with decoder_input_details: the scored prompt, for fronts that
+    # stream it before the generated text (OpenAI's echo). The result carries it too.
+    prefill: list[PromptToken] | None = None
 
 
 class EngineUnavailable(Unavailable):
@@ -77,6 +103,8 @@ class _Generation(SequenceState):
     detokenizer: IncrementalDetokenizer
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     tokens: list[GeneratedToken] = field(default_factory=list)
+    prompt_scores: list[RowScore] = field(default_factory=list)  # rows scored so far, prompt token 1 on
+    prefill: list[PromptToken] = field(default_factory=list)  # made from them with the first token
     first_token_at: float | None = None
 
 
@@ -167,6 +195,7 @@ class Engine:
                 ignore_eos=request.ignore_eos,
             ),
             detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
+            scores_prompt=request.decoder_input_details,
         )
         if self.stalled is None:
             self.scheduler.add(sequence)
@@ -280,6 +309,10 @@ class Engine:
             is_ready and not sequence.request.sampling.is_plain_greedy
             for (sequence, _), is_ready in zip(plan, ready, strict=True)
         ]
+        scoring = [
+            _scoring(sequence, chunk, is_ready)
+            for (sequence, chunk), is_ready in zip(plan, ready, strict=True)
+        ]
         result = await self.shards.step(
             hidden,
             chunks,
@@ -287,6 +320,7 @@ class Engine:
             [sequence.request_id for sequence, _ in plan],
             full,
             self.step_deadline(len(input_ids)),
+            scoring,
         )
         first_of_group, self.fresh_group = self.fresh_group, False
         timings.shards = time.perf_counter() - started
@@ -313,10 +347,14 @@ class Engine:
             self.slowest_step = (step_s, len(input_ids))
         greedy = iter(result.greedy)
         # Summaries come in request order for every row not sent in full, partial prefills included.
-        for (sequence, _), is_ready, wants_row in zip(plan, ready, full, strict=True):
+        for (sequence, _), is_ready, wants_row, asked, scores in zip(
+            plan, ready, full, scoring, result.scores, strict=True
+        ):
             pick = next(picks) if wants_row else next(greedy)
+            sequence.prompt_scores += scores[: len(asked.next_token_ids)]
             if is_ready:
-                self._advance(sequence, *pick)
+                # A ready chunk's last row, scored for its top-n, is the one the new token came from.
+                self._advance(sequence, *pick, top=scores[-1].top if asked.top_n else [])
         self._record(timings, len(plan), len(input_ids))
 
     def _record(self, timings: StepTimings, sequences: int, tokens: int) -> None:
@@ -336,19 +374,52 @@ class Engine:
             sample_s=round(timings.sample, 6),
         )
 
-    def _advance(self, sequence: _Generation, token_id: int, logprob: float) -> None:
+    def _top_tokens(self, top: list[tuple[int, float]]) -> tuple[TopToken, ...]:
+        decode = self.tokenizer.decode
+        return tuple(
+            TopToken(
+                token_id, decode([token_id], skip_special_tokens=False), logprob, token_id in self.special_ids
+            )
+            for token_id, logprob in top
+        )
+
+    def _prefill(self, sequence: _Generation) -> list[PromptToken]:
+        """The prompt's tokens with the scores of the rows before them; their texts add up to its text."""
+        prompt_ids = sequence.request.prompt_ids
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        texts = [detokenizer.push(token_id) for token_id in prompt_ids]
+        texts[-1] += detokenizer.flush()
+        first = PromptToken(prompt_ids[0], texts[0], None)
+        return [first] + [
+            PromptToken(token_id, text, score.logprob, self._top_tokens(score.top))
+            for token_id, text, score in zip(prompt_ids[1:], texts[1:], sequence.prompt_scores, strict=True)
+        ]
+
+    def _advance(
+        self, sequence: _Generation, token_id: int, logprob: float, top: list[tuple[int, float]]
+    ) -> None:
         now = time.perf_counter()
-        if sequence.first_token_at is None:
+        first = sequence.first_token_at is None
+        if first:
             sequence.first_token_at = now
+            if sequence.scores_prompt:
+                sequence.prefill = self._prefill(sequence)
         sequence.token_ids.append(token_id)
         text = sequence.detokenizer.push(token_id)
         finish = sequence.stopping(token_id, sequence.detokenizer.text)
         if finish is not None:
             text += sequence.detokenizer.flush()
-        token = GeneratedToken(id=token_id, text=text, logprob=logprob, special=token_id in self.special_ids)
+        token = GeneratedToken(
+            id=token_id,
+            text=text,
+            logprob=logprob,
+            special=token_id in self.special_ids,
+            top_tokens=self._top_tokens(top),
+        )
         sequence.tokens.append(token)
+        prefill = sequence.prefill if first and sequence.scores_prompt else None
         if finish is None:
-            sequence.events.put_nowait(StreamEvent(token))
+            sequence.events.put_nowait(StreamEvent(token, prefill=prefill))
             return
         self.scheduler.finish(sequence)
         request = sequence.request
@@ -360,8 +431,9 @@ class Engine:
             seed=request.sampling.seed,
             prompt_tokens=len(request.prompt_ids),
             tokens=sequence.tokens if request.details else [],
+            prefill=sequence.prefill,
         )
-        sequence.events.put_nowait(StreamEvent(token, result))
+        sequence.events.put_nowait(StreamEvent(token, result, prefill))
         ttft = sequence.first_token_at - sequence.queued_at
         duration = now - sequence.queued_at
         metrics.REQUESTS.labels(metrics.Outcome.OK, finish.value).inc()
@@ -389,3 +461,17 @@ class Engine:
         metrics.REQUESTS.labels(metrics.Outcome.UNAVAILABLE, "").inc(len(sequences))
         for sequence in sequences:
             sequence.events.put_nowait(error)
+
+
+def _scoring(sequence: _Generation, chunk: Chunk, ready: bool) -> Scoring:
+    """The rows of this step's chunk to score: with decoder_input_details, each prompt row against the
+    prompt token after it (a chunk's last row against the next chunk's first token; the prompt's last row
+    predicts the first generated token, not a prompt token); with top_n_tokens, their top-n, and that of
+    the row the new token comes from when the chunk is ready."""
+    request = sequence.request
+    next_token_ids: list[int] = []
+    if request.decoder_input_details:
+        end = min(chunk.start_position + chunk.num_tokens + 1, len(request.prompt_ids))
+        next_token_ids = sequence.token_ids[chunk.start_position + 1 : end]
+    top_n = request.top_n_tokens if ready or next_token_ids else 0
+    return Scoring(next_token_ids, top_n) if next_token_ids or top_n else NO_SCORING

@@ -19,6 +19,8 @@ from bloomduo.gateway.errors import ValidationError
 from bloomduo.gateway.sampling import SamplingParams
 
 MAX_SEED = 2**64 - 1  # seeds travel as uint64 and seed torch.Generator, which takes at most this
+# Alternatives per token, as text-generation-inference's default max_top_n_tokens and OpenAI's `logprobs`.
+MAX_TOP_N_TOKENS = 5
 
 # Each sampling stage is off by default: its parameter defaults to the value that leaves the scores as
 # they are.
@@ -47,6 +49,8 @@ class GenerationParameters:
     return_full_text: bool = False  # prepend the prompt to the returned text
     details: bool = False  # return every token's id, text and logprob
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
+    decoder_input_details: bool = False  # return every prompt token's logprob (the first has none)
+    top_n_tokens: int = 0  # the likeliest tokens, with logprobs, at each generated (and scored prompt) token
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,8 @@ class GenerationRequest:
     ignore_eos: bool = False
     details: bool = False
     return_full_text: bool = False
+    decoder_input_details: bool = False
+    top_n_tokens: int = 0
 
 
 def _finite(name: str, value: float) -> float:
@@ -153,6 +159,10 @@ def validate(
         )
     sampling = _sampling(params, limits)
     _check_stop(params.stop, limits)
+    if not 0 <= params.top_n_tokens <= MAX_TOP_N_TOKENS:
+        raise ValidationError(
+            "top_n_tokens", f"must be in [0, {MAX_TOP_N_TOKENS}] (0 disables it), got {params.top_n_tokens}"
+        )
     truncate = params.truncate
     if truncate is not None and not 0 < truncate <= limits.max_input_tokens:
         raise ValidationError("truncate", f"must be in [1, {limits.max_input_tokens}], got {truncate}")
@@ -184,4 +194,6 @@ def validate(
         ignore_eos=params.ignore_eos,
         details=params.details,
         return_full_text=params.return_full_text,
+        decoder_input_details=params.decoder_input_details,
+        top_n_tokens=params.top_n_tokens,
     )

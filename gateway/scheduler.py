@@ -178,8 +178,11 @@ class Scheduler(Generic[S]):
         The first chunk then tells the workers to copy those keys and values. Donors are sequences
         whose cache the workers hold before this step. The prompt's last token always runs: its logits
         give the first new token. Waiting one step for a prompt being computed right now costs about
-        what computing it again in this step would, and spares the step that work.
+        what computing it again in this step would, and spares the step that work. A sequence that
+        scores its prompt shares nothing: a copied prefix's rows are never computed, so never scored.
         """
+        if sequence.scores_prompt:
+            return True
         prompt = sequence.token_ids
         cached = [s for s in self.running if s.cached and not s.prefix_from]
         donor, length = _longest_shared_prefix(prompt, cached, lambda s: s.cached)

@@ -34,6 +34,8 @@ class SequenceState:
     token_ids: list[int]  # the prompt, then each generated token
     cached: int = 0  # leading tokens in the workers' caches (or planned to be, once shared)
     prefix_from: int = 0  # a running sequence whose first `cached` tokens this one shares, until sent
+    # Its prompt's rows are scored (prompt logprobs), so it computes every one: it copies no shared prefix.
+    scores_prompt: bool = False
     cancelled: bool = False
     waited_steps: int = 0  # steps run while this one was queued
     queued_at: float = field(default_factory=time.perf_counter)

@@ -30,7 +30,14 @@ from bloomduo.gateway.auth import BearerTokenAuth, RejectUndecodable
 from bloomduo.gateway.chat_template import load_chat_template
 from bloomduo.gateway.config import EXIT_SHARDS_STALLED, GatewayOptions
 from bloomduo.gateway.embedding import Embedder
-from bloomduo.gateway.engine import Engine, GenerationResult, StreamEvent
+from bloomduo.gateway.engine import (
+    Engine,
+    GeneratedToken,
+    GenerationResult,
+    PromptToken,
+    StreamEvent,
+    TopToken,
+)
 from bloomduo.gateway.errors import RequestFailed
 from bloomduo.gateway.http_api import HttpServer, create_app
 from bloomduo.gateway.http_common import HttpFront
@@ -65,8 +72,24 @@ def parameters_from_pb(message: gateway_pb2.GenerateParameters) -> GenerationPar
     return GenerationParameters(**{**present, "stop": tuple(message.stop)})
 
 
-def token_to_pb(token) -> gateway_pb2.Token:
-    return gateway_pb2.Token(id=token.id, text=token.text, logprob=token.logprob, special=token.special)
+def _top_to_pb(top: tuple[TopToken, ...]) -> list[gateway_pb2.TopToken]:
+    return [gateway_pb2.TopToken(id=t.id, text=t.text, logprob=t.logprob, special=t.special) for t in top]
+
+
+def token_to_pb(token: GeneratedToken) -> gateway_pb2.Token:
+    return gateway_pb2.Token(
+        id=token.id,
+        text=token.text,
+        logprob=token.logprob,
+        special=token.special,
+        top_tokens=_top_to_pb(token.top_tokens),
+    )
+
+
+def _prompt_token_to_pb(token: PromptToken) -> gateway_pb2.PromptToken:
+    return gateway_pb2.PromptToken(
+        id=token.id, text=token.text, logprob=token.logprob, top_tokens=_top_to_pb(token.top_tokens)
+    )
 
 
 def result_to_pb(result: GenerationResult) -> gateway_pb2.GenerateResult:
@@ -77,6 +100,7 @@ def result_to_pb(result: GenerationResult) -> gateway_pb2.GenerateResult:
         seed=result.seed,
         prompt_tokens=result.prompt_tokens,
         tokens=[token_to_pb(token) for token in result.tokens],
+        prefill=[_prompt_token_to_pb(token) for token in result.prefill],
     )
 
 

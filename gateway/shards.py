@@ -9,12 +9,12 @@ import asyncio
 import itertools
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import torch
 
-from bloomduo.core.logprobs import join_slices
+from bloomduo.core.logprobs import NO_SCORING, RowScore, Scoring, join_scores, join_slices
 from bloomduo.core.logs import get_logger
 from bloomduo.core.serving import NO_TLS, TlsFiles, secure_or_insecure_channel
 from bloomduo.core.tensor_wire import decode_tensor, encode_tensor
@@ -71,6 +71,7 @@ class StepResult:
     logits: torch.Tensor  # float32 [sequences that asked for full logits, vocab_size]
     greedy: list[tuple[int, float]]  # (token, logprob) of the others, in order
     worker_seconds: float  # slowest worker's compute; the rest of the round trip is wire and queueing
+    scores: list[list[RowScore]] = field(default_factory=list)  # per chunk, its scored rows (Scoring)
 
 
 def _join_greedy(responses: Sequence[shard_pb2.StepResponse]) -> list[tuple[int, float]]:
@@ -84,12 +85,36 @@ def _join_greedy(responses: Sequence[shard_pb2.StepResponse]) -> list[tuple[int,
     )
 
 
-def _wire_chunk(chunk: Chunk) -> shard_pb2.SequenceChunk:
+def _join_scores(
+    responses: Sequence[shard_pb2.StepResponse], chunks: Sequence[Chunk], scoring: Sequence[Scoring]
+) -> list[list[RowScore]]:
+    """Each chunk's scored rows over the whole vocabulary, from each slice's scores."""
+    if not any(asked.next_token_ids or asked.top_n for asked in scoring):  # most steps score nothing
+        return [[] for _ in chunks]
+    shapes = [
+        [(row < len(asked.next_token_ids), asked.top_n) for row in asked.rows(chunk.num_tokens)]
+        for chunk, asked in zip(chunks, scoring, strict=True)
+    ]
+    rows = iter(
+        join_scores(
+            torch.tensor([list(r.scored_logsumexp) for r in responses]),
+            torch.tensor([list(r.next_token_logit) for r in responses]),
+            torch.tensor([list(r.top_logit) for r in responses]),
+            torch.tensor([list(r.top_token) for r in responses]),
+            [row for shape in shapes for row in shape],
+        )
+    )
+    return [[next(rows) for _ in shape] for shape in shapes]
+
+
+def _wire_chunk(chunk: Chunk, scoring: Scoring) -> shard_pb2.SequenceChunk:
     return shard_pb2.SequenceChunk(
         sequence_id=chunk.sequence_id,
         start_position=chunk.start_position,
         num_tokens=chunk.num_tokens,
         prefix_sequence_id=chunk.prefix_sequence_id,
+        next_token_ids=scoring.next_token_ids,
+        top_n=scoring.top_n,
     )
 
 
@@ -180,17 +205,20 @@ class ShardPool:
         request_ids: Sequence[str] = (),
         full_logits: Sequence[bool] = (),
         timeout_s: float | None = None,
+        scoring: Sequence[Scoring] = (),
     ) -> StepResult:
         """Send one step to every worker and join their vocabulary slices.
 
-        full_logits[i] false: sequence i needs only its greedy token (the default is every row). A step
-        still unanswered after timeout_s (None: step_timeout_s) raises ShardsStalled.
+        full_logits[i] false: sequence i needs only its greedy token (the default is every row).
+        scoring[i]: the rows of chunk i to score (default none). A step still unanswered after timeout_s
+        (None: step_timeout_s) raises ShardsStalled.
         """
         timeout_s = self.step_timeout_s if timeout_s is None else timeout_s
+        scoring = list(scoring) or [NO_SCORING] * len(chunks)
         request = shard_pb2.StepRequest(
             step_id=next(self.step_ids),
             hidden_states=encode_tensor(hidden_states),
-            sequences=[_wire_chunk(chunk) for chunk in chunks],
+            sequences=[_wire_chunk(chunk, asked) for chunk, asked in zip(chunks, scoring, strict=True)],
             free_sequence_ids=list(free_ids),
             request_ids=list(request_ids),
             full_logits=list(full_logits),
@@ -216,7 +244,10 @@ class ShardPool:
         slices = [decode_tensor(response.logits) for response in responses]
         logits = torch.cat(slices, dim=-1)[:, : self.vocab_size].float()
         return StepResult(
-            logits, _join_greedy(responses), max(response.compute_seconds for response in responses)
+            logits,
+            _join_greedy(responses),
+            max(response.compute_seconds for response in responses),
+            _join_scores(responses, chunks, scoring),
         )
 
     async def load(self) -> list[shard_pb2.ShardInfoResponse]:

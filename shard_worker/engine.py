@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from bloomduo.core.checkpoint import Checkpoint
 from bloomduo.core.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, to_torch
-from bloomduo.core.logprobs import summarize
+from bloomduo.core.logprobs import Scoring, SliceScores, score_slice, summarize
 from bloomduo.core.logs import get_logger
 from bloomduo.shard_worker.config import ShardOptions
 from bloomduo.shard_worker.distributed import backend_for, init_distributed
@@ -54,12 +55,22 @@ def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype | None:
     return to_torch(stored) if stored in FLOAT_DTYPES else None
 
 
+# Scored rows go through the LM head this many at a time, so a long prompt's scores never hold more than
+# this many rows of vocabulary logits (at BLOOM-7B1, W = 2: 256 x 125440 float32, 128 MB).
+SCORE_BLOCK_ROWS = 256
+
+
 @dataclass(frozen=True)
 class StepOutput:
     logits: torch.Tensor  # rows of the sequences that asked for them
     best_logit: list[float] = field(default_factory=list)  # the others', in order
     best_token: list[int] = field(default_factory=list)
     logsumexp: list[float] = field(default_factory=list)
+    # Scored rows (Scoring), chunks in order, as StepResponse's fields of the same names say.
+    scored_logsumexp: list[float] = field(default_factory=list)
+    next_token_logit: list[float] = field(default_factory=list)
+    top_logit: list[float] = field(default_factory=list)
+    top_token: list[int] = field(default_factory=list)
 
 
 class ShardEngine:
@@ -158,16 +169,21 @@ class ShardEngine:
         chunks: list[Chunk],
         free_ids: list[int],
         full_logits: list[bool] | None = None,
+        scoring: list[Scoring] | None = None,
     ) -> StepOutput:
         """Free finished sequences, run the model on the step's chunks, and return each sequence's
-        logits row (full_logits[i], the default) or just its best token and log-sum-exp."""
+        logits row (full_logits[i], the default) or just its best token and log-sum-exp, and the scores
+        of the rows scoring[i] asks of chunk i (see Scoring)."""
         for sequence_id in free_ids:
             self.cache.free(sequence_id)
         if not chunks:
             return StepOutput(torch.empty((0, self.vocab_end - self.vocab_start), dtype=self.dtype))
-        logits = self.model(hidden_states, chunks, self.cache)
+        x = self.model.blocks(hidden_states, chunks, self.cache)
+        last_rows = torch.tensor([c.num_tokens for c in chunks], device=x.device).cumsum(0) - 1
+        logits = self.model.logits(x[last_rows])
+        scores = self._score(x, chunks, scoring) if scoring else {}
         if not full_logits or all(full_logits):
-            return StepOutput(logits.to("cpu"))
+            return StepOutput(logits.to("cpu"), **scores)
         wanted = torch.tensor(full_logits, dtype=torch.bool, device=logits.device)
         # Summaries cover the real vocabulary only: padding rows must never win or add mass.
         best, index, logsumexp = summarize(logits[~wanted, : self.real_vocab_end - self.vocab_start])
@@ -176,7 +192,53 @@ class ShardEngine:
             best_logit=best.tolist(),
             best_token=(index + self.vocab_start).tolist(),
             logsumexp=logsumexp.tolist(),
+            **scores,
         )
+
+    def _score(self, x: torch.Tensor, chunks: list[Chunk], scoring: list[Scoring]) -> dict[str, list]:
+        """StepOutput's scored_* fields for the rows `scoring` asks of each chunk, from the last block's
+        output x of every row: only those rows go through ln_f and this slice's LM head, a block at a time."""
+        real_columns = self.real_vocab_end - self.vocab_start
+        rows: list[int] = []
+        next_columns: list[int] = []  # -1: no next token, or one outside this slice
+        has_next: list[bool] = []
+        top_n: list[int] = []
+        offset = 0
+        for chunk, asked in zip(chunks, scoring, strict=True):
+            for row in asked.rows(chunk.num_tokens):
+                targeted = row < len(asked.next_token_ids)
+                column = asked.next_token_ids[row] - self.vocab_start if targeted else -1
+                rows.append(offset + row)
+                next_columns.append(column if 0 <= column < real_columns else -1)
+                has_next.append(targeted)
+                top_n.append(asked.top_n)
+            offset += chunk.num_tokens
+        if not rows:
+            return {}
+        k = max(top_n)
+        device = x.device
+        row_index = torch.tensor(rows, device=device)
+        next_index = torch.tensor(next_columns, device=device)
+        blocks = [
+            score_slice(
+                self.model.logits(x[row_index[start : start + SCORE_BLOCK_ROWS]])[:, :real_columns],
+                next_index[start : start + SCORE_BLOCK_ROWS],
+                k,
+            )
+            for start in range(0, len(rows), SCORE_BLOCK_ROWS)
+        ]
+        scores = SliceScores(*(torch.cat(parts).cpu() for parts in zip(*blocks, strict=True)))
+        # A slice with fewer real rows than k pads its top-n, so every rank sends k per row.
+        missing = k - scores.top_logit.shape[1]
+        top_logit = F.pad(scores.top_logit, (0, missing), value=float("-inf"))
+        top_token = F.pad(scores.top_index + self.vocab_start, (0, missing), value=0)
+        taken = torch.arange(k)[None, :] < torch.tensor(top_n)[:, None]  # each row's own top_n
+        return {
+            "scored_logsumexp": scores.logsumexp.tolist(),
+            "next_token_logit": scores.next_logit[torch.tensor(has_next, dtype=torch.bool)].tolist(),
+            "top_logit": top_logit[taken].tolist(),
+            "top_token": top_token[taken].tolist(),
+        }
 
     def reset(self) -> None:
         """Drop every KV cache, e.g. when the gateway that owned them went away."""

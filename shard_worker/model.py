@@ -197,6 +197,13 @@ class BloomShardModel(nn.Module):
 
         Raises CachePositionError (nothing is changed) when a chunk does not continue its sequence.
         """
+        x = self.blocks(hidden_states, chunks, cache)
+        last_rows = torch.tensor([c.num_tokens for c in chunks], device=x.device).cumsum(0) - 1
+        return self.logits(x[last_rows])
+
+    def blocks(self, hidden_states: torch.Tensor, chunks: list[Chunk], cache: KVCache) -> torch.Tensor:
+        """hidden_states [total_tokens, hidden] -> the last block's output for every row (same shape),
+        the chunks' keys and values added to `cache`. Raises CachePositionError as forward does."""
         chunks = list(chunks)
         sizes = [c.num_tokens for c in chunks]
         if not chunks or sum(sizes) != hidden_states.shape[0]:
@@ -210,5 +217,8 @@ class BloomShardModel(nn.Module):
         for layer, block in enumerate(self.h):
             x = block(x, plan, cache, layer)
         cache.commit(chunks)
-        last_rows = torch.tensor(sizes, device=x.device).cumsum(0) - 1
-        return self.lm_head(self.ln_f(x[last_rows]))
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """ln_f, then the tied LM head over this model's vocabulary rows: [rows, hidden] -> [rows, vocab]."""
+        return self.lm_head(self.ln_f(x))

@@ -10,6 +10,7 @@ import grpc
 import structlog
 
 from bloomduo.core.dtypes import name_of
+from bloomduo.core.logprobs import Scoring
 from bloomduo.core.logs import get_logger
 from bloomduo.core.serving import (
     NO_TLS,
@@ -56,6 +57,13 @@ def step_from_proto(request: shard_pb2.StepRequest) -> Step:
         hidden = decode_tensor(request.hidden_states)
     except TensorWireError as exc:
         raise BadStep(f"hidden_states: {exc}") from exc
+    for chunk in request.sequences:
+        # Refused here, before the step reaches any collective, like every malformed step.
+        if len(chunk.next_token_ids) > chunk.num_tokens:
+            raise BadStep(
+                f"sequence {chunk.sequence_id}: {len(chunk.next_token_ids)} next tokens to score, "
+                f"but its chunk has {chunk.num_tokens} rows"
+            )
     return Step(
         step_id=request.step_id,
         hidden_states=hidden,
@@ -65,6 +73,7 @@ def step_from_proto(request: shard_pb2.StepRequest) -> Step:
         ],
         free_ids=list(request.free_sequence_ids),
         full_logits=list(request.full_logits),
+        scoring=[Scoring(list(c.next_token_ids), c.top_n) for c in request.sequences],
         request_ids=list(request.request_ids),
     )
 
@@ -77,6 +86,10 @@ def response_of(done: StepDone) -> shard_pb2.StepResponse:
         best_logit=output.best_logit,
         best_token=output.best_token,
         logsumexp=output.logsumexp,
+        scored_logsumexp=output.scored_logsumexp,
+        next_token_logit=output.next_token_logit,
+        top_logit=output.top_logit,
+        top_token=output.top_token,
         compute_seconds=done.compute_seconds,
     )
 

@@ -13,12 +13,13 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 
 from bloomduo.core import metrics
+from bloomduo.core.logprobs import Scoring
 from bloomduo.core.logs import get_logger
 from bloomduo.shard_worker.engine import ShardEngine, StepOutput
 from bloomduo.shard_worker.step_plan import Chunk
@@ -59,6 +60,7 @@ class Step:
     free_ids: list[int]  # sequences whose caches go before the step runs
     full_logits: list[bool]  # per chunk: its logits row, or only its best token and log-sum-exp
     request_ids: list[str]  # for the logs
+    scoring: list[Scoring] = field(default_factory=list)  # per chunk, rows to score; empty: none
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,13 @@ class StepRunner:
         engine = self.ready_engine()
         started = time.perf_counter()
         self.running_step = asyncio.get_running_loop().run_in_executor(
-            self.executor, engine.step, step.hidden_states, step.chunks, step.free_ids, step.full_logits
+            self.executor,
+            engine.step,
+            step.hidden_states,
+            step.chunks,
+            step.free_ids,
+            step.full_logits,
+            step.scoring,
         )
         try:
             # Shielded: a stream that goes away must not cancel the future the wedge watch observes.

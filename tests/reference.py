@@ -29,3 +29,9 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], new_tokens: int) -> tuple[
         logprobs.append(float(logp[token]))
         out = model(torch.tensor([[token]]), cache=out.cache, use_cache=True)
     return chosen, logprobs
+
+
+@torch.inference_mode()
+def hf_log_softmax(model_dir: Path, ids: list[int]) -> torch.Tensor:
+    """[len(ids), vocab]: row i is log_softmax of the logits after ids[: i + 1], in float32."""
+    return torch.log_softmax(hf_model(model_dir)(torch.tensor([ids])).logits[0].float(), dim=-1)

@@ -56,6 +56,8 @@ def test_every_field_comes_across() -> None:
         "return_full_text": True,
         "details": True,
         "ignore_eos": True,
+        "decoder_input_details": True,
+        "top_n_tokens": 5,
     }
     assert parameters_from_pb(gateway_pb2.GenerateParameters(**values)) == GenerationParameters(**values)
 

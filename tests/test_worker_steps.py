@@ -192,24 +192,29 @@ def make_runner() -> Iterator[Callable[..., tuple[StepRunner, list[str]]]]:
 
 def test_steps_run_in_order_on_the_one_step_thread_and_the_caches_go_with_the_stream(engine, make_runner):
     """Steps 3, 1, 2 continue one sequence in the order they arrive: run by step id, step 1 would not
-    continue the KV cache and be refused. A forward hook on the real model sees each step's thread,
-    rows and logits."""
+    continue the KV cache and be refused. Forward hooks on the real model's first block and LM head see
+    each step's thread, rows and logits."""
     runner, broken = make_runner(engine)
-    calls: list[tuple[str, int, torch.Tensor]] = []
+    calls: list[tuple[str, int]] = []
+    head_outputs: list[torch.Tensor] = []
 
-    def record(module, args, logits):
-        calls.append((threading.current_thread().name, args[0].shape[0], logits))
+    def record(module, args, output):
+        calls.append((threading.current_thread().name, args[0].shape[0]))
 
     steps = [_step(3, Chunk(0, 0, 3)), _step(1, Chunk(0, 3, 1)), _step(2, Chunk(0, 4, 2))]
     cached: list[int] = []
-    hook = engine.model.register_forward_hook(record)
+    hooks = [
+        engine.model.h[0].register_forward_hook(record),
+        engine.model.lm_head.register_forward_hook(lambda module, args, logits: head_outputs.append(logits)),
+    ]
     try:
         done = asyncio.run(_serve(runner, _incoming(steps), steps=3, cached=cached))
     finally:
-        hook.remove()
-    assert [d.step_id for d in done] == [3, 1, 2] and [rows for _, rows, _ in calls] == [3, 1, 2]
-    assert len({name for name, _, _ in calls}) == 1 and calls[0][0].startswith("shard-step")
-    for step_done, (_, _, logits) in zip(done, calls, strict=True):
+        for hook in hooks:
+            hook.remove()
+    assert [d.step_id for d in done] == [3, 1, 2] and [rows for _, rows in calls] == [3, 1, 2]
+    assert len({name for name, _ in calls}) == 1 and calls[0][0].startswith("shard-step")
+    for step_done, logits in zip(done, head_outputs, strict=True):
         assert step_done.output.logits.shape == (1, VOCAB)
         assert torch.equal(step_done.output.logits, logits)  # each step's own logits, not a neighbour's
         assert step_done.compute_seconds > 0
@@ -465,7 +470,7 @@ async def _drive(engine: ShardEngine, peer_steps, peer_dead) -> dict:
     """Rank 0: each scenario through a StepRunner of its own; returns what each saw."""
     results: dict = {}
     rows: list[int] = []  # rows of each model call on this rank
-    engine.model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    engine.model.h[0].register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     group = next(m.group for m in engine.model.modules() if isinstance(m, RowParallel))
     results["shared_memory"] = group.shm is not None
 

@@ -24,39 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62loomduo/v1/gateway.proto\x12\x0b\x62loomduo.v1\"\xa8\x03\n\x12GenerateParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x11\n\tdo_sample\x18\x02 \x01(\x08\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x16\n\ttypical_p\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x15\n\x08truncate\x18\n \x01(\rH\x07\x88\x01\x01\x12\x18\n\x10return_full_text\x18\x0b \x01(\x08\x12\x0f\n\x07\x64\x65tails\x18\x0c \x01(\x08\x12\x12\n\nignore_eos\x18\r \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x0c\n\n_typical_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_truncate\"j\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x33\n\nparameters\x18\x02 \x01(\x0b\x32\x1f.bloomduo.v1.GenerateParameters\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"C\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0f\n\x07special\x18\x04 \x01(\x08\"\xb3\x01\n\x0eGenerateResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.bloomduo.v1.FinishReason\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\"\n\x06tokens\x18\x05 \x03(\x0b\x32\x12.bloomduo.v1.Token\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\"?\n\x10GenerateResponse\x12+\n\x06result\x18\x01 \x01(\x0b\x32\x1b.bloomduo.v1.GenerateResult\"h\n\x16GenerateStreamResponse\x12!\n\x05token\x18\x01 \x01(\x0b\x32\x12.bloomduo.v1.Token\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x1b.bloomduo.v1.GenerateResult\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\">\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\t\"\r\n\x0bInfoRequest\"\xde\x01\n\x06Limits\x12\x18\n\x10max_input_tokens\x18\x01 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\x04 \x01(\r\x12 \n\x18max_stop_sequence_length\x18\x05 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x07 \x01(\r\x12\x11\n\tmax_top_k\x18\x08 \x01(\r\"\xa3\x02\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nnum_shards\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12#\n\x06limits\x18\x07 \x01(\x0b\x32\x13.bloomduo.v1.Limits\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x12\x12\n\nnum_layers\x18\n \x01(\r\x12\x11\n\tnum_heads\x18\x0b \x01(\r\x12\x1f\n\x04load\x18\x0c \x01(\x0b\x32\x11.bloomduo.v1.Load\x12\x16\n\x0eworker_kernels\x18\r \x03(\t\"\xa9\x01\n\x04Load\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x1f\n\x17worker_cached_sequences\x18\x03 \x03(\r\x12\x1c\n\x14worker_cached_tokens\x18\x04 \x03(\x04\x12\x0f\n\x07serving\x18\x05 \x01(\x08\x12\x1d\n\x15worker_kv_cache_bytes\x18\x06 \x03(\x04*\x85\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\xb9\x02\n\x11GenerationService\x12G\n\x08Generate\x12\x1c.bloomduo.v1.GenerateRequest\x1a\x1d.bloomduo.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.bloomduo.v1.GenerateRequest\x1a#.bloomduo.v1.GenerateStreamResponse0\x01\x12G\n\x08Tokenize\x12\x1c.bloomduo.v1.TokenizeRequest\x1a\x1d.bloomduo.v1.TokenizeResponse\x12;\n\x04Info\x12\x18.bloomduo.v1.InfoRequest\x1a\x19.bloomduo.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62loomduo/v1/gateway.proto\x12\x0b\x62loomduo.v1\"\xdd\x03\n\x12GenerateParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x11\n\tdo_sample\x18\x02 \x01(\x08\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x16\n\ttypical_p\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x15\n\x08truncate\x18\n \x01(\rH\x07\x88\x01\x01\x12\x18\n\x10return_full_text\x18\x0b \x01(\x08\x12\x0f\n\x07\x64\x65tails\x18\x0c \x01(\x08\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x1d\n\x15\x64\x65\x63oder_input_details\x18\x0e \x01(\x08\x12\x14\n\x0ctop_n_tokens\x18\x0f \x01(\rB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x0c\n\n_typical_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_truncate\"j\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x33\n\nparameters\x18\x02 \x01(\x0b\x32\x1f.bloomduo.v1.GenerateParameters\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"n\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0f\n\x07special\x18\x04 \x01(\x08\x12)\n\ntop_tokens\x18\x05 \x03(\x0b\x32\x15.bloomduo.v1.TopToken\"F\n\x08TopToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0f\n\x07special\x18\x04 \x01(\x08\"t\n\x0bPromptToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12)\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x15.bloomduo.v1.TopTokenB\n\n\x08_logprob\"\xde\x01\n\x0eGenerateResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.bloomduo.v1.FinishReason\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\"\n\x06tokens\x18\x05 \x03(\x0b\x32\x12.bloomduo.v1.Token\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12)\n\x07prefill\x18\x07 \x03(\x0b\x32\x18.bloomduo.v1.PromptToken\"?\n\x10GenerateResponse\x12+\n\x06result\x18\x01 \x01(\x0b\x32\x1b.bloomduo.v1.GenerateResult\"h\n\x16GenerateStreamResponse\x12!\n\x05token\x18\x01 \x01(\x0b\x32\x12.bloomduo.v1.Token\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x1b.bloomduo.v1.GenerateResult\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\">\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\t\"\r\n\x0bInfoRequest\"\xde\x01\n\x06Limits\x12\x18\n\x10max_input_tokens\x18\x01 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\x04 \x01(\r\x12 \n\x18max_stop_sequence_length\x18\x05 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x07 \x01(\r\x12\x11\n\tmax_top_k\x18\x08 \x01(\r\"\xa3\x02\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nnum_shards\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12#\n\x06limits\x18\x07 \x01(\x0b\x32\x13.bloomduo.v1.Limits\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x12\x12\n\nnum_layers\x18\n \x01(\r\x12\x11\n\tnum_heads\x18\x0b \x01(\r\x12\x1f\n\x04load\x18\x0c \x01(\x0b\x32\x11.bloomduo.v1.Load\x12\x16\n\x0eworker_kernels\x18\r \x03(\t\"\xa9\x01\n\x04Load\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x1f\n\x17worker_cached_sequences\x18\x03 \x03(\r\x12\x1c\n\x14worker_cached_tokens\x18\x04 \x03(\x04\x12\x0f\n\x07serving\x18\x05 \x01(\x08\x12\x1d\n\x15worker_kv_cache_bytes\x18\x06 \x03(\x04*\x85\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\xb9\x02\n\x11GenerationService\x12G\n\x08Generate\x12\x1c.bloomduo.v1.GenerateRequest\x1a\x1d.bloomduo.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.bloomduo.v1.GenerateRequest\x1a#.bloomduo.v1.GenerateStreamResponse0\x01\x12G\n\x08Tokenize\x12\x1c.bloomduo.v1.TokenizeRequest\x1a\x1d.bloomduo.v1.TokenizeResponse\x12;\n\x04Info\x12\x18.bloomduo.v1.InfoRequest\x1a\x19.bloomduo.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bloomduo.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1803
-  _globals['_FINISHREASON']._serialized_end=1936
+  _globals['_FINISHREASON']._serialized_start=2132
+  _globals['_FINISHREASON']._serialized_end=2265
   _globals['_GENERATEPARAMETERS']._serialized_start=43
-  _globals['_GENERATEPARAMETERS']._serialized_end=467
-  _globals['_GENERATEREQUEST']._serialized_start=469
-  _globals['_GENERATEREQUEST']._serialized_end=575
-  _globals['_TOKEN']._serialized_start=577
-  _globals['_TOKEN']._serialized_end=644
-  _globals['_GENERATERESULT']._serialized_start=647
-  _globals['_GENERATERESULT']._serialized_end=826
-  _globals['_GENERATERESPONSE']._serialized_start=828
-  _globals['_GENERATERESPONSE']._serialized_end=891
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=893
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=997
-  _globals['_TOKENIZEREQUEST']._serialized_start=999
-  _globals['_TOKENIZEREQUEST']._serialized_end=1030
-  _globals['_TOKENIZERESPONSE']._serialized_start=1032
-  _globals['_TOKENIZERESPONSE']._serialized_end=1094
-  _globals['_INFOREQUEST']._serialized_start=1096
-  _globals['_INFOREQUEST']._serialized_end=1109
-  _globals['_LIMITS']._serialized_start=1112
-  _globals['_LIMITS']._serialized_end=1334
-  _globals['_INFORESPONSE']._serialized_start=1337
-  _globals['_INFORESPONSE']._serialized_end=1628
-  _globals['_LOAD']._serialized_start=1631
-  _globals['_LOAD']._serialized_end=1800
-  _globals['_GENERATIONSERVICE']._serialized_start=1939
-  _globals['_GENERATIONSERVICE']._serialized_end=2252
+  _globals['_GENERATEPARAMETERS']._serialized_end=520
+  _globals['_GENERATEREQUEST']._serialized_start=522
+  _globals['_GENERATEREQUEST']._serialized_end=628
+  _globals['_TOKEN']._serialized_start=630
+  _globals['_TOKEN']._serialized_end=740
+  _globals['_TOPTOKEN']._serialized_start=742
+  _globals['_TOPTOKEN']._serialized_end=812
+  _globals['_PROMPTTOKEN']._serialized_start=814
+  _globals['_PROMPTTOKEN']._serialized_end=930
+  _globals['_GENERATERESULT']._serialized_start=933
+  _globals['_GENERATERESULT']._serialized_end=1155
+  _globals['_GENERATERESPONSE']._serialized_start=1157
+  _globals['_GENERATERESPONSE']._serialized_end=1220
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1222
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1326
+  _globals['_TOKENIZEREQUEST']._serialized_start=1328
+  _globals['_TOKENIZEREQUEST']._serialized_end=1359
+  _globals['_TOKENIZERESPONSE']._serialized_start=1361
+  _globals['_TOKENIZERESPONSE']._serialized_end=1423
+  _globals['_INFOREQUEST']._serialized_start=1425
+  _globals['_INFOREQUEST']._serialized_end=1438
+  _globals['_LIMITS']._serialized_start=1441
+  _globals['_LIMITS']._serialized_end=1663
+  _globals['_INFORESPONSE']._serialized_start=1666
+  _globals['_INFORESPONSE']._serialized_end=1957
+  _globals['_LOAD']._serialized_start=1960
+  _globals['_LOAD']._serialized_end=2129
+  _globals['_GENERATIONSERVICE']._serialized_start=2268
+  _globals['_GENERATIONSERVICE']._serialized_end=2581
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62loomduo/v1/shard.proto\x12\x0b\x62loomduo.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"l\n\rSequenceChunk\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x1a\n\x12prefix_sequence_id\x18\x04 \x01(\x04\"\xbe\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12*\n\rhidden_states\x18\x02 \x01(\x0b\x32\x13.bloomduo.v1.Tensor\x12-\n\tsequences\x18\x03 \x03(\x0b\x32\x1a.bloomduo.v1.SequenceChunk\x12\x19\n\x11\x66ree_sequence_ids\x18\x04 \x03(\x04\x12\x13\n\x0brequest_ids\x18\x05 \x03(\t\x12\x13\n\x0b\x66ull_logits\x18\x06 \x03(\x08\"\xbc\x01\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12#\n\x06logits\x18\x02 \x01(\x0b\x32\x13.bloomduo.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\x12\x12\n\nbest_logit\x18\x06 \x03(\x02\x12\x12\n\nbest_token\x18\x07 \x03(\r\x12\x11\n\tlogsumexp\x18\x08 \x03(\x02J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\x0bvocab_startR\tvocab_end\"\x12\n\x10ShardInfoRequest\"\xe0\x02\n\x11ShardInfoResponse\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x13\n\x0bvocab_start\x18\x07 \x01(\r\x12\x11\n\tvocab_end\x18\x08 \x01(\r\x12\x19\n\x11padded_vocab_size\x18\t \x01(\r\x12\x17\n\x0fparameter_bytes\x18\n \x01(\x04\x12\x18\n\x10\x63\x61\x63hed_sequences\x18\x0b \x01(\r\x12\x15\n\rcached_tokens\x18\x0c \x01(\x04\x12\x13\n\x0blocal_heads\x18\r \x01(\r\x12\r\n\x05model\x18\x0e \x01(\t\x12\x10\n\x08group_id\x18\x0f \x01(\t\x12\x16\n\x0ekv_cache_bytes\x18\x10 \x01(\x04\x12\x0f\n\x07kernels\x18\x11 \x01(\t2\x96\x01\n\x0cShardService\x12?\n\x04Step\x12\x18.bloomduo.v1.StepRequest\x1a\x19.bloomduo.v1.StepResponse(\x01\x30\x01\x12\x45\n\x04Info\x12\x1d.bloomduo.v1.ShardInfoRequest\x1a\x1e.bloomduo.v1.ShardInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62loomduo/v1/shard.proto\x12\x0b\x62loomduo.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x93\x01\n\rSequenceChunk\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x1a\n\x12prefix_sequence_id\x18\x04 \x01(\x04\x12\x16\n\x0enext_token_ids\x18\x05 \x03(\r\x12\r\n\x05top_n\x18\x06 \x01(\r\"\xbe\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12*\n\rhidden_states\x18\x02 \x01(\x0b\x32\x13.bloomduo.v1.Tensor\x12-\n\tsequences\x18\x03 \x03(\x0b\x32\x1a.bloomduo.v1.SequenceChunk\x12\x19\n\x11\x66ree_sequence_ids\x18\x04 \x03(\x04\x12\x13\n\x0brequest_ids\x18\x05 \x03(\t\x12\x13\n\x0b\x66ull_logits\x18\x06 \x03(\x08\"\x96\x02\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12#\n\x06logits\x18\x02 \x01(\x0b\x32\x13.bloomduo.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\x12\x12\n\nbest_logit\x18\x06 \x03(\x02\x12\x12\n\nbest_token\x18\x07 \x03(\r\x12\x11\n\tlogsumexp\x18\x08 \x03(\x02\x12\x18\n\x10scored_logsumexp\x18\t \x03(\x02\x12\x18\n\x10next_token_logit\x18\n \x03(\x02\x12\x11\n\ttop_logit\x18\x0b \x03(\x02\x12\x11\n\ttop_token\x18\x0c \x03(\rJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\x0bvocab_startR\tvocab_end\"\x12\n\x10ShardInfoRequest\"\xe0\x02\n\x11ShardInfoResponse\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x13\n\x0bvocab_start\x18\x07 \x01(\r\x12\x11\n\tvocab_end\x18\x08 \x01(\r\x12\x19\n\x11padded_vocab_size\x18\t \x01(\r\x12\x17\n\x0fparameter_bytes\x18\n \x01(\x04\x12\x18\n\x10\x63\x61\x63hed_sequences\x18\x0b \x01(\r\x12\x15\n\rcached_tokens\x18\x0c \x01(\x04\x12\x13\n\x0blocal_heads\x18\r \x01(\r\x12\r\n\x05model\x18\x0e \x01(\t\x12\x10\n\x08group_id\x18\x0f \x01(\t\x12\x16\n\x0ekv_cache_bytes\x18\x10 \x01(\x04\x12\x0f\n\x07kernels\x18\x11 \x01(\t2\x96\x01\n\x0cShardService\x12?\n\x04Step\x12\x18.bloomduo.v1.StepRequest\x1a\x19.bloomduo.v1.StepResponse(\x01\x30\x01\x12\x45\n\x04Info\x12\x1d.bloomduo.v1.ShardInfoRequest\x1a\x1e.bloomduo.v1.ShardInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSOR']._serialized_start=40
   _globals['_TENSOR']._serialized_end=92
-  _globals['_SEQUENCECHUNK']._serialized_start=94
-  _globals['_SEQUENCECHUNK']._serialized_end=202
-  _globals['_STEPREQUEST']._serialized_start=205
-  _globals['_STEPREQUEST']._serialized_end=395
-  _globals['_STEPRESPONSE']._serialized_start=398
-  _globals['_STEPRESPONSE']._serialized_end=586
-  _globals['_SHARDINFOREQUEST']._serialized_start=588
-  _globals['_SHARDINFOREQUEST']._serialized_end=606
-  _globals['_SHARDINFORESPONSE']._serialized_start=609
-  _globals['_SHARDINFORESPONSE']._serialized_end=961
-  _globals['_SHARDSERVICE']._serialized_start=964
-  _globals['_SHARDSERVICE']._serialized_end=1114
+  _globals['_SEQUENCECHUNK']._serialized_start=95
+  _globals['_SEQUENCECHUNK']._serialized_end=242
+  _globals['_STEPREQUEST']._serialized_start=245
+  _globals['_STEPREQUEST']._serialized_end=435
+  _globals['_STEPRESPONSE']._serialized_start=438
+  _globals['_STEPRESPONSE']._serialized_end=716
+  _globals['_SHARDINFOREQUEST']._serialized_start=718
+  _globals['_SHARDINFOREQUEST']._serialized_end=736
+  _globals['_SHARDINFORESPONSE']._serialized_start=739
+  _globals['_SHARDINFORESPONSE']._serialized_end=1091
+  _globals['_SHARDSERVICE']._serialized_start=1094
+  _globals['_SHARDSERVICE']._serialized_end=1244
 # @@protoc_insertion_point(module_scope)

@@ -17,16 +17,20 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SequenceChunk(_message.Message):
-    __slots__ = ("sequence_id", "start_position", "num_tokens", "prefix_sequence_id")
+    __slots__ = ("sequence_id", "start_position", "num_tokens", "prefix_sequence_id", "next_token_ids", "top_n")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
     sequence_id: int
     start_position: int
     num_tokens: int
     prefix_sequence_id: int
-    def __init__(self, sequence_id: _Optional[int] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., prefix_sequence_id: _Optional[int] = ...) -> None: ...
+    next_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_n: int
+    def __init__(self, sequence_id: _Optional[int] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., prefix_sequence_id: _Optional[int] = ..., next_token_ids: _Optional[_Iterable[int]] = ..., top_n: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("step_id", "hidden_states", "sequences", "free_sequence_ids", "request_ids", "full_logits")
@@ -45,20 +49,28 @@ class StepRequest(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., sequences: _Optional[_Iterable[_Union[SequenceChunk, _Mapping]]] = ..., free_sequence_ids: _Optional[_Iterable[int]] = ..., request_ids: _Optional[_Iterable[str]] = ..., full_logits: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step_id", "logits", "compute_seconds", "best_logit", "best_token", "logsumexp")
+    __slots__ = ("step_id", "logits", "compute_seconds", "best_logit", "best_token", "logsumexp", "scored_logsumexp", "next_token_logit", "top_logit", "top_token")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BEST_LOGIT_FIELD_NUMBER: _ClassVar[int]
     BEST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     LOGSUMEXP_FIELD_NUMBER: _ClassVar[int]
+    SCORED_LOGSUMEXP_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKEN_LOGIT_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGIT_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKEN_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     logits: Tensor
     compute_seconds: float
     best_logit: _containers.RepeatedScalarFieldContainer[float]
     best_token: _containers.RepeatedScalarFieldContainer[int]
     logsumexp: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, step_id: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., best_logit: _Optional[_Iterable[float]] = ..., best_token: _Optional[_Iterable[int]] = ..., logsumexp: _Optional[_Iterable[float]] = ...) -> None: ...
+    scored_logsumexp: _containers.RepeatedScalarFieldContainer[float]
+    next_token_logit: _containers.RepeatedScalarFieldContainer[float]
+    top_logit: _containers.RepeatedScalarFieldContainer[float]
+    top_token: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step_id: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., best_logit: _Optional[_Iterable[float]] = ..., best_token: _Optional[_Iterable[int]] = ..., logsumexp: _Optional[_Iterable[float]] = ..., scored_logsumexp: _Optional[_Iterable[float]] = ..., next_token_logit: _Optional[_Iterable[float]] = ..., top_logit: _Optional[_Iterable[float]] = ..., top_token: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ShardInfoRequest(_message.Message):
     __slots__ = ()
