@@ -154,7 +154,8 @@ class StackOptions:
         },
     )
     max_restarts: int = field(
-        default=10, metadata={"help": "repairs within --restart-window before `up` gives up (a crash loop)"}
+        default=10,
+        metadata={"help": "more repairs than this within --restart-window are a crash loop: `up` gives up"},
     )
     restart_window_s: float = field(
         default=300.0,
