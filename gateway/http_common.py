@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from bloomduo.core.metrics import Outcome
 from bloomduo.gateway.admission import Admission
-from bloomduo.gateway.engine import GeneratedToken, GenerationResult, StreamEvent
+from bloomduo.gateway.engine import GeneratedToken, GenerationResult, PromptToken, StreamEvent
 from bloomduo.gateway.errors import RequestFailed, ValidationError
 from bloomduo.gateway.request import GenerationParameters
 from bloomduo.v1 import gateway_pb2
@@ -177,6 +177,7 @@ class Piece:
     text: str
     tokens: list[GeneratedToken]
     result: GenerationResult | None = None
+    prefill: list[PromptToken] | None = None  # on a choice's first, with decoder_input_details
 
 
 class StopTrimmer:
@@ -208,7 +209,8 @@ async def pieces(streams: Sequence[AsyncIterator[StreamEvent]], stops: Sequence[
     trimmers = [StopTrimmer(stops) for _ in streams]
     async for index, event in merged(streams):
         last = event.result is not None
-        yield Piece(index, trimmers[index].push(event.token.text, last), [event.token], event.result)
+        text = trimmers[index].push(event.token.text, last)
+        yield Piece(index, text, [event.token], event.result, event.prefill)
 
 
 @dataclass

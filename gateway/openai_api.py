@@ -1,9 +1,14 @@
 """OpenAI's API under /v1: models, completions and chat completions, translated onto GenerationParameters.
 
-Differences from OpenAI's service, each refused by name rather than ignored: `logprobs` (and chat's
-`top_logprobs`) above 0 need the engine's top-n alternatives, except 1 when greedy (temperature 0), where
-the chosen token is the top one; `echo` with `logprobs` needs the prompt's log-probabilities; neither is
-computed by the engine yet. Penalties, `logit_bias`, `best_of` and `suffix` are accepted only at values
+Log-probabilities: completions' `logprobs` N (0-5) is the engine's top_n_tokens, and `echo` with it its
+decoder_input_details (the prompt's tokens with their logprobs, the first null), as vLLM serves them and
+lm-evaluation-harness's `local-completions` scores with. `top_logprobs` dicts and chat's `top_logprobs`
+hold the N likeliest tokens under the model's own distribution (log_softmax of its logits, before
+temperature or top_p), as vLLM's; a completion's dict holds the chosen token as well, so it may have
+N + 1 entries. `max_tokens: 0` with `echo` scores the prompt alone: the engine computes the first new
+token from the prompt's last row anyway, so it runs one token and leaves it out of the answer.
+Differences from OpenAI's service, each refused by name rather than ignored: `logprobs` and
+`top_logprobs` above 5; penalties, `logit_bias`, `best_of` and `suffix` are accepted only at values
 that ask for nothing. `max_tokens` defaults to the gateway's default (20).
 """
 
@@ -19,7 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field
 
-from bloomduo.gateway.engine import GeneratedToken, GenerationResult
+from bloomduo.gateway.engine import GeneratedToken, GenerationResult, PromptToken, TopToken
 from bloomduo.gateway.errors import ValidationError
 from bloomduo.gateway.http_common import (
     Body,
@@ -33,12 +38,10 @@ from bloomduo.gateway.http_common import (
     refuse_unless_neutral,
     seeds,
 )
-from bloomduo.gateway.request import GenerationParameters
+from bloomduo.gateway.request import MAX_TOP_N_TOKENS, GenerationParameters
 from bloomduo.gateway.stopping import FinishReason
 
 MAX_N = 16  # choices per prompt: each is a sequence of its own in the batch
-MAX_LOGPROBS = 5  # OpenAI's bound on `logprobs`
-MAX_TOP_LOGPROBS = 20  # OpenAI's bound on chat's `top_logprobs`
 
 _ERROR_TYPES = {
     "validation": ("invalid_request_error", None),
@@ -74,10 +77,6 @@ FINISH_REASONS = {
     FinishReason.EOS_TOKEN: "stop",
     FinishReason.STOP_SEQUENCE: "stop",
 }
-_ALTERNATIVES = (
-    "alternatives to the chosen token need the engine's top-n per step, which it does not compute yet; "
-    "0 gives the chosen token's logprob (1 too with temperature 0, where greedy picks the top token)"
-)
 _NEUTRAL = {
     "presence_penalty": ((None, 0), "is not implemented by this server; leave it unset or 0"),
     "frequency_penalty": ((None, 0), "is not implemented by this server; leave it unset or 0"),
@@ -108,14 +107,12 @@ class _Generation(Body):
     logit_bias: dict[str, float] | None = None
 
     @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
-    def parameters(self, max_tokens: int | None) -> list[GenerationParameters]:
+    def parameters(
+        self, max_tokens: int | None, top_n_tokens: int = 0, prompt_logprobs: bool = False
+    ) -> list[GenerationParameters]:
         """One GenerationParameters per choice."""
         refuse_unless_neutral(self, _NEUTRAL)
         temperature = 1.0 if self.temperature is None else self.temperature
@@ -129,6 +126,8 @@ class _Generation(Body):
                 seed=seed,
                 stop=self.stops,
                 ignore_eos=self.ignore_eos,
+                decoder_input_details=prompt_logprobs,
+                top_n_tokens=top_n_tokens,
                 **sampled,
             )
             for seed in seeds(self.seed, self.n)
@@ -141,7 +140,7 @@ class _Generation(Body):
 
 class CompletionRequest(_Generation):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -167,7 +166,7 @@ class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
 
 
 router = APIRouter(prefix="/v1")
@@ -185,11 +184,6 @@ def _check_model(front: HttpFront, model: str) -> JSONResponse | None:
         return None
     message = f"The model {model!r} does not exist; this server serves {front.model_name!r}"
     return OPENAI.response(Failure("not_found", message, "model"))
-
-
-def _check_alternatives(name: str, count: int | None, greedy: bool) -> None:
-    if count is not None and count > (1 if greedy else 0):
-        raise ValidationError(name, _ALTERNATIVES)
 
 
 def _text_of_ids(tokenizer: tokenizers.Tokenizer, ids: list[int]) -> str:
@@ -218,28 +212,40 @@ async def _prompts(tokenizer: tokenizers.Tokenizer, prompt: str | list) -> list[
     return [await asyncio.to_thread(_text_of_ids, tokenizer, ids) for ids in lists]
 
 
-def _usage(choices: Sequence[Choice], per_prompt: int) -> dict[str, int]:
-    """Each prompt counted once, however many choices it has."""
+def _usage(choices: Sequence[Choice], per_prompt: int, generated: bool = True) -> dict[str, int]:
+    """Each prompt counted once, however many choices it has; generated false: no completion tokens
+    (a prompt scored alone)."""
     prompt = sum(choice.result.prompt_tokens for choice in choices[::per_prompt])
-    completion = sum(choice.result.generated_tokens for choice in choices)
+    completion = sum(choice.result.generated_tokens for choice in choices) if generated else 0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _completion_logprobs(tokens: list[GeneratedToken], offset: int) -> dict[str, Any]:
+def _top_dict(token: GeneratedToken | PromptToken) -> dict[str, float] | None:
+    """A position's `top_logprobs` dict: its alternatives, and the token itself (None: the prompt's first,
+    which nothing predicts)."""
+    if token.logprob is None:
+        return None
+    top = {alternative.text: alternative.logprob for alternative in token.top_tokens}
+    top.setdefault(token.text, token.logprob)
+    return top
+
+
+def _completion_logprobs(tokens: Sequence[GeneratedToken | PromptToken], offset: int) -> dict[str, Any]:
+    """`tokens`: the echoed prompt's, then the generated ones; text offsets count from `offset`."""
     starts = itertools.accumulate((len(token.text) for token in tokens[:-1]), initial=offset)
     return {
         "tokens": [token.text for token in tokens],
         "token_logprobs": [token.logprob for token in tokens],
-        "top_logprobs": [{token.text: token.logprob} for token in tokens],
-        "text_offset": list(starts),
+        "top_logprobs": [_top_dict(token) for token in tokens],
+        "text_offset": list(starts) if tokens else [],
     }
 
 
-def _chat_logprobs(tokens: list[GeneratedToken], top: bool) -> dict[str, Any]:
-    def entry(token: GeneratedToken) -> dict[str, Any]:
+def _chat_logprobs(tokens: list[GeneratedToken]) -> dict[str, Any]:
+    def entry(token: GeneratedToken | TopToken) -> dict[str, Any]:
         return {"token": token.text, "logprob": token.logprob, "bytes": list(token.text.encode("utf-8"))}
 
-    return {"content": [{**entry(t), "top_logprobs": [entry(t)] if top else []} for t in tokens]}
+    return {"content": [{**entry(t), "top_logprobs": [entry(a) for a in t.top_tokens]} for t in tokens]}
 
 
 @router.post("/completions", response_model=None)
@@ -254,51 +260,64 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
             "suffix": ((None, ""), "is not implemented by this server; leave it unset"),
         },
     )
-    if body.echo and body.logprobs is not None:
-        message = "with logprobs needs the prompt's log-probabilities, which the engine does not compute yet"
-        raise ValidationError("echo", message)
-    _check_alternatives("logprobs", body.logprobs, body.greedy)
-    parameters = body.parameters(body.max_tokens)
+    # max_tokens 0 with echo scores the prompt alone: one token is run (free: the prompt's last row gives
+    # it) and left out of the answer.
+    prompt_only = body.echo and body.max_tokens == 0
+    parameters = body.parameters(
+        1 if prompt_only else body.max_tokens,
+        top_n_tokens=body.logprobs or 0,
+        prompt_logprobs=body.echo and body.logprobs is not None,
+    )
     prompts = await _prompts(front.tokenizer, body.prompt)
     streams = await front.admit(request.state.request_id, [(p, q) for p in prompts for q in parameters])
     # With echo a choice's text starts with its prompt, and text offsets count from there.
     prefixes = [prompt if body.echo else "" for prompt in prompts for _ in parameters]
     head = {"id": f"cmpl-{request.state.request_id}", "object": "text_completion", "model": front.model_name}
 
-    def choice(index: int, text: str, tokens: list[GeneratedToken], offset: int, result) -> dict[str, Any]:
+    def choice(
+        index: int,
+        text: str,
+        tokens: Sequence[GeneratedToken | PromptToken],
+        offset: int,
+        result: GenerationResult | None,
+    ) -> dict[str, Any]:
         logprobs = None if body.logprobs is None else _completion_logprobs(tokens, offset)
         finish = None if result is None else FINISH_REASONS[result.finish_reason]
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
+    def usage(choices: Sequence[Choice]) -> dict[str, int]:
+        return _usage(choices, len(parameters), generated=not prompt_only)
+
     if not body.stream:
         choices = await gathered(pieces(streams, body.stops), len(streams), request)
-        return JSONResponse(
-            {
-                **head,
-                "created": front.created,
-                "choices": [
-                    choice(i, prefixes[i] + c.text, c.tokens, len(prefixes[i]), c.result)
-                    for i, c in enumerate(choices)
-                ],
-                "usage": _usage(choices, len(parameters)),
-            }
-        )
+        answers = []
+        for i, c in enumerate(choices):
+            text, tokens = ("", []) if prompt_only else (c.text, c.tokens)
+            echoed = c.result.prefill if body.echo else []
+            offset = 0 if body.echo else len(prefixes[i])
+            answers.append(choice(i, prefixes[i] + text, [*echoed, *tokens], offset, c.result))
+        return JSONResponse({**head, "created": front.created, "choices": answers, "usage": usage(choices)})
 
     async def chunks() -> AsyncIterator[dict[str, Any] | str]:
-        usage = {"usage": None} if body.include_usage else {}
+        include_usage = {"usage": None} if body.include_usage else {}
         offsets = [len(prefix) for prefix in prefixes]
         choices = [Choice() for _ in streams]
-        for index, prefix in enumerate(prefixes):
-            if prefix:
-                echoed = choice(index, prefix, [], 0, None)
-                yield {**head, "created": front.created, "choices": [echoed], **usage}
+        echoed_choices: set[int] = set()
         async for piece in pieces(streams, body.stops):
+            choices[piece.index].add(piece)
+            if body.echo and piece.index not in echoed_choices:
+                # The echoed prompt goes first, once its logprobs (if asked) are known: with the first token.
+                echoed_choices.add(piece.index)
+                result = piece.result if prompt_only else None
+                echoed = choice(piece.index, prefixes[piece.index], piece.prefill or [], 0, result)
+                yield {**head, "created": front.created, "choices": [echoed], **include_usage}
+            if prompt_only:
+                continue
             chunk = choice(piece.index, piece.text, piece.tokens, offsets[piece.index], piece.result)
             offsets[piece.index] += sum(len(token.text) for token in piece.tokens)
-            choices[piece.index].add(piece)
-            yield {**head, "created": front.created, "choices": [chunk], **usage}
+            yield {**head, "created": front.created, "choices": [chunk], **include_usage}
         if body.include_usage:
-            yield {**head, "created": front.created, "choices": [], "usage": _usage(choices, len(parameters))}
+            yield {**head, "created": front.created, "choices": [], "usage": usage(choices)}
         yield "[DONE]"
 
     return OPENAI.events(chunks())
@@ -309,19 +328,18 @@ async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse 
     front = front_of(request)
     if (refusal := _check_model(front, body.model)) is not None:
         return refusal
-    _check_alternatives("top_logprobs", body.top_logprobs, body.greedy)
     if body.top_logprobs and not body.logprobs:
         raise ValidationError("top_logprobs", "needs logprobs: true")
-    top = bool(body.top_logprobs)
     parameters = body.parameters(
-        body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+        body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens,
+        top_n_tokens=body.top_logprobs or 0,
     )
     prompt = front.render_chat([message.rendered() for message in body.messages])
     streams = await front.admit(request.state.request_id, [(prompt, q) for q in parameters])
     head = {"id": f"chatcmpl-{request.state.request_id}", "model": front.model_name, "created": front.created}
 
     def logprobs(tokens: list[GeneratedToken]) -> dict[str, Any] | None:
-        return _chat_logprobs(tokens, top) if body.logprobs else None
+        return _chat_logprobs(tokens) if body.logprobs else None
 
     def finish(result: GenerationResult | None) -> str | None:
         return None if result is None else FINISH_REASONS[result.finish_reason]

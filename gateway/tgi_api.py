@@ -1,8 +1,9 @@
 """text-generation-inference's API: /generate, /generate_stream, / (its compat route), /info, /health,
 /tokenize. TGI's parameters carry the names GenerationParameters has, so they pass through as they are.
 
-Refused by name unless left neutral: `decoder_input_details` (the prompt's log-probabilities) and
-`top_n_tokens` (the top candidates per step), which the engine does not compute yet, and `best_of`,
+`decoder_input_details` fills `details.prefill` (the prompt's tokens and logprobs, the first null) and
+`top_n_tokens` (0-5) `top_tokens`, per generated token, from the model's own distribution (log_softmax of
+its logits, before any penalty or warper). Refused by name unless left neutral: `best_of`,
 `frequency_penalty`, `grammar`, `watermark`, `adapter_id`.
 """
 
@@ -17,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from bloomduo import __version__
-from bloomduo.gateway.engine import GeneratedToken, GenerationResult
+from bloomduo.gateway.engine import GeneratedToken, GenerationResult, TopToken
 from bloomduo.gateway.http_common import (
     Body,
     Failure,
@@ -48,14 +49,6 @@ TGI = Protocol(
 )
 _UNIMPLEMENTED = "is not implemented by this server; leave it unset"
 _NEUTRAL = {
-    "decoder_input_details": (
-        (None, False),
-        "needs the prompt's log-probabilities, which the engine does not compute yet; leave it false",
-    ),
-    "top_n_tokens": (
-        (None, 0),
-        "needs the engine's top-n candidates per step, which it does not compute yet; leave it unset or 0",
-    ),
     "best_of": ((None, 1), f"{_UNIMPLEMENTED} or 1"),
     "frequency_penalty": ((None, 0), f"{_UNIMPLEMENTED} or 0"),
     "grammar": ((None,), _UNIMPLEMENTED),
@@ -113,8 +106,12 @@ class TokenizeRequest(Body):
 router = APIRouter()
 
 
-def _token(token: GeneratedToken) -> dict[str, Any]:
+def _token(token: GeneratedToken | TopToken) -> dict[str, Any]:
     return {"id": token.id, "text": token.text, "logprob": token.logprob, "special": token.special}
+
+
+def _top_tokens(token: GeneratedToken, parameters: GenerationParameters) -> list[dict[str, Any]] | None:
+    return [_token(top) for top in token.top_tokens] if parameters.top_n_tokens else None
 
 
 def _finish(result: GenerationResult) -> dict[str, Any]:
@@ -133,9 +130,14 @@ async def _generate(front: HttpFront, request: Request, body: GenerateRequest) -
     if parameters.details:
         answer["details"] = {
             **_finish(choice.result),
-            "prefill": [],
+            "prefill": [
+                {"id": token.id, "text": token.text, "logprob": token.logprob}
+                for token in choice.result.prefill
+            ],
             "tokens": [_token(token) for token in choice.tokens],
-            "top_tokens": None,
+            "top_tokens": [_top_tokens(t, parameters) for t in choice.tokens]
+            if parameters.top_n_tokens
+            else None,
             "best_of_sequences": None,
         }
     return answer
@@ -153,7 +155,7 @@ async def _generate_stream(front: HttpFront, request: Request, body: GenerateReq
             yield {
                 "index": next(index),
                 "token": _token(event.token),
-                "top_tokens": None,
+                "top_tokens": _top_tokens(event.token, parameters),
                 "generated_text": result.text if result else None,
                 "details": details if parameters.details else None,
             }

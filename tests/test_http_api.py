@@ -19,6 +19,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import TextGenerationError
 
@@ -27,6 +28,7 @@ from bloomduo.client import BloomduoError, Client
 from bloomduo.gateway.chat_template import load_chat_template, plain_turns
 from bloomduo.gateway.config import RequestLimits
 from tests.conftest import running_stack
+from tests.reference import hf_log_softmax
 
 TOKEN = "http-s3cret"
 GREEDY = {"max_tokens": 12, "temperature": 0, "extra_body": {"ignore_eos": True}}
@@ -126,6 +128,103 @@ def test_openai_completions_equal_grpc_token_for_token(stack: HttpStack) -> None
         assert stopped.choices[0].text == expected.text[:3] and stopped.choices[0].finish_reason == "stop"
 
 
+def _assert_top(top: dict[str, float], row: torch.Tensor, n: int, tokenizer) -> None:
+    """A `top_logprobs` dict holds the n likeliest tokens of transformers' log_softmax row (keyed by text),
+    and maybe the chosen token."""
+    best = row.topk(n)
+    for token_id, logprob in zip(best.indices.tolist(), best.values.tolist(), strict=True):
+        assert top[tokenizer.decode([token_id], skip_special_tokens=False)] == pytest.approx(
+            logprob, abs=1e-4
+        )
+    assert n <= len(top) <= n + 1
+
+
+def test_openai_echo_and_logprobs_score_token_id_prompts_as_transformers(
+    stack: HttpStack, demo_model
+) -> None:
+    """What lm-evaluation-harness's local-completions sends to score multiple choice: token-id prompts,
+    echo, logprobs, max_tokens 1; every prompt token's logprob is transformers' log_softmax (float32)."""
+    from tokenizers import Tokenizer
+
+    model_dir = demo_model()
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    with Client(stack.grpc, token=TOKEN) as bloom:
+        context, choice_a, choice_b = (bloom.tokenize(t) for t in ("The capital of France", " is", " was"))
+    prompts = [context + choice_a, context + choice_b]
+    worst = 0.0
+    with _openai(stack) as client:
+        answer = client.completions.create(
+            model=stack.model, prompt=prompts, echo=True, logprobs=2, max_tokens=1, temperature=0, seed=1
+        )
+        for ids, choice in zip(prompts, sorted(answer.choices, key=lambda c: c.index), strict=True):
+            logprobs = choice.logprobs
+            generated = choice.text[len(tokenizer.decode(ids)) :]
+            expected = hf_log_softmax(model_dir, ids)
+            assert len(logprobs.tokens) == len(ids) + 1 and logprobs.token_logprobs[0] is None
+            assert logprobs.top_logprobs[0] is None and logprobs.text_offset[0] == 0
+            want = [float(expected[i, token]) for i, token in enumerate(ids[1:])]
+            got = logprobs.token_logprobs[1 : len(ids)]
+            assert got == pytest.approx(want, abs=1e-4)
+            worst = max(worst, *(abs(a - b) for a, b in zip(got, want, strict=True)))
+            for position in range(1, len(ids) + 1):  # prompt tokens 1.., then the generated one
+                _assert_top(logprobs.top_logprobs[position], expected[position - 1], 2, tokenizer)
+            # Greedy: the generated token is the likeliest after the prompt.
+            assert logprobs.token_logprobs[-1] == pytest.approx(float(expected[-1].max()), abs=1e-4)
+            assert "".join(logprobs.tokens) == choice.text and logprobs.tokens[-1] == generated
+            assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(len(ids) + 1)]
+
+        # max_tokens 0 with echo: the prompt's logprobs alone, no completion tokens.
+        scored = client.completions.create(
+            model=stack.model, prompt=prompts[0], echo=True, logprobs=0, max_tokens=0
+        )
+        (choice,) = scored.choices
+        assert choice.text == tokenizer.decode(prompts[0]) and choice.finish_reason == "length"
+        assert choice.logprobs.token_logprobs == answer.choices[0].logprobs.token_logprobs[:-1]
+        assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(prompts[0])
+
+        # Streamed: the echoed prompt with its logprobs first, then each new token.
+        first, *rest = client.completions.create(
+            model=stack.model, prompt=prompts[0], echo=True, logprobs=1, stream=True, **GREEDY
+        )
+        assert first.choices[0].text == tokenizer.decode(prompts[0])
+        assert first.choices[0].logprobs.token_logprobs == answer.choices[0].logprobs.token_logprobs[:-1]
+        assert len(rest) == 12 and rest[0].choices[0].logprobs.token_logprobs == [
+            answer.choices[0].logprobs.token_logprobs[-1]
+        ]
+    print(f"HTTP echo: max |logprob - transformers log_softmax| = {worst:.2e}")
+
+
+def test_openai_chat_top_logprobs_are_the_likeliest_tokens(stack: HttpStack, demo_model) -> None:
+    from tokenizers import Tokenizer
+
+    model_dir = demo_model()
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    messages = [{"role": "user", "content": "Name a colour."}]
+    expected = _grpc_greedy(stack, plain_turns(messages), max_new_tokens=4)
+    with _openai(stack) as client:
+        answer = client.chat.completions.create(
+            model=stack.model, messages=messages, logprobs=True, top_logprobs=3, **{**GREEDY, "max_tokens": 4}
+        )
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(
+                model=stack.model, messages=messages, logprobs=True, top_logprobs=6
+            )
+        assert refused.value.param == "top_logprobs"
+    with Client(stack.grpc, token=TOKEN) as bloom:
+        prompt_ids = bloom.tokenize(plain_turns(messages))
+    rows = hf_log_softmax(model_dir, prompt_ids + [t.id for t in expected.tokens])[len(prompt_ids) - 1 :]
+    content = answer.choices[0].logprobs.content
+    assert [entry.logprob for entry in content] == pytest.approx(
+        [t.logprob for t in expected.tokens], abs=1e-5
+    )
+    for entry, row in zip(content, rows, strict=False):
+        best = row.topk(3)
+        assert [top.token for top in entry.top_logprobs] == [
+            tokenizer.decode([i], skip_special_tokens=False) for i in best.indices.tolist()
+        ]
+        assert [top.logprob for top in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
+
+
 def test_openai_async_chat_renders_plain_turns_and_streams_role_first(stack: HttpStack) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
     expected = _grpc_greedy(stack, plain_turns(messages))
@@ -166,8 +265,7 @@ def test_openai_refusals_are_the_sdks_typed_errors_naming_the_field(stack: HttpS
         )
         for extra, param in (
             ({"extra_body": {"frobnicate": 1}}, "frobnicate"),  # unknown: never silently ignored
-            ({"logprobs": 3}, "logprobs"),  # top-n alternatives: not computed by the engine yet
-            ({"logprobs": 1, "echo": True}, "echo"),  # prompt logprobs: not computed by the engine yet
+            ({"logprobs": 6}, "logprobs"),  # above the engine's top-n bound (OpenAI's too)
             ({"presence_penalty": 0.5}, "presence_penalty"),
             ({"n": 0}, "n"),
         ):
@@ -201,7 +299,7 @@ def test_openai_refusals_are_the_sdks_typed_errors_naming_the_field(stack: HttpS
         assert bloom.info().load.running_requests == 0
 
 
-def test_tgi_clients_equal_grpc(stack: HttpStack) -> None:
+def test_tgi_clients_equal_grpc(stack: HttpStack, demo_model) -> None:
     prompt = "Once upon a time"
     expected = _grpc_greedy(stack, prompt, max_new_tokens=8)
     client = InferenceClient(model=stack.url, token=TOKEN)
@@ -215,7 +313,27 @@ def test_tgi_clients_equal_grpc(stack: HttpStack) -> None:
     assert [t.token.id for t in [*tokens, last]] == [t.id for t in expected.tokens]
     assert last.generated_text == expected.text and last.details.finish_reason == expected.finish_reason
     with pytest.raises(TextGenerationError, match="top_n_tokens"):
-        client.text_generation(prompt, max_new_tokens=2, top_n_tokens=3)
+        client.text_generation(prompt, max_new_tokens=2, top_n_tokens=6)
+
+    # The prompt's logprobs and each step's top-n, as transformers' log_softmax gives them.
+    scored = client.text_generation(
+        prompt, max_new_tokens=4, details=True, decoder_input_details=True, top_n_tokens=3
+    )
+    ids = [token.id for token in scored.details.prefill]
+    rows = hf_log_softmax(demo_model(), ids + [t.id for t in scored.details.tokens])
+    assert scored.details.prefill[0].logprob is None and len(ids) == expected.prompt_tokens
+    assert [t.logprob for t in scored.details.prefill[1:]] == pytest.approx(
+        [float(rows[i, token]) for i, token in enumerate(ids[1:])], abs=1e-4
+    )
+    # huggingface_hub types top_tokens' inner lists but leaves their tokens as parsed: plain dicts.
+    top_ids = [[t["id"] for t in top] for top in scored.details.top_tokens]
+    for top, row in zip(scored.details.top_tokens, rows[len(ids) - 1 :], strict=False):
+        assert [t["id"] for t in top] == row.topk(3).indices.tolist()
+        assert [t["logprob"] for t in top] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+    streamed = list(
+        client.text_generation(prompt, max_new_tokens=4, details=True, stream=True, top_n_tokens=3)
+    )
+    assert [[t.id for t in event.top_tokens] for event in streamed] == top_ids
 
     status, _, info = _http(stack, "/info", headers={"authorization": f"Bearer {TOKEN}"})
     assert status == 200 and info["model_id"] == stack.model and info["max_concurrent_requests"] == 2
