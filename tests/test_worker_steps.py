@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from bloomduo.apps.demo_model import PRESETS
+from bloomduo.core.logprobs import Scoring
 from bloomduo.core.tensor_wire import decode_tensor, encode_tensor
 from bloomduo.shard_worker.config import ShardOptions
 from bloomduo.shard_worker.distributed import shutdown_distributed
@@ -332,6 +333,29 @@ def test_the_edge_translates_protos_and_refuses_a_bad_tensor(engine):
 
     request.hidden_states.shape[:] = [4, HIDDEN]  # 4 rows declared, 5 sent
     with pytest.raises(BadStep, match=rf"hidden_states: tensor of shape \[4, {HIDDEN}\]"):
+        step_from_proto(request)
+
+
+def test_scored_rows_come_back_as_summaries_and_too_many_next_tokens_are_refused(engine):
+    # The second chunk scores its first two rows against tokens 5 and 6, and its last row for its top-3.
+    step = _step(10, Chunk(6, 0, 2), Chunk(7, 0, 3))
+    request = _request(step)
+    request.sequences[1].next_token_ids[:] = [5, 6]
+    request.sequences[1].top_n = 3
+    translated = step_from_proto(request)
+    assert translated.scoring == [Scoring([], 0), Scoring([5, 6], 3)]
+    output = engine.step(step.hidden_states, step.chunks, [], step.full_logits, translated.scoring)
+    response = response_of(StepDone(step_id=10, output=output, compute_seconds=0.1))
+    assert len(response.scored_logsumexp) == 3 and len(response.next_token_logit) == 2
+    assert len(response.top_logit) == len(response.top_token) == 9
+    # The last scored row is the chunk's last: its summaries are those of its logits row.
+    last = output.logits[1].float()
+    assert response.scored_logsumexp[2] == pytest.approx(float(torch.logsumexp(last, 0)), abs=1e-5)
+    assert list(response.top_token[6:]) == last.topk(3).indices.tolist()
+    assert list(response.top_logit[6:]) == pytest.approx(last.topk(3).values.tolist(), abs=1e-5)
+
+    request.sequences[0].next_token_ids[:] = [1, 2, 3]  # a two-row chunk
+    with pytest.raises(BadStep, match="sequence 6: 3 next tokens to score, but its chunk has 2 rows"):
         step_from_proto(request)
 
 
