@@ -63,6 +63,9 @@ GRPC_CLIENTS, HTTP_CLIENTS = 4, 2
 # worker's drain 5 s), so a fault must end a request before its deadline does.
 REQUEST_DEADLINE_S = 30.0
 SERVING_BOUND_S = 30.0
+# What a fault must be noticed within: a killed process at once, a stopped worker by its step's deadline
+# (at least 5 s), a stopped gateway by the launcher's liveness bound (10 s, probed every second).
+DETECT_BOUND_S = {"SIGKILL": 2.0, "SIGTERM": 2.0, "SIGSTOP": 10.0, "SIGSTOP gateway": 12.0}
 QUIET_S = 15.0  # a fault nothing noticed by then was tolerated (or healed by itself)
 RSS_GROWTH = 1.25
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -535,6 +538,8 @@ def _check(run: Run) -> None:
     assert ledger.outcomes[OK] > 0
     for fault in run.faults:
         assert fault.serving_s <= SERVING_BOUND_S, fault
+        bound = DETECT_BOUND_S.get(f"{fault.kind} {fault.target}", DETECT_BOUND_S[fault.kind])
+        assert fault.detected_s is None or fault.detected_s <= bound, fault
         assert fault.same_tokens, f"the probe's tokens changed after {fault}"
     for role, before in run.rss_before.items():
         assert run.rss_after[role] <= before * RSS_GROWTH + 20, (
@@ -573,11 +578,13 @@ def _table(run: Run) -> str:
 
 def test_chaos_short(tmp_path: Path) -> None:
     """One fault of each kind, in the default suite: a worker killed, a worker frozen for good while a
-    long prompt is prefilled, the gateway told to stop (and a worker hit during start-up)."""
+    long prompt is prefilled, the gateway told to stop, the gateway frozen for good (and a worker hit
+    during start-up)."""
     plan = [
         Fault("SIGKILL", "shard1", "load", 0.0),
         Fault("SIGSTOP", "shard0", "prefill", 0.0),
         Fault("SIGTERM", "gateway", "load", 0.0),
+        Fault("SIGSTOP", "gateway", "load", 0.0),
     ]
     run = chaos(tmp_path, plan, len(plan), seed=SEED, max_s=300)
     print(f"\nseed {SEED}\n{_table(run)}")
