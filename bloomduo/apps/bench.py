@@ -183,9 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start the stack on --model (and stop it afterwards) instead of using --target",
     )
-    target.add_argument(
-        "--model", type=Path, help="checkpoint directory: for --launch and for --baseline transformers"
-    )
+    target.add_argument("--model", type=Path, help="checkpoint directory: for --launch and for --baseline")
     target.add_argument(
         "--num-shards",
         type=int,
