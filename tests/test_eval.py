@@ -44,7 +44,7 @@ def test_eval_of_a_running_stack(tiny_stack, demo_model: Callable[..., Path], tm
     rows = {row["variant"]: row for row in text["rows"]}
     reference = rows.pop("transformers float32 (reference)")
     assert reference["mean_kl"] is None and reference["perplexity"] > 1
-    # auto on the CPU: every variant, CTranslate2's too (the test environment has the peers extra)
+    # auto on the CPU: every variant, the peers' too (the test environment has the peers extra)
     assert set(rows) == {
         "bloomduo float32",
         "bloomduo bfloat16",
@@ -52,6 +52,7 @@ def test_eval_of_a_running_stack(tiny_stack, demo_model: Callable[..., Path], tm
         "bloomduo bfloat16 int8-dynamic",
         "transformers bfloat16",
         "ctranslate2 int8",
+        "openvino int8",
     }
     exact = rows.pop("bloomduo float32")
     assert exact["greedy_agreement"] == 1.0 and exact["max_kl"] < 1e-5

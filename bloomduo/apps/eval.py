@@ -75,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--variants",
         default="auto",
         help="with --text, comma-separated: DTYPE[+QUANTIZE] (bloomduo, e.g. bfloat16+int8-dynamic), "
-        "transformers:DTYPE, ctranslate2:int8; auto: every dtype the device computes in, each int8 "
-        "scheme, transformers in the low-precision dtype, and ctranslate2:int8 when installed",
+        "transformers:DTYPE, ctranslate2:int8, openvino:int8; auto: every dtype the device computes in, "
+        "each int8 scheme, transformers in the low-precision dtype, and each peer's int8 when installed",
     )
     parser.add_argument(
         "--max-text-tokens", type=int, default=1024, help="measure on the text's first N tokens"

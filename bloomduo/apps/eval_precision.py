@@ -10,10 +10,11 @@ with the reference's at every position:
 
 Variants (`--variants`, comma-separated): `DTYPE` or `DTYPE+QUANTIZE` is bloomduo's own model code in that
 dtype with those int8 weights (`bfloat16+int8-dynamic`); `transformers:DTYPE` is transformers in another
-dtype, the spread any implementation in that dtype has; `ctranslate2:int8` is CTranslate2 with int8 weights,
-converted once into the cache like the bench's (needs `bloomduo[peers]`). `auto` is every dtype the device
-computes in, each int8 scheme on its low-precision dtype, transformers in that dtype, and CTranslate2's int8
-when it is installed.
+dtype, the spread any implementation in that dtype has; `ctranslate2:int8` and `openvino:int8` are the peers
+with int8 weights, converted once into the cache like the bench's (needs `bloomduo[peers]`; OpenVINO computes
+in float32 here, so that its int8 weights alone make the difference). `auto` is every dtype the device
+computes in, each int8 scheme on its low-precision dtype, transformers in that dtype, and each peer's int8
+where it is installed.
 
 bloomduo's rows run its model code in-process at world size 1, not through the deployed stack: the public
 API returns generated tokens' logprobs only, so a given text cannot be teacher-forced through it. Tensor
@@ -36,7 +37,8 @@ from bloomduo.shard_worker.config import QUANTIZE_CHOICES
 if TYPE_CHECKING:
     import torch
 
-BLOOMDUO, TRANSFORMERS, CTRANSLATE2 = "bloomduo", "transformers", "ctranslate2"
+BLOOMDUO, TRANSFORMERS, CTRANSLATE2, OPENVINO = "bloomduo", "transformers", "ctranslate2", "openvino"
+PEERS = {CTRANSLATE2: "ctranslate2", OPENVINO: "openvino_genai"}  # engine -> the module it needs
 IN_PROCESS_NOTE = (
     "bloomduo's rows run its model code in-process (world size 1), not through the deployed stack: the "
     "public API returns only generated tokens' logprobs"
@@ -72,8 +74,8 @@ def parse_variants(spec: str, device: str) -> list[Variant]:
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         engine, _, rest = part.rpartition(":")
         dtype, _, quantize = rest.partition("+")
-        if engine == CTRANSLATE2 and rest == "int8":
-            variants.append(Variant(CTRANSLATE2, "int8"))
+        if engine in PEERS and rest == "int8":
+            variants.append(Variant(engine, "int8"))
         elif engine == TRANSFORMERS and rest in FLOAT_DTYPES:
             variants.append(Variant(TRANSFORMERS, rest))
         elif not engine and dtype in FLOAT_DTYPES and quantize in ("", *QUANTIZE_CHOICES):
@@ -82,18 +84,19 @@ def parse_variants(spec: str, device: str) -> list[Variant]:
             raise ValueError(
                 f"--variants: cannot read {part!r}; expected auto, or DTYPE[+QUANTIZE] (DTYPE one of "
                 f"{', '.join(FLOAT_DTYPES)}; QUANTIZE one of {', '.join(QUANTIZE_CHOICES[1:])}), "
-                f"transformers:DTYPE or ctranslate2:int8"
+                f"transformers:DTYPE, ctranslate2:int8 or openvino:int8"
             )
     if not variants:
         raise ValueError("--variants names no variant")
-    if any(v.engine == CTRANSLATE2 for v in variants) and importlib.util.find_spec("ctranslate2") is None:
-        raise ValueError("--variants ctranslate2:int8 needs CTranslate2: pip install 'bloomduo[peers]'")
+    for engine, module in PEERS.items():
+        if any(v.engine == engine for v in variants) and importlib.util.find_spec(module) is None:
+            raise ValueError(f"--variants {engine}:int8 needs {module}: pip install 'bloomduo[peers]'")
     return variants
 
 
 def auto_variants(device: str) -> list[Variant]:
     """float32, the device's fast dtype with each int8 scheme it runs, transformers in that dtype, and
-    CTranslate2's int8 where installed. float16 is left out on the CPU, where it is emulated and slow."""
+    each peer's int8 where installed. float16 is left out on the CPU, where it is emulated and slow."""
     on_cpu = device.startswith("cpu")
     low = "bfloat16" if on_cpu else "float16"
     schemes = QUANTIZE_CHOICES[1:] if on_cpu else ("int8",)  # int8-dynamic is fbgemm's: CPU only
@@ -102,8 +105,8 @@ def auto_variants(device: str) -> list[Variant]:
         variants.append(Variant(BLOOMDUO, "bfloat16"))
     variants += [Variant(BLOOMDUO, low, scheme) for scheme in schemes]
     variants.append(Variant(TRANSFORMERS, low))
-    if on_cpu and importlib.util.find_spec("ctranslate2") is not None:
-        variants.append(Variant(CTRANSLATE2, "int8"))
+    if on_cpu:
+        variants += [Variant(e, "int8") for e, module in PEERS.items() if importlib.util.find_spec(module)]
     return variants
 
 
@@ -145,10 +148,12 @@ def measure(
             logits = in_process_logits(variant.dtype, variant.quantize)
         elif variant.engine == TRANSFORMERS:
             logits = transformers_logits(variant.dtype)
-        else:
-            if not device.startswith("cpu"):
-                raise ValueError(f"ctranslate2:int8 runs on the cpu here, not {device}")
+        elif not device.startswith("cpu"):
+            raise ValueError(f"{variant.engine}:int8 runs on the cpu here, not {device}")
+        elif variant.engine == CTRANSLATE2:
             logits = ctranslate2_logits(model_dir, token_ids, cache_dir)
+        else:
+            logits = openvino_logprobs(model_dir, token_ids, cache_dir)
         rows.append(compare(reference_logits, logits, token_ids, variant.name))
         del logits
     return rows
@@ -170,6 +175,15 @@ def ctranslate2_logits(model_dir: Path, token_ids: list[int], cache_dir: Path) -
     )
     logits = generator.forward_batch([token_ids])
     return torch.from_numpy(np.array(logits))[0]
+
+
+def openvino_logprobs(model_dir: Path, token_ids: list[int], cache_dir: Path) -> torch.Tensor:
+    """OpenVINO's int8 log-probabilities at every position (compare's log_softmax leaves them as they are)."""
+    import torch
+
+    from bloomduo.apps import bench_openvino
+
+    return torch.from_numpy(bench_openvino.model_logprobs(model_dir.resolve(), token_ids, cache_dir, "int8"))
 
 
 def to_json(rows: list[Precision], reference: Precision) -> list[dict[str, Any]]:
