@@ -154,9 +154,9 @@ class Engine:
         self.deadline = deadline or StepDeadline()
         self.on_stalled = on_stalled
         self.fresh_group = True  # no step ran on this group yet: its first gets the first-step allowance
-        # (seconds, tokens) of the slowest step but a group's first: what a step may cost while the fitted
-        # cost is unknown (too few steps, or all of one size).
-        self.slowest_step: tuple[float, int] | None = None
+        # (tokens, seconds) of the step with the most tokens but a group's first: how far the fitted cost
+        # has been tried, and what a step may cost while there is no fit (too few steps, all of one size).
+        self.largest_step: tuple[int, float] | None = None
         self.stalled: ShardsStalled | None = None
 
     def start(self) -> None:
@@ -273,17 +273,17 @@ class Engine:
         """Seconds a step of `tokens` rows may take before its workers count as stalled; None: the first-step
         allowance (the pool's default), for a fresh group or before any step was measured.
 
-        What the step should cost comes from the fitted line (step_cost.py); while there is none, from the
-        slowest step seen, as if all of its time were per token when this step has more.
+        What the step should cost comes from the fitted line (step_cost.py), or while there is none from the
+        largest step seen. Past that step's size the line is extrapolated from smaller steps (decodes, say,
+        before the first long prompt), so the step may also cost as much per token as the largest one did.
         """
-        if self.fresh_group or self.slowest_step is None:
+        if self.fresh_group or self.largest_step is None:
             return None
+        largest_tokens, largest_s = self.largest_step
         cost = self.scheduler.step_cost.estimate()
-        if cost is None:
-            slowest_s, slowest_tokens = self.slowest_step
-            expected = slowest_s * max(1.0, tokens / slowest_tokens)
-        else:
-            expected = cost.fixed_s + cost.per_token_s * tokens
+        expected = largest_s if cost is None else cost.fixed_s + cost.per_token_s * tokens
+        if tokens > largest_tokens:
+            expected = max(expected, largest_s * tokens / largest_tokens)
         return max(self.deadline.stall_min_s, self.deadline.stall_factor * expected)
 
     async def _step(self) -> None:
@@ -343,8 +343,8 @@ class Engine:
         timings.sample = time.perf_counter() - started
         step_s = time.perf_counter() - step_started
         self.scheduler.observe_step(len(input_ids), step_s)
-        if input_ids and not first_of_group and (self.slowest_step is None or step_s > self.slowest_step[0]):
-            self.slowest_step = (step_s, len(input_ids))
+        if input_ids and not first_of_group and len(input_ids) >= (self.largest_step or (0, 0.0))[0]:
+            self.largest_step = (len(input_ids), step_s)
         greedy = iter(result.greedy)
         # Summaries come in request order for every row not sent in full, partial prefills included.
         for (sequence, _), is_ready, wants_row, asked, scores in zip(
