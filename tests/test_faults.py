@@ -3,6 +3,7 @@ a gateway restart, cancellation, drain."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 import pytest
@@ -53,8 +54,13 @@ def _stream_until_error(target: str, errors: list, first_token: threading.Event)
 
 
 def _children(pid: int) -> dict[int, str]:
+    """pid's child processes and their command lines (one that exits meanwhile is left out)."""
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return {int(child): open(f"/proc/{child}/cmdline").read().replace("\0", " ") for child in found}
+    children = {}
+    for child in found:
+        with contextlib.suppress(OSError):
+            children[int(child)] = Path(f"/proc/{child}/cmdline").read_text().replace("\0", " ")
+    return children
 
 
 def _worker(up: subprocess.Popen, rank: int) -> tuple[int, str]:
@@ -72,7 +78,7 @@ def _worker(up: subprocess.Popen, rank: int) -> tuple[int, str]:
     return found[-1]
 
 
-@contextmanager
+@contextlib.contextmanager
 def bloomduo_up(tmp_path, wait: bool = True) -> Iterator[tuple[subprocess.Popen, str]]:
     """`bloomduo up` on the demo model, as a user runs it: the launcher supervises its processes. With
     wait, once it said it serves; else at once (its stdout says when it serves)."""
