@@ -91,6 +91,12 @@ def test_machine_rates_are_measured_and_positive() -> None:
     native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert kernel in (("F.linear", "oneDNN packed linear") if native else ("F.linear",))
 
+    # int8 matrices: fbgemm's int8 GEMM, which --quantize int8-dynamic runs, competes too.
+    rate, kernel = machine_floor.gemm_rate(
+        "cpu", "float32", 256, threads=1, budget_s=0.05, int8_matrices=True
+    )
+    assert _positive_finite(rate) and kernel in ("F.linear", "fbgemm int8 (dynamic)")
+
 
 def _expected_costs(model_dir: Path, itemsize: int, tokens: int) -> tuple[int, int]:
     """Decode bytes and prompt FLOPs of a BLOOM from its config alone, independently of model_costs."""

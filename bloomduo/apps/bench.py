@@ -470,7 +470,9 @@ def measure_floor(args: argparse.Namespace, info: Any, target: str, launched: bo
     int8 = all(kernels.split(" ")[0] in QUANTIZE_CHOICES[1:] for kernels in info.worker_kernels)
     costs = machine_floor.model_costs(args.model, info.dtype, args.prompt_tokens, int8_matrices=int8)
     threads = machine_floor.stack_threads(info.num_shards, args.threads_per_shard)
-    rates = machine_floor.measure_rates(device, info.dtype, costs["hidden_size"], info.num_shards, threads)
+    rates = machine_floor.measure_rates(
+        device, info.dtype, costs["hidden_size"], info.num_shards, threads, int8_matrices=int8
+    )
     return machine_floor.floors(costs, rates)
 
 

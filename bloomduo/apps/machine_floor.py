@@ -180,12 +180,18 @@ def read_bandwidth(device: str, threads: int | None, budget_s: float = 0.3) -> t
 
 
 def gemm_rate(
-    device: str, dtype_name: str, hidden: int, threads: int | None, budget_s: float = 0.3
+    device: str,
+    dtype_name: str,
+    hidden: int,
+    threads: int | None,
+    budget_s: float = 0.3,
+    int8_matrices: bool = False,
 ) -> tuple[float, str]:
     """FLOP/s of the prefill-like GEMM GEMM_ROWS x hidden -> 4 x hidden (the MLP's first matrix) in the
     served dtype, and the kernel that reached it: F.linear, and on a CPU with native oneDNN bf16 also the
     oneDNN-packed linear the workers use there (shard_worker/weight_formats.py), the faster of the two.
-    Emulated bf16 on a CPU without native bf16 shows here as a low rate."""
+    Emulated bf16 on a CPU without native bf16 shows here as a low rate. With `int8_matrices` on a CPU, also
+    fbgemm's int8 GEMM that --quantize int8-dynamic runs (operations counted as FLOPs)."""
     import torch
     import torch.nn.functional as F
 
@@ -211,6 +217,14 @@ def gemm_rate(
                 sync,
                 budget_s,
             )
+        if device == "cpu" and int8_matrices:
+            from torch import nn
+
+            from bloomduo.shard_worker.quantize import INT8_DYNAMIC, Int8Linear
+
+            int8 = Int8Linear.from_linear(nn.Linear(hidden, 4 * hidden, bias=False), INT8_DYNAMIC)
+            x32 = x.float()
+            rates["fbgemm int8 (dynamic)"] = _median_rate(lambda: int8(x32), flops, sync, budget_s)
     kernel = max(rates, key=rates.__getitem__)
     return rates[kernel], kernel
 
@@ -243,7 +257,13 @@ class _torch_threads:
 
 
 def measure_rates(
-    device: str, dtype_name: str, hidden: int, num_shards: int, threads: int, budget_s: float = 0.3
+    device: str,
+    dtype_name: str,
+    hidden: int,
+    num_shards: int,
+    threads: int,
+    budget_s: float = 0.3,
+    int8_matrices: bool = False,
 ) -> dict[str, Any]:
     """The stack's memory read bandwidth and GEMM rate on this machine.
 
@@ -259,7 +279,7 @@ def measure_rates(
     else:
         together = single if threads == 1 else read_bandwidth(device, threads, budget_s)[0]
         parallel = 1
-    gemm, kernel = gemm_rate(device, dtype_name, hidden, None if cuda else threads, budget_s)
+    gemm, kernel = gemm_rate(device, dtype_name, hidden, None if cuda else threads, budget_s, int8_matrices)
     return {
         "device": device,
         "dtype": dtype_name,
