@@ -254,7 +254,8 @@ def main() -> int:
     # SIGTERM (a CI timeout, kill) must run the finally below, which stops the stack.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    model = workdir / f"bloom-{args.preset}-f32"
+    # The seed in the name: a kept --workdir reuses a checkpoint only when it has the weights asked for.
+    model = workdir / f"bloom-{args.preset}-f32-seed{args.seed}"
     timings: dict[str, float] = {}
     stack = None
     try:
