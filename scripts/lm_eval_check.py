@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.resources
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -28,6 +30,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import tokenizers
 
 TASK = "bloomduo_mc"
 TASK_YAML = """\
@@ -52,12 +56,23 @@ class CheckFailed(Exception):
     """A step could not run (not a mismatch): exit status 2."""
 
 
-def write_task(directory: Path, questions: int, seed: int) -> Path:
+def write_task(
+    directory: Path, questions: int, long_questions: int, long_tokens: int, seed: int, tokenizer_json: Path
+) -> tuple[Path, int]:
     """Arithmetic questions with 2, 3 or 4 choices each (the count varies, as in real MC tasks, so a
-    choice/request misalignment in either path would show), one JSON object a line; returns the YAML."""
+    choice/request misalignment in either path would show), one JSON object a line. The last
+    `long_questions` open with a passage of `long_tokens` tokens, as few-shot prompts (MMLU's, say) run
+    past the server's default --max-input-tokens of 1024; with --up-args "--max-batch-prefill-tokens N"
+    their prefill runs in chunks. The YAML, and the longest prompt in tokens."""
+    tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+    corpus = (importlib.resources.files("bloomduo.apps") / "demo_corpus.txt").read_text()
+    while len(tokenizer.encode(corpus).ids) <= long_tokens:
+        corpus += "\n" + corpus
+    passage = corpus[: tokenizer.encode(corpus).offsets[long_tokens][0]].strip()
     rng = random.Random(seed)
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / "mc.jsonl"
+    longest = 0
     with data.open("w") as out:
         for i in range(questions):
             a, b = rng.randint(1, 30), rng.randint(1, 30)
@@ -65,15 +80,17 @@ def write_task(directory: Path, questions: int, seed: int) -> Path:
             distractors = rng.sample([d for d in range(answer - 9, answer + 10) if d not in (answer, 0)], 3)
             choices = [answer, *distractors[: 1 + i % 3]]
             rng.shuffle(choices)
-            doc = {
-                "question": f"What is {a} plus {b}?",
-                "choices": [str(c) for c in choices],
-                "label": choices.index(answer),
-            }
+            question = f"What is {a} plus {b}?"
+            if i >= questions - long_questions:
+                question = f"{passage}\n{question}"
+            doc = {"question": question, "choices": [str(c) for c in choices], "label": choices.index(answer)}
             out.write(json.dumps(doc) + "\n")
+            # The template's words around it, and the longest choice: what a request carries at most.
+            prompt = f"Question: {question}\nAnswer: {max(choices)}"
+            longest = max(longest, len(tokenizer.encode(prompt).ids))
     yaml = directory / f"{TASK}.yaml"
     yaml.write_text(TASK_YAML.format(task=TASK, data=json.dumps(str(data))))
-    return yaml
+    return yaml, longest
 
 
 def free_port() -> int:
@@ -230,6 +247,11 @@ def main() -> int:
     parser.add_argument("--preset", default="tiny", help="demo-model shape (bloomduo demo-model --preset)")
     parser.add_argument("--num-shards", type=int, default=2)
     parser.add_argument("--questions", type=int, default=40)
+    parser.add_argument("--long-questions", type=int, default=3, help="of them, how many open with a passage")
+    parser.add_argument("--long-tokens", type=int, default=1500, help="the passage's length in tokens")
+    parser.add_argument(
+        "--up-args", default="", help='more `bloomduo up` flags, e.g. "--max-batch-prefill-tokens 256"'
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the questions")
     parser.add_argument("--batch-size", default="1", help="lm-eval --batch_size for both models")
     parser.add_argument("--num-concurrent", type=int, default=1, help="local-completions' parallel requests")
@@ -265,7 +287,14 @@ def main() -> int:
                  "--dtype", "float32", "--seed", str(args.seed)],
                 workdir / "demo-model.log", env,
             )  # fmt: skip
-        task_yaml = write_task(workdir / "task", args.questions, args.seed)
+        task_yaml, longest = write_task(
+            workdir / "task",
+            args.questions,
+            args.long_questions,
+            args.long_tokens,
+            args.seed,
+            model / "tokenizer.json",
+        )
         common = [
             "--tasks", TASK, "--include_path", str(task_yaml.parent), "--batch_size", args.batch_size,
             "--log_samples", "--seed", str(args.seed),
@@ -275,7 +304,10 @@ def main() -> int:
         start = time.monotonic()
         stack = Stack(
             [str(bin_dir / "bloomduo"), "up", "--model", str(model), "--dtype", "float32",
-             "--num-shards", str(args.num_shards), "--port", str(port), "--http-port", str(http_port)],
+             "--num-shards", str(args.num_shards), "--port", str(port), "--http-port", str(http_port),
+             # lm-eval sends up to its max_length (2048, BLOOM's training length) - 1 prompt tokens, and
+             # asks for one more: the default 1024 would refuse longer prompts with 400.
+             "--max-input-tokens", "2047", *shlex.split(args.up_args)],
             workdir / "up.log", env,
         )  # fmt: skip
         stack.wait_ready(http_port, timeout_s=300)
@@ -308,6 +340,7 @@ def main() -> int:
         )  # fmt: skip
 
         ok = compare(hf_dir, api_dir, args.tolerance)
+        print(f"longest prompt: {longest} tokens")
         print("seconds: " + ", ".join(f"{step} {seconds:.1f}" for step, seconds in timings.items()))
         if args.workdir:
             print(f"files: {workdir}")
