@@ -4,8 +4,9 @@
 # and the same accuracy as its own `hf` model on the same float32 checkpoint (scripts/lm_eval_check.py).
 # A script rather than a test: lm-eval brings ~50 packages (pandas, pyarrow, scipy, scikit-learn,
 # datasets, nltk) that the test command should not have to install.
-# Usage: scripts/lm_eval_check.sh [--workdir DIR] [--questions N] [--preset tiny] [--num-shards W]
-#        [--batch-size B] [--num-concurrent C] [--tolerance T]        (lm_eval_check.py --help)
+# Usage: scripts/lm_eval_check.sh [--workdir DIR] [--preset tiny] [--num-shards W] [--questions N]
+#        [--long-questions L] [--batch-size B] [--num-concurrent C] [--up-args "FLAGS"] [--tolerance T]
+#        (all of them: scripts/lm_eval_check.sh --help)
 # Exit status: 0 agreed, 1 a mismatch, 2 a step failed. BLOOMDUO_LMEVAL_VENV=DIR puts its environment
 # elsewhere (default .venv-lmeval, built on first use).
 set -euo pipefail
