@@ -255,6 +255,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the questions")
     parser.add_argument("--batch-size", default="1", help="lm-eval --batch_size for both models")
     parser.add_argument("--num-concurrent", type=int, default=1, help="local-completions' parallel requests")
+    parser.add_argument(
+        "--string-prompts",
+        action="store_true",
+        help="tokenized_requests=False: lm-eval sends text, which the server tokenizes",
+    )
     parser.add_argument("--tolerance", type=float, default=1e-3)
     parser.add_argument(
         "--workdir", type=Path, help="keep the checkpoint, task, logs and lm-eval outputs here"
@@ -317,10 +322,12 @@ def main() -> int:
         shutil.rmtree(api_dir, ignore_errors=True)
         # tokenized_requests=True (local-completions' default, spelled out): lm-eval tokenizes context and
         # continuation itself with the checkpoint's tokenizer and sends token ids, so both models score the
-        # very same tokens; max_retries=1 so a refusal fails the run instead of being retried into a pass.
+        # very same tokens. With False it sends their decoded text, and relies on the server's tokenizer
+        # giving those tokens back. max_retries=1: a refusal fails the run rather than being retried.
         model_args = (
             f"model={name},base_url=http://127.0.0.1:{http_port}/v1/completions,tokenizer_backend=huggingface,"
-            f"tokenizer={model},tokenized_requests=True,num_concurrent={args.num_concurrent},max_retries=1"
+            f"tokenizer={model},tokenized_requests={not args.string_prompts},"
+            f"num_concurrent={args.num_concurrent},max_retries=1"
         )
         timings["local-completions"] = run(
             [str(bin_dir / "lm_eval"), "--model", "local-completions", "--model_args", model_args, *common,
