@@ -307,6 +307,43 @@ def test_bench_launches_measures_memory_and_stops_the_stack(demo_model, tmp_path
     assert _children() == before  # the launched stack is stopped
 
 
+def test_bench_through_grpc_and_the_openai_http_front_in_one_run(demo_model, tmp_path, capsys) -> None:
+    """The same levels through each protocol, streamed /v1/completions by the real openai SDK, and HTTP's
+    cost as a ratio to gRPC."""
+    out = tmp_path / "results.json"
+    args = _parse(
+        [
+            "--launch", "--model", str(demo_model()), "--num-shards", "2", "--concurrency", "1,2",
+            "--prompt-tokens", "5", "--new-tokens", "4", "--requests-per-level", "2", "--warmup", "1",
+            "--distinct-prompts", "--threads-per-shard", "1", "--protocol", "grpc,openai", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert bench.run(args) == 0
+
+    report = json.loads(out.read_text())
+    assert list(report["protocols"]) == ["grpc", "openai"] and report["stack"]["protocol"] == "grpc"
+    assert report["stack"]["levels"] == report["protocols"]["grpc"]
+    for levels in report["protocols"].values():
+        assert [level["concurrency"] for level in levels] == [1, 2]
+        assert all(level["generated_tokens"] == 2 * 4 and level["ttft_s"]["p50"] > 0 for level in levels)
+    cost = bench.protocol_cost(report)
+    assert [(row["protocol"], row["against"], row["concurrency"]) for row in cost] == [
+        ("openai", "grpc", 1),
+        ("openai", "grpc", 2),
+    ]
+    assert all(math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0 for row in cost)
+    printed = capsys.readouterr().out
+    assert "bloomduo over openai" in printed and "protocol cost" in printed and "openai / grpc" in printed
+
+
+def test_protocol_lists_parse() -> None:
+    assert bench.parse_protocols("openai, grpc,openai") == ["openai", "grpc"]
+    assert _parse([]).protocol == ["grpc"]
+    for bad in ("", "http", "grpc,tgi"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_protocols(bad)
+
+
 def test_bench_refuses_a_baseline_without_a_model(capsys) -> None:
     assert bench.run(_parse(["--baseline", "transformers"])) == 1
     assert "--model" in capsys.readouterr().err

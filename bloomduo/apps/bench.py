@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +67,9 @@ PEERS = {
     "openvino": Peer("bloomduo.apps.bench_openvino", "openvino_genai", "OpenVINO GenAI", prefix_caching=True),
 }
 BASELINES = ("transformers", *PEERS)
+# How the measured requests reach the stack: its gRPC API, or its OpenAI-compatible HTTP front through the
+# openai SDK (streamed /v1/completions), the way most LLM tools reach a server.
+PROTOCOLS = ("grpc", "openai")
 # How a baseline serves a level's streams, under its key in the JSON: every baseline one at a time, then
 # transformers and CTranslate2 in static batches, OpenVINO GenAI by continuous batching.
 WAYS = {
@@ -164,6 +167,16 @@ def parse_baselines(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def parse_protocols(text: str) -> list[str]:
+    """Parse "grpc,openai" into the protocols to measure the stack through, in the order given."""
+    names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not names or any(name not in PROTOCOLS for name in names):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(PROTOCOLS)}, not {text!r}"
+        )
+    return names
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -220,6 +233,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also measure these on the same checkpoint, each one request at a time and batched per level: "
         "transformers' generate; ctranslate2 and openvino (float and int8 weights, converted once into "
         "$BLOOMDUO_CACHE/peers; need pip install 'bloomduo[peers]')",
+    )
+
+    target.add_argument(
+        "--protocol",
+        type=parse_protocols,
+        default=["grpc"],
+        help="how the measured requests reach the stack, comma-separated: grpc, openai (streamed "
+        "/v1/completions through the openai SDK, pip install 'bloomduo[bench]'); with both, every level "
+        "runs through each and the report gives HTTP's cost as a ratio",
+    )
+    target.add_argument(
+        "--http-url",
+        help="the gateway's HTTP front for --protocol openai (default: the launched stack's, else "
+        "http://localhost:8080)",
     )
 
     load = parser.add_argument_group("load")
@@ -374,6 +401,7 @@ def _launch(args: argparse.Namespace) -> Stack:
             dtype=args.dtype,
             quantize=args.quantize,
             port=free_port(),
+            http_port=free_port() if "openai" in args.protocol else 0,
             threads_per_shard=args.threads_per_shard,
         )
     )
@@ -409,21 +437,22 @@ async def _measure_stack(args: argparse.Namespace, target: str, stack: Stack | N
         started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         # Other work on the machine skews every figure; the load average at the start tells a reader.
         load_average = os.getloadavg()[0]
-        if args.warmup:
-            print(f"bench: warming up the stack ({args.warmup} requests)", file=sys.stderr)
-            await asyncio.gather(
-                *(_timed_request(client, prompts[i % len(prompts)], args) for i in range(args.warmup))
-            )
         memory = {name: 0 for name in _stack_processes(stack)}
         kv_cache: list[int] = []
-        levels = []
-        for level in args.concurrency:
-            requests = requests_for_level(level, args.requests_per_level)
-            levels.append(await _measure_level(client, prompts, args, level, requests))
-            # Sampled between levels, while the stack still holds every sequence's memory it allocated.
-            for name, process in _stack_processes(stack).items():
-                memory[name] = max(memory[name], rss_bytes(process.pid))
-            kv_cache = (await client.info()).load.worker_kv_cache_bytes  # caches only grow
+        by_protocol = {}
+        for protocol in args.protocol:
+            send = _grpc_sender(client) if protocol == "grpc" else await _openai_sender(args, stack, token)
+            if args.warmup:
+                print(f"bench: warming up over {protocol} ({args.warmup} requests)", file=sys.stderr)
+                await asyncio.gather(*(send(prompts[i % len(prompts)], args) for i in range(args.warmup)))
+            levels = by_protocol[protocol] = []
+            for level in args.concurrency:
+                requests = requests_for_level(level, args.requests_per_level)
+                levels.append(await _measure_level(send, prompts, args, level, requests))
+                # Sampled between levels, while the stack still holds every sequence's memory it allocated.
+                for name, process in _stack_processes(stack).items():
+                    memory[name] = max(memory[name], rss_bytes(process.pid))
+                kv_cache = (await client.info()).load.worker_kv_cache_bytes  # caches only grow
     return {
         "started_at": started_at,
         "load_average": load_average,
@@ -435,7 +464,9 @@ async def _measure_stack(args: argparse.Namespace, target: str, stack: Stack | N
         },
         "prompt_ids": prompt_ids,
         "floor": floor,
-        "stack": {"levels": levels},
+        # the first protocol's levels are the stack's in every comparison; each protocol's under its name
+        "stack": {"levels": by_protocol[args.protocol[0]], "protocol": args.protocol[0]},
+        "protocols": by_protocol,
         "memory": {"max_rss_bytes": memory, "kv_cache_bytes": kv_cache} if stack else None,
     }
 
@@ -539,6 +570,63 @@ async def build_prompt(client: AsyncClient, n_tokens: int, variant: int = 0) -> 
     raise BenchError(f"could not build a prompt of exactly {n_tokens} tokens")
 
 
+Sender = Callable[[str, argparse.Namespace], Awaitable[Sample]]
+
+
+def _grpc_sender(client: AsyncClient) -> Sender:
+    return lambda prompt, args: _timed_request(client, prompt, args)
+
+
+async def _openai_sender(args: argparse.Namespace, stack: Stack | None, token: str | None) -> Sender:
+    """Streamed greedy /v1/completions through the openai SDK, as tools that speak OpenAI's API send them."""
+    try:
+        import openai
+    except ImportError:
+        raise BenchError("--protocol openai needs the openai SDK: pip install 'bloomduo[bench]'") from None
+
+    if stack is not None:
+        url = f"http://127.0.0.1:{stack.options.http_port}"
+    else:
+        url = args.http_url or "http://localhost:8080"
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=token or "none", max_retries=0, timeout=600)
+    try:
+        model = (await client.models.list()).data[0].id
+    except openai.APIError as exc:
+        raise BenchError(f"the HTTP front at {url} did not list its model: {exc}") from None
+
+    async def send(prompt: str, args: argparse.Namespace) -> Sample:
+        chunk_times: list[float] = []
+        generated = 0
+        sent = time.perf_counter()
+        stream = await client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=args.new_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        async for chunk in stream:
+            if chunk.choices:
+                chunk_times.append(time.perf_counter())
+            if chunk.usage is not None:
+                generated = chunk.usage.completion_tokens
+                prompt_tokens = chunk.usage.prompt_tokens
+        if generated != args.new_tokens or len(chunk_times) < 2:
+            raise BenchError(f"asked {url} for {args.new_tokens} tokens with ignore_eos, got {generated}")
+        if prompt_tokens != args.prompt_tokens:
+            raise BenchError(f"the prompt was {prompt_tokens} tokens over HTTP, not {args.prompt_tokens}")
+        # A token whose text is still an incomplete character sends no chunk: count tokens from usage.
+        return Sample(
+            ttft_s=chunk_times[0] - sent,
+            tpot_s=(chunk_times[-1] - chunk_times[0]) / (generated - 1),
+            generated_tokens=generated,
+        )
+
+    return send
+
+
 async def _timed_request(client: AsyncClient, prompt: str, args: argparse.Namespace) -> Sample:
     token_times: list[float] = []
     result = None
@@ -564,7 +652,7 @@ async def _timed_request(client: AsyncClient, prompt: str, args: argparse.Namesp
 
 
 async def _measure_level(
-    client: AsyncClient, prompts: list[str], args: argparse.Namespace, level: int, requests: int
+    send: Sender, prompts: list[str], args: argparse.Namespace, level: int, requests: int
 ) -> dict[str, Any]:
     samples: list[Sample] = []
     # Shared by the level's streams: each takes the next request as soon as its previous one finished.
@@ -572,7 +660,7 @@ async def _measure_level(
 
     async def stream() -> None:
         for number in pending:
-            sample = await _timed_request(client, prompts[number % len(prompts)], args)
+            sample = await send(prompts[number % len(prompts)], args)
             samples.append(sample)
             progress("stack", level, len(samples), requests, sample)
 
@@ -677,8 +765,13 @@ def _peer_process(peer: Peer, name: str, command: list[str]) -> dict[str, Any]:
 
 
 def systems(report: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """Every system's levels under its display name: the stack, then each baseline's two ways."""
-    found = [("bloomduo", report["stack"]["levels"])]
+    """Every system's levels under its display name: the stack (through each protocol measured), then each
+    baseline's two ways."""
+    protocols = report.get("protocols") or {"grpc": report["stack"]["levels"]}
+    if list(protocols) == ["grpc"]:
+        found = [("bloomduo", protocols["grpc"])]
+    else:
+        found = [(f"bloomduo over {protocol}", levels) for protocol, levels in protocols.items()]
     for name, baseline in (report.get("baselines") or {}).items():
         found += [(f"{name} {way}", baseline[key]) for key, way in WAYS.items() if key in baseline]
     return found
@@ -871,10 +964,45 @@ def print_report(report: dict[str, Any]) -> None:
         )
     if report["side_by_side"]:
         print_side_by_side(report)
+    if len(report.get("protocols") or {}) > 1:
+        print_protocol_cost(report)
     print_floor(report["floor"], config["distinct_prompts"])
     print("\ntargets")
     for check in report["targets"]:
         print(f"  {check['status']:<4}  {check['name']}: {check['detail']}")
+
+
+def protocol_cost(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per level, each other protocol's figures as a ratio of the first's (usually HTTP against gRPC)."""
+    (first, reference), *others = report["protocols"].items()
+    by_level = _by_level(reference)
+    rows = []
+    for protocol, levels in others:
+        for level in levels:
+            base = by_level.get(level["concurrency"])
+            if base is None:
+                continue
+            rows.append(
+                {
+                    "protocol": protocol,
+                    "against": first,
+                    "concurrency": level["concurrency"],
+                    "tokens_per_s": level["tokens_per_s"] / base["tokens_per_s"],
+                    "ttft_p50": level["ttft_s"]["p50"] / base["ttft_s"]["p50"],
+                    "tpot_p50": level["tpot_s"]["p50"] / base["tpot_s"]["p50"],
+                }
+            )
+    return rows
+
+
+def print_protocol_cost(report: dict[str, Any]) -> None:
+    print("\nprotocol cost (the same stack, one run; ratio to the first protocol)")
+    print(f"  {'protocol':<20} {'streams':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TPOT p50':>9}")
+    for row in protocol_cost(report):
+        print(
+            f"  {row['protocol'] + ' / ' + row['against']:<20} {row['concurrency']:>7} "
+            f"{row['tokens_per_s']:>8.2f}x {row['ttft_p50']:>8.2f}x {row['tpot_p50']:>8.2f}x"
+        )
 
 
 def describe_baseline(baseline: dict[str, Any]) -> str:
