@@ -13,8 +13,8 @@ dtype with those int8 weights (`bfloat16+int8-dynamic`); `transformers:DTYPE` is
 dtype, the spread any implementation in that dtype has; `ctranslate2:int8` and `openvino:int8` are the peers
 with int8 weights, converted once into the cache like the bench's (needs `bloomduo[peers]`; OpenVINO computes
 in float32 here, so that its int8 weights alone make the difference). `auto` is every dtype the device
-computes in, each int8 scheme on its low-precision dtype, transformers in that dtype, and each peer's int8
-where it is installed.
+computes in, int8 weights on the low-precision dtype, int8-dynamic as `--dtype auto` serves it (float32),
+transformers in the low-precision dtype, and each peer's int8 where it is installed.
 
 bloomduo's rows run its model code in-process at world size 1, not through the deployed stack: the public
 API returns generated tokens' logprobs only, so a given text cannot be teacher-forced through it. Tensor
@@ -95,15 +95,17 @@ def parse_variants(spec: str, device: str) -> list[Variant]:
 
 
 def auto_variants(device: str) -> list[Variant]:
-    """float32, the device's fast dtype with each int8 scheme it runs, transformers in that dtype, and
-    each peer's int8 where installed. float16 is left out on the CPU, where it is emulated and slow."""
+    """float32; the device's fast dtype, alone and with int8 weights; on the CPU int8-dynamic in float32, as
+    `--dtype auto` serves it; transformers in the fast dtype; each peer's int8 where installed. float16 is
+    left out on the CPU, where it is emulated and slow."""
     on_cpu = device.startswith("cpu")
     low = "bfloat16" if on_cpu else "float16"
-    schemes = QUANTIZE_CHOICES[1:] if on_cpu else ("int8",)  # int8-dynamic is fbgemm's: CPU only
     variants = [Variant(BLOOMDUO, "float32"), Variant(BLOOMDUO, low)]
     if not on_cpu:
         variants.append(Variant(BLOOMDUO, "bfloat16"))
-    variants += [Variant(BLOOMDUO, low, scheme) for scheme in schemes]
+    variants.append(Variant(BLOOMDUO, low, "int8"))
+    if on_cpu:  # fbgemm's: CPU only
+        variants.append(Variant(BLOOMDUO, "float32", "int8-dynamic"))
     variants.append(Variant(TRANSFORMERS, low))
     if on_cpu:
         variants += [Variant(e, "int8") for e, module in PEERS.items() if importlib.util.find_spec(module)]
