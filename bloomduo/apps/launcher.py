@@ -124,7 +124,10 @@ class StackOptions:
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": "auto: the checkpoint's dtype (float16 on npu)", "choices": DTYPE_CHOICES},
+        metadata={
+            "help": "auto: the checkpoint's dtype (float16 on npu, float32 with --quantize int8-dynamic)",
+            "choices": DTYPE_CHOICES,
+        },
     )
     host: str = field(
         default="127.0.0.1", metadata={"help": "public address of the gateway (0.0.0.0 for all)"}
