@@ -18,9 +18,11 @@ from collections.abc import Awaitable, Callable, Iterator
 import structlog
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter
+from starlette.exceptions import HTTPException
 
 from bloomduo import __version__
 from bloomduo.core.logs import get_logger
@@ -82,6 +84,16 @@ def create_app(front: HttpFront, max_request_bytes: int) -> FastAPI:
     async def gone(request: Request, exc: ClientGone) -> Response:
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # no one reads it; the log and the metric do
 
+    @app.exception_handler(HTTPException)
+    async def undecodable(request: Request, exc: HTTPException) -> Response:
+        """FastAPI's 400 for a body it cannot even decode (not UTF-8), in the protocol's error shape rather
+        than its own {"detail"}, which neither protocol's clients read; its other refusals (no such
+        route or method) keep FastAPI's answer."""
+        if exc.status_code != 400:
+            return await http_exception_handler(request, exc)
+        message = f"the body is not valid JSON: {exc.__cause__ or exc.detail}"
+        return protocol_of(request.url.path).response(Failure("validation", message))
+
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
         return protocol_of(request.url.path).response(_validation_failure(exc))
@@ -129,7 +141,24 @@ async def _guarded(
     if length.isdigit() and int(length) > max_request_bytes:
         message = f"the body has {length} bytes, more than the limit of {max_request_bytes}"
         return protocol.response(Failure("too_large", message))
+    if not length and not await _body_within(request, max_request_bytes):
+        message = f"the body has more bytes than the limit of {max_request_bytes}"
+        return protocol.response(Failure("too_large", message))
     return await call_next(request)
+
+
+async def _body_within(request: Request, limit: int) -> bool:
+    """Reads a body sent without a content-length (chunked), which no header bounds, only as far as the
+    limit; True when all of it fits, and then it is the body the route reads."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return False
+        chunks.append(chunk)
+    # Starlette's cache of Request.body(): the doors' BaseHTTPMiddleware hands it on to the route.
+    request._body = b"".join(chunks)
+    return True
 
 
 class _Server(uvicorn.Server):
