@@ -118,7 +118,9 @@ class _Generation(Body):
         temperature = 1.0 if self.temperature is None else self.temperature
         if temperature < 0:
             raise ValidationError("temperature", f"must be >= 0 (0 is greedy), got {temperature}")
-        sampled = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
+        # Anything but 0 samples: NaN and infinity go on to validate(), which refuses them in gRPC's words
+        # (NaN, neither < 0 nor > 0, was once served greedy without a word).
+        sampled = {"do_sample": True, "temperature": temperature} if temperature != 0 else {}
         return [
             GenerationParameters(
                 max_new_tokens=max_tokens,
@@ -335,7 +337,13 @@ async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse 
         top_n_tokens=body.top_logprobs or 0,
     )
     prompt = front.render_chat([message.rendered() for message in body.messages])
-    streams = await front.admit(request.state.request_id, [(prompt, q) for q in parameters])
+    try:
+        streams = await front.admit(request.state.request_id, [(prompt, q) for q in parameters])
+    except ValidationError as exc:
+        if exc.field_name != "prompt":
+            raise
+        # The prompt is the messages rendered: the refusal names what the client sent.
+        raise ValidationError("messages", str(exc).removeprefix("prompt: ")) from None
     head = {"id": f"chatcmpl-{request.state.request_id}", "model": front.model_name, "created": front.created}
 
     def logprobs(tokens: list[GeneratedToken]) -> dict[str, Any] | None:

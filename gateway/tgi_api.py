@@ -1,5 +1,6 @@
 """text-generation-inference's API: /generate, /generate_stream, / (its compat route), /info, /health,
-/tokenize. TGI's parameters carry the names GenerationParameters has, so they pass through as they are.
+/tokenize. TGI's parameters carry the names GenerationParameters has, so they pass through as they are
+(the prompt is TGI's `inputs`).
 
 `decoder_input_details` fills `details.prefill` (the prompt's tokens and logprobs, the first null) and
 `top_n_tokens` (0-5) `top_tokens`, per generated token, from the model's own distribution (log_softmax of
@@ -46,6 +47,7 @@ TGI = Protocol(
         "unavailable": 503,
     },
     body=lambda fail: {"error": fail.message, "error_type": _ERROR_TYPES.get(fail.kind, fail.kind)},
+    field_names={"prompt": "inputs"},  # TGI's name for the prompt; the parameters keep the schema's names
 )
 _UNIMPLEMENTED = "is not implemented by this server; leave it unset"
 _NEUTRAL = {
