@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from bloomduo.core.metrics import Outcome
 from bloomduo.gateway.admission import Admission
 from bloomduo.gateway.engine import GeneratedToken, GenerationResult, PromptToken, StreamEvent
-from bloomduo.gateway.errors import RequestFailed, ValidationError
+from bloomduo.gateway.errors import Overloaded, RequestFailed, ValidationError
 from bloomduo.gateway.request import GenerationParameters
 from bloomduo.v1 import gateway_pb2
 
@@ -51,7 +51,24 @@ class HttpFront:
         self, request_id: str, jobs: Sequence[tuple[str, GenerationParameters]]
     ) -> list[AsyncIterator[StreamEvent]]:
         """One engine stream per (prompt, parameters), all admitted before any starts, so a refusal of
-        the last leaves nothing running."""
+        the last leaves nothing running.
+
+        Each generation counts against max_concurrent_requests, as each gRPC request does. The engine
+        counts a generation only once it starts, so the room is checked for all of them first: else
+        one request of many prompts times n would queue thousands past the limit."""
+        limit = self.admission.limits.max_concurrent_requests
+        if len(jobs) > limit:
+            raise ValidationError(
+                "n",
+                f"the prompts times n make {len(jobs)} generations, more than "
+                f"max_concurrent_requests={limit}",
+            )
+        engine = self.admission.engine
+        if engine is not None and engine.in_flight + len(jobs) > limit:
+            raise Overloaded(
+                f"the model is overloaded ({engine.in_flight} requests in flight, room for "
+                f"{limit - engine.in_flight}); retry later"
+            )
         streams = []
         for prompt, parameters in jobs:
             engine, request = await self.admission.admit(request_id, prompt, parameters)
