@@ -8,27 +8,39 @@ Server level: random GenerateRequests, including what only a raw protobuf client
 optional fields, NaN and infinite floats, uint32/uint64 extremes, control characters, prompts past the
 1 MiB message limit), get OK, INVALID_ARGUMENT naming the field, or RESOURCE_EXHAUSTED for the size;
 and the server answers fixed requests the same before and after.
+
+HTTP level: the same random requests as bodies of /v1/completions, /v1/chat/completions, /generate and
+/generate_stream, and worse (wrong types, unknown fields, malformed JSON, lone surrogates, n and logprobs
+out of bounds, bodies over the limit, with and without a content-length), get 200 or a 4xx in the
+protocol's error shape naming the field, never a 5xx or a dropped connection; a refusal gRPC gives for
+the equivalent parameters comes with the same words.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import grpc
+import httpx2
 import pytest
 import tokenizers
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from bloomduo.apps.launcher import Stack, free_port
+from bloomduo.gateway.chat_template import load_chat_template
 from bloomduo.gateway.config import RequestLimits
 from bloomduo.gateway.errors import ValidationError
 from bloomduo.gateway.request import MAX_SEED, GenerationParameters, GenerationRequest, validate
 from bloomduo.gateway.server import parameters_from_pb
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.conftest import running_stack
 
 FIELDS = frozenset(field.name for field in fields(GenerationParameters))
 ERROR_FIELDS = FIELDS | {"prompt"}
@@ -285,11 +297,21 @@ class Gateway:
     stub: gateway_pb2_grpc.GenerationServiceStub
     limits: RequestLimits
     tokenizer: tokenizers.Tokenizer
+    url: str  # the HTTP front's (OpenAI and TGI)
+    model: str  # the served model's name, OpenAI's `model`
+    render_chat: Callable[[list[dict[str, Any]]], str]  # messages -> prompt, as the gateway renders them
 
 
 @pytest.fixture(scope="module")
-def gateway(tiny_stack) -> Iterator[Gateway]:
-    with grpc.insecure_channel(tiny_stack.target) as channel:
+def stack(demo_model) -> Iterator[Stack]:
+    """The tiny stack with its HTTP front on, so the same requests reach one server by both doors."""
+    with running_stack(demo_model(), num_shards=2, http_port=free_port()) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def gateway(stack: Stack) -> Iterator[Gateway]:
+    with grpc.insecure_channel(stack.target) as channel:
         stub = gateway_pb2_grpc.GenerationServiceStub(channel)
         served = stub.Info(gateway_pb2.InfoRequest(), timeout=10).limits
         # The bounds Info serves; the rest are the gateway's defaults.
@@ -301,8 +323,11 @@ def gateway(tiny_stack) -> Iterator[Gateway]:
             max_top_k=served.max_top_k,
         )
         assert served.max_new_tokens == limits.max_new_tokens
-        tokenizer = tokenizers.Tokenizer.from_file(str(tiny_stack.options.model_dir / "tokenizer.json"))
-        yield Gateway(stub, limits, tokenizer)
+        model_dir = stack.options.model_dir
+        tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        url = f"http://127.0.0.1:{stack.options.http_port}"
+        render_chat = load_chat_template(model_dir, None)
+        yield Gateway(stub, limits, tokenizer, url, model_dir.name, render_chat)
 
 
 @dataclass(frozen=True)
@@ -368,15 +393,16 @@ WILD_VALUES: dict[str, st.SearchStrategy] = {
 
 
 @st.composite
-def raw_requests(draw: st.DrawFn, gw: Gateway) -> gateway_pb2.GenerateRequest:
+def raw_requests(draw: st.DrawFn, gw: Gateway, tame: bool | None = None) -> gateway_pb2.GenerateRequest:
     """Any GenerateRequest protobuf carries; every optional field either unset or set to anything.
 
     Half the requests are tame (each field out of bounds one time in ten) so that many are accepted
     and generate under unusual but valid parameters; the other half draw every field from anything.
+    `tame` chooses instead of a draw.
     """
     limits = gw.limits
     valid = _valid_values(limits)
-    tame = draw(st.booleans(), label="tame")
+    tame = draw(st.booleans(), label="tame") if tame is None else tame
 
     def value(name: str) -> Any:
         wild = draw(st.integers(0, 9)) == 0 if tame else draw(st.booleans())
@@ -473,10 +499,383 @@ def test_random_requests_get_only_documented_codes(
         )
 
 
-def test_the_server_answers_the_same_after_random_requests(
-    tiny_stack, gateway: Gateway, answers_before: list[list[int]]
+# --- server level: the same requests, and worse, over HTTP ---------------------------------------------
+
+OPENAI, TGI = "openai", "tgi"
+PATHS = {
+    "/v1/completions": OPENAI,
+    "/v1/chat/completions": OPENAI,
+    "/generate": TGI,
+    "/generate_stream": TGI,
+}
+REFUSED = {OPENAI: 400, TGI: 422}  # a request that breaks a bound
+TOO_LARGE = 413
+JSON = {"content-type": "application/json"}
+# What each route calls the schema's fields, where it differs: chat's prompt is its messages.
+HTTP_NAMES = {
+    "/v1/completions": {"max_new_tokens": "max_tokens"},
+    "/v1/chat/completions": {"max_new_tokens": "max_tokens", "prompt": "messages"},
+    "/generate": {"prompt": "inputs"},
+    "/generate_stream": {"prompt": "inputs"},
+}
+WRONG_TYPES = {  # values no lax reading turns into the field's type
+    "int": st.sampled_from(["x", 1.5, [1], {"a": 1}]),
+    "float": st.sampled_from(["x", [0.5], {"a": 1}]),
+    "bool": st.sampled_from([2, "maybe", [True], {"a": 1}]),
+    "str": st.sampled_from([1.5, {"a": 1}, [1.5], True]),
+}
+FIELD_TYPES = {
+    OPENAI: {"max_tokens": "int", "temperature": "float", "top_p": "float", "n": "int", "seed": "int",
+             "stream": "bool", "ignore_eos": "bool", "model": "str", "stop": "str"},
+    TGI: {"max_new_tokens": "int", "temperature": "float", "top_p": "float", "top_k": "int",
+          "typical_p": "float", "repetition_penalty": "float", "seed": "int", "truncate": "int",
+          "do_sample": "bool", "details": "bool", "stop": "str", "top_n_tokens": "int"},
+}  # fmt: skip
+# n and logprobs past their bounds: refused by the HTTP schema itself, before any generation.
+OUT_OF_BOUNDS = {
+    "n": st.sampled_from([0, -1, 17, 2**70]),
+    "logprobs": st.sampled_from([-1, 6, 2**70]),
+    "top_logprobs": st.sampled_from([-1, 6]),
+}
+
+
+@dataclass(frozen=True)
+class HttpCase:
+    """A request body, and what it must get."""
+
+    path: str
+    body: bytes
+    # The generations it asks for, in the order the front admits them; None for a body refused before
+    # any (`field` names what the refusal must name, None where nothing can be named).
+    jobs: list[tuple[str, GenerationParameters]] | None
+    field: str | None = None
+
+    @property
+    def protocol(self) -> str:
+        return PATHS[self.path]
+
+
+def _set_fields(parameters: gateway_pb2.GenerateParameters) -> dict[str, Any]:
+    """The fields a caller set: the present optional ones and the rest that differ from their default."""
+    found = {}
+    for f in parameters.DESCRIPTOR.fields:
+        value = getattr(parameters, f.name)
+        if parameters.HasField(f.name) if f.has_presence else value:
+            found[f.name] = list(value) if f.name == "stop" else value
+    return found
+
+
+def _tgi_case(draw: st.DrawFn, request: gateway_pb2.GenerateRequest, path: str) -> HttpCase:
+    """TGI names the parameters as GenerationParameters does: they pass as they are, but for ignore_eos,
+    which TGI lacks, and top_n_tokens and decoder_input_details, which protobuf clients rarely set."""
+    parameters = copy.deepcopy(request.parameters)
+    parameters.ignore_eos = False
+    parameters.decoder_input_details = draw(st.booleans())
+    parameters.top_n_tokens = draw(st.integers(0, 7))  # past its bound (5) one time in four
+    body = {"inputs": request.prompt, "parameters": _set_fields(parameters)}
+    return HttpCase(path, _encode(body), [(request.prompt, parameters_from_pb(parameters))])
+
+
+def _openai_case(draw: st.DrawFn, gw: Gateway, request: gateway_pb2.GenerateRequest, path: str) -> HttpCase:
+    """OpenAI's subset of the parameters: temperature 0 is greedy and unset is 1 (sampled), choice i of
+    n draws with seed + i, one generation per prompt and choice."""
+    pb = request.parameters
+    body: dict[str, Any] = {"model": gw.model}
+    chat = path.endswith("/chat/completions")
+    top_n, prompt_logprobs, prompt_only = 0, False, False
+    if chat:
+        body["messages"] = [{"role": "user", "content": request.prompt}]
+        prompts = [gw.render_chat(body["messages"])]
+        if draw(st.booleans()):
+            body["logprobs"] = True
+            body["top_logprobs"] = top_n = draw(st.integers(0, 5))
+    else:
+        prompts = draw(st.sampled_from([[request.prompt], [request.prompt, "Hello world"]]))
+        body["prompt"] = prompts[0] if len(prompts) == 1 and draw(st.booleans()) else prompts
+        body["echo"] = echo = draw(st.booleans())
+        logprobs = draw(st.one_of(st.none(), st.integers(0, 5)))
+        if logprobs is not None:
+            body["logprobs"] = top_n = logprobs
+        prompt_logprobs = echo and logprobs is not None
+        prompt_only = echo and pb.HasField("max_new_tokens") and pb.max_new_tokens == 0
+    max_tokens = pb.max_new_tokens if pb.HasField("max_new_tokens") else None
+    if max_tokens is not None:
+        body["max_completion_tokens" if chat and draw(st.booleans()) else "max_tokens"] = max_tokens
+    if not pb.do_sample:
+        body["temperature"] = 0
+    elif pb.HasField("temperature"):
+        body["temperature"] = pb.temperature
+    for name in ("top_p", "seed"):
+        if pb.HasField(name):
+            body[name] = getattr(pb, name)
+    if pb.stop:
+        body["stop"] = pb.stop[0] if len(pb.stop) == 1 and draw(st.booleans()) else list(pb.stop)
+    if pb.ignore_eos:
+        body["ignore_eos"] = True
+    body["n"] = n = draw(st.integers(1, 3))
+    body["stream"] = draw(st.booleans())
+    temperature = body.get("temperature", 1.0)
+    if temperature < 0:  # OpenAI's own bound: gRPC has no equivalent (do_sample off is its greedy)
+        return HttpCase(path, _encode(body), None, "temperature")
+    seed = pb.seed if pb.HasField("seed") else None
+    choices = [
+        GenerationParameters(
+            max_new_tokens=1 if prompt_only else max_tokens,
+            # Anything but 0, NaN included, samples at that temperature, checked as gRPC checks it.
+            **({"do_sample": True, "temperature": temperature} if temperature != 0 else {}),
+            top_p=pb.top_p if pb.HasField("top_p") else 1.0,
+            seed=None if seed is None else seed + i,
+            stop=tuple(pb.stop),
+            ignore_eos=pb.ignore_eos,
+            decoder_input_details=prompt_logprobs,
+            top_n_tokens=top_n,
+        )
+        for i in range(n)
+    ]
+    return HttpCase(path, _encode(body), [(prompt, choice) for prompt in prompts for choice in choices])
+
+
+def _encode(body: Any, ascii_only: bool = False) -> bytes:
+    # Python's json writes NaN and Infinity, as JSON clients in Python and JavaScript may send them;
+    # "surrogatepass" writes a lone surrogate as the invalid UTF-8 a broken client sends.
+    return json.dumps(body, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+
+
+@st.composite
+def http_cases(draw: st.DrawFn, gw: Gateway) -> HttpCase:
+    """raw_requests, mostly tame, as HTTP bodies; one in two mangled in one of the ways below."""
+    request = draw(raw_requests(gw, tame=draw(st.integers(0, 3)) > 0), label="request")
+    path = draw(st.sampled_from(sorted(PATHS)), label="path")
+    case = _tgi_case(draw, request, path) if PATHS[path] == TGI else _openai_case(draw, gw, request, path)
+    if not draw(st.booleans()):
+        event("mangled: no")
+        return case
+    how = draw(st.sampled_from(["type", "unknown", "bounds", "malformed", "surrogate", "huge"]))
+    event(f"mangled: {how}")
+    body = json.loads(case.body)
+    # TGI's parameters sit in an object of their own.
+    params, prefix = (body["parameters"], "parameters.") if case.protocol == TGI else (body, "")
+    if how == "type":
+        name, kind = draw(st.sampled_from(sorted(FIELD_TYPES[case.protocol].items())))
+        params[name] = draw(WRONG_TYPES[kind])
+        return HttpCase(path, _encode(body), None, prefix + name)
+    if how == "unknown":
+        name = "x_" + draw(st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12))
+        params[name] = draw(st.sampled_from([None, 1, "on", [1.5], {"a": {}}]))
+        return HttpCase(path, _encode(body), None, prefix + name)
+    if how == "bounds":
+        if case.protocol == TGI:  # TGI's best_of is refused past 1, as it has no best_of
+            params["best_of"] = draw(st.integers(2, 20))
+            return HttpCase(path, _encode(body), None, "best_of")
+        names = ["n", "top_logprobs" if path.endswith("/chat/completions") else "logprobs"]
+        name = draw(st.sampled_from(names))
+        body[name] = draw(OUT_OF_BOUNDS[name])
+        if name == "top_logprobs":
+            body["logprobs"] = True
+        return HttpCase(path, _encode(body), None, name)
+    if how == "surrogate":
+        text = "a\udc80b"
+        if case.protocol == TGI:
+            body["inputs"] = text
+        else:
+            # The prompt is checked first, but for OpenAI's own bound on temperature.
+            body["temperature"] = 0
+            if "messages" in body:
+                body["messages"][0]["content"] = text
+            else:
+                body["prompt"] = text
+        # Escaped (\udc80), the server reads a string it must refuse; raw, the body is not UTF-8.
+        ascii_only = draw(st.booleans())
+        field = {TGI: "inputs", OPENAI: "messages" if "messages" in body else "prompt"}[case.protocol]
+        return HttpCase(path, _encode(body, ascii_only), None, field if ascii_only else None)
+    if how == "malformed":
+        raw = case.body
+        broken = draw(
+            st.sampled_from(
+                [raw[: len(raw) // 2], raw + b"}", b"\xff" + raw, b"{'model': 1}", b"", b"[]", b"null", b"1"]
+            )
+        )
+        return HttpCase(path, broken, None, None)
+    # huge: past the body limit, the big part in a field no parser reaches
+    pad = "x" * (gw.limits.max_request_bytes + 1)
+    params["x_pad"] = pad
+    return HttpCase(path, _encode(body), None, None)
+
+
+def _grpc_refusal(gw: Gateway, prompt: str, parameters: GenerationParameters) -> str | None:
+    """The gRPC refusal of the same generation; None when protobuf cannot carry it (a lone surrogate, a
+    negative integer, seed + i past 2**64 - 1)."""
+    try:
+        values = {k: v for k, v in asdict(parameters).items() if v is not None}
+        request = gateway_pb2.GenerateRequest(
+            prompt=prompt, parameters=gateway_pb2.GenerateParameters(**values)
+        )
+        request.SerializeToString()
+    except (ValueError, TypeError, OverflowError):
+        return None
+    outcome = call(gw.stub, request, stream=False)
+    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
+    return outcome.details
+
+
+def _renamed(path: str, message: str) -> str:
+    field_name, rest = message.split(":", 1)
+    return HTTP_NAMES[path].get(field_name, field_name) + ":" + rest
+
+
+def _error(protocol: str, response: httpx2.Response) -> tuple[str, str | None]:
+    """The refusal's message and the field it names, from the protocol's error shape (and only that)."""
+    body = response.json()
+    if protocol == TGI:
+        assert set(body) == {"error", "error_type"}, body
+        assert isinstance(body["error"], str) and isinstance(body["error_type"], str), body
+        message = body["error"]
+        return message, message.split(":", 1)[0] if ":" in message else None
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    error = body["error"]
+    assert isinstance(error["message"], str) and isinstance(error["type"], str), body
+    return error["message"], error["param"]
+
+
+def _events(response: httpx2.Response) -> list[Any]:
+    assert response.headers["content-type"].startswith("text/event-stream"), response.headers
+    lines = [line for line in response.text.split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines]
+
+
+def _check_answer(case: HttpCase, validated: list[GenerationRequest], response: httpx2.Response) -> None:
+    """A 200: every asked generation, each within its max_new_tokens, a stream that ends properly."""
+    most = sum(request.max_new_tokens for request in validated)
+    if response.headers["content-type"].startswith("text/event-stream"):
+        events = _events(response)
+        if case.protocol == OPENAI:
+            assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1]), events[-3:]
+        else:
+            assert events[-1]["generated_text"] is not None, events[-1]
+            assert not any("error" in e for e in events), events[-3:]
+            assert 1 <= len(events) <= most, len(events)
+        return
+    body = response.json()
+    if case.protocol == TGI:
+        assert isinstance(body["generated_text"], str), body
+        if "details" in body:
+            assert 1 <= body["details"]["generated_tokens"] <= most
+        return
+    assert len(body["choices"]) == len(validated), body
+    assert {choice["finish_reason"] for choice in body["choices"]} <= {"stop", "length"}, body
+    assert body["usage"]["completion_tokens"] <= most, body
+
+
+def expected_http(gw: Gateway, case: HttpCase) -> tuple[int, Any]:
+    """(status, what to check): 413 for the size, the first refusal of the generations in the order the
+    front admits them, or 200 with them all validated."""
+    if len(case.body) > gw.limits.max_request_bytes:
+        return TOO_LARGE, None
+    if case.jobs is None:
+        return REFUSED[case.protocol], case.field
+    validated = []
+    for prompt, parameters in case.jobs:
+        try:
+            validated.append(validate("local", prompt, parameters, gw.tokenizer, gw.limits))
+        except ValidationError as exc:
+            return REFUSED[case.protocol], (prompt, parameters, exc)
+    return 200, validated
+
+
+@pytest.fixture(scope="module")
+def http(gateway: Gateway) -> Iterator[httpx2.Client]:
+    with httpx2.Client(base_url=gateway.url, timeout=CALL_TIMEOUT_S) as client:
+        yield client
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+)
+@given(data=st.data())
+def test_random_http_bodies_get_200_or_a_refusal_in_the_protocols_shape(
+    gateway: Gateway, http: httpx2.Client, answers_before: list[list[int]], data: st.DataObject
 ) -> None:
-    """Runs after the property test (file order): the fixed requests get the same tokens, nothing is held."""
+    case = data.draw(http_cases(gateway), label="case")
+    status, expected = expected_http(gateway, case)
+    response = http.post(case.path, content=case.body, headers=JSON)
+    event(f"{case.path} {response.status_code}")
+    if status == TOO_LARGE:
+        # Sent again in chunks, with no content-length to refuse it by: the limit holds while reading.
+        half = len(case.body) // 2
+        chunked = http.post(case.path, content=iter([case.body[:half], case.body[half:]]), headers=JSON)
+        assert chunked.status_code == TOO_LARGE, (chunked.status_code, chunked.text[:300])
+        _error(case.protocol, chunked)
+
+    assert response.status_code < 500, (response.status_code, response.text[:300])
+    if response.status_code != 200:
+        message, param = _error(case.protocol, response)
+    assert response.status_code == status, (response.status_code, response.text[:300], expected)
+    if status == 200:
+        _check_answer(case, expected, response)
+    elif isinstance(expected, tuple):  # a bound of the schema: gRPC's refusal, word for word
+        prompt, parameters, exc = expected
+        assert message == _renamed(case.path, str(exc)), (message, str(exc))
+        assert param == _renamed(case.path, exc.field_name + ":")[:-1]
+        if (grpc_details := _grpc_refusal(gateway, prompt, parameters)) is not None:
+            assert message == _renamed(case.path, grpc_details)
+    elif expected is not None:  # a refusal by the HTTP schema, naming the field
+        assert param is not None and (param == expected or param.startswith(expected + ".")), (param, message)
+        assert message.startswith(param), message
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "status", "message"),
+    [
+        # NaN is neither < 0 nor > 0: OpenAI's temperature once served it greedy without a word.
+        (
+            "/v1/completions",
+            b'{"model": "MODEL", "prompt": "hi", "temperature": NaN}',
+            400,
+            "temperature: must be a finite number, got nan",
+        ),
+        # Not UTF-8: FastAPI's own 400, once in its {"detail"} shape, which neither protocol's clients read.
+        ("/v1/completions", b'\xff{"model": "MODEL"}', 400, "the body is not valid JSON: "),
+        ("/generate", b'{"inputs": "\xff"}', 422, "the body is not valid JSON: "),
+        # TGI calls the prompt `inputs`.
+        ("/generate", b'{"inputs": ""}', 422, "inputs: must not be empty"),
+        # Each generation counts against max_concurrent_requests (128): many prompts times n once
+        # queued past it in one request.
+        (
+            "/v1/completions",
+            b'{"model": "MODEL", "prompt": [' + b'"a", ' * 64 + b'"a"], "n": 2}',
+            400,
+            "n: the prompts times n make 130 generations, more than max_concurrent_requests=128",
+        ),
+    ],
+)
+def test_http_refusals_the_property_test_found(
+    gateway: Gateway, http: httpx2.Client, path: str, content: bytes, status: int, message: str
+) -> None:
+    content = content.replace(b"MODEL", gateway.model.encode())
+    response = http.post(path, content=content, headers=JSON)
+    assert response.status_code == status, response.text
+    assert _error(PATHS[path], response)[0].startswith(message), response.text
+
+
+def test_a_chunked_body_is_held_to_the_limit(gateway: Gateway, http: httpx2.Client) -> None:
+    """Without a content-length no header bounds the body: the front counts it as it reads."""
+    over = iter([b" " * 65536] * (gateway.limits.max_request_bytes // 65536 + 2))
+    response = http.post("/generate", content=over, headers=JSON)
+    assert response.status_code == TOO_LARGE, response.text
+    assert _error(TGI, response)[0].startswith("the body has more bytes than the limit")
+    body = json.dumps({"inputs": "chunked", "parameters": {"max_new_tokens": 2}}).encode()
+    response = http.post("/generate", content=iter([body[:5], body[5:]]), headers=JSON)
+    assert response.status_code == 200 and response.json()["generated_text"], response.text
+
+
+def test_the_server_answers_the_same_after_random_requests(
+    gateway: Gateway, answers_before: list[list[int]]
+) -> None:
+    """Runs after the property tests (file order): the fixed requests get the same tokens, nothing is held."""
     assert fixed_answers(gateway.stub) == answers_before
     deadline = time.monotonic() + 10
     while True:
@@ -537,8 +936,8 @@ def test_any_request_id_gets_a_documented_code(gateway: Gateway, request_id: str
         assert outcome.details.startswith("request_id"), outcome
 
 
-def test_undecodable_request_is_invalid_argument(tiny_stack) -> None:
-    with grpc.insecure_channel(tiny_stack.target) as channel:
+def test_undecodable_request_is_invalid_argument(stack: Stack) -> None:
+    with grpc.insecure_channel(stack.target) as channel:
         generate = channel.unary_unary("/bloomduo.v1.GenerationService/Generate")
         # Field 1 (prompt), length 2, bytes that are not UTF-8.
         with pytest.raises(grpc.RpcError) as caught:
