@@ -3,7 +3,10 @@
 R rounds (BLOOMDUO_SOAK_ROUNDS, default 6) of N concurrent clients (BLOOMDUO_SOAK_CLIENTS, 64), each on
 its own channel, sending requests back to back for BLOOMDUO_SOAK_ROUND_S seconds (30): greedy and
 sampled, unary and streamed, with stop sequences; streams cancelled after a few tokens, tiny deadlines,
-channels closed mid-request, and a few invalid requests. It checks that
+channels closed mid-request, and a few invalid requests. One client in four sends the same mix over
+HTTP instead, on connections of its own (httpx): OpenAI completions whole and streamed, TGI's
+generate_stream, streams left after a few events, timeouts, connections closed mid-request, and bodies
+the HTTP front refuses. It checks that
 
 - every request ends in a complete result or an explicit, expected error, within a bound: none lost,
   none hung;
@@ -22,20 +25,25 @@ BLOOMDUO_SOAK_MODEL=DIR soaks another checkpoint instead of the tiny demo model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import json
 import os
 import random
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import httpx2
 import pytest
 
-from bloomduo.apps.launcher import Stack
+from bloomduo.apps.launcher import Stack, free_port
 from bloomduo.client import AsyncClient, BloomduoError, Client, FinishReason
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import running_stack
@@ -78,6 +86,13 @@ INVALID = [
     ("hi", {"max_new_tokens": 0}),
     ("hi", {"stop": ["a", "b", "c", "d", "e"]}),
 ]
+# Bodies only the HTTP front sees: past the bound of n, malformed JSON, a parameter it does not implement.
+HTTP_INVALID = [
+    ("/v1/completions", b'{"model": "m", "prompt": "hi", "n": 17}'),
+    ("/v1/completions", b'{"model": "m", "prompt": "hi", "max_tokens": 4'),
+    ("/generate", b'{"inputs": "hi", "parameters": {"frobnicate": 1}}'),
+]
+HTTP_SHARE = 4  # one client in this many speaks HTTP
 
 
 class Outcome:
@@ -86,7 +101,7 @@ class Outcome:
     DISCONNECTED = "disconnected"  # the client closed its channel mid-request
     DEADLINE = "deadline"
     INVALID = "invalid"  # INVALID_ARGUMENT for a request built to be invalid
-    OVERLOADED = "overloaded"  # RESOURCE_EXHAUSTED: explicit, but not expected at this load
+    OVERLOADED = "overloaded"  # RESOURCE_EXHAUSTED (HTTP 429): explicit, but not expected at this load
     ERROR = "error"  # anything else: fails the run
     HUNG = "hung"  # no answer within HANG_S: fails the run
 
@@ -97,13 +112,18 @@ class RoundStats:
     latencies: list[float] = field(default_factory=list)  # seconds, of complete results
     errors: list[str] = field(default_factory=list)
     started: int = 0
+    over_http: int = 0  # of the started requests
+    http_outcomes: Counter = field(default_factory=Counter)  # the outcomes of those
     memory_kb: dict[str, dict[str, int]] = field(default_factory=dict)  # idle, after the round
     peak_kb: dict[str, int] = field(default_factory=dict)  # highest VmRSS sampled during the round
     drain_s: float = 0.0
 
-    def add(self, outcome: str, latency: float | None, error: str | None = None) -> None:
+    def add(
+        self, outcome: str, latency: float | None, error: str | None = None, over_http: bool = False
+    ) -> None:
         """latency None: a request of the warm-up burst, counted but left out of the latencies."""
         self.outcomes[outcome] += 1
+        self.http_outcomes[outcome] += over_http
         if outcome == Outcome.OK and latency is not None:
             self.latencies.append(latency)
         if error is not None:
@@ -226,21 +246,196 @@ async def _one_request(bloom: AsyncClient, target: str, rng: random.Random) -> s
         raise
 
 
-async def _client(target: str, seed: int, until: float, stats: RoundStats) -> None:
-    """One client: requests back to back on its own channel until the round ends."""
+# --- the same mix over HTTP ------------------------------------------------------------------------------
+
+
+def _openai_body(model: str, prompt: str, params: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's subset of the parameters (it has no top_k, typical_p or repetition penalty)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": params["max_new_tokens"]}
+    body["temperature"] = params.get("temperature", 1.0) if params.get("do_sample") else 0
+    body.update({name: params[name] for name in ("seed", "top_p", "stop", "ignore_eos") if name in params})
+    if params.get("details"):
+        body["logprobs"] = 1
+    return body
+
+
+def _tgi_body(prompt: str, params: dict[str, Any]) -> dict[str, Any]:
+    """TGI's names are the SDK's; it has no ignore_eos. Details always: they carry the finish reason."""
+    parameters = {name: value for name, value in params.items() if name != "ignore_eos"}
+    return {"inputs": prompt, "parameters": {**parameters, "details": True}}
+
+
+def _check_openai(finish_reason: str, completion_tokens: int, params: dict[str, Any]) -> None:
+    max_new_tokens = params["max_new_tokens"]
+    assert 1 <= completion_tokens <= max_new_tokens, (completion_tokens, params)
+    assert finish_reason in ("stop", "length"), finish_reason
+    if finish_reason == "length":
+        assert completion_tokens == max_new_tokens, (completion_tokens, params)
+
+
+def _http_refusal(response: httpx2.Response, invalid: bool) -> str:
+    """The outcome of a response that is not a 200, or what went wrong."""
+    if response.status_code == 429:
+        return Outcome.OVERLOADED
+    if invalid and response.status_code in (400, 422):
+        return Outcome.INVALID
+    raise AssertionError(f"HTTP {response.status_code}: {response.text[:200]}")
+
+
+async def _http_unary(http: httpx2.AsyncClient, model: str, prompt: str, params: dict[str, Any], **kw) -> str:
+    """A whole OpenAI completion; `kw` goes to the post (a timeout)."""
+    response = await http.post("/v1/completions", json=_openai_body(model, prompt, params), **kw)
+    if response.status_code != 200:
+        return _http_refusal(response, invalid=False)
+    answer = response.json()
+    _check_openai(answer["choices"][0]["finish_reason"], answer["usage"]["completion_tokens"], params)
+    return Outcome.OK
+
+
+async def _events(response: httpx2.Response) -> AsyncIterator[Any]:
+    async for line in response.aiter_lines():
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            yield data if data == "[DONE]" else json.loads(data)
+
+
+def _last_of_stream(event: Any) -> bool:
+    """An event after which the stream has nothing left to generate."""
+    if not isinstance(event, dict):
+        return True
+    if "generated_text" in event:  # TGI
+        return event["generated_text"] is not None
+    return not event["choices"] or event["choices"][0]["finish_reason"] is not None
+
+
+async def _http_stream(
+    http: httpx2.AsyncClient,
+    model: str,
+    prompt: str,
+    params: dict[str, Any],
+    tgi: bool,
+    after: int | None = None,
+) -> str:
+    """A streamed OpenAI completion or TGI generate_stream; `after` events: leave the stream there, which
+    closes the connection (its body unread) and must cancel the sequence on the server."""
+    if tgi:
+        path, body = "/generate_stream", _tgi_body(prompt, params)
+    else:
+        path = "/v1/completions"
+        body = {
+            **_openai_body(model, prompt, params),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    events = []
+    async with http.stream("POST", path, json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            return _http_refusal(response, invalid=False)
+        async for event in _events(response):
+            assert not (isinstance(event, dict) and "error" in event), event
+            events.append(event)
+            if after is not None and len(events) >= after and not _last_of_stream(event):
+                return Outcome.CANCELLED
+    if tgi:
+        last = events[-1]
+        details = last["details"]
+        result = SimpleNamespace(
+            generated_tokens=details["generated_tokens"],
+            finish_reason=FinishReason(details["finish_reason"]),
+            text=last["generated_text"],
+        )
+        _check_result(result, params, [event["token"]["text"] for event in events])
+    else:
+        assert events[-1] == "[DONE]", events[-2:]
+        finish = [e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"]][-1]
+        _check_openai(finish, events[-2]["usage"]["completion_tokens"], params)
+    return Outcome.OK
+
+
+async def _http_disconnect(consume: Awaitable[str], after_s: float) -> str:
+    """Cancel the request after `after_s` if still in flight: httpx closes its connection, as a client
+    that goes away does."""
+    call = asyncio.ensure_future(consume)
+    await asyncio.wait({call}, timeout=after_s)
+    call.cancel()
+    await asyncio.wait({call})
+    return Outcome.DISCONNECTED if call.cancelled() else call.result()
+
+
+async def _one_http_request(http: httpx2.AsyncClient, model: str, rng: random.Random) -> str:
+    """_one_request's mix, over HTTP."""
+    kind = rng.choices(
+        ["unary", "stream", "cancel", "deadline", "disconnect", "invalid"], weights=[6, 4, 2, 1, 1, 1]
+    )[0]
+    prompt = rng.choice(PROMPTS)
+    params = _random_params(rng)
+    tgi = rng.random() < 0.5
+    if kind == "unary":
+        return await _http_unary(http, model, prompt, params)
+    if kind == "stream":
+        return await _http_stream(http, model, prompt, params, tgi)
+    if kind == "cancel":
+        params.update(max_new_tokens=48, ignore_eos=True)
+        return await _http_stream(http, model, prompt, params, tgi, after=rng.randint(1, 8))
+    if kind == "deadline":
+        params.update(max_new_tokens=LONGEST_GENERATION, ignore_eos=True)
+        try:
+            return await _http_unary(http, model, prompt, params, timeout=rng.uniform(0.01, 0.3))
+        except httpx2.TimeoutException:
+            return Outcome.DEADLINE
+    if kind == "disconnect":
+        params.update(max_new_tokens=64, ignore_eos=True)
+        stream = rng.random() < 0.5
+        consume = (
+            _http_stream(http, model, prompt, params, tgi)
+            if stream
+            else _http_unary(http, model, prompt, params)
+        )
+        return await _http_disconnect(consume, rng.uniform(0.0, 0.5))
+    if rng.random() < 0.5:
+        path, content = rng.choice(HTTP_INVALID)
+        response = await http.post(path, content=content, headers={"content-type": "application/json"})
+    else:
+        prompt, params = rng.choice(INVALID)
+        response = await http.post("/generate", json={"inputs": prompt, "parameters": params})
+    assert response.status_code != 200, f"an invalid request was accepted: {response.text[:200]}"
+    return _http_refusal(response, invalid=True)
+
+
+@dataclass(frozen=True)
+class Doors:
+    """Where the clients reach the stack: gRPC, and the HTTP front serving `model`."""
+
+    target: str
+    url: str
+    model: str
+
+
+async def _client(doors: Doors, seed: int, until: float, stats: RoundStats) -> None:
+    """One client: requests back to back on its own channel (or HTTP connection) until the round ends."""
     rng = random.Random(seed)
-    async with AsyncClient(target, retries=0) as bloom:
+    over_http = seed % HTTP_SHARE == HTTP_SHARE - 1
+    async with contextlib.AsyncExitStack() as resources:
+        next_request: Callable[[], Awaitable[str]]
+        if over_http:
+            http = await resources.enter_async_context(httpx2.AsyncClient(base_url=doors.url, timeout=HANG_S))
+            next_request = functools.partial(_one_http_request, http, doors.model, rng)
+        else:
+            bloom = await resources.enter_async_context(AsyncClient(doors.target, retries=0))
+            next_request = functools.partial(_one_request, bloom, doors.target, rng)
         while time.monotonic() < until:
             stats.started += 1
+            stats.over_http += over_http
             started = time.monotonic()
             try:
-                outcome = await asyncio.wait_for(_one_request(bloom, target, rng), HANG_S)
+                outcome = await asyncio.wait_for(next_request(), HANG_S)
             except asyncio.TimeoutError:
-                stats.add(Outcome.HUNG, None, f"no answer within {HANG_S:.0f} s")
+                stats.add(Outcome.HUNG, None, f"no answer within {HANG_S:.0f} s", over_http)
             except Exception as exc:  # every failure is counted and reported, none escapes uncounted
-                stats.add(Outcome.ERROR, None, f"{type(exc).__name__}: {exc}")
+                stats.add(Outcome.ERROR, None, f"{type(exc).__name__}: {exc}", over_http)
             else:
-                stats.add(outcome, time.monotonic() - started)
+                stats.add(outcome, time.monotonic() - started, over_http=over_http)
 
 
 MEMORY_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
@@ -311,20 +506,21 @@ async def _sample_peaks(pids: dict[str, int], stats: RoundStats) -> None:
         await asyncio.sleep(PEAK_SAMPLE_S)
 
 
-async def _round(target: str, number: int, pids: dict[str, int], stats: RoundStats) -> None:
+async def _round(doors: Doors, number: int, pids: dict[str, int], stats: RoundStats) -> None:
     sampler = asyncio.ensure_future(_sample_peaks(pids, stats))
     try:
         if number < WARMUP_ROUNDS:
-            await _peak_burst(target, stats)
+            await _peak_burst(doors.target, stats)
         until = time.monotonic() + ROUND_S
         seeds = [number * CLIENTS + i for i in range(CLIENTS)]
-        await asyncio.gather(*(_client(target, seed, until, stats) for seed in seeds))
+        await asyncio.gather(*(_client(doors, seed, until, stats) for seed in seeds))
     finally:
         sampler.cancel()
 
 
 def _table(rounds: list[RoundStats], names: list[str]) -> str:
-    columns = ["round", "requests", "ok", "cancelled", "disconn", "deadline", "invalid", "overload", "errors"]
+    columns = ["round", "requests", "http", "ok", "cancelled", "disconn", "deadline", "invalid", "overload"]
+    columns += ["errors"]
     columns += ["p50 ms", "p99 ms", "drain s", *(f"{name} MB (peak)" for name in names)]
     rows = [columns]
     for number, stats in enumerate(rounds, 1):
@@ -334,6 +530,7 @@ def _table(rounds: list[RoundStats], names: list[str]) -> str:
             [
                 f"{number}{'*' if number <= WARMUP_ROUNDS else ''}",
                 str(sum(o.values())),
+                str(stats.over_http),
                 str(o[Outcome.OK]),
                 str(o[Outcome.CANCELLED]),
                 str(o[Outcome.DISCONNECTED]),
@@ -372,7 +569,9 @@ def test_soak(demo_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) 
     # The soak measures serving, not load shedding: admit every client with room to spare.
     gateway_args = ("--max-concurrent-requests", str(max(128, 4 * CLIENTS)))
     model = _soak_model(demo_model)
-    with running_stack(model, num_shards=2, gateway_args=gateway_args) as stack:
+    http_port = free_port()
+    with running_stack(model, num_shards=2, http_port=http_port, gateway_args=gateway_args) as stack:
+        doors = Doors(stack.target, f"http://127.0.0.1:{http_port}", model.name)
         names = list(_processes(stack))
         reference = _reference_answers(stack.target)
         rounds: list[RoundStats] = []
@@ -380,7 +579,7 @@ def test_soak(demo_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) 
         for number in range(ROUNDS):
             stats = RoundStats()
             pids = _processes(stack)
-            asyncio.run(_round(stack.target, number, pids, stats))
+            asyncio.run(_round(doors, number, pids, stats))
             stats.drain_s = _wait_idle(stack.target)
             assert _reference_answers(stack.target) == reference, f"answers changed after round {number + 1}"
             stats.memory_kb = {name: _memory_kb(pid) for name, pid in pids.items()}
@@ -392,7 +591,8 @@ def test_soak(demo_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) 
                 for name, m in stats.memory_kb.items()
             )
             print(
-                f"\nround {number + 1}/{ROUNDS}: {dict(stats.outcomes)}; "
+                f"\nround {number + 1}/{ROUNDS}: {dict(stats.outcomes)}, "
+                f"of which over HTTP {dict(+stats.http_outcomes)}; "
                 f"MB {'/'.join(MEMORY_FIELDS)}: {memory}",
                 flush=True,
             )
