@@ -5,8 +5,8 @@ its own channel, sending requests back to back for BLOOMDUO_SOAK_ROUND_S seconds
 sampled, unary and streamed, with stop sequences; streams cancelled after a few tokens, tiny deadlines,
 channels closed mid-request, and a few invalid requests. One client in four sends the same mix over
 HTTP instead, on connections of its own (httpx): OpenAI completions whole and streamed, TGI's
-generate_stream, streams left after a few events, timeouts, connections closed mid-request, and bodies
-the HTTP front refuses. It checks that
+generate_stream, streams read slowly or left after a few events, timeouts, connections closed
+mid-request, and bodies the HTTP front refuses. It checks that
 
 - every request ends in a complete result or an explicit, expected error, within a bound: none lost,
   none hung;
@@ -315,9 +315,11 @@ async def _http_stream(
     params: dict[str, Any],
     tgi: bool,
     after: int | None = None,
+    pause_s: float = 0.0,
 ) -> str:
     """A streamed OpenAI completion or TGI generate_stream; `after` events: leave the stream there, which
-    closes the connection (its body unread) and must cancel the sequence on the server."""
+    closes the connection (its body unread) and must cancel the sequence on the server. `pause_s`: read
+    slowly, pausing after each event, while the server generates at its own pace."""
     if tgi:
         path, body = "/generate_stream", _tgi_body(prompt, params)
     else:
@@ -337,6 +339,7 @@ async def _http_stream(
             events.append(event)
             if after is not None and len(events) >= after and not _last_of_stream(event):
                 return Outcome.CANCELLED
+            await asyncio.sleep(pause_s)
     if tgi:
         last = events[-1]
         details = last["details"]
@@ -374,7 +377,8 @@ async def _one_http_request(http: httpx2.AsyncClient, model: str, rng: random.Ra
     if kind == "unary":
         return await _http_unary(http, model, prompt, params)
     if kind == "stream":
-        return await _http_stream(http, model, prompt, params, tgi)
+        slow = rng.random() < 0.25
+        return await _http_stream(http, model, prompt, params, tgi, pause_s=rng.uniform(0.02, 0.1) * slow)
     if kind == "cancel":
         params.update(max_new_tokens=48, ignore_eos=True)
         return await _http_stream(http, model, prompt, params, tgi, after=rng.randint(1, 8))
