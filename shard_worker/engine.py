@@ -179,8 +179,7 @@ class ShardEngine:
         if not chunks:
             return StepOutput(torch.empty((0, self.vocab_end - self.vocab_start), dtype=self.dtype))
         x = self.model.blocks(hidden_states, chunks, self.cache)
-        last_rows = torch.tensor([c.num_tokens for c in chunks], device=x.device).cumsum(0) - 1
-        logits = self.model.logits(x[last_rows])
+        logits = self.model.last_row_logits(x, chunks)
         scores = self._score(x, chunks, scoring) if scoring else {}
         if not full_logits or all(full_logits):
             return StepOutput(logits.to("cpu"), **scores)

@@ -197,9 +197,7 @@ class BloomShardModel(nn.Module):
 
         Raises CachePositionError (nothing is changed) when a chunk does not continue its sequence.
         """
-        x = self.blocks(hidden_states, chunks, cache)
-        last_rows = torch.tensor([c.num_tokens for c in chunks], device=x.device).cumsum(0) - 1
-        return self.logits(x[last_rows])
+        return self.last_row_logits(self.blocks(hidden_states, chunks, cache), chunks)
 
     def blocks(self, hidden_states: torch.Tensor, chunks: list[Chunk], cache: KVCache) -> torch.Tensor:
         """hidden_states [total_tokens, hidden] -> the last block's output for every row (same shape),
@@ -218,6 +216,11 @@ class BloomShardModel(nn.Module):
             x = block(x, plan, cache, layer)
         cache.commit(chunks)
         return x
+
+    def last_row_logits(self, x: torch.Tensor, chunks: list[Chunk]) -> torch.Tensor:
+        """The logits of each chunk's last row of `blocks`' output x: [len(chunks), vocab rows]."""
+        last_rows = torch.tensor([c.num_tokens for c in chunks], device=x.device).cumsum(0) - 1
+        return self.logits(x[last_rows])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """ln_f, then the tied LM head over this model's vocabulary rows: [rows, hidden] -> [rows, vocab]."""

@@ -320,11 +320,7 @@ def _in_process_logits(
     args: argparse.Namespace, token_ids: list[int], dtype: str, quantize: str
 ) -> torch.Tensor:
     """Logits at every position from bloomduo's own model code in `dtype` with `quantize`d weights, the text
-    fed as one prefill chunk, on the device rank 0 of a launched stack would use.
-
-    The model returns logits for a chunk's last row only, so the last block's output (all rows) is
-    captured and passed through the model's own ln_f and LM head.
-    """
+    fed as one prefill chunk, on the device rank 0 of a launched stack would use."""
     import torch
 
     from bloomduo.core.checkpoint import Checkpoint
@@ -337,11 +333,6 @@ def _in_process_logits(
     device = torch.device(shard_device(args.device, 0))
     model = load_shard(checkpoint, 0, 1, device=device, dtype=to_torch(dtype), quantize=quantize)
     hidden = Embedder(checkpoint, to_torch(dtype))(torch.tensor(token_ids))
-    captured: list[torch.Tensor] = []
-    hook = model.h[-1].register_forward_hook(lambda _module, _inputs, output: captured.append(output))
-    try:
-        model(hidden, [Chunk(0, 0, len(token_ids))], model.new_kv_cache(initial_capacity=len(token_ids)))
-    finally:
-        hook.remove()
+    cache = model.new_kv_cache(initial_capacity=len(token_ids))
     with torch.inference_mode():
-        return model.lm_head(model.ln_f(captured[0])).float().cpu()
+        return model.logits(model.blocks(hidden, [Chunk(0, 0, len(token_ids))], cache)).float().cpu()
