@@ -15,8 +15,15 @@ COPY bloomduo bloomduo
 COPY gateway gateway
 COPY shard_worker shard_worker
 COPY client client
-# torch (and torch_npu) first, pinned together, so that installing bloomduo keeps them.
-RUN pip install --no-cache-dir -c constraints.txt torch ${TORCH_NPU:+"torch_npu==${TORCH_NPU}"} \
-    && pip install --no-cache-dir -c constraints.txt ".${EXTRAS:+[${EXTRAS}]}"
+# torch (and torch_npu) first, pinned together, so that installing bloomduo keeps them. The install builds
+# the CPU worker's own kernels (shard_worker/_kernels.c) with a C compiler: added for the build where the
+# base image has none and apt, and removed again in the same layer; without one the workers use torch's.
+RUN set -e; added=; \
+    if ! command -v gcc >/dev/null && command -v apt-get >/dev/null; then \
+        apt-get update; apt-get install -y --no-install-recommends gcc libc6-dev; added=1; \
+    fi; \
+    pip install --no-cache-dir -c constraints.txt torch ${TORCH_NPU:+"torch_npu==${TORCH_NPU}"}; \
+    pip install --no-cache-dir -c constraints.txt ".${EXTRAS:+[${EXTRAS}]}"; \
+    if [ -n "$added" ]; then apt-get purge -y --auto-remove gcc libc6-dev; rm -rf /var/lib/apt/lists/*; fi
 USER 65534:65534
 ENTRYPOINT ["bloomduo"]

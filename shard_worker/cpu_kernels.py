@@ -45,13 +45,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from bloomduo.core.logs import get_logger
+from bloomduo.shard_worker import native
 from bloomduo.shard_worker.model import MLP
 
 log = get_logger(__name__)
 
-PACKED, EAGER, ATEN, FP32 = "packed", "eager", "aten", "fp32"
-PATHS = (PACKED, EAGER, ATEN, FP32)
-PLAIN = "plain"  # the layout of every path but PACKED: the weight as loaded, row-major
+PACKED, NATIVE, TILED, EAGER, ATEN, FP32 = "packed", "native", "tiled", "eager", "aten", "fp32"
+PATHS = (PACKED, NATIVE, TILED, EAGER, ATEN, FP32)
+PLAIN = "plain"  # the weight as loaded, row-major
+# The layout each path reads: oneDNN's packed one (read by oneDNN, or by native.py's kernel for few rows),
+# native.py's own tiles, or the plain weight. One layout per group: two would hold the weights twice.
+LAYOUT_OF = {PACKED: PACKED, NATIVE: PACKED, TILED: TILED, EAGER: PLAIN, ATEN: PLAIN, FP32: PLAIN}
+LAYOUTS = (PACKED, TILED, PLAIN)  # preferred in this order when their worst slowdowns tie
 KERNELS_ENV = "BLOOMDUO_CPU_KERNELS"
 BLOCKS, LM_HEAD = "blocks", "lm_head"
 PROBE_ROWS = {BLOCKS: (1, 4, 32, 256), LM_HEAD: (1, 4, 16)}
@@ -151,7 +156,7 @@ def fp32_linear(
 class Route:
     """One group's kernels: its weight layout and the path for each row count."""
 
-    layout: str  # PACKED or PLAIN
+    layout: str  # one of LAYOUTS
     steps: tuple[tuple[int, str], ...]  # (first row count, path), ascending, the first from 1 row
 
     def path_for(self, rows: int) -> str:
@@ -174,7 +179,8 @@ class Route:
 
 
 def parse_route(spec: str) -> Route:
-    """A forced route: "packed", "eager", "aten", "fp32", or steps like "aten,fp32@8" (fp32 from 8 rows)."""
+    """A forced route: one path ("packed", "native", "tiled", "eager", "aten", "fp32"), or steps like
+    "aten,fp32@8" (aten below 8 rows, fp32 from 8) over paths of one layout."""
     steps: list[tuple[int, str]] = []
     for part in spec.replace(" ", "").split(","):
         path, _, first = part.partition("@")
@@ -188,11 +194,13 @@ def parse_route(spec: str) -> Route:
         if steps and start <= steps[-1][0]:
             raise ValueError(f"{KERNELS_ENV}/--cpu-kernels: the steps of {spec!r} must start at rising rows")
         steps.append((start, path))
-    if PACKED in {path for _, path in steps} and len(steps) > 1:
+    layouts = {LAYOUT_OF[path] for _, path in steps}
+    if len(layouts) > 1:
         raise ValueError(
-            f"{KERNELS_ENV}/--cpu-kernels: {spec!r}: packed holds its own layout, so no other path"
+            f"{KERNELS_ENV}/--cpu-kernels: {spec!r} mixes weight layouts; steps may combine packed and "
+            "native, or eager, aten and fp32"
         )
-    return Route(PACKED if steps[0][1] == PACKED else PLAIN, tuple(steps))
+    return Route(layouts.pop(), tuple(steps))
 
 
 def kernels_setting(option: str = "auto") -> str:
@@ -201,9 +209,16 @@ def kernels_setting(option: str = "auto") -> str:
 
 
 class PackedLinear(nn.Module):
-    """A Linear whose weight is in oneDNN's packed layout, optionally with a oneDNN post-op on its output."""
+    """A Linear whose weight is in oneDNN's packed layout, optionally with a oneDNN post-op on its output.
 
-    def __init__(self, linear: nn.Linear, activation: str = "none", algorithm: str = "") -> None:
+    Its route's NATIVE steps (few rows) read the same packed weight with native.py's kernel, which streams
+    it at the memory's speed where oneDNN's own small-batch kernel does not; the GELU then follows it. A
+    weight oneDNN packed some other way than native.py reads (checked on one random row here) stays on
+    oneDNN for every row count."""
+
+    def __init__(
+        self, linear: nn.Linear, activation: str = "none", algorithm: str = "", route: Route | None = None
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
@@ -211,12 +226,31 @@ class PackedLinear(nn.Module):
         self.bias = linear.bias
         # post-op applied in the same pass: "gelu" with algorithm "tanh", or "none"
         self.activation, self.algorithm = activation, algorithm
+        route = route or Route(PACKED, ((1, PACKED),))
+        if NATIVE in route.paths and not self._native_reads_the_layout():
+            route = Route(PACKED, ((1, PACKED),))
+        self._firsts = [first for first, _ in route.steps]
+        self._native = [path == NATIVE for _, path in route.steps]
+
+    def _native_reads_the_layout(self) -> bool:
+        if not native.reads_onednn_layout(self.weight, self.bias):
+            return False
+        x = torch.randn(1, self.in_features, generator=torch.Generator().manual_seed(0)).to(self.weight.dtype)
+        bias = None if self.bias is None else self.bias.detach()
+        want = torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
+        got = native.linear(x, self.weight, bias, layout=native.ONEDNN)
+        return _error(got, want, want.dtype) <= TOLERANCE_EPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(
-            rows, self.weight, self.bias, self.activation, [], self.algorithm
-        )
+        if self._native[bisect.bisect_right(self._firsts, rows.shape[0]) - 1]:
+            out = native.linear(rows, self.weight, self.bias, layout=native.ONEDNN)
+            if self.activation == "gelu":
+                out = F.gelu(out, approximate=self.algorithm or "none")
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(
+                rows, self.weight, self.bias, self.activation, [], self.algorithm
+            )
         return out.view(*x.shape[:-1], self.out_features)
 
 
@@ -267,9 +301,15 @@ class KernelChoice:
 
 
 def candidate_paths(packing: bool) -> list[str]:
-    """The paths this CPU can run: packed where packing applies, aten where the default is oneDNN's
-    (elsewhere it is the same kernel as eager), fp32 where bfloat16 arithmetic is emulated."""
+    """The paths this CPU can run: packed where packing applies, and native beside it where native.py's
+    kernel reads oneDNN's layout (AVX512-BF16); tiled where native.py was built with a vector ISA; aten
+    where the default is oneDNN's (elsewhere it is the same kernel as eager); fp32 where bfloat16
+    arithmetic is emulated."""
     paths = [PACKED] if packing else []
+    if packing and native.best_isa() == native.AVX512_BF16:
+        paths.append(NATIVE)
+    if native.best_isa() >= native.AVX2:
+        paths.append(TILED)
     paths.append(EAGER)
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         paths.append(ATEN)
@@ -299,12 +339,20 @@ def choose(
                 f"{KERNELS_ENV}/--cpu-kernels: packed needs oneDNN's bfloat16 matmul (AVX512-BF16 or AMX), "
                 "which this CPU or torch build lacks, or BLOOMDUO_CPU_PACKED_WEIGHTS=0 turned it off"
             )
+        missing = route.paths & {NATIVE, TILED} - set(paths)
+        if missing:
+            raise ValueError(
+                f"{KERNELS_ENV}/--cpu-kernels: {', '.join(sorted(missing))} needs bloomduo's native kernels "
+                "(built by its install with a C compiler) and, for native, AVX512-BF16; this worker has "
+                f"{', '.join(paths)}"
+            )
         return KernelChoice({group: route for group in groups}, forced=True)
     started = time.perf_counter()
     choice = KernelChoice({})
     generator = torch.Generator().manual_seed(0)
     for group, linears in groups.items():
-        timings, rejected = measure_group(group, linears, paths, scratch, generator)
+        fitting = [p for p in paths if p != TILED or all(native.fits(linear.weight) for linear in linears)]
+        timings, rejected = measure_group(group, linears, fitting, scratch, generator)
         choice.timings_ms[group], choice.rejected[group] = timings, rejected
         choice.routes[group] = route_from(timings, PROBE_ROWS[group])
     choice.seconds = time.perf_counter() - started
@@ -314,30 +362,30 @@ def choose(
 def route_from(timings: dict[str, dict[int, float]], probes: tuple[int, ...]) -> Route:
     """The route the measured `timings` (path -> rows -> ms) call for.
 
-    Layout: the one whose worst ratio to the best time at a probed size is smallest (packed on a tie).
-    Within the plain layout: per row count, the path of least time interpolated linearly between the
-    probed sizes; a path not timed at a size (pruned) is out from the size before it onwards.
+    Layout: the one whose worst ratio, over the probed sizes, of its fastest path to the best time of
+    all is smallest (LAYOUTS' order on a tie). Within it: per row count, the path of least time
+    interpolated linearly between the probed sizes; a path not timed at a size (pruned) is out from the
+    size before it onwards.
     """
     if not timings:
         return Route(PLAIN, ((1, EAGER),))
     best = {rows: min(t[rows] for t in timings.values() if rows in t) for rows in probes}
-    plain = {path: t for path, t in timings.items() if path != PACKED}
-    regret = {}
-    if PACKED in timings:
-        regret[PACKED] = max(timings[PACKED].get(rows, float("inf")) / best[rows] for rows in probes)
-    if plain:
-        regret[PLAIN] = max(
-            min(t.get(rows, float("inf")) for t in plain.values()) / best[rows] for rows in probes
-        )
-    layout = min(regret, key=lambda name: (regret[name], name != PACKED))
-    if layout == PACKED:
-        return Route(PACKED, ((1, PACKED),))
+    by_layout = {
+        layout: {path: t for path, t in timings.items() if LAYOUT_OF[path] == layout} for layout in LAYOUTS
+    }
+    regret = {
+        layout: max(min(t.get(rows, float("inf")) for t in paths.values()) / best[rows] for rows in probes)
+        for layout, paths in by_layout.items()
+        if paths
+    }
+    layout = min(regret, key=lambda name: (regret[name], LAYOUTS.index(name)))
+    paths = by_layout[layout]
     steps: list[tuple[int, str]] = []
     for rows in range(1, probes[-1] + 1):
-        path = min(plain, key=lambda p: (_interpolate(plain[p], probes, rows), list(plain).index(p)))
+        path = min(paths, key=lambda p: (_interpolate(paths[p], probes, rows), list(paths).index(p)))
         if not steps or steps[-1][1] != path:
             steps.append((rows, path))
-    return Route(PLAIN, tuple(steps))
+    return Route(layout, tuple(steps))
 
 
 def _interpolate(times: dict[int, float], probes: tuple[int, ...], rows: int) -> float:
@@ -371,8 +419,10 @@ def _sample(group: str, linears: list[nn.Linear], budget: int) -> list[nn.Linear
 
 def _runner(path: str, linears: list[nn.Linear], scratch: Fp32Scratch) -> list[nn.Module]:
     """The modules that run `path` on `linears`: exactly what apply_routes installs."""
-    if path == PACKED:
-        return [PackedLinear(linear) for linear in linears]
+    if LAYOUT_OF[path] == PACKED:
+        return [PackedLinear(linear, route=Route(PACKED, ((1, path),))) for linear in linears]
+    if path == TILED:
+        return [native.TiledLinear.from_linear(linear) for linear in linears]
     if path == EAGER:
         return list(linears)
     return [RoutedLinear(linear, Route(PLAIN, ((1, path),)), scratch) for linear in linears]
@@ -439,8 +489,8 @@ def _time(modules: list[nn.Module], inputs: dict[int, torch.Tensor]) -> float:
 
 
 def apply_routes(model: nn.Module, choice: KernelChoice, scratch: Fp32Scratch) -> nn.Module:
-    """Install `choice` in `model`, in place: PackedLinear or RoutedLinear per group (a group routed to
-    eager alone keeps its nn.Linear), each MLP's tanh GELU folded into the Linear before it."""
+    """Install `choice` in `model`, in place: PackedLinear, TiledLinear or RoutedLinear per group (a group
+    routed to eager alone keeps its nn.Linear), each MLP's tanh GELU folded into the Linear before it."""
     groups = groups_of(model)
     route_of = {id(linear): choice.routes[group] for group, linears in groups.items() for linear in linears}
 
@@ -449,7 +499,13 @@ def apply_routes(model: nn.Module, choice: KernelChoice, scratch: Fp32Scratch) -
         if route is None or route.paths == {EAGER}:
             return None
         if route.layout == PACKED:
-            return PackedLinear(linear, activation, algorithm)
+            return PackedLinear(linear, activation, algorithm, route)
+        if route.layout == TILED:  # forced: a weight the tiles do not fit keeps nn.Linear
+            return (
+                native.TiledLinear.from_linear(linear, activation, algorithm)
+                if native.fits(linear.weight)
+                else None
+            )
         return RoutedLinear(linear, route, scratch, activation, algorithm)
 
     for mlp in [m for m in model.modules() if isinstance(m, MLP)]:

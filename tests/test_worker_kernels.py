@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import BloomConfig
 
-from bloomduo.shard_worker import cpu_kernels
+from bloomduo.shard_worker import cpu_kernels, native
 from bloomduo.shard_worker.config import ShardOptions
 from bloomduo.shard_worker.cpu_kernels import (
     ATEN,
@@ -34,9 +34,11 @@ from bloomduo.shard_worker.cpu_kernels import (
     FP32,
     KERNELS_ENV,
     LM_HEAD,
+    NATIVE,
     PACKED,
     PLAIN,
     PROBE_ROWS,
+    TILED,
     TOLERANCE_EPS,
     Fp32Scratch,
     PackedLinear,
@@ -76,18 +78,29 @@ def _linear(in_features: int, out_features: int, bias: bool = True, seed: int = 
 
 def _module_for(path: str, linear: nn.Linear, scratch: Fp32Scratch, activation: str = "none") -> nn.Module:
     algorithm = "tanh" if activation == "gelu" else ""
-    if path == PACKED:
-        return PackedLinear(linear, activation, algorithm)
+    if path in (PACKED, NATIVE):
+        module = PackedLinear(linear, activation, algorithm, Route(PACKED, ((1, path),)))
+        assert module._native == [path == NATIVE]  # native read oneDNN's layout right, or was not asked
+        return module
+    if path == TILED:
+        return native.TiledLinear.from_linear(linear, activation, algorithm)
     return RoutedLinear(linear, Route(PLAIN, ((1, path),)), scratch, activation, algorithm)
 
 
+needs_native_onednn = pytest.mark.skipif(
+    not (CAN_PACK and native.best_isa() == native.AVX512_BF16),
+    reason="the native path reads oneDNN's AVX512-BF16 layout: this CPU or torch build packs no bfloat16",
+)
+OWN_PATHS = [pytest.param(NATIVE, marks=needs_native_onednn), TILED]  # tests/test_native_kernels.py: built
+
+
 # ------------------------------------------------------------------------------ each path, one Linear
-@pytest.mark.parametrize("path", [pytest.param(PACKED, marks=needs_packing), *PLAIN_PATHS])
+@pytest.mark.parametrize("path", [pytest.param(PACKED, marks=needs_packing), *OWN_PATHS, *PLAIN_PATHS])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [1, 3, 33])
 @torch.inference_mode()
 def test_every_path_computes_what_nn_linear_does(path, bias, rows):
-    linear = _linear(320, 200, bias)
+    linear = _linear(320, 192, bias)  # 192 rows: three of oneDNN's 64-row blocks, so native reads them
     # a scratch smaller than the weight: the fp32 path converts it in slices
     module = _module_for(path, linear, Fp32Scratch(320 * 64))
     x = torch.randn(rows, 320, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
@@ -97,7 +110,7 @@ def test_every_path_computes_what_nn_linear_does(path, bias, rows):
     if path in (EAGER, ATEN) and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         assert torch.equal(got, want)  # one kernel: ATen's, with or without oneDNN switched on
     three_d = module(x.view(1, rows, 320))  # [batch, tokens, hidden] keeps its shape
-    assert three_d.shape == (1, rows, 200) and torch.equal(three_d[0], got)
+    assert three_d.shape == (1, rows, 192) and torch.equal(three_d[0], got)
 
 
 @pytest.mark.parametrize("path", [pytest.param(PACKED, marks=needs_packing), FP32])
@@ -114,14 +127,12 @@ def test_a_folded_gelu_rounds_once(path):
     assert bool(((got - exact).abs() <= ulp).all())
 
 
-@pytest.mark.parametrize("path", [EAGER, ATEN])
+@pytest.mark.parametrize("path", [*OWN_PATHS, EAGER, ATEN])
 @torch.inference_mode()
 def test_a_gelu_after_the_bfloat16_paths_is_the_unfused_pair(path):
     linear = _linear(96, 64, seed=3)
     x = torch.randn(5, 96).to(torch.bfloat16)
-    plain = nn.functional.gelu(
-        RoutedLinear(linear, Route(PLAIN, ((1, path),)), Fp32Scratch())(x), approximate="tanh"
-    )
+    plain = nn.functional.gelu(_module_for(path, linear, Fp32Scratch())(x), approximate="tanh")
     assert torch.equal(_module_for(path, linear, Fp32Scratch(), "gelu")(x), plain)
 
 
@@ -230,7 +241,8 @@ def test_measuring_times_every_candidate_checks_it_and_drops_a_wrong_one(monkeyp
     choice = choose(groups, paths, Fp32Scratch(), "auto")
     assert not choice.forced and choice.seconds > 0
     for group in (BLOCKS, LM_HEAD):
-        assert set(choice.timings_ms[group]) == set(paths)  # every candidate timed at one row
+        fitting = {p for p in paths if p != TILED or all(native.fits(m.weight) for m in groups[group])}
+        assert set(choice.timings_ms[group]) == fitting  # every candidate timed at one row
         assert all(t[1] > 0 for t in choice.timings_ms[group].values())
         assert choice.routes[group].paths <= set(paths) and not choice.rejected[group]
 
@@ -383,6 +395,7 @@ def test_the_worker_logs_and_shows_its_choice_in_info(reference, tmp_path, monke
 _AVX2_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
+    from bloomduo.shard_worker import native
     from bloomduo.shard_worker.cpu_kernels import PackedLinear, RoutedLinear, candidate_paths
     from bloomduo.shard_worker.weight_formats import format_weights, packing_applies
     from bloomduo.shard_worker.tensor_parallel import load_shard
@@ -393,6 +406,7 @@ _AVX2_SCRIPT = textwrap.dedent(
         "kernels": format_weights(model, torch.device("cpu"), torch.bfloat16),
         "packed": sum(isinstance(m, PackedLinear) for m in model.modules()),
         "routed": sum(isinstance(m, RoutedLinear) for m in model.modules()),
+        "isa": native.ISA_NAMES[native.best_isa()],
     }))
     """
 )
@@ -413,5 +427,7 @@ def test_an_avx2_class_cpu_chooses_among_what_it_can_run(reference):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["capability"] in ("AVX2", "DEFAULT"), report  # the ATen cap took effect
-    assert report["candidates"] == [EAGER, FP32] and report["packed"] == 0, report
+    # bloomduo's own kernel in its AVX2 form where the install built it (the test environment always does)
+    assert report["candidates"] == [TILED, EAGER, FP32] and report["packed"] == 0, report
+    assert report["isa"] == "avx2", report
     assert report["kernels"].startswith("blocks: ") and PACKED not in report["kernels"], report

@@ -1,0 +1,410 @@
+/* Bandwidth-bound matrix-vector products for a CPU worker's decode steps: y = x W^T (+ bias) for a few rows
+ * of x, with W held as bfloat16 or as int8 with one float32 scale per output row.
+ *
+ * Why: a decode step reads every weight once for one to sixteen rows, so its time is the weights' bytes over
+ * the memory bandwidth, if the kernel keeps the memory bus busy. oneDNN's packed bf16 kernel needs its own
+ * weight layout, ATen's bf16 GEMV is fast for one row only, and neither reads int8 weights. Here every ISA
+ * reads W once per call in its plain row-major layout, widening it in registers and accumulating in float32:
+ *
+ *   AVX512-BF16  bf16 x bf16 pairs summed into float32 by VDPBF16PS (products exact, as oneDNN's)
+ *   AVX512F/AVX2 W widened to float32 in registers, x widened once per call, float32 FMA
+ *   scalar       the same sums in C, for any other CPU and for any K
+ *
+ * The output is rounded once (round-to-nearest-even to bf16, or kept float32) after the bias and scale:
+ * what nn.Linear computes, in another order of summation. Built by the project's install (setuptools,
+ * pyproject.toml) and optional: without a compiler the worker keeps torch's kernels (native.py).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#if defined(__x86_64__) || defined(__i386__)
+#define X86 1
+#include <immintrin.h>
+#endif
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_I8 = 2 };
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512_BF16 = 3 };
+enum { LAYOUT_TILED = 0, LAYOUT_ONEDNN = 1 };
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* The tiled layout every path reads: W's rows in tiles of TILE_ROWS, each tile stored chunk by chunk of
+ * TILE_K columns, so w[n][k] sits at (n / TILE_ROWS) * TILE_ROWS * K + (k / TILE_K) * TILE_ROWS * TILE_K
+ * + (n % TILE_ROWS) * TILE_K + k % TILE_K. A tile is then one contiguous run of memory read front to back:
+ * four rows read side by side in the plain layout are four streams 2-8 KB apart, which measured 11-14 GB/s
+ * on one EPYC core against 17-23 GB/s for one stream (native.py's to_tiles makes the layout). */
+#define TILE_ROWS 4
+#define TILE_K 32
+
+static inline long tiled_index(long n, long k, long K) {
+    return (n / TILE_ROWS) * TILE_ROWS * K + (k / TILE_K) * TILE_ROWS * TILE_K + (n % TILE_ROWS) * TILE_K +
+           k % TILE_K;
+}
+
+/* The layout oneDNN packs a bf16 Linear weight into for AVX512-BF16 (its "AB16b64a2b"): blocks of 64 rows x
+ * 32 columns, row blocks outermost; inside a block, 16 column pairs, each holding 64 rows' (k, k+1) pairs.
+ * Reading it lets a worker keep oneDNN's layout for prefill GEMMs and still stream it at full bandwidth for
+ * decode; native.py checks on every weight that oneDNN really chose it before this path is used. */
+#define BLOCK_ROWS 64
+#define BLOCK_K 32
+
+static inline long onednn_index(long n, long k, long K) {
+    long block = (n / BLOCK_ROWS) * (K / BLOCK_K) + k / BLOCK_K;
+    return block * BLOCK_ROWS * BLOCK_K + ((k % BLOCK_K) / 2) * 2 * BLOCK_ROWS + (n % BLOCK_ROWS) * 2 + k % 2;
+}
+
+/* What every path shares: where the operands are and what they hold. */
+typedef struct {
+    const void *x;      /* [R, K] activations, x_dtype, row-major */
+    const void *w;      /* [N, K] weights, w_dtype, tiled */
+    const float *scale; /* [N] per-row scale of int8 weights, else NULL */
+    const void *bias;   /* [N] in y_dtype, or NULL */
+    void *y;            /* [R, N] output, y_dtype, row-major */
+    long R, N, K;
+    int x_dtype, w_dtype, y_dtype, layout;
+} Problem;
+
+static inline float load_as_f32(const void *p, long i, int dtype) {
+    return dtype == DT_BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* y[r, n] from its float32 sum: times the row's scale, plus the bias, rounded once to y's dtype. */
+static inline void store(const Problem *p, long r, long n, float sum) {
+    if (p->scale) sum *= p->scale[n];
+    if (p->bias) sum += load_as_f32(p->bias, n, p->y_dtype);
+    if (p->y_dtype == DT_BF16)
+        ((uint16_t *)p->y)[r * p->N + n] = f32_to_bf16(sum);
+    else
+        ((float *)p->y)[r * p->N + n] = sum;
+}
+
+static void linear_scalar(const Problem *p) {
+    for (long n = 0; n < p->N; n++)
+        for (long r = 0; r < p->R; r++) {
+            float sum = 0.0f;
+            for (long k = 0; k < p->K; k++) {
+                long i = p->layout == LAYOUT_ONEDNN ? onednn_index(n, k, p->K) : tiled_index(n, k, p->K);
+                float w = p->w_dtype == DT_I8 ? (float)((const int8_t *)p->w)[i] : load_as_f32(p->w, i, p->w_dtype);
+                sum += load_as_f32(p->x, r * p->K + k, p->x_dtype) * w;
+            }
+            store(p, r, n, sum);
+        }
+}
+
+#ifdef X86
+/* The four sums of one row of x against one tile, y[r, n0 .. n0+3]: a single pass of scale, bias and
+ * rounding for the four (reducing each accumulator on its own cost more than the sums at K = 512). */
+static inline void store4(const Problem *p, long r, long n0, const float sums[TILE_ROWS]) {
+    for (int j = 0; j < TILE_ROWS; j++) store(p, r, n0 + j, sums[j]);
+}
+
+/* x widened to float32 once per call, into a buffer kept between calls (one per thread: the GIL is
+ * released while a call runs). */
+static _Thread_local float *widened_buffer;
+static _Thread_local size_t widened_capacity;
+
+static const float *widened_x(const Problem *p) {
+    if (p->x_dtype == DT_F32) return (const float *)p->x;
+    size_t needed = (size_t)p->R * (size_t)p->K;
+    if (needed > widened_capacity) {
+        free(widened_buffer);
+        widened_buffer = aligned_alloc(64, ((needed * sizeof(float) + 63) / 64) * 64);
+        widened_capacity = widened_buffer ? needed : 0;
+        if (!widened_buffer) return NULL;
+    }
+    for (size_t i = 0; i < needed; i++) widened_buffer[i] = bf16_to_f32(((const uint16_t *)p->x)[i]);
+    return widened_buffer;
+}
+
+/* Each path multiplies up to MAX_ROWS rows of x by one tile of W with ROWS x TILE_ROWS accumulators in
+ * registers; the tile comes from memory for the first rows and from L1 for the next. always_inline with a
+ * constant row count gives each row count its own unrolled loop. */
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define AVX2 __attribute__((target("avx2,fma")))
+#define INLINE static inline __attribute__((always_inline))
+
+#define FOR_ROW_TILES(MAX_ROWS, TILE)                                                     \
+    for (long n0 = 0; n0 < p->N; n0 += TILE_ROWS)                                        \
+        for (long r0 = 0; r0 < p->R; r0 += MAX_ROWS) switch (p->R - r0 < MAX_ROWS ? p->R - r0 : MAX_ROWS) { \
+            case 1: TILE(1); break;                                                       \
+            case 2: TILE(2); break;                                                       \
+            case 3: TILE(3); break;                                                       \
+            case 4: TILE(4); break;                                                       \
+            case 5: TILE(5); break;                                                       \
+            default: TILE(6); break;                                                      \
+            }
+
+AVX512 INLINE __m512 widen16(const void *w, long i, int w_dtype) {
+    if (w_dtype == DT_I8)
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)w + i))));
+    __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+
+typedef union {
+    __m128 v;
+    float f[4];
+} Sums4;
+
+/* The total of each of four vectors, in one shuffle tree: [sum(a), sum(b), sum(c), sum(d)]. */
+AVX512 INLINE Sums4 sum4x16(const __m512 acc[TILE_ROWS]) {
+    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(acc[0], acc[1]), _mm512_unpackhi_ps(acc[0], acc[1]));
+    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(acc[2], acc[3]), _mm512_unpackhi_ps(acc[2], acc[3]));
+    __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+    Sums4 out = {_mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1))};
+    return out;
+}
+
+/* 6 x 4 accumulators + 4 weights + 1 x of 32 zmm registers. */
+AVX512 INLINE void tile_avx512(const Problem *p, const float *x, long r0, const int rows, long n0) {
+    __m512 acc[6][TILE_ROWS];
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < TILE_ROWS; j++) acc[i][j] = _mm512_setzero_ps();
+    long tile = n0 * p->K;
+    for (long k = 0; k < p->K; k += TILE_K)
+        for (int half = 0; half < TILE_K; half += 16) {
+            __m512 w[TILE_ROWS];
+            for (int j = 0; j < TILE_ROWS; j++) w[j] = widen16(p->w, tile + k * TILE_ROWS + j * TILE_K + half, p->w_dtype);
+            for (int i = 0; i < rows; i++) {
+                __m512 a = _mm512_loadu_ps(x + (r0 + i) * p->K + k + half);
+                for (int j = 0; j < TILE_ROWS; j++) acc[i][j] = _mm512_fmadd_ps(a, w[j], acc[i][j]);
+            }
+        }
+    for (int i = 0; i < rows; i++) store4(p, r0 + i, n0, sum4x16(acc[i]).f);
+}
+
+AVX512 static void linear_avx512(const Problem *p, const float *x) {
+#define TILE(ROWS) tile_avx512(p, x, r0, ROWS, n0)
+    FOR_ROW_TILES(6, TILE)
+#undef TILE
+}
+
+/* 32 weights of the tile's row as bf16 pairs: bf16 as stored, or int8 widened exactly (|w| <= 127 has
+ * at most 7 significant bits; bf16 holds 8). */
+AVX512_BF16 INLINE __m512bh weights_bf16(const void *w, long i, int w_dtype) {
+    if (w_dtype == DT_BF16) return (__m512bh)_mm512_loadu_si512((const uint16_t *)w + i);
+    const int8_t *b = (const int8_t *)w + i;
+    __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b)));
+    __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 16))));
+    return _mm512_cvtne2ps_pbh(high, low);
+}
+
+AVX512_BF16 INLINE void tile_bf16(const Problem *p, long r0, const int rows, long n0) {
+    const uint16_t *x = (const uint16_t *)p->x;
+    __m512 acc[6][TILE_ROWS];
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < TILE_ROWS; j++) acc[i][j] = _mm512_setzero_ps();
+    long tile = n0 * p->K;
+    for (long k = 0; k < p->K; k += TILE_K) {
+        __m512bh b[TILE_ROWS];
+        for (int j = 0; j < TILE_ROWS; j++) b[j] = weights_bf16(p->w, tile + k * TILE_ROWS + j * TILE_K, p->w_dtype);
+        for (int i = 0; i < rows; i++) {
+            __m512bh a = (__m512bh)_mm512_loadu_si512(x + (r0 + i) * p->K + k);
+            for (int j = 0; j < TILE_ROWS; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, b[j]);
+        }
+    }
+    for (int i = 0; i < rows; i++) store4(p, r0 + i, n0, sum4x16(acc[i]).f);
+}
+
+AVX512_BF16 static void linear_avx512_bf16(const Problem *p) {
+#define TILE(ROWS) tile_bf16(p, r0, ROWS, n0)
+    FOR_ROW_TILES(6, TILE)
+#undef TILE
+}
+
+/* One row block of oneDNN's layout against up to 6 rows of x: 6 x 4 accumulators hold 64 outputs per row
+ * in their lanes, so no horizontal sums; each column pair of x is broadcast to all lanes. */
+AVX512_BF16 INLINE void block_onednn(const Problem *p, long r0, const int rows, long n0) {
+    const uint16_t *x = (const uint16_t *)p->x;
+    const uint16_t *w = (const uint16_t *)p->w + n0 * p->K; /* the row block's K / 32 blocks, in order */
+    __m512 acc[6][4];
+    for (int i = 0; i < rows; i++)
+        for (int c = 0; c < 4; c++) acc[i][c] = _mm512_setzero_ps();
+    for (long k = 0; k < p->K; k += 2, w += 2 * BLOCK_ROWS) {
+        __m512bh b[4];
+        for (int c = 0; c < 4; c++) b[c] = (__m512bh)_mm512_loadu_si512(w + c * 32);
+        for (int i = 0; i < rows; i++) {
+            int32_t pair;
+            memcpy(&pair, x + (r0 + i) * p->K + k, 4);
+            __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+            for (int c = 0; c < 4; c++) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], a, b[c]);
+        }
+    }
+    for (int i = 0; i < rows; i++)
+        for (int c = 0; c < 4; c++) {
+            __m512 sum = acc[i][c];
+            long n = n0 + c * 16;
+            if (p->bias)
+                sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                             _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                                 (const __m256i *)((const uint16_t *)p->bias + n))),
+                                             16)));
+            _mm256_storeu_si256((__m256i *)((uint16_t *)p->y + (r0 + i) * p->N + n),
+                                (__m256i)_mm512_cvtneps_pbh(sum));
+        }
+}
+
+AVX512_BF16 static void linear_onednn_bf16(const Problem *p) {
+    for (long n0 = 0; n0 < p->N; n0 += BLOCK_ROWS)
+        for (long r0 = 0; r0 < p->R; r0 += 6) switch (p->R - r0 < 6 ? p->R - r0 : 6) {
+            case 1: block_onednn(p, r0, 1, n0); break;
+            case 2: block_onednn(p, r0, 2, n0); break;
+            case 3: block_onednn(p, r0, 3, n0); break;
+            case 4: block_onednn(p, r0, 4, n0); break;
+            case 5: block_onednn(p, r0, 5, n0); break;
+            default: block_onednn(p, r0, 6, n0); break;
+            }
+}
+
+AVX2 INLINE __m256 widen8(const void *w, long i, int w_dtype) {
+    if (w_dtype == DT_I8)
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + i))));
+    __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+
+AVX2 INLINE Sums4 sum4x8(const __m256 acc[TILE_ROWS]) {
+    __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    Sums4 out = {_mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1))};
+    return out;
+}
+
+/* 16 ymm registers: 2 x 4 accumulators, 4 widened weights, one row of x. */
+AVX2 INLINE void tile_avx2(const Problem *p, const float *x, long r0, const int rows, long n0) {
+    __m256 acc[2][TILE_ROWS];
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < TILE_ROWS; j++) acc[i][j] = _mm256_setzero_ps();
+    long tile = n0 * p->K;
+    for (long k = 0; k < p->K; k += TILE_K)
+        for (int part = 0; part < TILE_K; part += 8) {
+            __m256 w[TILE_ROWS];
+            for (int j = 0; j < TILE_ROWS; j++) w[j] = widen8(p->w, tile + k * TILE_ROWS + j * TILE_K + part, p->w_dtype);
+            for (int i = 0; i < rows; i++) {
+                __m256 a = _mm256_loadu_ps(x + (r0 + i) * p->K + k + part);
+                for (int j = 0; j < TILE_ROWS; j++) acc[i][j] = _mm256_fmadd_ps(a, w[j], acc[i][j]);
+            }
+        }
+    for (int i = 0; i < rows; i++) store4(p, r0 + i, n0, sum4x8(acc[i]).f);
+}
+
+AVX2 static void linear_avx2(const Problem *p, const float *x) {
+    for (long n0 = 0; n0 < p->N; n0 += TILE_ROWS)
+        for (long r0 = 0; r0 < p->R; r0 += 2) {
+            if (p->R - r0 == 1)
+                tile_avx2(p, x, r0, 1, n0);
+            else
+                tile_avx2(p, x, r0, 2, n0);
+        }
+}
+#endif
+
+static int isa_supported(int isa) {
+#ifndef X86
+    return isa == ISA_SCALAR;
+#else
+    __builtin_cpu_init();
+    switch (isa) {
+    case ISA_AVX512_BF16:
+        return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case ISA_AVX512:
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case ISA_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case ISA_SCALAR: return 1;
+    default: return 0;
+    }
+#endif
+}
+
+static const char *run(Problem *p, int isa) {
+    if (!isa_supported(isa)) return "this CPU lacks the instructions of the requested ISA";
+    if (p->K % TILE_K || p->N % TILE_ROWS) return "K must be a multiple of 32 and N of 4 (the tiled layout)";
+    if (isa == ISA_AVX512_BF16 && p->x_dtype != DT_BF16) return "the AVX512-BF16 path takes bfloat16 x";
+    if (p->layout == LAYOUT_ONEDNN) {
+        if (p->N % BLOCK_ROWS || p->w_dtype != DT_BF16 || p->y_dtype != DT_BF16 || p->scale)
+            return "oneDNN's layout is read for bfloat16 weights and outputs, N a multiple of 64, no scale";
+        if (isa != ISA_AVX512_BF16 && isa != ISA_SCALAR) return "oneDNN's layout is read by the AVX512-BF16 path";
+    }
+    if (isa == ISA_SCALAR) {
+        linear_scalar(p);
+        return NULL;
+    }
+#ifdef X86
+    if (isa == ISA_AVX512_BF16) {
+        if (p->layout == LAYOUT_ONEDNN)
+            linear_onednn_bf16(p);
+        else
+            linear_avx512_bf16(p);
+        return NULL;
+    }
+    const float *x = widened_x(p);
+    if (!x) return "out of memory widening x";
+    if (isa == ISA_AVX512)
+        linear_avx512(p, x);
+    else
+        linear_avx2(p, x);
+#endif
+    return NULL;
+}
+
+/* linear(x, w, scale, bias, y, R, N, K, x_dtype, w_dtype, y_dtype, isa, layout): addresses as ints (0 for no scale
+ * or bias), the caller holding the tensors alive and contiguous. Releases the GIL while it runs. */
+static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "linear() takes 13 arguments");
+        return NULL;
+    }
+    void *address[5];
+    long value[8];
+    for (int i = 0; i < 5; i++) address[i] = PyLong_AsVoidPtr(args[i]);
+    for (int i = 0; i < 8; i++) value[i] = PyLong_AsLong(args[5 + i]);
+    if (PyErr_Occurred()) return NULL;
+    Problem p = {address[0], address[1], (const float *)address[2], address[3], address[4],
+                 value[0],   value[1],   value[2],               (int)value[3], (int)value[4], (int)value[5], (int)value[7]};
+    const char *error;
+    Py_BEGIN_ALLOW_THREADS
+    error = run(&p, (int)value[6]);
+    Py_END_ALLOW_THREADS
+    if (error) {
+        PyErr_SetString(PyExc_ValueError, error);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_supported(PyObject *self, PyObject *arg) {
+    (void)self;
+    long isa = PyLong_AsLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(isa_supported((int)isa));
+}
+
+static PyMethodDef methods[] = {
+    {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "y = x W^T (* scale) (+ bias)"},
+    {"supported", py_supported, METH_O, "whether this CPU runs the given ISA level"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

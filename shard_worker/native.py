@@ -1,0 +1,160 @@
+"""The project's own CPU matrix kernels (_kernels.c), and the Linear that runs them on tiled weights.
+
+_kernels is compiled by the project's install (the ext-module in pyproject.toml) and optional: where it
+was not built (no C compiler, a platform it does not know) `available()` is False and the workers keep
+torch's kernels. Which ISA a call uses is chosen here, once: the best the CPU has, lowered to what torch
+itself was told it may use (ATEN_CPU_CAPABILITY) and to oneDNN's view of bfloat16 (ONEDNN_MAX_CPU_ISA),
+so tests and benches that imitate an AVX2-only CPU on a newer one get the AVX2 kernel too.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+from torch import nn
+
+TILE_ROWS, TILE_K = 4, 32  # _kernels.c's tiled layout
+TILED, ONEDNN = 0, 1  # the weight layouts _kernels.c reads: its own, and oneDNN's packed bfloat16 one
+SCALAR, AVX2, AVX512, AVX512_BF16 = 0, 1, 2, 3
+ISA_NAMES = {SCALAR: "scalar", AVX2: "avx2", AVX512: "avx512", AVX512_BF16: "avx512-bf16"}
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+
+@functools.cache
+def _module():
+    try:
+        return importlib.import_module("bloomduo.shard_worker._kernels")
+    except ImportError:
+        return None
+
+
+def available() -> bool:
+    """Whether the install built _kernels.c here."""
+    return _module() is not None
+
+
+@functools.cache
+def best_isa() -> int:
+    """The fastest ISA level this CPU runs that torch's own setting allows (SCALAR without _kernels)."""
+    module = _module()
+    if module is None:
+        return SCALAR
+    from bloomduo.shard_worker.cpu_kernels import bf16_is_emulated
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    ceiling = AVX512_BF16 if capability.startswith("AVX512") else AVX2 if capability == "AVX2" else SCALAR
+    if ceiling == AVX512_BF16 and bf16_is_emulated():
+        ceiling = AVX512
+    return next(isa for isa in range(ceiling, SCALAR - 1, -1) if module.supported(isa))
+
+
+def reads_onednn_layout(packed: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the ONEDNN layout path may be tried on this packed bfloat16 weight: the kernel's ISA is
+    here and the shapes fit (the caller then checks one product against oneDNN's, which catches any
+    other blocking oneDNN may have picked)."""
+    out_features, in_features = packed.shape
+    return (
+        best_isa() == AVX512_BF16
+        and packed.dtype == torch.bfloat16
+        and out_features % 64 == 0
+        and in_features % TILE_K == 0
+        and (bias is None or bias.dtype == torch.bfloat16)
+    )
+
+
+def fits(weight: torch.Tensor) -> bool:
+    """Whether a [out, in] weight can take the tiled layout (out a multiple of 4, in of 32)."""
+    out_features, in_features = weight.shape
+    return out_features % TILE_ROWS == 0 and in_features % TILE_K == 0
+
+
+def to_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """The [out, in] weight in _kernels.c's tiled layout (a new contiguous tensor of the same shape)."""
+    out_features, in_features = weight.shape
+    tiles = weight.reshape(out_features // TILE_ROWS, TILE_ROWS, in_features // TILE_K, TILE_K)
+    return tiles.transpose(1, 2).contiguous().view(out_features, in_features)
+
+
+def from_tiles(tiled: torch.Tensor) -> torch.Tensor:
+    """to_tiles undone: the plain [out, in] weight."""
+    out_features, in_features = tiled.shape
+    tiles = tiled.view(out_features // TILE_ROWS, in_features // TILE_K, TILE_ROWS, TILE_K)
+    return tiles.transpose(1, 2).reshape(out_features, in_features)
+
+
+def linear(
+    x: torch.Tensor,
+    tiled_weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    isa: int | None = None,
+    layout: int = TILED,
+) -> torch.Tensor:
+    """x @ W^T (* scale per output) (+ bias), W tiled (bfloat16, or int8 with a float32 `scale`) or a
+    bfloat16 weight oneDNN packed (`layout` ONEDNN; an opaque mkldnn tensor), in x's dtype (float32 or
+    bfloat16), summed in float32 and rounded once."""
+    module = _module()
+    if module is None:
+        raise RuntimeError("bloomduo's native kernels were not built: reinstall bloomduo with a C compiler")
+    out_features, in_features = tiled_weight.shape
+    isa = best_isa() if isa is None else isa
+    if isa == AVX512_BF16 and x.dtype != torch.bfloat16:
+        isa = AVX512  # VDPBF16PS multiplies bfloat16 pairs: float32 x takes the float32 FMA path
+    address = torch.ops.mkldnn.data_ptr(tiled_weight) if layout == ONEDNN else tiled_weight.data_ptr()
+    rows = x.reshape(-1, in_features).contiguous()
+    out = torch.empty(rows.shape[0], out_features, dtype=x.dtype)
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        raise ValueError(f"bias must be contiguous {x.dtype}, got {bias.dtype}")
+    module.linear(
+        rows.data_ptr(),
+        address,
+        0 if scale is None else scale.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        rows.shape[0],
+        out_features,
+        in_features,
+        _DTYPE_CODES[x.dtype],
+        _DTYPE_CODES[tiled_weight.dtype],
+        _DTYPE_CODES[x.dtype],
+        isa,
+        layout,
+    )
+    return out.view(*x.shape[:-1], out_features)
+
+
+class TiledLinear(nn.Module):
+    """A Linear whose weight is held tiled (bfloat16, or int8 with per-row float32 scales) and run by
+    _kernels.c for every row count, with an optional tanh/erf GELU after it."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        scale: torch.Tensor | None = None,
+        approximate: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(to_tiles(weight.detach()), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().contiguous(), requires_grad=False)
+        self.register_buffer("scale", None if scale is None else scale.float().contiguous())
+        self.approximate = approximate
+        self.isa = best_isa()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, activation: str = "none", algorithm: str = "") -> TiledLinear:
+        approximate = (algorithm or "none") if activation == "gelu" else None
+        return cls(linear.weight, linear.bias, approximate=approximate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = linear(x, self.weight, self.bias, self.scale, self.isa)
+        return torch.nn.functional.gelu(out, approximate=self.approximate) if self.approximate else out
+
+    def extra_repr(self) -> str:
+        weights = "int8" if self.scale is not None else str(self.weight.dtype).removeprefix("torch.")
+        return f"in_features={self.in_features}, out_features={self.out_features}, {weights} tiled, " + (
+            f"isa={ISA_NAMES[self.isa]}"
+        )
