@@ -93,8 +93,8 @@ def linear(
     layout: int = TILED,
 ) -> torch.Tensor:
     """x @ W^T (* scale per output) (+ bias), W tiled (bfloat16, or int8 with a float32 `scale`) or a
-    bfloat16 weight oneDNN packed (`layout` ONEDNN; an opaque mkldnn tensor), in x's dtype (float32 or
-    bfloat16), summed in float32 and rounded once."""
+    bfloat16 weight in oneDNN's packed layout (`layout` ONEDNN: as oneDNN's opaque tensor, or a plain one
+    holding those bytes), in x's dtype (float32 or bfloat16), summed in float32 and rounded once."""
     module = _module()
     if module is None:
         raise RuntimeError("bloomduo's native kernels were not built: reinstall bloomduo with a C compiler")
@@ -102,7 +102,8 @@ def linear(
     isa = best_isa() if isa is None else isa
     if isa == AVX512_BF16 and x.dtype != torch.bfloat16:
         isa = AVX512  # VDPBF16PS multiplies bfloat16 pairs: float32 x takes the float32 FMA path
-    address = torch.ops.mkldnn.data_ptr(tiled_weight) if layout == ONEDNN else tiled_weight.data_ptr()
+    # oneDNN's packed weights are opaque tensors; their bytes are found through oneDNN's own accessor
+    address = torch.ops.mkldnn.data_ptr(tiled_weight) if tiled_weight.is_mkldnn else tiled_weight.data_ptr()
     rows = x.reshape(-1, in_features).contiguous()
     out = torch.empty(rows.shape[0], out_features, dtype=x.dtype)
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):

@@ -1,0 +1,146 @@
+"""bloomduo's own CPU matrix kernels (shard_worker/_kernels.c through shard_worker/native.py).
+
+Every ISA level this CPU runs (scalar always, AVX2, AVX512, AVX512-BF16 where present) against a float64
+reference, for bfloat16 and int8 weights, float32 and bfloat16 activations, with and without bias and
+scale, at row counts that exercise every row tile; both weight layouts (the kernel's tiles, and oneDNN's
+packed one, which the scalar path reads too so that its index arithmetic is tested on every CPU); what a
+bad call is told; and that the project's install built the module at all (the fallback when it did not
+is tested by hiding it).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bloomduo.shard_worker import cpu_kernels, native
+from bloomduo.shard_worker.quantize import INT8, Int8Linear, per_channel_int8
+from tests._dist_helpers import can_pack
+
+ISAS = [
+    isa for isa in (native.SCALAR, native.AVX2, native.AVX512, native.AVX512_BF16) if isa <= native.best_isa()
+]
+ISA_IDS = [native.ISA_NAMES[isa] for isa in ISAS]
+
+
+def _onednn_layout(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's AB16b64a2b blocking of a [N, K] weight, made here, as _kernels.c documents it."""
+    n, k = weight.shape
+    blocks = weight.reshape(n // 64, 64, k // 32, 16, 2)  # [row block, row, column block, pair, 2]
+    return blocks.permute(0, 2, 3, 1, 4).contiguous().view(n, k)
+
+
+def _reference(x, weight, bias, scale) -> torch.Tensor:
+    out = x.double() @ weight.double().T
+    if scale is not None:
+        out = out * scale.double()
+    return out + bias.double() if bias is not None else out
+
+
+def _within_one_rounding(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """|got - want| within the output dtype's rounding of the largest output, plus float32 summation."""
+    scale = want.abs().max().item()
+    eps = torch.finfo(got.dtype).eps if got.dtype == torch.bfloat16 else 1e-5
+    return (got.double() - want).abs().max().item() <= eps * scale
+
+
+def test_the_install_built_the_native_kernels():
+    """scripts/test.sh installs the project as a user would: its C kernels must come with it here."""
+    assert native.available(), "bloomduo.shard_worker._kernels is missing: reinstall with a C compiler"
+    assert native.best_isa() >= native.AVX2  # every x86-64 machine CI runs on has AVX2
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+@pytest.mark.parametrize("activations", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 2, 5, 7, 17])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_tiled_kernel_computes_x_times_w_transposed(isa, weights, activations, rows, bias):
+    generator = torch.Generator().manual_seed(rows)
+    n, k = 72, 160  # several tiles of 4 rows and chunks of 32 columns
+    x = torch.randn(rows, k, generator=generator).to(activations)
+    if weights == "int8":
+        weight, scale = per_channel_int8(torch.randn(n, k, generator=generator))
+    else:
+        weight, scale = torch.randn(n, k, generator=generator).to(torch.bfloat16), None
+    b = torch.randn(n, generator=generator).to(activations) if bias else None
+    got = native.linear(x, native.to_tiles(weight), b, scale, isa=isa)
+    assert got.dtype == activations and got.shape == (rows, n)
+    assert _within_one_rounding(got, _reference(x, weight, b, scale))
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i in (native.SCALAR, native.AVX512_BF16)], ids=str)
+@pytest.mark.parametrize("rows", [1, 6, 7, 13])
+def test_the_onednn_layout_is_read_as_documented(isa, rows):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(128, 96, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(128, generator=generator).to(torch.bfloat16)
+    x = torch.randn(rows, 96, generator=generator).to(torch.bfloat16)
+    got = native.linear(x, _onednn_layout(weight), bias, isa=isa, layout=native.ONEDNN)
+    assert _within_one_rounding(got, _reference(x, weight, bias, None))
+
+
+@pytest.mark.skipif(
+    not (can_pack() and native.best_isa() == native.AVX512_BF16),
+    reason="needs oneDNN's packed bfloat16 layout and AVX512-BF16 (this CPU or torch build lacks one)",
+)
+def test_onednn_packs_the_layout_the_kernel_reads():
+    """The layout made above is the one oneDNN really makes: the kernel on oneDNN's own bytes."""
+    weight = torch.randn(256, 1024).to(torch.bfloat16)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    x = torch.randn(3, 1024).to(torch.bfloat16)
+    got = native.linear(x, packed, None, layout=native.ONEDNN)
+    want = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    assert cpu_kernels._error(got, want, torch.bfloat16) <= cpu_kernels.TOLERANCE_EPS
+    assert torch.equal(native.linear(x, _onednn_layout(weight), None, layout=native.ONEDNN), got)
+
+
+def test_a_packed_linear_whose_layout_native_misreads_stays_on_onednn(monkeypatch):
+    """A oneDNN build that blocks differently must never reach the native path with wrong numbers."""
+    if not can_pack():
+        pytest.skip("no oneDNN packed bfloat16 layout on this CPU or torch build")
+    linear = nn.Linear(64, 128).to(torch.bfloat16).requires_grad_(False)
+    route = cpu_kernels.Route(cpu_kernels.PACKED, ((1, cpu_kernels.NATIVE),))
+    monkeypatch.setattr(native, "linear", lambda x, *args, **kwargs: torch.zeros(x.shape[0], 128).bfloat16())
+    module = cpu_kernels.PackedLinear(linear, route=route)
+    assert module._native == [False]
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    assert cpu_kernels._error(module(x), linear(x), torch.bfloat16) <= cpu_kernels.TOLERANCE_EPS
+
+
+def test_tiles_round_trip_and_bad_calls_are_told_what_is_wrong():
+    weight = torch.arange(8 * 64, dtype=torch.float32).view(8, 64).to(torch.bfloat16)
+    assert torch.equal(native.from_tiles(native.to_tiles(weight)), weight)
+    assert native.fits(weight) and not native.fits(weight[:6]) and not native.fits(weight[:, :48])
+    x = torch.randn(1, 48).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native.linear(x, weight[:, :48].contiguous(), None, isa=native.SCALAR)
+    with pytest.raises(ValueError, match="N a multiple of 64"):
+        native.linear(
+            torch.randn(1, 64).to(torch.bfloat16), weight, None, isa=native.SCALAR, layout=native.ONEDNN
+        )
+
+
+def test_int8_weight_only_runs_natively_and_matches_dequantized_weights():
+    linear = nn.Linear(256, 96).to(torch.bfloat16).requires_grad_(False)
+    module = Int8Linear.from_linear(linear, INT8)
+    assert module.kernel == "native"
+    x = torch.randn(5, 256).to(torch.bfloat16)
+    weight, scale = per_channel_int8(linear.weight)
+    assert _within_one_rounding(module(x), _reference(x, weight, linear.bias, scale))
+
+
+def test_without_the_built_module_the_workers_keep_torchs_kernels(monkeypatch):
+    monkeypatch.setattr(native, "_module", lambda: None)
+    native.best_isa.cache_clear()
+    try:
+        assert not native.available() and native.best_isa() == native.SCALAR
+        paths = cpu_kernels.candidate_paths(packing=True)
+        assert cpu_kernels.NATIVE not in paths and cpu_kernels.TILED not in paths
+        linear = nn.Linear(256, 96).to(torch.bfloat16).requires_grad_(False)
+        assert Int8Linear.from_linear(linear, INT8).kernel == "aten int8pack"
+        with pytest.raises(RuntimeError, match="reinstall bloomduo with a C compiler"):
+            native.linear(torch.randn(1, 256).bfloat16(), native.to_tiles(linear.weight))
+    finally:
+        native.best_isa.cache_clear()
