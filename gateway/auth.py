@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import inspect
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -82,6 +83,10 @@ class RejectUndecodable(grpc.aio.ServerInterceptor):
 
         if handler.unary_stream:
             behaviour = handler.unary_stream
+            if not inspect.isasyncgenfunction(behaviour):
+                # grpc.health.v1's Watch answers through context.write(), a coroutine: wrapped as an
+                # async generator it failed every time, and with it the SDK's client-side health checks.
+                return handler
 
             async def checked_stream(request, context: grpc.aio.ServicerContext):
                 if isinstance(request, _Undecodable):
