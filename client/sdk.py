@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import math
 import numbers
 import random
@@ -21,7 +22,27 @@ from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
 
 _PARAMETERS = gateway_pb2.GenerateParameters.DESCRIPTOR.fields_by_name
 _UINT_MAX = {FieldDescriptor.TYPE_UINT32: 2**32 - 1, FieldDescriptor.TYPE_UINT64: 2**64 - 1}
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+# A target may resolve to several gateways (replicas): gRPC's round_robin spreads calls over them, and each
+# call, a retry included, is a new pick. Its health checks (a grpc.health.v1 Watch stream per replica) keep
+# a gateway that is loading, re-forming its group or draining out of the picks, so retries go to the
+# others; a gateway without the health service counts as healthy. One address works as before.
+_SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": _SERVICE},
+}
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
+    # Not a DNS TXT record's: the balancing above is what the retries rely on.
+    ("grpc.service_config_disable_resolution", 1),
+    # A replica that vanished without closing its connections (a node lost, a network cut) fails its pings
+    # and leaves the rotation within 15 s. The gateway accepts a ping every 5 s (bloomduo.core.serving).
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
 Metadata = Sequence[tuple[str, str]]
 _T = TypeVar("_T")
@@ -398,11 +419,16 @@ class Client(_Base):
         tls: bool = False,
         root_certificates: bytes | None = None,
     ) -> None:
-        """Connect (lazily) to the gateway at `target` ("host:port").
+        """Connect (lazily) to the gateway at `target`, or to several replicas of it.
+
+        target: any gRPC target: "host:port"; "dns:///name:port", every address the name resolves to
+            (a Kubernetes headless Service: "dns:///bloomduo-headless:50051"); "ipv4:10.0.0.1:50051,
+            10.0.0.2:50051". Calls go round-robin to the gateways that are reachable and SERVING.
 
         timeout: default deadline of each call in seconds, retries included; None waits as long as
             the server works.
-        retries: how many times a call that failed with UNAVAILABLE is tried again (0: never).
+        retries: how many times a call that failed with UNAVAILABLE is tried again (0: never), each
+            time on the next replica in the rotation (a replica found down or not SERVING leaves it).
             generate, tokenize and info are always retried: a failed call produced nothing the caller
             saw. generate_stream is retried only until its first event arrived.
         backoff_s, max_backoff_s: the wait before retry n is about backoff_s * 2**n (half of it
