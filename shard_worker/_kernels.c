@@ -21,12 +21,15 @@
 #include <immintrin.h>
 #endif
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_I8 = 2 };
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512_BF16 = 3 };
 enum { LAYOUT_TILED = 0, LAYOUT_ONEDNN = 1 };
+
+static int isa_supported(int isa);
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -316,6 +319,107 @@ AVX2 static void linear_avx2(const Problem *p, const float *x) {
 }
 #endif
 
+/* ------------------------------------------------------------------ one-query attention (decode)
+ * softmax(q.k / sqrt(d) + bias) . v for one new token per sequence against its cached keys and values, in
+ * bfloat16 with the roundings BLOOM's bfloat16 reference makes (what model.py's torch version computes):
+ * each score rounded to bf16, scaled and biased in float32, a float32 softmax, the probabilities rounded to
+ * bf16, the weighted values summed in float32 and rounded once. torch's batched matmul copies the strided
+ * cache views whole on every call (a fifth of a 16-sequence decode step); this reads them in place. */
+typedef struct {
+    const uint16_t *q;              /* [S, H, D] at strides (q_row, q_head, 1) */
+    const uint16_t *keys, *values;  /* the layer's cache, [slots, H, capacity, D] at strides (slot, head, D, 1) */
+    const uint16_t *bias;           /* [bias_slots, H, 1, L], contiguous */
+    const int64_t *slots;           /* [S] cache slot of each query, or NULL: query i in slot i */
+    uint16_t *out;                  /* [S, H, D], contiguous */
+    long S, H, L, D, q_row, q_head, kv_slot, kv_head;
+    float scale;
+} Attention;
+
+#ifdef X86
+AVX512 static float dot_avx512(const float *q, const uint16_t *k, long D) {
+    __m512 sum = _mm512_setzero_ps();
+    for (long d = 0; d < D; d += 16) sum = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), widen16(k, d, DT_BF16), sum);
+    return _mm512_reduce_add_ps(sum);
+}
+
+AVX512 static void weighted_sum_avx512(float *acc, float p, const uint16_t *v, long D) {
+    __m512 weight = _mm512_set1_ps(p);
+    for (long d = 0; d < D; d += 16)
+        _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(weight, widen16(v, d, DT_BF16), _mm512_loadu_ps(acc + d)));
+}
+
+AVX2 static float dot_avx2(const float *q, const uint16_t *k, long D) {
+    __m256 sum = _mm256_setzero_ps();
+    for (long d = 0; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), widen8(k, d, DT_BF16), sum);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+AVX2 static void weighted_sum_avx2(float *acc, float p, const uint16_t *v, long D) {
+    __m256 weight = _mm256_set1_ps(p);
+    for (long d = 0; d < D; d += 8)
+        _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(weight, widen8(v, d, DT_BF16), _mm256_loadu_ps(acc + d)));
+}
+#endif
+
+static float dot_scalar(const float *q, const uint16_t *k, long D) {
+    float sum = 0.0f;
+    for (long d = 0; d < D; d++) sum += q[d] * bf16_to_f32(k[d]);
+    return sum;
+}
+
+static void weighted_sum_scalar(float *acc, float p, const uint16_t *v, long D) {
+    for (long d = 0; d < D; d++) acc[d] += p * bf16_to_f32(v[d]);
+}
+
+static const char *attend(const Attention *a, int isa) {
+    if (!isa_supported(isa)) return "this CPU lacks the instructions of the requested ISA";
+    if (a->D % 16 || a->D > 512) return "head_dim must be a multiple of 16, at most 512";
+    float (*dot)(const float *, const uint16_t *, long) = dot_scalar;
+    void (*weighted_sum)(float *, float, const uint16_t *, long) = weighted_sum_scalar;
+#ifdef X86
+    if (isa >= ISA_AVX512) {
+        dot = dot_avx512;
+        weighted_sum = weighted_sum_avx512;
+    } else if (isa == ISA_AVX2) {
+        dot = dot_avx2;
+        weighted_sum = weighted_sum_avx2;
+    }
+#endif
+    float *scores = malloc(sizeof(float) * (size_t)a->L);
+    if (!scores) return "out of memory for the attention scores";
+    float q[512], acc[512];
+    for (long i = 0; i < a->S; i++) {
+        long slot = a->slots ? (long)a->slots[i] : i;
+        for (long h = 0; h < a->H; h++) {
+            const uint16_t *qh = a->q + i * a->q_row + h * a->q_head;
+            const uint16_t *keys = a->keys + slot * a->kv_slot + h * a->kv_head;
+            const uint16_t *values = a->values + slot * a->kv_slot + h * a->kv_head;
+            const uint16_t *bias = a->bias + (slot * a->H + h) * a->L;
+            for (long d = 0; d < a->D; d++) q[d] = bf16_to_f32(qh[d]);
+            float top = -INFINITY;
+            for (long j = 0; j < a->L; j++) {
+                float score = bf16_to_f32(f32_to_bf16(dot(q, keys + j * a->D, a->D)));
+                float scaled = score * a->scale;
+                scores[j] = scaled + bf16_to_f32(bias[j]);
+                if (scores[j] > top) top = scores[j];
+            }
+            float total = 0.0f;
+            for (long j = 0; j < a->L; j++) total += scores[j] = expf(scores[j] - top);
+            for (long d = 0; d < a->D; d++) acc[d] = 0.0f;
+            for (long j = 0; j < a->L; j++) {
+                float p = bf16_to_f32(f32_to_bf16(scores[j] / total));
+                if (p != 0.0f) weighted_sum(acc, p, values + j * a->D, a->D);
+            }
+            uint16_t *out = a->out + (i * a->H + h) * a->D;
+            for (long d = 0; d < a->D; d++) out[d] = f32_to_bf16(acc[d]);
+        }
+    }
+    free(scores);
+    return NULL;
+}
+
 static int isa_supported(int isa) {
 #ifndef X86
     return isa == ISA_SCALAR;
@@ -392,6 +496,35 @@ static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
+/* attend(q, keys, values, bias, slots, out, S, H, L, D, q_row, q_head, kv_slot, kv_head, scale, isa):
+ * addresses as ints (slots 0: query i in slot i), strides in elements. Releases the GIL while it runs. */
+static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 16) {
+        PyErr_SetString(PyExc_TypeError, "attend() takes 16 arguments");
+        return NULL;
+    }
+    void *address[6];
+    long value[8];
+    for (int i = 0; i < 6; i++) address[i] = PyLong_AsVoidPtr(args[i]);
+    for (int i = 0; i < 8; i++) value[i] = PyLong_AsLong(args[6 + i]);
+    double scale = PyFloat_AsDouble(args[14]);
+    long isa = PyLong_AsLong(args[15]);
+    if (PyErr_Occurred()) return NULL;
+    Attention a = {address[0], address[1], address[2], address[3], address[4], address[5],
+                   value[0],   value[1],   value[2],   value[3],   value[4],   value[5],
+                   value[6],   value[7],   (float)scale};
+    const char *error;
+    Py_BEGIN_ALLOW_THREADS
+    error = attend(&a, (int)isa);
+    Py_END_ALLOW_THREADS
+    if (error) {
+        PyErr_SetString(PyExc_ValueError, error);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_supported(PyObject *self, PyObject *arg) {
     (void)self;
     long isa = PyLong_AsLong(arg);
@@ -401,6 +534,7 @@ static PyObject *py_supported(PyObject *self, PyObject *arg) {
 
 static PyMethodDef methods[] = {
     {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "y = x W^T (* scale) (+ bias)"},
+    {"attend", (PyCFunction)(void (*)(void))py_attend, METH_FASTCALL, "bfloat16 one-query attention"},
     {"supported", py_supported, METH_O, "whether this CPU runs the given ISA level"},
     {NULL, NULL, 0, NULL},
 };

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BloomConfig
 
+from bloomduo.shard_worker import native
 from bloomduo.shard_worker.kv_cache import KVCache
 from bloomduo.shard_worker.step_plan import Chunk, PromptGroup, StepPlan, plan_step
 
@@ -96,6 +97,9 @@ class Attention(nn.Module):
         keys, values = cache.write_tokens(
             layer, plan.single_slots, plan.single_positions, k, v, plan.num_slots, plan.kv_length
         )
+        if native.attends(q, plan.single_bias):  # the same roundings, reading the cache in place
+            slots = None if plan.slots_match_rows else plan.single_slots
+            return native.one_query_attention(q, keys, values, plan.single_bias, self.inv_norm_factor, slots)
         attention = self._attention if q.device.type != "cpu" else self._one_query_attention
         if plan.slots_match_rows:
             return attention(q[:, :, None], keys, values, plan.single_bias)[:, :, 0]

@@ -159,3 +159,55 @@ class TiledLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {weights} tiled, " + (
             f"isa={ISA_NAMES[self.isa]}"
         )
+
+
+def attends(q: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Whether one_query_attention takes these queries: bfloat16 on a CPU with a vector ISA, head_dim a
+    multiple of 16 (every BLOOM's is)."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == bias.dtype == torch.bfloat16
+        and best_isa() >= AVX2
+        and q.shape[-1] % 16 == 0
+        and q.shape[-1] <= 512
+    )
+
+
+def one_query_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    slots: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(q.k * scale + bias) . v for one query per sequence, bfloat16, in _kernels.c.
+
+    q [S, heads, head_dim] (any row and head strides); keys and values the cache's views [slots, heads,
+    length, head_dim] (rows of head_dim contiguous); bias [slots, heads, 1, length]; `slots` the cache slot
+    of each query (None: query i sits in slot i). Returns [S, heads, head_dim]."""
+    rows, heads, head_dim = q.shape
+    if q.stride(2) != 1 or keys.stride()[2:] != (head_dim, 1) or keys.stride() != values.stride():
+        raise ValueError("one_query_attention reads rows of head_dim contiguous values from the cache")
+    bias = bias.contiguous()
+    slots = None if slots is None else slots.to(torch.int64).contiguous()
+    out = torch.empty(rows, heads, head_dim, dtype=q.dtype)
+    _module().attend(
+        q.data_ptr(),
+        keys.data_ptr(),
+        values.data_ptr(),
+        bias.data_ptr(),
+        0 if slots is None else slots.data_ptr(),
+        out.data_ptr(),
+        rows,
+        heads,
+        keys.shape[2],
+        head_dim,
+        q.stride(0),
+        q.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        float(scale),
+        best_isa(),
+    )
+    return out

@@ -144,3 +144,29 @@ def test_without_the_built_module_the_workers_keep_torchs_kernels(monkeypatch):
             native.linear(torch.randn(1, 256).bfloat16(), native.to_tiles(linear.weight))
     finally:
         native.best_isa.cache_clear()
+
+
+def _torch_one_query_attention(q, keys, values, bias, scale):
+    """model.py's torch version: scores rounded to bf16, float32 softmax, bf16 probabilities."""
+    scores = torch.matmul(q[:, :, None], keys.transpose(-1, -2)).float() * scale + bias.float()
+    return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)[:, :, 0]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("scattered", [False, True])
+def test_one_query_attention_reads_the_cache_in_place_and_rounds_as_torch_does(head_dim, scattered):
+    generator = torch.Generator().manual_seed(head_dim)
+    slots_total, heads, capacity, length = 6, 4, 40, 27
+    cache_keys = torch.randn(slots_total, heads, capacity, head_dim, generator=generator).to(torch.bfloat16)
+    cache_values = torch.randn(slots_total, heads, capacity, head_dim, generator=generator).to(torch.bfloat16)
+    keys, values = cache_keys[:, :, :length], cache_values[:, :, :length]  # strided views, as the cache's
+    bias = torch.randn(slots_total, heads, 1, length, generator=generator).to(torch.bfloat16)
+    bias[:, :, :, -4:] = torch.finfo(torch.bfloat16).min  # positions a sequence may not see
+    fused = torch.randn(3, heads, 3, head_dim, generator=generator).to(torch.bfloat16)
+    q = fused.unbind(2)[0]  # a strided view of the fused projection, as the model's
+    slots = torch.tensor([4, 0, 2]) if scattered else None
+    got = native.one_query_attention(q, keys, values, bias, head_dim**-0.5, slots)
+    at = slots if scattered else torch.arange(3)
+    want = _torch_one_query_attention(q, keys[at], values[at], bias[at], head_dim**-0.5)
+    ulp = torch.finfo(torch.bfloat16).eps * want.float().abs().max()
+    assert got.shape == want.shape and (got.float() - want.float()).abs().max() <= ulp
