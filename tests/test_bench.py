@@ -21,6 +21,7 @@ import torch
 from bloomduo.apps import bench, machine_floor
 from bloomduo.apps.shard_weights import shard_weights
 from bloomduo.client import AsyncClient
+from bloomduo.shard_worker.tensor_parallel import load_shard
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -298,7 +299,11 @@ def test_bench_launches_measures_memory_and_stops_the_stack(demo_model, tmp_path
     ]
     statuses = {check["name"]: check["status"] for check in report["targets"]}
     assert statuses["gateway's RSS <= embedding bytes + 0.5 GB"] == "PASS"
-    assert statuses["each worker's RSS <= 0.6 x checkpoint bytes + its KV cache"] in ("PASS", "FAIL")
+    worker_target = "each worker's RSS <= its share of the weights + its KV cache + 300 MiB"
+    assert statuses[worker_target] in ("PASS", "FAIL")
+    shards = [load_shard(demo_model(), rank, 2, device="cpu", dtype=torch.float32) for rank in range(2)]
+    held = [sum(p.nbytes for p in shard.parameters()) for shard in shards]
+    assert report["memory"]["worker_weight_bytes"] == held  # each rank's share, as a worker loads it
     assert report["stack"]["levels"][0]["generated_tokens"] == 6
     printed = capsys.readouterr().out
     _check_floor(report, printed, {"bloomduo": report["stack"]["levels"]}, threads=2)

@@ -41,6 +41,9 @@ DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32)
 # A level of 1 or 2 streams would otherwise give one or two samples, and percentiles of nothing.
 MIN_REQUESTS_PER_LEVEL = 10
 DEFAULT_TARGET = "localhost:50051"
+# A worker's resident memory beyond its weights and KV cache: the interpreter, torch and its allocator,
+# gRPC, oneDNN's scratch; the memory target's allowance.
+WORKER_OVERHEAD_BYTES = 300 * 2**20
 # Ordinary English, so that every tokenizer splits it into many short tokens.
 _FILLER = (
     "The quick brown fox jumps over the lazy dog while the old river keeps running down to the sea, "
@@ -317,9 +320,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             stack.stop()
 
     prompt_ids = measured.pop("prompt_ids")
+    served = measured["info"]["dtype"]
     if measured["memory"]:
         measured["memory"].update(checkpoint_sizes(args.model))
-    served = measured["info"]["dtype"]
+        shares = worker_weight_bytes(args.model, measured["info"]["num_shards"], served, args.quantize)
+        measured["memory"]["worker_weight_bytes"] = shares
     if args.baseline and args.dtype not in ("auto", served):
         print(
             f"bench: the stack serves {served}, not --dtype {args.dtype}; "
@@ -521,6 +526,26 @@ def checkpoint_sizes(model_dir: Path) -> dict[str, int]:
         "checkpoint_bytes": sum(size(name) for name in checkpoint.names()),
         "embedding_bytes": size("word_embeddings.weight"),
     }
+
+
+def worker_weight_bytes(model_dir: Path, world_size: int, dtype_name: str, quantize: str) -> list[int]:
+    """Bytes of the weights each rank holds as served: its slices of the blocks, ln_f and the LM head in
+    `dtype_name`, every Linear's weight as int8 plus a float32 scale per row when quantized."""
+    from bloomduo.core.checkpoint import Checkpoint
+    from bloomduo.core.dtypes import to_torch
+    from bloomduo.shard_worker.quantize import NONE, linear_weights
+    from bloomduo.shard_worker.tensor_parallel import build_meta_shard
+
+    config, itemsize = Checkpoint(model_dir).config, to_torch(dtype_name).itemsize
+    sizes = []
+    for rank in range(world_size):
+        model, _ = build_meta_shard(config, rank, world_size)
+        int8 = linear_weights(model) if quantize != NONE else {}
+        total = 0
+        for name, param in model.named_parameters():
+            total += param.numel() + param.shape[0] * 4 if name in int8 else param.numel() * itemsize
+        sizes.append(total)
+    return sizes
 
 
 def _stack_processes(stack: Stack | None) -> dict[str, subprocess.Popen]:
@@ -859,13 +884,12 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     memory = report["memory"]
 
     def worker_memory() -> tuple[bool, str]:
-        budget = 0.6 * memory["checkpoint_bytes"]
         rss = [size for name, size in memory["max_rss_bytes"].items() if name.startswith("shard_")]
-        details = [
-            f"{size / 2**20:.0f} MiB vs {budget / 2**20:.0f} + {kv / 2**20:.0f} MiB"
-            for size, kv in zip(rss, memory["kv_cache_bytes"], strict=True)
-        ]
-        within = [size <= budget + kv for size, kv in zip(rss, memory["kv_cache_bytes"], strict=True)]
+        shares = zip(rss, memory["worker_weight_bytes"], memory["kv_cache_bytes"], strict=True)
+        details, within = [], []
+        for size, weights, kv in shares:
+            details.append(f"{size / 2**20:.0f} MiB vs {weights / 2**20:.0f} + {kv / 2**20:.0f} + 300 MiB")
+            within.append(size <= weights + kv + WORKER_OVERHEAD_BYTES)
         return all(within), "; ".join(details)
 
     def gateway_memory() -> tuple[bool, str]:
@@ -901,7 +925,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     )
     measured_memory = bool(memory and memory["kv_cache_bytes"])
     check(
-        "each worker's RSS <= 0.6 x checkpoint bytes + its KV cache",
+        "each worker's RSS <= its share of the weights + its KV cache + 300 MiB",
         measured_memory,
         "needs --launch",
         worker_memory,
