@@ -80,16 +80,26 @@ typedef struct {
     void *y;            /* [R, N] output, y_dtype, row-major */
     long R, N, K;
     int x_dtype, w_dtype, y_dtype, layout;
+    int gelu; /* apply BLOOM's tanh GELU to each output before its rounding (MLP's first matmul) */
 } Problem;
 
 static inline float load_as_f32(const void *p, long i, int dtype) {
     return dtype == DT_BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* y[r, n] from its float32 sum: times the row's scale, plus the bias, rounded once to y's dtype. */
+/* 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), written as x / (1 + exp(-2u)): one exp, and the right
+ * limits where exp overflows or underflows. */
+static inline float gelu_tanh(float x) {
+    float u = 0.7978845608f * (x + 0.044715f * x * x * x);
+    return x / (1.0f + expf(-2.0f * u));
+}
+
+/* y[r, n] from its float32 sum: times the row's scale, plus the bias, GELU if asked, rounded once to y's
+ * dtype. */
 static inline void store(const Problem *p, long r, long n, float sum) {
     if (p->scale) sum *= p->scale[n];
     if (p->bias) sum += load_as_f32(p->bias, n, p->y_dtype);
+    if (p->gelu) sum = gelu_tanh(sum);
     if (p->y_dtype == DT_BF16)
         ((uint16_t *)p->y)[r * p->N + n] = f32_to_bf16(sum);
     else
@@ -233,6 +243,30 @@ AVX512_BF16 static void linear_avx512_bf16(const Problem *p) {
 #undef TILE
 }
 
+/* exp(x) for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error
+ * below 2e-7, under a float32 rounding of the bf16 outputs it feeds), times 2^n by VSCALEFPS. */
+AVX512 INLINE __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950409f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln2 in two parts */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 poly = _mm512_set1_ps(1.0f / 720);
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 120));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 24));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 6));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(0.5f));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(poly, n);
+}
+
+/* gelu_tanh for 16 lanes (oneDNN's post-op does the same inside its matmul: no bf16 pass over the outputs). */
+AVX512 INLINE __m512 gelu16(__m512 x) {
+    __m512 inner = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x);
+    __m512 minus_2u = _mm512_mul_ps(inner, _mm512_set1_ps(-2.0f * 0.7978845608f));
+    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(minus_2u)));
+}
+
 /* One row block of oneDNN's layout against up to 6 rows of x: 6 x 4 accumulators hold 64 outputs per row
  * in their lanes, so no horizontal sums; each column pair of x is broadcast to all lanes. */
 AVX512_BF16 INLINE void block_onednn(const Problem *p, long r0, const int rows, long n0) {
@@ -260,6 +294,7 @@ AVX512_BF16 INLINE void block_onednn(const Problem *p, long r0, const int rows, 
                                              _mm512_cvtepu16_epi32(_mm256_loadu_si256(
                                                  (const __m256i *)((const uint16_t *)p->bias + n))),
                                              16)));
+            if (p->gelu) sum = gelu16(sum);
             _mm256_storeu_si256((__m256i *)((uint16_t *)p->y + (r0 + i) * p->N + n),
                                 (__m256i)_mm512_cvtneps_pbh(sum));
         }
@@ -470,21 +505,21 @@ static const char *run(Problem *p, int isa) {
     return NULL;
 }
 
-/* linear(x, w, scale, bias, y, R, N, K, x_dtype, w_dtype, y_dtype, isa, layout): addresses as ints (0 for no scale
+/* linear(x, w, scale, bias, y, R, N, K, x_dtype, w_dtype, y_dtype, isa, layout, gelu): addresses as ints (0 for no scale
  * or bias), the caller holding the tensors alive and contiguous. Releases the GIL while it runs. */
 static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 13) {
-        PyErr_SetString(PyExc_TypeError, "linear() takes 13 arguments");
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "linear() takes 14 arguments");
         return NULL;
     }
     void *address[5];
-    long value[8];
+    long value[9];
     for (int i = 0; i < 5; i++) address[i] = PyLong_AsVoidPtr(args[i]);
-    for (int i = 0; i < 8; i++) value[i] = PyLong_AsLong(args[5 + i]);
+    for (int i = 0; i < 9; i++) value[i] = PyLong_AsLong(args[5 + i]);
     if (PyErr_Occurred()) return NULL;
     Problem p = {address[0], address[1], (const float *)address[2], address[3], address[4],
-                 value[0],   value[1],   value[2],               (int)value[3], (int)value[4], (int)value[5], (int)value[7]};
+                 value[0],   value[1],   value[2],               (int)value[3], (int)value[4], (int)value[5], (int)value[7], (int)value[8]};
     const char *error;
     Py_BEGIN_ALLOW_THREADS
     error = run(&p, (int)value[6]);

@@ -211,8 +211,8 @@ def kernels_setting(option: str = "auto") -> str:
 class PackedLinear(nn.Module):
     """A Linear whose weight is in oneDNN's packed layout, optionally with a oneDNN post-op on its output.
 
-    Its route's NATIVE steps (few rows) read the same packed weight with native.py's kernel, which streams
-    it at the memory's speed where oneDNN's own small-batch kernel does not; the GELU then follows it. A
+    Its route's NATIVE steps read the same packed weight with native.py's kernel, which streams it at the
+    memory's speed where oneDNN's own small-batch kernel does not, the GELU applied in the same pass. A
     weight oneDNN packed some other way than native.py reads (checked on one random row here) stays on
     oneDNN for every row count."""
 
@@ -227,7 +227,8 @@ class PackedLinear(nn.Module):
         # post-op applied in the same pass: "gelu" with algorithm "tanh", or "none"
         self.activation, self.algorithm = activation, algorithm
         route = route or Route(PACKED, ((1, PACKED),))
-        if NATIVE in route.paths and not self._native_reads_the_layout():
+        erf_gelu = activation == "gelu" and algorithm != "tanh"  # the native kernel folds the tanh GELU only
+        if NATIVE in route.paths and (erf_gelu or not self._native_reads_the_layout()):
             route = Route(PACKED, ((1, PACKED),))
         self._firsts = [first for first, _ in route.steps]
         self._native = [path == NATIVE for _, path in route.steps]
@@ -244,9 +245,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         if self._native[bisect.bisect_right(self._firsts, rows.shape[0]) - 1]:
-            out = native.linear(rows, self.weight, self.bias, layout=native.ONEDNN)
-            if self.activation == "gelu":
-                out = F.gelu(out, approximate=self.algorithm or "none")
+            gelu = self.activation == "gelu"  # only BLOOM's tanh GELU is folded (apply_routes)
+            out = native.linear(rows, self.weight, self.bias, layout=native.ONEDNN, gelu=gelu)
         else:
             out = torch.ops.mkldnn._linear_pointwise(
                 rows, self.weight, self.bias, self.activation, [], self.algorithm

@@ -91,10 +91,12 @@ def linear(
     scale: torch.Tensor | None = None,
     isa: int | None = None,
     layout: int = TILED,
+    gelu: bool = False,
 ) -> torch.Tensor:
     """x @ W^T (* scale per output) (+ bias), W tiled (bfloat16, or int8 with a float32 `scale`) or a
     bfloat16 weight in oneDNN's packed layout (`layout` ONEDNN: as oneDNN's opaque tensor, or a plain one
-    holding those bytes), in x's dtype (float32 or bfloat16), summed in float32 and rounded once."""
+    holding those bytes), in x's dtype (float32 or bfloat16), summed in float32 and rounded once, after
+    BLOOM's tanh GELU when `gelu` (applied to the float32 result, as oneDNN's post-op does)."""
     module = _module()
     if module is None:
         raise RuntimeError("bloomduo's native kernels were not built: reinstall bloomduo with a C compiler")
@@ -122,6 +124,7 @@ def linear(
         _DTYPE_CODES[x.dtype],
         isa,
         layout,
+        int(gelu),
     )
     return out.view(*x.shape[:-1], out_features)
 

@@ -113,10 +113,12 @@ def test_every_path_computes_what_nn_linear_does(path, bias, rows):
     assert three_d.shape == (1, rows, 192) and torch.equal(three_d[0], got)
 
 
-@pytest.mark.parametrize("path", [pytest.param(PACKED, marks=needs_packing), FP32])
+@pytest.mark.parametrize(
+    "path", [pytest.param(PACKED, marks=needs_packing), pytest.param(NATIVE, marks=needs_native_onednn), FP32]
+)
 @torch.inference_mode()
 def test_a_folded_gelu_rounds_once(path):
-    """packed and fp32 apply the GELU to the float32 sum: within one rounding of float32 throughout."""
+    """packed, native and fp32 apply the GELU to the float32 sum: within a rounding of float32 throughout."""
     linear = _linear(256, 384, seed=2)
     x = torch.randn(16, 256).to(torch.bfloat16)
     exact = nn.functional.gelu(
@@ -127,7 +129,7 @@ def test_a_folded_gelu_rounds_once(path):
     assert bool(((got - exact).abs() <= ulp).all())
 
 
-@pytest.mark.parametrize("path", [*OWN_PATHS, EAGER, ATEN])
+@pytest.mark.parametrize("path", [TILED, EAGER, ATEN])
 @torch.inference_mode()
 def test_a_gelu_after_the_bfloat16_paths_is_the_unfused_pair(path):
     linear = _linear(96, 64, seed=3)
