@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,6 +28,16 @@ from bloomduo.shard_worker.tensor_parallel import ShardLayout, load_shard, shard
 from bloomduo.shard_worker.weight_formats import format_weights
 
 log = get_logger(__name__)
+
+
+def return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    Loading leaves holes where weights were converted: float weights quantized to int8, plain weights
+    packed. glibc keeps those pages resident; at bloom-560m with --quantize int8 a worker held 1095 MiB
+    after loading and 536 MiB after this call."""
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def resolve_dtype(
@@ -142,6 +154,7 @@ class ShardEngine:
         # Every CPU rank enters format_weights' agreement on kernels, even with no plain Linear left.
         kernels = format_weights(model, device, dtype, options.cpu_kernels, group)
         kernels = describe_int8(model) or kernels
+        return_freed_memory()
         engine = cls(
             model,
             layout,
