@@ -531,6 +531,32 @@ static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
+/* untile(w, n0, n1, K, out): rows n0 .. n1-1 (multiples of TILE_ROWS) of a tiled bfloat16 weight as plain
+ * float32 [n1 - n0, K] at out: the slices a float32 GEMM reads where bfloat16 arithmetic is emulated. */
+static PyObject *py_untile(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "untile() takes 5 arguments");
+        return NULL;
+    }
+    const uint16_t *w = PyLong_AsVoidPtr(args[0]);
+    long n0 = PyLong_AsLong(args[1]), n1 = PyLong_AsLong(args[2]), K = PyLong_AsLong(args[3]);
+    float *out = PyLong_AsVoidPtr(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    if (n0 % TILE_ROWS || n1 % TILE_ROWS || K % TILE_K) {
+        PyErr_SetString(PyExc_ValueError, "untile() takes whole tiles: rows in 4s, K in 32s");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const uint16_t *chunk = w + n0 * K; /* tiles in order, each TILE_K columns of TILE_ROWS rows at a time */
+    for (long n = n0; n < n1; n += TILE_ROWS)
+        for (long k = 0; k < K; k += TILE_K)
+            for (long r = 0; r < TILE_ROWS; r++, chunk += TILE_K)
+                for (long c = 0; c < TILE_K; c++) out[(n - n0 + r) * K + k + c] = bf16_to_f32(chunk[c]);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* attend(q, keys, values, bias, slots, out, S, H, L, D, q_row, q_head, kv_slot, kv_head, scale, isa):
  * addresses as ints (slots 0: query i in slot i), strides in elements. Releases the GIL while it runs. */
 static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -570,6 +596,7 @@ static PyObject *py_supported(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "y = x W^T (* scale) (+ bias)"},
     {"attend", (PyCFunction)(void (*)(void))py_attend, METH_FASTCALL, "bfloat16 one-query attention"},
+    {"untile", (PyCFunction)(void (*)(void))py_untile, METH_FASTCALL, "tiled bfloat16 rows to float32"},
     {"supported", py_supported, METH_O, "whether this CPU runs the given ISA level"},
     {NULL, NULL, 0, NULL},
 };

@@ -50,12 +50,21 @@ from bloomduo.shard_worker.model import MLP
 
 log = get_logger(__name__)
 
-PACKED, NATIVE, TILED, EAGER, ATEN, FP32 = "packed", "native", "tiled", "eager", "aten", "fp32"
-PATHS = (PACKED, NATIVE, TILED, EAGER, ATEN, FP32)
+PACKED, NATIVE, TILED, TILED_FP32 = "packed", "native", "tiled", "tiled-fp32"
+EAGER, ATEN, FP32 = "eager", "aten", "fp32"
+PATHS = (PACKED, NATIVE, TILED, TILED_FP32, EAGER, ATEN, FP32)
 PLAIN = "plain"  # the weight as loaded, row-major
 # The layout each path reads: oneDNN's packed one (read by oneDNN, or by native.py's kernel for few rows),
 # native.py's own tiles, or the plain weight. One layout per group: two would hold the weights twice.
-LAYOUT_OF = {PACKED: PACKED, NATIVE: PACKED, TILED: TILED, EAGER: PLAIN, ATEN: PLAIN, FP32: PLAIN}
+LAYOUT_OF = {
+    PACKED: PACKED,
+    NATIVE: PACKED,
+    TILED: TILED,
+    TILED_FP32: TILED,
+    EAGER: PLAIN,
+    ATEN: PLAIN,
+    FP32: PLAIN,
+}
 LAYOUTS = (PACKED, TILED, PLAIN)  # preferred in this order when their worst slowdowns tie
 KERNELS_ENV = "BLOOMDUO_CPU_KERNELS"
 BLOCKS, LM_HEAD = "blocks", "lm_head"
@@ -127,9 +136,11 @@ def fp32_linear(
     bias: torch.Tensor | None,
     scratch: Fp32Scratch,
     approximate: str | None = None,
+    tiled: bool = False,
 ) -> torch.Tensor:
-    """F.linear computed in float32 from a bfloat16 weight, slice by slice of output features, and
-    rounded to the weight's dtype once, after the optional GELU (`approximate`: "tanh" or "none").
+    """F.linear computed in float32 from a bfloat16 weight (plain, or in native.py's tiles), slice by
+    slice of output features, and rounded to the weight's dtype once, after the optional GELU
+    (`approximate`: "tanh" or "none").
 
     Converting a whole weight per call into a fresh buffer cost more than the GEMM saves (page faults
     of 256 MiB a call); a slice converted into the cache-sized scratch costs ~0.1 ms per 2 M weights.
@@ -137,12 +148,16 @@ def fp32_linear(
     rows = x.reshape(-1, x.shape[-1]).float()
     out_features, in_features = weight.shape
     buffer = scratch.get()
-    per_slice = max(1, buffer.numel() // in_features)
+    step = native.TILE_ROWS if tiled else 1  # a tiled slice is whole tiles
+    per_slice = max(step, buffer.numel() // in_features // step * step)
     out = None if per_slice >= out_features else torch.empty(rows.shape[0], out_features, dtype=weight.dtype)
     for start in range(0, out_features, per_slice):
         stop = min(out_features, start + per_slice)
         w = buffer[: (stop - start) * in_features].view(stop - start, in_features)
-        w.copy_(weight[start:stop])
+        if tiled:
+            native.untile_into(w, weight, start, stop)
+        else:
+            w.copy_(weight[start:stop])
         y = F.linear(rows, w, None if bias is None else bias[start:stop].float())
         if approximate:
             y = F.gelu(y, approximate=approximate)
@@ -284,6 +299,37 @@ class RoutedLinear(nn.Module):
         return F.gelu(out, approximate=self.approximate) if self.approximate else out
 
 
+class TiledLinear(nn.Module):
+    """A Linear whose bfloat16 weight is held in native.py's tiles: its route runs TILED (the native
+    kernel, reading each tile once: decode) or TILED_FP32 (float32 GEMMs on slices untiled into the
+    scratch: prefill where bfloat16 arithmetic is emulated), with an optional GELU after it."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        route: Route,
+        scratch: Fp32Scratch,
+        activation: str = "none",
+        algorithm: str = "",
+    ) -> None:
+        super().__init__()
+        if route.layout != TILED:
+            raise ValueError("TiledLinear runs tiled-layout paths only")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(native.to_tiles(linear.weight.detach()), requires_grad=False)
+        self.bias = linear.bias
+        self.scratch = scratch
+        self.approximate = (algorithm or "none") if activation == "gelu" else None
+        self._firsts = [first for first, _ in route.steps]
+        self._fp32 = [path == TILED_FP32 for _, path in route.steps]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fp32[bisect.bisect_right(self._firsts, x.numel() // self.in_features) - 1]:
+            return fp32_linear(x, self.weight, self.bias, self.scratch, self.approximate, tiled=True)
+        out = native.linear(x, self.weight, self.bias)
+        return F.gelu(out, approximate=self.approximate) if self.approximate else out
+
+
 @dataclass
 class KernelChoice:
     """What a worker chose (or was told) for each group, and what it measured."""
@@ -309,7 +355,7 @@ def candidate_paths(packing: bool) -> list[str]:
     if packing and native.best_isa() == native.AVX512_BF16:
         paths.append(NATIVE)
     if native.best_isa() >= native.AVX2:
-        paths.append(TILED)
+        paths += [TILED, TILED_FP32] if bf16_is_emulated() else [TILED]
     paths.append(EAGER)
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         paths.append(ATEN)
@@ -339,7 +385,7 @@ def choose(
                 f"{KERNELS_ENV}/--cpu-kernels: packed needs oneDNN's bfloat16 matmul (AVX512-BF16 or AMX), "
                 "which this CPU or torch build lacks, or BLOOMDUO_CPU_PACKED_WEIGHTS=0 turned it off"
             )
-        missing = route.paths & {NATIVE, TILED} - set(paths)
+        missing = route.paths & {NATIVE, TILED, TILED_FP32} - set(paths)
         if missing:
             raise ValueError(
                 f"{KERNELS_ENV}/--cpu-kernels: {', '.join(sorted(missing))} needs bloomduo's native kernels "
@@ -351,7 +397,8 @@ def choose(
     choice = KernelChoice({})
     generator = torch.Generator().manual_seed(0)
     for group, linears in groups.items():
-        fitting = [p for p in paths if p != TILED or all(native.fits(linear.weight) for linear in linears)]
+        fits = all(native.fits(linear.weight) for linear in linears)
+        fitting = [p for p in paths if LAYOUT_OF[p] != TILED or fits]
         timings, rejected = measure_group(group, linears, fitting, scratch, generator)
         choice.timings_ms[group], choice.rejected[group] = timings, rejected
         choice.routes[group] = route_from(timings, PROBE_ROWS[group])
@@ -421,8 +468,8 @@ def _runner(path: str, linears: list[nn.Linear], scratch: Fp32Scratch) -> list[n
     """The modules that run `path` on `linears`: exactly what apply_routes installs."""
     if LAYOUT_OF[path] == PACKED:
         return [PackedLinear(linear, route=Route(PACKED, ((1, path),))) for linear in linears]
-    if path == TILED:
-        return [native.TiledLinear.from_linear(linear) for linear in linears]
+    if LAYOUT_OF[path] == TILED:
+        return [TiledLinear(linear, Route(TILED, ((1, path),)), scratch) for linear in linears]
     if path == EAGER:
         return list(linears)
     return [RoutedLinear(linear, Route(PLAIN, ((1, path),)), scratch) for linear in linears]
@@ -460,7 +507,8 @@ def measure_group(
                 timings[path][rows] = _time(modules, inputs)
             fastest = min(timings[path][rows] for path in alive)
             for path in list(alive):  # hopeless at this size: worse still at larger ones
-                if timings[path][rows] > PRUNE_FACTOR * fastest:
+                # ...except the float32 paths: a weight conversion per call, slow at one row by design
+                if timings[path][rows] > PRUNE_FACTOR * fastest and path not in (FP32, TILED_FP32):
                     alive.remove(path)
         del runners  # the packed copies of the sample
     return {path: t for path, t in timings.items() if t}, rejected
@@ -501,11 +549,8 @@ def apply_routes(model: nn.Module, choice: KernelChoice, scratch: Fp32Scratch) -
         if route.layout == PACKED:
             return PackedLinear(linear, activation, algorithm, route)
         if route.layout == TILED:  # forced: a weight the tiles do not fit keeps nn.Linear
-            return (
-                native.TiledLinear.from_linear(linear, activation, algorithm)
-                if native.fits(linear.weight)
-                else None
-            )
+            fits = native.fits(linear.weight)
+            return TiledLinear(linear, route, scratch, activation, algorithm) if fits else None
         return RoutedLinear(linear, route, scratch, activation, algorithm)
 
     for mlp in [m for m in model.modules() if isinstance(m, MLP)]:

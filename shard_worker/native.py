@@ -1,4 +1,4 @@
-"""The project's own CPU matrix kernels (_kernels.c), and the Linear that runs them on tiled weights.
+"""The project's own CPU matrix and attention kernels (_kernels.c), and the layouts they read.
 
 _kernels is compiled by the project's install (the ext-module in pyproject.toml) and optional: where it
 was not built (no C compiler, a platform it does not know) `available()` is False and the workers keep
@@ -13,7 +13,6 @@ import functools
 import importlib
 
 import torch
-from torch import nn
 
 TILE_ROWS, TILE_K = 4, 32  # _kernels.c's tiled layout
 TILED, ONEDNN = 0, 1  # the weight layouts _kernels.c reads: its own, and oneDNN's packed bfloat16 one
@@ -84,6 +83,13 @@ def from_tiles(tiled: torch.Tensor) -> torch.Tensor:
     return tiles.transpose(1, 2).reshape(out_features, in_features)
 
 
+def untile_into(out: torch.Tensor, tiled_weight: torch.Tensor, start: int, stop: int) -> None:
+    """Rows start .. stop-1 (whole tiles) of a tiled bfloat16 weight into `out`, float32 [rows, in]."""
+    if tiled_weight.dtype != torch.bfloat16 or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError("untile_into reads tiled bfloat16 into contiguous float32")
+    _module().untile(tiled_weight.data_ptr(), start, stop, tiled_weight.shape[1], out.data_ptr())
+
+
 def linear(
     x: torch.Tensor,
     tiled_weight: torch.Tensor,
@@ -127,41 +133,6 @@ def linear(
         int(gelu),
     )
     return out.view(*x.shape[:-1], out_features)
-
-
-class TiledLinear(nn.Module):
-    """A Linear whose weight is held tiled (bfloat16, or int8 with per-row float32 scales) and run by
-    _kernels.c for every row count, with an optional tanh/erf GELU after it."""
-
-    def __init__(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        scale: torch.Tensor | None = None,
-        approximate: str | None = None,
-    ) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(to_tiles(weight.detach()), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().contiguous(), requires_grad=False)
-        self.register_buffer("scale", None if scale is None else scale.float().contiguous())
-        self.approximate = approximate
-        self.isa = best_isa()
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, activation: str = "none", algorithm: str = "") -> TiledLinear:
-        approximate = (algorithm or "none") if activation == "gelu" else None
-        return cls(linear.weight, linear.bias, approximate=approximate)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight, self.bias, self.scale, self.isa)
-        return torch.nn.functional.gelu(out, approximate=self.approximate) if self.approximate else out
-
-    def extra_repr(self) -> str:
-        weights = "int8" if self.scale is not None else str(self.weight.dtype).removeprefix("torch.")
-        return f"in_features={self.in_features}, out_features={self.out_features}, {weights} tiled, " + (
-            f"isa={ISA_NAMES[self.isa]}"
-        )
 
 
 def attends(q: torch.Tensor, bias: torch.Tensor) -> bool:

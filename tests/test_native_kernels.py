@@ -174,3 +174,12 @@ def test_one_query_attention_reads_the_cache_in_place_and_rounds_as_torch_does(h
     want = _torch_one_query_attention(q, keys[at], values[at], bias[at], head_dim**-0.5)
     ulp = torch.finfo(torch.bfloat16).eps * want.float().abs().max()
     assert got.shape == want.shape and (got.float() - want.float()).abs().max() <= ulp
+
+
+def test_untiling_gives_back_the_plain_rows_widened():
+    weight = torch.randn(16, 96).to(torch.bfloat16)
+    out = torch.empty(8, 96)
+    native.untile_into(out, native.to_tiles(weight), 4, 12)
+    assert torch.equal(out, weight[4:12].float())
+    with pytest.raises(ValueError, match="whole tiles"):
+        native.untile_into(torch.empty(6, 96), native.to_tiles(weight), 2, 8)

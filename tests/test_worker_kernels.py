@@ -39,11 +39,13 @@ from bloomduo.shard_worker.cpu_kernels import (
     PLAIN,
     PROBE_ROWS,
     TILED,
+    TILED_FP32,
     TOLERANCE_EPS,
     Fp32Scratch,
     PackedLinear,
     Route,
     RoutedLinear,
+    TiledLinear,
     apply_routes,
     candidate_paths,
     choose,
@@ -82,8 +84,8 @@ def _module_for(path: str, linear: nn.Linear, scratch: Fp32Scratch, activation: 
         module = PackedLinear(linear, activation, algorithm, Route(PACKED, ((1, path),)))
         assert module._native == [path == NATIVE]  # native read oneDNN's layout right, or was not asked
         return module
-    if path == TILED:
-        return native.TiledLinear.from_linear(linear, activation, algorithm)
+    if path in (TILED, TILED_FP32):
+        return TiledLinear(linear, Route(TILED, ((1, path),)), scratch, activation, algorithm)
     return RoutedLinear(linear, Route(PLAIN, ((1, path),)), scratch, activation, algorithm)
 
 
@@ -91,7 +93,7 @@ needs_native_onednn = pytest.mark.skipif(
     not (CAN_PACK and native.best_isa() == native.AVX512_BF16),
     reason="the native path reads oneDNN's AVX512-BF16 layout: this CPU or torch build packs no bfloat16",
 )
-OWN_PATHS = [pytest.param(NATIVE, marks=needs_native_onednn), TILED]  # tests/test_native_kernels.py: built
+OWN_PATHS = [pytest.param(NATIVE, marks=needs_native_onednn), TILED, TILED_FP32]  # the install built them
 
 
 # ------------------------------------------------------------------------------ each path, one Linear
@@ -114,7 +116,13 @@ def test_every_path_computes_what_nn_linear_does(path, bias, rows):
 
 
 @pytest.mark.parametrize(
-    "path", [pytest.param(PACKED, marks=needs_packing), pytest.param(NATIVE, marks=needs_native_onednn), FP32]
+    "path",
+    [
+        pytest.param(PACKED, marks=needs_packing),
+        pytest.param(NATIVE, marks=needs_native_onednn),
+        FP32,
+        TILED_FP32,
+    ],
 )
 @torch.inference_mode()
 def test_a_folded_gelu_rounds_once(path):
@@ -243,7 +251,8 @@ def test_measuring_times_every_candidate_checks_it_and_drops_a_wrong_one(monkeyp
     choice = choose(groups, paths, Fp32Scratch(), "auto")
     assert not choice.forced and choice.seconds > 0
     for group in (BLOCKS, LM_HEAD):
-        fitting = {p for p in paths if p != TILED or all(native.fits(m.weight) for m in groups[group])}
+        fits = all(native.fits(m.weight) for m in groups[group])
+        fitting = {p for p in paths if cpu_kernels.LAYOUT_OF[p] != TILED or fits}
         assert set(choice.timings_ms[group]) == fitting  # every candidate timed at one row
         assert all(t[1] > 0 for t in choice.timings_ms[group].values())
         assert choice.routes[group].paths <= set(paths) and not choice.rejected[group]
@@ -430,6 +439,6 @@ def test_an_avx2_class_cpu_chooses_among_what_it_can_run(reference):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["capability"] in ("AVX2", "DEFAULT"), report  # the ATen cap took effect
     # bloomduo's own kernel in its AVX2 form where the install built it (the test environment always does)
-    assert report["candidates"] == [TILED, EAGER, FP32] and report["packed"] == 0, report
+    assert report["candidates"] == [TILED, TILED_FP32, EAGER, FP32] and report["packed"] == 0, report
     assert report["isa"] == "avx2", report
     assert report["kernels"].startswith("blocks: ") and PACKED not in report["kernels"], report
