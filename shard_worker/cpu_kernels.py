@@ -1,35 +1,46 @@
 """Which kernel runs each Linear of a bfloat16 CPU worker, chosen at start by timing them on this machine.
 
 The fastest path depends on the CPU and on how many rows a call has, and no rule written in advance
-got both right. Measured at one thread, bloom-560m's shapes split over two ranks, cold weights (ms for
-all 96 block Linears; `eager` is what nn.Linear does, `aten` is ATen's own kernel with oneDNN off):
+got both right. The paths, by the weight layout they read:
 
-    AMD EPYC, AVX512-BF16        rows=1    4     32    256
-      packed (oneDNN blocked)     20.0   18.4   51.8   358
-      eager  (oneDNN plain)       31.4   33.3   69.5   375
-      aten   (ATen GEMV/GEMM)     15.3   61.5    452     -
+    oneDNN packed   packed      oneDNN's bf16 matmul                   (oneDNN bf16 native: AVX512-BF16, AMX)
+                    native      native.py's kernel on oneDNN's bytes   (the same, with AVX512-BF16)
+    tiles           tiled       native.py's kernel on its own tiles    (x86-64 with AVX2, where it was built)
+                    tiled-fp32  float32 GEMM on untiled, widened slices (bf16 emulated)
+    plain           eager       nn.Linear
+                    aten        ATen's own kernel, oneDNN off          (where oneDNN is the default)
+                    fp32        float32 GEMM on widened slices         (bf16 emulated)
+
+Measured at one thread on bloom-560m's shapes split over two ranks (AMD EPYC; ms for 64 MiB of block
+weights at 1 and 4 rows, cold, one block at 32 and 256 rows):
+
+    AVX512-BF16                 rows=1     4     32    256
+      native                      3.3    3.0   1.9   14.4
+      packed                      5.3    4.4   2.1   14.5
+      tiled                       3.1    4.1   2.8   18.8
+      eager / aten                8.1 / 4.0   8.4 / 15.2
     the same, AVX2 only (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2; bfloat16 emulated)
-      eager (= aten)              16.0   61.6    462   3568
-      fp32 (weights stay bf16)    31.0   65.4    152   1614
+      tiled                       3.3    9.2   5.9   45.2
+      fp32                        8.8   16.4   6.2   34.9
+      eager                       4.1   15.3  18.7      -
 
-So ATen's GEMV wins one-row calls where oneDNN has native bfloat16, the packed layout wins everything
-from a few rows up, and where bfloat16 arithmetic is emulated a float32 GEMM (converting the weight a
-slice at a time into one reused float32 scratch) is 3x faster from ~16 rows up, and 2x slower at one
-row. A worker times the paths its CPU can run on its own weights, at its thread count: decode sizes
-(1 and 4 rows) on weights past the last-level cache, prefill sizes (32 and 256 rows) on one block; the
-LM head, whose calls have one row per sequence, at 1, 4 and 16 rows. Each path's output is checked
-against nn.Linear's first (`TOLERANCE_EPS` roundings of the output's scale); a path that misses is
-dropped, and so is one that is `PRUNE_FACTOR` times slower than the best at a size, for larger sizes.
+oneDNN's small-batch kernel streams its packed weights at ~15 GB/s where native.py's reads the same bytes
+at ~21 GB/s; where bfloat16 arithmetic is emulated, a float32 GEMM on slices converted into one reused
+float32 scratch wins from a few dozen rows up and loses 3x at one row. A worker times the paths its CPU
+can run on its own weights, at its thread count: decode sizes (1 and 4 rows) on weights past the
+last-level cache, prefill sizes (32 and 256 rows) on one block; the LM head, whose calls have one row per
+sequence, at 1, 4 and 16 rows. Each path's output is checked against nn.Linear's first (`TOLERANCE_EPS`
+roundings of the output's scale); a path that misses is dropped, and so is one that is `PRUNE_FACTOR`
+times slower than the best at a size, for larger sizes (not the float32 ones, slow at one row by design).
 
-One weight layout per group (blocks, LM head): packed and plain cannot both be held without a second
-copy of the weights. The layout whose worst slowdown over the probed sizes is smallest wins; on the
-AVX512-BF16 EPYC above that is packed (1.31x at one row, against plain's 1.81x at four rows). Within
-the plain layout each call takes the path whose time, interpolated between the probed sizes, is
-smallest for its row count.
+One weight layout per group (blocks, LM head): two layouts cannot be held without a second copy of the
+weights. The layout whose fastest path's worst slowdown over the probed sizes is smallest wins; within it
+each call takes the path whose time, interpolated between the probed sizes, is smallest for its row count.
 
-`BLOOMDUO_CPU_KERNELS` (or `bloomduo shard --cpu-kernels`) forces a route instead, e.g. `packed`,
-`eager`, `aten` or `aten,fp32@8` (aten below 8 rows, fp32 from 8): no timing, the same on every run.
-float32 and float16 workers keep nn.Linear as it is: float32 is held to transformers bit for bit.
+`BLOOMDUO_CPU_KERNELS` (or `bloomduo shard --cpu-kernels`) forces a route instead, e.g. `packed`, `native`,
+`tiled`, or steps of one layout such as `native,packed@33` or `aten,fp32@8` (aten below 8 rows, fp32 from
+8): no timing, the same on every run. float32 and float16 workers keep nn.Linear as it is: float32 is held
+to transformers bit for bit.
 """
 
 from __future__ import annotations
