@@ -281,8 +281,9 @@ class PackedLinear(nn.Module):
 
 
 class RoutedLinear(nn.Module):
-    """A plain-layout Linear that runs each call on its route's path for the call's row count, with an
-    optional GELU folded in (inside the float32 path before its one rounding; after the others)."""
+    """A Linear that runs each call on its route's path for the call's row count, its weight held in the
+    route's layout (plain, or native.py's tiles), with an optional GELU folded in (inside the float32
+    paths before their one rounding; after the others)."""
 
     def __init__(
         self,
@@ -293,10 +294,12 @@ class RoutedLinear(nn.Module):
         algorithm: str = "",
     ) -> None:
         super().__init__()
-        if route.layout != PLAIN:
-            raise ValueError("RoutedLinear runs plain-layout paths only")
+        if route.layout not in (PLAIN, TILED):
+            raise ValueError("RoutedLinear runs plain- and tiled-layout paths only")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
+        if route.layout == TILED:
+            self.weight = nn.Parameter(native.to_tiles(linear.weight.detach()), requires_grad=False)
         self.route, self.scratch = route, scratch
         self.approximate = (algorithm or "none") if activation == "gelu" else None
         self._firsts = [first for first, _ in route.steps]
@@ -306,38 +309,14 @@ class RoutedLinear(nn.Module):
         path = self._paths[bisect.bisect_right(self._firsts, x.numel() // self.in_features) - 1]
         if path == FP32:
             return fp32_linear(x, self.weight, self.bias, self.scratch, self.approximate)
-        out = aten_linear(x, self.weight, self.bias) if path == ATEN else F.linear(x, self.weight, self.bias)
-        return F.gelu(out, approximate=self.approximate) if self.approximate else out
-
-
-class TiledLinear(nn.Module):
-    """A Linear whose bfloat16 weight is held in native.py's tiles: its route runs TILED (the native
-    kernel, reading each tile once: decode) or TILED_FP32 (float32 GEMMs on slices untiled into the
-    scratch: prefill where bfloat16 arithmetic is emulated), with an optional GELU after it."""
-
-    def __init__(
-        self,
-        linear: nn.Linear,
-        route: Route,
-        scratch: Fp32Scratch,
-        activation: str = "none",
-        algorithm: str = "",
-    ) -> None:
-        super().__init__()
-        if route.layout != TILED:
-            raise ValueError("TiledLinear runs tiled-layout paths only")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(native.to_tiles(linear.weight.detach()), requires_grad=False)
-        self.bias = linear.bias
-        self.scratch = scratch
-        self.approximate = (algorithm or "none") if activation == "gelu" else None
-        self._firsts = [first for first, _ in route.steps]
-        self._fp32 = [path == TILED_FP32 for _, path in route.steps]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fp32[bisect.bisect_right(self._firsts, x.numel() // self.in_features) - 1]:
+        if path == TILED_FP32:
             return fp32_linear(x, self.weight, self.bias, self.scratch, self.approximate, tiled=True)
-        out = native.linear(x, self.weight, self.bias)
+        if path == TILED:
+            out = native.linear(x, self.weight, self.bias)
+        elif path == ATEN:
+            out = aten_linear(x, self.weight, self.bias)
+        else:
+            out = F.linear(x, self.weight, self.bias)
         return F.gelu(out, approximate=self.approximate) if self.approximate else out
 
 
@@ -479,11 +458,9 @@ def _runner(path: str, linears: list[nn.Linear], scratch: Fp32Scratch) -> list[n
     """The modules that run `path` on `linears`: exactly what apply_routes installs."""
     if LAYOUT_OF[path] == PACKED:
         return [PackedLinear(linear, route=Route(PACKED, ((1, path),))) for linear in linears]
-    if LAYOUT_OF[path] == TILED:
-        return [TiledLinear(linear, Route(TILED, ((1, path),)), scratch) for linear in linears]
     if path == EAGER:
         return list(linears)
-    return [RoutedLinear(linear, Route(PLAIN, ((1, path),)), scratch) for linear in linears]
+    return [RoutedLinear(linear, Route(LAYOUT_OF[path], ((1, path),)), scratch) for linear in linears]
 
 
 @torch.inference_mode()
@@ -548,7 +525,7 @@ def _time(modules: list[nn.Module], inputs: dict[int, torch.Tensor]) -> float:
 
 
 def apply_routes(model: nn.Module, choice: KernelChoice, scratch: Fp32Scratch) -> nn.Module:
-    """Install `choice` in `model`, in place: PackedLinear, TiledLinear or RoutedLinear per group (a group
+    """Install `choice` in `model`, in place: PackedLinear or RoutedLinear per group (a group
     routed to eager alone keeps its nn.Linear), each MLP's tanh GELU folded into the Linear before it."""
     groups = groups_of(model)
     route_of = {id(linear): choice.routes[group] for group, linears in groups.items() for linear in linears}
@@ -561,7 +538,7 @@ def apply_routes(model: nn.Module, choice: KernelChoice, scratch: Fp32Scratch) -
             return PackedLinear(linear, activation, algorithm, route)
         if route.layout == TILED:  # forced: a weight the tiles do not fit keeps nn.Linear
             fits = native.fits(linear.weight)
-            return TiledLinear(linear, route, scratch, activation, algorithm) if fits else None
+            return RoutedLinear(linear, route, scratch, activation, algorithm) if fits else None
         return RoutedLinear(linear, route, scratch, activation, algorithm)
 
     for mlp in [m for m in model.modules() if isinstance(m, MLP)]:

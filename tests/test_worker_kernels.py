@@ -45,7 +45,6 @@ from bloomduo.shard_worker.cpu_kernels import (
     PackedLinear,
     Route,
     RoutedLinear,
-    TiledLinear,
     apply_routes,
     candidate_paths,
     choose,
@@ -85,7 +84,7 @@ def _module_for(path: str, linear: nn.Linear, scratch: Fp32Scratch, activation: 
         assert module._native == [path == NATIVE]  # native read oneDNN's layout right, or was not asked
         return module
     if path in (TILED, TILED_FP32):
-        return TiledLinear(linear, Route(TILED, ((1, path),)), scratch, activation, algorithm)
+        return RoutedLinear(linear, Route(TILED, ((1, path),)), scratch, activation, algorithm)
     return RoutedLinear(linear, Route(PLAIN, ((1, path),)), scratch, activation, algorithm)
 
 
