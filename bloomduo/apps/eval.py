@@ -328,10 +328,12 @@ def _in_process_logits(
     from bloomduo.gateway.embedding import Embedder
     from bloomduo.shard_worker.model import Chunk
     from bloomduo.shard_worker.tensor_parallel import load_shard
+    from bloomduo.shard_worker.weight_formats import format_weights
 
     checkpoint = Checkpoint(args.model)
     device = torch.device(shard_device(args.device, 0))
     model = load_shard(checkpoint, 0, 1, device=device, dtype=to_torch(dtype), quantize=quantize)
+    format_weights(model, device, to_torch(dtype))  # the kernels a worker here would choose, measured alike
     hidden = Embedder(checkpoint, to_torch(dtype))(torch.tensor(token_ids))
     cache = model.new_kv_cache(initial_capacity=len(token_ids))
     with torch.inference_mode():
