@@ -338,11 +338,11 @@ class KernelChoice:
 
 def candidate_paths(packing: bool) -> list[str]:
     """The paths this CPU can run: packed where packing applies, and native beside it where native.py's
-    kernel reads oneDNN's layout (AVX512-BF16); tiled where native.py was built with a vector ISA; aten
-    where the default is oneDNN's (elsewhere it is the same kernel as eager); fp32 where bfloat16
-    arithmetic is emulated."""
+    kernel reads the layout oneDNN packs in here (AVX512-BF16); tiled where native.py was built with a
+    vector ISA (and tiled-fp32 beside it, and fp32, where bfloat16 arithmetic is emulated); aten where the
+    default is oneDNN's (elsewhere it is the same kernel as eager)."""
     paths = [PACKED] if packing else []
-    if packing and native.best_isa() == native.AVX512_BF16:
+    if packing and native.reads_onednn_packing():
         paths.append(NATIVE)
     if native.best_isa() >= native.AVX2:
         paths += [TILED, TILED_FP32] if bf16_is_emulated() else [TILED]

@@ -63,6 +63,25 @@ def reads_onednn_layout(packed: torch.Tensor, bias: torch.Tensor | None) -> bool
     )
 
 
+@functools.cache
+def reads_onednn_packing() -> bool:
+    """Whether oneDNN here packs bfloat16 Linear weights in the layout the ONEDNN path reads, checked on a
+    probe weight against oneDNN's own product: builds for other ISAs (AMX) may block differently, and then
+    the native path is no candidate at all (PackedLinear checks each real weight again)."""
+    if best_isa() != AVX512_BF16 or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(128, 256, generator=generator).to(torch.bfloat16)
+    x = torch.randn(3, 256, generator=generator).to(torch.bfloat16)
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        want = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "").float()
+    except RuntimeError:  # a torch build without oneDNN's bf16 linear
+        return False
+    got = linear(x, packed, layout=ONEDNN).float()
+    return bool((got - want).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * want.abs().max())
+
+
 def fits(weight: torch.Tensor) -> bool:
     """Whether a [out, in] weight can take the tiled layout (out a multiple of 4, in of 32)."""
     out_features, in_features = weight.shape

@@ -86,8 +86,9 @@ def test_the_onednn_layout_is_read_as_documented(isa, rows, gelu):
 
 
 @pytest.mark.skipif(
-    not (can_pack() and native.best_isa() == native.AVX512_BF16),
-    reason="needs oneDNN's packed bfloat16 layout and AVX512-BF16 (this CPU or torch build lacks one)",
+    not (can_pack() and native.reads_onednn_packing()),
+    reason="needs oneDNN packing bfloat16 in the layout the kernel reads, with AVX512-BF16 (this CPU or "
+    "torch build packs no bfloat16, or packs it another way, as AMX builds may: the native path is then off)",
 )
 def test_onednn_packs_the_layout_the_kernel_reads():
     """The layout made above is the one oneDNN really makes: the kernel on oneDNN's own bytes."""
@@ -138,6 +139,7 @@ def test_int8_weight_only_runs_natively_and_matches_dequantized_weights():
 def test_without_the_built_module_the_workers_keep_torchs_kernels(monkeypatch):
     monkeypatch.setattr(native, "_module", lambda: None)
     native.best_isa.cache_clear()
+    native.reads_onednn_packing.cache_clear()
     try:
         assert not native.available() and native.best_isa() == native.SCALAR
         paths = cpu_kernels.candidate_paths(packing=True)
@@ -148,6 +150,7 @@ def test_without_the_built_module_the_workers_keep_torchs_kernels(monkeypatch):
             native.linear(torch.randn(1, 256).bfloat16(), native.to_tiles(linear.weight))
     finally:
         native.best_isa.cache_clear()
+        native.reads_onednn_packing.cache_clear()
 
 
 def _torch_one_query_attention(q, keys, values, bias, scale):
