@@ -95,13 +95,6 @@ def to_tiles(weight: torch.Tensor) -> torch.Tensor:
     return tiles.transpose(1, 2).contiguous().view(out_features, in_features)
 
 
-def from_tiles(tiled: torch.Tensor) -> torch.Tensor:
-    """to_tiles undone: the plain [out, in] weight."""
-    out_features, in_features = tiled.shape
-    tiles = tiled.view(out_features // TILE_ROWS, in_features // TILE_K, TILE_ROWS, TILE_K)
-    return tiles.transpose(1, 2).reshape(out_features, in_features)
-
-
 def untile_into(out: torch.Tensor, tiled_weight: torch.Tensor, start: int, stop: int) -> None:
     """Rows start .. stop-1 (whole tiles) of a tiled bfloat16 weight into `out`, float32 [rows, in]."""
     if tiled_weight.dtype != torch.bfloat16 or out.dtype != torch.float32 or not out.is_contiguous():

@@ -114,9 +114,8 @@ def test_a_packed_linear_whose_layout_native_misreads_stays_on_onednn(monkeypatc
     assert cpu_kernels._error(module(x), linear(x), torch.bfloat16) <= cpu_kernels.TOLERANCE_EPS
 
 
-def test_tiles_round_trip_and_bad_calls_are_told_what_is_wrong():
+def test_what_fits_the_tiles_and_bad_calls_are_told_what_is_wrong():
     weight = torch.arange(8 * 64, dtype=torch.float32).view(8, 64).to(torch.bfloat16)
-    assert torch.equal(native.from_tiles(native.to_tiles(weight)), weight)
     assert native.fits(weight) and not native.fits(weight[:6]) and not native.fits(weight[:, :48])
     x = torch.randn(1, 48).to(torch.bfloat16)
     with pytest.raises(ValueError, match="multiple of 32"):
