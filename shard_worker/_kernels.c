@@ -1,18 +1,18 @@
-/* Bandwidth-bound matrix-vector products for a CPU worker's decode steps: y = x W^T (+ bias) for a few rows
- * of x, with W held as bfloat16 or as int8 with one float32 scale per output row.
+/* bloomduo's own CPU kernels for a shard worker: the matrix products of decode (and, where they win,
+ * prefill) and one-query attention.
  *
  * Why: a decode step reads every weight once for one to sixteen rows, so its time is the weights' bytes over
- * the memory bandwidth, if the kernel keeps the memory bus busy. oneDNN's packed bf16 kernel needs its own
- * weight layout, ATen's bf16 GEMV is fast for one row only, and neither reads int8 weights. Here every ISA
- * reads W once per call in its plain row-major layout, widening it in registers and accumulating in float32:
+ * the memory bandwidth, if the kernel keeps the memory bus busy. oneDNN's small-batch kernel streams its
+ * packed bf16 weights at ~15 GB/s on one EPYC core, ATen's bf16 GEMV is fast for one row only, and neither
+ * reads int8 weights. Here every path reads W once per call, front to back, and sums in float32:
  *
- *   AVX512-BF16  bf16 x bf16 pairs summed into float32 by VDPBF16PS (products exact, as oneDNN's)
- *   AVX512F/AVX2 W widened to float32 in registers, x widened once per call, float32 FMA
- *   scalar       the same sums in C, for any other CPU and for any K
+ *   LAYOUT_ONEDNN  oneDNN's packed bf16 weight itself (AVX512-BF16: VDPBF16PS, outputs in the lanes)
+ *   LAYOUT_TILED   this file's tiles, bf16 or int8 weights, in AVX512-BF16, AVX512F, AVX2+FMA or scalar form
  *
- * The output is rounded once (round-to-nearest-even to bf16, or kept float32) after the bias and scale:
- * what nn.Linear computes, in another order of summation. Built by the project's install (setuptools,
- * pyproject.toml) and optional: without a compiler the worker keeps torch's kernels (native.py).
+ * The output is rounded once (round-to-nearest-even to bf16, or kept float32) after the bias, scale and
+ * optional tanh GELU: what nn.Linear (and oneDNN's GELU post-op) computes, in another order of summation.
+ * Built by the project's install (setuptools, pyproject.toml) and optional: without a compiler the worker
+ * keeps torch's kernels (native.py chooses the ISA and checks what it may use).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -120,8 +120,8 @@ static void linear_scalar(const Problem *p) {
 }
 
 #ifdef X86
-/* The four sums of one row of x against one tile, y[r, n0 .. n0+3]: a single pass of scale, bias and
- * rounding for the four (reducing each accumulator on its own cost more than the sums at K = 512). */
+/* The four sums of one row of x against one tile, y[r, n0 .. n0+3], each accumulator reduced by one shuffle
+ * tree for all four (sum4x16, sum4x8), then scaled, biased and rounded. */
 static inline void store4(const Problem *p, long r, long n0, const float sums[TILE_ROWS]) {
     for (int j = 0; j < TILE_ROWS; j++) store(p, r, n0 + j, sums[j]);
 }
