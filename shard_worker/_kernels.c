@@ -267,17 +267,28 @@ AVX512 INLINE __m512 gelu16(__m512 x) {
     return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(minus_2u)));
 }
 
-/* One row block of oneDNN's layout against up to 6 rows of x: 6 x 4 accumulators hold 64 outputs per row
- * in their lanes, so no horizontal sums; each column pair of x is broadcast to all lanes. */
-AVX512_BF16 INLINE void block_onednn(const Problem *p, long r0, const int rows, long n0) {
+/* 16 rows' (k, k+1) pairs of an int8 row block as bf16 pairs: 32 bytes widened to float32 in two halves and
+ * packed into one register of bf16 (exact: |w| <= 127 has at most 7 significant bits; bf16 holds 8). */
+AVX512_BF16 INLINE __m512bh int8_pairs(const int8_t *w) {
+    __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
+    __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 16))));
+    return _mm512_cvtne2ps_pbh(high, low);
+}
+
+/* One row block of the layout against up to 6 rows of x: 6 x 4 accumulators hold 64 outputs per row in
+ * their lanes, so no horizontal sums; each column pair of x is broadcast to all lanes. The weights are bf16
+ * (oneDNN's own packed bytes) or int8 in the same order (`int8`, with a float32 scale per row). */
+AVX512_BF16 INLINE void block_onednn(const Problem *p, long r0, const int rows, long n0, const int int8) {
     const uint16_t *x = (const uint16_t *)p->x;
     const uint16_t *w = (const uint16_t *)p->w + n0 * p->K; /* the row block's K / 32 blocks, in order */
+    const int8_t *w8 = (const int8_t *)p->w + n0 * p->K;
     __m512 acc[6][4];
     for (int i = 0; i < rows; i++)
         for (int c = 0; c < 4; c++) acc[i][c] = _mm512_setzero_ps();
-    for (long k = 0; k < p->K; k += 2, w += 2 * BLOCK_ROWS) {
+    for (long k = 0; k < p->K; k += 2, w += 2 * BLOCK_ROWS, w8 += 2 * BLOCK_ROWS) {
         __m512bh b[4];
-        for (int c = 0; c < 4; c++) b[c] = (__m512bh)_mm512_loadu_si512(w + c * 32);
+        for (int c = 0; c < 4; c++)
+            b[c] = int8 ? int8_pairs(w8 + c * 32) : (__m512bh)_mm512_loadu_si512(w + c * 32);
         for (int i = 0; i < rows; i++) {
             int32_t pair;
             memcpy(&pair, x + (r0 + i) * p->K + k, 4);
@@ -289,6 +300,7 @@ AVX512_BF16 INLINE void block_onednn(const Problem *p, long r0, const int rows, 
         for (int c = 0; c < 4; c++) {
             __m512 sum = acc[i][c];
             long n = n0 + c * 16;
+            if (p->scale) sum = _mm512_mul_ps(sum, _mm512_loadu_ps(p->scale + n));
             if (p->bias)
                 sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(
                                              _mm512_cvtepu16_epi32(_mm256_loadu_si256(
@@ -301,15 +313,18 @@ AVX512_BF16 INLINE void block_onednn(const Problem *p, long r0, const int rows, 
 }
 
 AVX512_BF16 static void linear_onednn_bf16(const Problem *p) {
+    const int int8 = p->w_dtype == DT_I8;
+#define BLOCK(ROWS) (int8 ? block_onednn(p, r0, ROWS, n0, 1) : block_onednn(p, r0, ROWS, n0, 0))
     for (long n0 = 0; n0 < p->N; n0 += BLOCK_ROWS)
         for (long r0 = 0; r0 < p->R; r0 += 6) switch (p->R - r0 < 6 ? p->R - r0 : 6) {
-            case 1: block_onednn(p, r0, 1, n0); break;
-            case 2: block_onednn(p, r0, 2, n0); break;
-            case 3: block_onednn(p, r0, 3, n0); break;
-            case 4: block_onednn(p, r0, 4, n0); break;
-            case 5: block_onednn(p, r0, 5, n0); break;
-            default: block_onednn(p, r0, 6, n0); break;
+            case 1: BLOCK(1); break;
+            case 2: BLOCK(2); break;
+            case 3: BLOCK(3); break;
+            case 4: BLOCK(4); break;
+            case 5: BLOCK(5); break;
+            default: BLOCK(6); break;
             }
+#undef BLOCK
 }
 
 AVX2 INLINE __m256 widen8(const void *w, long i, int w_dtype) {
@@ -479,9 +494,11 @@ static const char *run(Problem *p, int isa) {
     if (p->K % TILE_K || p->N % TILE_ROWS) return "K must be a multiple of 32 and N of 4 (the tiled layout)";
     if (isa == ISA_AVX512_BF16 && p->x_dtype != DT_BF16) return "the AVX512-BF16 path takes bfloat16 x";
     if (p->layout == LAYOUT_ONEDNN) {
-        if (p->N % BLOCK_ROWS || p->w_dtype != DT_BF16 || p->y_dtype != DT_BF16 || p->scale)
-            return "oneDNN's layout is read for bfloat16 weights and outputs, N a multiple of 64, no scale";
-        if (isa != ISA_AVX512_BF16 && isa != ISA_SCALAR) return "oneDNN's layout is read by the AVX512-BF16 path";
+        if (p->N % BLOCK_ROWS || p->x_dtype != DT_BF16 || p->y_dtype != DT_BF16)
+            return "the row-block layout is read for bfloat16 x and outputs, N a multiple of 64";
+        if ((p->w_dtype == DT_I8) != (p->scale != NULL) || p->w_dtype == DT_F32)
+            return "the row-block layout holds bfloat16 weights, or int8 ones with a scale per row";
+        if (isa != ISA_AVX512_BF16 && isa != ISA_SCALAR) return "the row-block layout is read by the AVX512-BF16 path";
     }
     if (isa == ISA_SCALAR) {
         linear_scalar(p);

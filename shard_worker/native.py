@@ -15,7 +15,7 @@ import importlib
 import torch
 
 TILE_ROWS, TILE_K = 4, 32  # _kernels.c's tiled layout
-TILED, ONEDNN = 0, 1  # the weight layouts _kernels.c reads: its own, and oneDNN's packed bfloat16 one
+TILED, ONEDNN = 0, 1  # the weight layouts _kernels.c reads: its tiles, and oneDNN's packed bf16 row blocks
 SCALAR, AVX2, AVX512, AVX512_BF16 = 0, 1, 2, 3
 ISA_NAMES = {SCALAR: "scalar", AVX2: "avx2", AVX512: "avx512", AVX512_BF16: "avx512-bf16"}
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
@@ -93,6 +93,14 @@ def to_tiles(weight: torch.Tensor) -> torch.Tensor:
     out_features, in_features = weight.shape
     tiles = weight.reshape(out_features // TILE_ROWS, TILE_ROWS, in_features // TILE_K, TILE_K)
     return tiles.transpose(1, 2).contiguous().view(out_features, in_features)
+
+
+def to_row_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """The [out, in] weight (out a multiple of 64, in of 32) in the ONEDNN layout: oneDNN's packing of bf16
+    weights (blocks of 64 rows x 32 columns, each holding (k, k+1) pairs row by row), here for int8."""
+    out_features, in_features = weight.shape
+    blocks = weight.reshape(out_features // 64, 64, in_features // TILE_K, TILE_K // 2, 2)
+    return blocks.permute(0, 2, 3, 1, 4).contiguous().view(out_features, in_features)
 
 
 def untile_into(out: torch.Tensor, tiled_weight: torch.Tensor, start: int, stop: int) -> None:

@@ -6,12 +6,13 @@ Two ways to compute with them, because they trade accuracy for speed differently
 
 - `int8` (weight-only): activations stay in the worker's dtype and the weights are widened inside the
   matmul. On the CPU that is bloomduo's own kernel (native.py: the int8 weight tiled, streamed once per
-  call, widened in registers, products summed in float32), where the install built it; else ATen's
-  `_weight_int8pack_mm` for bfloat16/float16 workers. Elsewhere (and for float32 workers without the
-  native kernel) the weight is dequantized per call, which is exact but no faster than the unquantized
-  model. Measured at one thread on bloom-560m's shapes split over two ranks (AMD EPYC, AVX512-BF16; ms for
-  24 block Linears, 75 MB in bfloat16): 1 row 2.07 / 4 rows 3.38 / 32 rows 20.5 natively, against
-  int8pack's 4.49 / 6.41 / 35.1.
+  call, widened in registers, products summed in float32), where the install built it: bfloat16 workers on
+  AVX512-BF16 hold it in oneDNN's row-block order and multiply exact bf16 pairs with VDPBF16PS, others in
+  tiles. Else ATen's `_weight_int8pack_mm` for bfloat16/float16 workers; elsewhere (and for float32 workers
+  without the native kernel) the weight is dequantized per call, which is exact but no faster than the
+  unquantized model. Measured at one thread on bloom-560m's shapes split over two ranks (AMD EPYC,
+  AVX512-BF16; ms for 24 block Linears, 75 MB in bfloat16): 1 row 2.07 / 4 rows 2.71 / 32 rows 15.9 in row
+  blocks (tiles: 2.07 / 3.38 / 20.5), against int8pack's 4.49 / 6.41 / 35.1.
 - `int8-dynamic` (CPU): each call also quantizes its activations to 8 bits with one scale per call, and
   runs an int8 GEMM (fbgemm, through torch's quantized ops): what CTranslate2's int8 does. Measured at
   one thread on bloom-560m's shapes split over two ranks (AMD EPYC, AVX512-BF16; ms for all 96 block
@@ -104,7 +105,13 @@ class Int8Linear(nn.Module):
                 else "dequantized per call"
             )
             native_kernel = self.kernel == "native"
-            self.register_buffer("weight_int8", native.to_tiles(weight) if native_kernel else weight)
+            # bf16 activations on AVX512-BF16: the row-block layout, read with VDPBF16PS (no horizontal sums,
+            # so prefill runs near bf16 GEMM speed); elsewhere the tiles
+            self.layout = native.TILED
+            if native_kernel and dtype == torch.bfloat16 and native.best_isa() == native.AVX512_BF16:
+                self.layout = native.ONEDNN if self.out_features % 64 == 0 else native.TILED
+            arranged = native.to_row_blocks if self.layout == native.ONEDNN else native.to_tiles
+            self.register_buffer("weight_int8", arranged(weight) if native_kernel else weight)
             self.register_buffer("scale", scale.to(weight.device, torch.float32 if native_kernel else dtype))
 
     @classmethod
@@ -118,7 +125,7 @@ class Int8Linear(nn.Module):
             out = torch.ops.quantized.linear_dynamic(rows.float(), self._packed, self.reduce_range)
             out = out.to(x.dtype)
         elif self.kernel == "native":
-            out = native.linear(rows, self.weight_int8, self.bias, self.scale)
+            out = native.linear(rows, self.weight_int8, self.bias, self.scale, layout=self.layout)
         elif self.kernel == "aten int8pack":
             out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
             if self.bias is not None:

@@ -73,13 +73,19 @@ def test_the_tiled_kernel_computes_x_times_w_transposed(isa, weights, activation
 @pytest.mark.parametrize("isa", [i for i in ISAS if i in (native.SCALAR, native.AVX512_BF16)], ids=str)
 @pytest.mark.parametrize("rows", [1, 6, 7, 13])
 @pytest.mark.parametrize("gelu", [False, True])
-def test_the_onednn_layout_is_read_as_documented(isa, rows, gelu):
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+def test_the_onednn_layout_is_read_as_documented(isa, rows, gelu, weights):
     generator = torch.Generator().manual_seed(rows)
-    weight = torch.randn(128, 96, generator=generator).to(torch.bfloat16)
+    if weights == "int8":
+        weight, scale = per_channel_int8(torch.randn(128, 96, generator=generator))
+        assert torch.equal(native.to_row_blocks(weight), _onednn_layout(weight))
+    else:
+        weight, scale = torch.randn(128, 96, generator=generator).to(torch.bfloat16), None
     bias = torch.randn(128, generator=generator).to(torch.bfloat16)
     x = torch.randn(rows, 96, generator=generator).to(torch.bfloat16)
-    got = native.linear(x, _onednn_layout(weight), bias, isa=isa, layout=native.ONEDNN, gelu=gelu)
-    want = _reference(x, weight, bias, None)
+    laid_out = _onednn_layout(weight)
+    got = native.linear(x, laid_out, bias, scale, isa=isa, layout=native.ONEDNN, gelu=gelu)
+    want = _reference(x, weight, bias, scale)
     if gelu:  # BLOOM's tanh GELU of the float32 sum, before the one rounding
         want = torch.nn.functional.gelu(want, approximate="tanh")
     assert _within_one_rounding(got, want)
@@ -126,11 +132,16 @@ def test_what_fits_the_tiles_and_bad_calls_are_told_what_is_wrong():
         )
 
 
-def test_int8_weight_only_runs_natively_and_matches_dequantized_weights():
-    linear = nn.Linear(256, 96).to(torch.bfloat16).requires_grad_(False)
+@pytest.mark.parametrize("out_features", [96, 128])  # tiles; row blocks on AVX512-BF16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_weight_only_runs_natively_and_matches_dequantized_weights(out_features, dtype):
+    linear = nn.Linear(256, out_features).to(dtype).requires_grad_(False)
     module = Int8Linear.from_linear(linear, INT8)
     assert module.kernel == "native"
-    x = torch.randn(5, 256).to(torch.bfloat16)
+    on_bf16_pairs = dtype == torch.bfloat16 and native.best_isa() == native.AVX512_BF16
+    row_blocks = on_bf16_pairs and out_features % 64 == 0
+    assert module.layout == (native.ONEDNN if row_blocks else native.TILED)
+    x = torch.randn(5, 256).to(dtype)
     weight, scale = per_channel_int8(linear.weight)
     assert _within_one_rounding(module(x), _reference(x, weight, linear.bias, scale))
 
