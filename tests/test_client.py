@@ -24,6 +24,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from bloomduo.apps.launcher import free_port
 from bloomduo.client import AsyncClient, BloomduoError, Client, FinishReason
 from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
+from tests._scripted_gateway import ScriptedServicer
 
 LONG = {"max_new_tokens": 2000, "ignore_eos": True}  # takes seconds on the tiny model
 
@@ -175,45 +176,6 @@ def test_async_per_call_timeout_and_results(tiny_stack) -> None:
 def test_token_and_metadata_calls_work_on_the_stack(tiny_stack) -> None:
     with Client(tiny_stack.target, token="s3cret", metadata=[("x-team", "a")]) as bloom:
         assert bloom.tokenize("Hello", metadata=[("x-call", "1")])
-
-
-class ScriptedServicer(gateway_pb2_grpc.GenerationServiceServicer):
-    """Fails each call with `code` (None: succeeds), counts calls and keeps the metadata they carried.
-
-    GenerateStream sends `events_before_failure` token events first, then fails the same way.
-    """
-
-    def __init__(self) -> None:
-        self.code: grpc.StatusCode | None = None
-        self.events_before_failure = 0
-        self.calls = 0
-        self.metadata: list[dict[str, str]] = []
-        self.requests: list[gateway_pb2.GenerateRequest] = []
-
-    def _serve(self, context: grpc.ServicerContext) -> None:
-        self.calls += 1
-        self.metadata.append(dict(context.invocation_metadata()))
-        if self.code is not None and not self.events_before_failure:
-            context.abort(self.code, "scripted")
-
-    def Tokenize(self, request, context):
-        self._serve(context)
-        return gateway_pb2.TokenizeResponse(ids=[1, 2])
-
-    def Generate(self, request, context):
-        self._serve(context)
-        self.requests.append(request)
-        return gateway_pb2.GenerateResponse(result=gateway_pb2.GenerateResult(text="ok"))
-
-    def Info(self, request, context):
-        self._serve(context)
-        return gateway_pb2.InfoResponse(model="scripted")
-
-    def GenerateStream(self, request, context):
-        self._serve(context)
-        for _ in range(self.events_before_failure):
-            yield gateway_pb2.GenerateStreamResponse(token=gateway_pb2.Token(id=1, text="a"))
-        context.abort(self.code, "scripted")
 
 
 @pytest.fixture

@@ -34,7 +34,8 @@ from bloomduo.apps.launcher import free_ports, wait_serving
 from bloomduo.client import AsyncClient, BloomduoError, Client
 from bloomduo.client.sdk import _CHANNEL_OPTIONS, _SERVICE
 from bloomduo.core.serving import SERVER_OPTIONS
-from bloomduo.v1 import gateway_pb2, gateway_pb2_grpc
+from bloomduo.v1 import gateway_pb2_grpc
+from tests._scripted_gateway import ScriptedServicer
 
 SHORT = {"max_new_tokens": 2, "ignore_eos": True}
 
@@ -201,43 +202,13 @@ def test_a_killed_replica_fails_only_its_running_stream(replicas: list[Replica])
 # --- exact placement, against scripted servers --------------------------------------------------------
 
 
-class FlakyGateway(gateway_pb2_grpc.GenerationServiceServicer):
-    """Answers, or fails every call with `code`; a stream first sends `events_before_failure` tokens."""
-
-    def __init__(self) -> None:
-        self.code: grpc.StatusCode | None = None
-        self.events_before_failure = 0
-        self.calls = 0
-
-    def _count(self, context: grpc.ServicerContext) -> None:
-        self.calls += 1
-        if self.code is not None and not self.events_before_failure:
-            context.abort(self.code, "scripted")
-
-    def Tokenize(self, request, context):
-        self._count(context)
-        return gateway_pb2.TokenizeResponse(ids=[1, 2])
-
-    def Info(self, request, context):
-        self._count(context)
-        return gateway_pb2.InfoResponse(model="scripted")
-
-    def GenerateStream(self, request, context):
-        self._count(context)
-        for _ in range(self.events_before_failure if self.code is not None else 1):
-            yield gateway_pb2.GenerateStreamResponse(token=gateway_pb2.Token(id=1, text="a"))
-        if self.code is not None:
-            context.abort(self.code, "scripted")
-        yield gateway_pb2.GenerateStreamResponse(result=gateway_pb2.GenerateResult(text="a"))
-
-
 @contextmanager
-def scripted_replicas(count: int) -> Iterator[list[tuple[FlakyGateway, health.HealthServicer, str]]]:
+def scripted_replicas(count: int) -> Iterator[list[tuple[ScriptedServicer, health.HealthServicer, str]]]:
     """`count` in-process gateways that fail on demand, each with a grpc.health.v1 service saying SERVING."""
     servers, started = [], []
     try:
         for _ in range(count):
-            servicer, checks = FlakyGateway(), health.HealthServicer()
+            servicer, checks = ScriptedServicer(), health.HealthServicer()
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
             gateway_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, server)
             health_pb2_grpc.add_HealthServicer_to_server(checks, server)
@@ -252,7 +223,7 @@ def scripted_replicas(count: int) -> Iterator[list[tuple[FlakyGateway, health.He
             server.stop(grace=None)
 
 
-def _until_every_replica_answered(bloom: Client, servicers: list[FlakyGateway]) -> None:
+def _until_every_replica_answered(bloom: Client, servicers: list[ScriptedServicer]) -> None:
     """Call until each replica got a call: round robin then has a connection to every one."""
 
     def answered() -> bool:
