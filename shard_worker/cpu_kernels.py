@@ -254,19 +254,10 @@ class PackedLinear(nn.Module):
         self.activation, self.algorithm = activation, algorithm
         route = route or Route(PACKED, ((1, PACKED),))
         erf_gelu = activation == "gelu" and algorithm != "tanh"  # the native kernel folds the tanh GELU only
-        if NATIVE in route.paths and (erf_gelu or not self._native_reads_the_layout()):
+        if NATIVE in route.paths and (erf_gelu or not native.reads_onednn_layout(self.weight, self.bias)):
             route = Route(PACKED, ((1, PACKED),))
         self._firsts = [first for first, _ in route.steps]
         self._native = [path == NATIVE for _, path in route.steps]
-
-    def _native_reads_the_layout(self) -> bool:
-        if not native.reads_onednn_layout(self.weight, self.bias):
-            return False
-        x = torch.randn(1, self.in_features, generator=torch.Generator().manual_seed(0)).to(self.weight.dtype)
-        bias = None if self.bias is None else self.bias.detach()
-        want = torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
-        got = native.linear(x, self.weight, bias, layout=native.ONEDNN)
-        return _error(got, want, want.dtype) <= TOLERANCE_EPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])

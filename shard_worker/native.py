@@ -49,37 +49,39 @@ def best_isa() -> int:
     return next(isa for isa in range(ceiling, SCALAR - 1, -1) if module.supported(isa))
 
 
-def reads_onednn_layout(packed: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether the ONEDNN layout path may be tried on this packed bfloat16 weight: the kernel's ISA is
-    here and the shapes fit (the caller then checks one product against oneDNN's, which catches any
-    other blocking oneDNN may have picked)."""
+def reads_onednn_layout(packed: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether the ONEDNN path reads this oneDNN-packed bfloat16 weight right: the kernel's ISA is here,
+    the shapes fit, and on one random row it gives oneDNN's own product within two bf16 roundings (which
+    catches any other blocking oneDNN may have picked)."""
     out_features, in_features = packed.shape
-    return (
+    if not (
         best_isa() == AVX512_BF16
         and packed.dtype == torch.bfloat16
         and out_features % 64 == 0
         and in_features % TILE_K == 0
         and (bias is None or bias.dtype == torch.bfloat16)
-    )
+    ):
+        return False
+    x = torch.randn(1, in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    bias = None if bias is None else bias.detach()
+    want = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").float()
+    got = linear(x, packed, bias, layout=ONEDNN).float()
+    return bool((got - want).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * want.abs().max())
 
 
 @functools.cache
 def reads_onednn_packing() -> bool:
     """Whether oneDNN here packs bfloat16 Linear weights in the layout the ONEDNN path reads, checked on a
-    probe weight against oneDNN's own product: builds for other ISAs (AMX) may block differently, and then
-    the native path is no candidate at all (PackedLinear checks each real weight again)."""
+    probe weight: builds for other ISAs (AMX) may block differently, and then the native path is no
+    candidate at all (PackedLinear checks each real weight again)."""
     if best_isa() != AVX512_BF16 or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(128, 256, generator=generator).to(torch.bfloat16)
-    x = torch.randn(3, 256, generator=generator).to(torch.bfloat16)
+    probe = torch.randn(128, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        want = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "").float()
+        packed = torch.ops.mkldnn._reorder_linear_weight(probe, None)
     except RuntimeError:  # a torch build without oneDNN's bf16 linear
         return False
-    got = linear(x, packed, layout=ONEDNN).float()
-    return bool((got - want).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * want.abs().max())
+    return reads_onednn_layout(packed)
 
 
 def fits(weight: torch.Tensor) -> bool:
