@@ -61,9 +61,7 @@ def resolve_dtype(
 
 
 def checkpoint_dtype(checkpoint: Checkpoint) -> torch.dtype | None:
-    stored = getattr(checkpoint.config, "torch_dtype", None) or getattr(checkpoint.config, "dtype", None)
-    if isinstance(stored, torch.dtype):
-        return stored
+    stored = checkpoint.config.dtype
     return to_torch(stored) if stored in FLOAT_DTYPES else None
 
 
@@ -198,7 +196,8 @@ class ShardEngine:
             return StepOutput(logits.to("cpu"), **scores)
         wanted = torch.tensor(full_logits, dtype=torch.bool, device=logits.device)
         # Summaries cover the real vocabulary only: padding rows must never win or add mass.
-        best, index, logsumexp = summarize(logits[~wanted, : self.real_vocab_end - self.vocab_start])
+        real = slice(0, self.real_vocab_end - self.vocab_start)
+        best, index, logsumexp = summarize(logits[:, real] if not any(full_logits) else logits[~wanted, real])
         return StepOutput(
             logits[wanted].to("cpu"),
             best_logit=best.tolist(),

@@ -24,8 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BloomConfig
 
+from bloomduo.core.bloom_config import BloomConfig
 from bloomduo.shard_worker import native
 from bloomduo.shard_worker.kv_cache import KVCache
 from bloomduo.shard_worker.step_plan import Chunk, PromptGroup, StepPlan, plan_step

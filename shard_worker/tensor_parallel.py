@@ -40,8 +40,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from transformers import BloomConfig
 
+from bloomduo.core.bloom_config import BloomConfig
 from bloomduo.shard_worker.distributed import ShardGroup, all_reduce_sum
 from bloomduo.shard_worker.model import BloomShardModel, alibi_slopes
 from bloomduo.shard_worker.quantize import SCALE_SUFFIX, linear_weights, quantize_linears

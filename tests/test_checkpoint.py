@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import save_file
 from structlog.testing import capture_logs
 from transformers import BloomForCausalLM
 
 from bloomduo.apps.demo_model import write_demo_model
+from bloomduo.core.bloom_config import BloomConfig
 from bloomduo.core.checkpoint import Checkpoint, CheckpointError
 
 QKV = "h.1.self_attention.query_key_value.weight"
@@ -149,6 +154,63 @@ def test_config_is_read_from_the_directory(models: dict[str, Path]) -> None:
     assert (config.hidden_size, config.n_head, config.n_layer, config.vocab_size) == (96, 12, 3, 1030)
 
 
+# config.json as the bigscience releases and other tools write them: n_embed for hidden_size (bloom-560m's
+# era), the generic names of the layer and head counts, torch_dtype, a list of end-of-text ids.
+CONFIG_VARIANTS = [
+    {"n_embed": 1024, "n_head": 16, "n_layer": 24, "torch_dtype": "bfloat16", "layer_norm_epsilon": 1e-5},
+    {"hidden_size": 4096, "n_embed": 4096, "n_head": 32, "n_layer": 30, "vocab_size": 250880},
+    {"hidden_size": 96, "num_attention_heads": 12, "num_hidden_layers": 3, "dtype": "float16"},
+    {"apply_residual_connection_post_layernorm": True, "eos_token_id": [2, 3], "pad_token_id": 3},
+    {"bos_token_id": None, "eos_token_id": None, "unknown_key": {"kept": "out"}, "layer_norm_epsilon": 1e-6},
+    {},
+]
+
+
+@pytest.mark.parametrize("variant", CONFIG_VARIANTS)
+def test_config_reads_every_field_as_transformers_does(variant: dict, tmp_path: Path) -> None:
+    """Workers read config.json without importing transformers; the reading must not differ from it."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(variant))
+    ours = BloomConfig.from_json_file(path)
+    theirs = transformers.BloomConfig.from_json_file(path)
+    for field in dataclasses.fields(BloomConfig):
+        if field.name == "dtype":
+            want = getattr(theirs, "dtype", None)
+            assert ours.dtype == (str(want).removeprefix("torch.") if want is not None else None)
+        elif not field.name.startswith("bloomduo_"):
+            assert getattr(ours, field.name) == getattr(theirs, field.name), field.name
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('{"hidden_size": "wide"}', "hidden_size"),
+        ('{"n_head": 12.0}', "n_head"),
+        ('{"layer_norm_epsilon": 1}', "layer_norm_epsilon"),
+        ('{"n_layer": true}', "n_layer"),
+        ('{"apply_residual_connection_post_layernorm": 1}', "apply_residual_connection_post_layernorm"),
+        ('{"eos_token_id": [2, "x"]}', "eos_token_id"),
+        ('{"bloomduo_num_shards": "2"}', "bloomduo_num_shards"),
+        ("[1, 2]", "JSON object"),
+        ('{"n_head": 12', "delimiter"),
+    ],
+)
+def test_invalid_config_names_the_field(
+    models: dict[str, Path], tmp_path: Path, text: str, field: str
+) -> None:
+    shutil.copytree(models["f32"], tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=f"not a valid BLOOM config: .*{field}"):
+        Checkpoint(tmp_path / "m")
+
+
+def test_workers_do_not_import_transformers() -> None:
+    """25 MiB of every worker's resident memory (bloomduo.core.bloom_config)."""
+    code = "import sys, bloomduo.apps.cli, bloomduo.shard_worker.server; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         Checkpoint(tmp_path / "nowhere")
@@ -158,13 +220,6 @@ def test_missing_config(models: dict[str, Path], tmp_path: Path) -> None:
     shutil.copytree(models["f32"], tmp_path / "m")
     (tmp_path / "m" / "config.json").unlink()
     with pytest.raises(CheckpointError, match=r"config\.json is missing"):
-        Checkpoint(tmp_path / "m")
-
-
-def test_invalid_config(models: dict[str, Path], tmp_path: Path) -> None:
-    shutil.copytree(models["f32"], tmp_path / "m")
-    (tmp_path / "m" / "config.json").write_text('{"hidden_size": "wide"}')
-    with pytest.raises(CheckpointError, match="not a valid BLOOM config"):
         Checkpoint(tmp_path / "m")
 
 

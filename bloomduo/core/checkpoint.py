@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from transformers import BloomConfig
 
+from bloomduo.core.bloom_config import BloomConfig
 from bloomduo.core.logs import get_logger
 
 log = get_logger(__name__)
@@ -96,13 +96,12 @@ class Checkpoint:
             )
         try:
             self.config: BloomConfig = BloomConfig.from_json_file(config_path)
-        # Bad JSON, wrong field types (huggingface_hub's strict dataclass errors) and I/O errors alike.
-        except Exception as exc:
+        except (OSError, ValueError) as exc:  # bad JSON, a field of the wrong type, unreadable
             raise CheckpointError(f"{config_path} is not a valid BLOOM config: {exc}") from exc
-        self.num_shards: int | None = getattr(self.config, NUM_SHARDS_KEY, None)
-        if self.num_shards is not None and (not isinstance(self.num_shards, int) or self.num_shards < 1):
+        self.num_shards: int | None = self.config.bloomduo_num_shards
+        if self.num_shards is not None and self.num_shards < 1:
             raise CheckpointError(f"{config_path}: {NUM_SHARDS_KEY} must be a positive integer")
-        self.quantized: str | None = getattr(self.config, QUANTIZED_KEY, None)
+        self.quantized: str | None = self.config.bloomduo_quantized
         if self.quantized not in (None, "int8"):
             raise CheckpointError(f'{config_path}: {QUANTIZED_KEY} must be "int8", not {self.quantized!r}')
         self._open(*self._weight_files())
