@@ -91,6 +91,11 @@ class ShmAllReduce:
         data = torch.frombuffer(segment.buf, dtype=torch.uint8)
         first = _data_offset(world_size)
         self._slots = [data[first + r * slot_bytes : first + (r + 1) * slot_bytes] for r in range(world_size)]
+        # tmpfs allocates a page at its first touch: each rank commits its own slot now, so a full /dev/shm
+        # fails the start, never a step with SIGBUS. A peer reads this slot only after this rank's first
+        # `arrived`, so after this. (Its own slot only: one rank committing all of them held every slot in
+        # that rank's resident memory, 8 MiB more than its peers'.)
+        self._slots[rank].zero_()
         self._view_cache: dict[tuple[torch.dtype, torch.Size], list[torch.Tensor]] = {}
         self._peers = [r for r in range(world_size) if r != rank]
         self._peer_processes = peer_processes  # rank -> (pid, start time); None: cannot watch them
@@ -282,7 +287,8 @@ def _data_offset(world_size: int) -> int:
 
 
 def _create_segment(size: int) -> tuple[SharedMemory | None, str | None]:
-    """(segment, None) or (None, why not). The segment is zero-filled and starts with a random token."""
+    """(segment, None) or (None, why not). The segment starts with a random token; each rank commits its own
+    slot's pages (ShmAllReduce.__init__)."""
     free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else None
     if free is not None and free < size:
         # tmpfs pages are allocated on first touch: a full /dev/shm would SIGBUS us mid-step.
@@ -291,7 +297,6 @@ def _create_segment(size: int) -> tuple[SharedMemory | None, str | None]:
         segment = SharedMemory(f"bloomduo_ar_{secrets.token_hex(8)}", create=True, size=size)
     except OSError as exc:
         return None, f"cannot create a shared-memory segment: {exc}"
-    torch.frombuffer(segment.buf, dtype=torch.uint8).zero_()  # commit every page now, not mid-step
     segment.buf[:16] = secrets.token_bytes(16)
     return segment, None
 
