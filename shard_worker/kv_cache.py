@@ -184,9 +184,10 @@ class KVCache:
         return self.keys[layer, slot, :, :end], self.values[layer, slot, :, :end]
 
     def write_prompts(
-        self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+        self, layer: int, slots: torch.Tensor | slice, keys: torch.Tensor, values: torch.Tensor
     ) -> None:
-        """Store whole prompts' keys/values [prompts, num_heads, n, head_dim] at positions 0..n-1."""
+        """Store whole prompts' keys/values [prompts, num_heads, n, head_dim] at positions 0..n-1 of `slots`
+        (an index tensor, or a slice of consecutive slots: a plain copy rather than a scatter)."""
         length = keys.shape[2]
         self.keys[layer, slots, :, :length] = keys
         self.values[layer, slots, :, :length] = values

@@ -75,6 +75,9 @@ class Attention(nn.Module):
         query, key, value = qkv.unbind(2)
         if plan.decode_only:
             context = self._attend_singles(plan, query, key, value, cache, layer)
+        elif plan.prompts_only:
+            (group,) = plan.prompts
+            context = self._attend_prompts(group, query, key, value, cache, layer)
         else:
             context = torch.empty(total, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
             if plan.single_bias is not None:
@@ -120,7 +123,7 @@ class Attention(nn.Module):
     def _attend_prompts(self, group: PromptGroup, q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
         """Whole prompts' queries, keys and values [prompts * length, heads, d], each prompt attending
         to its own tokens only; returns [prompts * length, heads, d]."""
-        shape = (len(group.slots), group.length, self.num_heads, self.head_dim)
+        shape = (-1, group.length, self.num_heads, self.head_dim)
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # [prompts, heads, length, d]
         cache.write_prompts(layer, group.slots, k, v)
         out = self._attention(q, k, v, group.bias[None])

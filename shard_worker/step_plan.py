@@ -33,8 +33,8 @@ class PromptGroup:
     """Whole prompts of one length (chunks from position 0): they attend only to themselves, all under
     the same causal ALiBi bias, so one batched call serves them all."""
 
-    rows: torch.Tensor  # their rows of hidden_states, prompt after prompt
-    slots: torch.Tensor  # their cache slots
+    rows: torch.Tensor | slice  # their rows of hidden_states, prompt after prompt (a slice when adjacent)
+    slots: torch.Tensor | slice  # their cache slots (a slice when consecutive)
     length: int  # tokens per prompt
     bias: torch.Tensor  # [heads, length, length] ALiBi + causal
 
@@ -65,6 +65,11 @@ class StepPlan:
     @property
     def decode_only(self) -> bool:
         return not (self.prompts or self.multi)
+
+    @property
+    def prompts_only(self) -> bool:
+        """Every row belongs to one group of whole prompts, in order (a step of equal-length prompts)."""
+        return self.single_bias is None and not self.multi and len(self.prompts) == 1
 
 
 def alibi_bias(slopes: torch.Tensor, kv_length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -103,11 +108,8 @@ def plan_step(chunks: list[Chunk], cache: KVCache, slopes: torch.Tensor, dtype: 
         offset += chunk.num_tokens
     prompts = [
         PromptGroup(
-            rows=(
-                torch.tensor([first for first, _ in members], device=device)[:, None]
-                + torch.arange(length, device=device)
-            ).view(-1),
-            slots=torch.tensor([slot for _, slot in members], dtype=torch.long, device=device),
+            rows=_indices([first for first, _ in members], length, device),
+            slots=_indices([slot for _, slot in members], 1, device),
             length=length,
             bias=causal_alibi_bias(slopes, 0, length, dtype),
         )
@@ -137,3 +139,11 @@ def plan_step(chunks: list[Chunk], cache: KVCache, slopes: torch.Tensor, dtype: 
         prompts=prompts,
         multi=multi,
     )
+
+
+def _indices(firsts: list[int], length: int, device: torch.device) -> torch.Tensor | slice:
+    """Runs of `length` indices from each of `firsts`, in order: a slice when the runs follow one another
+    (a step of prompts alone, the usual prefill; consecutive cache slots), which indexes without a copy."""
+    if firsts == list(range(firsts[0], firsts[0] + length * len(firsts), length)):
+        return slice(firsts[0], firsts[0] + length * len(firsts))
+    return (torch.tensor(firsts, device=device)[:, None] + torch.arange(length, device=device)).view(-1)

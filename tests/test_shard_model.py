@@ -45,7 +45,10 @@ from tests._dist_helpers import (
 )
 
 # name: (sequence_id, prompt length). "F" reuses C's id after C is freed.
-SEQUENCES = {"A": (0, 5), "B": (1, 9), "C": (2, 3), "D": (3, 10), "F": (2, 6), "G": (4, 4), "H": (5, 4)}
+SEQUENCES = {
+    **{"A": (0, 5), "B": (1, 9), "C": (2, 3), "D": (3, 10), "F": (2, 6), "G": (4, 4), "H": (5, 4)},
+    **{"I": (6, 3), "J": (7, 3), "K": (8, 7)},
+}
 # Each step: (names to free first, [(name, tokens fed)]); a chunk continues where its sequence stopped.
 SCHEDULE = [
     ([], [("A", 5), ("B", 9), ("C", 3)]),  # ragged prefill
@@ -61,6 +64,9 @@ SCHEDULE = [
     ([], [("A", 1), ("F", 6)]),  # C's id reused
     ([], [("G", 4), ("F", 1), ("H", 4), ("A", 1)]),  # two whole prompts of one length, attending together
     ([], [("H", 1), ("G", 1), ("F", 1)]),
+    (["H"], [("I", 3), ("J", 3)]),  # a step of equal-length prompts alone: their rows and slots as slices
+    ([], [("K", 7)]),  # one prompt alone, the usual prefill
+    ([], [("K", 1), ("I", 1), ("J", 1)]),
 ]
 
 
@@ -156,7 +162,7 @@ def test_tensor_parallel_matches_transformers(reference, world_size, tmp_path):
 
     # The wrong start_position was refused with a clear message on every rank, and nothing hung.
     assert all("starts at position" in r["position_error"] for r in ranks)
-    assert ranks[0]["cache_sequences"] == 6  # A, B, D, F, G and H (C freed)
+    assert ranks[0]["cache_sequences"] == 8  # A, B, D, F, G, I, J and K (C and H freed)
 
 
 def test_alibi_slopes_match_transformers():
