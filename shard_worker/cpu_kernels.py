@@ -258,16 +258,19 @@ class PackedLinear(nn.Module):
             route = Route(PACKED, ((1, PACKED),))
         self._firsts = [first for first, _ in route.steps]
         self._native = [path == NATIVE for _, path in route.steps]
+        self._kernel = (
+            native.LinearKernel(self.weight, self.bias, layout=native.ONEDNN, gelu=activation == "gelu")
+            if NATIVE in route.paths
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native[bisect.bisect_right(self._firsts, x.numel() // self.in_features) - 1]:
+            return self._kernel(x)
         rows = x.reshape(-1, x.shape[-1])
-        if self._native[bisect.bisect_right(self._firsts, rows.shape[0]) - 1]:
-            gelu = self.activation == "gelu"  # only BLOOM's tanh GELU is folded (apply_routes)
-            out = native.linear(rows, self.weight, self.bias, layout=native.ONEDNN, gelu=gelu)
-        else:
-            out = torch.ops.mkldnn._linear_pointwise(
-                rows, self.weight, self.bias, self.activation, [], self.algorithm
-            )
+        out = torch.ops.mkldnn._linear_pointwise(
+            rows, self.weight, self.bias, self.activation, [], self.algorithm
+        )
         return out.view(*x.shape[:-1], self.out_features)
 
 
@@ -295,6 +298,7 @@ class RoutedLinear(nn.Module):
         self.approximate = (algorithm or "none") if activation == "gelu" else None
         self._firsts = [first for first, _ in route.steps]
         self._paths = [path for _, path in route.steps]
+        self._kernel = native.LinearKernel(self.weight, self.bias) if TILED in route.paths else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self._paths[bisect.bisect_right(self._firsts, x.numel() // self.in_features) - 1]
@@ -303,7 +307,7 @@ class RoutedLinear(nn.Module):
         if path == TILED_FP32:
             return fp32_linear(x, self.weight, self.bias, self.scratch, self.approximate, tiled=True)
         if path == TILED:
-            out = native.linear(x, self.weight, self.bias)
+            out = self._kernel(x)
         elif path == ATEN:
             out = aten_linear(x, self.weight, self.bias)
         else:

@@ -112,6 +112,74 @@ def untile_into(out: torch.Tensor, tiled_weight: torch.Tensor, start: int, stop:
     _module().untile(tiled_weight.data_ptr(), start, stop, tiled_weight.shape[1], out.data_ptr())
 
 
+class LinearKernel:
+    """x @ W^T (* scale per output) (+ bias) for one weight, by _kernels.c: W tiled (bfloat16, or int8 with a
+    float32 `scale`) or a bfloat16 weight in oneDNN's packed layout (`layout` ONEDNN: as oneDNN's opaque
+    tensor, or a plain one holding those bytes); x in float32 or bfloat16, the output in x's dtype, summed in
+    float32 and rounded once, after BLOOM's tanh GELU when `gelu` (applied to the float32 result, as
+    oneDNN's post-op does).
+
+    The call's arguments are worked out once per weight: found per call (the packed weight's address through
+    oneDNN, the dtype codes, the checks) they cost ~7 us of Python, six times the product of a decode row
+    with a small Linear, and a bloom-560m decode step makes 97 such calls per rank.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        layout: int = TILED,
+        gelu: bool = False,
+    ) -> None:
+        module = _module()
+        if module is None:
+            raise RuntimeError(
+                "bloomduo's native kernels were not built: reinstall bloomduo with a C compiler"
+            )
+        if bias is not None and not bias.is_contiguous():
+            raise ValueError("bias must be contiguous")
+        self.out_features, self.in_features = weight.shape
+        self._tensors = (weight, bias, scale)  # held: the addresses below point into them
+        # oneDNN's packed weights are opaque tensors; their bytes are found through oneDNN's own accessor
+        self._weight = torch.ops.mkldnn.data_ptr(weight) if weight.is_mkldnn else weight.data_ptr()
+        self._scale = 0 if scale is None else scale.data_ptr()
+        self._bias = 0 if bias is None else bias.data_ptr()
+        self._bias_dtype = None if bias is None else bias.dtype
+        self._weight_code = _DTYPE_CODES[weight.dtype]
+        self._layout, self._gelu = layout, int(gelu)
+        self._linear = module.linear
+
+    def __call__(self, x: torch.Tensor, isa: int | None = None) -> torch.Tensor:
+        isa = best_isa() if isa is None else isa
+        if isa == AVX512_BF16 and x.dtype != torch.bfloat16:
+            isa = AVX512  # VDPBF16PS multiplies bfloat16 pairs: float32 x takes the float32 FMA path
+        if self._bias_dtype not in (None, x.dtype):
+            raise ValueError(f"bias must be {x.dtype}, got {self._bias_dtype}")
+        rows = x.reshape(-1, self.in_features)
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
+        code = _DTYPE_CODES[x.dtype]
+        self._linear(
+            rows.data_ptr(),
+            self._weight,
+            self._scale,
+            self._bias,
+            out.data_ptr(),
+            rows.shape[0],
+            self.out_features,
+            self.in_features,
+            code,
+            self._weight_code,
+            code,
+            isa,
+            self._layout,
+            self._gelu,
+        )
+        return out.view(*x.shape[:-1], self.out_features)
+
+
 def linear(
     x: torch.Tensor,
     tiled_weight: torch.Tensor,
@@ -121,40 +189,8 @@ def linear(
     layout: int = TILED,
     gelu: bool = False,
 ) -> torch.Tensor:
-    """x @ W^T (* scale per output) (+ bias), W tiled (bfloat16, or int8 with a float32 `scale`) or a
-    bfloat16 weight in oneDNN's packed layout (`layout` ONEDNN: as oneDNN's opaque tensor, or a plain one
-    holding those bytes), in x's dtype (float32 or bfloat16), summed in float32 and rounded once, after
-    BLOOM's tanh GELU when `gelu` (applied to the float32 result, as oneDNN's post-op does)."""
-    module = _module()
-    if module is None:
-        raise RuntimeError("bloomduo's native kernels were not built: reinstall bloomduo with a C compiler")
-    out_features, in_features = tiled_weight.shape
-    isa = best_isa() if isa is None else isa
-    if isa == AVX512_BF16 and x.dtype != torch.bfloat16:
-        isa = AVX512  # VDPBF16PS multiplies bfloat16 pairs: float32 x takes the float32 FMA path
-    # oneDNN's packed weights are opaque tensors; their bytes are found through oneDNN's own accessor
-    address = torch.ops.mkldnn.data_ptr(tiled_weight) if tiled_weight.is_mkldnn else tiled_weight.data_ptr()
-    rows = x.reshape(-1, in_features).contiguous()
-    out = torch.empty(rows.shape[0], out_features, dtype=x.dtype)
-    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
-        raise ValueError(f"bias must be contiguous {x.dtype}, got {bias.dtype}")
-    module.linear(
-        rows.data_ptr(),
-        address,
-        0 if scale is None else scale.data_ptr(),
-        0 if bias is None else bias.data_ptr(),
-        out.data_ptr(),
-        rows.shape[0],
-        out_features,
-        in_features,
-        _DTYPE_CODES[x.dtype],
-        _DTYPE_CODES[tiled_weight.dtype],
-        _DTYPE_CODES[x.dtype],
-        isa,
-        layout,
-        int(gelu),
-    )
-    return out.view(*x.shape[:-1], out_features)
+    """One call of LinearKernel(tiled_weight, ...) on x, for calls that come once per weight."""
+    return LinearKernel(tiled_weight, bias, scale, layout, gelu)(x, isa)
 
 
 def attends(q: torch.Tensor, bias: torch.Tensor) -> bool:

@@ -113,6 +113,7 @@ class Int8Linear(nn.Module):
             arranged = native.to_row_blocks if self.layout == native.ONEDNN else native.to_tiles
             self.register_buffer("weight_int8", arranged(weight) if native_kernel else weight)
             self.register_buffer("scale", scale.to(weight.device, torch.float32 if native_kernel else dtype))
+            self._native: native.LinearKernel | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: str) -> Int8Linear:
@@ -125,7 +126,9 @@ class Int8Linear(nn.Module):
             out = torch.ops.quantized.linear_dynamic(rows.float(), self._packed, self.reduce_range)
             out = out.to(x.dtype)
         elif self.kernel == "native":
-            out = native.linear(rows, self.weight_int8, self.bias, self.scale, layout=self.layout)
+            if self._native is None:  # on the first call: load_shard moves the model after quantizing it
+                self._native = native.LinearKernel(self.weight_int8, self.bias, self.scale, self.layout)
+            out = self._native(rows)
         elif self.kernel == "aten int8pack":
             out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
             if self.bias is not None:
