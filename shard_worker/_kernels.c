@@ -377,12 +377,16 @@ AVX2 static void linear_avx2(const Problem *p, const float *x) {
  * cache views whole on every call (a fifth of a 16-sequence decode step); this reads them in place. */
 typedef struct {
     const uint16_t *q;              /* [S, H, D] at strides (q_row, q_head, 1) */
-    const uint16_t *keys, *values;  /* the layer's cache, [slots, H, capacity, D] at strides (slot, head, D, 1) */
+    uint16_t *keys, *values;        /* the layer's cache, [slots, H, capacity, D] at strides (slot, head, D, 1) */
     const uint16_t *bias;           /* [bias_slots, H, 1, L], contiguous */
     const int64_t *slots;           /* [S] cache slot of each query, or NULL: query i in slot i */
     uint16_t *out;                  /* [S, H, D], contiguous */
     long S, H, L, D, q_row, q_head, kv_slot, kv_head;
     float scale;
+    /* Each query's own key and value, [S, H, D] at q's strides, stored into the cache at position
+     * positions[i] of its slot before it attends; or NULL (the cache holds them already). */
+    const uint16_t *new_keys, *new_values;
+    const int64_t *positions;
 } Attention;
 
 #ifdef X86
@@ -440,12 +444,22 @@ static const char *attend(const Attention *a, int isa) {
     float *scores = malloc(sizeof(float) * (size_t)a->L);
     if (!scores) return "out of memory for the attention scores";
     float q[512], acc[512];
+    for (long i = 0; i < a->S; i++)
+        if (a->new_keys && (a->positions[i] < 0 || a->positions[i] >= a->L)) {
+            free(scores);
+            return "a new key's position is outside the keys the queries read";
+        }
     for (long i = 0; i < a->S; i++) {
         long slot = a->slots ? (long)a->slots[i] : i;
         for (long h = 0; h < a->H; h++) {
             const uint16_t *qh = a->q + i * a->q_row + h * a->q_head;
-            const uint16_t *keys = a->keys + slot * a->kv_slot + h * a->kv_head;
-            const uint16_t *values = a->values + slot * a->kv_slot + h * a->kv_head;
+            uint16_t *keys = a->keys + slot * a->kv_slot + h * a->kv_head;
+            uint16_t *values = a->values + slot * a->kv_slot + h * a->kv_head;
+            if (a->new_keys) {
+                long at = a->positions[i] * a->D, from = i * a->q_row + h * a->q_head;
+                memcpy(keys + at, a->new_keys + from, sizeof(uint16_t) * (size_t)a->D);
+                memcpy(values + at, a->new_values + from, sizeof(uint16_t) * (size_t)a->D);
+            }
             const uint16_t *bias = a->bias + (slot * a->H + h) * a->L;
             for (long d = 0; d < a->D; d++) q[d] = bf16_to_f32(qh[d]);
             float top = -INFINITY;
@@ -578,20 +592,21 @@ static PyObject *py_untile(PyObject *self, PyObject *const *args, Py_ssize_t nar
  * addresses as ints (slots 0: query i in slot i), strides in elements. Releases the GIL while it runs. */
 static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 16) {
-        PyErr_SetString(PyExc_TypeError, "attend() takes 16 arguments");
+    if (nargs != 19) {
+        PyErr_SetString(PyExc_TypeError, "attend() takes 19 arguments");
         return NULL;
     }
-    void *address[6];
+    void *address[6], *written[3];
     long value[8];
     for (int i = 0; i < 6; i++) address[i] = PyLong_AsVoidPtr(args[i]);
     for (int i = 0; i < 8; i++) value[i] = PyLong_AsLong(args[6 + i]);
     double scale = PyFloat_AsDouble(args[14]);
     long isa = PyLong_AsLong(args[15]);
+    for (int i = 0; i < 3; i++) written[i] = PyLong_AsVoidPtr(args[16 + i]);
     if (PyErr_Occurred()) return NULL;
     Attention a = {address[0], address[1], address[2], address[3], address[4], address[5],
                    value[0],   value[1],   value[2],   value[3],   value[4],   value[5],
-                   value[6],   value[7],   (float)scale};
+                   value[6],   value[7],   (float)scale, written[0], written[1], written[2]};
     const char *error;
     Py_BEGIN_ALLOW_THREADS
     error = attend(&a, (int)isa);

@@ -209,6 +209,10 @@ class KVCache:
         """
         self.keys[layer, slots, :, positions] = keys
         self.values[layer, slots, :, positions] = values
+        return self.token_views(layer, num_slots, kv_length)
+
+    def token_views(self, layer: int, num_slots: int, kv_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """write_tokens' views without the write, for a kernel that stores the new tokens itself."""
         return self.keys[layer, :num_slots, :, :kv_length], self.values[layer, :num_slots, :, :kv_length]
 
     def commit(self, chunks: Iterable[ChunkLike]) -> None:

@@ -97,12 +97,16 @@ class Attention(nn.Module):
 
     def _attend_singles(self, plan: StepPlan, q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
         """One new token per sequence ([B, heads, d]) against each one's cache, in one batched call."""
+        if native.attends(q, plan.single_bias):  # the same roundings, reading the cache in place
+            keys, values = cache.token_views(layer, plan.num_slots, plan.kv_length)
+            slots = None if plan.slots_match_rows else plan.single_slots
+            new_kv = (k, v, plan.single_positions)  # stored by the kernel as it goes
+            return native.one_query_attention(
+                q, keys, values, plan.single_bias, self.inv_norm_factor, slots, new_kv
+            )
         keys, values = cache.write_tokens(
             layer, plan.single_slots, plan.single_positions, k, v, plan.num_slots, plan.kv_length
         )
-        if native.attends(q, plan.single_bias):  # the same roundings, reading the cache in place
-            slots = None if plan.slots_match_rows else plan.single_slots
-            return native.one_query_attention(q, keys, values, plan.single_bias, self.inv_norm_factor, slots)
         attention = self._attention if q.device.type != "cpu" else self._one_query_attention
         if plan.slots_match_rows:
             return attention(q[:, :, None], keys, values, plan.single_bias)[:, :, 0]

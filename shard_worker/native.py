@@ -212,15 +212,24 @@ def one_query_attention(
     bias: torch.Tensor,
     scale: float,
     slots: torch.Tensor | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """softmax(q.k * scale + bias) . v for one query per sequence, bfloat16, in _kernels.c.
 
     q [S, heads, head_dim] (any row and head strides); keys and values the cache's views [slots, heads,
     length, head_dim] (rows of head_dim contiguous); bias [slots, heads, 1, length]; `slots` the cache slot
-    of each query (None: query i sits in slot i). Returns [S, heads, head_dim]."""
+    of each query (None: query i sits in slot i). `new_kv` (keys, values, positions): each query's own key
+    and value, laid out like q (the fused projection's views), stored into the cache at its position before
+    it attends, in the same pass (a scatter per layer otherwise). Returns [S, heads, head_dim]."""
     rows, heads, head_dim = q.shape
     if q.stride(2) != 1 or keys.stride()[2:] != (head_dim, 1) or keys.stride() != values.stride():
         raise ValueError("one_query_attention reads rows of head_dim contiguous values from the cache")
+    new_keys = new_values = positions = None
+    if new_kv is not None:
+        new_keys, new_values, positions = new_kv
+        if new_keys.stride() != q.stride() or new_values.stride() != q.stride():
+            raise ValueError("one_query_attention takes new keys and values laid out like the queries")
+        positions = positions.to(torch.int64).contiguous()
     bias = bias.contiguous()
     slots = None if slots is None else slots.to(torch.int64).contiguous()
     out = torch.empty(rows, heads, head_dim, dtype=q.dtype)
@@ -241,5 +250,6 @@ def one_query_attention(
         keys.stride(1),
         float(scale),
         best_isa(),
+        *(0 if t is None else t.data_ptr() for t in (new_keys, new_values, positions)),
     )
     return out

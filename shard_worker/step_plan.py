@@ -115,7 +115,10 @@ def plan_step(chunks: list[Chunk], cache: KVCache, slopes: torch.Tensor, dtype: 
         )
         for length, members in whole_prompts.items()
     ]
-    rows, slots, positions = torch.tensor(singles, dtype=torch.long, device=device).view(-1, 3).unbind(1)
+    # contiguous: the native attention kernel reads slots and positions as plain arrays, every layer
+    rows, slots, positions = (
+        torch.tensor(singles, dtype=torch.long, device=device).view(-1, 3).t().contiguous()
+    )
     bias = None
     num_slots = kv_length = 0
     if singles:

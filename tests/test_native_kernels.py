@@ -189,6 +189,46 @@ def test_one_query_attention_reads_the_cache_in_place_and_rounds_as_torch_does(h
     assert got.shape == want.shape and (got.float() - want.float()).abs().max() <= ulp
 
 
+@pytest.mark.parametrize("scattered", [False, True])
+def test_one_query_attention_stores_each_querys_new_key_and_value_before_it_attends(scattered):
+    """What model.py hands the kernel: the new tokens' keys and values (views of the fused projection, like
+    q) and their positions; the cache must end as KVCache.write_tokens leaves it, the output the same."""
+    generator = torch.Generator().manual_seed(7)
+    slots_total, heads, capacity, length, head_dim = 6, 4, 40, 27, 64
+    cache = [torch.randn(slots_total, heads, capacity, head_dim, generator=generator).to(torch.bfloat16)]
+    cache.append(torch.randn(cache[0].shape, generator=generator).to(torch.bfloat16))
+    bias = torch.randn(slots_total, heads, 1, length, generator=generator).to(torch.bfloat16)
+    q, k, v = torch.randn(3, heads, 3, head_dim, generator=generator).to(torch.bfloat16).unbind(2)
+    slots = torch.tensor([4, 0, 2]) if scattered else torch.arange(3)
+    positions = torch.tensor([26, 3, 17])
+    written = [tensor.clone() for tensor in cache]  # as write_tokens stores them
+    written[0][slots, :, positions], written[1][slots, :, positions] = k, v
+    want = native.one_query_attention(
+        q, written[0][:, :, :length], written[1][:, :, :length], bias, 0.125, slots if scattered else None
+    )
+    got = native.one_query_attention(
+        q,
+        cache[0][:, :, :length],
+        cache[1][:, :, :length],
+        bias,
+        0.125,
+        slots if scattered else None,
+        new_kv=(k, v, positions),
+    )
+    assert torch.equal(cache[0], written[0]) and torch.equal(cache[1], written[1])
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="outside the keys"):
+        native.one_query_attention(
+            q,
+            cache[0][:, :, :length],
+            cache[1][:, :, :length],
+            bias,
+            0.125,
+            None,
+            new_kv=(k, v, torch.tensor([length, 0, 1])),
+        )
+
+
 def test_untiling_gives_back_the_plain_rows_widened():
     weight = torch.randn(16, 96).to(torch.bfloat16)
     out = torch.empty(8, 96)
