@@ -484,6 +484,107 @@ static const char *attend(const Attention *a, int isa) {
     return NULL;
 }
 
+/* Row summaries: the best logit of each row, its column (the lowest on ties, as argmax) and the row's
+ * log-sum-exp, from bf16 or float32 logits (rows `stride` elements apart), as bloomduo.core.logprobs'
+ * summarize computes them, without its float32 copy of the rows: one pass for the max, one for the sum of
+ * exp(x - max), in float32 over blocks of SUM_BLOCK columns that are added up in double. A row holding a
+ * NaN gives that NaN and its first column, and a row without a finite best a NaN log-sum-exp, as torch's. */
+typedef struct {
+    const void *x;
+    long R, C, stride;
+    int dtype;
+    float *best, *lse;
+    int64_t *index;
+} Summary;
+
+#define SUM_BLOCK 4096
+
+static void summarize_row_scalar(const Summary *s, long r) {
+    const char *row = (const char *)s->x + r * s->stride * (s->dtype == DT_BF16 ? 2 : 4);
+    float best = -INFINITY;
+    long at = 0;
+    for (long j = 0; j < s->C; j++) {
+        float v = load_as_f32(row, j, s->dtype);
+        if (isnan(v)) {
+            best = v, at = j;
+            break;
+        }
+        if (v > best || j == 0) best = v, at = j;
+    }
+    double total = 0.0;
+    if (isfinite(best))
+        for (long j0 = 0; j0 < s->C; j0 += SUM_BLOCK) {
+            float block = 0.0f;
+            for (long j = j0; j < j0 + SUM_BLOCK && j < s->C; j++) block += expf(load_as_f32(row, j, s->dtype) - best);
+            total += block;
+        }
+    s->best[r] = best;
+    s->index[r] = at;
+    s->lse[r] = isfinite(best) ? (float)log(total) + best : NAN;
+}
+
+#ifdef X86
+AVX512 INLINE __m512 load16(const char *row, long j, int dtype, __mmask16 lanes, float fill) {
+    __m512 filler = _mm512_set1_ps(fill);
+    if (dtype == DT_F32) return _mm512_mask_loadu_ps(filler, lanes, (const float *)row + j);
+    __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)row + j));
+    return _mm512_mask_mov_ps(filler, lanes, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
+}
+
+AVX512 static void summarize_row_avx512(const Summary *s, long r) {
+    const char *row = (const char *)s->x + r * s->stride * (s->dtype == DT_BF16 ? 2 : 4);
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    __m512i top_at = _mm512_setzero_si512(), columns = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __mmask16 nans = 0;
+    for (long j = 0; j < s->C; j += 16) {
+        __mmask16 lanes = s->C - j >= 16 ? 0xFFFF : (__mmask16)((1u << (s->C - j)) - 1);
+        __m512 v = load16(row, j, s->dtype, lanes, -INFINITY);
+        nans |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        __mmask16 higher = _mm512_cmp_ps_mask(v, top, _CMP_GT_OQ); /* strict: a lane keeps its first column */
+        top = _mm512_mask_mov_ps(top, higher, v);
+        top_at = _mm512_mask_mov_epi32(top_at, higher, columns);
+        columns = _mm512_add_epi32(columns, _mm512_set1_epi32(16));
+    }
+    float best = _mm512_reduce_max_ps(top);
+    if (nans || !isfinite(best)) { /* rare: the scalar pass gives torch's NaN and -inf answers */
+        summarize_row_scalar(s, r);
+        return;
+    }
+    __mmask16 tied = _mm512_cmp_ps_mask(top, _mm512_set1_ps(best), _CMP_EQ_OQ);
+    long at = _mm512_mask_reduce_min_epi32(tied, top_at);
+    __m512 shift = _mm512_set1_ps(best);
+    double total = 0.0;
+    for (long j0 = 0; j0 < s->C; j0 += SUM_BLOCK) {
+        __m512 sums[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (long j = j0; j < j0 + SUM_BLOCK && j < s->C; j += 16) {
+            __mmask16 lanes = s->C - j >= 16 ? 0xFFFF : (__mmask16)((1u << (s->C - j)) - 1);
+            __m512 e = exp16(_mm512_sub_ps(load16(row, j, s->dtype, lanes, 0.0f), shift));
+            sums[(j >> 4) & 1] = _mm512_mask_add_ps(sums[(j >> 4) & 1], lanes, sums[(j >> 4) & 1], e);
+        }
+        total += _mm512_reduce_add_ps(_mm512_add_ps(sums[0], sums[1]));
+    }
+    s->best[r] = best;
+    s->index[r] = at;
+    s->lse[r] = (float)log(total) + best;
+}
+#endif
+
+static const char *summarize(const Summary *s, int isa) {
+    if (!isa_supported(isa)) return "this CPU lacks the instructions of the requested ISA";
+    if (s->dtype != DT_BF16 && s->dtype != DT_F32) return "rows must be bfloat16 or float32";
+    if (s->C < 1 || s->C > INT32_MAX) return "rows must have between 1 and 2^31 - 1 columns";
+    for (long r = 0; r < s->R; r++) {
+#ifdef X86
+        if (isa >= ISA_AVX512) {
+            summarize_row_avx512(s, r);
+            continue;
+        }
+#endif
+        summarize_row_scalar(s, r);
+    }
+    return NULL;
+}
+
 static int isa_supported(int isa) {
 #ifndef X86
     return isa == ISA_SCALAR;
@@ -618,6 +719,28 @@ static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
+static PyObject *py_summarize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "summarize() takes 9 arguments");
+        return NULL;
+    }
+    Summary s = {PyLong_AsVoidPtr(args[0]), PyLong_AsLong(args[1]), PyLong_AsLong(args[2]),
+                 PyLong_AsLong(args[3]),    (int)PyLong_AsLong(args[4]), PyLong_AsVoidPtr(args[5]),
+                 PyLong_AsVoidPtr(args[7]), PyLong_AsVoidPtr(args[6])};
+    long isa = PyLong_AsLong(args[8]);
+    if (PyErr_Occurred()) return NULL;
+    const char *error;
+    Py_BEGIN_ALLOW_THREADS
+    error = summarize(&s, (int)isa);
+    Py_END_ALLOW_THREADS
+    if (error) {
+        PyErr_SetString(PyExc_ValueError, error);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_supported(PyObject *self, PyObject *arg) {
     (void)self;
     long isa = PyLong_AsLong(arg);
@@ -629,6 +752,7 @@ static PyMethodDef methods[] = {
     {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "y = x W^T (* scale) (+ bias)"},
     {"attend", (PyCFunction)(void (*)(void))py_attend, METH_FASTCALL, "bfloat16 one-query attention"},
     {"untile", (PyCFunction)(void (*)(void))py_untile, METH_FASTCALL, "tiled bfloat16 rows to float32"},
+    {"summarize", (PyCFunction)(void (*)(void))py_summarize, METH_FASTCALL, "best, column, log-sum-exp per row"},
     {"supported", py_supported, METH_O, "whether this CPU runs the given ISA level"},
     {NULL, NULL, 0, NULL},
 };

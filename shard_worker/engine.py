@@ -17,6 +17,7 @@ from bloomduo.core.checkpoint import Checkpoint
 from bloomduo.core.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, to_torch
 from bloomduo.core.logprobs import Scoring, SliceScores, score_slice, summarize
 from bloomduo.core.logs import get_logger
+from bloomduo.shard_worker import native
 from bloomduo.shard_worker.config import ShardOptions
 from bloomduo.shard_worker.distributed import backend_for, init_distributed
 from bloomduo.shard_worker.kv_cache import KVCache
@@ -197,7 +198,8 @@ class ShardEngine:
         wanted = torch.tensor(full_logits, dtype=torch.bool, device=logits.device)
         # Summaries cover the real vocabulary only: padding rows must never win or add mass.
         real = slice(0, self.real_vocab_end - self.vocab_start)
-        best, index, logsumexp = summarize(logits[:, real] if not any(full_logits) else logits[~wanted, real])
+        rows = logits[:, real] if not any(full_logits) else logits[~wanted, real]
+        best, index, logsumexp = (native.summarize if native.summarizes(rows) else summarize)(rows)
         return StepOutput(
             logits[wanted].to("cpu"),
             best_logit=best.tolist(),

@@ -14,6 +14,8 @@ import importlib
 
 import torch
 
+from bloomduo.core.logprobs import RowSummary
+
 TILE_ROWS, TILE_K = 4, 32  # _kernels.c's tiled layout
 TILED, ONEDNN = 0, 1  # the weight layouts _kernels.c reads: its tiles, and oneDNN's packed bf16 row blocks
 SCALAR, AVX2, AVX512, AVX512_BF16 = 0, 1, 2, 3
@@ -253,3 +255,37 @@ def one_query_attention(
         *(0 if t is None else t.data_ptr() for t in (new_keys, new_values, positions)),
     )
     return out
+
+
+def summarizes(rows: torch.Tensor) -> bool:
+    """Whether `summarize` takes these logits: bfloat16 [rows, columns] on a CPU with AVX512, columns
+    contiguous. (float32 workers keep torch's: their logprobs are held to transformers' float32.)"""
+    return (
+        rows.device.type == "cpu"
+        and rows.dtype == torch.bfloat16
+        and rows.dim() == 2
+        and rows.stride(1) == 1
+        and rows.shape[1] > 0
+        and best_isa() >= AVX512
+    )
+
+
+def summarize(rows: torch.Tensor, isa: int | None = None) -> RowSummary:
+    """bloomduo.core.logprobs.summarize of bfloat16 or float32 rows [n, columns] (columns contiguous) in
+    _kernels.c: two passes over the rows and no float32 copy of them. A bloom-560m slice at W = 2 (125440
+    columns): 16 rows in 0.8 ms against torch's 4.0, one row 0.06 against 0.26 (AVX512, one thread)."""
+    count, columns = rows.shape
+    best, logsumexp = torch.empty(count), torch.empty(count)
+    index = torch.empty(count, dtype=torch.int64)
+    _module().summarize(
+        rows.data_ptr(),
+        count,
+        columns,
+        rows.stride(0),
+        _DTYPE_CODES[rows.dtype],
+        best.data_ptr(),
+        index.data_ptr(),
+        logsumexp.data_ptr(),
+        best_isa() if isa is None else isa,
+    )
+    return RowSummary(best, index, logsumexp)

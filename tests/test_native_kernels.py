@@ -229,6 +229,39 @@ def test_one_query_attention_stores_each_querys_new_key_and_value_before_it_atte
         )
 
 
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("columns", [1, 17, 4096 + 35, 20000])  # tails, one block and a few, many blocks
+def test_summaries_are_torchs_best_and_column_and_a_float64_log_sum_exp(isa, dtype, columns):
+    generator = torch.Generator().manual_seed(columns)
+    full = (torch.randn(6, columns + 3, generator=generator) * 6).to(dtype)
+    full[1, columns // 2] = full[1, columns - 1] = full[1].max() + 1  # a tie: the lower column wins
+    full[2, columns - 1] = float("nan")  # torch's max gives the NaN, and then its log-sum-exp is NaN
+    full[3, :columns] = float("-inf")  # no finite best: NaN log-sum-exp, as torch's x - max gives
+    full[4, columns // 3] = float("inf")
+    rows = full[:, :columns]  # a slice's view: rows further apart than their length
+    best, index, logsumexp = native.summarize(rows, isa)
+    want = torch.max(rows, dim=-1)
+    torch.testing.assert_close(best, want.values.float(), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(index, want.indices)
+    finite = [0, 1, 5]
+    exact = torch.logsumexp(rows[finite].double(), dim=-1)
+    # float32 sums of up to 4096 terms each, the blocks added in double: within a few float32 roundings
+    assert (logsumexp[finite].double() - exact).abs().max() <= 64 * torch.finfo(
+        torch.float32
+    ).eps * exact.abs().max()
+    assert logsumexp[[2, 3, 4]].isnan().all()
+    if dtype == torch.bfloat16 and isa >= native.AVX512:
+        assert native.summarizes(rows)
+
+
+def test_summaries_are_used_for_bfloat16_on_avx512_only():
+    rows = torch.randn(2, 64)
+    assert not native.summarizes(rows)  # float32 workers keep torch's, held to transformers
+    assert not native.summarizes(rows.to(torch.bfloat16).t())  # columns not contiguous
+    assert native.summarizes(rows.to(torch.bfloat16)) == (native.best_isa() >= native.AVX512)
+
+
 def test_untiling_gives_back_the_plain_rows_widened():
     weight = torch.randn(16, 96).to(torch.bfloat16)
     out = torch.empty(8, 96)
