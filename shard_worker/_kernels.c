@@ -637,6 +637,15 @@ static const char *run(Problem *p, int isa) {
     return NULL;
 }
 
+/* None after a kernel ran, or the ValueError that names why it could not. */
+static PyObject *none_or_raise(const char *error) {
+    if (error) {
+        PyErr_SetString(PyExc_ValueError, error);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* linear(x, w, scale, bias, y, R, N, K, x_dtype, w_dtype, y_dtype, isa, layout, gelu): addresses as ints (0 for no scale
  * or bias), the caller holding the tensors alive and contiguous. Releases the GIL while it runs. */
 static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -656,11 +665,7 @@ static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_BEGIN_ALLOW_THREADS
     error = run(&p, (int)value[6]);
     Py_END_ALLOW_THREADS
-    if (error) {
-        PyErr_SetString(PyExc_ValueError, error);
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return none_or_raise(error);
 }
 
 /* untile(w, n0, n1, K, out): rows n0 .. n1-1 (multiples of TILE_ROWS) of a tiled bfloat16 weight as plain
@@ -689,8 +694,9 @@ static PyObject *py_untile(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
-/* attend(q, keys, values, bias, slots, out, S, H, L, D, q_row, q_head, kv_slot, kv_head, scale, isa):
- * addresses as ints (slots 0: query i in slot i), strides in elements. Releases the GIL while it runs. */
+/* attend(q, keys, values, bias, slots, out, S, H, L, D, q_row, q_head, kv_slot, kv_head, scale, isa, new_keys,
+ * new_values, positions): addresses as ints (slots 0: query i in slot i; new_keys 0: the cache holds them),
+ * strides in elements. Releases the GIL while it runs. */
 static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 19) {
@@ -712,13 +718,11 @@ static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_BEGIN_ALLOW_THREADS
     error = attend(&a, (int)isa);
     Py_END_ALLOW_THREADS
-    if (error) {
-        PyErr_SetString(PyExc_ValueError, error);
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return none_or_raise(error);
 }
 
+/* summarize(rows, R, C, stride, dtype, best, index, logsumexp, isa): addresses as ints, the row stride in
+ * elements. Releases the GIL while it runs. */
 static PyObject *py_summarize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 9) {
@@ -734,11 +738,7 @@ static PyObject *py_summarize(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_BEGIN_ALLOW_THREADS
     error = summarize(&s, (int)isa);
     Py_END_ALLOW_THREADS
-    if (error) {
-        PyErr_SetString(PyExc_ValueError, error);
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return none_or_raise(error);
 }
 
 static PyObject *py_supported(PyObject *self, PyObject *arg) {
