@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -39,6 +40,21 @@ def return_freed_memory() -> None:
     after loading and 536 MiB after this call."""
     with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
         ctypes.CDLL(None).malloc_trim(0)
+
+
+# Compiled matmul kernels kept per shape, in oneDNN's cache and in the ideep layer's above it (torch reads
+# LRU_CACHE_CAPACITY). Both hold 1024 by default, and a packed Linear's kernel is compiled for each row
+# count: every prompt length a worker prefilled through oneDNN kept ~2.5 MiB (at bloom-560m's 4 shapes,
+# 650 MiB after 200 lengths). A step's Linears share their few shapes across all layers, so a small cache
+# costs ~0.3 ms per shape a step compiles again.
+ONEDNN_CACHED_KERNELS = 16
+
+
+def bound_onednn_caches() -> None:
+    """Cap both caches at ONEDNN_CACHED_KERNELS unless the environment sets them. Both are read when oneDNN
+    first compiles a kernel in this process: call it before (a worker's load does)."""
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(ONEDNN_CACHED_KERNELS))
 
 
 def resolve_dtype(
@@ -122,6 +138,7 @@ class ShardEngine:
             # GELU of large activations, take microcode assists that made a bf16 GELU pass 3-4x slower.
             # Flushing them to zero moves results by less than 1e-38.
             torch.set_flush_denormal(True)
+            bound_onednn_caches()
         checkpoint = Checkpoint(options.model_dir)
         dtype = resolve_dtype(options.dtype, checkpoint_dtype(checkpoint), device, options.quantize)
         layout = shard_layout(checkpoint.config, options.rank, options.world_size)

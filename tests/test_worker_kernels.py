@@ -442,3 +442,53 @@ def test_an_avx2_class_cpu_chooses_among_what_it_can_run(reference):
     assert report["candidates"] == [TILED, TILED_FP32, EAGER, FP32] and report["packed"] == 0, report
     assert report["isa"] == "avx2", report
     assert report["kernels"].startswith("blocks: ") and PACKED not in report["kernels"], report
+
+
+_COMPILED_KERNELS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from bloomduo.shard_worker.engine import bound_onednn_caches
+    if sys.argv[1] == "bounded":
+        bound_onednn_caches()  # as a worker's load does, before its first oneDNN kernel
+    torch.set_num_threads(1)
+    def rss():
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) // 1024
+    shapes = ((1536, 1024), (1024, 512), (2048, 1024), (1024, 2048))  # a bloom-560m rank's block Linears
+    weights = [torch.randn(n, k).to(torch.bfloat16) for n, k in shapes]
+    weights = [torch.ops.mkldnn._reorder_linear_weight(weight, None) for weight in weights]
+    def prefill(rows):
+        for weight in weights:
+            x = torch.randn(rows, weight.shape[1]).to(torch.bfloat16)
+            torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    prefill(166)
+    before = rss()
+    for rows in range(167, 167 + 60):  # prompts of 60 lengths, each compiled for its row count
+        prefill(rows)
+    print(json.dumps({"grown_mib": rss() - before}))
+    """
+)
+
+
+@needs_packing
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmRSS from /proc")
+def test_a_worker_keeps_a_few_compiled_onednn_kernels_not_one_per_prompt_length():
+    """oneDNN and the ideep layer each cached 1024 kernels: ~2.5 MiB per prefill length, never given back."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+    }
+    grown = {}
+    for mode in ("bounded", "default"):
+        result = subprocess.run(
+            [sys.executable, "-c", _COMPILED_KERNELS_SCRIPT, mode],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        grown[mode] = json.loads(result.stdout.strip().splitlines()[-1])["grown_mib"]
+    assert grown["default"] > 60, grown  # the leak the bound is for, seen on this machine
+    assert grown["bounded"] < 40, grown
