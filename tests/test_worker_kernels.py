@@ -423,20 +423,20 @@ _AVX2_SCRIPT = textwrap.dedent(
 )
 
 
+def _run_script(script: str, *args: str, env: dict[str, str]) -> dict:
+    """Run `script` in a fresh interpreter from the repository; the JSON object on its last line."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_an_avx2_class_cpu_chooses_among_what_it_can_run(reference):
     env = {**os.environ, **AVX2_CLASS}
     env.pop(KERNELS_ENV, None)
     env.pop("BLOOMDUO_CPU_PACKED_WEIGHTS", None)
-    result = subprocess.run(
-        [sys.executable, "-c", _AVX2_SCRIPT, str(reference["model_dir"])],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = _run_script(_AVX2_SCRIPT, str(reference["model_dir"]), env=env)
     assert report["capability"] in ("AVX2", "DEFAULT"), report  # the ATen cap took effect
     # bloomduo's own kernel in its AVX2 form where the install built it (the test environment always does)
     assert report["candidates"] == [TILED, TILED_FP32, EAGER, FP32] and report["packed"] == 0, report
@@ -478,17 +478,9 @@ def test_a_worker_keeps_a_few_compiled_onednn_kernels_not_one_per_prompt_length(
         for k, v in os.environ.items()
         if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
     }
-    grown = {}
-    for mode in ("bounded", "default"):
-        result = subprocess.run(
-            [sys.executable, "-c", _COMPILED_KERNELS_SCRIPT, mode],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr
-        grown[mode] = json.loads(result.stdout.strip().splitlines()[-1])["grown_mib"]
+    grown = {
+        mode: _run_script(_COMPILED_KERNELS_SCRIPT, mode, env=env)["grown_mib"]
+        for mode in ("bounded", "default")
+    }
     assert grown["default"] > 60, grown  # the leak the bound is for, seen on this machine
     assert grown["bounded"] < 40, grown
