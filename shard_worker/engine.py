@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,6 +18,12 @@ from bloomduo.core.logs import get_logger
 from bloomduo.shard_worker import native
 from bloomduo.shard_worker.config import ShardOptions
 from bloomduo.shard_worker.distributed import backend_for, init_distributed
+from bloomduo.shard_worker.host_memory import (
+    bound_onednn_caches,
+    host_tensors,
+    return_freed_memory,
+    use_huge_pages,
+)
 from bloomduo.shard_worker.kv_cache import KVCache
 from bloomduo.shard_worker.model import BloomShardModel
 from bloomduo.shard_worker.quantize import describe as describe_int8
@@ -30,31 +33,6 @@ from bloomduo.shard_worker.tensor_parallel import ShardLayout, load_shard, shard
 from bloomduo.shard_worker.weight_formats import format_weights
 
 log = get_logger(__name__)
-
-
-def return_freed_memory() -> None:
-    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
-
-    Loading leaves holes where weights were converted: float weights quantized to int8, plain weights
-    packed. glibc keeps those pages resident; at bloom-560m with --quantize int8 a worker held 1095 MiB
-    after loading and 536 MiB after this call."""
-    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
-        ctypes.CDLL(None).malloc_trim(0)
-
-
-# Compiled matmul kernels kept per shape, in oneDNN's cache and in the ideep layer's above it (torch reads
-# LRU_CACHE_CAPACITY). Both hold 1024 by default, and a packed Linear's kernel is compiled for each row
-# count: every prompt length a worker prefilled through oneDNN kept ~2.5 MiB (at bloom-560m's 4 shapes,
-# 650 MiB after 200 lengths). A step's Linears share their few shapes across all layers, so a small cache
-# costs ~0.3 ms per shape a step compiles again.
-ONEDNN_CACHED_KERNELS = 16
-
-
-def bound_onednn_caches() -> None:
-    """Cap both caches at ONEDNN_CACHED_KERNELS unless the environment sets them. Both are read when oneDNN
-    first compiles a kernel in this process: call it before (a worker's load does)."""
-    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-        os.environ.setdefault(name, str(ONEDNN_CACHED_KERNELS))
 
 
 def resolve_dtype(
@@ -171,6 +149,7 @@ class ShardEngine:
         kernels = format_weights(model, device, dtype, options.cpu_kernels, group)
         kernels = describe_int8(model) or kernels
         return_freed_memory()
+        huge_page_bytes = use_huge_pages(host_tensors(model)) if device.type == "cpu" else 0
         engine = cls(
             model,
             layout,
@@ -188,6 +167,7 @@ class ShardEngine:
             vocab_start=engine.vocab_start,
             vocab_end=engine.vocab_end,
             kernels=kernels,
+            huge_page_bytes=huge_page_bytes,
         )
         return engine
 

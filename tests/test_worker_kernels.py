@@ -447,7 +447,7 @@ def test_an_avx2_class_cpu_chooses_among_what_it_can_run(reference):
 _COMPILED_KERNELS_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
-    from bloomduo.shard_worker.engine import bound_onednn_caches
+    from bloomduo.shard_worker.host_memory import bound_onednn_caches
     if sys.argv[1] == "bounded":
         bound_onednn_caches()  # as a worker's load does, before its first oneDNN kernel
     torch.set_num_threads(1)

@@ -1,0 +1,98 @@
+"""A CPU worker's weights on transparent huge pages (shard_worker/host_memory.py), on this host's kernel."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from bloomduo.core.bloom_config import BloomConfig
+from bloomduo.shard_worker.host_memory import HUGE_PAGE_BYTES, _runs, host_tensors, use_huge_pages
+from bloomduo.shard_worker.model import BloomShardModel
+from bloomduo.shard_worker.weight_formats import format_weights
+from tests._dist_helpers import needs_packing
+
+MiB = 2**20
+
+
+def _collapse_supported() -> str | None:
+    """Why MADV_COLLAPSE cannot work here, or None."""
+    if platform.system() != "Linux":
+        return "transparent huge pages are Linux's"
+    release = tuple(int(part) for part in platform.release().split(".")[:2] if part.isdigit())
+    if release < (6, 1):
+        return f"MADV_COLLAPSE came with Linux 6.1; this kernel is {platform.release()}"
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            if "[never]" in f.read():
+                return "transparent huge pages are set to never on this host"
+    except OSError:
+        return "this kernel has no transparent huge pages"
+    return None
+
+
+def _huge_bytes_at(address: int) -> int:
+    """AnonHugePages of the mapping holding `address`, from /proc/self/smaps."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" not in fields[0]:
+                start, end = (int(part, 16) for part in fields[0].split("-"))
+                inside = start <= address < end
+            elif inside and fields[0] == "AnonHugePages:":
+                return int(fields[1]) * 1024
+    return 0
+
+
+def test_runs_merge_ranges_that_overlap_or_lie_close() -> None:
+    ranges = [(100, 200), (0, 50), (60, 80), (190, 300), (1000, 1100)]
+    assert _runs(ranges, max_gap=9) == [(0, 50), (60, 80), (100, 300), (1000, 1100)]
+    assert _runs(ranges, max_gap=10) == [(0, 80), (100, 300), (1000, 1100)]
+    assert _runs(ranges, max_gap=20) == [(0, 300), (1000, 1100)]
+    assert _runs([], max_gap=10) == []
+
+
+@pytest.mark.skipif(_collapse_supported() is not None, reason=str(_collapse_supported()))
+def test_weights_move_onto_huge_pages_unchanged() -> None:
+    # Three tensors allocated one after another, as a layer's weights are: their runs are moved whole.
+    tensors = [torch.randn(n * MiB // 4) for n in (24, 3, 5)]
+    before = [t.clone() for t in tensors]
+    moved = use_huge_pages(tensors)
+    start = min(t.data_ptr() for t in tensors)
+    # At least the whole 2 MiB pages inside the biggest tensor; never more than the span of all three.
+    assert 22 * MiB <= moved <= (max(t.data_ptr() + t.nbytes for t in tensors) - start)
+    assert moved % HUGE_PAGE_BYTES == 0
+    assert _huge_bytes_at(tensors[0].data_ptr() + 8 * MiB) >= 2 * MiB
+    for tensor, copy in zip(tensors, before, strict=True):
+        assert torch.equal(tensor, copy)
+
+
+def test_switched_off_or_nothing_big_enough_moves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert use_huge_pages([torch.randn(1024)]) == 0  # no whole 2 MiB page inside
+    monkeypatch.setenv("BLOOMDUO_HUGE_PAGES", "0")
+    assert use_huge_pages([torch.randn(8 * MiB // 4)]) == 0
+
+
+@pytest.mark.skipif(_collapse_supported() is not None, reason=str(_collapse_supported()))
+@pytest.mark.parametrize("kernels", [pytest.param("packed", marks=needs_packing), "eager"])
+def test_a_formatted_model_moves_nearly_all_its_weights(kernels: str) -> None:
+    torch.manual_seed(0)
+    model = BloomShardModel(BloomConfig(vocab_size=8192, hidden_size=1024, n_layer=2, n_head=16))
+    model = model.to(torch.bfloat16).eval().requires_grad_(False)
+    format_weights(model, torch.device("cpu"), torch.bfloat16, kernels)
+    tensors = host_tensors(model)
+    assert (kernels == "packed") == any(t.is_mkldnn for t in tensors)  # oneDNN's opaque weights included
+    x = torch.randn(3, 1024, dtype=torch.bfloat16)
+    expected = model.logits(x)
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    whole_pages_inside = sum(
+        max(0, (t.data_ptr() + t.nbytes) // HUGE_PAGE_BYTES - -(-t.data_ptr() // HUGE_PAGE_BYTES))
+        for t in tensors
+        if not t.is_mkldnn
+    )
+    # Whole pages inside each 2-8 MiB weight would cover about half of them; the runs they form, most.
+    moved = use_huge_pages(tensors)
+    assert moved > 0.75 * total and moved > whole_pages_inside * HUGE_PAGE_BYTES
+    assert torch.equal(model.logits(x), expected)
