@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
+import mmap
 import os
 import sys
 
@@ -96,14 +98,30 @@ def use_huge_pages(tensors: list[torch.Tensor]) -> int:
     moved = 0
     for start, end in _runs([_address_range(t) for t in tensors], HUGE_PAGE_BYTES // 2):
         first = -(-start // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
-        last = end // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
-        if last <= first:
-            continue
-        size = last - first
-        # MADV_HUGEPAGE keeps the range huge should the kernel ever split it; MADV_COLLAPSE does it now.
-        if libc.madvise(first, size, _MADV_HUGEPAGE) or libc.madvise(first, size, _MADV_COLLAPSE):
-            if ctypes.get_errno() == errno.EINVAL:  # no MADV_COLLAPSE here, or THP off: none will move
-                return moved
-            continue  # EAGAIN, ENOMEM: no free huge page just now; this range stays on small ones
-        moved += size
+        # Page by page: a run may cross from one mapping into another (the heap into a chunk of its own),
+        # and a range that does is refused whole.
+        for page in range(first, end // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES, HUGE_PAGE_BYTES):
+            # MADV_HUGEPAGE keeps the page huge should the kernel ever split it; MADV_COLLAPSE does it now.
+            if libc.madvise(page, HUGE_PAGE_BYTES, _MADV_HUGEPAGE) == 0 and (
+                libc.madvise(page, HUGE_PAGE_BYTES, _MADV_COLLAPSE) == 0
+            ):
+                moved += HUGE_PAGE_BYTES
+            elif moved == 0 and ctypes.get_errno() == errno.EINVAL and not _collapses():
+                return 0  # this kernel cannot (before 6.1, THP off): don't ask again for every page
     return moved
+
+
+@functools.cache
+def _collapses() -> bool:
+    """Whether MADV_COLLAPSE works here, tried on a fresh private mapping of one huge page."""
+    libc = _libc()
+    if libc is None:
+        return False
+    with mmap.mmap(-1, 2 * HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as region:
+        region.write(b"\1" * len(region))
+        view = ctypes.c_char.from_buffer(region)
+        address = ctypes.addressof(view)
+        del view  # the mapping cannot close while a view of it lives
+        page = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+        works = libc.madvise(page, HUGE_PAGE_BYTES, _MADV_COLLAPSE) == 0
+    return works
