@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -82,6 +84,27 @@ def test_mmap_gives_the_same_values(models: dict[str, Path], variant: str) -> No
         assert view.dtype == checkpoint.dtype(name)
         assert tuple(view.shape) == checkpoint.shape(name)
         assert torch.equal(view, checkpoint.read(name)), name
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    release = platform.release().split("-")[0].split(".")
+    return sys.platform.startswith("linux") and tuple(int(part) for part in release[:2]) >= (major, minor)
+
+
+@pytest.mark.skipif(not _kernel_at_least(5, 14), reason="MADV_POPULATE_READ came with Linux 5.14")
+def test_a_populated_mmap_takes_no_page_faults_on_first_read(models: dict[str, Path]) -> None:
+    checkpoint = Checkpoint(models["bf16"])
+    name = "word_embeddings.weight"
+
+    def faults_reading(view: torch.Tensor) -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        view.max()  # reads every page, allocates nothing
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    populated = checkpoint.mmap(name, populate=True)
+    assert torch.equal(populated, checkpoint.read(name))
+    cold, warm = faults_reading(checkpoint.mmap(name)), faults_reading(checkpoint.mmap(name, populate=True))
+    assert warm == 0 < cold, (cold, warm)
 
 
 def test_mmap_writes_never_reach_the_file(models: dict[str, Path]) -> None:
