@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -79,8 +80,29 @@ class Replica:
             self.kill()
 
 
-def _start_replica(model_dir: Path, cache: Path) -> Replica:
-    port, metrics_port = free_ports(2)
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _replica_ports(count: int) -> list[tuple[int, int]]:
+    """(gRPC port, metrics port) of `count` replicas, all different, each metrics port's next one free too:
+    the launcher gives its worker P + 1. Picked apart, a replica's P + 1 was once another one's port."""
+    taken: set[int] = set()
+    ports: list[tuple[int, int]] = []
+    while len(ports) < count:
+        port, metrics_port = free_ports(2, exclude=taken)
+        if metrics_port + 1 not in taken | {port} and _bindable(metrics_port + 1):
+            taken |= {port, metrics_port, metrics_port + 1}
+            ports.append((port, metrics_port))
+    return ports
+
+
+def _start_replica(model_dir: Path, cache: Path, port: int, metrics_port: int) -> Replica:
     process = subprocess.Popen(
         [
             *(sys.executable, "-m", "bloomduo", "up", "--model", str(model_dir), "--num-shards", "1"),
@@ -102,7 +124,7 @@ def replicas(
     started: list[Replica] = []
     try:
         # Both start at once: on two cores their imports overlap with each other's loading.
-        started = [_start_replica(model_dir, cache), _start_replica(model_dir, cache)]
+        started = [_start_replica(model_dir, cache, *ports) for ports in _replica_ports(2)]
         for replica in started:
             wait_serving(replica.target, 120, [replica.process])
         yield started
