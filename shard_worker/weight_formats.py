@@ -81,6 +81,7 @@ def format_weights(
     scratch = Fp32Scratch()
     paths = candidate_paths(packing_applies(device, dtype)) if measures else []
     choice = choose(groups, paths, scratch, setting) if measures else None
+    del groups  # holding the Linears would keep every plain weight alive beside its replacement
     if device.type == "cpu":
         choice = _rank_zero_choice(choice, group)
     if choice is None:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,28 @@ def test_packed_model_keeps_its_logits_and_all_reduces(monkeypatch):
         assert relative_error(got, want, torch.bfloat16) < 4
         assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert reducer.calls == 2 * CONFIG["n_layer"] * 3  # two all-reduces per block, every step
+
+
+@needs_packing
+def test_packing_frees_each_plain_weight_as_its_packed_copy_takes_its_place(monkeypatch):
+    """Holding the replaced Linears until the end made a bloom-7b1 rank peak at twice its weights while
+    loading (13.8 GB for 7.0), and the second of two workers on a 24 GB host was killed."""
+    monkeypatch.setenv("BLOOMDUO_CPU_KERNELS", "packed")
+    model = _model(torch.bfloat16, _CountingReducer())
+    plain_weights = [weakref.ref(m.weight) for m in model.modules() if type(m) is nn.Linear]
+    alive_at_each_packing: list[int] = []
+    pack = PackedLinear.__init__
+
+    def counting_pack(self, *args, **kwargs) -> None:
+        pack(self, *args, **kwargs)
+        alive_at_each_packing.append(sum(ref() is not None for ref in plain_weights))
+
+    monkeypatch.setattr(PackedLinear, "__init__", counting_pack)
+    format_weights(model, CPU, torch.bfloat16)
+    assert len(alive_at_each_packing) == len(plain_weights) == 4 * CONFIG["n_layer"] + 1
+    # At most a layer's Linears (its attention's two) wait beside their copies; the rest are gone.
+    assert max(alive - (len(plain_weights) - i) for i, alive in enumerate(alive_at_each_packing)) <= 2
+    assert all(ref() is None for ref in plain_weights)
 
 
 @needs_packing
