@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 HUGE_PAGE_BYTES = 2 << 20  # x86-64's transparent huge page
-_MADV_HUGEPAGE = 14
 _MADV_COLLAPSE = 25  # Linux >= 6.1: make the range's pages huge now, not when khugepaged gets to it
 
 
@@ -89,7 +88,7 @@ def use_huge_pages(tensors: list[torch.Tensor]) -> int:
 
     A layer's weights are a few MiB each, so few whole 2 MiB pages lie inside one (bloom-560m: 382 of 533
     MiB); the heap keeps them side by side, so the runs they form (gaps of up to half a huge page closed)
-    are moved instead (526 MiB). What a gap held becomes resident: at most half a huge page per gap, 2 MiB
+    are moved instead (516-526 MiB). What a gap held becomes resident: at most half a huge page per gap, 2 MiB
     in all at bloom-560m. The collapse copies the pages once (~0.3 s per GB).
     """
     libc = _libc()
@@ -101,10 +100,9 @@ def use_huge_pages(tensors: list[torch.Tensor]) -> int:
         # Page by page: a run may cross from one mapping into another (the heap into a chunk of its own),
         # and a range that does is refused whole.
         for page in range(first, end // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES, HUGE_PAGE_BYTES):
-            # MADV_HUGEPAGE keeps the page huge should the kernel ever split it; MADV_COLLAPSE does it now.
-            if libc.madvise(page, HUGE_PAGE_BYTES, _MADV_HUGEPAGE) == 0 and (
-                libc.madvise(page, HUGE_PAGE_BYTES, _MADV_COLLAPSE) == 0
-            ):
+            # MADV_COLLAPSE alone, not MADV_HUGEPAGE too: that would also give a 2 MiB page to any later
+            # fault in a hole of the range (the heap reusing a freed chunk), where 4 KiB would do.
+            if libc.madvise(page, HUGE_PAGE_BYTES, _MADV_COLLAPSE) == 0:
                 moved += HUGE_PAGE_BYTES
             elif moved == 0 and ctypes.get_errno() == errno.EINVAL and not _collapses():
                 return 0  # this kernel cannot (before 6.1, THP off): don't ask again for every page
