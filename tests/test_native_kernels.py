@@ -71,7 +71,7 @@ def test_the_tiled_kernel_computes_x_times_w_transposed(isa, weights, activation
 
 
 @pytest.mark.parametrize("isa", [i for i in ISAS if i in (native.SCALAR, native.AVX512_BF16)], ids=str)
-@pytest.mark.parametrize("rows", [1, 6, 7, 13])
+@pytest.mark.parametrize("rows", [1, 6, 7, 13, 67])  # 67: int8 row blocks are widened once, not per pass
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("weights", ["bfloat16", "int8"])
 def test_the_onednn_layout_is_read_as_documented(isa, rows, gelu, weights):
