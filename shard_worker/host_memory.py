@@ -5,29 +5,19 @@ Each function is a no-op where its mechanism is missing (not Linux, not glibc): 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import functools
 import mmap
 import os
-import sys
 
 import torch
 from torch import nn
 
+from bloomduo.core.libc import madvise, malloc_trim
+
 HUGE_PAGE_BYTES = 2 << 20  # x86-64's transparent huge page
 _MADV_COLLAPSE = 25  # Linux >= 6.1: make the range's pages huge now, not when khugepaged gets to it
-
-
-def _libc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    with contextlib.suppress(OSError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc
-    return None
 
 
 def return_freed_memory() -> None:
@@ -36,8 +26,7 @@ def return_freed_memory() -> None:
     Loading leaves holes where weights were converted: float weights quantized to int8, plain weights
     packed. glibc keeps those pages resident; at bloom-560m with --quantize int8 a worker held 1095 MiB
     after loading and 536 MiB after this call."""
-    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
-        ctypes.CDLL(None).malloc_trim(0)
+    malloc_trim()
 
 
 # Compiled matmul kernels kept per shape, in oneDNN's cache and in the ideep layer's above it (torch reads
@@ -91,8 +80,7 @@ def use_huge_pages(tensors: list[torch.Tensor]) -> int:
     are moved instead (516-526 MiB). What a gap held becomes resident: at most half a huge page per gap, 2 MiB
     in all at bloom-560m. The collapse copies the pages once (~0.3 s per GB).
     """
-    libc = _libc()
-    if libc is None or os.environ.get("BLOOMDUO_HUGE_PAGES", "1") == "0":
+    if os.environ.get("BLOOMDUO_HUGE_PAGES", "1") == "0":
         return 0
     moved = 0
     for start, end in _runs([_address_range(t) for t in tensors], HUGE_PAGE_BYTES // 2):
@@ -102,24 +90,22 @@ def use_huge_pages(tensors: list[torch.Tensor]) -> int:
         for page in range(first, end // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES, HUGE_PAGE_BYTES):
             # MADV_COLLAPSE alone, not MADV_HUGEPAGE too: that would also give a 2 MiB page to any later
             # fault in a hole of the range (the heap reusing a freed chunk), where 4 KiB would do.
-            if libc.madvise(page, HUGE_PAGE_BYTES, _MADV_COLLAPSE) == 0:
+            failure = madvise(page, HUGE_PAGE_BYTES, _MADV_COLLAPSE)
+            if not failure:
                 moved += HUGE_PAGE_BYTES
-            elif moved == 0 and ctypes.get_errno() == errno.EINVAL and not _collapses():
-                return 0  # this kernel cannot (before 6.1, THP off): don't ask again for every page
+            elif moved == 0 and failure in (errno.EINVAL, errno.ENOSYS) and not _collapses():
+                return 0  # this kernel cannot (before 6.1, THP off, not Linux): don't ask for every page
     return moved
 
 
 @functools.cache
 def _collapses() -> bool:
     """Whether MADV_COLLAPSE works here, tried on a fresh private mapping of one huge page."""
-    libc = _libc()
-    if libc is None:
-        return False
     with mmap.mmap(-1, 2 * HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as region:
         region.write(b"\1" * len(region))
         view = ctypes.c_char.from_buffer(region)
         address = ctypes.addressof(view)
         del view  # the mapping cannot close while a view of it lives
         page = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
-        works = libc.madvise(page, HUGE_PAGE_BYTES, _MADV_COLLAPSE) == 0
+        works = madvise(page, HUGE_PAGE_BYTES, _MADV_COLLAPSE) == 0
     return works

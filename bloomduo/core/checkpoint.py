@@ -8,16 +8,13 @@ tensor at a time) open here too.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import ctypes
 import difflib
 import json
 import math
 import mmap
 import os
 import pickle
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 from bloomduo.core.bloom_config import BloomConfig
+from bloomduo.core.libc import madvise
 from bloomduo.core.logs import get_logger
 
 log = get_logger(__name__)
@@ -360,10 +358,5 @@ _MADV_POPULATE_READ = 22  # Linux >= 5.14
 
 def _populate(address: int, nbytes: int) -> None:
     """Map the pages of [address, address + nbytes) of a file mapping now (nothing where Linux cannot)."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        start = address - address % mmap.PAGESIZE  # the mapping itself starts at a page boundary
-        libc.madvise(start, nbytes + address - start, _MADV_POPULATE_READ)
+    start = address - address % mmap.PAGESIZE  # the mapping itself starts at a page boundary
+    madvise(start, nbytes + address - start, _MADV_POPULATE_READ)
