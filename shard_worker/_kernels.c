@@ -8,6 +8,8 @@
  *
  *   LAYOUT_ONEDNN  oneDNN's packed bf16 weight itself (AVX512-BF16: VDPBF16PS, outputs in the lanes)
  *   LAYOUT_TILED   this file's tiles, bf16 or int8 weights, in AVX512-BF16, AVX512F, AVX2+FMA or scalar form
+ *   LAYOUT_VNNI    int8 weights in row blocks of 4-column groups, against activations quantized to 8 bits per
+ *                  row on the way in (--quantize int8-dynamic): VPDPBUSD, twice VDPBF16PS's products a cycle
  *
  * The output is rounded once (round-to-nearest-even to bf16, or kept float32) after the bias, scale and
  * optional tanh GELU: what nn.Linear (and oneDNN's GELU post-op) computes, in another order of summation.
@@ -26,8 +28,10 @@
 #include <string.h>
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_I8 = 2 };
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512_BF16 = 3 };
-enum { LAYOUT_TILED = 0, LAYOUT_ONEDNN = 1 };
+/* ISA_AVX512_VNNI is no rung of the ladder below ISA_AVX512_BF16 (CPUs have either without the other): the
+ * VNNI layout runs on it wherever an AVX512 level is asked for. */
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512_BF16 = 3, ISA_AVX512_VNNI = 4 };
+enum { LAYOUT_TILED = 0, LAYOUT_ONEDNN = 1, LAYOUT_VNNI = 2 };
 
 static int isa_supported(int isa);
 
@@ -71,11 +75,22 @@ static inline long onednn_index(long n, long k, long K) {
     return block * BLOCK_ROWS * BLOCK_K + ((k % BLOCK_K) / 2) * 2 * BLOCK_ROWS + (n % BLOCK_ROWS) * 2 + k % 2;
 }
 
+/* int8 weights for VPDPBUSD, which sums four byte products into each 32-bit lane: row blocks of 64 rows, inside
+ * a block the K / 4 column groups in order, each holding 64 rows' (k .. k+3). One group is 4 registers of 16
+ * rows' lanes, read in the order they are stored. */
+#define QUAD 4
+
+static inline long vnni_index(long n, long k, long K) {
+    return (n / BLOCK_ROWS) * BLOCK_ROWS * K + (k / QUAD) * QUAD * BLOCK_ROWS + (n % BLOCK_ROWS) * QUAD + k % QUAD;
+}
+
 /* What every path shares: where the operands are and what they hold. */
 typedef struct {
     const void *x;      /* [R, K] activations, x_dtype, row-major */
     const void *w;      /* [N, K] weights, w_dtype, tiled */
     const float *scale; /* [N] per-row scale of int8 weights, else NULL */
+    /* LAYOUT_VNNI: [N] -128 x the sum of each weight row, what the activations' offset to unsigned bytes adds */
+    const int32_t *compensation;
     const void *bias;   /* [N] in y_dtype, or NULL */
     void *y;            /* [R, N] output, y_dtype, row-major */
     long R, N, K;
@@ -96,14 +111,52 @@ static inline float gelu_tanh(float x) {
 
 /* y[r, n] from its float32 sum: times the row's scale, plus the bias, GELU if asked, rounded once to y's
  * dtype. */
-static inline void store(const Problem *p, long r, long n, float sum) {
-    if (p->scale) sum *= p->scale[n];
+static inline void store_scaled(const Problem *p, long r, long n, float sum) {
     if (p->bias) sum += load_as_f32(p->bias, n, p->y_dtype);
     if (p->gelu) sum = gelu_tanh(sum);
     if (p->y_dtype == DT_BF16)
         ((uint16_t *)p->y)[r * p->N + n] = f32_to_bf16(sum);
     else
         ((float *)p->y)[r * p->N + n] = sum;
+}
+
+static inline void store(const Problem *p, long r, long n, float sum) {
+    store_scaled(p, r, n, p->scale ? sum * p->scale[n] : sum);
+}
+
+/* Row r of x as signed bytes offset by 128 (so unsigned, as VPDPBUSD multiplies them) and its scale: x ~=
+ * (q - 128) * scale, symmetric, |x| at most 127 steps; rounded half to even, as torch.round does. */
+static void quantize_row_scalar(const Problem *p, long r, uint8_t *q, float *scale) {
+    float amax = 0.0f;
+    for (long k = 0; k < p->K; k++) amax = fmaxf(amax, fabsf(load_as_f32(p->x, r * p->K + k, p->x_dtype)));
+    float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (long k = 0; k < p->K; k++) {
+        float v = nearbyintf(load_as_f32(p->x, r * p->K + k, p->x_dtype) * inverse);
+        q[k] = (uint8_t)((int)fminf(fmaxf(v, -127.0f), 127.0f) + 128);
+    }
+    *scale = amax / 127.0f;
+}
+
+/* The integer sum of a quantized row against weight row n, then its float: what every path computes exactly
+ * (int32 cannot overflow: 255 x 127 x K stays below 2^31 for K up to 66000). */
+static inline float vnni_output(const Problem *p, long n, float row_scale, int32_t sum) {
+    return (float)(sum + p->compensation[n]) * (row_scale * p->scale[n]);
+}
+
+static const char *linear_vnni_scalar(const Problem *p) {
+    uint8_t *q = malloc((size_t)p->K);
+    if (!q) return "out of memory quantizing x";
+    for (long r = 0; r < p->R; r++) {
+        float row_scale;
+        quantize_row_scalar(p, r, q, &row_scale);
+        for (long n = 0; n < p->N; n++) {
+            int32_t sum = 0;
+            for (long k = 0; k < p->K; k++) sum += (int32_t)q[k] * ((const int8_t *)p->w)[vnni_index(n, k, p->K)];
+            store_scaled(p, r, n, vnni_output(p, n, row_scale, sum));
+        }
+    }
+    free(q);
+    return NULL;
 }
 
 static void linear_scalar(const Problem *p) {
@@ -353,6 +406,123 @@ AVX512_BF16 static const char *linear_onednn_bf16(const Problem *p) {
             block = widened;
             block_int8 = 0;
         }
+        for (long r0 = 0; r0 < p->R; r0 += 6) switch (p->R - r0 < 6 ? p->R - r0 : 6) {
+            case 1: BLOCK(1); break;
+            case 2: BLOCK(2); break;
+            case 3: BLOCK(3); break;
+            case 4: BLOCK(4); break;
+            case 5: BLOCK(5); break;
+            default: BLOCK(6); break;
+            }
+    }
+#undef BLOCK
+    return NULL;
+}
+
+#define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+/* 16 lanes of float32 rounded to bf16 (nearest even, NaN kept), with AVX512F alone: VNNI CPUs without
+ * AVX512-BF16 exist. */
+AVX512 INLINE __m256i bf16x16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i rounded = _mm512_add_epi32(
+        u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x400000));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+/* Bias, GELU and the one rounding of 16 outputs y[r, n .. n+15] from their float32 values. */
+AVX512 INLINE void store16(const Problem *p, long r, long n, __m512 sum) {
+    if (p->bias)
+        sum = _mm512_add_ps(sum, p->y_dtype == DT_BF16 ? widen16(p->bias, n, DT_BF16) : _mm512_loadu_ps((const float *)p->bias + n));
+    if (p->gelu) sum = gelu16(sum);
+    if (p->y_dtype == DT_BF16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)p->y + r * p->N + n), bf16x16(sum));
+    else
+        _mm512_storeu_ps((float *)p->y + r * p->N + n, sum);
+}
+
+AVX512 INLINE __m512 x16(const Problem *p, long i) {
+    return p->x_dtype == DT_BF16 ? widen16(p->x, i, DT_BF16) : _mm512_loadu_ps((const float *)p->x + i);
+}
+
+/* quantize_row_scalar for every row, 16 columns at a time (K a multiple of 16): the same bytes and scales. */
+AVX512 static void quantize_rows(const Problem *p, uint8_t *q, float *scales) {
+    for (long r = 0; r < p->R; r++) {
+        __m512 amax = _mm512_setzero_ps();
+        for (long k = 0; k < p->K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(x16(p, r * p->K + k)));
+        float largest = _mm512_reduce_max_ps(amax);
+        __m512 inverse = _mm512_set1_ps(largest > 0.0f ? 127.0f / largest : 0.0f);
+        for (long k = 0; k < p->K; k += 16) {
+            __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(x16(p, r * p->K + k), inverse)); /* nearest even */
+            v = _mm512_min_epi32(_mm512_max_epi32(v, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
+            _mm_storeu_si128((__m128i *)(q + r * p->K + k),
+                             _mm_xor_si128(_mm512_cvtepi32_epi8(v), _mm_set1_epi8((char)0x80)));
+        }
+        scales[r] = largest / 127.0f;
+    }
+}
+
+/* acc + the four byte products of a's unsigned and b's signed bytes in each lane. In assembly: GCC 12 copies
+ * every accumulator of _mm512_dpbusd_epi32 through the stack (five times slower); this keeps them in place. */
+AVX512_VNNI INLINE __m512i dot_bytes(__m512i acc, __m512i a, __m512i b) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "vm"(b));
+    return acc;
+}
+
+/* One row block against up to 6 quantized rows: 6 x 4 int32 accumulators hold 64 outputs per row in their
+ * lanes; each 4-byte group of a row is broadcast to all lanes. */
+AVX512_VNNI INLINE void block_vnni(const Problem *p, const int8_t *w, const uint8_t *q, const float *scales,
+                                   long r0, const int rows, long n0) {
+    __m512i acc[6][4];
+    for (int i = 0; i < rows; i++)
+        for (int c = 0; c < 4; c++) acc[i][c] = _mm512_setzero_si512();
+    for (long k = 0; k < p->K; k += QUAD, w += QUAD * BLOCK_ROWS) {
+        __m512i b[4];
+        for (int c = 0; c < 4; c++) b[c] = _mm512_loadu_si512(w + c * 64);
+        for (int i = 0; i < rows; i++) {
+            int32_t group;
+            memcpy(&group, q + (r0 + i) * p->K + k, 4);
+            __m512i a = _mm512_set1_epi32(group);
+            for (int c = 0; c < 4; c++) acc[i][c] = dot_bytes(acc[i][c], a, b[c]);
+        }
+    }
+    for (int i = 0; i < rows; i++) {
+        __m512 row_scale = _mm512_set1_ps(scales[r0 + i]);
+        for (int c = 0; c < 4; c++) {
+            long n = n0 + c * 16;
+            __m512i sum = _mm512_add_epi32(acc[i][c], _mm512_loadu_si512(p->compensation + n));
+            __m512 scale = _mm512_mul_ps(row_scale, _mm512_loadu_ps(p->scale + n));
+            store16(p, r0 + i, n, _mm512_mul_ps(_mm512_cvtepi32_ps(sum), scale));
+        }
+    }
+}
+
+/* The calling thread's quantized rows and their scales, kept between calls as widening_scratch is. */
+static uint8_t *quantized_scratch(size_t bytes) {
+    static __thread uint8_t *scratch = NULL;
+    static __thread size_t held = 0;
+    if (bytes > held) {
+        uint8_t *grown = realloc(scratch, bytes);
+        if (!grown) return NULL;
+        scratch = grown;
+        held = bytes;
+    }
+    return scratch;
+}
+
+/* Row block outermost, as linear_onednn_bf16: a block (64 x K bytes) stays in L2 for every group of rows. */
+AVX512_VNNI static const char *linear_vnni(const Problem *p) {
+    size_t scale_bytes = (size_t)p->R * sizeof(float);
+    uint8_t *scratch = quantized_scratch(scale_bytes + (size_t)p->R * (size_t)p->K);
+    if (!scratch) return "out of memory quantizing x";
+    float *scales = (float *)scratch; /* realloc's alignment */
+    uint8_t *q = scratch + scale_bytes;
+    quantize_rows(p, q, scales);
+#define BLOCK(ROWS) block_vnni(p, block, q, scales, r0, ROWS, n0)
+    for (long n0 = 0; n0 < p->N; n0 += BLOCK_ROWS) {
+        const int8_t *block = (const int8_t *)p->w + n0 * p->K;
         for (long r0 = 0; r0 < p->R; r0 += 6) switch (p->R - r0 < 6 ? p->R - r0 : 6) {
             case 1: BLOCK(1); break;
             case 2: BLOCK(2); break;
@@ -630,6 +800,7 @@ static int isa_supported(int isa) {
 #else
     __builtin_cpu_init();
     switch (isa) {
+    case ISA_AVX512_VNNI: return isa_supported(ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
     case ISA_AVX512_BF16:
         return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -643,8 +814,20 @@ static int isa_supported(int isa) {
 #endif
 }
 
+static const char *run_vnni(Problem *p, int isa) {
+    if (p->N % BLOCK_ROWS || p->K % 16) return "the VNNI layout takes N a multiple of 64 and K of 16";
+    if (p->w_dtype != DT_I8 || !p->scale || !p->compensation || p->x_dtype == DT_I8 || p->y_dtype != p->x_dtype)
+        return "the VNNI layout holds int8 weights with scales and compensation, for float x and outputs alike";
+    if (isa == ISA_SCALAR) return linear_vnni_scalar(p);
+#ifdef X86
+    if (isa >= ISA_AVX512 && isa_supported(ISA_AVX512_VNNI)) return linear_vnni(p);
+#endif
+    return "the VNNI layout is read by the AVX512-VNNI path (or the scalar one)";
+}
+
 static const char *run(Problem *p, int isa) {
     if (!isa_supported(isa)) return "this CPU lacks the instructions of the requested ISA";
+    if (p->layout == LAYOUT_VNNI) return run_vnni(p, isa);
     if (p->K % TILE_K || p->N % TILE_ROWS) return "K must be a multiple of 32 and N of 4 (the tiled layout)";
     if (isa == ISA_AVX512_BF16 && p->x_dtype != DT_BF16) return "the AVX512-BF16 path takes bfloat16 x";
     if (p->layout == LAYOUT_ONEDNN) {
@@ -683,20 +866,21 @@ static PyObject *none_or_raise(const char *error) {
     Py_RETURN_NONE;
 }
 
-/* linear(x, w, scale, bias, y, R, N, K, x_dtype, w_dtype, y_dtype, isa, layout, gelu): addresses as ints (0 for no scale
- * or bias), the caller holding the tensors alive and contiguous. Releases the GIL while it runs. */
+/* linear(x, w, scale, bias, y, compensation, R, N, K, x_dtype, w_dtype, y_dtype, isa, layout, gelu): addresses as
+ * ints (0 for no scale, bias or compensation), the caller holding the tensors alive and contiguous. Releases the
+ * GIL while it runs. */
 static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 14) {
-        PyErr_SetString(PyExc_TypeError, "linear() takes 14 arguments");
+    if (nargs != 15) {
+        PyErr_SetString(PyExc_TypeError, "linear() takes 15 arguments");
         return NULL;
     }
-    void *address[5];
+    void *address[6];
     long value[9];
-    for (int i = 0; i < 5; i++) address[i] = PyLong_AsVoidPtr(args[i]);
-    for (int i = 0; i < 9; i++) value[i] = PyLong_AsLong(args[5 + i]);
+    for (int i = 0; i < 6; i++) address[i] = PyLong_AsVoidPtr(args[i]);
+    for (int i = 0; i < 9; i++) value[i] = PyLong_AsLong(args[6 + i]);
     if (PyErr_Occurred()) return NULL;
-    Problem p = {address[0], address[1], (const float *)address[2], address[3], address[4],
+    Problem p = {address[0], address[1], (const float *)address[2], (const int32_t *)address[5], address[3], address[4],
                  value[0],   value[1],   value[2],               (int)value[3], (int)value[4], (int)value[5], (int)value[7], (int)value[8]};
     const char *error;
     Py_BEGIN_ALLOW_THREADS

@@ -17,6 +17,7 @@ from bloomduo.core.logprobs import Scoring, SliceScores, score_slice, summarize
 from bloomduo.core.logs import get_logger
 from bloomduo.shard_worker import native
 from bloomduo.shard_worker.config import ShardOptions
+from bloomduo.shard_worker.cpu_kernels import bf16_is_emulated
 from bloomduo.shard_worker.distributed import backend_for, init_distributed
 from bloomduo.shard_worker.host_memory import (
     bound_onednn_caches,
@@ -39,18 +40,20 @@ def resolve_dtype(
     name: str, checkpoint_dtype: torch.dtype | None, device: torch.device, quantize: str = "none"
 ) -> torch.dtype:
     """ "auto" keeps the checkpoint's dtype, except on npu, where 310P chips have no bfloat16, and with
-    --quantize int8-dynamic, whose GEMMs take float32 activations anyway: in float32 between them it skips
-    two conversions per Linear and bfloat16 elementwise work. Measured in-process on bloom-560m, one
-    thread, float32 against bfloat16 activations: a 32-token prefill 145 against 228 ms and a decode step
-    32 against 55 ms where bfloat16 is emulated (AVX2 class), 89 against 98 ms and 30 against 36 ms with
-    AVX512-BF16. Its cost is a KV cache twice as big."""
+    --quantize int8-dynamic through fbgemm, whose GEMMs take float32 activations anyway: in float32 between
+    them it skips two conversions per Linear and bfloat16 elementwise work. Measured in-process on
+    bloom-560m, one thread, float32 against bfloat16 activations: a 32-token prefill 145 against 228 ms and
+    a decode step 32 against 55 ms where bfloat16 is emulated (AVX2 class), 89 against 98 ms and 30
+    against 36 ms with AVX512-BF16. Its cost is a KV cache twice as big. Where int8-dynamic runs on
+    bloomduo's VNNI kernel and bfloat16 is native, the kernel reads bfloat16 rows as fast as float32 ones
+    and the checkpoint's dtype stays."""
     if name in FLOAT_DTYPES:
         return to_torch(name)
     if name != "auto":
         raise ValueError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, not {name!r}")
     if device.type == "npu":
         return torch.float16
-    if quantize == "int8-dynamic":
+    if quantize == "int8-dynamic" and not (native.runs_vnni() and not bf16_is_emulated()):
         return torch.float32
     return checkpoint_dtype or torch.float32
 

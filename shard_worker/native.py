@@ -17,8 +17,10 @@ import torch
 from bloomduo.core.logprobs import RowSummary
 
 TILE_ROWS, TILE_K = 4, 32  # _kernels.c's tiled layout
-TILED, ONEDNN = 0, 1  # the weight layouts _kernels.c reads: its tiles, and oneDNN's packed bf16 row blocks
+# the weight layouts _kernels.c reads: its tiles, oneDNN's packed bf16 row blocks, int8 blocks for VPDPBUSD
+TILED, ONEDNN, VNNI = 0, 1, 2
 SCALAR, AVX2, AVX512, AVX512_BF16 = 0, 1, 2, 3
+_AVX512_VNNI = 4  # what _kernels.supported() calls VPDPBUSD: beside the ladder above, not on it
 ISA_NAMES = {SCALAR: "scalar", AVX2: "avx2", AVX512: "avx512", AVX512_BF16: "avx512-bf16"}
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
@@ -49,6 +51,14 @@ def best_isa() -> int:
     if ceiling == AVX512_BF16 and bf16_is_emulated():
         ceiling = AVX512
     return next(isa for isa in range(ceiling, SCALAR - 1, -1) if module.supported(isa))
+
+
+@functools.cache
+def runs_vnni() -> bool:
+    """Whether the VNNI layout's 8-bit dot-product kernel runs here: an AVX512 level allowed (see best_isa)
+    and AVX512-VNNI on the CPU."""
+    module = _module()
+    return module is not None and best_isa() >= AVX512 and bool(module.supported(_AVX512_VNNI))
 
 
 def reads_onednn_layout(packed: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -107,6 +117,26 @@ def to_row_blocks(weight: torch.Tensor) -> torch.Tensor:
     return blocks.permute(0, 2, 3, 1, 4).contiguous().view(out_features, in_features)
 
 
+def vnni_fits(weight: torch.Tensor) -> bool:
+    """Whether a [out, in] weight can take the VNNI layout (out a multiple of 64, in of 16)."""
+    out_features, in_features = weight.shape
+    return out_features % 64 == 0 and in_features % 16 == 0
+
+
+def to_vnni_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """The [out, in] int8 weight in the VNNI layout: blocks of 64 rows, each the in / 4 groups of 4 columns
+    in order, a group holding its 64 rows' 4 bytes one row after another."""
+    out_features, in_features = weight.shape
+    blocks = weight.reshape(out_features // 64, 64, in_features // 4, 4)
+    return blocks.permute(0, 2, 1, 3).contiguous().view(out_features, in_features)
+
+
+def vnni_compensation(weight: torch.Tensor) -> torch.Tensor:
+    """-128 x each row's sum of an int8 [out, in] weight (int32): the VNNI layout's kernel multiplies
+    activation bytes offset by +128, and this takes the offset's products back out."""
+    return weight.to(torch.int32).sum(dim=1, dtype=torch.int32) * -128
+
+
 def untile_into(out: torch.Tensor, tiled_weight: torch.Tensor, start: int, stop: int) -> None:
     """Rows start .. stop-1 (whole tiles) of a tiled bfloat16 weight into `out`, float32 [rows, in]."""
     if tiled_weight.dtype != torch.bfloat16 or out.dtype != torch.float32 or not out.is_contiguous():
@@ -117,9 +147,10 @@ def untile_into(out: torch.Tensor, tiled_weight: torch.Tensor, start: int, stop:
 class LinearKernel:
     """x @ W^T (* scale per output) (+ bias) for one weight, by _kernels.c: W tiled (bfloat16, or int8 with a
     float32 `scale`) or a bfloat16 weight in oneDNN's packed layout (`layout` ONEDNN: as oneDNN's opaque
-    tensor, or a plain one holding those bytes); x in float32 or bfloat16, the output in x's dtype, summed in
-    float32 and rounded once, after BLOOM's tanh GELU when `gelu` (applied to the float32 result, as
-    oneDNN's post-op does).
+    tensor, or a plain one holding those bytes), or an int8 one in the VNNI layout, against x quantized to
+    int8 per row on the way in (summed in int32, exactly); x in float32 or bfloat16, the output in x's
+    dtype, summed in float32 and rounded once, after BLOOM's tanh GELU when `gelu` (applied to the float32
+    result, as oneDNN's post-op does).
 
     The call's arguments are worked out once per weight: found per call (the packed weight's address through
     oneDNN, the dtype codes, the checks) they cost ~7 us of Python, six times the product of a decode row
@@ -133,7 +164,9 @@ class LinearKernel:
         scale: torch.Tensor | None = None,
         layout: int = TILED,
         gelu: bool = False,
+        compensation: torch.Tensor | None = None,
     ) -> None:
+        """`compensation` (int32 [out], vnni_compensation): the VNNI layout's, which quantizes x per row."""
         module = _module()
         if module is None:
             raise RuntimeError(
@@ -142,11 +175,14 @@ class LinearKernel:
         if bias is not None and not bias.is_contiguous():
             raise ValueError("bias must be contiguous")
         self.out_features, self.in_features = weight.shape
-        self._tensors = (weight, bias, scale)  # held: the addresses below point into them
+        if (layout == VNNI) != (compensation is not None):
+            raise ValueError("the VNNI layout, and it alone, takes a compensation")
+        self._tensors = (weight, bias, scale, compensation)  # held: the addresses below point into them
         # oneDNN's packed weights are opaque tensors; their bytes are found through oneDNN's own accessor
         self._weight = torch.ops.mkldnn.data_ptr(weight) if weight.is_mkldnn else weight.data_ptr()
         self._scale = 0 if scale is None else scale.data_ptr()
         self._bias = 0 if bias is None else bias.data_ptr()
+        self._compensation = 0 if compensation is None else compensation.data_ptr()
         self._bias_dtype = None if bias is None else bias.dtype
         self._weight_code = _DTYPE_CODES[weight.dtype]
         self._layout, self._gelu = layout, int(gelu)
@@ -169,6 +205,7 @@ class LinearKernel:
             self._scale,
             self._bias,
             out.data_ptr(),
+            self._compensation,
             rows.shape[0],
             self.out_features,
             self.in_features,
@@ -190,9 +227,10 @@ def linear(
     isa: int | None = None,
     layout: int = TILED,
     gelu: bool = False,
+    compensation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One call of LinearKernel(tiled_weight, ...) on x, for calls that come once per weight."""
-    return LinearKernel(tiled_weight, bias, scale, layout, gelu)(x, isa)
+    return LinearKernel(tiled_weight, bias, scale, layout, gelu, compensation)(x, isa)
 
 
 def attends(q: torch.Tensor, bias: torch.Tensor) -> bool:

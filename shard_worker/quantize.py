@@ -13,12 +13,17 @@ Two ways to compute with them, because they trade accuracy for speed differently
   unquantized model. Measured at one thread on bloom-560m's shapes split over two ranks (AMD EPYC,
   AVX512-BF16; ms for 24 block Linears, 75 MB in bfloat16): 1 row 2.07 / 4 rows 2.71 / 32 rows 15.9 in row
   blocks (tiles: 2.07 / 3.38 / 20.5), against int8pack's 4.49 / 6.41 / 35.1.
-- `int8-dynamic` (CPU): each call also quantizes its activations to 8 bits with one scale per call, and
-  runs an int8 GEMM (fbgemm, through torch's quantized ops): what CTranslate2's int8 does. Measured at
-  one thread on bloom-560m's shapes split over two ranks (AMD EPYC, AVX512-BF16; ms for all 96 block
-  Linears): 1 row 7.9 / 4 rows 8.1 / 32 rows 28.9, against bfloat16 packed 20.6 / 17.5 / 54.2 and
-  weight-only 18.2 / 25.3 / 137. It costs accuracy where activations have outlier features
-  (large BLOOMs do): `bloomduo eval` measures what each choice costs against float32 transformers.
+- `int8-dynamic` (CPU): each call also quantizes its activations to 8 bits and multiplies bytes: what
+  CTranslate2's int8 and OpenVINO's dynamic quantization do. Where the CPU has AVX512-VNNI and the install
+  built bloomduo's kernel, that kernel (native.py, VNNI layout) quantizes each row on its own (one scale
+  per token) and sums byte products with VPDPBUSD, twice VDPBF16PS's products per instruction, straight
+  from the int8 weights (no widening): measured at one thread on a bloom-560m rank's shapes (AMD EPYC,
+  AVX512-BF16 and VNNI; ms for the 96 block Linears and the LM head slice), 1 row 8.3 / 4 rows 10.4 /
+  16 rows 23.4 / 32 rows 49.1, against bfloat16 (oneDNN's layout, bloomduo's kernel) 15.5 / 19.2 / 46.6 /
+  86.5 and weight-only int8 12.5 / 16.5 / 53.3 / 109. Elsewhere fbgemm's int8 GEMM through torch's
+  quantized ops, one activation scale per call (7-bit activations without VNNI, see vnni_available).
+  It costs accuracy where activations have outlier features (large BLOOMs do): `bloomduo eval` measures
+  what each choice costs against float32 transformers.
 """
 
 from __future__ import annotations
@@ -59,6 +64,17 @@ def vnni_available() -> bool:
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+def native_vnni_runs(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether int8-dynamic runs this [out, in] weight on bloomduo's VNNI kernel (native.py), which
+    quantizes each row of activations on its own, rather than through fbgemm, one scale per call."""
+    return (
+        weight.device.type == "cpu"
+        and dtype in (torch.bfloat16, torch.float32)
+        and native.runs_vnni()
+        and native.vnni_fits(weight)
+    )
+
+
 class Int8Linear(nn.Module):
     """An nn.Linear whose weight is int8 with a float32 scale per output channel (see the module doc)."""
 
@@ -79,10 +95,19 @@ class Int8Linear(nn.Module):
         self.scheme = scheme
         self.dtype = dtype
         self.bias = bias
+        self.gelu = False  # BLOOM's tanh GELU on the float32 sums, folded in by quantize_linears
         self.nbytes = weight.numel() + scale.numel() * scale.element_size()
         if scheme == INT8_DYNAMIC:
             if weight.device.type != "cpu":
                 raise ValueError("--quantize int8-dynamic runs on the CPU only; use int8 elsewhere")
+            self.kernel = "native vnni" if native_vnni_runs(weight, dtype) else "fbgemm"
+            if self.kernel == "native vnni":
+                self.register_buffer("weight_int8", native.to_vnni_blocks(weight))
+                self.register_buffer("scale", scale.float())
+                self.register_buffer("compensation", native.vnni_compensation(weight))
+                self.nbytes += self.compensation.numel() * self.compensation.element_size()
+                self._native = None
+                return
             # Without VNNI, fbgemm's u8 x s8 pair sums can saturate int16: 7-bit activations avoid that.
             self.reduce_range = not vnni_available()
             float_bias = None if bias is None else bias.detach().float()
@@ -122,12 +147,20 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.scheme == INT8_DYNAMIC:
+        if self.kernel == "native vnni":
+            if self._native is None:  # on the first call, as below
+                self._native = native.LinearKernel(
+                    self.weight_int8, self.bias, self.scale, native.VNNI, self.gelu, self.compensation
+                )
+            out = self._native(rows)
+        elif self.scheme == INT8_DYNAMIC:
             out = torch.ops.quantized.linear_dynamic(rows.float(), self._packed, self.reduce_range)
             out = out.to(x.dtype)
         elif self.kernel == "native":
             if self._native is None:  # on the first call: load_shard moves the model after quantizing it
-                self._native = native.LinearKernel(self.weight_int8, self.bias, self.scale, self.layout)
+                self._native = native.LinearKernel(
+                    self.weight_int8, self.bias, self.scale, self.layout, self.gelu
+                )
             out = self._native(rows)
         elif self.kernel == "aten int8pack":
             out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
@@ -169,6 +202,23 @@ def quantize_linears(
             else:
                 linear = Int8Linear.from_linear(child, scheme)
             setattr(parent, name, linear)
+    _fold_gelus(model)
+
+
+def _fold_gelus(model: nn.Module) -> None:
+    """Each MLP's tanh GELU into the int8 Linear before it where bloomduo's kernel runs that Linear: applied
+    to the float32 sums before their one rounding (as the bfloat16 workers' packed Linears do), and one
+    elementwise pass and module call less per layer."""
+    for module in model.modules():
+        gelu, linear = getattr(module, "gelu", None), getattr(module, "dense_h_to_4h", None)
+        if (
+            isinstance(gelu, nn.GELU)
+            and gelu.approximate == "tanh"
+            and isinstance(linear, Int8Linear)
+            and linear.kernel.startswith("native")
+        ):
+            linear.gelu = True
+            module.gelu = nn.Identity()
 
 
 def describe(model: nn.Module) -> str:
@@ -176,9 +226,7 @@ def describe(model: nn.Module) -> str:
     sample = next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
     if sample is None:
         return ""
-    if sample.scheme == INT8_DYNAMIC:
-        return f"{INT8_DYNAMIC} (fbgemm)"
-    return f"{INT8} ({sample.kernel})"
+    return f"{sample.scheme} ({sample.kernel})"
 
 
 def linear_weights(model: nn.Module) -> dict[str, str]:

@@ -91,6 +91,56 @@ def test_the_onednn_layout_is_read_as_documented(isa, rows, gelu, weights):
     assert _within_one_rounding(got, want)
 
 
+def _quantized_reference(x, weight, scale, bias) -> torch.Tensor:
+    """What the VNNI layout's kernel defines, in torch: each row of x to int8 steps of its largest |x| / 127
+    (rounded half to even), exact integer sums, then float32 scaling, bias and one rounding to x's dtype."""
+    rows = x.float()
+    largest = rows.abs().amax(dim=1, keepdim=True)
+    inverse = torch.where(largest > 0, torch.full_like(largest, 127.0) / largest, torch.zeros_like(largest))
+    steps = torch.round(rows * inverse).clamp(-127, 127)
+    sums = (steps.double() @ weight.double().T).float()  # exact: well below 2^24 here
+    out = sums * ((largest / 127.0) * scale[None, :])
+    return (out if bias is None else out + bias.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx512-vnni"])
+@pytest.mark.parametrize("activations", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 40])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_vnni_layout_quantizes_each_row_and_sums_its_bytes_exactly(isa, activations, rows, bias):
+    """int8-dynamic's kernel, bit for bit against its definition; the scalar form reads the layout's index
+    arithmetic on every CPU, the VPDPBUSD form where the CPU has AVX512-VNNI."""
+    if isa == "avx512-vnni" and not native.runs_vnni():
+        pytest.skip("needs AVX512-VNNI (and an AVX512 level allowed): int8-dynamic runs through fbgemm here")
+    generator = torch.Generator().manual_seed(rows)
+    weight, scale = per_channel_int8(torch.randn(192, 96, generator=generator))
+    x = torch.randn(rows, 96, generator=generator).to(activations)
+    x[0, 5] = 7.0  # an outlier feature sets its row's step
+    if rows > 1:
+        x[1] = 0.0  # a row of zeros has no step to divide by
+    b = torch.randn(192, generator=generator).to(activations) if bias else None
+    level = native.SCALAR if isa == "scalar" else native.best_isa()
+    compensation = native.vnni_compensation(weight)
+    blocks = native.to_vnni_blocks(weight)
+    got = native.linear(x, blocks, b, scale, level, native.VNNI, compensation=compensation)
+    assert got.dtype == activations and torch.equal(got, _quantized_reference(x, weight, scale, b))
+    gelu = native.linear(x, blocks, b, scale, level, native.VNNI, True, compensation)
+    want = torch.nn.functional.gelu(_quantized_reference(x.float(), weight, scale, b), approximate="tanh")
+    assert _within_one_rounding(gelu, want.double())
+
+
+def test_bad_vnni_calls_are_told_what_is_wrong():
+    weight, scale = per_channel_int8(torch.randn(64, 48))
+    x = torch.randn(2, 48).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="takes a compensation"):
+        native.linear(x, native.to_vnni_blocks(weight), None, scale, native.SCALAR, native.VNNI)
+    narrow, narrow_scale = per_channel_int8(torch.randn(32, 48))
+    with pytest.raises(ValueError, match="N a multiple of 64"):
+        compensation = native.vnni_compensation(narrow)
+        native.linear(x, narrow, None, narrow_scale, native.SCALAR, native.VNNI, compensation=compensation)
+    assert native.vnni_fits(weight) and not native.vnni_fits(narrow) and not native.vnni_fits(weight[:, :40])
+
+
 @pytest.mark.skipif(
     not (can_pack() and native.reads_onednn_packing()),
     reason="needs oneDNN packing bfloat16 in the layout the kernel reads, with AVX512-BF16 (this CPU or "

@@ -95,17 +95,22 @@ def parse_variants(spec: str, device: str) -> list[Variant]:
 
 
 def auto_variants(device: str) -> list[Variant]:
-    """float32; the device's fast dtype, alone and with int8 weights; on the CPU int8-dynamic in float32, as
-    `--dtype auto` serves it; transformers in the fast dtype; each peer's int8 where installed. float16 is
-    left out on the CPU, where it is emulated and slow."""
+    """float32; the device's fast dtype, alone and with int8 weights; on the CPU int8-dynamic in the dtype
+    `--dtype auto` serves it from a bfloat16 checkpoint; transformers in the fast dtype; each peer's int8
+    where installed. float16 is left out on the CPU, where it is emulated and slow."""
     on_cpu = device.startswith("cpu")
     low = "bfloat16" if on_cpu else "float16"
     variants = [Variant(BLOOMDUO, "float32"), Variant(BLOOMDUO, low)]
     if not on_cpu:
         variants.append(Variant(BLOOMDUO, "bfloat16"))
     variants.append(Variant(BLOOMDUO, low, "int8"))
-    if on_cpu:  # fbgemm's: CPU only
-        variants.append(Variant(BLOOMDUO, "float32", "int8-dynamic"))
+    if on_cpu:  # CPU only
+        import torch
+
+        from bloomduo.shard_worker.engine import resolve_dtype
+
+        served = resolve_dtype("auto", torch.bfloat16, torch.device("cpu"), "int8-dynamic")
+        variants.append(Variant(BLOOMDUO, str(served).removeprefix("torch."), "int8-dynamic"))
     variants.append(Variant(TRANSFORMERS, low))
     if on_cpu:
         variants += [Variant(e, "int8") for e, module in PEERS.items() if importlib.util.find_spec(module)]

@@ -125,7 +125,8 @@ class StackOptions:
     dtype: str = field(
         default="auto",
         metadata={
-            "help": "auto: the checkpoint's dtype (float16 on npu, float32 with --quantize int8-dynamic)",
+            "help": "auto: the checkpoint's dtype (float16 on npu; float32 with --quantize int8-dynamic "
+            "through fbgemm)",
             "choices": DTYPE_CHOICES,
         },
     )
