@@ -21,6 +21,7 @@ import torch
 from bloomduo.apps import bench, machine_floor
 from bloomduo.apps.shard_weights import shard_weights
 from bloomduo.client import AsyncClient
+from bloomduo.shard_worker import native
 from bloomduo.shard_worker.tensor_parallel import load_shard
 
 
@@ -89,14 +90,17 @@ def test_machine_rates_are_measured_and_positive() -> None:
     # bf16: the workers' oneDNN-packed kernel competes where oneDNN runs bf16 natively.
     rate, kernel = machine_floor.gemm_rate("cpu", "bfloat16", 64, threads=1, budget_s=0.05)
     assert _positive_finite(rate)
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert kernel in (("F.linear", "oneDNN packed linear") if native else ("F.linear",))
+    packs = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert kernel in (("F.linear", "oneDNN packed linear") if packs else ("F.linear",))
 
-    # int8 matrices: fbgemm's int8 GEMM, which --quantize int8-dynamic runs, competes too.
+    # int8 matrices: the int8 GEMM --quantize int8-dynamic runs competes too; bloomduo's VNNI kernel runs one
+    # thread per call, so each of the workers runs one at once.
     rate, kernel = machine_floor.gemm_rate(
-        "cpu", "float32", 256, threads=1, budget_s=0.05, int8_matrices=True
+        "cpu", "float32", 256, threads=1, budget_s=0.05, int8_matrices=True, workers=2
     )
-    assert _positive_finite(rate) and kernel in ("F.linear", "fbgemm int8 (dynamic)")
+    vnni = native.runs_vnni()
+    int8 = "bloomduo int8 (dynamic, native vnni) x 2 workers" if vnni else "fbgemm int8 (dynamic)"
+    assert _positive_finite(rate) and kernel in ("F.linear", int8)
 
 
 def _expected_costs(model_dir: Path, itemsize: int, tokens: int) -> tuple[int, int]:

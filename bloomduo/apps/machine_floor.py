@@ -192,12 +192,14 @@ def gemm_rate(
     threads: int | None,
     budget_s: float = 0.3,
     int8_matrices: bool = False,
+    workers: int = 1,
 ) -> tuple[float, str]:
     """FLOP/s of the prefill-like GEMM GEMM_ROWS x hidden -> 4 x hidden (the MLP's first matrix) in the
     served dtype, and the kernel that reached it: F.linear, and on a CPU with native oneDNN bf16 also the
     oneDNN-packed linear the workers use there (shard_worker/weight_formats.py), the faster of the two.
     Emulated bf16 on a CPU without native bf16 shows here as a low rate. With `int8_matrices` on a CPU, also
-    fbgemm's int8 GEMM that --quantize int8-dynamic runs (operations counted as FLOPs)."""
+    the int8 GEMM that --quantize int8-dynamic runs (operations counted as FLOPs): fbgemm's at `threads`, or
+    bloomduo's VNNI kernel, which runs on one thread per call, so `workers` of them at once."""
     import torch
     import torch.nn.functional as F
 
@@ -228,9 +230,12 @@ def gemm_rate(
 
             from bloomduo.shard_worker.quantize import INT8_DYNAMIC, Int8Linear
 
-            int8 = Int8Linear.from_linear(nn.Linear(hidden, 4 * hidden, bias=False), INT8_DYNAMIC)
-            x32 = x.float()
-            rates["fbgemm int8 (dynamic)"] = _median_rate(lambda: int8(x32), flops, sync, budget_s)
+            int8 = Int8Linear.from_linear(nn.Linear(hidden, 4 * hidden, bias=False).to(dtype), INT8_DYNAMIC)
+            rate = _median_rate(lambda: int8(x), flops, sync, budget_s)
+            if int8.kernel == "fbgemm":
+                rates["fbgemm int8 (dynamic)"] = rate
+            else:
+                rates[f"bloomduo int8 (dynamic, {int8.kernel}) x {workers} workers"] = rate * workers
     kernel = max(rates, key=rates.__getitem__)
     return rates[kernel], kernel
 
@@ -285,7 +290,9 @@ def measure_rates(
     else:
         together = single if threads == 1 else read_bandwidth(device, threads, budget_s)[0]
         parallel = 1
-    gemm, kernel = gemm_rate(device, dtype_name, hidden, None if cuda else threads, budget_s, int8_matrices)
+    gemm, kernel = gemm_rate(
+        device, dtype_name, hidden, None if cuda else threads, budget_s, int8_matrices, workers=num_shards
+    )
     return {
         "device": device,
         "dtype": dtype_name,
