@@ -596,6 +596,10 @@ typedef struct {
      * positions[i] of its slot before it attends; or NULL (the cache holds them already). */
     const uint16_t *new_keys, *new_values;
     const int64_t *positions;
+    /* 0: one query per sequence, as above. n: whole prompts of n tokens, query i row i % n of prompt i / n
+     * (slots[i / n], or slot i / n), attending to its keys 0 .. i % n with bias [H, n, n] (causal ALiBi) row
+     * i % n; new keys and values (if given) go to position i % n, positions unused. */
+    long prompt_length;
 } Attention;
 
 #ifdef X86
@@ -609,9 +613,9 @@ AVX512 static float dot_avx512(const float *q, const uint16_t *k, long D) {
  * tree for their sums, the roundings, scale, bias, exp and division 16 scores at a time, and the weighted
  * values summed in registers 64 columns at a time (the generic path below calls out per key and per
  * column vector: 2 us per head at 40 keys, a fifth of a 16-sequence decode step). The same roundings. */
-AVX512 static void attend_head_avx512(const Attention *a, const uint16_t *qh, const uint16_t *keys,
+AVX512 static void attend_head_avx512(const Attention *a, long L, const uint16_t *qh, const uint16_t *keys,
                                       const uint16_t *values, const uint16_t *bias, float *scores, uint16_t *out) {
-    const long L = a->L, D = a->D;
+    const long D = a->D;
     float q[512];
     for (long d = 0; d < D; d += 16) _mm512_storeu_ps(q + d, widen16(qh, d, DT_BF16));
     long j = 0;
@@ -705,41 +709,44 @@ static const char *attend(const Attention *a, int isa) {
     if (!scores) return "out of memory for the attention scores";
     float q[512], acc[512];
     for (long i = 0; i < a->S; i++)
-        if (a->new_keys && (a->positions[i] < 0 || a->positions[i] >= a->L)) {
+        if (a->new_keys && !a->prompt_length && (a->positions[i] < 0 || a->positions[i] >= a->L)) {
             free(scores);
             return "a new key's position is outside the keys the queries read";
         }
+    const long n = a->prompt_length;
     for (long i = 0; i < a->S; i++) {
-        long slot = a->slots ? (long)a->slots[i] : i;
+        long sequence = n ? i / n : i;
+        long slot = a->slots ? (long)a->slots[sequence] : sequence;
+        long L = n ? i % n + 1 : a->L;
         for (long h = 0; h < a->H; h++) {
             const uint16_t *qh = a->q + i * a->q_row + h * a->q_head;
             uint16_t *keys = a->keys + slot * a->kv_slot + h * a->kv_head;
             uint16_t *values = a->values + slot * a->kv_slot + h * a->kv_head;
             if (a->new_keys) {
-                long at = a->positions[i] * a->D, from = i * a->q_row + h * a->q_head;
+                long at = (n ? i % n : a->positions[i]) * a->D, from = i * a->q_row + h * a->q_head;
                 memcpy(keys + at, a->new_keys + from, sizeof(uint16_t) * (size_t)a->D);
                 memcpy(values + at, a->new_values + from, sizeof(uint16_t) * (size_t)a->D);
             }
-            const uint16_t *bias = a->bias + (slot * a->H + h) * a->L;
+            const uint16_t *bias = n ? a->bias + (h * n + i % n) * n : a->bias + (slot * a->H + h) * a->L;
             uint16_t *out = a->out + (i * a->H + h) * a->D;
 #ifdef X86
             if (isa >= ISA_AVX512) {
-                attend_head_avx512(a, qh, keys, values, bias, scores, out);
+                attend_head_avx512(a, L, qh, keys, values, bias, scores, out);
                 continue;
             }
 #endif
             for (long d = 0; d < a->D; d++) q[d] = bf16_to_f32(qh[d]);
             float top = -INFINITY;
-            for (long j = 0; j < a->L; j++) {
+            for (long j = 0; j < L; j++) {
                 float score = bf16_to_f32(f32_to_bf16(dot(q, keys + j * a->D, a->D)));
                 float scaled = score * a->scale;
                 scores[j] = scaled + bf16_to_f32(bias[j]);
                 if (scores[j] > top) top = scores[j];
             }
             float total = 0.0f;
-            for (long j = 0; j < a->L; j++) total += scores[j] = expf(scores[j] - top);
+            for (long j = 0; j < L; j++) total += scores[j] = expf(scores[j] - top);
             for (long d = 0; d < a->D; d++) acc[d] = 0.0f;
-            for (long j = 0; j < a->L; j++) {
+            for (long j = 0; j < L; j++) {
                 float p = bf16_to_f32(f32_to_bf16(scores[j] / total));
                 if (p != 0.0f) weighted_sum(acc, p, values + j * a->D, a->D);
             }
@@ -973,12 +980,13 @@ static PyObject *py_untile(PyObject *self, PyObject *const *args, Py_ssize_t nar
 }
 
 /* attend(q, keys, values, bias, slots, out, S, H, L, D, q_row, q_head, kv_slot, kv_head, scale, isa, new_keys,
- * new_values, positions): addresses as ints (slots 0: query i in slot i; new_keys 0: the cache holds them),
- * strides in elements. Releases the GIL while it runs. */
+ * new_values, positions, prompt_length): addresses as ints (slots 0: query i in slot i; new_keys 0: the cache
+ * holds them), strides in elements, prompt_length 0 for one query per sequence. Releases the GIL while it
+ * runs. */
 static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 19) {
-        PyErr_SetString(PyExc_TypeError, "attend() takes 19 arguments");
+    if (nargs != 20) {
+        PyErr_SetString(PyExc_TypeError, "attend() takes 20 arguments");
         return NULL;
     }
     void *address[6], *written[3];
@@ -988,10 +996,15 @@ static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nar
     double scale = PyFloat_AsDouble(args[14]);
     long isa = PyLong_AsLong(args[15]);
     for (int i = 0; i < 3; i++) written[i] = PyLong_AsVoidPtr(args[16 + i]);
+    long prompt_length = PyLong_AsLong(args[19]);
     if (PyErr_Occurred()) return NULL;
+    if (prompt_length < 0 || (prompt_length && (value[0] % prompt_length || value[2] != prompt_length))) {
+        PyErr_SetString(PyExc_ValueError, "whole prompts: the queries are prompts of prompt_length, the keys too");
+        return NULL;
+    }
     Attention a = {address[0], address[1], address[2], address[3], address[4], address[5],
                    value[0],   value[1],   value[2],   value[3],   value[4],   value[5],
-                   value[6],   value[7],   (float)scale, written[0], written[1], written[2]};
+                   value[6],   value[7],   (float)scale, written[0], written[1], written[2], prompt_length};
     const char *error;
     Py_BEGIN_ALLOW_THREADS
     error = attend(&a, (int)isa);

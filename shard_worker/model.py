@@ -10,7 +10,9 @@ sequence. Linear layers see all rows at once; attention runs per chunk against t
 KV cache. The arithmetic follows transformers' modeling_bloom.py (ALiBi added to the scaled scores,
 softmax in float32, tanh GELU), so float32 logits match BloomForCausalLM to float32 rounding.
 Attention goes through the fused scaled_dot_product_attention: HF's bf16 path rounds the scores to
-bf16 and copies the strided KV views on every call, which cost a CPU worker a fifth of its step.
+bf16 and copies the strided KV views on every call, which cost a CPU worker a fifth of its step. bf16 CPU
+workers with bloomduo's kernels (native.py) attend in place in the cache instead, decode rows and (with
+AVX512) whole prompts, with the roundings of _one_query_attention below.
 
     block(x) = x' + MLP(LN2(x')),   x' = x + Attention(LN1(x))      (pre-LN; see residual_from_ln)
     Attention: scores = alibi_slope[h] * key_position + q.k / sqrt(head_dim), causal, softmax
@@ -127,6 +129,10 @@ class Attention(nn.Module):
     def _attend_prompts(self, group: PromptGroup, q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
         """Whole prompts' queries, keys and values [prompts * length, heads, d], each prompt attending
         to its own tokens only; returns [prompts * length, heads, d]."""
+        if native.attends_prompts(q, group.bias):  # _one_query_attention's roundings row by row, storing too
+            keys, values = cache.token_views(layer, cache.num_slots, group.length)
+            scale = self.inv_norm_factor
+            return native.prompt_attention(q, keys, values, group.bias, scale, group.slot_ids, (k, v))
         shape = (-1, group.length, self.num_heads, self.head_dim)
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # [prompts, heads, length, d]
         cache.write_prompts(layer, group.slots, k, v)

@@ -37,6 +37,7 @@ class PromptGroup:
     slots: torch.Tensor | slice  # their cache slots (a slice when consecutive)
     length: int  # tokens per prompt
     bias: torch.Tensor  # [heads, length, length] ALiBi + causal
+    slot_ids: torch.Tensor  # the slots as an int64 array, for the native attention kernel
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ def plan_step(chunks: list[Chunk], cache: KVCache, slopes: torch.Tensor, dtype: 
             slots=_indices([slot for _, slot in members], 1, device),
             length=length,
             bias=causal_alibi_bias(slopes, 0, length, dtype),
+            slot_ids=torch.tensor([slot for _, slot in members], dtype=torch.long, device=device),
         )
         for length, members in whole_prompts.items()
     ]

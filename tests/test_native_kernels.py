@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from bloomduo.shard_worker import cpu_kernels, native
+from bloomduo.shard_worker.model import alibi_slopes
 from bloomduo.shard_worker.quantize import INT8, Int8Linear, per_channel_int8
+from bloomduo.shard_worker.step_plan import causal_alibi_bias
 from tests._dist_helpers import can_pack
 
 ISAS = [
@@ -237,6 +239,34 @@ def test_one_query_attention_reads_the_cache_in_place_and_rounds_as_torch_does(h
     want = _torch_one_query_attention(q, keys[at], values[at], bias[at], head_dim**-0.5)
     ulp = torch.finfo(torch.bfloat16).eps * want.float().abs().max()
     assert got.shape == want.shape and (got.float() - want.float()).abs().max() <= ulp
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("scattered", [False, True])
+def test_prompt_attention_is_one_query_attention_row_by_row_and_stores_the_prompts(head_dim, scattered):
+    """Whole prompts: each row attends to its prompt's keys up to itself under the causal ALiBi bias, with
+    model.py's torch roundings, storing the prompts' keys and values where KVCache.write_prompts would."""
+    generator = torch.Generator().manual_seed(head_dim)
+    prompts, n, heads, capacity = 3, 21, 4, 40
+    slopes = alibi_slopes(2 * heads)[:heads]
+    bias = causal_alibi_bias(slopes, 0, n, torch.bfloat16)
+    q, k, v = torch.randn(prompts * n, heads, 3, head_dim, generator=generator).to(torch.bfloat16).unbind(2)
+    slots = torch.tensor([4, 0, 2]) if scattered else torch.tensor([1, 2, 3])
+    cache = [torch.randn(6, heads, capacity, head_dim, generator=generator).to(torch.bfloat16) for _ in "kv"]
+    written = [tensor.clone() for tensor in cache]  # as write_prompts stores them
+    for tensor, new in zip(written, (k, v), strict=True):
+        tensor[slots, :, :n] = new.reshape(prompts, n, heads, head_dim).transpose(1, 2)
+    got = native.prompt_attention(
+        q, cache[0][:, :, :n], cache[1][:, :, :n], bias, head_dim**-0.5, slots, (k, v)
+    )
+    assert torch.equal(cache[0], written[0]) and torch.equal(cache[1], written[1])
+    qs, ks, vs = (t.reshape(prompts, n, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    scores = torch.matmul(qs, ks.transpose(-1, -2)).float() * head_dim**-0.5 + bias.float()
+    want = torch.matmul(torch.softmax(scores, dim=-1).to(torch.bfloat16), vs).transpose(1, 2).flatten(0, 1)
+    ulp = torch.finfo(torch.bfloat16).eps * want.float().abs().max()
+    assert got.shape == want.shape and (got.float() - want.float()).abs().max() <= ulp
+    with pytest.raises(ValueError, match="not prompts of"):
+        native.prompt_attention(q[:-1], cache[0][:, :, :n], cache[1][:, :, :n], bias, 0.125, slots)
 
 
 @pytest.mark.parametrize("scattered", [False, True])
