@@ -197,24 +197,27 @@ static const float *widened_x(const Problem *p) {
     return widened_buffer;
 }
 
-/* Each path multiplies up to MAX_ROWS rows of x by one tile of W with ROWS x TILE_ROWS accumulators in
+/* Each path multiplies up to 6 rows of x by one tile (or row block) of W with ROWS x 4 accumulators in
  * registers; the tile comes from memory for the first rows and from L1 for the next. always_inline with a
- * constant row count gives each row count its own unrolled loop. */
+ * constant row count gives each row count its own unrolled loop: FOR_ROW_GROUPS runs BLOCK(ROWS) over
+ * every group of up to 6 rows, FOR_ROW_TILES that for every tile. */
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define AVX2 __attribute__((target("avx2,fma")))
 #define INLINE static inline __attribute__((always_inline))
 
-#define FOR_ROW_TILES(MAX_ROWS, TILE)                                                     \
-    for (long n0 = 0; n0 < p->N; n0 += TILE_ROWS)                                        \
-        for (long r0 = 0; r0 < p->R; r0 += MAX_ROWS) switch (p->R - r0 < MAX_ROWS ? p->R - r0 : MAX_ROWS) { \
-            case 1: TILE(1); break;                                                       \
-            case 2: TILE(2); break;                                                       \
-            case 3: TILE(3); break;                                                       \
-            case 4: TILE(4); break;                                                       \
-            case 5: TILE(5); break;                                                       \
-            default: TILE(6); break;                                                      \
-            }
+#define FOR_ROW_GROUPS(BLOCK)                                                             \
+    for (long r0 = 0; r0 < p->R; r0 += 6) switch (p->R - r0 < 6 ? p->R - r0 : 6) {      \
+        case 1: BLOCK(1); break;                                                          \
+        case 2: BLOCK(2); break;                                                          \
+        case 3: BLOCK(3); break;                                                          \
+        case 4: BLOCK(4); break;                                                          \
+        case 5: BLOCK(5); break;                                                          \
+        default: BLOCK(6); break;                                                         \
+        }
+
+#define FOR_ROW_TILES(TILE) \
+    for (long n0 = 0; n0 < p->N; n0 += TILE_ROWS) FOR_ROW_GROUPS(TILE)
 
 AVX512 INLINE __m512 widen16(const void *w, long i, int w_dtype) {
     if (w_dtype == DT_I8)
@@ -259,7 +262,7 @@ AVX512 INLINE void tile_avx512(const Problem *p, const float *x, long r0, const 
 
 AVX512 static void linear_avx512(const Problem *p, const float *x) {
 #define TILE(ROWS) tile_avx512(p, x, r0, ROWS, n0)
-    FOR_ROW_TILES(6, TILE)
+    FOR_ROW_TILES(TILE)
 #undef TILE
 }
 
@@ -292,7 +295,7 @@ AVX512_BF16 INLINE void tile_bf16(const Problem *p, long r0, const int rows, lon
 
 AVX512_BF16 static void linear_avx512_bf16(const Problem *p) {
 #define TILE(ROWS) tile_bf16(p, r0, ROWS, n0)
-    FOR_ROW_TILES(6, TILE)
+    FOR_ROW_TILES(TILE)
 #undef TILE
 }
 
@@ -406,14 +409,7 @@ AVX512_BF16 static const char *linear_onednn_bf16(const Problem *p) {
             block = widened;
             block_int8 = 0;
         }
-        for (long r0 = 0; r0 < p->R; r0 += 6) switch (p->R - r0 < 6 ? p->R - r0 : 6) {
-            case 1: BLOCK(1); break;
-            case 2: BLOCK(2); break;
-            case 3: BLOCK(3); break;
-            case 4: BLOCK(4); break;
-            case 5: BLOCK(5); break;
-            default: BLOCK(6); break;
-            }
+        FOR_ROW_GROUPS(BLOCK)
     }
 #undef BLOCK
     return NULL;
@@ -523,14 +519,7 @@ AVX512_VNNI static const char *linear_vnni(const Problem *p) {
 #define BLOCK(ROWS) block_vnni(p, block, q, scales, r0, ROWS, n0)
     for (long n0 = 0; n0 < p->N; n0 += BLOCK_ROWS) {
         const int8_t *block = (const int8_t *)p->w + n0 * p->K;
-        for (long r0 = 0; r0 < p->R; r0 += 6) switch (p->R - r0 < 6 ? p->R - r0 : 6) {
-            case 1: BLOCK(1); break;
-            case 2: BLOCK(2); break;
-            case 3: BLOCK(3); break;
-            case 4: BLOCK(4); break;
-            case 5: BLOCK(5); break;
-            default: BLOCK(6); break;
-            }
+        FOR_ROW_GROUPS(BLOCK)
     }
 #undef BLOCK
     return NULL;

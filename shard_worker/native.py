@@ -268,17 +268,59 @@ def one_query_attention(
     of each query (None: query i sits in slot i). `new_kv` (keys, values, positions): each query's own key
     and value, laid out like q (the fused projection's views), stored into the cache at its position before
     it attends, in the same pass (a scatter per layer otherwise). Returns [S, heads, head_dim]."""
-    rows, heads, head_dim = q.shape
-    if q.stride(2) != 1 or keys.stride()[2:] != (head_dim, 1) or keys.stride() != values.stride():
-        raise ValueError("one_query_attention reads rows of head_dim contiguous values from the cache")
     new_keys = new_values = positions = None
     if new_kv is not None:
         new_keys, new_values, positions = new_kv
-        if new_keys.stride() != q.stride() or new_values.stride() != q.stride():
-            raise ValueError("one_query_attention takes new keys and values laid out like the queries")
         positions = positions.to(torch.int64).contiguous()
-    bias = bias.contiguous()
     slots = None if slots is None else slots.to(torch.int64).contiguous()
+    return _attend(q, keys, values, bias, scale, slots, new_keys, new_values, positions)
+
+
+def prompt_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    slots: torch.Tensor,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """one_query_attention for every row of whole prompts of one length n, each row attending to its own
+    prompt's keys up to itself, with the same roundings: q [prompts * n, heads, head_dim] (any row and head
+    strides); keys and values the cache's views [slots, heads, n, head_dim]; bias [heads, n, n] (causal
+    ALiBi; only each row's first keys are read); `slots` each prompt's cache slot (int64). `new_kv` (keys,
+    values): the prompts' own, laid out like q, stored into the cache row by row before each row attends
+    (what KVCache.write_prompts does); None: the cache holds them. Returns [prompts * n, heads, head_dim]."""
+    rows, heads, n = q.shape[0], q.shape[1], keys.shape[2]
+    if tuple(bias.shape) != (heads, n, n) or slots.numel() * n != rows:
+        shape = tuple(bias.shape)
+        raise ValueError(f"{rows} query rows, bias {shape}: not prompts of {n} tokens and their bias")
+    new_keys, new_values = (None, None) if new_kv is None else new_kv
+    return _attend(
+        q, keys, values, bias, scale, slots.to(torch.int64).contiguous(), new_keys, new_values, None, n
+    )
+
+
+def _attend(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    slots: torch.Tensor | None,
+    new_keys: torch.Tensor | None,
+    new_values: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    prompt_length: int = 0,
+) -> torch.Tensor:
+    """_kernels.c's attend for one_query_attention (prompt_length 0) and prompt_attention: checks the layouts
+    it reads, and returns the output [rows, heads, head_dim]."""
+    rows, heads, head_dim = q.shape
+    if q.stride(2) != 1 or keys.stride()[2:] != (head_dim, 1) or keys.stride() != values.stride():
+        raise ValueError("the attention kernel reads rows of head_dim contiguous values from the cache")
+    if any(t is not None and t.stride() != q.stride() for t in (new_keys, new_values)):
+        raise ValueError("the attention kernel takes new keys and values laid out like the queries")
+    bias = bias.contiguous()
     out = torch.empty(rows, heads, head_dim, dtype=q.dtype)
     _module().attend(
         q.data_ptr(),
@@ -298,57 +340,7 @@ def one_query_attention(
         float(scale),
         best_isa(),
         *(0 if t is None else t.data_ptr() for t in (new_keys, new_values, positions)),
-        0,
-    )
-    return out
-
-
-def prompt_attention(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    bias: torch.Tensor,
-    scale: float,
-    slots: torch.Tensor,
-    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """one_query_attention for every row of whole prompts of one length n, each row attending to its own
-    prompt's keys up to itself, with the same roundings: q [prompts * n, heads, head_dim] (any row and head
-    strides); keys and values the cache's views [slots, heads, n, head_dim]; bias [heads, n, n] (causal
-    ALiBi; only each row's first keys are read); `slots` each prompt's cache slot (int64). `new_kv` (keys,
-    values): the prompts' own, laid out like q, stored into the cache row by row before each row attends
-    (what KVCache.write_prompts does); None: the cache holds them. Returns [prompts * n, heads, head_dim]."""
-    rows, heads, head_dim = q.shape
-    n = keys.shape[2]
-    if q.stride(2) != 1 or keys.stride()[2:] != (head_dim, 1) or keys.stride() != values.stride():
-        raise ValueError("prompt_attention reads rows of head_dim contiguous values from the cache")
-    if new_kv is not None and any(t.stride() != q.stride() for t in new_kv):
-        raise ValueError("prompt_attention takes new keys and values laid out like the queries")
-    if tuple(bias.shape) != (heads, n, n) or slots.numel() * n != rows:
-        shape = tuple(bias.shape)
-        raise ValueError(f"{rows} query rows, bias {shape}: not prompts of {n} tokens and their bias")
-    bias, slots = bias.contiguous(), slots.to(torch.int64).contiguous()
-    out = torch.empty(rows, heads, head_dim, dtype=q.dtype)
-    _module().attend(
-        q.data_ptr(),
-        keys.data_ptr(),
-        values.data_ptr(),
-        bias.data_ptr(),
-        slots.data_ptr(),
-        out.data_ptr(),
-        rows,
-        heads,
-        n,
-        head_dim,
-        q.stride(0),
-        q.stride(1),
-        keys.stride(0),
-        keys.stride(1),
-        float(scale),
-        best_isa(),
-        *((0, 0) if new_kv is None else (new_kv[0].data_ptr(), new_kv[1].data_ptr())),
-        0,
-        n,
+        prompt_length,
     )
     return out
 
