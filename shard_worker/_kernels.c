@@ -323,6 +323,28 @@ AVX512 INLINE __m512 gelu16(__m512 x) {
     return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(minus_2u)));
 }
 
+/* 16 lanes of float32 rounded to bf16 (nearest even, NaN kept), with AVX512F alone: VNNI CPUs without
+ * AVX512-BF16 exist. */
+AVX512 INLINE __m256i bf16x16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i rounded = _mm512_add_epi32(
+        u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x400000));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+/* Bias, GELU and the one rounding of 16 outputs y[r, n .. n+15] from their float32 values. */
+AVX512 INLINE void store16(const Problem *p, long r, long n, __m512 sum) {
+    if (p->bias)
+        sum = _mm512_add_ps(sum, p->y_dtype == DT_BF16 ? widen16(p->bias, n, DT_BF16) : _mm512_loadu_ps((const float *)p->bias + n));
+    if (p->gelu) sum = gelu16(sum);
+    if (p->y_dtype == DT_BF16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)p->y + r * p->N + n), bf16x16(sum));
+    else
+        _mm512_storeu_ps((float *)p->y + r * p->N + n, sum);
+}
+
 /* 16 rows' (k, k+1) pairs of an int8 row block as bf16 pairs: 32 bytes widened to float32 in two halves and
  * packed into one register of bf16 (exact: |w| <= 127 has at most 7 significant bits; bf16 holds 8). */
 AVX512_BF16 INLINE __m512bh int8_pairs(const int8_t *w) {
@@ -358,14 +380,7 @@ AVX512_BF16 INLINE void block_onednn(const Problem *p, const void *block, long r
             __m512 sum = acc[i][c];
             long n = n0 + c * 16;
             if (p->scale) sum = _mm512_mul_ps(sum, _mm512_loadu_ps(p->scale + n));
-            if (p->bias)
-                sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                             _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                                 (const __m256i *)((const uint16_t *)p->bias + n))),
-                                             16)));
-            if (p->gelu) sum = gelu16(sum);
-            _mm256_storeu_si256((__m256i *)((uint16_t *)p->y + (r0 + i) * p->N + n),
-                                (__m256i)_mm512_cvtneps_pbh(sum));
+            store16(p, r0 + i, n, sum);
         }
 }
 
@@ -416,28 +431,6 @@ AVX512_BF16 static const char *linear_onednn_bf16(const Problem *p) {
 }
 
 #define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
-
-/* 16 lanes of float32 rounded to bf16 (nearest even, NaN kept), with AVX512F alone: VNNI CPUs without
- * AVX512-BF16 exist. */
-AVX512 INLINE __m256i bf16x16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i rounded = _mm512_add_epi32(
-        u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    rounded = _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x400000));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-}
-
-/* Bias, GELU and the one rounding of 16 outputs y[r, n .. n+15] from their float32 values. */
-AVX512 INLINE void store16(const Problem *p, long r, long n, __m512 sum) {
-    if (p->bias)
-        sum = _mm512_add_ps(sum, p->y_dtype == DT_BF16 ? widen16(p->bias, n, DT_BF16) : _mm512_loadu_ps((const float *)p->bias + n));
-    if (p->gelu) sum = gelu16(sum);
-    if (p->y_dtype == DT_BF16)
-        _mm256_storeu_si256((__m256i *)((uint16_t *)p->y + r * p->N + n), bf16x16(sum));
-    else
-        _mm512_storeu_ps((float *)p->y + r * p->N + n, sum);
-}
 
 AVX512 INLINE __m512 x16(const Problem *p, long i) {
     return p->x_dtype == DT_BF16 ? widen16(p->x, i, DT_BF16) : _mm512_loadu_ps((const float *)p->x + i);

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from bloomduo.apps import eval as bloomduo_eval
+from bloomduo.core.dtypes import name_of
 from bloomduo.shard_worker.engine import resolve_dtype
 
 # what `--dtype auto` serves int8-dynamic in here: float32 through fbgemm, bfloat16 on the VNNI kernel
-INT8_DYNAMIC_DTYPE = str(resolve_dtype("auto", torch.bfloat16, torch.device("cpu"), "int8-dynamic"))
-INT8_DYNAMIC_DTYPE = INT8_DYNAMIC_DTYPE.removeprefix("torch.")
+INT8_DYNAMIC_DTYPE = name_of(resolve_dtype("auto", torch.bfloat16, torch.device("cpu"), "int8-dynamic"))
 
 TEXT = "The quick brown fox jumps over the lazy dog. 北京是中国的首都。 def add(a, b):\n    return a + b\n"
 

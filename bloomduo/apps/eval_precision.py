@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bloomduo.core.dtypes import FLOAT_DTYPES
+from bloomduo.core.dtypes import FLOAT_DTYPES, name_of
 from bloomduo.shard_worker.config import QUANTIZE_CHOICES
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def auto_variants(device: str) -> list[Variant]:
         from bloomduo.shard_worker.engine import resolve_dtype
 
         served = resolve_dtype("auto", torch.bfloat16, torch.device("cpu"), "int8-dynamic")
-        variants.append(Variant(BLOOMDUO, str(served).removeprefix("torch."), "int8-dynamic"))
+        variants.append(Variant(BLOOMDUO, name_of(served), "int8-dynamic"))
     variants.append(Variant(TRANSFORMERS, low))
     if on_cpu:
         variants += [Variant(e, "int8") for e, module in PEERS.items() if importlib.util.find_spec(module)]
