@@ -8,8 +8,9 @@
  *
  *   LAYOUT_ONEDNN  oneDNN's packed bf16 weight itself (AVX512-BF16: VDPBF16PS, outputs in the lanes)
  *   LAYOUT_TILED   this file's tiles, bf16 or int8 weights, in AVX512-BF16, AVX512F, AVX2+FMA or scalar form
- *   LAYOUT_VNNI    int8 weights in row blocks of 4-column groups, against activations quantized to 8 bits per
- *                  row on the way in (--quantize int8-dynamic): VPDPBUSD, twice VDPBF16PS's products a cycle
+ *   LAYOUT_VNNI    int8 weights in row blocks of 4-column groups, against activations quantized to unsigned
+ *                  bytes per row on the way in (--quantize int8-dynamic): VPDPBUSD, twice VDPBF16PS's
+ *                  products a cycle
  *
  * The output is rounded once (round-to-nearest-even to bf16, or kept float32) after the bias, scale and
  * optional tanh GELU: what nn.Linear (and oneDNN's GELU post-op) computes, in another order of summation.
@@ -89,8 +90,8 @@ typedef struct {
     const void *x;      /* [R, K] activations, x_dtype, row-major */
     const void *w;      /* [N, K] weights, w_dtype, tiled */
     const float *scale; /* [N] per-row scale of int8 weights, else NULL */
-    /* LAYOUT_VNNI: [N] -128 x the sum of each weight row, what the activations' offset to unsigned bytes adds */
-    const int32_t *compensation;
+    /* LAYOUT_VNNI: [N] the sum of each weight row, which a row's zero point times takes back out of its sums */
+    const int32_t *row_sums;
     const void *bias;   /* [N] in y_dtype, or NULL */
     void *y;            /* [R, N] output, y_dtype, row-major */
     long R, N, K;
@@ -124,35 +125,54 @@ static inline void store(const Problem *p, long r, long n, float sum) {
     store_scaled(p, r, n, p->scale ? sum * p->scale[n] : sum);
 }
 
-/* Row r of x as signed bytes offset by 128 (so unsigned, as VPDPBUSD multiplies them) and its scale: x ~=
- * (q - 128) * scale, symmetric, |x| at most 127 steps; rounded half to even, as torch.round does. */
-static void quantize_row_scalar(const Problem *p, long r, uint8_t *q, float *scale) {
-    float amax = 0.0f;
-    for (long k = 0; k < p->K; k++) amax = fmaxf(amax, fabsf(load_as_f32(p->x, r * p->K + k, p->x_dtype)));
-    float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-    for (long k = 0; k < p->K; k++) {
-        float v = nearbyintf(load_as_f32(p->x, r * p->K + k, p->x_dtype) * inverse);
-        q[k] = (uint8_t)((int)fminf(fmaxf(v, -127.0f), 127.0f) + 128);
+/* How a row of x becomes unsigned bytes (what VPDPBUSD multiplies): x ~= (q - zero) * step, the 256 steps
+ * spanning [min(x, 0), max(x, 0)] (asymmetric: a GELU's outputs, nearly all >= 0, get every byte value rather
+ * than half of them), zero the byte that holds 0.0 exactly; rounded half to even, as torch.round does. */
+typedef struct {
+    float inverse, step;
+    int32_t zero;
+} RowQuantizer;
+
+static inline RowQuantizer row_quantizer(float lowest, float highest) {
+    float span = fmaxf(highest, 0.0f) - fminf(lowest, 0.0f);
+    RowQuantizer out = {0.0f, span / 255.0f, 0};
+    if (span > 0.0f) {
+        out.inverse = 255.0f / span;
+        out.zero = (int32_t)nearbyintf(-fminf(lowest, 0.0f) * out.inverse);
     }
-    *scale = amax / 127.0f;
+    return out;
 }
 
-/* The integer sum of a quantized row against weight row n, then its float: what every path computes exactly
- * (int32 cannot overflow: 255 x 127 x K stays below 2^31 for K up to 66000). */
-static inline float vnni_output(const Problem *p, long n, float row_scale, int32_t sum) {
-    return (float)(sum + p->compensation[n]) * (row_scale * p->scale[n]);
+static void quantize_row_scalar(const Problem *p, long r, uint8_t *q, RowQuantizer *quantizer) {
+    float lowest = INFINITY, highest = -INFINITY;
+    for (long k = 0; k < p->K; k++) {
+        float v = load_as_f32(p->x, r * p->K + k, p->x_dtype);
+        lowest = fminf(lowest, v);
+        highest = fmaxf(highest, v);
+    }
+    *quantizer = row_quantizer(lowest, highest);
+    for (long k = 0; k < p->K; k++) {
+        float v = nearbyintf(load_as_f32(p->x, r * p->K + k, p->x_dtype) * quantizer->inverse) + quantizer->zero;
+        q[k] = (uint8_t)fminf(fmaxf(v, 0.0f), 255.0f);
+    }
+}
+
+/* The integer sum of a quantized row against weight row n less zero x the row's sum, then its float: what every
+ * path computes exactly (int32 cannot overflow: 255 x 127 x K stays below 2^31 for K up to 66000). */
+static inline float vnni_output(const Problem *p, long n, const RowQuantizer *row, int32_t sum) {
+    return (float)(sum - row->zero * p->row_sums[n]) * (row->step * p->scale[n]);
 }
 
 static const char *linear_vnni_scalar(const Problem *p) {
     uint8_t *q = malloc((size_t)p->K);
     if (!q) return "out of memory quantizing x";
     for (long r = 0; r < p->R; r++) {
-        float row_scale;
-        quantize_row_scalar(p, r, q, &row_scale);
+        RowQuantizer row;
+        quantize_row_scalar(p, r, q, &row);
         for (long n = 0; n < p->N; n++) {
             int32_t sum = 0;
             for (long k = 0; k < p->K; k++) sum += (int32_t)q[k] * ((const int8_t *)p->w)[vnni_index(n, k, p->K)];
-            store_scaled(p, r, n, vnni_output(p, n, row_scale, sum));
+            store_scaled(p, r, n, vnni_output(p, n, &row, sum));
         }
     }
     free(q);
@@ -436,20 +456,25 @@ AVX512 INLINE __m512 x16(const Problem *p, long i) {
     return p->x_dtype == DT_BF16 ? widen16(p->x, i, DT_BF16) : _mm512_loadu_ps((const float *)p->x + i);
 }
 
-/* quantize_row_scalar for every row, 16 columns at a time (K a multiple of 16): the same bytes and scales. */
-AVX512 static void quantize_rows(const Problem *p, uint8_t *q, float *scales) {
+/* quantize_row_scalar for every row, 16 columns at a time (K a multiple of 16): the same bytes and steps. */
+AVX512 static void quantize_rows(const Problem *p, uint8_t *q, RowQuantizer *rows) {
     for (long r = 0; r < p->R; r++) {
-        __m512 amax = _mm512_setzero_ps();
-        for (long k = 0; k < p->K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(x16(p, r * p->K + k)));
-        float largest = _mm512_reduce_max_ps(amax);
-        __m512 inverse = _mm512_set1_ps(largest > 0.0f ? 127.0f / largest : 0.0f);
+        __m512 lowest = _mm512_set1_ps(INFINITY), highest = _mm512_set1_ps(-INFINITY);
+        for (long k = 0; k < p->K; k += 16) {
+            __m512 v = x16(p, r * p->K + k);
+            lowest = _mm512_min_ps(lowest, v);
+            highest = _mm512_max_ps(highest, v);
+        }
+        RowQuantizer row = row_quantizer(_mm512_reduce_min_ps(lowest), _mm512_reduce_max_ps(highest));
+        __m512 inverse = _mm512_set1_ps(row.inverse);
+        __m512i zero = _mm512_set1_epi32(row.zero);
         for (long k = 0; k < p->K; k += 16) {
             __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(x16(p, r * p->K + k), inverse)); /* nearest even */
-            v = _mm512_min_epi32(_mm512_max_epi32(v, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
-            _mm_storeu_si128((__m128i *)(q + r * p->K + k),
-                             _mm_xor_si128(_mm512_cvtepi32_epi8(v), _mm_set1_epi8((char)0x80)));
+            v = _mm512_add_epi32(v, zero);
+            v = _mm512_max_epi32(v, _mm512_setzero_si512());
+            _mm_storeu_si128((__m128i *)(q + r * p->K + k), _mm512_cvtusepi32_epi8(v)); /* at most 255 */
         }
-        scales[r] = largest / 127.0f;
+        rows[r] = row;
     }
 }
 
@@ -462,8 +487,8 @@ AVX512_VNNI INLINE __m512i dot_bytes(__m512i acc, __m512i a, __m512i b) {
 
 /* One row block against up to 6 quantized rows: 6 x 4 int32 accumulators hold 64 outputs per row in their
  * lanes; each 4-byte group of a row is broadcast to all lanes. */
-AVX512_VNNI INLINE void block_vnni(const Problem *p, const int8_t *w, const uint8_t *q, const float *scales,
-                                   long r0, const int rows, long n0) {
+AVX512_VNNI INLINE void block_vnni(const Problem *p, const int8_t *w, const uint8_t *q,
+                                   const RowQuantizer *quantizers, long r0, const int rows, long n0) {
     __m512i acc[6][4];
     for (int i = 0; i < rows; i++)
         for (int c = 0; c < 4; c++) acc[i][c] = _mm512_setzero_si512();
@@ -478,17 +503,18 @@ AVX512_VNNI INLINE void block_vnni(const Problem *p, const int8_t *w, const uint
         }
     }
     for (int i = 0; i < rows; i++) {
-        __m512 row_scale = _mm512_set1_ps(scales[r0 + i]);
+        __m512 step = _mm512_set1_ps(quantizers[r0 + i].step);
+        __m512i zero = _mm512_set1_epi32(quantizers[r0 + i].zero);
         for (int c = 0; c < 4; c++) {
             long n = n0 + c * 16;
-            __m512i sum = _mm512_add_epi32(acc[i][c], _mm512_loadu_si512(p->compensation + n));
-            __m512 scale = _mm512_mul_ps(row_scale, _mm512_loadu_ps(p->scale + n));
+            __m512i sum = _mm512_sub_epi32(acc[i][c], _mm512_mullo_epi32(zero, _mm512_loadu_si512(p->row_sums + n)));
+            __m512 scale = _mm512_mul_ps(step, _mm512_loadu_ps(p->scale + n));
             store16(p, r0 + i, n, _mm512_mul_ps(_mm512_cvtepi32_ps(sum), scale));
         }
     }
 }
 
-/* The calling thread's quantized rows and their scales, kept between calls as widening_scratch is. */
+/* The calling thread's quantized rows and their quantizers, kept between calls as widening_scratch is. */
 static uint8_t *quantized_scratch(size_t bytes) {
     static __thread uint8_t *scratch = NULL;
     static __thread size_t held = 0;
@@ -503,13 +529,13 @@ static uint8_t *quantized_scratch(size_t bytes) {
 
 /* Row block outermost, as linear_onednn_bf16: a block (64 x K bytes) stays in L2 for every group of rows. */
 AVX512_VNNI static const char *linear_vnni(const Problem *p) {
-    size_t scale_bytes = (size_t)p->R * sizeof(float);
-    uint8_t *scratch = quantized_scratch(scale_bytes + (size_t)p->R * (size_t)p->K);
+    size_t quantizer_bytes = (size_t)p->R * sizeof(RowQuantizer);
+    uint8_t *scratch = quantized_scratch(quantizer_bytes + (size_t)p->R * (size_t)p->K);
     if (!scratch) return "out of memory quantizing x";
-    float *scales = (float *)scratch; /* realloc's alignment */
-    uint8_t *q = scratch + scale_bytes;
-    quantize_rows(p, q, scales);
-#define BLOCK(ROWS) block_vnni(p, block, q, scales, r0, ROWS, n0)
+    RowQuantizer *quantizers = (RowQuantizer *)scratch; /* realloc's alignment */
+    uint8_t *q = scratch + quantizer_bytes;
+    quantize_rows(p, q, quantizers);
+#define BLOCK(ROWS) block_vnni(p, block, q, quantizers, r0, ROWS, n0)
     for (long n0 = 0; n0 < p->N; n0 += BLOCK_ROWS) {
         const int8_t *block = (const int8_t *)p->w + n0 * p->K;
         FOR_ROW_GROUPS(BLOCK)
@@ -862,8 +888,8 @@ static int isa_supported(int isa) {
 
 static const char *run_vnni(Problem *p, int isa) {
     if (p->N % BLOCK_ROWS || p->K % 16) return "the VNNI layout takes N a multiple of 64 and K of 16";
-    if (p->w_dtype != DT_I8 || !p->scale || !p->compensation || p->x_dtype == DT_I8 || p->y_dtype != p->x_dtype)
-        return "the VNNI layout holds int8 weights with scales and compensation, for float x and outputs alike";
+    if (p->w_dtype != DT_I8 || !p->scale || !p->row_sums || p->x_dtype == DT_I8 || p->y_dtype != p->x_dtype)
+        return "the VNNI layout holds int8 weights with scales and row sums, for float x and outputs alike";
     if (isa == ISA_SCALAR) return linear_vnni_scalar(p);
 #ifdef X86
     if (isa >= ISA_AVX512 && isa_supported(ISA_AVX512_VNNI)) return linear_vnni(p);
@@ -912,8 +938,8 @@ static PyObject *none_or_raise(const char *error) {
     Py_RETURN_NONE;
 }
 
-/* linear(x, w, scale, bias, y, compensation, R, N, K, x_dtype, w_dtype, y_dtype, isa, layout, gelu): addresses as
- * ints (0 for no scale, bias or compensation), the caller holding the tensors alive and contiguous. Releases the
+/* linear(x, w, scale, bias, y, row_sums, R, N, K, x_dtype, w_dtype, y_dtype, isa, layout, gelu): addresses as
+ * ints (0 for no scale, bias or row sums), the caller holding the tensors alive and contiguous. Releases the
  * GIL while it runs. */
 static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;

@@ -131,10 +131,10 @@ def to_vnni_blocks(weight: torch.Tensor) -> torch.Tensor:
     return blocks.permute(0, 2, 1, 3).contiguous().view(out_features, in_features)
 
 
-def vnni_compensation(weight: torch.Tensor) -> torch.Tensor:
-    """-128 x each row's sum of an int8 [out, in] weight (int32): the VNNI layout's kernel multiplies
-    activation bytes offset by +128, and this takes the offset's products back out."""
-    return weight.to(torch.int32).sum(dim=1, dtype=torch.int32) * -128
+def vnni_row_sums(weight: torch.Tensor) -> torch.Tensor:
+    """Each row's sum of an int8 [out, in] weight (int32): the VNNI layout's kernel multiplies activation
+    bytes offset by their row's zero point, and zero point x row sum takes the offset's products back out."""
+    return weight.to(torch.int32).sum(dim=1, dtype=torch.int32)
 
 
 def untile_into(out: torch.Tensor, tiled_weight: torch.Tensor, start: int, stop: int) -> None:
@@ -148,9 +148,9 @@ class LinearKernel:
     """x @ W^T (* scale per output) (+ bias) for one weight, by _kernels.c: W tiled (bfloat16, or int8 with a
     float32 `scale`) or a bfloat16 weight in oneDNN's packed layout (`layout` ONEDNN: as oneDNN's opaque
     tensor, or a plain one holding those bytes), or an int8 one in the VNNI layout, against x quantized to
-    int8 per row on the way in (summed in int32, exactly); x in float32 or bfloat16, the output in x's
-    dtype, summed in float32 and rounded once, after BLOOM's tanh GELU when `gelu` (applied to the float32
-    result, as oneDNN's post-op does).
+    unsigned bytes per row on the way in (summed in int32, exactly); x in float32 or bfloat16, the output in
+    x's dtype, summed in float32 and rounded once, after BLOOM's tanh GELU when `gelu` (applied to the
+    float32 result, as oneDNN's post-op does).
 
     The call's arguments are worked out once per weight: found per call (the packed weight's address through
     oneDNN, the dtype codes, the checks) they cost ~7 us of Python, six times the product of a decode row
@@ -164,9 +164,9 @@ class LinearKernel:
         scale: torch.Tensor | None = None,
         layout: int = TILED,
         gelu: bool = False,
-        compensation: torch.Tensor | None = None,
+        row_sums: torch.Tensor | None = None,
     ) -> None:
-        """`compensation` (int32 [out], vnni_compensation): the VNNI layout's, which quantizes x per row."""
+        """`row_sums` (int32 [out], vnni_row_sums): the VNNI layout's, which quantizes x per row."""
         module = _module()
         if module is None:
             raise RuntimeError(
@@ -175,14 +175,14 @@ class LinearKernel:
         if bias is not None and not bias.is_contiguous():
             raise ValueError("bias must be contiguous")
         self.out_features, self.in_features = weight.shape
-        if (layout == VNNI) != (compensation is not None):
-            raise ValueError("the VNNI layout, and it alone, takes a compensation")
-        self._tensors = (weight, bias, scale, compensation)  # held: the addresses below point into them
+        if (layout == VNNI) != (row_sums is not None):
+            raise ValueError("the VNNI layout, and it alone, takes the weight's row sums")
+        self._tensors = (weight, bias, scale, row_sums)  # held: the addresses below point into them
         # oneDNN's packed weights are opaque tensors; their bytes are found through oneDNN's own accessor
         self._weight = torch.ops.mkldnn.data_ptr(weight) if weight.is_mkldnn else weight.data_ptr()
         self._scale = 0 if scale is None else scale.data_ptr()
         self._bias = 0 if bias is None else bias.data_ptr()
-        self._compensation = 0 if compensation is None else compensation.data_ptr()
+        self._row_sums = 0 if row_sums is None else row_sums.data_ptr()
         self._bias_dtype = None if bias is None else bias.dtype
         self._weight_code = _DTYPE_CODES[weight.dtype]
         self._layout, self._gelu = layout, int(gelu)
@@ -205,7 +205,7 @@ class LinearKernel:
             self._scale,
             self._bias,
             out.data_ptr(),
-            self._compensation,
+            self._row_sums,
             rows.shape[0],
             self.out_features,
             self.in_features,
@@ -227,10 +227,10 @@ def linear(
     isa: int | None = None,
     layout: int = TILED,
     gelu: bool = False,
-    compensation: torch.Tensor | None = None,
+    row_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One call of LinearKernel(tiled_weight, ...) on x, for calls that come once per weight."""
-    return LinearKernel(tiled_weight, bias, scale, layout, gelu, compensation)(x, isa)
+    return LinearKernel(tiled_weight, bias, scale, layout, gelu, row_sums)(x, isa)
 
 
 def attends(q: torch.Tensor, bias: torch.Tensor) -> bool:

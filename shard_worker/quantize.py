@@ -15,15 +15,17 @@ Two ways to compute with them, because they trade accuracy for speed differently
   blocks (tiles: 2.07 / 3.38 / 20.5), against int8pack's 4.49 / 6.41 / 35.1.
 - `int8-dynamic` (CPU): each call also quantizes its activations to 8 bits and multiplies bytes: what
   CTranslate2's int8 and OpenVINO's dynamic quantization do. Where the CPU has AVX512-VNNI and the install
-  built bloomduo's kernel, that kernel (native.py, VNNI layout) quantizes each row on its own (one scale
-  per token) and sums byte products with VPDPBUSD, twice VDPBF16PS's products per instruction, straight
-  from the int8 weights (no widening): measured at one thread on a bloom-560m rank's shapes (AMD EPYC,
-  AVX512-BF16 and VNNI; ms for the 96 block Linears and the LM head slice), 1 row 8.3 / 4 rows 10.4 /
+  built bloomduo's kernel, that kernel (native.py, VNNI layout) quantizes each row on its own (one step and
+  zero point per token, the 256 bytes spanning the row's range: asymmetric, so the MLP's GELU outputs,
+  nearly all positive, keep a full 8 bits; symmetric steps raised mean KL on the eval text from 8.31e-05 to
+  9.21e-05 in float32) and sums byte products with VPDPBUSD, twice VDPBF16PS's products per instruction,
+  straight from the int8 weights (no widening): measured at one thread on a bloom-560m rank's shapes (AMD
+  EPYC, AVX512-BF16 and VNNI; ms for the 96 block Linears and the LM head slice), 1 row 8.3 / 4 rows 10.4 /
   16 rows 23.4 / 32 rows 49.1, against bfloat16 (oneDNN's layout, bloomduo's kernel) 15.5 / 19.2 / 46.6 /
-  86.5 and weight-only int8 12.5 / 16.5 / 53.3 / 109. Elsewhere fbgemm's int8 GEMM through torch's
-  quantized ops, one activation scale per call (7-bit activations without VNNI, see vnni_available).
-  It costs accuracy where activations have outlier features (large BLOOMs do): `bloomduo eval` measures
-  what each choice costs against float32 transformers.
+  86.5 and weight-only int8 12.5 / 16.5 / 53.3 / 109. Elsewhere fbgemm's int8 GEMM through torch's quantized
+  ops, one activation scale per call (7-bit activations without VNNI, see vnni_available). It costs accuracy
+  where activations have outlier features (large BLOOMs do): `bloomduo eval` measures what each choice costs
+  against float32 transformers.
 """
 
 from __future__ import annotations
@@ -104,8 +106,8 @@ class Int8Linear(nn.Module):
             if self.kernel == "native vnni":
                 self.register_buffer("weight_int8", native.to_vnni_blocks(weight))
                 self.register_buffer("scale", scale.float())
-                self.register_buffer("compensation", native.vnni_compensation(weight))
-                self.nbytes += self.compensation.numel() * self.compensation.element_size()
+                self.register_buffer("row_sums", native.vnni_row_sums(weight))
+                self.nbytes += self.row_sums.numel() * self.row_sums.element_size()
                 self._native = None
                 return
             # Without VNNI, fbgemm's u8 x s8 pair sums can saturate int16: 7-bit activations avoid that.
@@ -150,7 +152,7 @@ class Int8Linear(nn.Module):
         if self.kernel == "native vnni":
             if self._native is None:  # on the first call, as below
                 self._native = native.LinearKernel(
-                    self.weight_int8, self.bias, self.scale, native.VNNI, self.gelu, self.compensation
+                    self.weight_int8, self.bias, self.scale, native.VNNI, self.gelu, self.row_sums
                 )
             out = self._native(rows)
         elif self.scheme == INT8_DYNAMIC:

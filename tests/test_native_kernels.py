@@ -94,14 +94,16 @@ def test_the_onednn_layout_is_read_as_documented(isa, rows, gelu, weights):
 
 
 def _quantized_reference(x, weight, scale, bias) -> torch.Tensor:
-    """What the VNNI layout's kernel defines, in torch: each row of x to int8 steps of its largest |x| / 127
-    (rounded half to even), exact integer sums, then float32 scaling, bias and one rounding to x's dtype."""
+    """What the VNNI layout's kernel defines, in torch: each row of x to 256 steps spanning [min(x, 0),
+    max(x, 0)] (float32 arithmetic, rounded half to even) offset by the byte that holds 0, exact integer
+    sums of (byte - zero) x weight, then float32 scaling, bias and one rounding to x's dtype."""
     rows = x.float()
-    largest = rows.abs().amax(dim=1, keepdim=True)
-    inverse = torch.where(largest > 0, torch.full_like(largest, 127.0) / largest, torch.zeros_like(largest))
-    steps = torch.round(rows * inverse).clamp(-127, 127)
+    span = rows.amax(dim=1, keepdim=True).clamp_min(0) - rows.amin(dim=1, keepdim=True).clamp_max(0)
+    inverse = torch.where(span > 0, torch.full_like(span, 255.0) / span, torch.zeros_like(span))
+    zero = torch.round(-rows.amin(dim=1, keepdim=True).clamp_max(0) * inverse)
+    steps = (torch.round(rows * inverse) + zero).clamp(0, 255) - zero
     sums = (steps.double() @ weight.double().T).float()  # exact: well below 2^24 here
-    out = sums * ((largest / 127.0) * scale[None, :])
+    out = sums * ((span / 255.0) * scale[None, :])
     return (out if bias is None else out + bias.float()).to(x.dtype)
 
 
@@ -120,13 +122,15 @@ def test_the_vnni_layout_quantizes_each_row_and_sums_its_bytes_exactly(isa, acti
     x[0, 5] = 7.0  # an outlier feature sets its row's step
     if rows > 1:
         x[1] = 0.0  # a row of zeros has no step to divide by
+    if rows > 2:
+        x[2] = x[2].abs() - 0.05  # a GELU's output: its zero point near the bottom of the bytes
     b = torch.randn(192, generator=generator).to(activations) if bias else None
     level = native.SCALAR if isa == "scalar" else native.best_isa()
-    compensation = native.vnni_compensation(weight)
+    row_sums = native.vnni_row_sums(weight)
     blocks = native.to_vnni_blocks(weight)
-    got = native.linear(x, blocks, b, scale, level, native.VNNI, compensation=compensation)
+    got = native.linear(x, blocks, b, scale, level, native.VNNI, row_sums=row_sums)
     assert got.dtype == activations and torch.equal(got, _quantized_reference(x, weight, scale, b))
-    gelu = native.linear(x, blocks, b, scale, level, native.VNNI, True, compensation)
+    gelu = native.linear(x, blocks, b, scale, level, native.VNNI, True, row_sums)
     want = torch.nn.functional.gelu(_quantized_reference(x.float(), weight, scale, b), approximate="tanh")
     assert _within_one_rounding(gelu, want.double())
 
@@ -134,12 +138,12 @@ def test_the_vnni_layout_quantizes_each_row_and_sums_its_bytes_exactly(isa, acti
 def test_bad_vnni_calls_are_told_what_is_wrong():
     weight, scale = per_channel_int8(torch.randn(64, 48))
     x = torch.randn(2, 48).to(torch.bfloat16)
-    with pytest.raises(ValueError, match="takes a compensation"):
+    with pytest.raises(ValueError, match="takes the weight's row sums"):
         native.linear(x, native.to_vnni_blocks(weight), None, scale, native.SCALAR, native.VNNI)
     narrow, narrow_scale = per_channel_int8(torch.randn(32, 48))
     with pytest.raises(ValueError, match="N a multiple of 64"):
-        compensation = native.vnni_compensation(narrow)
-        native.linear(x, narrow, None, narrow_scale, native.SCALAR, native.VNNI, compensation=compensation)
+        row_sums = native.vnni_row_sums(narrow)
+        native.linear(x, narrow, None, narrow_scale, native.SCALAR, native.VNNI, row_sums=row_sums)
     assert native.vnni_fits(weight) and not native.vnni_fits(narrow) and not native.vnni_fits(weight[:, :40])
 
 

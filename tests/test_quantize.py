@@ -70,8 +70,8 @@ def test_int8_linear_errs_no_more_than_its_rounding_allows(scheme, dtype, rows):
     assert got.dtype == torch.float64 and quantized(x).dtype == dtype
     assert bool(((got - exact).abs() <= bound).all()), float(((got - exact).abs() / bound).max())
     assert float((got - exact).abs().max()) > 0  # it really computed from int8 weights
-    compensation = 192 * 4 if quantized.kernel == "native vnni" else 0  # int32 per output row
-    assert quantized.nbytes == 192 * 256 + 192 * 4 + compensation
+    row_sums = 192 * 4 if quantized.kernel == "native vnni" else 0  # int32 per output row
+    assert quantized.nbytes == 192 * 256 + 192 * 4 + row_sums
 
 
 def test_int8_dynamic_is_refused_off_the_cpu():
