@@ -590,24 +590,26 @@ AVX2 static void linear_avx2(const Problem *p, const float *x) {
  * softmax(q.k / sqrt(d) + bias) . v for one new token per sequence against its cached keys and values, in
  * bfloat16 with the roundings BLOOM's bfloat16 reference makes (what model.py's torch version computes):
  * each score rounded to bf16, scaled and biased in float32, a float32 softmax, the probabilities rounded to
- * bf16, the weighted values summed in float32 and rounded once. torch's batched matmul copies the strided
- * cache views whole on every call (a fifth of a 16-sequence decode step); this reads them in place. */
+ * bf16, the weighted values summed in float32 and rounded once; or all in float32 (no roundings) for a
+ * float32 cache. torch's batched matmul copies the strided cache views whole on every call (a fifth of a
+ * 16-sequence decode step); this reads them in place. */
 typedef struct {
-    const uint16_t *q;              /* [S, H, D] at strides (q_row, q_head, 1) */
-    uint16_t *keys, *values;        /* the layer's cache, [slots, H, capacity, D] at strides (slot, head, D, 1) */
-    const uint16_t *bias;           /* [bias_slots, H, 1, L], contiguous */
+    const void *q;                  /* [S, H, D] at strides (q_row, q_head, 1) */
+    void *keys, *values;            /* the layer's cache, [slots, H, capacity, D] at strides (slot, head, D, 1) */
+    const void *bias;               /* [bias_slots, H, 1, L], contiguous */
     const int64_t *slots;           /* [S] cache slot of each query, or NULL: query i in slot i */
-    uint16_t *out;                  /* [S, H, D], contiguous */
+    void *out;                      /* [S, H, D], contiguous */
     long S, H, L, D, q_row, q_head, kv_slot, kv_head;
     float scale;
     /* Each query's own key and value, [S, H, D] at q's strides, stored into the cache at position
      * positions[i] of its slot before it attends; or NULL (the cache holds them already). */
-    const uint16_t *new_keys, *new_values;
+    const void *new_keys, *new_values;
     const int64_t *positions;
     /* 0: one query per sequence, as above. n: whole prompts of n tokens, query i row i % n of prompt i / n
      * (slots[i / n], or slot i / n), attending to its keys 0 .. i % n with bias [H, n, n] (causal ALiBi) row
      * i % n; new keys and values (if given) go to position i % n, positions unused. */
     long prompt_length;
+    int dtype; /* of every tensor above but slots and positions: DT_BF16 or DT_F32 */
 } Attention;
 
 #ifdef X86
@@ -677,40 +679,73 @@ AVX512 static void attend_head_avx512(const Attention *a, long L, const uint16_t
     }
 }
 
-AVX2 static float dot_avx2(const float *q, const uint16_t *k, long D) {
+AVX2 INLINE __m256 kv8(const void *kv, long d, int dtype) {
+    return dtype == DT_F32 ? _mm256_loadu_ps((const float *)kv + d) : widen8(kv, d, DT_BF16);
+}
+
+AVX2 INLINE float dot_avx2(const float *q, const void *k, long D, int dtype) {
     __m256 sum = _mm256_setzero_ps();
-    for (long d = 0; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), widen8(k, d, DT_BF16), sum);
+    for (long d = 0; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), kv8(k, d, dtype), sum);
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-AVX2 static void weighted_sum_avx2(float *acc, float p, const uint16_t *v, long D) {
+AVX2 INLINE void weighted_sum_avx2(float *acc, float p, const void *v, long D, int dtype) {
     __m256 weight = _mm256_set1_ps(p);
     for (long d = 0; d < D; d += 8)
-        _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(weight, widen8(v, d, DT_BF16), _mm256_loadu_ps(acc + d)));
+        _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(weight, kv8(v, d, dtype), _mm256_loadu_ps(acc + d)));
+}
+
+/* One function per cache dtype, so the per-key calls below branch on nothing. */
+AVX2 static float dot_bf16_avx2(const float *q, const void *k, long D) { return dot_avx2(q, k, D, DT_BF16); }
+AVX2 static float dot_f32_avx2(const float *q, const void *k, long D) { return dot_avx2(q, k, D, DT_F32); }
+AVX2 static void weighted_sum_bf16_avx2(float *acc, float p, const void *v, long D) {
+    weighted_sum_avx2(acc, p, v, D, DT_BF16);
+}
+AVX2 static void weighted_sum_f32_avx2(float *acc, float p, const void *v, long D) {
+    weighted_sum_avx2(acc, p, v, D, DT_F32);
 }
 #endif
 
-static float dot_scalar(const float *q, const uint16_t *k, long D) {
+static float dot_bf16_scalar(const float *q, const void *k, long D) {
     float sum = 0.0f;
-    for (long d = 0; d < D; d++) sum += q[d] * bf16_to_f32(k[d]);
+    for (long d = 0; d < D; d++) sum += q[d] * bf16_to_f32(((const uint16_t *)k)[d]);
     return sum;
 }
 
-static void weighted_sum_scalar(float *acc, float p, const uint16_t *v, long D) {
-    for (long d = 0; d < D; d++) acc[d] += p * bf16_to_f32(v[d]);
+static float dot_f32_scalar(const float *q, const void *k, long D) {
+    float sum = 0.0f;
+    for (long d = 0; d < D; d++) sum += q[d] * ((const float *)k)[d];
+    return sum;
+}
+
+static void weighted_sum_bf16_scalar(float *acc, float p, const void *v, long D) {
+    for (long d = 0; d < D; d++) acc[d] += p * bf16_to_f32(((const uint16_t *)v)[d]);
+}
+
+static void weighted_sum_f32_scalar(float *acc, float p, const void *v, long D) {
+    for (long d = 0; d < D; d++) acc[d] += p * ((const float *)v)[d];
+}
+
+/* bfloat16 attention rounds scores and probabilities to bf16 as the reference does; float32 keeps them. */
+static inline float attention_rounding(float x, int dtype) {
+    return dtype == DT_BF16 ? bf16_to_f32(f32_to_bf16(x)) : x;
 }
 
 static const char *attend(const Attention *a, int isa) {
     if (!isa_supported(isa)) return "this CPU lacks the instructions of the requested ISA";
     if (a->D % 16 || a->D > 512) return "head_dim must be a multiple of 16, at most 512";
-    float (*dot)(const float *, const uint16_t *, long) = dot_scalar;
-    void (*weighted_sum)(float *, float, const uint16_t *, long) = weighted_sum_scalar;
+    if (a->dtype != DT_BF16 && a->dtype != DT_F32) return "attention takes bfloat16 or float32 tensors";
+    const int f32 = a->dtype == DT_F32;
+    const size_t element = f32 ? sizeof(float) : sizeof(uint16_t);
+    float (*dot)(const float *, const void *, long) = f32 ? dot_f32_scalar : dot_bf16_scalar;
+    void (*weighted_sum)(float *, float, const void *, long) = f32 ? weighted_sum_f32_scalar : weighted_sum_bf16_scalar;
 #ifdef X86
-    if (isa == ISA_AVX2) {
-        dot = dot_avx2;
-        weighted_sum = weighted_sum_avx2;
+    /* float32 has no AVX512 body below: its AVX2 functions run on AVX512 CPUs too */
+    if (isa == ISA_AVX2 || (isa > ISA_AVX2 && f32)) {
+        dot = f32 ? dot_f32_avx2 : dot_bf16_avx2;
+        weighted_sum = f32 ? weighted_sum_f32_avx2 : weighted_sum_bf16_avx2;
     }
 #endif
     float *scores = malloc(sizeof(float) * (size_t)a->L);
@@ -727,38 +762,46 @@ static const char *attend(const Attention *a, int isa) {
         long slot = a->slots ? (long)a->slots[sequence] : sequence;
         long L = n ? i % n + 1 : a->L;
         for (long h = 0; h < a->H; h++) {
-            const uint16_t *qh = a->q + i * a->q_row + h * a->q_head;
-            uint16_t *keys = a->keys + slot * a->kv_slot + h * a->kv_head;
-            uint16_t *values = a->values + slot * a->kv_slot + h * a->kv_head;
+            long q_at = i * a->q_row + h * a->q_head, kv_at = slot * a->kv_slot + h * a->kv_head;
+            const char *qh = (const char *)a->q + q_at * element;
+            char *keys = (char *)a->keys + kv_at * element, *values = (char *)a->values + kv_at * element;
+            const size_t row = element * (size_t)a->D; /* one key's bytes */
             if (a->new_keys) {
-                long at = (n ? i % n : a->positions[i]) * a->D, from = i * a->q_row + h * a->q_head;
-                memcpy(keys + at, a->new_keys + from, sizeof(uint16_t) * (size_t)a->D);
-                memcpy(values + at, a->new_values + from, sizeof(uint16_t) * (size_t)a->D);
+                long at = n ? i % n : a->positions[i];
+                memcpy(keys + at * row, (const char *)a->new_keys + q_at * element, row);
+                memcpy(values + at * row, (const char *)a->new_values + q_at * element, row);
             }
-            const uint16_t *bias = n ? a->bias + (h * n + i % n) * n : a->bias + (slot * a->H + h) * a->L;
-            uint16_t *out = a->out + (i * a->H + h) * a->D;
+            long bias_at = n ? (h * n + i % n) * n : (slot * a->H + h) * a->L;
+            const char *bias = (const char *)a->bias + bias_at * element;
+            char *out = (char *)a->out + (i * a->H + h) * row;
 #ifdef X86
-            if (isa >= ISA_AVX512) {
-                attend_head_avx512(a, L, qh, keys, values, bias, scores, out);
+            if (isa >= ISA_AVX512 && !f32) {
+                attend_head_avx512(a, L, (const uint16_t *)qh, (const uint16_t *)keys, (const uint16_t *)values,
+                                   (const uint16_t *)bias, scores, (uint16_t *)out);
                 continue;
             }
 #endif
-            for (long d = 0; d < a->D; d++) q[d] = bf16_to_f32(qh[d]);
+            for (long d = 0; d < a->D; d++) q[d] = load_as_f32(qh, d, a->dtype);
             float top = -INFINITY;
             for (long j = 0; j < L; j++) {
-                float score = bf16_to_f32(f32_to_bf16(dot(q, keys + j * a->D, a->D)));
+                float score = attention_rounding(dot(q, keys + j * row, a->D), a->dtype);
                 float scaled = score * a->scale;
-                scores[j] = scaled + bf16_to_f32(bias[j]);
+                scores[j] = scaled + load_as_f32(bias, j, a->dtype);
                 if (scores[j] > top) top = scores[j];
             }
             float total = 0.0f;
             for (long j = 0; j < L; j++) total += scores[j] = expf(scores[j] - top);
             for (long d = 0; d < a->D; d++) acc[d] = 0.0f;
             for (long j = 0; j < L; j++) {
-                float p = bf16_to_f32(f32_to_bf16(scores[j] / total));
-                if (p != 0.0f) weighted_sum(acc, p, values + j * a->D, a->D);
+                float p = attention_rounding(scores[j] / total, a->dtype);
+                if (p != 0.0f) weighted_sum(acc, p, values + j * row, a->D);
             }
-            for (long d = 0; d < a->D; d++) out[d] = f32_to_bf16(acc[d]);
+            for (long d = 0; d < a->D; d++) {
+                if (f32)
+                    ((float *)out)[d] = acc[d];
+                else
+                    ((uint16_t *)out)[d] = f32_to_bf16(acc[d]);
+            }
         }
     }
     free(scores);
@@ -988,13 +1031,13 @@ static PyObject *py_untile(PyObject *self, PyObject *const *args, Py_ssize_t nar
 }
 
 /* attend(q, keys, values, bias, slots, out, S, H, L, D, q_row, q_head, kv_slot, kv_head, scale, isa, new_keys,
- * new_values, positions, prompt_length): addresses as ints (slots 0: query i in slot i; new_keys 0: the cache
- * holds them), strides in elements, prompt_length 0 for one query per sequence. Releases the GIL while it
- * runs. */
+ * new_values, positions, prompt_length, dtype): addresses as ints (slots 0: query i in slot i; new_keys 0: the
+ * cache holds them), strides in elements, prompt_length 0 for one query per sequence, dtype that of every
+ * float tensor. Releases the GIL while it runs. */
 static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 20) {
-        PyErr_SetString(PyExc_TypeError, "attend() takes 20 arguments");
+    if (nargs != 21) {
+        PyErr_SetString(PyExc_TypeError, "attend() takes 21 arguments");
         return NULL;
     }
     void *address[6], *written[3];
@@ -1005,6 +1048,7 @@ static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nar
     long isa = PyLong_AsLong(args[15]);
     for (int i = 0; i < 3; i++) written[i] = PyLong_AsVoidPtr(args[16 + i]);
     long prompt_length = PyLong_AsLong(args[19]);
+    long dtype = PyLong_AsLong(args[20]);
     if (PyErr_Occurred()) return NULL;
     if (prompt_length < 0 || (prompt_length && (value[0] % prompt_length || value[2] != prompt_length))) {
         PyErr_SetString(PyExc_ValueError, "whole prompts: the queries are prompts of prompt_length, the keys too");
@@ -1012,7 +1056,8 @@ static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nar
     }
     Attention a = {address[0], address[1], address[2], address[3], address[4], address[5],
                    value[0],   value[1],   value[2],   value[3],   value[4],   value[5],
-                   value[6],   value[7],   (float)scale, written[0], written[1], written[2], prompt_length};
+                   value[6],   value[7],   (float)scale, written[0], written[1], written[2], prompt_length,
+                   (int)dtype};
     const char *error;
     Py_BEGIN_ALLOW_THREADS
     error = attend(&a, (int)isa);
@@ -1049,7 +1094,7 @@ static PyObject *py_supported(PyObject *self, PyObject *arg) {
 
 static PyMethodDef methods[] = {
     {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "y = x W^T (* scale) (+ bias)"},
-    {"attend", (PyCFunction)(void (*)(void))py_attend, METH_FASTCALL, "bfloat16 one-query attention"},
+    {"attend", (PyCFunction)(void (*)(void))py_attend, METH_FASTCALL, "one-query attention, bfloat16 or float32"},
     {"untile", (PyCFunction)(void (*)(void))py_untile, METH_FASTCALL, "tiled bfloat16 rows to float32"},
     {"summarize", (PyCFunction)(void (*)(void))py_summarize, METH_FASTCALL, "best, column, log-sum-exp per row"},
     {"supported", py_supported, METH_O, "whether this CPU runs the given ISA level"},

@@ -69,6 +69,9 @@ class Attention(nn.Module):
         self.dense = nn.Linear(hidden, hidden)
         # float32, like HF; kept out of the state dict (it is derived from n_head).
         self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
+        # float32 decode through bloomduo's kernel too (its sums run in another order than torch's): off for
+        # workers held to transformers' float32 numbers, on for int8 ones (quantize.py).
+        self.native_float32 = False
 
     def forward(self, x: torch.Tensor, plan: StepPlan, cache: KVCache, layer: int) -> torch.Tensor:
         total = x.shape[0]
@@ -99,7 +102,7 @@ class Attention(nn.Module):
 
     def _attend_singles(self, plan: StepPlan, q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
         """One new token per sequence ([B, heads, d]) against each one's cache, in one batched call."""
-        if native.attends(q, plan.single_bias):  # the same roundings, reading the cache in place
+        if native.attends(q, plan.single_bias, self.native_float32):  # the same roundings, cache in place
             keys, values = cache.token_views(layer, plan.num_slots, plan.kv_length)
             slots = None if plan.slots_match_rows else plan.single_slots
             new_kv = (k, v, plan.single_positions)  # stored by the kernel as it goes

@@ -233,12 +233,15 @@ def linear(
     return LinearKernel(tiled_weight, bias, scale, layout, gelu, row_sums)(x, isa)
 
 
-def attends(q: torch.Tensor, bias: torch.Tensor) -> bool:
-    """Whether one_query_attention takes these queries: bfloat16 on a CPU with a vector ISA, head_dim a
-    multiple of 16 (every BLOOM's is)."""
+def attends(q: torch.Tensor, bias: torch.Tensor, float32: bool = False) -> bool:
+    """Whether one_query_attention takes these queries: bfloat16 (float32 too, if `float32`) on a CPU with a
+    vector ISA, head_dim a multiple of 16 (every BLOOM's is). float32 is opt-in: workers held to transformers'
+    float32 numbers keep torch's attention, whose sums run in another order."""
+    dtypes = (torch.bfloat16, torch.float32) if float32 else (torch.bfloat16,)
     return (
         q.device.type == "cpu"
-        and q.dtype == bias.dtype == torch.bfloat16
+        and q.dtype == bias.dtype
+        and q.dtype in dtypes
         and best_isa() >= AVX2
         and q.shape[-1] % 16 == 0
         and q.shape[-1] <= 512
@@ -261,7 +264,8 @@ def one_query_attention(
     slots: torch.Tensor | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """softmax(q.k * scale + bias) . v for one query per sequence, bfloat16, in _kernels.c.
+    """softmax(q.k * scale + bias) . v for one query per sequence, bfloat16 (or float32, without its
+    roundings), in _kernels.c.
 
     q [S, heads, head_dim] (any row and head strides); keys and values the cache's views [slots, heads,
     length, head_dim] (rows of head_dim contiguous); bias [slots, heads, 1, length]; `slots` the cache slot
@@ -316,6 +320,9 @@ def _attend(
     """_kernels.c's attend for one_query_attention (prompt_length 0) and prompt_attention: checks the layouts
     it reads, and returns the output [rows, heads, head_dim]."""
     rows, heads, head_dim = q.shape
+    dtypes = {t.dtype for t in (q, keys, values, bias, new_keys, new_values) if t is not None}
+    if len(dtypes) != 1 or q.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError("the attention kernel takes bfloat16 or float32 tensors, all of one dtype")
     if q.stride(2) != 1 or keys.stride()[2:] != (head_dim, 1) or keys.stride() != values.stride():
         raise ValueError("the attention kernel reads rows of head_dim contiguous values from the cache")
     if any(t is not None and t.stride() != q.stride() for t in (new_keys, new_values)):
@@ -341,6 +348,7 @@ def _attend(
         best_isa(),
         *(0 if t is None else t.data_ptr() for t in (new_keys, new_values, positions)),
         prompt_length,
+        _DTYPE_CODES[q.dtype],
     )
     return out
 

@@ -41,6 +41,7 @@ from torch import nn
 from bloomduo.shard_worker import native
 from bloomduo.shard_worker.config import QUANTIZE_CHOICES
 from bloomduo.shard_worker.cpu_kernels import cpu_flags
+from bloomduo.shard_worker.model import Attention
 
 NONE, INT8, INT8_DYNAMIC = QUANTIZE_CHOICES
 # A quantized cut stores a Linear's int8 weight under the weight's name and its scales under name + this.
@@ -205,6 +206,11 @@ def quantize_linears(
                 linear = Int8Linear.from_linear(child, scheme)
             setattr(parent, name, linear)
     _fold_gelus(model)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            # int8 workers are not held to transformers' float32 numbers: a float32 one (int8-dynamic through
+            # fbgemm) reads its cache in place too, a third of the time torch's attention takes there
+            module.native_float32 = True
 
 
 def _fold_gelus(model: nn.Module) -> None:

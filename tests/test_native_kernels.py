@@ -220,29 +220,36 @@ def test_without_the_built_module_the_workers_keep_torchs_kernels(monkeypatch):
 
 
 def _torch_one_query_attention(q, keys, values, bias, scale):
-    """model.py's torch version: scores rounded to bf16, float32 softmax, bf16 probabilities."""
+    """model.py's torch version: scores rounded to bf16, float32 softmax, bf16 probabilities (for bfloat16
+    inputs; float32 throughout for float32 ones)."""
     scores = torch.matmul(q[:, :, None], keys.transpose(-1, -2)).float() * scale + bias.float()
     return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)[:, :, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("scattered", [False, True])
-def test_one_query_attention_reads_the_cache_in_place_and_rounds_as_torch_does(head_dim, scattered):
+def test_one_query_attention_reads_the_cache_in_place_and_rounds_as_torch_does(dtype, head_dim, scattered):
     generator = torch.Generator().manual_seed(head_dim)
     slots_total, heads, capacity, length = 6, 4, 40, 27
-    cache_keys = torch.randn(slots_total, heads, capacity, head_dim, generator=generator).to(torch.bfloat16)
-    cache_values = torch.randn(slots_total, heads, capacity, head_dim, generator=generator).to(torch.bfloat16)
+    cache_keys = torch.randn(slots_total, heads, capacity, head_dim, generator=generator).to(dtype)
+    cache_values = torch.randn(slots_total, heads, capacity, head_dim, generator=generator).to(dtype)
     keys, values = cache_keys[:, :, :length], cache_values[:, :, :length]  # strided views, as the cache's
-    bias = torch.randn(slots_total, heads, 1, length, generator=generator).to(torch.bfloat16)
-    bias[:, :, :, -4:] = torch.finfo(torch.bfloat16).min  # positions a sequence may not see
-    fused = torch.randn(3, heads, 3, head_dim, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(slots_total, heads, 1, length, generator=generator).to(dtype)
+    bias[:, :, :, -4:] = torch.finfo(dtype).min  # positions a sequence may not see
+    fused = torch.randn(3, heads, 3, head_dim, generator=generator).to(dtype)
     q = fused.unbind(2)[0]  # a strided view of the fused projection, as the model's
     slots = torch.tensor([4, 0, 2]) if scattered else None
     got = native.one_query_attention(q, keys, values, bias, head_dim**-0.5, slots)
     at = slots if scattered else torch.arange(3)
     want = _torch_one_query_attention(q, keys[at], values[at], bias[at], head_dim**-0.5)
-    ulp = torch.finfo(torch.bfloat16).eps * want.float().abs().max()
-    assert got.shape == want.shape and (got.float() - want.float()).abs().max() <= ulp
+    # bfloat16: one rounding of the output; float32: sums of head_dim and length terms in another order
+    steps = 1 if dtype == torch.bfloat16 else head_dim + length
+    bound = steps * torch.finfo(dtype).eps * want.float().abs().max()
+    assert got.dtype == dtype and got.shape == want.shape
+    assert (got.float() - want.float()).abs().max() <= bound
+    with pytest.raises(ValueError, match="all of one dtype"):
+        native.one_query_attention(q, keys, values, bias.to(torch.float16), head_dim**-0.5, slots)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -273,16 +280,17 @@ def test_prompt_attention_is_one_query_attention_row_by_row_and_stores_the_promp
         native.prompt_attention(q[:-1], cache[0][:, :, :n], cache[1][:, :, :n], bias, 0.125, slots)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("scattered", [False, True])
-def test_one_query_attention_stores_each_querys_new_key_and_value_before_it_attends(scattered):
+def test_one_query_attention_stores_each_querys_new_key_and_value_before_it_attends(dtype, scattered):
     """What model.py hands the kernel: the new tokens' keys and values (views of the fused projection, like
     q) and their positions; the cache must end as KVCache.write_tokens leaves it, the output the same."""
     generator = torch.Generator().manual_seed(7)
     slots_total, heads, capacity, length, head_dim = 6, 4, 40, 27, 64
-    cache = [torch.randn(slots_total, heads, capacity, head_dim, generator=generator).to(torch.bfloat16)]
-    cache.append(torch.randn(cache[0].shape, generator=generator).to(torch.bfloat16))
-    bias = torch.randn(slots_total, heads, 1, length, generator=generator).to(torch.bfloat16)
-    q, k, v = torch.randn(3, heads, 3, head_dim, generator=generator).to(torch.bfloat16).unbind(2)
+    cache = [torch.randn(slots_total, heads, capacity, head_dim, generator=generator).to(dtype)]
+    cache.append(torch.randn(cache[0].shape, generator=generator).to(dtype))
+    bias = torch.randn(slots_total, heads, 1, length, generator=generator).to(dtype)
+    q, k, v = torch.randn(3, heads, 3, head_dim, generator=generator).to(dtype).unbind(2)
     slots = torch.tensor([4, 0, 2]) if scattered else torch.arange(3)
     positions = torch.tensor([26, 3, 17])
     written = [tensor.clone() for tensor in cache]  # as write_tokens stores them

@@ -16,6 +16,7 @@ from torch import nn
 from bloomduo.client import Client
 from bloomduo.shard_worker import cpu_kernels, native
 from bloomduo.shard_worker.engine import resolve_dtype
+from bloomduo.shard_worker.model import Attention
 from bloomduo.shard_worker.quantize import (
     INT8,
     INT8_DYNAMIC,
@@ -94,6 +95,9 @@ def test_a_quantized_model_keeps_its_all_reduces_and_close_logits(scheme, dtype)
     int8_linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
     folded = [m for m in int8_linears if m.gelu]  # the MLP's GELU runs in bloomduo's kernels' float32 sums
     assert len(folded) == (CONFIG["n_layer"] if int8_linears[0].kernel.startswith("native") else 0)
+    # float32 decode attends in bloomduo's kernel too: int8 workers are not held to transformers' float32
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    assert len(attentions) == CONFIG["n_layer"] and all(m.native_float32 for m in attentions)
     matrices = sum(m.in_features * m.out_features for m in int8_linears)
     assert weight_bytes(model) < before - matrices * (dtype.itemsize - 1) + matrices // 10
     for want, got in zip(full, _steps(model, _hidden()), strict=True):
@@ -105,6 +109,7 @@ def test_quantize_none_changes_nothing():
     model = _model(torch.float32)
     quantize_linears(model, "none")
     assert describe(model) == ""
+    assert not any(m.native_float32 for m in model.modules() if isinstance(m, Attention))
     assert len([m for m in model.modules() if type(m) is nn.Linear]) == 4 * CONFIG["n_layer"] + 1
 
 
