@@ -263,9 +263,10 @@ def one_query_attention(
     scale: float,
     slots: torch.Tensor | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    isa: int | None = None,
 ) -> torch.Tensor:
     """softmax(q.k * scale + bias) . v for one query per sequence, bfloat16 (or float32, without its
-    roundings), in _kernels.c.
+    roundings), in _kernels.c (at `isa`, the best one by default).
 
     q [S, heads, head_dim] (any row and head strides); keys and values the cache's views [slots, heads,
     length, head_dim] (rows of head_dim contiguous); bias [slots, heads, 1, length]; `slots` the cache slot
@@ -277,7 +278,7 @@ def one_query_attention(
         new_keys, new_values, positions = new_kv
         positions = positions.to(torch.int64).contiguous()
     slots = None if slots is None else slots.to(torch.int64).contiguous()
-    return _attend(q, keys, values, bias, scale, slots, new_keys, new_values, positions)
+    return _attend(q, keys, values, bias, scale, slots, new_keys, new_values, positions, isa=isa)
 
 
 def prompt_attention(
@@ -316,6 +317,7 @@ def _attend(
     new_values: torch.Tensor | None,
     positions: torch.Tensor | None,
     prompt_length: int = 0,
+    isa: int | None = None,
 ) -> torch.Tensor:
     """_kernels.c's attend for one_query_attention (prompt_length 0) and prompt_attention: checks the layouts
     it reads, and returns the output [rows, heads, head_dim]."""
@@ -345,7 +347,7 @@ def _attend(
         keys.stride(0),
         keys.stride(1),
         float(scale),
-        best_isa(),
+        best_isa() if isa is None else isa,
         *(0 if t is None else t.data_ptr() for t in (new_keys, new_values, positions)),
         prompt_length,
         _DTYPE_CODES[q.dtype],

@@ -226,10 +226,11 @@ def _torch_one_query_attention(q, keys, values, bias, scale):
     return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)[:, :, 0]
 
 
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_IDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("scattered", [False, True])
-def test_one_query_attention_reads_the_cache_in_place_and_rounds_as_torch_does(dtype, head_dim, scattered):
+def test_one_query_attention_reads_the_cache_in_place_and_rounds_like_torch(isa, dtype, head_dim, scattered):
     generator = torch.Generator().manual_seed(head_dim)
     slots_total, heads, capacity, length = 6, 4, 40, 27
     cache_keys = torch.randn(slots_total, heads, capacity, head_dim, generator=generator).to(dtype)
@@ -240,7 +241,7 @@ def test_one_query_attention_reads_the_cache_in_place_and_rounds_as_torch_does(d
     fused = torch.randn(3, heads, 3, head_dim, generator=generator).to(dtype)
     q = fused.unbind(2)[0]  # a strided view of the fused projection, as the model's
     slots = torch.tensor([4, 0, 2]) if scattered else None
-    got = native.one_query_attention(q, keys, values, bias, head_dim**-0.5, slots)
+    got = native.one_query_attention(q, keys, values, bias, head_dim**-0.5, slots, isa=isa)
     at = slots if scattered else torch.arange(3)
     want = _torch_one_query_attention(q, keys[at], values[at], bias[at], head_dim**-0.5)
     # bfloat16: one rounding of the output; float32: sums of head_dim and length terms in another order
