@@ -941,6 +941,80 @@ AVX512 static void summarize_row_avx512(const Summary *s, long r) {
     s->index[r] = at;
     s->lse[r] = (float)log(total) + best;
 }
+
+/* exp(x) for 8 lanes, as exp16 computes it, with 2^n built in the exponent bits (AVX2 has no VSCALEFPS):
+ * n stays within [-126, 127] after the clamp, so 2^n is a normal float. */
+AVX2 INLINE __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950409f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 poly = _mm256_set1_ps(1.0f / 720);
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 120));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 24));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 6));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(0.5f));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f));
+    __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(poly, _mm256_castsi256_ps(scale));
+}
+
+AVX2 INLINE __m256 load8(const char *row, long j, int dtype) {
+    return dtype == DT_F32 ? _mm256_loadu_ps((const float *)row + j) : widen8(row, j, DT_BF16);
+}
+
+/* summarize_row_avx512 in 8 lanes: whole runs of 8 columns in vectors, the last C % 8 in scalar code. */
+AVX2 static void summarize_row_avx2(const Summary *s, long r) {
+    const char *row = (const char *)s->x + r * s->stride * (s->dtype == DT_BF16 ? 2 : 4);
+    const long whole = s->C / 8 * 8;
+    __m256 top = _mm256_set1_ps(-INFINITY), nans = _mm256_setzero_ps();
+    __m256i top_at = _mm256_setzero_si256(), columns = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (long j = 0; j < whole; j += 8) {
+        __m256 v = load8(row, j, s->dtype);
+        nans = _mm256_or_ps(nans, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        __m256 higher = _mm256_cmp_ps(v, top, _CMP_GT_OQ); /* strict: a lane keeps its first column */
+        top = _mm256_blendv_ps(top, v, higher);
+        top_at = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(top_at), _mm256_castsi256_ps(columns), higher));
+        columns = _mm256_add_epi32(columns, _mm256_set1_epi32(8));
+    }
+    float lane_best[8];
+    int32_t lane_at[8];
+    _mm256_storeu_ps(lane_best, top);
+    _mm256_storeu_si256((__m256i *)lane_at, top_at);
+    float best = -INFINITY;
+    long at = 0;
+    for (int l = 0; l < 8; l++)
+        if (lane_best[l] > best || (lane_best[l] == best && lane_at[l] < at)) best = lane_best[l], at = lane_at[l];
+    int nan_seen = _mm256_movemask_ps(nans) != 0;
+    for (long j = whole; j < s->C; j++) {
+        float v = load_as_f32(row, j, s->dtype);
+        nan_seen |= isnan(v);
+        if (v > best) best = v, at = j;
+    }
+    if (nan_seen || !isfinite(best)) { /* rare: the scalar pass gives torch's NaN and -inf answers */
+        summarize_row_scalar(s, r);
+        return;
+    }
+    __m256 shift = _mm256_set1_ps(best);
+    double total = 0.0;
+    for (long j0 = 0; j0 < s->C; j0 += SUM_BLOCK) {
+        const long end = j0 + SUM_BLOCK < s->C ? j0 + SUM_BLOCK : s->C, vector_end = end < whole ? end : whole;
+        __m256 sums[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        long j = j0;
+        for (; j < vector_end; j += 8)
+            sums[(j >> 3) & 1] = _mm256_add_ps(sums[(j >> 3) & 1], exp8(_mm256_sub_ps(load8(row, j, s->dtype), shift)));
+        __m256 both = _mm256_add_ps(sums[0], sums[1]);
+        __m128 half = _mm_add_ps(_mm256_castps256_ps128(both), _mm256_extractf128_ps(both, 1));
+        half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        float block = _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+        for (; j < end; j++) block += expf(load_as_f32(row, j, s->dtype) - best);
+        total += block;
+    }
+    s->best[r] = best;
+    s->index[r] = at;
+    s->lse[r] = (float)log(total) + best;
+}
 #endif
 
 static const char *summarize(const Summary *s, int isa) {
@@ -951,6 +1025,10 @@ static const char *summarize(const Summary *s, int isa) {
 #ifdef X86
         if (isa >= ISA_AVX512) {
             summarize_row_avx512(s, r);
+            continue;
+        }
+        if (isa == ISA_AVX2) {
+            summarize_row_avx2(s, r);
             continue;
         }
 #endif

@@ -109,6 +109,9 @@ class ShardEngine:
         self.real_vocab_end = min(self.vocab_end, model.config.vocab_size)
         self.group_id = group_id
         self.kernels = kernels  # the Linear kernels format_weights chose, in words
+        # int8 workers are not held to transformers' float32 logprobs: their float32 logits are summarized
+        # natively too
+        self.native_float32 = bool(describe_int8(model))
 
     @classmethod
     def load(cls, options: ShardOptions) -> ShardEngine:
@@ -199,7 +202,8 @@ class ShardEngine:
         # Summaries cover the real vocabulary only: padding rows must never win or add mass.
         real = slice(0, self.real_vocab_end - self.vocab_start)
         rows = logits[:, real] if not any(full_logits) else logits[~wanted, real]
-        best, index, logsumexp = (native.summarize if native.summarizes(rows) else summarize)(rows)
+        native_rows = native.summarizes(rows, self.native_float32)
+        best, index, logsumexp = (native.summarize if native_rows else summarize)(rows)
         return StepOutput(
             logits[wanted].to("cpu"),
             best_logit=best.tolist(),

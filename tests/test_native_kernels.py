@@ -344,15 +344,17 @@ def test_summaries_are_torchs_best_and_column_and_a_float64_log_sum_exp(isa, dty
         torch.float32
     ).eps * exact.abs().max()
     assert logsumexp[[2, 3, 4]].isnan().all()
-    if dtype == torch.bfloat16 and isa >= native.AVX512:
-        assert native.summarizes(rows)
+    if isa >= native.AVX2:
+        assert native.summarizes(rows, float32=True)
 
 
-def test_summaries_are_used_for_bfloat16_on_avx512_only():
+def test_summaries_take_bfloat16_and_float32_only_when_asked():
     rows = torch.randn(2, 64)
     assert not native.summarizes(rows)  # float32 workers keep torch's, held to transformers
+    assert native.summarizes(rows, float32=True)  # int8 ones need not
     assert not native.summarizes(rows.to(torch.bfloat16).t())  # columns not contiguous
-    assert native.summarizes(rows.to(torch.bfloat16)) == (native.best_isa() >= native.AVX512)
+    assert native.summarizes(rows.to(torch.bfloat16))
+    assert not native.summarizes(rows.double(), float32=True)
 
 
 def test_untiling_gives_back_the_plain_rows_widened():

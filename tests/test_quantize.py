@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 from bloomduo.client import Client
+from bloomduo.core.bloom_config import BloomConfig
+from bloomduo.core.logprobs import summarize
 from bloomduo.shard_worker import cpu_kernels, native
-from bloomduo.shard_worker.engine import resolve_dtype
+from bloomduo.shard_worker.engine import ShardEngine, resolve_dtype
 from bloomduo.shard_worker.model import Attention
 from bloomduo.shard_worker.quantize import (
     INT8,
@@ -26,6 +28,8 @@ from bloomduo.shard_worker.quantize import (
     quantize_linears,
     weight_bytes,
 )
+from bloomduo.shard_worker.step_plan import Chunk
+from bloomduo.shard_worker.tensor_parallel import shard_layout
 from tests._dist_helpers import AVX2_CLASS, relative_error
 from tests.conftest import running_stack
 from tests.test_worker_weight_formats import CONFIG, _CountingReducer, _hidden, _model, _steps
@@ -163,3 +167,29 @@ def test_auto_dtype_gives_int8_dynamic_float32_activations_where_fbgemm_runs_it(
     assert resolve_dtype("auto", torch.bfloat16, cpu, INT8) == torch.bfloat16
     assert resolve_dtype("auto", torch.bfloat16, cpu) == torch.bfloat16
     assert resolve_dtype("bfloat16", torch.float32, cpu, INT8_DYNAMIC) == torch.bfloat16  # asked for
+
+
+@pytest.mark.parametrize("scheme", ["none", *SCHEMES])
+def test_int8_workers_summarize_float32_logits_in_bloomduos_kernel(scheme, monkeypatch):
+    """A float32 worker held to transformers keeps torch's summaries; an int8 one takes the native kernel's:
+    the same best token, and the log-sum-exp to float32 summation order."""
+    model = _model(torch.float32)
+    quantize_linears(model, scheme)
+    engine = ShardEngine(
+        model,
+        shard_layout(BloomConfig(**CONFIG), 0, 1),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        model_name="tiny",
+        kv_cache_slots=2,
+    )
+    native_calls = []
+    native_summarize = native.summarize
+    monkeypatch.setattr(native, "summarize", lambda rows: native_calls.append(rows) or native_summarize(rows))
+    out = engine.step(_hidden()[:5], [Chunk(0, 0, 5)], [], full_logits=[False])
+    assert engine.native_float32 == (scheme != "none")
+    assert len(native_calls) == int(scheme != "none" and native.best_isa() >= native.AVX2)
+    logits = engine.model(_hidden()[:5], [Chunk(1, 0, 5)], engine.cache)
+    _, index, logsumexp = summarize(logits[:, : CONFIG["vocab_size"]])
+    assert out.best_token == index.tolist()
+    torch.testing.assert_close(torch.tensor(out.logsumexp), logsumexp, rtol=1e-6, atol=0)
