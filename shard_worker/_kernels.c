@@ -336,21 +336,22 @@ AVX512_BF16 static void linear_avx512_bf16(const Problem *p) {
 #undef TILE
 }
 
-/* exp(x) for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error
- * below 2e-7, under a float32 rounding of the bf16 outputs it feeds), times 2^n by VSCALEFPS. */
+/* exp(x) = 2^n e^r with x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error
+ * below 2e-7, under a float32 rounding of the bf16 outputs it feeds), written once for every vector width:
+ * FMADD, FNMADD and SET1 are that width's intrinsics, n the rounded x / ln2 of x clamped to [-87, 88]. */
+#define EXP_REMAINDER(FNMADD, SET1, x, n) FNMADD(n, SET1(1.428606765330187e-06f), FNMADD(n, SET1(0.693145751953125f), x))
+#define TAYLOR_EXP(FMADD, SET1, r)                                                                                 \
+    FMADD(FMADD(FMADD(FMADD(FMADD(FMADD(SET1(1.0f / 720), r, SET1(1.0f / 120)), r, SET1(1.0f / 24)), r, SET1(1.0f / 6)), \
+                      r, SET1(0.5f)),                                                                               \
+                r, SET1(1.0f)),                                                                                     \
+          r, SET1(1.0f))
+
+/* exp(x) for 16 lanes, times 2^n by VSCALEFPS. */
 AVX512 INLINE __m512 exp16(__m512 x) {
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950409f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln2 in two parts */
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 poly = _mm512_set1_ps(1.0f / 720);
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 120));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 24));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 6));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(0.5f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(poly, n);
+    __m512 r = EXP_REMAINDER(_mm512_fnmadd_ps, _mm512_set1_ps, x, n);
+    return _mm512_scalef_ps(TAYLOR_EXP(_mm512_fmadd_ps, _mm512_set1_ps, r), n);
 }
 
 /* gelu_tanh for 16 lanes (oneDNN's post-op does the same inside its matmul: no bf16 pass over the outputs). */
@@ -942,22 +943,14 @@ AVX512 static void summarize_row_avx512(const Summary *s, long r) {
     s->lse[r] = (float)log(total) + best;
 }
 
-/* exp(x) for 8 lanes, as exp16 computes it, with 2^n built in the exponent bits (AVX2 has no VSCALEFPS):
- * n stays within [-126, 127] after the clamp, so 2^n is a normal float. */
+/* exp(x) for 8 lanes, as exp16, with 2^n built in the exponent bits (AVX2 has no VSCALEFPS): n stays within
+ * [-126, 127] after the clamp, so 2^n is a normal float. */
 AVX2 INLINE __m256 exp8(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950409f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-    __m256 poly = _mm256_set1_ps(1.0f / 720);
-    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 120));
-    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 24));
-    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 6));
-    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(0.5f));
-    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f));
-    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f));
-    __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(poly, _mm256_castsi256_ps(scale));
+    __m256i two_to_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 r = EXP_REMAINDER(_mm256_fnmadd_ps, _mm256_set1_ps, x, n);
+    return _mm256_mul_ps(TAYLOR_EXP(_mm256_fmadd_ps, _mm256_set1_ps, r), _mm256_castsi256_ps(two_to_n));
 }
 
 AVX2 INLINE __m256 load8(const char *row, long j, int dtype) {
