@@ -193,11 +193,6 @@ static void linear_scalar(const Problem *p) {
 }
 
 #ifdef X86
-/* The four sums of one row of x against one tile, y[r, n0 .. n0+3], each accumulator reduced by one shuffle
- * tree for all four (sum4x16, sum4x8), then scaled, biased and rounded. */
-static inline void store4(const Problem *p, long r, long n0, const float sums[TILE_ROWS]) {
-    for (int j = 0; j < TILE_ROWS; j++) store(p, r, n0 + j, sums[j]);
-}
 
 /* x widened to float32 once per call, into a buffer kept between calls (one per thread: the GIL is
  * released while a call runs). */
@@ -238,10 +233,64 @@ static const float *pair_split_x(const Problem *p) {
  * registers; the tile comes from memory for the first rows and from L1 for the next. always_inline with a
  * constant row count gives each row count its own unrolled loop: FOR_ROW_GROUPS runs BLOCK(ROWS) over
  * every group of up to 6 rows, FOR_ROW_TILES that for every tile. */
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 #define AVX2 __attribute__((target("avx2,fma")))
 #define INLINE static inline __attribute__((always_inline))
+
+/* exp(x) = 2^n e^r with x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error
+ * below 2e-7, under a float32 rounding of the bf16 outputs it feeds), written once for every vector width:
+ * FMADD, FNMADD and SET1 are that width's intrinsics, n the rounded x / ln2 of x clamped to [-87, 88]. */
+#define EXP_REMAINDER(FNMADD, SET1, x, n) FNMADD(n, SET1(1.428606765330187e-06f), FNMADD(n, SET1(0.693145751953125f), x))
+#define TAYLOR_EXP(FMADD, SET1, r)                                                                                 \
+    FMADD(FMADD(FMADD(FMADD(FMADD(FMADD(SET1(1.0f / 720), r, SET1(1.0f / 120)), r, SET1(1.0f / 24)), r, SET1(1.0f / 6)), \
+                      r, SET1(0.5f)),                                                                               \
+                r, SET1(1.0f)),                                                                                     \
+          r, SET1(1.0f))
+
+/* exp(x) for 8 lanes, as exp16, with 2^n built in the exponent bits (AVX2 has no VSCALEFPS): n stays within
+ * [-126, 127] after the clamp, so 2^n is a normal float. */
+AVX2 INLINE __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950409f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256i two_to_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 r = EXP_REMAINDER(_mm256_fnmadd_ps, _mm256_set1_ps, x, n);
+    return _mm256_mul_ps(TAYLOR_EXP(_mm256_fmadd_ps, _mm256_set1_ps, r), _mm256_castsi256_ps(two_to_n));
+}
+
+/* gelu_tanh for 8 lanes, as gelu16. */
+AVX2 INLINE __m256 gelu8(__m256 x) {
+    __m256 inner = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), x), _mm256_mul_ps(x, x), x);
+    __m256 minus_2u = _mm256_mul_ps(inner, _mm256_set1_ps(-2.0f * 0.7978845608f));
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(minus_2u)));
+}
+
+typedef union {
+    __m128 v;
+    float f[4];
+} Sums4;
+
+/* The four sums of one row of x against one tile, y[r, n0 .. n0+3] (each accumulator reduced by one shuffle
+ * tree for all four: sum4x16, sum4x8), scaled, biased and GELU'd in one vector, then rounded one by one: as
+ * store computes them, with the vector GELU (a scalar expf per output cost as much as a 16-row product). */
+AVX2 INLINE void store4(const Problem *p, long r, long n0, Sums4 sums) {
+    __m128 v = sums.v;
+    if (p->scale) v = _mm_mul_ps(v, _mm_loadu_ps(p->scale + n0));
+    if (p->bias) {
+        const void *bias = p->bias;
+        v = _mm_add_ps(v, p->y_dtype == DT_BF16 ? _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64(
+                                                       (const __m128i *)((const uint16_t *)bias + n0))), 16))
+                                                 : _mm_loadu_ps((const float *)bias + n0));
+    }
+    if (p->gelu) v = _mm256_castps256_ps128(gelu8(_mm256_zextps128_ps256(v)));
+    _mm_storeu_ps(sums.f, v);
+    for (int j = 0; j < TILE_ROWS; j++) {
+        if (p->y_dtype == DT_BF16)
+            ((uint16_t *)p->y)[r * p->N + n0 + j] = f32_to_bf16(sums.f[j]);
+        else
+            ((float *)p->y)[r * p->N + n0 + j] = sums.f[j];
+    }
+}
 
 #define FOR_ROW_GROUPS(BLOCK)                                                             \
     for (long r0 = 0; r0 < p->R; r0 += 6) switch (p->R - r0 < 6 ? p->R - r0 : 6) {      \
@@ -262,11 +311,6 @@ AVX512 INLINE __m512 widen16(const void *w, long i, int w_dtype) {
     __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
 }
-
-typedef union {
-    __m128 v;
-    float f[4];
-} Sums4;
 
 /* The total of each of four vectors, in one shuffle tree: [sum(a), sum(b), sum(c), sum(d)]. */
 AVX512 INLINE Sums4 sum4x16(const __m512 acc[TILE_ROWS]) {
@@ -294,7 +338,7 @@ AVX512 INLINE void tile_avx512(const Problem *p, const float *x, long r0, const 
                 for (int j = 0; j < TILE_ROWS; j++) acc[i][j] = _mm512_fmadd_ps(a, w[j], acc[i][j]);
             }
         }
-    for (int i = 0; i < rows; i++) store4(p, r0 + i, n0, sum4x16(acc[i]).f);
+    for (int i = 0; i < rows; i++) store4(p, r0 + i, n0, sum4x16(acc[i]));
 }
 
 AVX512 static void linear_avx512(const Problem *p, const float *x) {
@@ -327,7 +371,7 @@ AVX512_BF16 INLINE void tile_bf16(const Problem *p, long r0, const int rows, lon
             for (int j = 0; j < TILE_ROWS; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, b[j]);
         }
     }
-    for (int i = 0; i < rows; i++) store4(p, r0 + i, n0, sum4x16(acc[i]).f);
+    for (int i = 0; i < rows; i++) store4(p, r0 + i, n0, sum4x16(acc[i]));
 }
 
 AVX512_BF16 static void linear_avx512_bf16(const Problem *p) {
@@ -335,16 +379,6 @@ AVX512_BF16 static void linear_avx512_bf16(const Problem *p) {
     FOR_ROW_TILES(TILE)
 #undef TILE
 }
-
-/* exp(x) = 2^n e^r with x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error
- * below 2e-7, under a float32 rounding of the bf16 outputs it feeds), written once for every vector width:
- * FMADD, FNMADD and SET1 are that width's intrinsics, n the rounded x / ln2 of x clamped to [-87, 88]. */
-#define EXP_REMAINDER(FNMADD, SET1, x, n) FNMADD(n, SET1(1.428606765330187e-06f), FNMADD(n, SET1(0.693145751953125f), x))
-#define TAYLOR_EXP(FMADD, SET1, r)                                                                                 \
-    FMADD(FMADD(FMADD(FMADD(FMADD(FMADD(SET1(1.0f / 720), r, SET1(1.0f / 120)), r, SET1(1.0f / 24)), r, SET1(1.0f / 6)), \
-                      r, SET1(0.5f)),                                                                               \
-                r, SET1(1.0f)),                                                                                     \
-          r, SET1(1.0f))
 
 /* exp(x) for 16 lanes, times 2^n by VSCALEFPS. */
 AVX512 INLINE __m512 exp16(__m512 x) {
@@ -468,7 +502,7 @@ AVX512_BF16 static const char *linear_onednn_bf16(const Problem *p) {
     return NULL;
 }
 
-#define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 
 AVX512 INLINE __m512 x16(const Problem *p, long i) {
     return p->x_dtype == DT_BF16 ? widen16(p->x, i, DT_BF16) : _mm512_loadu_ps((const float *)p->x + i);
@@ -590,7 +624,7 @@ AVX2 INLINE void tile_avx2(const Problem *p, const float *x, long r0, const int 
                 for (int j = 0; j < TILE_ROWS; j++) acc[i][j] = _mm256_fmadd_ps(a, w[j], acc[i][j]);
             }
         }
-    for (int i = 0; i < rows; i++) store4(p, r0 + i, n0, sum4x8(acc[i]).f);
+    for (int i = 0; i < rows; i++) store4(p, r0 + i, n0, sum4x8(acc[i]));
 }
 
 /* bf16 weights widened without a shuffle: 16 of them (8 dwords) hold the even columns in each dword's low half
@@ -618,7 +652,7 @@ AVX2 INLINE void tile_avx2_pairs(const Problem *p, const float *x, long r0, cons
                     acc[i][j] = _mm256_fmadd_ps(odd[i], w_odd, _mm256_fmadd_ps(even[i], w_even, acc[i][j]));
             }
         }
-    for (int i = 0; i < rows; i++) store4(p, r0 + i, n0, sum4x8(acc[i]).f);
+    for (int i = 0; i < rows; i++) store4(p, r0 + i, n0, sum4x8(acc[i]));
 }
 
 AVX2 static void linear_avx2(const Problem *p, const float *x) {
@@ -941,16 +975,6 @@ AVX512 static void summarize_row_avx512(const Summary *s, long r) {
     s->best[r] = best;
     s->index[r] = at;
     s->lse[r] = (float)log(total) + best;
-}
-
-/* exp(x) for 8 lanes, as exp16, with 2^n built in the exponent bits (AVX2 has no VSCALEFPS): n stays within
- * [-126, 127] after the clamp, so 2^n is a normal float. */
-AVX2 INLINE __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950409f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256i two_to_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    __m256 r = EXP_REMAINDER(_mm256_fnmadd_ps, _mm256_set1_ps, x, n);
-    return _mm256_mul_ps(TAYLOR_EXP(_mm256_fmadd_ps, _mm256_set1_ps, r), _mm256_castsi256_ps(two_to_n));
 }
 
 AVX2 INLINE __m256 load8(const char *row, long j, int dtype) {

@@ -277,7 +277,7 @@ class PackedLinear(nn.Module):
 class RoutedLinear(nn.Module):
     """A Linear that runs each call on its route's path for the call's row count, its weight held in the
     route's layout (plain, or native.py's tiles), with an optional GELU folded in (inside the float32
-    paths before their one rounding; after the others)."""
+    paths and, the tanh GELU, the tiled kernel, before their one rounding; after the others)."""
 
     def __init__(
         self,
@@ -298,7 +298,10 @@ class RoutedLinear(nn.Module):
         self.approximate = (algorithm or "none") if activation == "gelu" else None
         self._firsts = [first for first, _ in route.steps]
         self._paths = [path for _, path in route.steps]
-        self._kernel = native.LinearKernel(self.weight, self.bias) if TILED in route.paths else None
+        # the tiled kernel applies the tanh GELU to its float32 sums: one bf16 pass and rounding fewer
+        tanh_gelu = self.approximate == "tanh"
+        tiled = TILED in route.paths
+        self._kernel = native.LinearKernel(self.weight, self.bias, gelu=tanh_gelu) if tiled else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self._paths[bisect.bisect_right(self._firsts, x.numel() // self.in_features) - 1]
@@ -308,10 +311,8 @@ class RoutedLinear(nn.Module):
             return fp32_linear(x, self.weight, self.bias, self.scratch, self.approximate, tiled=True)
         if path == TILED:
             out = self._kernel(x)
-        elif path == ATEN:
-            out = aten_linear(x, self.weight, self.bias)
-        else:
-            out = F.linear(x, self.weight, self.bias)
+            return out if self.approximate in (None, "tanh") else F.gelu(out, approximate=self.approximate)
+        out = aten_linear(x, self.weight, self.bias) if path == ATEN else F.linear(x, self.weight, self.bias)
         return F.gelu(out, approximate=self.approximate) if self.approximate else out
 
 

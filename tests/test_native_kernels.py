@@ -58,7 +58,8 @@ def test_the_install_built_the_native_kernels():
 @pytest.mark.parametrize("activations", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 2, 5, 7, 17])
 @pytest.mark.parametrize("bias", [True, False])
-def test_the_tiled_kernel_computes_x_times_w_transposed(isa, weights, activations, rows, bias):
+@pytest.mark.parametrize("gelu", [False, True])
+def test_the_tiled_kernel_computes_x_times_w_transposed(isa, weights, activations, rows, bias, gelu):
     generator = torch.Generator().manual_seed(rows)
     n, k = 72, 160  # several tiles of 4 rows and chunks of 32 columns
     x = torch.randn(rows, k, generator=generator).to(activations)
@@ -67,9 +68,10 @@ def test_the_tiled_kernel_computes_x_times_w_transposed(isa, weights, activation
     else:
         weight, scale = torch.randn(n, k, generator=generator).to(torch.bfloat16), None
     b = torch.randn(n, generator=generator).to(activations) if bias else None
-    got = native.linear(x, native.to_tiles(weight), b, scale, isa=isa)
+    got = native.linear(x, native.to_tiles(weight), b, scale, isa=isa, gelu=gelu)
     assert got.dtype == activations and got.shape == (rows, n)
-    assert _within_one_rounding(got, _reference(x, weight, b, scale))
+    want = _reference(x, weight, b, scale)
+    assert _within_one_rounding(got, torch.nn.functional.gelu(want, approximate="tanh") if gelu else want)
 
 
 @pytest.mark.parametrize("isa", [i for i in ISAS if i in (native.SCALAR, native.AVX512_BF16)], ids=str)
