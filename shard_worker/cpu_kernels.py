@@ -276,8 +276,8 @@ class PackedLinear(nn.Module):
 
 class RoutedLinear(nn.Module):
     """A Linear that runs each call on its route's path for the call's row count, its weight held in the
-    route's layout (plain, or native.py's tiles), with an optional GELU folded in (inside the float32
-    paths and, the tanh GELU, the tiled kernel, before their one rounding; after the others)."""
+    route's layout (plain, or native.py's tiles), with an optional GELU folded in (inside the float32 paths,
+    and the tiled kernel for the tanh GELU, before their one rounding; after the others)."""
 
     def __init__(
         self,
