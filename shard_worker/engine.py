@@ -109,9 +109,8 @@ class ShardEngine:
         self.real_vocab_end = min(self.vocab_end, model.config.vocab_size)
         self.group_id = group_id
         self.kernels = kernels  # the Linear kernels format_weights chose, in words
-        # int8 workers are not held to transformers' float32 logprobs: their float32 logits are summarized
-        # natively too
-        self.native_float32 = bool(describe_int8(model))
+        # as its attention: int8 workers' float32 logits are summarized natively too
+        self.native_float32 = model.native_float32
 
     @classmethod
     def load(cls, options: ShardOptions) -> ShardEngine:

@@ -198,6 +198,11 @@ class BloomShardModel(nn.Module):
     def num_local_heads(self) -> int:
         return self.h[0].self_attention.num_heads
 
+    @property
+    def native_float32(self) -> bool:
+        """Whether float32 decode runs bloomduo's kernels (quantize.py turns it on for int8 workers)."""
+        return self.h[0].self_attention.native_float32
+
     def new_kv_cache(self, *, initial_capacity: int = 128, initial_slots: int = 4) -> KVCache:
         """An empty cache shaped for this model's (local) heads, on its device and in its dtype."""
         weight = self.ln_f.weight  # the LM head's may be int8 (quantize.py)

@@ -233,15 +233,19 @@ def linear(
     return LinearKernel(tiled_weight, bias, scale, layout, gelu, row_sums)(x, isa)
 
 
+def _kernel_dtypes(float32: bool) -> tuple[torch.dtype, ...]:
+    """What attends and summarizes take: bfloat16, and float32 where the caller opts in."""
+    return (torch.bfloat16, torch.float32) if float32 else (torch.bfloat16,)
+
+
 def attends(q: torch.Tensor, bias: torch.Tensor, float32: bool = False) -> bool:
     """Whether one_query_attention takes these queries: bfloat16 (float32 too, if `float32`) on a CPU with a
     vector ISA, head_dim a multiple of 16 (every BLOOM's is). float32 is opt-in: workers held to transformers'
     float32 numbers keep torch's attention, whose sums run in another order."""
-    dtypes = (torch.bfloat16, torch.float32) if float32 else (torch.bfloat16,)
     return (
         q.device.type == "cpu"
         and q.dtype == bias.dtype
-        and q.dtype in dtypes
+        and q.dtype in _kernel_dtypes(float32)
         and best_isa() >= AVX2
         and q.shape[-1] % 16 == 0
         and q.shape[-1] <= 512
@@ -361,7 +365,7 @@ def summarizes(rows: torch.Tensor, float32: bool = False) -> bool:
     float32 logprobs keep torch's."""
     return (
         rows.device.type == "cpu"
-        and rows.dtype in ((torch.bfloat16, torch.float32) if float32 else (torch.bfloat16,))
+        and rows.dtype in _kernel_dtypes(float32)
         and rows.dim() == 2
         and rows.stride(1) == 1
         and rows.shape[1] > 0
