@@ -764,22 +764,28 @@ AVX512 static void attend_head_avx512(const Attention *a, long L, const uint16_t
     }
 }
 
-AVX2 INLINE __m256 kv8(const void *kv, long d, int dtype) {
-    return dtype == DT_F32 ? _mm256_loadu_ps((const float *)kv + d) : widen8(kv, d, DT_BF16);
+/* Values i .. i+7 of bf16 or float32 data, as float32. */
+AVX2 INLINE __m256 load8(const void *data, long i, int dtype) {
+    return dtype == DT_F32 ? _mm256_loadu_ps((const float *)data + i) : widen8(data, i, DT_BF16);
+}
+
+/* The total of 8 lanes. */
+AVX2 INLINE float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 AVX2 INLINE float dot_avx2(const float *q, const void *k, long D, int dtype) {
     __m256 sum = _mm256_setzero_ps();
-    for (long d = 0; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), kv8(k, d, dtype), sum);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    for (long d = 0; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k, d, dtype), sum);
+    return sum8(sum);
 }
 
 AVX2 INLINE void weighted_sum_avx2(float *acc, float p, const void *v, long D, int dtype) {
     __m256 weight = _mm256_set1_ps(p);
     for (long d = 0; d < D; d += 8)
-        _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(weight, kv8(v, d, dtype), _mm256_loadu_ps(acc + d)));
+        _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(weight, load8(v, d, dtype), _mm256_loadu_ps(acc + d)));
 }
 
 /* One function per cache dtype, so the per-key calls below branch on nothing. */
@@ -977,10 +983,6 @@ AVX512 static void summarize_row_avx512(const Summary *s, long r) {
     s->lse[r] = (float)log(total) + best;
 }
 
-AVX2 INLINE __m256 load8(const char *row, long j, int dtype) {
-    return dtype == DT_F32 ? _mm256_loadu_ps((const float *)row + j) : widen8(row, j, DT_BF16);
-}
-
 /* summarize_row_avx512 in 8 lanes: whole runs of 8 columns in vectors, the last C % 8 in scalar code. */
 AVX2 static void summarize_row_avx2(const Summary *s, long r) {
     const char *row = (const char *)s->x + r * s->stride * (s->dtype == DT_BF16 ? 2 : 4);
@@ -1021,10 +1023,7 @@ AVX2 static void summarize_row_avx2(const Summary *s, long r) {
         long j = j0;
         for (; j < vector_end; j += 8)
             sums[(j >> 3) & 1] = _mm256_add_ps(sums[(j >> 3) & 1], exp8(_mm256_sub_ps(load8(row, j, s->dtype), shift)));
-        __m256 both = _mm256_add_ps(sums[0], sums[1]);
-        __m128 half = _mm_add_ps(_mm256_castps256_ps128(both), _mm256_extractf128_ps(both, 1));
-        half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        float block = _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+        float block = sum8(_mm256_add_ps(sums[0], sums[1]));
         for (; j < end; j++) block += expf(load_as_f32(row, j, s->dtype) - best);
         total += block;
     }
