@@ -10,7 +10,7 @@
  *   LAYOUT_TILED   this file's tiles, bf16 or int8 weights, in AVX512-BF16, AVX512F, AVX2+FMA or scalar form
  *   LAYOUT_VNNI    int8 weights in row blocks of 4-column groups, against activations quantized to unsigned
  *                  bytes per row on the way in (--quantize int8-dynamic): VPDPBUSD, twice VDPBF16PS's
- *                  products a cycle
+ *                  products a cycle, or on AVX2 its emulation by VPMADDUBSW + VPMADDWD on 7-bit bytes
  *
  * The output is rounded once (round-to-nearest-even to bf16, or kept float32) after the bias, scale and
  * optional tanh GELU: what nn.Linear (and oneDNN's GELU post-op) computes, in another order of summation.
@@ -76,13 +76,16 @@ static inline long onednn_index(long n, long k, long K) {
     return block * BLOCK_ROWS * BLOCK_K + ((k % BLOCK_K) / 2) * 2 * BLOCK_ROWS + (n % BLOCK_ROWS) * 2 + k % 2;
 }
 
-/* int8 weights for VPDPBUSD, which sums four byte products into each 32-bit lane: row blocks of 64 rows, inside
- * a block the K / 4 column groups in order, each holding 64 rows' (k .. k+3). One group is 4 registers of 16
- * rows' lanes, read in the order they are stored. */
+/* int8 weights for VPDPBUSD, which sums four byte products into each 32-bit lane: blocks of `rows` rows (64 for
+ * VPDPBUSD, 32 for the AVX2 form), inside a block the K / 4 column groups in order, each holding the block's
+ * rows' (k .. k+3). One group is 4 registers of 16 rows' lanes (4 of 8 on AVX2), read in the order they are
+ * stored: a block is one run of memory read front to back (the AVX2 form reading half a 64-row block per pass
+ * read 2 rows at 20.8 ms against 12.6 in 32-row blocks, a bloom-560m rank's Linears). */
 #define QUAD 4
+#define AVX2_BLOCK_ROWS 32
 
-static inline long vnni_index(long n, long k, long K) {
-    return (n / BLOCK_ROWS) * BLOCK_ROWS * K + (k / QUAD) * QUAD * BLOCK_ROWS + (n % BLOCK_ROWS) * QUAD + k % QUAD;
+static inline long vnni_index(long n, long k, long K, long rows) {
+    return (n / rows) * rows * K + (k / QUAD) * QUAD * rows + (n % rows) * QUAD + k % QUAD;
 }
 
 /* What every path shares: where the operands are and what they hold. */
@@ -97,6 +100,8 @@ typedef struct {
     long R, N, K;
     int x_dtype, w_dtype, y_dtype, layout;
     int gelu; /* apply BLOOM's tanh GELU to each output before its rounding (MLP's first matmul) */
+    /* LAYOUT_VNNI: the top byte x is quantized to (255, at most 127 for the AVX2 form) and the block's rows */
+    int levels, block_rows;
 } Problem;
 
 static inline float load_as_f32(const void *p, long i, int dtype) {
@@ -125,19 +130,20 @@ static inline void store(const Problem *p, long r, long n, float sum) {
     store_scaled(p, r, n, p->scale ? sum * p->scale[n] : sum);
 }
 
-/* How a row of x becomes unsigned bytes (what VPDPBUSD multiplies): x ~= (q - zero) * step, the 256 steps
- * spanning [min(x, 0), max(x, 0)] (asymmetric: a GELU's outputs, nearly all >= 0, get every byte value rather
- * than half of them), zero the byte that holds 0.0 exactly; rounded half to even, as torch.round does. */
+/* How a row of x becomes unsigned bytes (what VPDPBUSD multiplies): x ~= (q - zero) * step, the `levels`
+ * steps (255, or 127 for the AVX2 form) spanning [min(x, 0), max(x, 0)] (asymmetric: a GELU's outputs, nearly
+ * all >= 0, get every byte value rather than half of them), zero the byte that holds 0.0 exactly; rounded half
+ * to even, as torch.round does. */
 typedef struct {
     float inverse, step;
     int32_t zero;
 } RowQuantizer;
 
-static inline RowQuantizer row_quantizer(float lowest, float highest) {
+static inline RowQuantizer row_quantizer(float lowest, float highest, int levels) {
     float span = fmaxf(highest, 0.0f) - fminf(lowest, 0.0f);
-    RowQuantizer out = {0.0f, span / 255.0f, 0};
+    RowQuantizer out = {0.0f, span / (float)levels, 0};
     if (span > 0.0f) {
-        out.inverse = 255.0f / span;
+        out.inverse = (float)levels / span;
         out.zero = (int32_t)nearbyintf(-fminf(lowest, 0.0f) * out.inverse);
     }
     return out;
@@ -150,10 +156,10 @@ static void quantize_row_scalar(const Problem *p, long r, uint8_t *q, RowQuantiz
         lowest = fminf(lowest, v);
         highest = fmaxf(highest, v);
     }
-    *quantizer = row_quantizer(lowest, highest);
+    *quantizer = row_quantizer(lowest, highest, p->levels);
     for (long k = 0; k < p->K; k++) {
         float v = nearbyintf(load_as_f32(p->x, r * p->K + k, p->x_dtype) * quantizer->inverse) + quantizer->zero;
-        q[k] = (uint8_t)fminf(fmaxf(v, 0.0f), 255.0f);
+        q[k] = (uint8_t)fminf(fmaxf(v, 0.0f), (float)p->levels);
     }
 }
 
@@ -171,7 +177,7 @@ static const char *linear_vnni_scalar(const Problem *p) {
         quantize_row_scalar(p, r, q, &row);
         for (long n = 0; n < p->N; n++) {
             int32_t sum = 0;
-            for (long k = 0; k < p->K; k++) sum += (int32_t)q[k] * ((const int8_t *)p->w)[vnni_index(n, k, p->K)];
+            for (long k = 0; k < p->K; k++) sum += (int32_t)q[k] * ((const int8_t *)p->w)[vnni_index(n, k, p->K, p->block_rows)];
             store_scaled(p, r, n, vnni_output(p, n, &row, sum));
         }
     }
@@ -517,14 +523,13 @@ AVX512 static void quantize_rows(const Problem *p, uint8_t *q, RowQuantizer *row
             lowest = _mm512_min_ps(lowest, v);
             highest = _mm512_max_ps(highest, v);
         }
-        RowQuantizer row = row_quantizer(_mm512_reduce_min_ps(lowest), _mm512_reduce_max_ps(highest));
+        RowQuantizer row = row_quantizer(_mm512_reduce_min_ps(lowest), _mm512_reduce_max_ps(highest), p->levels);
         __m512 inverse = _mm512_set1_ps(row.inverse);
-        __m512i zero = _mm512_set1_epi32(row.zero);
+        __m512i zero = _mm512_set1_epi32(row.zero), top = _mm512_set1_epi32(p->levels);
         for (long k = 0; k < p->K; k += 16) {
             __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(x16(p, r * p->K + k), inverse)); /* nearest even */
-            v = _mm512_add_epi32(v, zero);
-            v = _mm512_max_epi32(v, _mm512_setzero_si512());
-            _mm_storeu_si128((__m128i *)(q + r * p->K + k), _mm512_cvtusepi32_epi8(v)); /* at most 255 */
+            v = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(v, zero), _mm512_setzero_si512()), top);
+            _mm_storeu_si128((__m128i *)(q + r * p->K + k), _mm512_cvtusepi32_epi8(v));
         }
         rows[r] = row;
     }
@@ -603,6 +608,11 @@ AVX2 INLINE __m256 widen8(const void *w, long i, int w_dtype) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
 }
 
+/* Values i .. i+7 of bf16 or float32 data, as float32. */
+AVX2 INLINE __m256 load8(const void *data, long i, int dtype) {
+    return dtype == DT_F32 ? _mm256_loadu_ps((const float *)data + i) : widen8(data, i, DT_BF16);
+}
+
 AVX2 INLINE Sums4 sum4x8(const __m256 acc[TILE_ROWS]) {
     __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
     Sums4 out = {_mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1))};
@@ -668,6 +678,114 @@ AVX2 static void linear_avx2(const Problem *p, const float *x) {
             else
                 tile_avx2(p, x, r0, 2, n0);
         }
+}
+
+/* 8 lanes rounded to bf16 as f32_to_bf16 rounds each (nearest even, NaN kept quiet), in the low 128 bits. */
+AVX2 INLINE __m128i bf16x8(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    rounded = _mm256_blendv_epi8(rounded, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+    __m256i halves = _mm256_packus_epi32(_mm256_srli_epi32(rounded, 16), _mm256_setzero_si256());
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(halves, 0x08)); /* lanes 0-3, then 4-7 */
+}
+
+/* Bias, GELU and the one rounding of 8 outputs y[r, n .. n+7] from their float32 values (store16's form). */
+AVX2 INLINE void store8(const Problem *p, long r, long n, __m256 sum) {
+    if (p->bias) sum = _mm256_add_ps(sum, load8(p->bias, n, p->y_dtype));
+    if (p->gelu) sum = gelu8(sum);
+    if (p->y_dtype == DT_BF16)
+        _mm_storeu_si128((__m128i *)((uint16_t *)p->y + r * p->N + n), bf16x8(sum));
+    else
+        _mm256_storeu_ps((float *)p->y + r * p->N + n, sum);
+}
+
+/* quantize_row_scalar for every row, 8 columns at a time: the same bytes and steps (quantize_rows' form). */
+AVX2 static void quantize_rows_avx2(const Problem *p, uint8_t *q, RowQuantizer *rows) {
+    for (long r = 0; r < p->R; r++) {
+        __m256 lowest = _mm256_set1_ps(INFINITY), highest = _mm256_set1_ps(-INFINITY);
+        for (long k = 0; k < p->K; k += 8) {
+            __m256 v = load8(p->x, r * p->K + k, p->x_dtype);
+            lowest = _mm256_min_ps(lowest, v);
+            highest = _mm256_max_ps(highest, v);
+        }
+        float low[8], high[8];
+        _mm256_storeu_ps(low, lowest);
+        _mm256_storeu_ps(high, highest);
+        for (int i = 1; i < 8; i++) {
+            low[0] = fminf(low[0], low[i]);
+            high[0] = fmaxf(high[0], high[i]);
+        }
+        RowQuantizer row = row_quantizer(low[0], high[0], p->levels);
+        __m256 inverse = _mm256_set1_ps(row.inverse);
+        __m256i zero = _mm256_set1_epi32(row.zero), top = _mm256_set1_epi32(p->levels);
+        for (long k = 0; k < p->K; k += 8) {
+            __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(load8(p->x, r * p->K + k, p->x_dtype), inverse));
+            v = _mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(v, zero), _mm256_setzero_si256()), top);
+            __m256i words = _mm256_packus_epi32(v, v); /* per 128-bit lane: 4 words, twice */
+            __m128i eight = _mm_unpacklo_epi64(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+            _mm_storel_epi64((__m128i *)(q + r * p->K + k), _mm_packus_epi16(eight, eight));
+        }
+        rows[r] = row;
+    }
+}
+
+/* acc + each lane's four byte products (a unsigned, b signed) without VPDPBUSD: VPMADDUBSW sums them in pairs
+ * in int16, exact while a's bytes stay below 128 (127 x 127 x 2 < 2^15: hence 7-bit rows here), and VPMADDWD
+ * by ones sums the pairs into the int32 lanes. */
+AVX2 INLINE __m256i dot_bytes_avx2(__m256i acc, __m256i a, __m256i b, __m256i ones) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
+}
+
+/* One 32-row block against one or two quantized rows from r0: 4 int32 accumulators a row hold the block's
+ * outputs in their lanes, each weight vector loaded once for both rows. */
+AVX2 INLINE void block_vnni_avx2(const Problem *p, const int8_t *w, const uint8_t *q, const RowQuantizer *quantizers,
+                                 long r0, const int rows, long n0) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[2][4];
+    for (int i = 0; i < rows; i++)
+        for (int c = 0; c < 4; c++) acc[i][c] = _mm256_setzero_si256();
+    for (long k = 0; k < p->K; k += QUAD, w += QUAD * AVX2_BLOCK_ROWS)
+        for (int i = 0; i < rows; i++) {
+            int32_t group;
+            memcpy(&group, q + (r0 + i) * p->K + k, 4);
+            __m256i a = _mm256_set1_epi32(group);
+            for (int c = 0; c < 4; c++)
+                acc[i][c] = dot_bytes_avx2(acc[i][c], a, _mm256_loadu_si256((const __m256i *)(w + c * 32)), ones);
+        }
+    for (int i = 0; i < rows; i++) {
+        __m256 step = _mm256_set1_ps(quantizers[r0 + i].step);
+        __m256i zero = _mm256_set1_epi32(quantizers[r0 + i].zero);
+        for (int c = 0; c < 4; c++) {
+            long n = n0 + c * 8;
+            __m256i offset = _mm256_mullo_epi32(zero, _mm256_loadu_si256((const __m256i *)(p->row_sums + n)));
+            __m256 scale = _mm256_mul_ps(step, _mm256_loadu_ps(p->scale + n));
+            store8(p, r0 + i, n, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][c], offset)), scale));
+        }
+    }
+}
+
+/* linear_vnni's order, two rows a pass: a block (32 x K bytes) stays in L1 or L2 for the passes after the first.
+ * Three rows a pass (12 accumulators) measured no faster; 16-row blocks with 4-6 rows a pass were faster at 4
+ * rows (16.8-18.2 against 19.4 ms) and slower at 16 (62-72 against 51). */
+AVX2 static const char *linear_vnni_avx2(const Problem *p) {
+    size_t quantizer_bytes = (size_t)p->R * sizeof(RowQuantizer);
+    uint8_t *scratch = quantized_scratch(quantizer_bytes + (size_t)p->R * (size_t)p->K);
+    if (!scratch) return "out of memory quantizing x";
+    RowQuantizer *quantizers = (RowQuantizer *)scratch;
+    uint8_t *q = scratch + quantizer_bytes;
+    quantize_rows_avx2(p, q, quantizers);
+    for (long n0 = 0; n0 < p->N; n0 += AVX2_BLOCK_ROWS) {
+        const int8_t *block = (const int8_t *)p->w + n0 * p->K;
+        for (long r0 = 0; r0 < p->R; r0 += 2) {
+            if (p->R - r0 == 1)
+                block_vnni_avx2(p, block, q, quantizers, r0, 1, n0);
+            else
+                block_vnni_avx2(p, block, q, quantizers, r0, 2, n0);
+        }
+    }
+    return NULL;
 }
 #endif
 
@@ -762,11 +880,6 @@ AVX512 static void attend_head_avx512(const Attention *a, long L, const uint16_t
         }
         for (int c = 0; c < vectors; c++) _mm256_storeu_si256((__m256i *)(out + d0 + c * 16), bf16x16(acc[c]));
     }
-}
-
-/* Values i .. i+7 of bf16 or float32 data, as float32. */
-AVX2 INLINE __m256 load8(const void *data, long i, int dtype) {
-    return dtype == DT_F32 ? _mm256_loadu_ps((const float *)data + i) : widen8(data, i, DT_BF16);
 }
 
 /* The total of 8 lanes. */
@@ -1074,14 +1187,23 @@ static int isa_supported(int isa) {
 }
 
 static const char *run_vnni(Problem *p, int isa) {
+    if (p->block_rows != BLOCK_ROWS && p->block_rows != AVX2_BLOCK_ROWS) return "the VNNI layout's blocks hold 64 or 32 rows";
     if (p->N % BLOCK_ROWS || p->K % 16) return "the VNNI layout takes N a multiple of 64 and K of 16";
     if (p->w_dtype != DT_I8 || !p->scale || !p->row_sums || p->x_dtype == DT_I8 || p->y_dtype != p->x_dtype)
         return "the VNNI layout holds int8 weights with scales and row sums, for float x and outputs alike";
+    if (p->levels < 1 || p->levels > 255) return "the VNNI layout quantizes x to 1 .. 255 levels";
     if (isa == ISA_SCALAR) return linear_vnni_scalar(p);
 #ifdef X86
-    if (isa >= ISA_AVX512 && isa_supported(ISA_AVX512_VNNI)) return linear_vnni(p);
+    if (isa >= ISA_AVX512 && isa_supported(ISA_AVX512_VNNI)) {
+        if (p->block_rows != BLOCK_ROWS) return "the VPDPBUSD form reads blocks of 64 rows";
+        return linear_vnni(p);
+    }
+    if (p->levels > 127 || p->block_rows != AVX2_BLOCK_ROWS)
+        return "without AVX512-VNNI the VNNI layout takes x in at most 127 levels (7 bits), blocks of 32 rows";
+    return linear_vnni_avx2(p);
+#else
+    return "the VNNI layout is read by the scalar path on this CPU";
 #endif
-    return "the VNNI layout is read by the AVX512-VNNI path (or the scalar one)";
 }
 
 static const char *run(Problem *p, int isa) {
@@ -1125,22 +1247,25 @@ static PyObject *none_or_raise(const char *error) {
     Py_RETURN_NONE;
 }
 
-/* linear(x, w, scale, bias, y, row_sums, R, N, K, x_dtype, w_dtype, y_dtype, isa, layout, gelu): addresses as
- * ints (0 for no scale, bias or row sums), the caller holding the tensors alive and contiguous. Releases the
- * GIL while it runs. */
+/* linear(x, w, scale, bias, y, row_sums, R, N, K, x_dtype, w_dtype, y_dtype, isa, layout, gelu, levels,
+ * block_rows): addresses as ints (0 for no scale, bias or row sums), the caller holding the tensors alive and
+ * contiguous. Releases the GIL while it runs. */
 static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 15) {
-        PyErr_SetString(PyExc_TypeError, "linear() takes 15 arguments");
+    if (nargs != 17) {
+        PyErr_SetString(PyExc_TypeError, "linear() takes 17 arguments");
         return NULL;
     }
     void *address[6];
-    long value[9];
+    long value[11];
     for (int i = 0; i < 6; i++) address[i] = PyLong_AsVoidPtr(args[i]);
-    for (int i = 0; i < 9; i++) value[i] = PyLong_AsLong(args[6 + i]);
+    for (int i = 0; i < 11; i++) value[i] = PyLong_AsLong(args[6 + i]);
     if (PyErr_Occurred()) return NULL;
-    Problem p = {address[0], address[1], (const float *)address[2], (const int32_t *)address[5], address[3], address[4],
-                 value[0],   value[1],   value[2],               (int)value[3], (int)value[4], (int)value[5], (int)value[7], (int)value[8]};
+    Problem p = {address[0],    address[1],    (const float *)address[2], (const int32_t *)address[5],
+                 address[3],    address[4],    value[0],
+                 value[1],      value[2],      (int)value[3],
+                 (int)value[4], (int)value[5], (int)value[7],
+                 (int)value[8], (int)value[9], (int)value[10]};
     const char *error;
     Py_BEGIN_ALLOW_THREADS
     error = run(&p, (int)value[6]);

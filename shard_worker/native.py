@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from typing import NamedTuple
 
 import torch
 
@@ -53,12 +54,33 @@ def best_isa() -> int:
     return next(isa for isa in range(ceiling, SCALAR - 1, -1) if module.supported(isa))
 
 
-@functools.cache
+class VnniForm(NamedTuple):
+    """What one vector form of the VNNI layout's kernel takes: rows of x quantized to bytes 0 .. `levels`, and
+    weight blocks of `block_rows` rows."""
+
+    levels: int
+    block_rows: int
+
+
+# VPDPBUSD (AVX512-VNNI): 8-bit rows, 64-row blocks (4 zmm registers of 16 lanes per 4-column group)
+VPDPBUSD_FORM = VnniForm(levels=255, block_rows=64)
+# AVX2: VPMADDUBSW + VPMADDWD, whose int16 pair sums are exact for 127 x 127 x 2 and saturate beyond (fbgemm's
+# `reduce_range` on the same CPUs); 32-row blocks (4 ymm registers per group, two rows a pass)
+AVX2_FORM = VnniForm(levels=127, block_rows=32)
+
+
 def runs_vnni() -> bool:
-    """Whether the VNNI layout's 8-bit dot-product kernel runs here: an AVX512 level allowed (see best_isa)
-    and AVX512-VNNI on the CPU."""
+    """Whether the VNNI layout's byte dot-product kernel runs here in a vector form (vnni_form says which)."""
+    return best_isa() >= AVX2
+
+
+@functools.cache
+def vnni_form() -> VnniForm:
+    """The form of the VNNI layout's kernel that runs here: VPDPBUSD where an AVX512 level is allowed (see
+    best_isa) and the CPU has AVX512-VNNI, else the AVX2 one."""
     module = _module()
-    return module is not None and best_isa() >= AVX512 and bool(module.supported(_AVX512_VNNI))
+    vpdpbusd = module is not None and best_isa() >= AVX512 and module.supported(_AVX512_VNNI)
+    return VPDPBUSD_FORM if vpdpbusd else AVX2_FORM
 
 
 def reads_onednn_layout(packed: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -123,11 +145,12 @@ def vnni_fits(weight: torch.Tensor) -> bool:
     return out_features % 64 == 0 and in_features % 16 == 0
 
 
-def to_vnni_blocks(weight: torch.Tensor) -> torch.Tensor:
-    """The [out, in] int8 weight in the VNNI layout: blocks of 64 rows, each the in / 4 groups of 4 columns
-    in order, a group holding its 64 rows' 4 bytes one row after another."""
+def to_vnni_blocks(weight: torch.Tensor, form: VnniForm) -> torch.Tensor:
+    """The [out, in] int8 weight in the VNNI layout for `form`: blocks of form.block_rows rows, each the
+    in / 4 groups of 4 columns in order, a group holding its block's rows' 4 bytes one row after another."""
     out_features, in_features = weight.shape
-    blocks = weight.reshape(out_features // 64, 64, in_features // 4, 4)
+    rows = form.block_rows
+    blocks = weight.reshape(out_features // rows, rows, in_features // 4, 4)
     return blocks.permute(0, 2, 1, 3).contiguous().view(out_features, in_features)
 
 
@@ -148,9 +171,9 @@ class LinearKernel:
     """x @ W^T (* scale per output) (+ bias) for one weight, by _kernels.c: W tiled (bfloat16, or int8 with a
     float32 `scale`) or a bfloat16 weight in oneDNN's packed layout (`layout` ONEDNN: as oneDNN's opaque
     tensor, or a plain one holding those bytes), or an int8 one in the VNNI layout, against x quantized to
-    unsigned bytes per row on the way in (summed in int32, exactly); x in float32 or bfloat16, the output in
-    x's dtype, summed in float32 and rounded once, after BLOOM's tanh GELU when `gelu` (applied to the
-    float32 result, as oneDNN's post-op does).
+    unsigned bytes per row on the way in (summed in int32, exactly; `vnni` the VnniForm the weight was laid
+    out for); x in float32 or bfloat16, the output in x's dtype, summed in float32 and rounded once, after
+    BLOOM's tanh GELU when `gelu` (applied to the float32 result, as oneDNN's post-op does).
 
     The call's arguments are worked out once per weight: found per call (the packed weight's address through
     oneDNN, the dtype codes, the checks) they cost ~7 us of Python, six times the product of a decode row
@@ -165,8 +188,9 @@ class LinearKernel:
         layout: int = TILED,
         gelu: bool = False,
         row_sums: torch.Tensor | None = None,
+        vnni: VnniForm | None = None,
     ) -> None:
-        """`row_sums` (int32 [out], vnni_row_sums): the VNNI layout's, which quantizes x per row."""
+        """`row_sums` (int32 [out], vnni_row_sums) and `vnni`: the VNNI layout's, which quantizes x by row."""
         module = _module()
         if module is None:
             raise RuntimeError(
@@ -175,8 +199,8 @@ class LinearKernel:
         if bias is not None and not bias.is_contiguous():
             raise ValueError("bias must be contiguous")
         self.out_features, self.in_features = weight.shape
-        if (layout == VNNI) != (row_sums is not None):
-            raise ValueError("the VNNI layout, and it alone, takes the weight's row sums")
+        if not (layout == VNNI) == (row_sums is not None) == (vnni is not None):
+            raise ValueError("the VNNI layout, and it alone, takes the weight's row sums and its VnniForm")
         self._tensors = (weight, bias, scale, row_sums)  # held: the addresses below point into them
         # oneDNN's packed weights are opaque tensors; their bytes are found through oneDNN's own accessor
         self._weight = torch.ops.mkldnn.data_ptr(weight) if weight.is_mkldnn else weight.data_ptr()
@@ -185,7 +209,7 @@ class LinearKernel:
         self._row_sums = 0 if row_sums is None else row_sums.data_ptr()
         self._bias_dtype = None if bias is None else bias.dtype
         self._weight_code = _DTYPE_CODES[weight.dtype]
-        self._layout, self._gelu = layout, int(gelu)
+        self._layout, self._gelu, self._vnni = layout, int(gelu), vnni
         self._linear = module.linear
 
     def __call__(self, x: torch.Tensor, isa: int | None = None) -> torch.Tensor:
@@ -215,6 +239,7 @@ class LinearKernel:
             isa,
             self._layout,
             self._gelu,
+            *(self._vnni or (0, 0)),
         )
         return out.view(*x.shape[:-1], self.out_features)
 
@@ -228,9 +253,10 @@ def linear(
     layout: int = TILED,
     gelu: bool = False,
     row_sums: torch.Tensor | None = None,
+    vnni: VnniForm | None = None,
 ) -> torch.Tensor:
     """One call of LinearKernel(tiled_weight, ...) on x, for calls that come once per weight."""
-    return LinearKernel(tiled_weight, bias, scale, layout, gelu, row_sums)(x, isa)
+    return LinearKernel(tiled_weight, bias, scale, layout, gelu, row_sums, vnni)(x, isa)
 
 
 def _kernel_dtypes(float32: bool) -> tuple[torch.dtype, ...]:

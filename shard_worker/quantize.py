@@ -22,10 +22,13 @@ Two ways to compute with them, because they trade accuracy for speed differently
   straight from the int8 weights (no widening): measured at one thread on a bloom-560m rank's shapes (AMD
   EPYC, AVX512-BF16 and VNNI; ms for the 96 block Linears and the LM head slice), 1 row 8.3 / 4 rows 10.4 /
   16 rows 23.4 / 32 rows 49.1, against bfloat16 (oneDNN's layout, bloomduo's kernel) 15.5 / 19.2 / 46.6 /
-  86.5 and weight-only int8 12.5 / 16.5 / 53.3 / 109. Elsewhere fbgemm's int8 GEMM through torch's quantized
-  ops, one activation scale per call (7-bit activations without VNNI, see vnni_available). It costs accuracy
-  where activations have outlier features (large BLOOMs do): `bloomduo eval` measures what each choice costs
-  against float32 transformers.
+  86.5 and weight-only int8 12.5 / 16.5 / 53.3 / 109. On AVX2 the same kernel emulates VPDPBUSD with
+  VPMADDUBSW + VPMADDWD, exact for 7-bit rows (native.AVX2_FORM; fbgemm reduces its range there too):
+  the same rank's Linears, AVX2 class, 1 row 11.9 / 2 rows 12.6 / 4 rows 19.4 / 16 rows 50.9 ms against
+  fbgemm's 14.3 / 14.3 / 17.3 / 49.5 (its ~45 us a call is a quarter of a one-row step). Where the kernels
+  were not built, fbgemm's int8 GEMM through torch's quantized ops, one activation scale per call (7-bit
+  activations without VNNI, see vnni_available). Quantized activations cost accuracy where they have outlier
+  features (large BLOOMs do): `bloomduo eval` measures what each choice costs against float32 transformers.
 """
 
 from __future__ import annotations
@@ -100,7 +103,8 @@ class Int8Linear(nn.Module):
         self.bias = bias
         self.gelu = False  # BLOOM's tanh GELU on the float32 sums, folded in by quantize_linears
         self.nbytes = weight.numel() + scale.numel() * scale.element_size()
-        self.register_buffer("row_sums", None)  # the VNNI layout's alone
+        self.register_buffer("row_sums", None)  # the VNNI layout's alone, as its form
+        self.vnni: native.VnniForm | None = None
         # bloomduo's kernel for this weight, built on the first call: load_shard moves the model after
         # quantizing it
         self._native: native.LinearKernel | None = None
@@ -109,8 +113,8 @@ class Int8Linear(nn.Module):
                 raise ValueError("--quantize int8-dynamic runs on the CPU only; use int8 elsewhere")
             self.kernel = "native vnni" if native_vnni_runs(weight, dtype) else "fbgemm"
             if self.kernel == "native vnni":
-                self.layout = native.VNNI
-                self.register_buffer("weight_int8", native.to_vnni_blocks(weight))
+                self.layout, self.vnni = native.VNNI, native.vnni_form()
+                self.register_buffer("weight_int8", native.to_vnni_blocks(weight, self.vnni))
                 self.register_buffer("scale", scale.float())
                 self.register_buffer("row_sums", native.vnni_row_sums(weight))
                 self.nbytes += self.row_sums.numel() * self.row_sums.element_size()
@@ -156,7 +160,7 @@ class Int8Linear(nn.Module):
         if self.kernel.startswith("native"):
             if self._native is None:
                 self._native = native.LinearKernel(
-                    self.weight_int8, self.bias, self.scale, self.layout, self.gelu, self.row_sums
+                    self.weight_int8, self.bias, self.scale, self.layout, self.gelu, self.row_sums, self.vnni
                 )
             out = self._native(rows)
         elif self.scheme == INT8_DYNAMIC:
@@ -231,7 +235,8 @@ def describe(model: nn.Module) -> str:
     sample = next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
     if sample is None:
         return ""
-    return f"{sample.scheme} ({sample.kernel})"
+    rows = "" if sample.vnni is None else f", {sample.vnni.levels.bit_length()}-bit rows"
+    return f"{sample.scheme} ({sample.kernel}{rows})"
 
 
 def linear_weights(model: nn.Module) -> dict[str, str]:

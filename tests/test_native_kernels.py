@@ -95,29 +95,44 @@ def test_the_onednn_layout_is_read_as_documented(isa, rows, gelu, weights):
     assert _within_one_rounding(got, want)
 
 
-def _quantized_reference(x, weight, scale, bias) -> torch.Tensor:
-    """What the VNNI layout's kernel defines, in torch: each row of x to 256 steps spanning [min(x, 0),
+def _quantized_reference(x, weight, scale, bias, levels) -> torch.Tensor:
+    """What the VNNI layout's kernel defines, in torch: each row of x to `levels` steps spanning [min(x, 0),
     max(x, 0)] (float32 arithmetic, rounded half to even) offset by the byte that holds 0, exact integer
     sums of (byte - zero) x weight, then float32 scaling, bias and one rounding to x's dtype."""
     rows = x.float()
     span = rows.amax(dim=1, keepdim=True).clamp_min(0) - rows.amin(dim=1, keepdim=True).clamp_max(0)
-    inverse = torch.where(span > 0, torch.full_like(span, 255.0) / span, torch.zeros_like(span))
+    inverse = torch.where(span > 0, torch.full_like(span, float(levels)) / span, torch.zeros_like(span))
     zero = torch.round(-rows.amin(dim=1, keepdim=True).clamp_max(0) * inverse)
-    steps = (torch.round(rows * inverse) + zero).clamp(0, 255) - zero
+    steps = (torch.round(rows * inverse) + zero).clamp(0, levels) - zero
     sums = (steps.double() @ weight.double().T).float()  # exact: well below 2^24 here
-    out = sums * ((span / 255.0) * scale[None, :])
+    out = sums * ((span / levels) * scale[None, :])
     return (out if bias is None else out + bias.float()).to(x.dtype)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx512-vnni"])
+def _vnni_forms() -> list:
+    """(isa, form) of every form of the VNNI layout's kernel: the scalar one reading both on every CPU, the
+    AVX2 form wherever AVX2 runs, VPDPBUSD (with 8- and 7-bit rows) where the CPU has AVX512-VNNI."""
+    vpdpbusd = pytest.mark.skipif(
+        native.vnni_form() != native.VPDPBUSD_FORM,
+        reason="needs AVX512-VNNI (and an AVX512 level allowed): the AVX2 form runs here",
+    )
+    return [
+        pytest.param(native.SCALAR, native.VPDPBUSD_FORM, id="scalar-vpdpbusd-form"),
+        pytest.param(native.SCALAR, native.AVX2_FORM, id="scalar-avx2-form"),
+        pytest.param(native.AVX2, native.AVX2_FORM, id="avx2"),
+        pytest.param(native.AVX512, native.VPDPBUSD_FORM, id="avx512-vnni", marks=vpdpbusd),
+        pytest.param(native.AVX512, native.VnniForm(127, 64), id="avx512-vnni-7bit", marks=vpdpbusd),
+    ]
+
+
+@pytest.mark.parametrize(("isa", "form"), _vnni_forms())
 @pytest.mark.parametrize("activations", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 40])
 @pytest.mark.parametrize("bias", [True, False])
-def test_the_vnni_layout_quantizes_each_row_and_sums_its_bytes_exactly(isa, activations, rows, bias):
+def test_the_vnni_layout_quantizes_each_row_and_sums_its_bytes_exactly(isa, form, activations, rows, bias):
     """int8-dynamic's kernel, bit for bit against its definition; the scalar form reads the layout's index
-    arithmetic on every CPU, the VPDPBUSD form where the CPU has AVX512-VNNI."""
-    if isa == "avx512-vnni" and not native.runs_vnni():
-        pytest.skip("needs AVX512-VNNI (and an AVX512 level allowed): int8-dynamic runs through fbgemm here")
+    arithmetic on every CPU, the AVX2 form on every CPU CI runs on, the VPDPBUSD form where the CPU has
+    AVX512-VNNI."""
     generator = torch.Generator().manual_seed(rows)
     weight, scale = per_channel_int8(torch.randn(192, 96, generator=generator))
     x = torch.randn(rows, 96, generator=generator).to(activations)
@@ -126,26 +141,53 @@ def test_the_vnni_layout_quantizes_each_row_and_sums_its_bytes_exactly(isa, acti
         x[1] = 0.0  # a row of zeros has no step to divide by
     if rows > 2:
         x[2] = x[2].abs() - 0.05  # a GELU's output: its zero point near the bottom of the bytes
+    if rows > 3:
+        x[3, :] = -x[3].abs()  # all below zero: the zero point at the top byte
+    weight[:, :4] = 127  # the largest pair sums VPMADDUBSW forms (127 x 127 x 2 at the top byte)
+    weight[7, 4:8] = -127
     b = torch.randn(192, generator=generator).to(activations) if bias else None
-    level = native.SCALAR if isa == "scalar" else native.best_isa()
     row_sums = native.vnni_row_sums(weight)
-    blocks = native.to_vnni_blocks(weight)
-    got = native.linear(x, blocks, b, scale, level, native.VNNI, row_sums=row_sums)
-    assert got.dtype == activations and torch.equal(got, _quantized_reference(x, weight, scale, b))
-    gelu = native.linear(x, blocks, b, scale, level, native.VNNI, True, row_sums)
-    want = torch.nn.functional.gelu(_quantized_reference(x.float(), weight, scale, b), approximate="tanh")
-    assert _within_one_rounding(gelu, want.double())
+    blocks = native.to_vnni_blocks(weight, form)
+    got = native.linear(x, blocks, b, scale, isa, native.VNNI, row_sums=row_sums, vnni=form)
+    want = _quantized_reference(x, weight, scale, b, form.levels)
+    assert got.dtype == activations and torch.equal(got, want)
+    gelu = native.linear(x, blocks, b, scale, isa, native.VNNI, True, row_sums, form)
+    want = _quantized_reference(x.float(), weight, scale, b, form.levels)
+    assert _within_one_rounding(gelu, torch.nn.functional.gelu(want, approximate="tanh").double())
 
 
 def test_bad_vnni_calls_are_told_what_is_wrong():
     weight, scale = per_channel_int8(torch.randn(64, 48))
     x = torch.randn(2, 48).to(torch.bfloat16)
-    with pytest.raises(ValueError, match="takes the weight's row sums"):
-        native.linear(x, native.to_vnni_blocks(weight), None, scale, native.SCALAR, native.VNNI)
+    row_sums = native.vnni_row_sums(weight)
+
+    def call(isa: int, form: native.VnniForm, sums: torch.Tensor | None = row_sums) -> None:
+        blocks = native.to_vnni_blocks(weight, form) if form.block_rows in (32, 64) else weight
+        native.linear(x, blocks, None, scale, isa, native.VNNI, row_sums=sums, vnni=form)
+
+    with pytest.raises(ValueError, match="takes the weight's row sums and its VnniForm"):
+        call(native.SCALAR, native.VPDPBUSD_FORM, sums=None)
+    with pytest.raises(ValueError, match="at most 127 levels"):  # VPMADDUBSW would saturate at 8 bits
+        call(native.AVX2, native.VPDPBUSD_FORM)
+    with pytest.raises(ValueError, match=r"1 \.\. 255 levels"):
+        call(native.SCALAR, native.VnniForm(256, 64))
+    with pytest.raises(ValueError, match="blocks hold 64 or 32 rows"):
+        call(native.SCALAR, native.VnniForm(127, 16))
+    if native.vnni_form() == native.VPDPBUSD_FORM:
+        with pytest.raises(ValueError, match="reads blocks of 64 rows"):
+            call(native.AVX512, native.AVX2_FORM)
     narrow, narrow_scale = per_channel_int8(torch.randn(32, 48))
     with pytest.raises(ValueError, match="N a multiple of 64"):
-        row_sums = native.vnni_row_sums(narrow)
-        native.linear(x, narrow, None, narrow_scale, native.SCALAR, native.VNNI, row_sums=row_sums)
+        native.linear(
+            x,
+            narrow,
+            None,
+            narrow_scale,
+            native.SCALAR,
+            native.VNNI,
+            row_sums=native.vnni_row_sums(narrow),
+            vnni=native.AVX2_FORM,
+        )
     assert native.vnni_fits(weight) and not native.vnni_fits(narrow) and not native.vnni_fits(weight[:, :40])
 
 

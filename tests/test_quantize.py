@@ -16,7 +16,7 @@ from torch import nn
 from bloomduo.client import Client
 from bloomduo.core.bloom_config import BloomConfig
 from bloomduo.core.logprobs import summarize
-from bloomduo.shard_worker import cpu_kernels, native
+from bloomduo.shard_worker import native
 from bloomduo.shard_worker.engine import ShardEngine, resolve_dtype
 from bloomduo.shard_worker.model import Attention
 from bloomduo.shard_worker.quantize import (
@@ -129,8 +129,9 @@ def test_up_quantize_serves_from_int8_weights(demo_model, scheme):
 
 
 def test_an_avx2_class_cpu_quantizes_activations_to_7_bits_and_stays_within_bounds():
-    """fbgemm's AVX2 int8 GEMM sums u8 x s8 pairs in int16, which 8-bit activations can saturate: on that
-    class (simulated) int8-dynamic uses 7-bit activations, and the rounding bounds above still hold."""
+    """AVX2 int8 GEMMs (bloomduo's AVX2 form, fbgemm's) sum u8 x s8 pairs in int16, which 8-bit activations
+    can saturate: on that class (simulated) int8-dynamic uses 7-bit activations, and the rounding bounds
+    above still hold."""
     result = subprocess.run(
         [
             sys.executable,
@@ -149,20 +150,21 @@ def test_an_avx2_class_cpu_quantizes_activations_to_7_bits_and_stays_within_boun
         timeout=300,
     )
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-2000:]
-    probe = "from bloomduo.shard_worker.quantize import vnni_available; print(vnni_available())"
+    probe = (
+        "from bloomduo.shard_worker import native, quantize; "
+        "print(quantize.vnni_available(), native.vnni_form() == native.AVX2_FORM)"
+    )
     check = subprocess.run(
         [sys.executable, "-c", probe], env={**os.environ, **AVX2_CLASS}, capture_output=True, text=True
     )
-    assert check.stdout.strip() == "False", check.stderr
+    assert check.stdout.split() == ["False", "True"], check.stderr
 
 
 def test_auto_dtype_gives_int8_dynamic_float32_activations_where_fbgemm_runs_it():
     """fbgemm's int8 GEMM takes float32 activations: bfloat16 between Linears would only add conversions.
-    The VNNI kernel reads bfloat16 rows itself: where it runs and bfloat16 is native, the checkpoint's
-    dtype stays."""
+    The VNNI kernel reads bfloat16 rows itself: where it runs (AVX2 and up) the checkpoint's dtype stays."""
     cpu = torch.device("cpu")
-    vnni = native.runs_vnni() and not cpu_kernels.bf16_is_emulated()
-    want = torch.bfloat16 if vnni else torch.float32
+    want = torch.bfloat16 if native.runs_vnni() else torch.float32
     assert resolve_dtype("auto", torch.bfloat16, cpu, INT8_DYNAMIC) == want
     assert resolve_dtype("auto", torch.bfloat16, cpu, INT8) == torch.bfloat16
     assert resolve_dtype("auto", torch.bfloat16, cpu) == torch.bfloat16

@@ -126,7 +126,7 @@ class StackOptions:
         default="auto",
         metadata={
             "help": "auto: the checkpoint's dtype (float16 on npu; float32 with --quantize int8-dynamic "
-            "through fbgemm)",
+            "through fbgemm, where bloomduo's kernels were not built)",
             "choices": DTYPE_CHOICES,
         },
     )
