@@ -577,7 +577,7 @@ def test_bench_with_openvino_converts_once(openvino_fp32, tmp_path, capsys) -> N
     from bloomduo.apps.demo_model import default_cache_dir
 
     model_dir, fp32_converted = openvino_fp32
-    # `bloomduo eval`'s peer rows (test_eval.py) convert int8 into the same cache: this test converts it itself
+    # `bloomduo eval`'s peer rows (test_eval.py) convert int8 into the same cache: this test converts it
     shutil.rmtree(bench_openvino.conversion_dir(default_cache_dir(), model_dir, "int8"), True)
     before = _children()
 

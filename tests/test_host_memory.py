@@ -97,3 +97,18 @@ def test_a_formatted_model_moves_nearly_all_its_weights(kernels: str) -> None:
     moved = use_huge_pages(tensors)
     assert moved > 0.6 * total and moved > whole_pages_inside * HUGE_PAGE_BYTES
     assert torch.equal(model.logits(x), expected)
+
+
+@pytest.mark.skipif(_collapse_supported() is not None, reason=str(_collapse_supported()))
+def test_the_kv_cache_lives_on_huge_pages_and_keeps_them_as_it_grows() -> None:
+    """Decode reads each head's keys a few KiB from the next head's: the cache sits on 2 MiB pages too."""
+    from bloomduo.shard_worker.kv_cache import KVCache
+
+    cache = KVCache(4, 8, 64, dtype=torch.bfloat16, initial_capacity=128, initial_slots=16)  # 8 MiB each
+    for tensor in (cache.keys, cache.values):
+        assert _huge_bytes_at(tensor.data_ptr() + tensor.nbytes // 2) >= 2 * MiB
+    cache.keys[1, 3, 2, 5, 0] = 7.0
+    cache._grow(needed_slots=32, needed_capacity=128)  # copied into new tensors: those are moved too
+    assert float(cache.keys[1, 3, 2, 5, 0]) == 7.0 and cache.keys.shape[1] == 32
+    for tensor in (cache.keys, cache.values):
+        assert _huge_bytes_at(tensor.data_ptr() + tensor.nbytes // 2) >= 2 * MiB
