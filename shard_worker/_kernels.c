@@ -1199,7 +1199,8 @@ static const char *run_vnni(Problem *p, int isa) {
         return linear_vnni(p);
     }
     if (p->levels > 127 || p->block_rows != AVX2_BLOCK_ROWS)
-        return "without AVX512-VNNI the VNNI layout takes x in at most 127 levels (7 bits), blocks of 32 rows";
+        return "the VNNI layout's AVX2 form (any ISA below AVX512-VNNI) takes x in at most 127 levels (7 bits) and "
+               "blocks of 32 rows";
     return linear_vnni_avx2(p);
 #else
     return "the VNNI layout is read by the scalar path on this CPU";
