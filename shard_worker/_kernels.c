@@ -822,6 +822,38 @@ AVX512 static float dot_avx512(const float *q, const uint16_t *k, long D) {
     return _mm512_reduce_add_ps(sum);
 }
 
+/* A head's query widened into q, then its scores q.k for L bf16 keys: four keys at a time with one shuffle tree
+ * for their sums (SUM4), the rest one by one (DOT, of j): written once for both vector widths (VEC, LANES). */
+#define SCORE_KEYS(VEC, LANES, SETZERO, LOADU, STOREU, FMADD, WIDEN, SUM4, DOT)                                     \
+    do {                                                                                                              \
+        for (long d = 0; d < D; d += LANES) STOREU(q + d, WIDEN(qh, d, DT_BF16));                                   \
+        for (j = 0; j + TILE_ROWS <= L; j += TILE_ROWS) {                                                             \
+            VEC acc[TILE_ROWS];                                                                                       \
+            for (int t = 0; t < TILE_ROWS; t++) acc[t] = SETZERO();                                                  \
+            for (long d = 0; d < D; d += LANES) {                                                                     \
+                VEC qv = LOADU(q + d);                                                                                \
+                for (int t = 0; t < TILE_ROWS; t++) acc[t] = FMADD(qv, WIDEN(keys + (j + t) * D, d, DT_BF16), acc[t]); \
+            }                                                                                                         \
+            _mm_storeu_ps(scores + j, SUM4(acc).v);                                                                   \
+        }                                                                                                             \
+        for (; j < L; j++) scores[j] = DOT;                                                                           \
+    } while (0)
+
+/* The probabilities in scores times the head's L value rows, summed in registers 64 columns at a time, each
+ * sum stored (STORE, of acc[c] at column d0 + c * LANES) rounded once. */
+#define WEIGHTED_VALUES(VEC, LANES, SETZERO, SET1, FMADD, WIDEN, STORE)                                               \
+    for (long d0 = 0; d0 < D; d0 += 64) {                                                                             \
+        const int vectors = D - d0 >= 64 ? 64 / LANES : (int)((D - d0) / LANES);                                      \
+        VEC acc[64 / LANES];                                                                                          \
+        for (int c = 0; c < 64 / LANES; c++) acc[c] = SETZERO();                                                      \
+        for (j = 0; j < L; j++) {                                                                                     \
+            if (scores[j] == 0.0f) continue; /* a masked position: its row may hold anything */                       \
+            VEC weight = SET1(scores[j]);                                                                             \
+            for (int c = 0; c < vectors; c++) acc[c] = FMADD(weight, WIDEN(values + j * D, d0 + c * LANES, DT_BF16), acc[c]); \
+        }                                                                                                             \
+        for (int c = 0; c < vectors; c++) STORE;                                                                      \
+    }
+
 /* One query head against its L keys, AVX512 throughout: four keys' dot products at a time with one shuffle
  * tree for their sums, the roundings, scale, bias, exp and division 16 scores at a time, and the weighted
  * values summed in registers 64 columns at a time (the generic path below calls out per key and per
@@ -830,19 +862,9 @@ AVX512 static void attend_head_avx512(const Attention *a, long L, const uint16_t
                                       const uint16_t *values, const uint16_t *bias, float *scores, uint16_t *out) {
     const long D = a->D;
     float q[512];
-    for (long d = 0; d < D; d += 16) _mm512_storeu_ps(q + d, widen16(qh, d, DT_BF16));
-    long j = 0;
-    for (; j + TILE_ROWS <= L; j += TILE_ROWS) {
-        __m512 acc[TILE_ROWS];
-        for (int t = 0; t < TILE_ROWS; t++) acc[t] = _mm512_setzero_ps();
-        for (long d = 0; d < D; d += 16) {
-            __m512 qv = _mm512_loadu_ps(q + d);
-            for (int t = 0; t < TILE_ROWS; t++)
-                acc[t] = _mm512_fmadd_ps(qv, widen16(keys + (j + t) * D, d, DT_BF16), acc[t]);
-        }
-        _mm_storeu_ps(scores + j, sum4x16(acc).v);
-    }
-    for (; j < L; j++) scores[j] = dot_avx512(q, keys + j * D, D);
+    long j;
+    SCORE_KEYS(__m512, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, widen16, sum4x16,
+               dot_avx512(q, keys + j * D, D));
     __m512 top = _mm512_set1_ps(-INFINITY), scale = _mm512_set1_ps(a->scale);
     for (j = 0; j < L; j += 16) {
         __mmask16 m = L - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (L - j)) - 1);
@@ -869,17 +891,8 @@ AVX512 static void attend_head_avx512(const Attention *a, long L, const uint16_t
         p = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16x16(p)), 16));
         _mm512_mask_storeu_ps(scores + j, m, p);
     }
-    for (long d0 = 0; d0 < D; d0 += 64) {
-        const int vectors = D - d0 >= 64 ? 4 : (int)((D - d0) / 16);
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (j = 0; j < L; j++) {
-            if (scores[j] == 0.0f) continue; /* a masked position: its row may hold anything */
-            __m512 weight = _mm512_set1_ps(scores[j]);
-            for (int c = 0; c < vectors; c++)
-                acc[c] = _mm512_fmadd_ps(weight, widen16(values + j * D, d0 + c * 16, DT_BF16), acc[c]);
-        }
-        for (int c = 0; c < vectors; c++) _mm256_storeu_si256((__m256i *)(out + d0 + c * 16), bf16x16(acc[c]));
-    }
+    WEIGHTED_VALUES(__m512, 16, _mm512_setzero_ps, _mm512_set1_ps, _mm512_fmadd_ps, widen16,
+                    _mm256_storeu_si256((__m256i *)(out + d0 + c * 16), bf16x16(acc[c])));
 }
 
 /* The total of 8 lanes. */
@@ -911,18 +924,9 @@ AVX2 static void attend_head_avx2(const Attention *a, long L, const uint16_t *qh
                                   const uint16_t *values, const uint16_t *bias, float *scores, uint16_t *out) {
     const long D = a->D, padded = (L + 7) / 8 * 8;
     float q[512];
-    for (long d = 0; d < D; d += 8) _mm256_storeu_ps(q + d, widen8(qh, d, DT_BF16));
-    long j = 0;
-    for (; j + TILE_ROWS <= L; j += TILE_ROWS) {
-        __m256 acc[TILE_ROWS];
-        for (int t = 0; t < TILE_ROWS; t++) acc[t] = _mm256_setzero_ps();
-        for (long d = 0; d < D; d += 8) {
-            __m256 qv = _mm256_loadu_ps(q + d);
-            for (int t = 0; t < TILE_ROWS; t++) acc[t] = _mm256_fmadd_ps(qv, widen8(keys + (j + t) * D, d, DT_BF16), acc[t]);
-        }
-        _mm_storeu_ps(scores + j, sum4x8(acc).v);
-    }
-    for (; j < L; j++) scores[j] = dot_avx2(q, keys + j * D, D, DT_BF16);
+    long j;
+    SCORE_KEYS(__m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, widen8, sum4x8,
+               dot_avx2(q, keys + j * D, D, DT_BF16));
     for (j = L; j < padded; j++) scores[j] = -INFINITY;
     __m256 top = _mm256_set1_ps(-INFINITY), scale = _mm256_set1_ps(a->scale);
     for (j = 0; j < padded; j += 8) {
@@ -953,18 +957,8 @@ AVX2 static void attend_head_avx2(const Attention *a, long L, const uint16_t *qh
         __m256 p = _mm256_div_ps(_mm256_loadu_ps(scores + j), sum);
         _mm256_storeu_ps(scores + j, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bf16x8(p)), 16)));
     }
-    for (long d0 = 0; d0 < D; d0 += 64) {
-        const int vectors = D - d0 >= 64 ? 8 : (int)((D - d0) / 8);
-        __m256 acc[8];
-        for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
-        for (j = 0; j < L; j++) {
-            if (scores[j] == 0.0f) continue; /* a masked position: its row may hold anything */
-            __m256 weight = _mm256_set1_ps(scores[j]);
-            for (int c = 0; c < vectors; c++)
-                acc[c] = _mm256_fmadd_ps(weight, widen8(values + j * D, d0 + c * 8, DT_BF16), acc[c]);
-        }
-        for (int c = 0; c < vectors; c++) _mm_storeu_si128((__m128i *)(out + d0 + c * 8), bf16x8(acc[c]));
-    }
+    WEIGHTED_VALUES(__m256, 8, _mm256_setzero_ps, _mm256_set1_ps, _mm256_fmadd_ps, widen8,
+                    _mm_storeu_si128((__m128i *)(out + d0 + c * 8), bf16x8(acc[c])));
 }
 
 /* One function per cache dtype, so the per-key calls below branch on nothing. */
