@@ -194,10 +194,28 @@ def gemm_rate(
     int8_matrices: bool = False,
     workers: int = 1,
 ) -> tuple[float, str]:
+    """The fastest of gemm_rates: its FLOP/s and its name."""
+    rates = gemm_rates(device, dtype_name, hidden, threads, budget_s, int8_matrices, workers)
+    kernel = max(rates, key=rates.__getitem__)
+    return rates[kernel], kernel
+
+
+def gemm_rates(
+    device: str,
+    dtype_name: str,
+    hidden: int,
+    threads: int | None,
+    budget_s: float = 0.3,
+    int8_matrices: bool = False,
+    workers: int = 1,
+) -> dict[str, float]:
     """FLOP/s of the prefill-like GEMM GEMM_ROWS x hidden -> 4 x hidden (the MLP's first matrix) in the
-    served dtype, and the kernel that reached it: F.linear, and on a CPU with native oneDNN bf16 also the
-    oneDNN-packed linear the workers use there (shard_worker/weight_formats.py), the faster of the two.
-    Emulated bf16 on a CPU without native bf16 shows here as a low rate. With `int8_matrices` on a CPU, also
+    served dtype, by kernel: F.linear, and on a CPU with native oneDNN bf16 also the oneDNN-packed linear
+    the workers use there (shard_worker/weight_formats.py). For bf16
+    on a CPU also the paths its workers choose among where bf16 arithmetic is emulated (cpu_kernels.py):
+    bloomduo's tiled kernel, one thread per call (so `workers` of them at once), and F.linear in float32 on
+    the widened weights; F.linear in emulated bf16 alone would put the TTFT floor at several times what the
+    workers reach. With `int8_matrices` on a CPU, also
     the int8 GEMM that --quantize int8-dynamic runs (operations counted as FLOPs): fbgemm's at `threads`, or
     bloomduo's VNNI kernel, which runs on one thread per call, so `workers` of them at once."""
     import torch
@@ -225,6 +243,18 @@ def gemm_rate(
                 sync,
                 budget_s,
             )
+        if device == "cpu" and dtype == torch.bfloat16:
+            from bloomduo.shard_worker import cpu_kernels, native
+
+            if native.available() and native.fits(weight):
+                tiled = native.LinearKernel(native.to_tiles(weight))
+                rate = _median_rate(lambda: tiled(x), flops, sync, budget_s)
+                rates[f"bloomduo tiled bf16 x {workers} workers"] = rate * workers
+            if cpu_kernels.bf16_is_emulated():
+                widened_x, widened = x.float(), weight.float()
+                rates["F.linear float32 (bf16 weights widened)"] = _median_rate(
+                    lambda: F.linear(widened_x, widened), flops, sync, budget_s
+                )
         if device == "cpu" and int8_matrices:
             from torch import nn
 
@@ -236,8 +266,7 @@ def gemm_rate(
                 rates["fbgemm int8 (dynamic)"] = rate
             else:
                 rates[f"bloomduo int8 (dynamic, {int8.kernel}) x {workers} workers"] = rate * workers
-    kernel = max(rates, key=rates.__getitem__)
-    return rates[kernel], kernel
+    return rates
 
 
 def _sync(device: str) -> Callable[[], None]:
