@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from bloomduo.shard_worker import cpu_kernels, native
+from bloomduo.shard_worker.engine import resolve_dtype
 from bloomduo.shard_worker.model import alibi_slopes
-from bloomduo.shard_worker.quantize import INT8, Int8Linear, per_channel_int8
+from bloomduo.shard_worker.quantize import INT8, INT8_DYNAMIC, Int8Linear, per_channel_int8
 from bloomduo.shard_worker.step_plan import causal_alibi_bias
 from tests._dist_helpers import can_pack
 
@@ -248,19 +249,28 @@ def test_int8_weight_only_runs_natively_and_matches_dequantized_weights(out_feat
 
 def test_without_the_built_module_the_workers_keep_torchs_kernels(monkeypatch):
     monkeypatch.setattr(native, "_module", lambda: None)
-    native.best_isa.cache_clear()
-    native.reads_onednn_packing.cache_clear()
+    cached = (native.best_isa, native.reads_onednn_packing, native.vnni_form)
+    for answer in cached:
+        answer.cache_clear()
     try:
         assert not native.available() and native.best_isa() == native.SCALAR
         paths = cpu_kernels.candidate_paths(packing=True)
         assert cpu_kernels.NATIVE not in paths and cpu_kernels.TILED not in paths
         linear = nn.Linear(256, 96).to(torch.bfloat16).requires_grad_(False)
         assert Int8Linear.from_linear(linear, INT8).kernel == "aten int8pack"
+        # int8-dynamic falls back to fbgemm, whose GEMM takes float32 activations: `auto` serves float32
+        assert not native.runs_vnni()
+        dynamic = Int8Linear.from_linear(linear, INT8_DYNAMIC)
+        assert dynamic.kernel == "fbgemm" and dynamic.vnni is None
+        x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        want = linear(x).float()
+        assert (dynamic(x).float() - want).abs().max() <= 0.05 * want.abs().max()  # 8-bit steps, not garbage
+        assert resolve_dtype("auto", torch.bfloat16, torch.device("cpu"), INT8_DYNAMIC) == torch.float32
         with pytest.raises(RuntimeError, match="reinstall bloomduo with a C compiler"):
             native.linear(torch.randn(1, 256).bfloat16(), native.to_tiles(linear.weight))
-    finally:
-        native.best_isa.cache_clear()
-        native.reads_onednn_packing.cache_clear()
+    finally:  # what was answered without the module must not outlive the test
+        for answer in cached:
+            answer.cache_clear()
 
 
 def _torch_one_query_attention(q, keys, values, bias, scale):
