@@ -96,17 +96,17 @@ def test_machine_rates_are_measured_and_positive() -> None:
     want |= {"oneDNN packed linear"} if packs else set()
     want |= {"F.linear float32 (bf16 weights widened)"} if cpu_kernels.bf16_is_emulated() else set()
     assert set(rates) == want
-    rate, kernel = machine_floor.gemm_rate("cpu", "bfloat16", 64, threads=1, budget_s=0.05, workers=2)
-    assert _positive_finite(rate) and kernel in want
+    rate, kernel = machine_floor.fastest(rates)
+    assert rate == max(rates.values()) and rates[kernel] == rate
 
     # int8 matrices: the int8 GEMM --quantize int8-dynamic runs competes too; bloomduo's VNNI kernel runs one
     # thread per call, so each of the workers runs one at once.
-    rate, kernel = machine_floor.gemm_rate(
+    rates = machine_floor.gemm_rates(
         "cpu", "float32", 256, threads=1, budget_s=0.05, int8_matrices=True, workers=2
     )
     vnni = native.runs_vnni()
     int8 = "bloomduo int8 (dynamic, native vnni) x 2 workers" if vnni else "fbgemm int8 (dynamic)"
-    assert _positive_finite(rate) and kernel in ("F.linear", int8)
+    assert set(rates) == {"F.linear", int8} and all(_positive_finite(rate) for rate in rates.values())
 
 
 def _expected_costs(model_dir: Path, itemsize: int, tokens: int) -> tuple[int, int]:

@@ -185,17 +185,8 @@ def read_bandwidth(device: str, threads: int | None, budget_s: float = 0.3) -> t
     return rate, nbytes
 
 
-def gemm_rate(
-    device: str,
-    dtype_name: str,
-    hidden: int,
-    threads: int | None,
-    budget_s: float = 0.3,
-    int8_matrices: bool = False,
-    workers: int = 1,
-) -> tuple[float, str]:
-    """The fastest of gemm_rates: its FLOP/s and its name."""
-    rates = gemm_rates(device, dtype_name, hidden, threads, budget_s, int8_matrices, workers)
+def fastest(rates: dict[str, float]) -> tuple[float, str]:
+    """The fastest of gemm_rates' kernels: its FLOP/s and its name."""
     kernel = max(rates, key=rates.__getitem__)
     return rates[kernel], kernel
 
@@ -211,8 +202,8 @@ def gemm_rates(
 ) -> dict[str, float]:
     """FLOP/s of the prefill-like GEMM GEMM_ROWS x hidden -> 4 x hidden (the MLP's first matrix) in the
     served dtype, by kernel: F.linear, and on a CPU with native oneDNN bf16 also the oneDNN-packed linear
-    the workers use there (shard_worker/weight_formats.py). For bf16
-    on a CPU also the paths its workers choose among where bf16 arithmetic is emulated (cpu_kernels.py):
+    the workers use there (shard_worker/weight_formats.py). For bf16 on a CPU also the paths its workers
+    choose among where bf16 arithmetic is emulated (cpu_kernels.py):
     bloomduo's tiled kernel, one thread per call (so `workers` of them at once), and F.linear in float32 on
     the widened weights; F.linear in emulated bf16 alone would put the TTFT floor at several times what the
     workers reach. With `int8_matrices` on a CPU, also
@@ -319,8 +310,10 @@ def measure_rates(
     else:
         together = single if threads == 1 else read_bandwidth(device, threads, budget_s)[0]
         parallel = 1
-    gemm, kernel = gemm_rate(
-        device, dtype_name, hidden, None if cuda else threads, budget_s, int8_matrices, workers=num_shards
+    gemm, kernel = fastest(
+        gemm_rates(
+            device, dtype_name, hidden, None if cuda else threads, budget_s, int8_matrices, workers=num_shards
+        )
     )
     return {
         "device": device,
