@@ -613,6 +613,21 @@ AVX2 INLINE __m256 load8(const void *data, long i, int dtype) {
     return dtype == DT_F32 ? _mm256_loadu_ps((const float *)data + i) : widen8(data, i, DT_BF16);
 }
 
+/* The total of 8 lanes. */
+AVX2 INLINE float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* 8 lanes folded by `op` (fminf, fmaxf) from lane 0 up. */
+AVX2 INLINE float fold8(__m256 v, float (*op)(float, float)) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, v);
+    for (int i = 1; i < 8; i++) lanes[0] = op(lanes[0], lanes[i]);
+    return lanes[0];
+}
+
 AVX2 INLINE Sums4 sum4x8(const __m256 acc[TILE_ROWS]) {
     __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
     Sums4 out = {_mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1))};
@@ -710,14 +725,7 @@ AVX2 static void quantize_rows_avx2(const Problem *p, uint8_t *q, RowQuantizer *
             lowest = _mm256_min_ps(lowest, v);
             highest = _mm256_max_ps(highest, v);
         }
-        float low[8], high[8];
-        _mm256_storeu_ps(low, lowest);
-        _mm256_storeu_ps(high, highest);
-        for (int i = 1; i < 8; i++) {
-            low[0] = fminf(low[0], low[i]);
-            high[0] = fmaxf(high[0], high[i]);
-        }
-        RowQuantizer row = row_quantizer(low[0], high[0], p->levels);
+        RowQuantizer row = row_quantizer(fold8(lowest, fminf), fold8(highest, fmaxf), p->levels);
         __m256 inverse = _mm256_set1_ps(row.inverse);
         __m256i zero = _mm256_set1_epi32(row.zero), top = _mm256_set1_epi32(p->levels);
         for (long k = 0; k < p->K; k += 8) {
@@ -895,13 +903,6 @@ AVX512 static void attend_head_avx512(const Attention *a, long L, const uint16_t
                     _mm256_storeu_si256((__m256i *)(out + d0 + c * 16), bf16x16(acc[c])));
 }
 
-/* The total of 8 lanes. */
-AVX2 INLINE float sum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 AVX2 INLINE float dot_avx2(const float *q, const void *k, long D, int dtype) {
     __m256 sum = _mm256_setzero_ps();
     for (long d = 0; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k, d, dtype), sum);
@@ -941,10 +942,7 @@ AVX2 static void attend_head_avx2(const Attention *a, long L, const uint16_t *qh
         _mm256_storeu_ps(scores + j, score);
         top = _mm256_max_ps(top, score);
     }
-    float tops[8];
-    _mm256_storeu_ps(tops, top);
-    for (int i = 1; i < 8; i++) tops[0] = fmaxf(tops[0], tops[i]);
-    __m256 best = _mm256_set1_ps(tops[0]), total = _mm256_setzero_ps();
+    __m256 best = _mm256_set1_ps(fold8(top, fmaxf)), total = _mm256_setzero_ps();
     for (j = 0; j < padded; j += 8) {
         __m256 x = _mm256_sub_ps(_mm256_loadu_ps(scores + j), best);
         /* below -87 exp8 clamps: those weights are 0 (or float32 denormals) in the reference too */

@@ -209,7 +209,8 @@ class LinearKernel:
         self._row_sums = 0 if row_sums is None else row_sums.data_ptr()
         self._bias_dtype = None if bias is None else bias.dtype
         self._weight_code = _DTYPE_CODES[weight.dtype]
-        self._layout, self._gelu, self._vnni = layout, int(gelu), vnni
+        self._layout, self._gelu = layout, int(gelu)
+        self._vnni = tuple(vnni) if vnni is not None else (0, 0)  # levels, block rows: 0 off the VNNI layout
         self._linear = module.linear
 
     def __call__(self, x: torch.Tensor, isa: int | None = None) -> torch.Tensor:
@@ -239,7 +240,7 @@ class LinearKernel:
             isa,
             self._layout,
             self._gelu,
-            *(self._vnni or (0, 0)),
+            *self._vnni,
         )
         return out.view(*x.shape[:-1], self.out_features)
 

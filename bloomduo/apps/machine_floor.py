@@ -203,12 +203,12 @@ def gemm_rates(
     """FLOP/s of the prefill-like GEMM GEMM_ROWS x hidden -> 4 x hidden (the MLP's first matrix) in the
     served dtype, by kernel: F.linear, and on a CPU with native oneDNN bf16 also the oneDNN-packed linear
     the workers use there (shard_worker/weight_formats.py). For bf16 on a CPU also the paths its workers
-    choose among where bf16 arithmetic is emulated (cpu_kernels.py):
-    bloomduo's tiled kernel, one thread per call (so `workers` of them at once), and F.linear in float32 on
-    the widened weights; F.linear in emulated bf16 alone would put the TTFT floor at several times what the
-    workers reach. With `int8_matrices` on a CPU, also
-    the int8 GEMM that --quantize int8-dynamic runs (operations counted as FLOPs): fbgemm's at `threads`, or
-    bloomduo's VNNI kernel, which runs on one thread per call, so `workers` of them at once."""
+    choose among where bf16 arithmetic is emulated (cpu_kernels.py): bloomduo's tiled kernel, one thread per
+    call (so `workers` of them at once), and F.linear in float32 on the widened weights; F.linear in
+    emulated bf16 alone would put the TTFT floor at several times what the workers reach. With
+    `int8_matrices` on a CPU, also the int8 GEMM that --quantize int8-dynamic runs (operations counted as
+    FLOPs): fbgemm's at `threads`, or bloomduo's VNNI kernel, which runs on one thread per call, so `workers`
+    of them at once."""
     import torch
     import torch.nn.functional as F
 
