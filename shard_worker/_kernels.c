@@ -1302,6 +1302,145 @@ static const char *run(Problem *p, int isa) {
     return NULL;
 }
 
+/* ------------------------------------------------------------------ a decode step's blocks in one call
+ * Every block of a decode step (one new token per sequence) in one call, for workers whose Linears and
+ * attention all run on this file's kernels: LayerNorm, the fused QKV projection, one-query attention (storing
+ * the new keys and values), the output projection, the all-reduce, the residual, and the MLP. The same calls
+ * model.py makes, minus ~100 us of Python a layer (module calls, wrappers, views) that kept the memory bus idle
+ * for ~2.5 ms of a bloom-560m rank's ~14 ms int8 step. The all-reduce is the caller's (a Python callable that
+ * sums the output buffer across the ranks in place), so its failures and timeouts stay where they are. */
+
+/* One Linear's operands, as LinearKernel passes them; int64 each, in this order (fused_decode.py packs them). */
+typedef struct {
+    int64_t w, scale, bias, row_sums, N, K, w_dtype, layout, gelu, levels, block_rows;
+} LinearRecord;
+
+typedef struct {
+    int64_t ln1_weight, ln1_bias, ln2_weight, ln2_bias;
+    LinearRecord qkv, dense, h_to_4h, four_h_to_h;
+} LayerRecord;
+
+typedef struct {
+    const LayerRecord *layers;
+    long n_layers, R, hidden;
+    void *x;                                     /* [R, hidden], the residual stream, updated in place */
+    void *normed, *qkv, *context, *reduced, *mlp; /* scratch: [R, hidden], [R, 3 H D], [R, H D], [R, hidden], [R, 4h] */
+    char *keys, *values;                         /* every layer's cache, layer after layer */
+    long layer_stride, kv_slot, kv_head, L, H, D; /* strides in elements */
+    const void *bias;                            /* [slots, H, 1, L] */
+    const int64_t *slots, *positions;
+    float scale, eps;
+    int dtype, isa, residual_from_normed;
+    PyObject *all_reduce; /* called with no arguments: sums `reduced` over the ranks in place; None: one rank */
+} DecodeStep;
+
+#define NORM_LANES 16
+
+/* torch's LayerNorm of each row, in float32 from x's dtype, rounded once: y = (x rstd - mean rstd) w + b. The
+ * moments are summed in NORM_LANES fixed lanes (torch's Welford sums in another order: the bf16 outputs may
+ * differ from torch's in the last bit). */
+static void layer_norm(const void *x, void *y, const void *weight, const void *bias, long R, long C, float eps,
+                       int dtype) {
+    for (long r = 0; r < R; r++) {
+        float lanes[NORM_LANES] = {0}, deviations[NORM_LANES] = {0}, sum = 0.0f, squares = 0.0f;
+        for (long c = 0; c < C; c += NORM_LANES)
+            for (int i = 0; i < NORM_LANES && c + i < C; i++) lanes[i] += load_as_f32(x, r * C + c + i, dtype);
+        for (int i = 0; i < NORM_LANES; i++) sum += lanes[i];
+        const float mean = sum / (float)C;
+        for (long c = 0; c < C; c += NORM_LANES)
+            for (int i = 0; i < NORM_LANES && c + i < C; i++) {
+                float d = load_as_f32(x, r * C + c + i, dtype) - mean;
+                deviations[i] += d * d;
+            }
+        for (int i = 0; i < NORM_LANES; i++) squares += deviations[i];
+        const float rstd = 1.0f / sqrtf(squares / (float)C + eps), shift = -mean * rstd;
+        for (long c = 0; c < C; c++) {
+            float v = (load_as_f32(x, r * C + c, dtype) * rstd + shift) * load_as_f32(weight, c, dtype) +
+                      load_as_f32(bias, c, dtype);
+            if (dtype == DT_BF16)
+                ((uint16_t *)y)[r * C + c] = f32_to_bf16(v);
+            else
+                ((float *)y)[r * C + c] = v;
+        }
+    }
+}
+
+/* x = residual + update, elementwise, rounded once to x's dtype (torch's add). */
+static void add_residual(void *x, const void *residual, const void *update, long n, int dtype) {
+    for (long i = 0; i < n; i++) {
+        float v = load_as_f32(residual, i, dtype) + load_as_f32(update, i, dtype);
+        if (dtype == DT_BF16)
+            ((uint16_t *)x)[i] = f32_to_bf16(v);
+        else
+            ((float *)x)[i] = v;
+    }
+}
+
+static const char *decode_linear(const DecodeStep *s, const LinearRecord *l, const void *x, void *y) {
+    Problem p = {x,          (const void *)l->w,      (const float *)l->scale, (const int32_t *)l->row_sums,
+                 (const void *)l->bias, y,             s->R,
+                 l->N,       l->K,                    s->dtype,
+                 (int)l->w_dtype,       s->dtype,      (int)l->layout,
+                 (int)l->gelu,          (int)l->levels, (int)l->block_rows};
+    /* VDPBF16PS multiplies bfloat16 pairs: float32 x takes the float32 FMA path (as LinearKernel does) */
+    return run(&p, s->isa == ISA_AVX512_BF16 && s->dtype != DT_BF16 ? ISA_AVX512 : s->isa);
+}
+
+/* The caller's all-reduce of `reduced`, with the GIL taken back for it; NULL, or "" with a Python error set. */
+static const char *decode_all_reduce(const DecodeStep *s, PyThreadState **thread) {
+    if (s->all_reduce == Py_None) return NULL;
+    PyEval_RestoreThread(*thread);
+    PyObject *result = PyObject_CallNoArgs(s->all_reduce);
+    Py_XDECREF(result);
+    *thread = PyEval_SaveThread();
+    return result ? NULL : "";
+}
+
+static const char *decode_layers(const DecodeStep *s, PyThreadState **thread) {
+    const size_t element = s->dtype == DT_BF16 ? sizeof(uint16_t) : sizeof(float);
+    const long HD = s->H * s->D, rows = s->R * s->hidden;
+    const char *error = NULL;
+    for (long layer = 0; layer < s->n_layers && !error; layer++) {
+        const LayerRecord *l = &s->layers[layer];
+        layer_norm(s->x, s->normed, (const void *)l->ln1_weight, (const void *)l->ln1_bias, s->R, s->hidden, s->eps,
+                   s->dtype);
+        if ((error = decode_linear(s, &l->qkv, s->normed, s->qkv))) break;
+        /* the fused projection's rows are [H, 3 (q, k, v), D]: the keys and values sit D and 2 D after q */
+        const char *qkv = s->qkv;
+        Attention a = {qkv,
+                       s->keys + layer * s->layer_stride * element,
+                       s->values + layer * s->layer_stride * element,
+                       s->bias,
+                       s->slots,
+                       s->context,
+                       s->R,
+                       s->H,
+                       s->L,
+                       s->D,
+                       3 * HD,
+                       3 * s->D,
+                       s->kv_slot,
+                       s->kv_head,
+                       s->scale,
+                       qkv + s->D * element,
+                       qkv + 2 * s->D * element,
+                       s->positions,
+                       0,
+                       s->dtype};
+        if ((error = attend(&a, s->isa))) break;
+        if ((error = decode_linear(s, &l->dense, s->context, s->reduced))) break;
+        if ((error = decode_all_reduce(s, thread))) break;
+        add_residual(s->x, s->residual_from_normed ? s->normed : s->x, s->reduced, rows, s->dtype);
+        layer_norm(s->x, s->normed, (const void *)l->ln2_weight, (const void *)l->ln2_bias, s->R, s->hidden, s->eps,
+                   s->dtype);
+        if ((error = decode_linear(s, &l->h_to_4h, s->normed, s->mlp))) break;
+        if ((error = decode_linear(s, &l->four_h_to_h, s->mlp, s->reduced))) break;
+        if ((error = decode_all_reduce(s, thread))) break;
+        add_residual(s->x, s->residual_from_normed ? s->normed : s->x, s->reduced, rows, s->dtype);
+    }
+    return error;
+}
+
 /* None after a kernel ran, or the ValueError that names why it could not. */
 static PyObject *none_or_raise(const char *error) {
     if (error) {
@@ -1418,6 +1557,63 @@ static PyObject *py_summarize(PyObject *self, PyObject *const *args, Py_ssize_t 
     return none_or_raise(error);
 }
 
+/* decode(layers, n_layers, R, hidden, x, normed, qkv, context, reduced, mlp, keys, values, layer_stride, kv_slot,
+ * kv_head, L, H, D, bias, slots, positions, scale, eps, dtype, isa, residual_from_normed, all_reduce): addresses
+ * as ints (slots 0: query i in slot i), strides in elements, `layers` n_layers LayerRecords, `all_reduce` a
+ * callable or None. Releases the GIL but for the all-reduces. */
+static PyObject *py_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 27) {
+        PyErr_SetString(PyExc_TypeError, "decode() takes 27 arguments");
+        return NULL;
+    }
+    long value[21];
+    for (int i = 0; i < 21; i++) value[i] = PyLong_AsLong(args[i]);
+    double scale = PyFloat_AsDouble(args[21]), eps = PyFloat_AsDouble(args[22]);
+    long dtype = PyLong_AsLong(args[23]), isa = PyLong_AsLong(args[24]), residual_from_normed = PyLong_AsLong(args[25]);
+    if (PyErr_Occurred()) return NULL;
+    if (args[26] != Py_None && !PyCallable_Check(args[26])) {
+        PyErr_SetString(PyExc_TypeError, "decode()'s all_reduce must be a callable or None");
+        return NULL;
+    }
+    if (dtype != DT_BF16 && dtype != DT_F32) {
+        PyErr_SetString(PyExc_ValueError, "decode() takes bfloat16 or float32 activations");
+        return NULL;
+    }
+    DecodeStep s = {(const LayerRecord *)value[0],
+                    value[1],
+                    value[2],
+                    value[3],
+                    (void *)value[4],
+                    (void *)value[5],
+                    (void *)value[6],
+                    (void *)value[7],
+                    (void *)value[8],
+                    (void *)value[9],
+                    (char *)value[10],
+                    (char *)value[11],
+                    value[12],
+                    value[13],
+                    value[14],
+                    value[15],
+                    value[16],
+                    value[17],
+                    (const void *)value[18],
+                    (const int64_t *)value[19],
+                    (const int64_t *)value[20],
+                    (float)scale,
+                    (float)eps,
+                    (int)dtype,
+                    (int)isa,
+                    (int)residual_from_normed,
+                    args[26]};
+    PyThreadState *thread = PyEval_SaveThread();
+    const char *error = decode_layers(&s, &thread);
+    PyEval_RestoreThread(thread);
+    if (error && !*error) return NULL; /* the all-reduce raised */
+    return none_or_raise(error);
+}
+
 static PyObject *py_supported(PyObject *self, PyObject *arg) {
     (void)self;
     long isa = PyLong_AsLong(arg);
@@ -1430,6 +1626,7 @@ static PyMethodDef methods[] = {
     {"attend", (PyCFunction)(void (*)(void))py_attend, METH_FASTCALL, "one-query attention, bfloat16 or float32"},
     {"untile", (PyCFunction)(void (*)(void))py_untile, METH_FASTCALL, "tiled bfloat16 rows to float32"},
     {"summarize", (PyCFunction)(void (*)(void))py_summarize, METH_FASTCALL, "best, column, log-sum-exp per row"},
+    {"decode", (PyCFunction)(void (*)(void))py_decode, METH_FASTCALL, "a decode step's blocks"},
     {"supported", py_supported, METH_O, "whether this CPU runs the given ISA level"},
     {NULL, NULL, 0, NULL},
 };

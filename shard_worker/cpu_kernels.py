@@ -264,9 +264,14 @@ class PackedLinear(nn.Module):
             else None
         )
 
+    def kernel_for(self, rows: int) -> native.LinearKernel | None:
+        """The native kernel a call of `rows` rows runs, or None when it runs on oneDNN."""
+        return self._kernel if self._native[bisect.bisect_right(self._firsts, rows) - 1] else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._native[bisect.bisect_right(self._firsts, x.numel() // self.in_features) - 1]:
-            return self._kernel(x)
+        kernel = self.kernel_for(x.numel() // self.in_features)
+        if kernel is not None:
+            return kernel(x)
         rows = x.reshape(-1, x.shape[-1])
         out = torch.ops.mkldnn._linear_pointwise(
             rows, self.weight, self.bias, self.activation, [], self.algorithm
@@ -302,6 +307,11 @@ class RoutedLinear(nn.Module):
         tanh_gelu = self.approximate == "tanh"
         tiled = TILED in route.paths
         self._kernel = native.LinearKernel(self.weight, self.bias, gelu=tanh_gelu) if tiled else None
+
+    def kernel_for(self, rows: int) -> native.LinearKernel | None:
+        """The native kernel a call of `rows` rows runs, its GELU included, or None when another path does."""
+        path = self._paths[bisect.bisect_right(self._firsts, rows) - 1]
+        return self._kernel if path == TILED and self.approximate in (None, "tanh") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self._paths[bisect.bisect_right(self._firsts, x.numel() // self.in_features) - 1]

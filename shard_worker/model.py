@@ -22,6 +22,7 @@ AVX512) whole prompts, with the roundings of _one_query_attention below.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -193,6 +194,8 @@ class BloomShardModel(nn.Module):
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         # Tied to word_embeddings in BLOOM; stored here as plain rows of the vocabulary.
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Decode steps' blocks in one native call (fused_decode.py), set once the weights are laid out.
+        self.fused_decode: Callable[[torch.Tensor, StepPlan, KVCache], torch.Tensor | None] | None = None
 
     @property
     def num_local_heads(self) -> int:
@@ -237,8 +240,12 @@ class BloomShardModel(nn.Module):
         weight = self.ln_f.weight
         x = hidden_states.to(device=weight.device, dtype=weight.dtype)
         plan = plan_step(chunks, cache, self.h[0].self_attention.alibi_slopes, x.dtype)
-        for layer, block in enumerate(self.h):
-            x = block(x, plan, cache, layer)
+        fused = None if self.fused_decode is None else self.fused_decode(x, plan, cache)
+        if fused is not None:
+            x = fused
+        else:
+            for layer, block in enumerate(self.h):
+                x = block(x, plan, cache, layer)
         cache.commit(chunks)
         return x
 

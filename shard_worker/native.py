@@ -213,6 +213,24 @@ class LinearKernel:
         self._vnni = tuple(vnni) if vnni is not None else (0, 0)  # levels, block rows: 0 off the VNNI layout
         self._linear = module.linear
 
+    def record(self, dtype: torch.dtype) -> tuple[int, ...]:
+        """What _kernels.c's decode reads of this Linear for activations of `dtype` (its LinearRecord: w,
+        scale, bias, row_sums, N, K, w_dtype, layout, gelu, levels, block_rows)."""
+        if self._bias_dtype not in (None, dtype):
+            raise ValueError(f"bias must be {dtype}, got {self._bias_dtype}")
+        return (
+            self._weight,
+            self._scale,
+            self._bias,
+            self._row_sums,
+            self.out_features,
+            self.in_features,
+            self._weight_code,
+            self._layout,
+            self._gelu,
+            *self._vnni,
+        )
+
     def __call__(self, x: torch.Tensor, isa: int | None = None) -> torch.Tensor:
         isa = best_isa() if isa is None else isa
         if isa == AVX512_BF16 and x.dtype != torch.bfloat16:
@@ -420,3 +438,14 @@ def summarize(rows: torch.Tensor, isa: int | None = None) -> RowSummary:
         best_isa() if isa is None else isa,
     )
     return RowSummary(best, index, logsumexp)
+
+
+def decode(
+    *operands: int | float, dtype: torch.dtype, residual_from_normed: bool, all_reduce, isa: int | None = None
+) -> None:
+    """_kernels.c's decode: every block of a decode step in one call (fused_decode.py lays out `operands`: the
+    LayerRecords' address, their count, rows, hidden size, the buffers, the cache and the attention's
+    operands, scale and eps), activations of `dtype`, `all_reduce` a callable summing the output buffer over
+    the ranks in place (None for one rank). Runs at `isa`, the best one by default."""
+    isa = best_isa() if isa is None else isa
+    _module().decode(*operands, _DTYPE_CODES[dtype], isa, int(residual_from_normed), all_reduce)

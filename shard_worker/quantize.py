@@ -155,14 +155,22 @@ class Int8Linear(nn.Module):
         weight, scale = per_channel_int8(linear.weight)
         return cls(weight.to(linear.weight.device), scale, linear.bias, scheme, linear.weight.dtype)
 
+    def kernel_for(self, rows: int) -> native.LinearKernel | None:
+        """The native kernel every call runs (any number of `rows`), or None off bloomduo's kernels."""
+        del rows
+        if not self.kernel.startswith("native"):
+            return None
+        if self._native is None:
+            self._native = native.LinearKernel(
+                self.weight_int8, self.bias, self.scale, self.layout, self.gelu, self.row_sums, self.vnni
+            )
+        return self._native
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.kernel.startswith("native"):
-            if self._native is None:
-                self._native = native.LinearKernel(
-                    self.weight_int8, self.bias, self.scale, self.layout, self.gelu, self.row_sums, self.vnni
-                )
-            out = self._native(rows)
+        kernel = self.kernel_for(rows.shape[0])
+        if kernel is not None:
+            out = kernel(rows)
         elif self.scheme == INT8_DYNAMIC:
             out = torch.ops.quantized.linear_dynamic(rows.float(), self._packed, self.reduce_range)
             out = out.to(x.dtype)

@@ -13,11 +13,11 @@ from transformers import BloomConfig, BloomForCausalLM
 TINY = dict(vocab_size=1009, hidden_size=96, n_layer=2, n_head=12, layer_norm_epsilon=1e-5)  # 1009 is prime
 
 
-def make_checkpoint(model_dir: Path, seed: int = 0) -> BloomForCausalLM:
-    """Save a tiny BloomForCausalLM with random biases and LayerNorm parameters (HF init makes biases 0
-    and LayerNorm weights 1, which would hide a bias added W times)."""
+def make_checkpoint(model_dir: Path, seed: int = 0, config: dict | None = None) -> BloomForCausalLM:
+    """Save a tiny BloomForCausalLM (`config`, TINY by default) with random biases and LayerNorm parameters
+    (HF init makes biases 0 and LayerNorm weights 1, which would hide a bias added W times)."""
     torch.manual_seed(seed)
-    model = BloomForCausalLM(BloomConfig(**TINY)).eval()
+    model = BloomForCausalLM(BloomConfig(**(config or TINY))).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):
