@@ -131,6 +131,8 @@ class FusedDecode:
         positions = plan.single_positions.to(torch.int64).contiguous()
         slots = None if plan.slots_match_rows else plan.single_slots.to(torch.int64).contiguous()
         all_reduce = None if self.group is None else functools.partial(all_reduce_sum, reduced, self.group)
+        shm = None if self.group is None else self.group.shm
+        segment = shm.segment if shm is not None and shm.fits(reduced) else native.NO_SEGMENT
         native.decode(
             records.data_ptr(),
             len(self.blocks),
@@ -157,6 +159,7 @@ class FusedDecode:
             self.eps,
             dtype=self.dtype,
             residual_from_normed=self.residual_from_normed,
+            segment=segment,
             all_reduce=all_reduce,
             isa=isa,
         )

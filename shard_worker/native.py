@@ -440,12 +440,44 @@ def summarize(rows: torch.Tensor, isa: int | None = None) -> RowSummary:
     return RowSummary(best, index, logsumexp)
 
 
+class SharedSegment(NamedTuple):
+    """Where shm_allreduce.py's segment is, for _kernels.c: its address, this rank, the ranks, the first
+    slot's offset and the bytes of a slot."""
+
+    address: int
+    rank: int
+    world_size: int
+    data_offset: int
+    slot_bytes: int
+
+
+NO_SEGMENT = SharedSegment(0, 0, 1, 0, 0)
+SHM_WAITING, SHM_PUBLISHED, SHM_REDUCED = 0, 1, 2  # how far shm_all_reduce took a call
+
+
+def shm_all_reduce(segment: SharedSegment, tensor: torch.Tensor) -> int:
+    """_kernels.c's fast path of shm_allreduce.py's protocol on `tensor` (summed in place): SHM_REDUCED, or
+    how far it got before a peer kept it waiting past the protocol's yield period, for the Python version to
+    finish. SHM_WAITING (nothing done) where it does not run: no kernels, a dtype other than bfloat16 and
+    float32, a non-contiguous tensor."""
+    module = _module()
+    if module is None or tensor.dtype not in (torch.bfloat16, torch.float32) or not tensor.is_contiguous():
+        return SHM_WAITING
+    return module.shm_all_reduce(*segment, tensor.data_ptr(), tensor.numel(), _DTYPE_CODES[tensor.dtype])
+
+
 def decode(
-    *operands: int | float, dtype: torch.dtype, residual_from_normed: bool, all_reduce, isa: int | None = None
+    *operands: int | float,
+    dtype: torch.dtype,
+    residual_from_normed: bool,
+    segment: SharedSegment = NO_SEGMENT,
+    all_reduce=None,
+    isa: int | None = None,
 ) -> None:
     """_kernels.c's decode: every block of a decode step in one call (fused_decode.py lays out `operands`: the
     LayerRecords' address, their count, rows, hidden size, the buffers, the cache and the attention's
     operands, scale and eps), activations of `dtype`, `all_reduce` a callable summing the output buffer over
-    the ranks in place (None for one rank). Runs at `isa`, the best one by default."""
+    the ranks in place (None for one rank), `segment` the ranks' shared memory (tried first, in C; the
+    all-reduce finishes what it began). Runs at `isa`, the best one by default."""
     isa = best_isa() if isa is None else isa
-    _module().decode(*operands, _DTYPE_CODES[dtype], isa, int(residual_from_normed), all_reduce)
+    _module().decode(*operands, _DTYPE_CODES[dtype], isa, int(residual_from_normed), *segment, all_reduce)

@@ -135,6 +135,8 @@ def test_the_loop_keeps_what_one_call_cannot_take(model_dir, monkeypatch):
 class _FailingReducer:
     """A one-rank group's shared-memory all-reduce failing its `fail_at`-th call, as when a peer vanished."""
 
+    segment = native.NO_SEGMENT  # no shared memory: every call comes here
+
     def __init__(self, fail_at: int) -> None:
         self.calls, self.fail_at = 0, fail_at
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bloomduo.shard_worker import native
 from bloomduo.shard_worker.distributed import (
     all_reduce_sum,
     init_distributed,
@@ -174,6 +175,37 @@ def test_dead_peer_is_noticed_long_before_the_timeout(tmp_path):
     result = json.loads((tmp_path / "rank0.json").read_text())
     assert result["elapsed"] < 10
     assert "rank 1 (pid" in result["error"] and "exited" in result["error"]
+
+
+def _late_peer(rank: int, world_size: int, init_method: str, out_dir: str) -> None:
+    """Rank 1 comes to every other call 20 ms late, past the native fast path's wait (YIELD_S): rank 0's call
+    publishes its part there and the Python version finishes it."""
+    group = _join(rank, world_size, init_method, timeout_s=60)
+    results = []
+    try:
+        for step, dtype in enumerate([torch.bfloat16, torch.float32] * 3):
+            if rank == 1 and step % 2 == 0:
+                time.sleep(0.02)
+            mine = _rank_tensor(rank, step, (16, 64), dtype)
+            before = (
+                native.shm_all_reduce(group.shm.segment, mine.clone())
+                if rank == 0 and step % 2 == 0
+                else None
+            )
+            got = mine if before == native.SHM_REDUCED else all_reduce_sum(mine, group)
+            parts = [_rank_tensor(r, step, (16, 64), dtype) for r in range(world_size)]
+            results.append({"published": before, "right": torch.equal(got, _rank_order_sum(parts))})
+    finally:
+        shutdown_distributed(group)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def test_a_late_peer_hands_the_call_from_the_fast_path_to_python(tmp_path):
+    _spawn(_late_peer, 2, tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(step["right"] for rank in ranks for step in rank)
+    # rank 0 published its part and left: the peer had not come within the fast path's wait
+    assert [step["published"] for step in ranks[0][::2]] == [native.SHM_PUBLISHED] * 3
 
 
 def _no_shared_memory(rank: int, world_size: int, init_method: str, out_dir: str) -> None:
