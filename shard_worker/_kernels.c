@@ -1305,7 +1305,7 @@ static const char *run(Problem *p, int isa) {
 }
 
 /* ------------------------------------------------------------------ elementwise sums
- * out = a + b, rounded once to the dtype (torch's add): the fused decode's residual adds and the shared-memory
+ * out = a + b, rounded once to the dtype (torch's add): the fused blocks' residual adds and the shared-memory
  * all-reduce's sums. One loop that vectorizes, compiled for each vector width and picked at run time (the
  * results are the same at every width): scalar, a [16, 1024] bf16 sum took 47 us, a sixth of a bloom-560m
  * layer's two all-reduces at 16 rows. */
@@ -1403,15 +1403,16 @@ static int shm_all_reduce(const ShmGroup *g, void *tensor, long n, int dtype) {
     return SHM_REDUCED;
 }
 
-/* ------------------------------------------------------------------ a decode step's blocks in one call
- * Every block of a decode step (one new token per sequence) in one call, for workers whose Linears and
- * attention all run on this file's kernels: LayerNorm, the fused QKV projection, one-query attention (storing
- * the new keys and values), the output projection, the all-reduce, the residual, and the MLP. The same calls
- * model.py makes, minus ~100 us of Python a layer (module calls, wrappers, views) that kept the memory bus idle
- * for ~2.5 ms of a bloom-560m rank's ~14 ms int8 step. The all-reduce is the caller's (a Python callable that
- * sums the output buffer across the ranks in place), so its failures and timeouts stay where they are. */
+/* ------------------------------------------------------------------ a step's blocks in one call
+ * Every block of a step whose rows are one new token per sequence, or whole prompts of one length, in one call,
+ * for workers whose Linears and attention all run on this file's kernels: LayerNorm, the fused QKV projection,
+ * attention (storing the new keys and values), the output projection, the all-reduce, the residual, and the
+ * MLP. The same calls model.py makes, minus ~100 us of Python a layer (module calls, wrappers, views) that kept
+ * the memory bus idle for ~2.5 ms of a bloom-560m rank's ~14 ms int8 decode step. The all-reduce goes through
+ * shared memory in C while the peers keep pace, else through the caller's (a Python callable that sums the
+ * output buffer across the ranks in place), so its failures and timeouts stay where they are. */
 
-/* One Linear's operands, as LinearKernel passes them; int64 each, in this order (fused_decode.py packs them). */
+/* One Linear's operands, as LinearKernel passes them; int64 each, in this order (fused_blocks.py packs them). */
 typedef struct {
     int64_t w, scale, bias, row_sums, N, K, w_dtype, layout, gelu, levels, block_rows;
 } LinearRecord;
@@ -1428,13 +1429,14 @@ typedef struct {
     void *normed, *qkv, *context, *reduced, *mlp; /* scratch: [R, hidden], [R, 3 H D], [R, H D], [R, hidden], [R, 4h] */
     char *keys, *values;                         /* every layer's cache, layer after layer */
     long layer_stride, kv_slot, kv_head, L, H, D; /* strides in elements */
-    const void *bias;                            /* [slots, H, 1, L] */
+    const void *bias;                            /* [slots, H, 1, L], or prompts' [H, n, n] */
     const int64_t *slots, *positions;
+    long prompt_length; /* 0: one new token per sequence; n: whole prompts of n tokens (Attention's) */
     float scale, eps;
     int dtype, isa, residual_from_normed;
     ShmGroup shm;         /* the ranks' shared-memory segment (base NULL: none), tried before all_reduce */
     PyObject *all_reduce; /* called with no arguments: sums `reduced` over the ranks in place; None: one rank */
-} DecodeStep;
+} BlockStep;
 
 #define NORM_LANES 16
 
@@ -1467,7 +1469,7 @@ static void layer_norm(const void *x, void *y, const void *weight, const void *b
     }
 }
 
-static const char *decode_linear(const DecodeStep *s, const LinearRecord *l, const void *x, void *y) {
+static const char *block_linear(const BlockStep *s, const LinearRecord *l, const void *x, void *y) {
     Problem p = {x,          (const void *)l->w,      (const float *)l->scale, (const int32_t *)l->row_sums,
                  (const void *)l->bias, y,             s->R,
                  l->N,       l->K,                    s->dtype,
@@ -1479,7 +1481,7 @@ static const char *decode_linear(const DecodeStep *s, const LinearRecord *l, con
 
 /* The all-reduce of `reduced`: through shared memory in C while the peers keep pace, else (or to finish what that
  * began) the caller's, with the GIL taken back for it; NULL, or "" with a Python error set. */
-static const char *decode_all_reduce(const DecodeStep *s, PyThreadState **thread) {
+static const char *block_all_reduce(const BlockStep *s, PyThreadState **thread) {
     if (s->shm.base && shm_all_reduce(&s->shm, s->reduced, s->R * s->hidden, s->dtype) == SHM_REDUCED) return NULL;
     if (s->all_reduce == Py_None) return NULL;
     PyEval_RestoreThread(*thread);
@@ -1489,7 +1491,7 @@ static const char *decode_all_reduce(const DecodeStep *s, PyThreadState **thread
     return result ? NULL : "";
 }
 
-static const char *decode_layers(const DecodeStep *s, PyThreadState **thread) {
+static const char *run_blocks(const BlockStep *s, PyThreadState **thread) {
     const size_t element = s->dtype == DT_BF16 ? sizeof(uint16_t) : sizeof(float);
     const long HD = s->H * s->D, rows = s->R * s->hidden;
     const char *error = NULL;
@@ -1497,7 +1499,7 @@ static const char *decode_layers(const DecodeStep *s, PyThreadState **thread) {
         const LayerRecord *l = &s->layers[layer];
         layer_norm(s->x, s->normed, (const void *)l->ln1_weight, (const void *)l->ln1_bias, s->R, s->hidden, s->eps,
                    s->dtype);
-        if ((error = decode_linear(s, &l->qkv, s->normed, s->qkv))) break;
+        if ((error = block_linear(s, &l->qkv, s->normed, s->qkv))) break;
         /* the fused projection's rows are [H, 3 (q, k, v), D]: the keys and values sit D and 2 D after q */
         const char *qkv = s->qkv;
         Attention a = {qkv,
@@ -1518,17 +1520,17 @@ static const char *decode_layers(const DecodeStep *s, PyThreadState **thread) {
                        qkv + s->D * element,
                        qkv + 2 * s->D * element,
                        s->positions,
-                       0,
+                       s->prompt_length,
                        s->dtype};
         if ((error = attend(&a, s->isa))) break;
-        if ((error = decode_linear(s, &l->dense, s->context, s->reduced))) break;
-        if ((error = decode_all_reduce(s, thread))) break;
+        if ((error = block_linear(s, &l->dense, s->context, s->reduced))) break;
+        if ((error = block_all_reduce(s, thread))) break;
         add_elementwise(s->x, s->residual_from_normed ? s->normed : s->x, s->reduced, rows, s->dtype);
         layer_norm(s->x, s->normed, (const void *)l->ln2_weight, (const void *)l->ln2_bias, s->R, s->hidden, s->eps,
                    s->dtype);
-        if ((error = decode_linear(s, &l->h_to_4h, s->normed, s->mlp))) break;
-        if ((error = decode_linear(s, &l->four_h_to_h, s->mlp, s->reduced))) break;
-        if ((error = decode_all_reduce(s, thread))) break;
+        if ((error = block_linear(s, &l->h_to_4h, s->normed, s->mlp))) break;
+        if ((error = block_linear(s, &l->four_h_to_h, s->mlp, s->reduced))) break;
+        if ((error = block_all_reduce(s, thread))) break;
         add_elementwise(s->x, s->residual_from_normed ? s->normed : s->x, s->reduced, rows, s->dtype);
     }
     return error;
@@ -1657,36 +1659,41 @@ static ShmGroup shm_group(PyObject *const *args) {
     return g;
 }
 
-/* decode(layers, n_layers, R, hidden, x, normed, qkv, context, reduced, mlp, keys, values, layer_stride, kv_slot,
- * kv_head, L, H, D, bias, slots, positions, scale, eps, dtype, isa, residual_from_normed, segment, rank, world,
- * data_offset, slot_bytes, all_reduce): addresses as ints (slots 0: query i in slot i; segment 0: no shared
- * memory), strides in elements, `layers` n_layers LayerRecords, `all_reduce` a callable or None. Releases the
- * GIL but for the calls of all_reduce. */
-static PyObject *py_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+/* blocks(layers, n_layers, R, hidden, x, normed, qkv, context, reduced, mlp, keys, values, layer_stride, kv_slot,
+ * kv_head, L, H, D, bias, slots, positions, prompt_length, scale, eps, dtype, isa, residual_from_normed, segment,
+ * rank, world, data_offset, slot_bytes, all_reduce): addresses as ints (slots 0: query i in slot i; positions 0
+ * for prompts; segment 0: no shared memory), strides in elements, `layers` n_layers LayerRecords, `all_reduce` a
+ * callable or None. Releases the GIL but for the calls of all_reduce. */
+static PyObject *py_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 32) {
-        PyErr_SetString(PyExc_TypeError, "decode() takes 32 arguments");
+    if (nargs != 33) {
+        PyErr_SetString(PyExc_TypeError, "blocks() takes 33 arguments");
         return NULL;
     }
-    long value[21];
-    for (int i = 0; i < 21; i++) value[i] = PyLong_AsLong(args[i]);
-    double scale = PyFloat_AsDouble(args[21]), eps = PyFloat_AsDouble(args[22]);
-    long dtype = PyLong_AsLong(args[23]), isa = PyLong_AsLong(args[24]), residual_from_normed = PyLong_AsLong(args[25]);
-    ShmGroup shm = shm_group(args + 26);
+    long value[22];
+    for (int i = 0; i < 22; i++) value[i] = PyLong_AsLong(args[i]);
+    double scale = PyFloat_AsDouble(args[22]), eps = PyFloat_AsDouble(args[23]);
+    long dtype = PyLong_AsLong(args[24]), isa = PyLong_AsLong(args[25]), residual_from_normed = PyLong_AsLong(args[26]);
+    ShmGroup shm = shm_group(args + 27);
     if (PyErr_Occurred()) return NULL;
-    if (shm.base && (args[31] == Py_None || shm.rank < 0 || shm.rank >= shm.world)) {
-        PyErr_SetString(PyExc_ValueError, "decode() takes a shared-memory segment with a rank in it and an all_reduce");
+    const long prompt_length = value[21];
+    if (prompt_length < 0 || (prompt_length && (value[2] % prompt_length || value[15] != prompt_length))) {
+        PyErr_SetString(PyExc_ValueError, "blocks(): whole prompts are rows in prompts of prompt_length, the keys too");
         return NULL;
     }
-    if (args[31] != Py_None && !PyCallable_Check(args[31])) {
-        PyErr_SetString(PyExc_TypeError, "decode()'s all_reduce must be a callable or None");
+    if (shm.base && (args[32] == Py_None || shm.rank < 0 || shm.rank >= shm.world)) {
+        PyErr_SetString(PyExc_ValueError, "blocks() takes a shared-memory segment with a rank in it and an all_reduce");
+        return NULL;
+    }
+    if (args[32] != Py_None && !PyCallable_Check(args[32])) {
+        PyErr_SetString(PyExc_TypeError, "blocks()'s all_reduce must be a callable or None");
         return NULL;
     }
     if (dtype != DT_BF16 && dtype != DT_F32) {
-        PyErr_SetString(PyExc_ValueError, "decode() takes bfloat16 or float32 activations");
+        PyErr_SetString(PyExc_ValueError, "blocks() takes bfloat16 or float32 activations");
         return NULL;
     }
-    DecodeStep s = {(const LayerRecord *)value[0],
+    BlockStep s = {(const LayerRecord *)value[0],
                     value[1],
                     value[2],
                     value[3],
@@ -1707,15 +1714,16 @@ static PyObject *py_decode(PyObject *self, PyObject *const *args, Py_ssize_t nar
                     (const void *)value[18],
                     (const int64_t *)value[19],
                     (const int64_t *)value[20],
+                    prompt_length,
                     (float)scale,
                     (float)eps,
                     (int)dtype,
                     (int)isa,
                     (int)residual_from_normed,
                     shm,
-                    args[31]};
+                    args[32]};
     PyThreadState *thread = PyEval_SaveThread();
-    const char *error = decode_layers(&s, &thread);
+    const char *error = run_blocks(&s, &thread);
     PyEval_RestoreThread(thread);
     if (error && !*error) return NULL; /* the all-reduce raised */
     return none_or_raise(error);
@@ -1757,7 +1765,7 @@ static PyMethodDef methods[] = {
     {"attend", (PyCFunction)(void (*)(void))py_attend, METH_FASTCALL, "one-query attention, bfloat16 or float32"},
     {"untile", (PyCFunction)(void (*)(void))py_untile, METH_FASTCALL, "tiled bfloat16 rows to float32"},
     {"summarize", (PyCFunction)(void (*)(void))py_summarize, METH_FASTCALL, "best, column, log-sum-exp per row"},
-    {"decode", (PyCFunction)(void (*)(void))py_decode, METH_FASTCALL, "a decode step's blocks"},
+    {"blocks", (PyCFunction)(void (*)(void))py_blocks, METH_FASTCALL, "a step's blocks: one-token rows or prompts"},
     {"shm_all_reduce", (PyCFunction)(void (*)(void))py_shm_all_reduce, METH_FASTCALL, "shared-memory all-reduce, fast path"},
     {"supported", py_supported, METH_O, "whether this CPU runs the given ISA level"},
     {NULL, NULL, 0, NULL},

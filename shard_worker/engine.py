@@ -18,7 +18,7 @@ from bloomduo.core.logs import get_logger
 from bloomduo.shard_worker import native
 from bloomduo.shard_worker.config import ShardOptions
 from bloomduo.shard_worker.distributed import backend_for, init_distributed
-from bloomduo.shard_worker.fused_decode import FusedDecode
+from bloomduo.shard_worker.fused_blocks import FusedBlocks
 from bloomduo.shard_worker.host_memory import (
     bound_onednn_caches,
     host_tensors,
@@ -153,9 +153,9 @@ class ShardEngine:
         # Every CPU rank enters format_weights' agreement on kernels, even with no plain Linear left.
         kernels = format_weights(model, device, dtype, options.cpu_kernels, group)
         kernels = describe_int8(model) or kernels
-        model.fused_decode = FusedDecode.build(model)
-        if model.fused_decode is not None:
-            kernels += ", decode blocks in one native call"
+        model.fused_blocks = FusedBlocks.build(model)
+        if model.fused_blocks is not None:
+            kernels += ", blocks in one native call"
         return_freed_memory()
         huge_page_bytes = use_huge_pages(host_tensors(model)) if device.type == "cpu" else 0
         engine = cls(

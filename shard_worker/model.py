@@ -194,8 +194,8 @@ class BloomShardModel(nn.Module):
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         # Tied to word_embeddings in BLOOM; stored here as plain rows of the vocabulary.
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # Decode steps' blocks in one native call (fused_decode.py), set once the weights are laid out.
-        self.fused_decode: Callable[[torch.Tensor, StepPlan, KVCache], torch.Tensor | None] | None = None
+        # Steps' blocks in one native call where they can (fused_blocks.py), set once weights are laid out.
+        self.fused_blocks: Callable[[torch.Tensor, StepPlan, KVCache], torch.Tensor | None] | None = None
 
     @property
     def num_local_heads(self) -> int:
@@ -240,7 +240,7 @@ class BloomShardModel(nn.Module):
         weight = self.ln_f.weight
         x = hidden_states.to(device=weight.device, dtype=weight.dtype)
         plan = plan_step(chunks, cache, self.h[0].self_attention.alibi_slopes, x.dtype)
-        fused = None if self.fused_decode is None else self.fused_decode(x, plan, cache)
+        fused = None if self.fused_blocks is None else self.fused_blocks(x, plan, cache)
         if fused is not None:
             x = fused
         else:

@@ -466,7 +466,7 @@ def shm_all_reduce(segment: SharedSegment, tensor: torch.Tensor) -> int:
     return module.shm_all_reduce(*segment, tensor.data_ptr(), tensor.numel(), _DTYPE_CODES[tensor.dtype])
 
 
-def decode(
+def blocks(
     *operands: int | float,
     dtype: torch.dtype,
     residual_from_normed: bool,
@@ -474,10 +474,11 @@ def decode(
     all_reduce=None,
     isa: int | None = None,
 ) -> None:
-    """_kernels.c's decode: every block of a decode step in one call (fused_decode.py lays out `operands`: the
-    LayerRecords' address, their count, rows, hidden size, the buffers, the cache and the attention's
-    operands, scale and eps), activations of `dtype`, `all_reduce` a callable summing the output buffer over
-    the ranks in place (None for one rank), `segment` the ranks' shared memory (tried first, in C; the
-    all-reduce finishes what it began). Runs at `isa`, the best one by default."""
+    """_kernels.c's blocks: every block of a step of one-token rows or of whole prompts of one length in one
+    call (fused_blocks.py lays out `operands`: the LayerRecords' address, their count, rows, hidden size, the
+    buffers, the cache and the attention's operands, prompt length, scale and eps), activations of `dtype`,
+    `all_reduce` a callable summing the output buffer over the ranks in place (None for one rank), `segment`
+    the ranks' shared memory (tried first, in C; the all-reduce finishes what it began). Runs at `isa`, the
+    best one by default."""
     isa = best_isa() if isa is None else isa
-    _module().decode(*operands, _DTYPE_CODES[dtype], isa, int(residual_from_normed), *segment, all_reduce)
+    _module().blocks(*operands, _DTYPE_CODES[dtype], isa, int(residual_from_normed), *segment, all_reduce)

@@ -96,7 +96,7 @@ class ShmAllReduce:
         self._counters = segment.buf.cast("q")
         data = torch.frombuffer(segment.buf, dtype=torch.uint8)
         first = _data_offset(world_size)
-        # what _kernels.c's fast path (native.shm_all_reduce) and the fused decode read the segment by
+        # what _kernels.c's fast path (native.shm_all_reduce) and the fused blocks read the segment by
         self.segment = SharedSegment(data.data_ptr(), rank, world_size, first, slot_bytes)
         self._slots = [data[first + r * slot_bytes : first + (r + 1) * slot_bytes] for r in range(world_size)]
         # tmpfs allocates a page at its first touch: each rank commits its own slot now, so a full /dev/shm
@@ -203,7 +203,7 @@ class ShmAllReduce:
             )
         if native.shm_all_reduce(self.segment, tensor) == native.SHM_REDUCED:
             return tensor
-        # Here the call is new, or the fast path (or the fused decode's) published this rank's part and left
+        # Here the call is new, or the fast path (or the fused blocks') published this rank's part and left
         # the wait to this one: this rank's own counters say which.
         counters, line = self._counters, _line(self.rank)
         seq = counters[line + _DONE] + 1

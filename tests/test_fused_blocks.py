@@ -1,5 +1,4 @@
-"""A decode step's blocks in one native call (fused_decode.py) against model.py's loop over the same
-kernels."""
+"""A step's blocks in one native call (fused_blocks.py) against model.py's loop over the same kernels."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ import torch.multiprocessing as mp
 from bloomduo.shard_worker import native
 from bloomduo.shard_worker.cpu_kernels import KERNELS_ENV, candidate_paths
 from bloomduo.shard_worker.distributed import ShardGroup, init_distributed, shutdown_distributed
-from bloomduo.shard_worker.fused_decode import ENV, FusedDecode
+from bloomduo.shard_worker.fused_blocks import ENV, FusedBlocks
 from bloomduo.shard_worker.model import BloomShardModel
 from bloomduo.shard_worker.step_plan import Chunk
 from bloomduo.shard_worker.tensor_parallel import add_all_reduces, load_shard
@@ -22,14 +21,14 @@ from tests._dist_helpers import make_checkpoint, relative_error
 CPU = torch.device("cpu")
 # head_dim 16 and widths in 64s: the shapes the attention kernel and every weight layout take
 SMALL = dict(vocab_size=1009, hidden_size=128, n_layer=2, n_head=8, layer_norm_epsilon=1e-5)
-PROMPTS = (5, 9, 3)  # tokens of sequences 0, 1, 2
+PROMPT = 6  # tokens of each of sequences 0, 1, 2
 # The two sides run the same kernels on the same operands; LayerNorm's moments are summed in another order in
 # C (a bf16 output may differ in its last bit), and a step's differences reach the next through the cache.
 ROUNDINGS = 8
 
 pytestmark = pytest.mark.skipif(
     not native.available() or native.best_isa() < native.AVX2,
-    reason="the fused decode runs bloomduo's kernels, which need the built extension and AVX2 or better",
+    reason="the fused blocks run bloomduo's kernels, which need the built extension and AVX2 or better",
 )
 
 
@@ -49,9 +48,9 @@ def _model(
 
 
 class _Counted:
-    """A FusedDecode that counts the steps it took."""
+    """A FusedBlocks that counts the steps it took."""
 
-    def __init__(self, fused: FusedDecode) -> None:
+    def __init__(self, fused: FusedBlocks) -> None:
         self.fused, self.steps = fused, 0
 
     def __call__(self, *args):
@@ -61,15 +60,23 @@ class _Counted:
 
 
 def _steps(dtype: torch.dtype, world: int = 1) -> list[tuple[torch.Tensor, list[Chunk], list[int]]]:
-    """Hidden states, chunks and sequences to free first: the prompts, two decode steps of all three, then one
-    of sequences 0 and 2 (slots 0 and 2: not the rows' own)."""
+    """Hidden states, chunks and sequences to free first: three prompts of one length, two decode steps of all
+    three, one of sequences 0 and 2 (slots 0 and 2: not the rows' own), then a step mixing a new prompt with
+    a decode row (the loop's)."""
     generator = torch.Generator().manual_seed(world)
     hidden = lambda rows: torch.randn(rows, SMALL["hidden_size"], generator=generator).to(dtype)  # noqa: E731
-    steps = [(hidden(sum(PROMPTS)), [Chunk(s, 0, n) for s, n in enumerate(PROMPTS)], [])]
+    steps = [(hidden(3 * PROMPT), [Chunk(s, 0, PROMPT) for s in range(3)], [])]
     for i in range(2):
-        steps.append((hidden(3), [Chunk(s, n + i, 1) for s, n in enumerate(PROMPTS)], []))
-    steps.append((hidden(2), [Chunk(0, PROMPTS[0] + 2, 1), Chunk(2, PROMPTS[2] + 2, 1)], [1]))
+        steps.append((hidden(3), [Chunk(s, PROMPT + i, 1) for s in range(3)], []))
+    steps.append((hidden(2), [Chunk(0, PROMPT + 2, 1), Chunk(2, PROMPT + 2, 1)], [1]))
+    steps.append((hidden(6), [Chunk(3, 0, 5), Chunk(2, PROMPT + 3, 1)], []))
     return steps
+
+
+def _fused_steps(dtype: torch.dtype) -> int:
+    """How many of _steps' steps run in one call: the decode ones, and the prompts where their kernel runs."""
+    query = torch.empty(1, SMALL["n_head"], SMALL["hidden_size"] // SMALL["n_head"], dtype=dtype)
+    return 3 + native.attends_prompts(query, query)
 
 
 def _run(model: BloomShardModel, steps) -> tuple[list[torch.Tensor], object]:
@@ -92,42 +99,41 @@ def _run(model: BloomShardModel, steps) -> tuple[list[torch.Tensor], object]:
         (torch.float32, "int8-dynamic"),
     ],
 )
-def test_a_decode_step_in_one_call_computes_what_the_layer_loop_does(model_dir, dtype, quantize, monkeypatch):
+def test_a_step_in_one_call_computes_what_the_layer_loop_does(model_dir, dtype, quantize, monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     model = _model(model_dir, dtype, quantize)
-    fused = FusedDecode.build(model)
+    fused = FusedBlocks.build(model)
     assert fused is not None
     steps = _steps(dtype)
     looped, looped_cache = _run(model, steps)
-    model.fused_decode = counted = _Counted(fused)
+    model.fused_blocks = counted = _Counted(fused)
     got, cache = _run(model, steps)
-    assert counted.steps == 3  # every decode step, not the prompts
-    assert torch.equal(got[0], looped[0])
+    assert counted.steps == _fused_steps(dtype)
     for step, (out, want) in enumerate(zip(got, looped, strict=True)):
         error = relative_error(out, want, dtype)
         assert error <= ROUNDINGS, f"step {step}: {error:.3g} eps from the layer loop"
     for name in ("keys", "values"):  # the new tokens' keys and values went where the loop puts them
         error = relative_error(getattr(cache, name), getattr(looped_cache, name), dtype)
         assert error <= ROUNDINGS, f"{name}: {error:.3g} eps"
-        stored = getattr(cache, name)[:, 2, :, : PROMPTS[2] + 3]
+        stored = getattr(cache, name)[:, 2, :, : PROMPT + 4]
         assert stored.abs().amax(dim=(0, 1, 3)).min() > 0  # every position of sequence 2 written
 
 
 def test_the_loop_keeps_what_one_call_cannot_take(model_dir, monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     # float32 workers held to transformers' numbers keep torch's Linears and attention
-    assert FusedDecode.build(_model(model_dir, torch.float32, "none")) is None
+    assert FusedBlocks.build(_model(model_dir, torch.float32, "none")) is None
     monkeypatch.setenv(ENV, "0")
-    assert FusedDecode.build(_model(model_dir, torch.bfloat16, "int8-dynamic")) is None
+    assert FusedBlocks.build(_model(model_dir, torch.bfloat16, "int8-dynamic")) is None
     monkeypatch.delenv(ENV)
     # a route that leaves the kernels from 3 rows: two rows run in one call, three in the loop
     paths = candidate_paths(packing_applies(CPU, torch.bfloat16))
     monkeypatch.setenv(KERNELS_ENV, "native,packed@3" if "native" in paths else "tiled,tiled-fp32@3")
     model = load_shard(model_dir, 0, 1, device=CPU, dtype=torch.bfloat16)
     format_weights(model, CPU, torch.bfloat16)
-    fused = FusedDecode.build(model)
+    fused = FusedBlocks.build(model)
     assert fused is not None and fused.records(2) is not None and fused.records(3) is None
-    model.fused_decode = counted = _Counted(fused)
+    model.fused_blocks = counted = _Counted(fused)
     _run(model, _steps(torch.bfloat16))
     assert counted.steps == 1  # the last step's two rows
 
@@ -154,14 +160,14 @@ def test_an_all_reduce_that_fails_mid_step_raises_and_the_cache_is_untouched(mod
     model = _model(model_dir, torch.bfloat16, "int8-dynamic")
     reducer = _FailingReducer(fail_at=2 * SMALL["n_layer"] + 3)  # the first decode step's third all-reduce
     add_all_reduces(model, ShardGroup(process_group=None, shm=reducer))
-    model.fused_decode = FusedDecode.build(model)
+    model.fused_blocks = FusedBlocks.build(model)
     steps = _steps(torch.bfloat16)
     cache = model.new_kv_cache(initial_capacity=16)
     with torch.inference_mode():
         model.blocks(*steps[0][:2], cache)
         with pytest.raises(RuntimeError, match="exited before call #3"):
             model.blocks(*steps[1][:2], cache)
-        assert [cache.length(s) for s in range(3)] == list(PROMPTS)  # nothing committed
+        assert [cache.length(s) for s in range(3)] == [PROMPT] * 3  # nothing committed
         retried = model.blocks(*steps[1][:2], cache)  # the same step again, now that the reducer answers
     assert reducer.calls == 2 * SMALL["n_layer"] + 3 + 2 * SMALL["n_layer"]
     # what the step gives where nothing failed: the failed call's stored keys and values were written over
@@ -172,11 +178,11 @@ def test_an_all_reduce_that_fails_mid_step_raises_and_the_cache_is_untouched(mod
 def test_every_isa_level_computes_the_same_step(model_dir, isa):
     """The call at a lower ISA (the AVX2 class's, and the scalar reference) against the best one here."""
     model = _model(model_dir, torch.bfloat16, "none")
-    fused = FusedDecode.build(model)
+    fused = FusedBlocks.build(model)
     steps = _steps(torch.bfloat16)
     outputs = []
     for level in (native.best_isa(), isa):
-        model.fused_decode = lambda x, plan, cache, level=level: fused(x, plan, cache, isa=level)
+        model.fused_blocks = lambda x, plan, cache, level=level: fused(x, plan, cache, isa=level)
         outputs.append(_run(model, steps)[0])
     for step, (got, want) in enumerate(zip(outputs[1], outputs[0], strict=True)):
         error = relative_error(got, want, torch.bfloat16)
@@ -190,7 +196,7 @@ def _rank(rank: int, world: int, init_method: str, model_dir: str, out_dir: str)
         model = _model(Path(model_dir), torch.bfloat16, "int8-dynamic", group, rank, world)
         steps = _steps(torch.bfloat16, world)
         looped, _ = _run(model, steps)
-        model.fused_decode = counted = _Counted(FusedDecode.build(model))
+        model.fused_blocks = counted = _Counted(FusedBlocks.build(model))
         fused, _ = _run(model, steps)
         torch.save(
             {"looped": looped, "fused": fused, "steps": counted.steps}, Path(out_dir) / f"rank{rank}.pt"
@@ -204,7 +210,7 @@ def test_two_ranks_sum_their_halves_in_one_call_and_agree(model_dir, tmp_path):
     init_method = f"file://{tmp_path / 'rendezvous'}"
     mp.spawn(_rank, args=(world, init_method, str(model_dir), str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    assert [r["steps"] for r in ranks] == [3, 3]
+    assert [r["steps"] for r in ranks] == [_fused_steps(torch.bfloat16)] * world
     for step in range(len(ranks[0]["fused"])):
         # every rank ends each step with the same residual stream, bit for bit
         assert torch.equal(ranks[0]["fused"][step], ranks[1]["fused"][step])

@@ -1,16 +1,17 @@
-"""A decode step's blocks in one native call, where every block runs on bloomduo's kernels.
+"""A step's blocks in one native call, where every block runs on bloomduo's kernels.
 
 model.py's blocks make ~20 Python-level calls a layer (modules, kernel wrappers, views, the residual adds,
 the LayerNorms): ~100 us a layer, ~2.5 ms of a bloom-560m rank's 14 ms int8 decode step, during which the
-memory bus, which sets a decode step's time, sits idle. _kernels.c's `decode` runs the same calls for all
+memory bus, which sets a decode step's time, sits idle. _kernels.c's `blocks` runs the same calls for all
 layers in C: the same Linear and attention kernels on the same operands, the residual adds as torch's,
 LayerNorm in float32 as torch's (its moments summed in another order, so a bf16 output may differ in the last
-bit). The all-reduce
-stays the group's (`all_reduce_sum`, called back from C), with its failures and timeouts.
+bit). The all-reduce is the ranks' shared memory, in C, while the peers keep pace, else the group's
+(`all_reduce_sum`, called back from C), with its failures and timeouts.
 
-It takes a step when every row is one new token (a decode step) and every block's Linears run on bloomduo's
-kernels at that row count (cpu_kernels.py's routes may send some row counts to oneDNN); model.py's loop runs
-the rest. Off with BLOOMDUO_FUSED_DECODE=0.
+It takes a step whose rows are one new token per sequence (decode), or whole prompts of one length where the
+prompt attention kernel runs (AVX512), when every block's Linears run on bloomduo's kernels at that row count
+(cpu_kernels.py's routes may send some row counts to oneDNN); model.py's loop runs the rest (mixed steps,
+chunked prompts). Off with BLOOMDUO_FUSED_BLOCKS=0.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from bloomduo.shard_worker.kv_cache import KVCache
 from bloomduo.shard_worker.step_plan import StepPlan
 from bloomduo.shard_worker.tensor_parallel import RowParallel
 
-ENV = "BLOOMDUO_FUSED_DECODE"
+ENV = "BLOOMDUO_FUSED_BLOCKS"
 _MAX_CACHED_ROW_COUNTS = 256
 
 
@@ -39,8 +40,8 @@ def _kernel(module: nn.Module, rows: int) -> native.LinearKernel | None:
     return None if kernel_for is None else kernel_for(rows)
 
 
-class FusedDecode:
-    """Runs a model's blocks for decode steps through _kernels.c's `decode`; build it with `build`."""
+class FusedBlocks:
+    """Runs a model's blocks for the steps _kernels.c's `blocks` takes; build it with `build`."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, group: ShardGroup | None) -> None:
         self.blocks = list(model.h)
@@ -53,10 +54,11 @@ class FusedDecode:
         self.eps = self.blocks[0].input_layernorm.eps
         self.residual_from_normed = bool(self.blocks[0].residual_from_ln)
         self._records: dict[int, torch.Tensor | None] = {}  # row count -> every layer's LayerRecord
+        self._query = torch.empty(1, self.heads, self.head_dim, dtype=dtype)  # what native's checks look at
 
     @classmethod
-    def build(cls, model: nn.Module) -> FusedDecode | None:
-        """A FusedDecode for `model` (a BloomShardModel), or None where its blocks cannot run in one call:
+    def build(cls, model: nn.Module) -> FusedBlocks | None:
+        """A FusedBlocks for `model` (a BloomShardModel), or None where its blocks cannot run in one call:
         the kernels were not built, the attention or LayerNorms are not on them, or it is turned off."""
         if os.environ.get(ENV, "1") == "0" or not native.available() or not model.h:
             return None
@@ -110,11 +112,19 @@ class FusedDecode:
     def __call__(
         self, x: torch.Tensor, plan: StepPlan, cache: KVCache, isa: int | None = None
     ) -> torch.Tensor | None:
-        """The blocks' output for a decode step's rows x [rows, hidden] (x's dtype the model's), the new keys
-        and values stored in `cache` (not committed); None when this step is not one `decode` takes. `isa`:
-        the kernels' level (native.best_isa() by default)."""
+        """The blocks' output for a step's rows x [rows, hidden] (x's dtype the model's), the new keys and
+        values stored in `cache` (not committed); None when `plan` is not a step `blocks` takes. `isa`: the
+        kernels' level (native.best_isa() by default)."""
         rows = x.shape[0]
-        if not plan.decode_only or plan.single_rows is not None or plan.single_bias is None:
+        if plan.decode_only and plan.single_rows is None and plan.single_bias is not None:
+            bias, kv_length, prompt_length = plan.single_bias, plan.kv_length, 0
+            positions = plan.single_positions.to(torch.int64).contiguous()
+            slots = None if plan.slots_match_rows else plan.single_slots.to(torch.int64).contiguous()
+        elif plan.prompts_only and native.attends_prompts(self._query, plan.prompts[0].bias):
+            (group,) = plan.prompts
+            bias, kv_length, prompt_length = group.bias, group.length, group.length
+            positions, slots = None, group.slot_ids
+        else:
             return None
         records = self.records(rows)
         if records is None:
@@ -127,13 +137,11 @@ class FusedDecode:
         context = x.new_empty(rows, local)
         mlp = x.new_empty(rows, mlp_width)
         keys, values = cache.keys, cache.values
-        bias = plan.single_bias.contiguous()
-        positions = plan.single_positions.to(torch.int64).contiguous()
-        slots = None if plan.slots_match_rows else plan.single_slots.to(torch.int64).contiguous()
+        bias = bias.contiguous()
         all_reduce = None if self.group is None else functools.partial(all_reduce_sum, reduced, self.group)
         shm = None if self.group is None else self.group.shm
         segment = shm.segment if shm is not None and shm.fits(reduced) else native.NO_SEGMENT
-        native.decode(
+        native.blocks(
             records.data_ptr(),
             len(self.blocks),
             rows,
@@ -149,12 +157,13 @@ class FusedDecode:
             keys.stride(0),
             keys.stride(1),
             keys.stride(2),
-            plan.kv_length,
+            kv_length,
             self.heads,
             self.head_dim,
             bias.data_ptr(),
             0 if slots is None else slots.data_ptr(),
-            positions.data_ptr(),
+            0 if positions is None else positions.data_ptr(),
+            prompt_length,
             self.scale,
             self.eps,
             dtype=self.dtype,
