@@ -60,20 +60,19 @@ class FusedBlocks:
     def build(cls, model: nn.Module) -> FusedBlocks | None:
         """A FusedBlocks for `model` (a BloomShardModel), or None where its blocks cannot run in one call:
         the kernels were not built, the attention or LayerNorms are not on them, or it is turned off."""
-        if os.environ.get(ENV, "1") == "0" or not native.available() or not model.h:
-            return None
-        dtype = model.ln_f.weight.dtype
-        attention = model.h[0].self_attention
-        probe = torch.empty(
-            1, attention.num_heads, attention.head_dim, dtype=dtype, device=model.ln_f.weight.device
-        )
-        if not native.attends(probe, probe, attention.native_float32):
+        weight = model.ln_f.weight
+        if (
+            os.environ.get(ENV, "1") == "0"
+            or not native.available()
+            or weight.device.type != "cpu"
+            or not model.h
+        ):
             return None
         groups = set()
         for block in model.h:
             norms = (block.input_layernorm, block.post_attention_layernorm)
             if not isinstance(block.mlp.gelu, nn.Identity) or any(
-                type(norm) is not nn.LayerNorm or norm.weight.dtype != dtype or norm.bias is None
+                type(norm) is not nn.LayerNorm or norm.weight.dtype != weight.dtype or norm.bias is None
                 for norm in norms
             ):
                 return None
@@ -81,7 +80,9 @@ class FusedBlocks:
                 groups.add(module.group if isinstance(module, RowParallel) else None)
         if len(groups) != 1:
             return None
-        return cls(model, dtype, groups.pop())
+        fused = cls(model, weight.dtype, groups.pop())
+        native_float32 = model.h[0].self_attention.native_float32
+        return fused if native.attends(fused._query, fused._query, native_float32) else None
 
     def records(self, rows: int) -> torch.Tensor | None:
         """Every layer's LayerRecord (int64) for a call of `rows` rows, or None when a Linear would run off
