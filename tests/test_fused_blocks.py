@@ -216,3 +216,37 @@ def test_two_ranks_sum_their_halves_in_one_call_and_agree(model_dir, tmp_path):
         assert torch.equal(ranks[0]["fused"][step], ranks[1]["fused"][step])
         error = relative_error(ranks[0]["fused"][step], ranks[0]["looped"][step], torch.bfloat16)
         assert error <= ROUNDINGS, f"step {step}: {error:.3g} eps from the layer loop"
+
+
+def test_a_worker_runs_its_steps_in_one_call_and_says_so(model_dir, tmp_path):
+    """The worker's own engine: Info's kernels name the fused blocks; its greedy answers are the loop's."""
+    from bloomduo.shard_worker.config import ShardOptions
+    from bloomduo.shard_worker.engine import ShardEngine
+
+    options = ShardOptions(
+        model_dir=model_dir,
+        rank=0,
+        world_size=1,
+        dist_init=f"file://{tmp_path / 'rendezvous'}",
+        dtype="bfloat16",
+        quantize="int8-dynamic",
+    )
+    engine = ShardEngine.load(options)
+    try:
+        assert engine.kernels.endswith(", blocks in one native call")
+        counted = _Counted(engine.model.fused_blocks)
+        answers = []
+        for blocks in (counted, None):
+            engine.model.fused_blocks = blocks
+            engine.reset()
+            outputs = [
+                engine.step(h, chunks, free, [False] * len(chunks))
+                for h, chunks, free in _steps(torch.bfloat16)
+            ]
+            answers.append([(o.best_token, o.best_logit) for o in outputs])
+        assert counted.steps == _fused_steps(torch.bfloat16)
+        for step, (got, want) in enumerate(zip(*answers, strict=True)):
+            assert got[0] == want[0], f"step {step}: greedy tokens {got[0]} against the loop's {want[0]}"
+            assert got[1] == pytest.approx(want[1], rel=ROUNDINGS * torch.finfo(torch.bfloat16).eps)
+    finally:
+        shutdown_distributed()
