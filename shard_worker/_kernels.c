@@ -1536,6 +1536,13 @@ static const char *run_blocks(const BlockStep *s, PyThreadState **thread) {
     return error;
 }
 
+/* 1 when `name` got `want` arguments, else 0 with the TypeError set. */
+static int takes_arguments(const char *name, Py_ssize_t nargs, Py_ssize_t want) {
+    if (nargs == want) return 1;
+    PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments", name, want);
+    return 0;
+}
+
 /* None after a kernel ran, or the ValueError that names why it could not. */
 static PyObject *none_or_raise(const char *error) {
     if (error) {
@@ -1550,10 +1557,7 @@ static PyObject *none_or_raise(const char *error) {
  * contiguous. Releases the GIL while it runs. */
 static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 17) {
-        PyErr_SetString(PyExc_TypeError, "linear() takes 17 arguments");
-        return NULL;
-    }
+    if (!takes_arguments("linear", nargs, 17)) return NULL;
     void *address[6];
     long value[11];
     for (int i = 0; i < 6; i++) address[i] = PyLong_AsVoidPtr(args[i]);
@@ -1575,10 +1579,7 @@ static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nar
  * float32 [n1 - n0, K] at out: the slices a float32 GEMM reads where bfloat16 arithmetic is emulated. */
 static PyObject *py_untile(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "untile() takes 5 arguments");
-        return NULL;
-    }
+    if (!takes_arguments("untile", nargs, 5)) return NULL;
     const uint16_t *w = PyLong_AsVoidPtr(args[0]);
     long n0 = PyLong_AsLong(args[1]), n1 = PyLong_AsLong(args[2]), K = PyLong_AsLong(args[3]);
     float *out = PyLong_AsVoidPtr(args[4]);
@@ -1603,10 +1604,7 @@ static PyObject *py_untile(PyObject *self, PyObject *const *args, Py_ssize_t nar
  * float tensor. Releases the GIL while it runs. */
 static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 21) {
-        PyErr_SetString(PyExc_TypeError, "attend() takes 21 arguments");
-        return NULL;
-    }
+    if (!takes_arguments("attend", nargs, 21)) return NULL;
     void *address[6], *written[3];
     long value[8];
     for (int i = 0; i < 6; i++) address[i] = PyLong_AsVoidPtr(args[i]);
@@ -1636,10 +1634,7 @@ static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nar
  * elements. Releases the GIL while it runs. */
 static PyObject *py_summarize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "summarize() takes 9 arguments");
-        return NULL;
-    }
+    if (!takes_arguments("summarize", nargs, 9)) return NULL;
     Summary s = {PyLong_AsVoidPtr(args[0]), PyLong_AsLong(args[1]), PyLong_AsLong(args[2]),
                  PyLong_AsLong(args[3]),    (int)PyLong_AsLong(args[4]), PyLong_AsVoidPtr(args[5]),
                  PyLong_AsVoidPtr(args[7]), PyLong_AsVoidPtr(args[6])};
@@ -1666,10 +1661,7 @@ static ShmGroup shm_group(PyObject *const *args) {
  * callable or None. Releases the GIL but for the calls of all_reduce. */
 static PyObject *py_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 33) {
-        PyErr_SetString(PyExc_TypeError, "blocks() takes 33 arguments");
-        return NULL;
-    }
+    if (!takes_arguments("blocks", nargs, 33)) return NULL;
     long value[22];
     for (int i = 0; i < 22; i++) value[i] = PyLong_AsLong(args[i]);
     double scale = PyFloat_AsDouble(args[22]), eps = PyFloat_AsDouble(args[23]);
@@ -1734,10 +1726,7 @@ static PyObject *py_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nar
  * 2 (reduced), 1 (this rank's part published) or 0 (waiting for the last call's readers). Releases the GIL. */
 static PyObject *py_shm_all_reduce(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "shm_all_reduce() takes 8 arguments");
-        return NULL;
-    }
+    if (!takes_arguments("shm_all_reduce", nargs, 8)) return NULL;
     ShmGroup g = shm_group(args);
     void *tensor = PyLong_AsVoidPtr(args[5]);
     long n = PyLong_AsLong(args[6]), dtype = PyLong_AsLong(args[7]);
