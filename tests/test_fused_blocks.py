@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -231,22 +232,28 @@ def test_a_worker_runs_its_steps_in_one_call_and_says_so(model_dir, tmp_path):
         dtype="bfloat16",
         quantize="int8-dynamic",
     )
-    engine = ShardEngine.load(options)
-    try:
-        assert engine.kernels.endswith(", blocks in one native call")
-        counted = _Counted(engine.model.fused_blocks)
-        answers = []
-        for blocks in (counted, None):
-            engine.model.fused_blocks = blocks
-            engine.reset()
-            outputs = [
-                engine.step(h, chunks, free, [False] * len(chunks))
-                for h, chunks, free in _steps(torch.bfloat16)
-            ]
-            answers.append([(o.best_token, o.best_logit) for o in outputs])
-        assert counted.steps == _fused_steps(torch.bfloat16)
-        for step, (got, want) in enumerate(zip(*answers, strict=True)):
-            assert got[0] == want[0], f"step {step}: greedy tokens {got[0]} against the loop's {want[0]}"
-            assert got[1] == pytest.approx(want[1], rel=ROUNDINGS * torch.finfo(torch.bfloat16).eps)
-    finally:
-        shutdown_distributed()
+    # load and steps on a thread of their own, as a worker's step thread: load() turns on flush-denormal for
+    # the thread it runs on, which must not carry over to the pytest thread the other tests run on
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="step") as step_thread:
+        engine = step_thread.submit(ShardEngine.load, options).result()
+        try:
+            assert engine.kernels.endswith(", blocks in one native call")
+            counted = _Counted(engine.model.fused_blocks)
+            answers = [step_thread.submit(_greedy_answers, engine, counted).result()]
+            answers.append(step_thread.submit(_greedy_answers, engine, None).result())
+        finally:
+            shutdown_distributed()
+    assert counted.steps == _fused_steps(torch.bfloat16)
+    for step, (got, want) in enumerate(zip(*answers, strict=True)):
+        assert got[0] == want[0], f"step {step}: greedy tokens {got[0]} against the loop's {want[0]}"
+        assert got[1] == pytest.approx(want[1], rel=ROUNDINGS * torch.finfo(torch.bfloat16).eps)
+
+
+def _greedy_answers(engine, blocks) -> list[tuple[list[int], list[float]]]:
+    """Each of _steps' best tokens and logits from a fresh cache, the engine's blocks run by `blocks`."""
+    engine.model.fused_blocks = blocks
+    engine.reset()
+    outputs = [
+        engine.step(h, chunks, free, [False] * len(chunks)) for h, chunks, free in _steps(torch.bfloat16)
+    ]
+    return [(o.best_token, o.best_logit) for o in outputs]
