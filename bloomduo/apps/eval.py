@@ -326,6 +326,7 @@ def _in_process_logits(
     from bloomduo.core.checkpoint import Checkpoint
     from bloomduo.core.dtypes import to_torch
     from bloomduo.gateway.embedding import Embedder
+    from bloomduo.shard_worker.fused_blocks import FusedBlocks
     from bloomduo.shard_worker.model import Chunk
     from bloomduo.shard_worker.tensor_parallel import load_shard
     from bloomduo.shard_worker.weight_formats import format_weights
@@ -334,6 +335,7 @@ def _in_process_logits(
     device = torch.device(shard_device(args.device, 0))
     model = load_shard(checkpoint, 0, 1, device=device, dtype=to_torch(dtype), quantize=quantize)
     format_weights(model, device, to_torch(dtype))  # the kernels a worker here would choose, measured alike
+    model.fused_blocks = FusedBlocks.build(model)  # and its blocks in one call where a worker has them
     hidden = Embedder(checkpoint, to_torch(dtype))(torch.tensor(token_ids))
     cache = model.new_kv_cache(initial_capacity=len(token_ids))
     with torch.inference_mode():
