@@ -214,7 +214,7 @@ class LinearKernel:
         self._linear = module.linear
 
     def record(self, dtype: torch.dtype) -> tuple[int, ...]:
-        """What _kernels.c's decode reads of this Linear for activations of `dtype` (its LinearRecord: w,
+        """What _kernels.c's blocks read of this Linear for activations of `dtype` (its LinearRecord: w,
         scale, bias, row_sums, N, K, w_dtype, layout, gelu, levels, block_rows)."""
         if self._bias_dtype not in (None, dtype):
             raise ValueError(f"bias must be {dtype}, got {self._bias_dtype}")
