@@ -8,10 +8,10 @@ LayerNorm in float32 as torch's (its moments summed in another order, so a bf16 
 bit). The all-reduce is the ranks' shared memory, in C, while the peers keep pace, else the group's
 (`all_reduce_sum`, called back from C), with its failures and timeouts.
 
-It takes a step whose rows are one new token per sequence (decode), or whole prompts of one length where the
-prompt attention kernel runs (AVX512), when every block's Linears run on bloomduo's kernels at that row count
-(cpu_kernels.py's routes may send some row counts to oneDNN); model.py's loop runs the rest (mixed steps,
-chunked prompts). Off with BLOOMDUO_FUSED_BLOCKS=0.
+It takes a step whose rows are one new token per sequence (decode), or whole bfloat16 prompts of one length,
+when every block's Linears run on bloomduo's kernels at that row count (cpu_kernels.py's routes may send
+some row counts to oneDNN); model.py's loop runs the rest (mixed steps, chunked prompts). Off with
+BLOOMDUO_FUSED_BLOCKS=0.
 """
 
 from __future__ import annotations
@@ -121,7 +121,9 @@ class FusedBlocks:
             bias, kv_length, prompt_length = plan.single_bias, plan.kv_length, 0
             positions = plan.single_positions.to(torch.int64).contiguous()
             slots = None if plan.slots_match_rows else plan.single_slots.to(torch.int64).contiguous()
-        elif plan.prompts_only and native.attends_prompts(self._query, plan.prompts[0].bias):
+        elif plan.prompts_only and native.attends(self._query, plan.prompts[0].bias):
+            # AVX2's prompt kernel too, alone no faster than the loop's SDPA (native.attends_prompts): in one
+            # call it saves the loop's Python (a 32-token prompt 68 -> 63 ms a rank, AVX2 int8-dynamic)
             (group,) = plan.prompts
             bias, kv_length, prompt_length = group.bias, group.length, group.length
             positions, slots = None, group.slot_ids

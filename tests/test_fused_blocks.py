@@ -77,7 +77,7 @@ def _steps(dtype: torch.dtype, world: int = 1) -> list[tuple[torch.Tensor, list[
 def _fused_steps(dtype: torch.dtype) -> int:
     """How many of _steps' steps run in one call: the decode ones, and the prompts where their kernel runs."""
     query = torch.empty(1, SMALL["n_head"], SMALL["hidden_size"] // SMALL["n_head"], dtype=dtype)
-    return 3 + native.attends_prompts(query, query)
+    return 3 + native.attends(query, query)
 
 
 def _run(model: BloomShardModel, steps) -> tuple[list[torch.Tensor], object]:
@@ -220,7 +220,8 @@ def test_two_ranks_sum_their_halves_in_one_call_and_agree(model_dir, tmp_path):
 
 
 def test_a_worker_runs_its_steps_in_one_call_and_says_so(model_dir, tmp_path):
-    """The worker's own engine: Info's kernels name the fused blocks; its greedy answers are the loop's."""
+    """The worker's own engine: Info's kernels name the fused blocks; its logits and clear greedy tokens are
+    the loop's."""
     from bloomduo.shard_worker.config import ShardOptions
     from bloomduo.shard_worker.engine import ShardEngine
 
@@ -245,15 +246,16 @@ def test_a_worker_runs_its_steps_in_one_call_and_says_so(model_dir, tmp_path):
             shutdown_distributed()
     assert counted.steps == _fused_steps(torch.bfloat16)
     for step, (got, want) in enumerate(zip(*answers, strict=True)):
-        assert got[0] == want[0], f"step {step}: greedy tokens {got[0]} against the loop's {want[0]}"
-        assert got[1] == pytest.approx(want[1], rel=ROUNDINGS * torch.finfo(torch.bfloat16).eps)
+        error = relative_error(got, want, torch.bfloat16)
+        assert error <= ROUNDINGS, f"step {step}: logits {error:.3g} eps from the loop's"
+        # the same greedy token wherever the loop's best is clear of the runner-up by more than that bound
+        top = want.float().topk(2, dim=-1).values
+        clear = (top[:, 0] - top[:, 1]) > 2 * ROUNDINGS * torch.finfo(torch.bfloat16).eps * want.abs().max()
+        assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear]), f"step {step}: greedy tokens"
 
 
-def _greedy_answers(engine, blocks) -> list[tuple[list[int], list[float]]]:
-    """Each of _steps' best tokens and logits from a fresh cache, the engine's blocks run by `blocks`."""
+def _greedy_answers(engine, blocks) -> list[torch.Tensor]:
+    """Each of _steps' logits rows from a fresh cache, the engine's blocks run by `blocks`."""
     engine.model.fused_blocks = blocks
     engine.reset()
-    outputs = [
-        engine.step(h, chunks, free, [False] * len(chunks)) for h, chunks, free in _steps(torch.bfloat16)
-    ]
-    return [(o.best_token, o.best_logit) for o in outputs]
+    return [engine.step(h, chunks, free).logits for h, chunks, free in _steps(torch.bfloat16)]
