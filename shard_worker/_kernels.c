@@ -1276,7 +1276,8 @@ static const char *run(Problem *p, int isa) {
     if (!isa_supported(isa)) return "this CPU lacks the instructions of the requested ISA";
     if (p->layout == LAYOUT_VNNI) return run_vnni(p, isa);
     if (p->K % TILE_K || p->N % TILE_ROWS) return "K must be a multiple of 32 and N of 4 (the tiled layout)";
-    if (isa == ISA_AVX512_BF16 && p->x_dtype != DT_BF16) return "the AVX512-BF16 path takes bfloat16 x";
+    /* VDPBF16PS multiplies bfloat16 pairs: float32 x takes the float32 FMA path */
+    if (isa == ISA_AVX512_BF16 && p->x_dtype != DT_BF16) isa = ISA_AVX512;
     if (p->layout == LAYOUT_ONEDNN) {
         if (p->N % BLOCK_ROWS || p->x_dtype != DT_BF16 || p->y_dtype != DT_BF16)
             return "the row-block layout is read for bfloat16 x and outputs, N a multiple of 64";
@@ -1475,8 +1476,7 @@ static const char *block_linear(const BlockStep *s, const LinearRecord *l, const
                  l->N,       l->K,                    s->dtype,
                  (int)l->w_dtype,       s->dtype,      (int)l->layout,
                  (int)l->gelu,          (int)l->levels, (int)l->block_rows};
-    /* VDPBF16PS multiplies bfloat16 pairs: float32 x takes the float32 FMA path (as LinearKernel does) */
-    return run(&p, s->isa == ISA_AVX512_BF16 && s->dtype != DT_BF16 ? ISA_AVX512 : s->isa);
+    return run(&p, s->isa);
 }
 
 /* The all-reduce of `reduced`: through shared memory in C while the peers keep pace, else (or to finish what that

@@ -213,11 +213,14 @@ class LinearKernel:
         self._vnni = tuple(vnni) if vnni is not None else (0, 0)  # levels, block rows: 0 off the VNNI layout
         self._linear = module.linear
 
+    def _check_bias(self, dtype: torch.dtype) -> None:
+        if self._bias_dtype not in (None, dtype):
+            raise ValueError(f"bias must be {dtype}, got {self._bias_dtype}")
+
     def record(self, dtype: torch.dtype) -> tuple[int, ...]:
         """What _kernels.c's blocks read of this Linear for activations of `dtype` (its LinearRecord: w,
         scale, bias, row_sums, N, K, w_dtype, layout, gelu, levels, block_rows)."""
-        if self._bias_dtype not in (None, dtype):
-            raise ValueError(f"bias must be {dtype}, got {self._bias_dtype}")
+        self._check_bias(dtype)
         return (
             self._weight,
             self._scale,
@@ -233,10 +236,7 @@ class LinearKernel:
 
     def __call__(self, x: torch.Tensor, isa: int | None = None) -> torch.Tensor:
         isa = best_isa() if isa is None else isa
-        if isa == AVX512_BF16 and x.dtype != torch.bfloat16:
-            isa = AVX512  # VDPBF16PS multiplies bfloat16 pairs: float32 x takes the float32 FMA path
-        if self._bias_dtype not in (None, x.dtype):
-            raise ValueError(f"bias must be {x.dtype}, got {self._bias_dtype}")
+        self._check_bias(x.dtype)
         rows = x.reshape(-1, self.in_features)
         if not rows.is_contiguous():
             rows = rows.contiguous()
