@@ -7,6 +7,8 @@ got both right. The paths, by the weight layout they read:
                     native      native.py's kernel on oneDNN's bytes   (the same, with AVX512-BF16)
     tiles           tiled       native.py's kernel on its own tiles    (x86-64 with AVX2, where it was built)
                     tiled-fp32  float32 GEMM on untiled, widened slices (bf16 emulated)
+    row blocks      row-blocks  native.py's FMA kernel on oneDNN's     (bf16 emulated, where it was built)
+                                bf16 byte order, made by native.py
     plain           eager       nn.Linear
                     aten        ATen's own kernel, oneDNN off          (where oneDNN is the default)
                     fp32        float32 GEMM on widened slices         (bf16 emulated)
@@ -23,6 +25,12 @@ weights at 1 and 4 rows, cold, one block at 32 and 256 rows):
       tiled                       3.3    9.2   5.9   45.2
       fp32                        8.8   16.4   6.2   34.9
       eager                       4.1   15.3  18.7      -
+    AVX2-only EPYC (bf16 emulated; ms of the four Linears of one block, hot, bloomduo's kernels)
+      tiled                       0.35   0.85  5.9   47.5
+      row-blocks                  0.29   0.85  5.4   39.5
+
+Sums along k (tiles) need widening work per FMA that outer products over row blocks (each x value broadcast
+against 16 rows' weights) spread over 6 rows: 68 against 82 GFLOP/s of this CPU's ~91 at 256 rows.
 
 oneDNN's small-batch kernel streams its packed weights at ~15 GB/s where native.py's reads the same bytes
 at ~21 GB/s; where bfloat16 arithmetic is emulated, a float32 GEMM on slices converted into one reused
@@ -62,21 +70,26 @@ from bloomduo.shard_worker.model import MLP
 log = get_logger(__name__)
 
 PACKED, NATIVE, TILED, TILED_FP32 = "packed", "native", "tiled", "tiled-fp32"
+ROW_BLOCKS = "row-blocks"
 EAGER, ATEN, FP32 = "eager", "aten", "fp32"
-PATHS = (PACKED, NATIVE, TILED, TILED_FP32, EAGER, ATEN, FP32)
+PATHS = (PACKED, NATIVE, TILED, TILED_FP32, ROW_BLOCKS, EAGER, ATEN, FP32)
 PLAIN = "plain"  # the weight as loaded, row-major
 # The layout each path reads: oneDNN's packed one (read by oneDNN, or by native.py's kernel for few rows),
-# native.py's own tiles, or the plain weight. One layout per group: two would hold the weights twice.
+# native.py's own tiles, its row blocks (oneDNN's byte order, made without oneDNN), or the plain weight. One
+# layout per group: two would hold the weights twice.
 LAYOUT_OF = {
     PACKED: PACKED,
     NATIVE: PACKED,
     TILED: TILED,
     TILED_FP32: TILED,
+    ROW_BLOCKS: ROW_BLOCKS,
     EAGER: PLAIN,
     ATEN: PLAIN,
     FP32: PLAIN,
 }
-LAYOUTS = (PACKED, TILED, PLAIN)  # preferred in this order when their worst slowdowns tie
+LAYOUTS = (PACKED, TILED, ROW_BLOCKS, PLAIN)  # preferred in this order when their worst slowdowns tie
+# What each of native.py's own layouts takes of a weight's shape
+LAYOUT_FITS = {TILED: native.fits, ROW_BLOCKS: native.row_blocks_fit}
 KERNELS_ENV = "BLOOMDUO_CPU_KERNELS"
 BLOCKS, LM_HEAD = "blocks", "lm_head"
 PROBE_ROWS = {BLOCKS: (1, 4, 32, 256), LM_HEAD: (1, 4, 16)}
@@ -205,8 +218,8 @@ class Route:
 
 
 def parse_route(spec: str) -> Route:
-    """A forced route: one path ("packed", "native", "tiled", "eager", "aten", "fp32"), or steps like
-    "aten,fp32@8" (aten below 8 rows, fp32 from 8) over paths of one layout."""
+    """A forced route: one path ("packed", "native", "tiled", "row-blocks", "eager", "aten", "fp32"), or
+    steps like "aten,fp32@8" (aten below 8 rows, fp32 from 8) over paths of one layout."""
     steps: list[tuple[int, str]] = []
     for part in spec.replace(" ", "").split(","):
         path, _, first = part.partition("@")
@@ -281,8 +294,8 @@ class PackedLinear(nn.Module):
 
 class RoutedLinear(nn.Module):
     """A Linear that runs each call on its route's path for the call's row count, its weight held in the
-    route's layout (plain, or native.py's tiles), with an optional GELU folded in (inside the float32 paths,
-    and the tiled kernel for the tanh GELU, before their one rounding; after the others)."""
+    route's layout (plain, or native.py's tiles or row blocks), with an optional GELU folded in (inside the
+    float32 paths, and native.py's kernels for the tanh GELU, before their one rounding; after the others)."""
 
     def __init__(
         self,
@@ -293,25 +306,29 @@ class RoutedLinear(nn.Module):
         algorithm: str = "",
     ) -> None:
         super().__init__()
-        if route.layout not in (PLAIN, TILED):
-            raise ValueError("RoutedLinear runs plain- and tiled-layout paths only")
+        if route.layout not in (PLAIN, TILED, ROW_BLOCKS):
+            raise ValueError("RoutedLinear runs plain-, tiled- and row-block-layout paths only")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        if route.layout == TILED:
-            self.weight = nn.Parameter(native.to_tiles(linear.weight.detach()), requires_grad=False)
+        arrange = {TILED: native.to_tiles, ROW_BLOCKS: native.to_row_blocks}.get(route.layout)
+        if arrange is not None:
+            self.weight = nn.Parameter(arrange(linear.weight.detach()), requires_grad=False)
         self.route, self.scratch = route, scratch
         self.approximate = (algorithm or "none") if activation == "gelu" else None
         self._firsts = [first for first, _ in route.steps]
         self._paths = [path for _, path in route.steps]
-        # the tiled kernel applies the tanh GELU to its float32 sums: one bf16 pass and rounding fewer
+        # native.py's kernels apply the tanh GELU to their float32 sums: one bf16 pass and rounding fewer
         tanh_gelu = self.approximate == "tanh"
-        tiled = TILED in route.paths
-        self._kernel = native.LinearKernel(self.weight, self.bias, gelu=tanh_gelu) if tiled else None
+        layout = native.ONEDNN if route.layout == ROW_BLOCKS else native.TILED
+        own = route.paths & {TILED, ROW_BLOCKS}
+        kernel = native.LinearKernel(self.weight, self.bias, layout=layout, gelu=tanh_gelu) if own else None
+        self._kernel = kernel
 
     def kernel_for(self, rows: int) -> native.LinearKernel | None:
         """The native kernel a call of `rows` rows runs, its GELU included, or None when another path does."""
         path = self._paths[bisect.bisect_right(self._firsts, rows) - 1]
-        return self._kernel if path == TILED and self.approximate in (None, "tanh") else None
+        own = path in (TILED, ROW_BLOCKS)
+        return self._kernel if own and self.approximate in (None, "tanh") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self._paths[bisect.bisect_right(self._firsts, x.numel() // self.in_features) - 1]
@@ -319,7 +336,7 @@ class RoutedLinear(nn.Module):
             return fp32_linear(x, self.weight, self.bias, self.scratch, self.approximate)
         if path == TILED_FP32:
             return fp32_linear(x, self.weight, self.bias, self.scratch, self.approximate, tiled=True)
-        if path == TILED:
+        if path in (TILED, ROW_BLOCKS):
             out = self._kernel(x)
             return out if self.approximate in (None, "tanh") else F.gelu(out, approximate=self.approximate)
         out = aten_linear(x, self.weight, self.bias) if path == ATEN else F.linear(x, self.weight, self.bias)
@@ -345,13 +362,13 @@ class KernelChoice:
 def candidate_paths(packing: bool) -> list[str]:
     """The paths this CPU can run: packed where packing applies, and native beside it where native.py's
     kernel reads the layout oneDNN packs in here (AVX512-BF16); tiled where native.py was built with a
-    vector ISA (and tiled-fp32 beside it, and fp32, where bfloat16 arithmetic is emulated); aten where the
-    default is oneDNN's (elsewhere it is the same kernel as eager)."""
+    vector ISA (and tiled-fp32 and row-blocks beside it, and fp32, where bfloat16 arithmetic is emulated);
+    aten where the default is oneDNN's (elsewhere it is the same kernel as eager)."""
     paths = [PACKED] if packing else []
     if packing and native.reads_onednn_packing():
         paths.append(NATIVE)
     if native.best_isa() >= native.AVX2:
-        paths += [TILED, TILED_FP32] if bf16_is_emulated() else [TILED]
+        paths += [TILED, TILED_FP32, ROW_BLOCKS] if bf16_is_emulated() else [TILED]
     paths.append(EAGER)
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         paths.append(ATEN)
@@ -381,25 +398,30 @@ def choose(
                 f"{KERNELS_ENV}/--cpu-kernels: packed needs oneDNN's bfloat16 matmul (AVX512-BF16 or AMX), "
                 "which this CPU or torch build lacks, or BLOOMDUO_CPU_PACKED_WEIGHTS=0 turned it off"
             )
-        missing = route.paths & {NATIVE, TILED, TILED_FP32} - set(paths)
+        missing = route.paths & {NATIVE, TILED, TILED_FP32, ROW_BLOCKS} - set(paths)
         if missing:
             raise ValueError(
                 f"{KERNELS_ENV}/--cpu-kernels: {', '.join(sorted(missing))} needs bloomduo's native kernels "
-                "(built by its install with a C compiler) and, for native, AVX512-BF16; this worker has "
-                f"{', '.join(paths)}"
+                "(built by its install with a C compiler) and, for native, AVX512-BF16 (for row-blocks, a "
+                f"CPU without it); this worker has {', '.join(paths)}"
             )
         return KernelChoice({group: route for group in groups}, forced=True)
     started = time.perf_counter()
     choice = KernelChoice({})
     generator = torch.Generator().manual_seed(0)
     for group, linears in groups.items():
-        fits = all(native.fits(linear.weight) for linear in linears)
-        fitting = [p for p in paths if LAYOUT_OF[p] != TILED or fits]
+        fitting = [p for p in paths if _fit(LAYOUT_OF[p], linears)]
         timings, rejected = measure_group(group, linears, fitting, scratch, generator)
         choice.timings_ms[group], choice.rejected[group] = timings, rejected
         choice.routes[group] = route_from(timings, PROBE_ROWS[group])
     choice.seconds = time.perf_counter() - started
     return choice
+
+
+def _fit(layout: str, linears: list[nn.Linear]) -> bool:
+    """Whether every one of `linears` can take `layout` (any for oneDNN's and the plain one)."""
+    fits = LAYOUT_FITS.get(layout)
+    return fits is None or all(fits(linear.weight) for linear in linears)
 
 
 def route_from(timings: dict[str, dict[int, float]], probes: tuple[int, ...]) -> Route:
@@ -547,9 +569,8 @@ def apply_routes(model: nn.Module, choice: KernelChoice, scratch: Fp32Scratch) -
             return None
         if route.layout == PACKED:
             return PackedLinear(linear, activation, algorithm, route)
-        if route.layout == TILED:  # forced: a weight the tiles do not fit keeps nn.Linear
-            fits = native.fits(linear.weight)
-            return RoutedLinear(linear, route, scratch, activation, algorithm) if fits else None
+        if not _fit(route.layout, [linear]):  # forced: a weight the layout does not fit keeps nn.Linear
+            return None
         return RoutedLinear(linear, route, scratch, activation, algorithm)
 
     for mlp in [m for m in model.modules() if isinstance(m, MLP)]:

@@ -131,9 +131,16 @@ def to_tiles(weight: torch.Tensor) -> torch.Tensor:
     return tiles.transpose(1, 2).contiguous().view(out_features, in_features)
 
 
+def row_blocks_fit(weight: torch.Tensor) -> bool:
+    """Whether a [out, in] weight can take the ONEDNN layout (out a multiple of 64, in of 32)."""
+    out_features, in_features = weight.shape
+    return out_features % 64 == 0 and in_features % TILE_K == 0
+
+
 def to_row_blocks(weight: torch.Tensor) -> torch.Tensor:
-    """The [out, in] weight (out a multiple of 64, in of 32) in the ONEDNN layout: oneDNN's packing of bf16
-    weights (blocks of 64 rows x 32 columns, each holding (k, k+1) pairs row by row), here for int8."""
+    """The [out, in] weight (row_blocks_fit) in the ONEDNN layout: oneDNN's packing of bf16 weights (blocks of
+    64 rows x 32 columns, each holding (k, k+1) pairs row by row), made here: for int8 weights, and for bf16
+    ones where oneDNN packs none (bf16 emulated: the AVX2 FMA form reads them)."""
     out_features, in_features = weight.shape
     blocks = weight.reshape(out_features // 64, 64, in_features // TILE_K, TILE_K // 2, 2)
     return blocks.permute(0, 2, 3, 1, 4).contiguous().view(out_features, in_features)

@@ -88,13 +88,15 @@ def test_machine_rates_are_measured_and_positive() -> None:
     assert rates["gemm_shape"] == [machine_floor.GEMM_ROWS, 96, 384] and rates["gemm_kernel"] == "F.linear"
 
     # bf16: the workers' oneDNN-packed kernel competes where oneDNN runs bf16 natively, their tiled kernel
-    # everywhere, and where bf16 is emulated the float32 GEMM they may run on widened weights.
+    # everywhere, and where bf16 is emulated their row-block kernel and the float32 GEMM they may run on
+    # widened weights.
     rates = machine_floor.gemm_rates("cpu", "bfloat16", 64, threads=1, budget_s=0.05, workers=2)
     assert all(_positive_finite(rate) for rate in rates.values()), rates
     packs = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     want = {"F.linear", "bloomduo tiled bf16 x 2 workers"}
     want |= {"oneDNN packed linear"} if packs else set()
-    want |= {"F.linear float32 (bf16 weights widened)"} if cpu_kernels.bf16_is_emulated() else set()
+    emulated = {"bloomduo row-blocks bf16 x 2 workers", "F.linear float32 (bf16 weights widened)"}
+    want |= emulated if cpu_kernels.bf16_is_emulated() else set()
     assert set(rates) == want
     rate, kernel = machine_floor.fastest(rates)
     assert rate == max(rates.values()) and rates[kernel] == rate

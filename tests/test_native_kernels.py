@@ -75,11 +75,22 @@ def test_the_tiled_kernel_computes_x_times_w_transposed(isa, weights, activation
     assert _within_one_rounding(got, torch.nn.functional.gelu(want, approximate="tanh") if gelu else want)
 
 
-@pytest.mark.parametrize("isa", [i for i in ISAS if i in (native.SCALAR, native.AVX512_BF16)], ids=str)
-@pytest.mark.parametrize("rows", [1, 6, 7, 13, 67])  # 67: int8 row blocks are widened once, not per pass
+# 67: int8 row blocks are widened once, not per pass; below AVX512-BF16 (FMAs alone): 1 row by whole
+# blocks, 2 by half blocks, more by strips of 16 rows in groups of 3 to 6 (7: 4 + 3, 16: 6 + 5 + 5)
+# int8 row blocks: the AVX512-BF16 and scalar paths alone (elsewhere int8 weight-only takes the tiles, and
+# test_the_row_block_layout_refuses_int8_below_avx512_bf16)
+ROW_BLOCK_READERS = [
+    pytest.param(isa, weights, id=f"{native.ISA_NAMES[isa]}-{weights}")
+    for isa in ISAS
+    for weights in ("bfloat16", "int8")
+    if weights == "bfloat16" or isa in (native.SCALAR, native.AVX512_BF16)
+]
+
+
+@pytest.mark.parametrize(("isa", "weights"), ROW_BLOCK_READERS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 7, 13, 16, 67])
 @pytest.mark.parametrize("gelu", [False, True])
-@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
-def test_the_onednn_layout_is_read_as_documented(isa, rows, gelu, weights):
+def test_the_onednn_layout_is_read_as_documented(isa, weights, rows, gelu):
     generator = torch.Generator().manual_seed(rows)
     if weights == "int8":
         weight, scale = per_channel_int8(torch.randn(128, 96, generator=generator))
@@ -94,6 +105,14 @@ def test_the_onednn_layout_is_read_as_documented(isa, rows, gelu, weights):
     if gelu:  # BLOOM's tanh GELU of the float32 sum, before the one rounding
         want = torch.nn.functional.gelu(want, approximate="tanh")
     assert _within_one_rounding(got, want)
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i in (native.AVX2, native.AVX512)], ids=str)
+def test_the_row_block_layout_refuses_int8_below_avx512_bf16(isa):
+    weight, scale = per_channel_int8(torch.randn(64, 32))
+    x = torch.randn(2, 32).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="int8 weights are read by the AVX512-BF16 path"):
+        native.linear(x, native.to_row_blocks(weight), None, scale, isa=isa, layout=native.ONEDNN)
 
 
 def _quantized_reference(x, weight, scale, bias, levels) -> torch.Tensor:

@@ -38,6 +38,7 @@ from bloomduo.shard_worker.cpu_kernels import (
     PACKED,
     PLAIN,
     PROBE_ROWS,
+    ROW_BLOCKS,
     TILED,
     TILED_FP32,
     TOLERANCE_EPS,
@@ -83,8 +84,9 @@ def _module_for(path: str, linear: nn.Linear, scratch: Fp32Scratch, activation: 
         module = PackedLinear(linear, activation, algorithm, Route(PACKED, ((1, path),)))
         assert module._native == [path == NATIVE]  # native read oneDNN's layout right, or was not asked
         return module
-    if path in (TILED, TILED_FP32):
-        return RoutedLinear(linear, Route(TILED, ((1, path),)), scratch, activation, algorithm)
+    if path in (TILED, TILED_FP32, ROW_BLOCKS):
+        route = Route(cpu_kernels.LAYOUT_OF[path], ((1, path),))
+        return RoutedLinear(linear, route, scratch, activation, algorithm)
     return RoutedLinear(linear, Route(PLAIN, ((1, path),)), scratch, activation, algorithm)
 
 
@@ -93,7 +95,8 @@ needs_native_onednn = pytest.mark.skipif(
     reason="the native path reads oneDNN's AVX512-BF16 layout: this CPU or torch build packs no bfloat16, "
     "or packs it in another layout (then the native path is no candidate here)",
 )
-OWN_PATHS = [pytest.param(NATIVE, marks=needs_native_onednn), TILED, TILED_FP32]  # the install built them
+# the install built them; row-blocks reads its layout on every CPU, though a candidate where bf16 is emulated
+OWN_PATHS = [pytest.param(NATIVE, marks=needs_native_onednn), TILED, TILED_FP32, ROW_BLOCKS]
 
 
 # ------------------------------------------------------------------------------ each path, one Linear
@@ -123,12 +126,13 @@ def test_every_path_computes_what_nn_linear_does(path, bias, rows):
         FP32,
         TILED_FP32,
         TILED,
+        ROW_BLOCKS,
     ],
 )
 @torch.inference_mode()
 def test_a_folded_gelu_rounds_once(path):
-    """packed, native, fp32 and tiled apply the GELU to the float32 sum: within a rounding of float32
-    throughout."""
+    """packed, native, fp32, tiled and row-blocks apply the GELU to the float32 sum: within a rounding of
+    float32 throughout."""
     linear = _linear(256, 384, seed=2)
     x = torch.randn(16, 256).to(torch.bfloat16)
     exact = nn.functional.gelu(
@@ -253,8 +257,7 @@ def test_measuring_times_every_candidate_checks_it_and_drops_a_wrong_one(monkeyp
     choice = choose(groups, paths, Fp32Scratch(), "auto")
     assert not choice.forced and choice.seconds > 0
     for group in (BLOCKS, LM_HEAD):
-        fits = all(native.fits(m.weight) for m in groups[group])
-        fitting = {p for p in paths if cpu_kernels.LAYOUT_OF[p] != TILED or fits}
+        fitting = {p for p in paths if cpu_kernels._fit(cpu_kernels.LAYOUT_OF[p], groups[group])}
         assert set(choice.timings_ms[group]) == fitting  # every candidate timed at one row
         assert all(t[1] > 0 for t in choice.timings_ms[group].values())
         assert choice.routes[group].paths <= set(paths) and not choice.rejected[group]
@@ -441,7 +444,8 @@ def test_an_avx2_class_cpu_chooses_among_what_it_can_run(reference):
     report = _run_script(_AVX2_SCRIPT, str(reference["model_dir"]), env=env)
     assert report["capability"] in ("AVX2", "DEFAULT"), report  # the ATen cap took effect
     # bloomduo's own kernel in its AVX2 form where the install built it (the test environment always does)
-    assert report["candidates"] == [TILED, TILED_FP32, EAGER, FP32] and report["packed"] == 0, report
+    assert report["candidates"] == [TILED, TILED_FP32, ROW_BLOCKS, EAGER, FP32], report
+    assert report["packed"] == 0, report
     assert report["isa"] == "avx2", report
     assert report["kernels"].startswith("blocks: ") and PACKED not in report["kernels"], report
 

@@ -203,9 +203,10 @@ def gemm_rates(
     """FLOP/s of the prefill-like GEMM GEMM_ROWS x hidden -> 4 x hidden (the MLP's first matrix) in the
     served dtype, by kernel: F.linear, and on a CPU with native oneDNN bf16 also the oneDNN-packed linear
     the workers use there (shard_worker/weight_formats.py). For bf16 on a CPU also the paths its workers
-    choose among where bf16 arithmetic is emulated (cpu_kernels.py): bloomduo's tiled kernel, one thread per
-    call (so `workers` of them at once), and F.linear in float32 on the widened weights; F.linear in
-    emulated bf16 alone would put the TTFT floor at several times what the workers reach. With
+    choose among where bf16 arithmetic is emulated (cpu_kernels.py): bloomduo's tiled and row-block
+    kernels, one thread per call (so `workers` of them at once), and F.linear in float32 on the widened
+    weights; F.linear in emulated bf16 alone would put the TTFT floor at several times what the workers
+    reach. With
     `int8_matrices` on a CPU, also the int8 GEMM that --quantize int8-dynamic runs (operations counted as
     FLOPs): fbgemm's at `threads`, or bloomduo's VNNI kernel, which runs on one thread per call, so `workers`
     of them at once."""
@@ -237,10 +238,14 @@ def gemm_rates(
         if device == "cpu" and dtype == torch.bfloat16:
             from bloomduo.shard_worker import cpu_kernels, native
 
+            own = {}
             if native.available() and native.fits(weight):
-                tiled = native.LinearKernel(native.to_tiles(weight))
-                rate = _median_rate(lambda: tiled(x), flops, sync, budget_s)
-                rates[f"bloomduo tiled bf16 x {workers} workers"] = rate * workers
+                own["tiled"] = native.LinearKernel(native.to_tiles(weight))
+            if native.available() and native.row_blocks_fit(weight) and cpu_kernels.bf16_is_emulated():
+                own["row-blocks"] = native.LinearKernel(native.to_row_blocks(weight), layout=native.ONEDNN)
+            for name, kernel in own.items():
+                rate = _median_rate(lambda kernel=kernel: kernel(x), flops, sync, budget_s)
+                rates[f"bloomduo {name} bf16 x {workers} workers"] = rate * workers
             if cpu_kernels.bf16_is_emulated():
                 widened_x, widened = x.float(), weight.float()
                 rates["F.linear float32 (bf16 weights widened)"] = _median_rate(
