@@ -25,9 +25,10 @@ weights at 1 and 4 rows, cold, one block at 32 and 256 rows):
       tiled                       3.3    9.2   5.9   45.2
       fp32                        8.8   16.4   6.2   34.9
       eager                       4.1   15.3  18.7      -
-    AVX2-only EPYC (bf16 emulated; ms of the four Linears of one block, hot, bloomduo's kernels)
-      tiled                       0.35   0.85  5.9   47.5
-      row-blocks                  0.29   0.85  5.4   39.5
+    AVX2-only EPYC, real (both ranks probing at once)
+      tiled                       3.2    9.3   6.3   47.5
+      tiled-fp32                 13.6   23.4   8.4   45.9
+      row-blocks                  3.6    6.9   5.1   38.5
 
 Sums along k (tiles) need widening work per FMA that outer products over row blocks (each x value broadcast
 against 16 rows' weights) spread over 6 rows: 68 against 82 GFLOP/s of this CPU's ~91 at 256 rows.
@@ -398,12 +399,15 @@ def choose(
                 f"{KERNELS_ENV}/--cpu-kernels: packed needs oneDNN's bfloat16 matmul (AVX512-BF16 or AMX), "
                 "which this CPU or torch build lacks, or BLOOMDUO_CPU_PACKED_WEIGHTS=0 turned it off"
             )
-        missing = route.paths & {NATIVE, TILED, TILED_FP32, ROW_BLOCKS} - set(paths)
+        # row-blocks runs wherever the tiles do (VDPBF16PS reads its layout where the CPU has it), though
+        # timed only where bf16 is emulated
+        runnable = set(paths) | ({ROW_BLOCKS} if TILED in paths else set())
+        missing = route.paths & {NATIVE, TILED, TILED_FP32, ROW_BLOCKS} - runnable
         if missing:
             raise ValueError(
                 f"{KERNELS_ENV}/--cpu-kernels: {', '.join(sorted(missing))} needs bloomduo's native kernels "
-                "(built by its install with a C compiler) and, for native, AVX512-BF16 (for row-blocks, a "
-                f"CPU without it); this worker has {', '.join(paths)}"
+                "(built by its install with a C compiler) and, for native, AVX512-BF16; this worker has "
+                f"{', '.join(paths)}"
             )
         return KernelChoice({group: route for group in groups}, forced=True)
     started = time.perf_counter()

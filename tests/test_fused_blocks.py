@@ -41,10 +41,17 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def _model(
-    model_dir: Path, dtype: torch.dtype, quantize: str, group: ShardGroup | None = None, rank=0, world=1
+    model_dir: Path,
+    dtype: torch.dtype,
+    quantize: str,
+    group: ShardGroup | None = None,
+    rank=0,
+    world=1,
+    route: str = "tiled",
 ):
+    """The shard's model, its bf16 Linears on `route` (native.py's tiles or its row blocks)."""
     model = load_shard(model_dir, rank, world, device=CPU, dtype=dtype, quantize=quantize, group=group)
-    format_weights(model, CPU, dtype, "tiled" if quantize == "none" else "auto", group)
+    format_weights(model, CPU, dtype, route if quantize == "none" else "auto", group)
     return model
 
 
@@ -92,17 +99,18 @@ def _run(model: BloomShardModel, steps) -> tuple[list[torch.Tensor], object]:
 
 
 @pytest.mark.parametrize(
-    "dtype, quantize",
+    "dtype, quantize, route",
     [
-        (torch.bfloat16, "none"),
-        (torch.bfloat16, "int8"),
-        (torch.bfloat16, "int8-dynamic"),
-        (torch.float32, "int8-dynamic"),
+        (torch.bfloat16, "none", "tiled"),
+        (torch.bfloat16, "none", "row-blocks"),  # the AVX2 class's choice; VDPBF16PS reads it on AVX512-BF16
+        (torch.bfloat16, "int8", "auto"),
+        (torch.bfloat16, "int8-dynamic", "auto"),
+        (torch.float32, "int8-dynamic", "auto"),
     ],
 )
-def test_a_step_in_one_call_computes_what_the_layer_loop_does(model_dir, dtype, quantize, monkeypatch):
+def test_a_step_in_one_call_computes_what_the_layer_loop_does(model_dir, dtype, quantize, route, monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    model = _model(model_dir, dtype, quantize)
+    model = _model(model_dir, dtype, quantize, route=route)
     fused = FusedBlocks.build(model)
     assert fused is not None
     steps = _steps(dtype)
@@ -176,9 +184,10 @@ def test_an_all_reduce_that_fails_mid_step_raises_and_the_cache_is_untouched(mod
 
 
 @pytest.mark.parametrize("isa", [native.SCALAR, native.AVX2])
-def test_every_isa_level_computes_the_same_step(model_dir, isa):
+@pytest.mark.parametrize("route", ["tiled", "row-blocks"])
+def test_every_isa_level_computes_the_same_step(model_dir, isa, route):
     """The call at a lower ISA (the AVX2 class's, and the scalar reference) against the best one here."""
-    model = _model(model_dir, torch.bfloat16, "none")
+    model = _model(model_dir, torch.bfloat16, "none", route=route)
     fused = FusedBlocks.build(model)
     steps = _steps(torch.bfloat16)
     outputs = []
