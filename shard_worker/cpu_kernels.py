@@ -322,8 +322,9 @@ class RoutedLinear(nn.Module):
         tanh_gelu = self.approximate == "tanh"
         layout = native.ONEDNN if route.layout == ROW_BLOCKS else native.TILED
         own = route.paths & {TILED, ROW_BLOCKS}
-        kernel = native.LinearKernel(self.weight, self.bias, layout=layout, gelu=tanh_gelu) if own else None
-        self._kernel = kernel
+        self._kernel = (
+            native.LinearKernel(self.weight, self.bias, layout=layout, gelu=tanh_gelu) if own else None
+        )
 
     def kernel_for(self, rows: int) -> native.LinearKernel | None:
         """The native kernel a call of `rows` rows runs, its GELU included, or None when another path does."""

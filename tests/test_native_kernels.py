@@ -75,8 +75,8 @@ def test_the_tiled_kernel_computes_x_times_w_transposed(isa, weights, activation
     assert _within_one_rounding(got, torch.nn.functional.gelu(want, approximate="tanh") if gelu else want)
 
 
-# 67: int8 row blocks are widened once, not per pass; below AVX512-BF16 (FMAs alone): 1 row by whole
-# blocks, 2 by half blocks, more by strips of 16 rows in groups of 3 to 6 (7: 4 + 3, 16: 6 + 5 + 5)
+# 67: int8 row blocks are widened once, not per pass; below AVX512-BF16 (FMAs alone): up to 3 rows by whole
+# blocks a row at a time, more by strips of 16 rows in groups of 3 to 6 (7: 4 + 3, 16: 6 + 5 + 5)
 # int8 row blocks: the AVX512-BF16 and scalar paths alone (elsewhere int8 weight-only takes the tiles, and
 # test_the_row_block_layout_refuses_int8_below_avx512_bf16)
 ROW_BLOCK_READERS = [

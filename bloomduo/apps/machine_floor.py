@@ -206,10 +206,9 @@ def gemm_rates(
     choose among where bf16 arithmetic is emulated (cpu_kernels.py): bloomduo's tiled and row-block
     kernels, one thread per call (so `workers` of them at once), and F.linear in float32 on the widened
     weights; F.linear in emulated bf16 alone would put the TTFT floor at several times what the workers
-    reach. With
-    `int8_matrices` on a CPU, also the int8 GEMM that --quantize int8-dynamic runs (operations counted as
-    FLOPs): fbgemm's at `threads`, or bloomduo's VNNI kernel, which runs on one thread per call, so `workers`
-    of them at once."""
+    reach. With `int8_matrices` on a CPU, also the int8 GEMM that --quantize int8-dynamic runs (operations
+    counted as FLOPs): fbgemm's at `threads`, or bloomduo's VNNI kernel, which runs on one thread per call,
+    so `workers` of them at once."""
     import torch
     import torch.nn.functional as F
 
@@ -241,8 +240,9 @@ def gemm_rates(
             own = {}
             if native.available() and native.fits(weight):
                 own["tiled"] = native.LinearKernel(native.to_tiles(weight))
-            if native.available() and native.row_blocks_fit(weight) and cpu_kernels.bf16_is_emulated():
-                own["row-blocks"] = native.LinearKernel(native.to_row_blocks(weight), layout=native.ONEDNN)
+                if native.row_blocks_fit(weight) and cpu_kernels.bf16_is_emulated():
+                    blocks = native.to_row_blocks(weight)
+                    own["row-blocks"] = native.LinearKernel(blocks, layout=native.ONEDNN)
             for name, kernel in own.items():
                 rate = _median_rate(lambda kernel=kernel: kernel(x), flops, sync, budget_s)
                 rates[f"bloomduo {name} bf16 x {workers} workers"] = rate * workers
