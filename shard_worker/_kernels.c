@@ -806,7 +806,8 @@ AVX2 static const char *linear_vnni_avx2(const Problem *p) {
  * against up to 6 rows of x, 12 accumulators, each widened weight used by every row and each x value
  * broadcast for both vectors: 24 FMAs a pair against 2 weight loads and 6 shifts, where tile_avx2_pairs (sums
  * along k) spends 8 widenings on 16 FMAs and ran at ~74 % of this CPU's FMA rate. */
-AVX2 INLINE void row_block_avx2(const Problem *p, const float *x, const uint16_t *block, long r, long n0) {
+AVX2 INLINE void row_block_avx2(const Problem *p, const float *x, const uint16_t *block, long r, long n0,
+                                const char *next, long next_bytes) {
     const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
     __m256 acc[8];
     for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
@@ -814,6 +815,11 @@ AVX2 INLINE void row_block_avx2(const Problem *p, const float *x, const uint16_t
     const long K = p->K;
     for (long k = 0; k < K; k += 2, block += 2 * BLOCK_ROWS) {
         __m256 even = _mm256_broadcast_ss(xr + k), odd = _mm256_broadcast_ss(xr + k + 1);
+        if (next_bytes > 0) { /* two lines an iteration: all of the next block over 2 rows' passes */
+            _mm_prefetch(next, _MM_HINT_T1);
+            _mm_prefetch(next + 64, _MM_HINT_T1);
+            next += 128, next_bytes -= 128;
+        }
         for (int c = 0; c < 8; c++) {
             __m256i w = _mm256_loadu_si256((const __m256i *)(block + c * 16));
             acc[c] = _mm256_fmadd_ps(even, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), acc[c]);
@@ -844,12 +850,15 @@ AVX2 INLINE void row_block_avx2(const Problem *p, const float *x, const uint16_t
 
 /* A strip reads one cache line of every 256 bytes of its block: from memory, four strips' passes at that
  * stride streamed far slower than one pass front to back (4 rows against weights past the L3: 12.2 ms against
- * the tiles' 9.6). So the block's first pass (`lead`) also fetches the other strips' lines, a few KB ahead,
- * and reads the block from memory in order; the later passes find it in L2. */
+ * the tiles' 9.6). So the first block's first pass (`lead`) also fetches the other strips' lines, a few KB
+ * ahead, and reads the block from memory in order; the later passes find it in L2. Every pass also fetches its
+ * share of the next block into L2 (`next`, one line an iteration, T1: into L1 too cost a third of the gain),
+ * so no block after the first waits for memory in its first pass (16 rows against weights past the L3: 67-70
+ * -> 72-78 GFLOP/s; 32 rows: 73-75 -> 75-80; hot, 16 rows run at 78). */
 #define LEAD_BYTES 4096
 
 AVX2 INLINE void row_strip_avx2(const Problem *p, const float *x, const uint16_t *block, int s, long r0,
-                                const int rows, long n0, int lead) {
+                                const int rows, long n0, int lead, const char *next, long next_bytes) {
     const long K = p->K;
     const uint16_t *strip = block + s * 32; /* line s of each pair's 4 */
     const char *ahead = (const char *)block + LEAD_BYTES;
@@ -858,6 +867,10 @@ AVX2 INLINE void row_strip_avx2(const Problem *p, const float *x, const uint16_t
         if (lead)
             for (int line = 0; line < 4; line++)
                 if (line != s) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);
+        if (next_bytes > 0) {
+            _mm_prefetch(next, _MM_HINT_T1);
+            next += 64, next_bytes -= 64;
+        }
         __m256i w0 = _mm256_loadu_si256((const __m256i *)strip), w1 = _mm256_loadu_si256((const __m256i *)(strip + 16));
         __m256 w0k = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)), w1k = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
         STRIP_ROWS(STRIP_ROW_FMAS, , 0, w0k, w1k)
@@ -874,36 +887,49 @@ AVX2 INLINE void row_strip_avx2(const Problem *p, const float *x, const uint16_t
 #define ROW_STRIP(ROWS)                                                                                             \
     AVX2 __attribute__((noinline)) static void row_strip_##ROWS(const Problem *p, const float *x,                   \
                                                                   const uint16_t *block, int s, long r0, long n0,   \
-                                                                  int lead) {                                        \
-        row_strip_avx2(p, x, block, s, r0, ROWS, n0, lead);                                                        \
+                                                                  int lead, const char *next, long next_bytes) {     \
+        row_strip_avx2(p, x, block, s, r0, ROWS, n0, lead, next, next_bytes);                                      \
     }
 ROW_STRIP(3)
 ROW_STRIP(4)
 ROW_STRIP(5)
 ROW_STRIP(6)
 
+static inline long min_long(long a, long b) { return a < b ? a : b; }
+
 /* Block outermost, then strip: a strip (16 x K bf16, 32-128 KB at bloom-560m) stays in L1 or L2 for every group
  * of rows after the first. Rows go in groups of 4 to 6, as even as they divide (16 rows: 6, 5, 5; not 6, 6, 4:
  * fewer rows, fewer accumulators to hide the FMAs' latency behind). Up to 3 rows read whole blocks one row at a
  * time, the first from memory in order and the others from L2 (2 rows against weights past the L3: 5.1 ms, where
- * half blocks of 2 rows took 8.4 and the tiles 5.4). */
+ * half blocks of 2 rows took 8.4 and the tiles 5.4), fetching the next block as they go (75 MB, same run: 2
+ * rows 4.5 -> 3.9-4.1 ms, 3 rows 5.9 -> 4.6-4.8; all of it in the second row's pass alone was slower). */
 AVX2 static void linear_row_blocks_avx2(const Problem *p, const float *x) {
     const uint16_t *w = (const uint16_t *)p->w;
     const long groups = (p->R + 5) / 6;
+    const long block_bytes = BLOCK_ROWS * p->K * (long)sizeof(uint16_t);
+    /* the passes over a block that fetch the next one, and each one's share of it (whole cache lines) */
+    const long fetching = p->R <= 3 ? p->R - 1 : BLOCK_ROWS / 16 * groups;
+    const long share = fetching ? (block_bytes / fetching + 63) / 64 * 64 : 0;
     for (long n0 = 0; n0 < p->N; n0 += BLOCK_ROWS) {
         const uint16_t *block = w + n0 * p->K;
+        const char *next = (const char *)(block + BLOCK_ROWS * p->K);
+        const long next_bytes = n0 + BLOCK_ROWS < p->N ? block_bytes : 0;
         if (p->R <= 3) {
-            for (long r = 0; r < p->R; r++) row_block_avx2(p, x, block, r, n0);
+            for (long r = 0; r < p->R; r++) { /* the first row's pass reads this block from memory */
+                const long from = r ? min_long((r - 1) * share, next_bytes) : next_bytes;
+                row_block_avx2(p, x, block, r, n0, next + from, min_long(share, next_bytes - from));
+            }
         } else {
-            for (int s = 0; s < BLOCK_ROWS / 16; s++)
-                for (long g = 0, r0 = 0; g < groups; g++) {
+            for (int s = 0, pass = 0; s < BLOCK_ROWS / 16; s++)
+                for (long g = 0, r0 = 0; g < groups; g++, pass++) {
                     const long rows = p->R / groups + (g < p->R % groups);
-                    const int lead = s == 0 && g == 0;
+                    const int lead = n0 == 0 && s == 0 && g == 0;
+                    const long from = min_long(pass * share, next_bytes), bytes = min_long(share, next_bytes - from);
                     switch (rows) {
-                    case 3: row_strip_3(p, x, block, s, r0, n0 + s * 16, lead); break; /* 3 rows; 7: 4 and 3 */
-                    case 4: row_strip_4(p, x, block, s, r0, n0 + s * 16, lead); break;
-                    case 5: row_strip_5(p, x, block, s, r0, n0 + s * 16, lead); break;
-                    default: row_strip_6(p, x, block, s, r0, n0 + s * 16, lead); break;
+                    case 3: row_strip_3(p, x, block, s, r0, n0 + s * 16, lead, next + from, bytes); break; /* 7: 4, 3 */
+                    case 4: row_strip_4(p, x, block, s, r0, n0 + s * 16, lead, next + from, bytes); break;
+                    case 5: row_strip_5(p, x, block, s, r0, n0 + s * 16, lead, next + from, bytes); break;
+                    default: row_strip_6(p, x, block, s, r0, n0 + s * 16, lead, next + from, bytes); break;
                     }
                     r0 += rows;
                 }
