@@ -88,3 +88,21 @@ def test_a_worker_refuses_cores_it_may_not_use(tmp_path) -> None:
     )
     assert result.returncode == 2
     assert "--cpu-cores '0,4096' must be a comma-separated list of the cores" in result.stderr
+
+
+def test_thread_counts_are_whole_and_positive() -> None:
+    """The gateway computes on one thread unless told otherwise: its OpenMP team would spin on the workers'
+    cores after every op. Both services refuse a count that is not a whole number of 1 or more."""
+    from bloomduo.apps.cli import build_parser
+
+    assert build_parser().parse_args(["gateway", "--model", "m", "--shards", "a:1"]).threads == 1
+    for service in (["gateway", "--shards", "a:1"], ["shard", "--rank", "0", "--world-size", "1"]):
+        for count, error in (("0", "must be 1 or more, not 0"), ("two", "must be a whole number, not 'two'")):
+            result = subprocess.run(
+                [sys.executable, "-m", "bloomduo", *service, "--model", "m", "--threads", count]
+                + (["--dist-init", "tcp://127.0.0.1:1", "--port", "1"] if service[0] == "shard" else []),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == 2 and f"argument --threads: {error}" in result.stderr, result.stderr
