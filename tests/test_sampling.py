@@ -134,7 +134,8 @@ BLOOM_VOCAB = 250880
 
 
 # Cases where transformers' TypicalLogitsWarper keeps a few tokens more or fewer than exact arithmetic.
-@pytest.mark.parametrize(("seed", "scale"), [(4, 3.0), (0, 4.0), (6, 2.0)])
+# Scale 1: a nucleus of most of the vocabulary (163690 tokens at top-p 0.9), counted by key ranges.
+@pytest.mark.parametrize(("seed", "scale"), [(4, 3.0), (0, 4.0), (6, 2.0), (1, 1.0)])
 def test_nucleus_boundary_is_exact_at_bloom_vocabulary_size(seed: int, scale: float) -> None:
     # Over 250880 entries a float32 softmax is off by up to 2e-5 in total mass, which moves the
     # boundary of a large nucleus; the sampler's boundary must be the one of float64 arithmetic.
@@ -156,6 +157,38 @@ def test_nucleus_boundary_is_exact_at_bloom_vocabulary_size(seed: int, scale: fl
     expected_kept = distance <= by_distance.values[last]
     kept = torch.isfinite(processed_scores(SamplingParams(do_sample=True, typical_p=typical_p), logits, none))
     assert torch.equal(kept, expected_kept)
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999])
+def test_a_large_nucleus_with_masked_tokens_matches_transformers(top_p: float) -> None:
+    """A flat distribution with tokens masked to -inf (as a logit bias does), whose distance from the first
+    key is infinite: the key ranges still give transformers' set."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(BLOOM_VOCAB, generator=generator)
+    logits[torch.randperm(BLOOM_VOCAB, generator=generator)[:50000]] = float("-inf")
+    params = SamplingParams(do_sample=True, top_p=top_p)
+    none = torch.tensor([], dtype=torch.long)
+    ours = torch.isfinite(processed_scores(params, logits, none))
+    theirs = torch.isfinite(reference_scores(params, logits, none))
+    assert int(ours.sum()) > 256  # past the first top-k: counted by key ranges
+    # float32 (transformers) against float64 sums: at most a token or two apart at the boundary
+    assert int((ours != theirs).sum()) <= 2
+
+
+def test_a_nucleus_inside_tied_logits_takes_them_in_vocabulary_order() -> None:
+    """A random checkpoint ties most logits (at 0): the boundary falls inside the tie, whose tokens a stable
+    sort keeps in vocabulary order; and a vocabulary of one key all through."""
+    logits = torch.zeros(BLOOM_VOCAB)
+    logits[:3] = torch.tensor([9.0, 8.0, 7.0])  # most of the mass, then 250877 equal ones
+    none = torch.tensor([], dtype=torch.long)
+    probs = torch.softmax(logits.double(), -1)
+    for top_p in (0.99, 0.999):
+        needed = math.ceil((top_p - float(probs[:3].sum())) / float(probs[3]))
+        kept = torch.isfinite(processed_scores(SamplingParams(do_sample=True, top_p=top_p), logits, none))
+        assert kept[:3].all() and int(kept.sum()) == 3 + needed
+        assert kept[3 : 3 + needed].all()  # the first of the tied tokens, in vocabulary order
+    flat = processed_scores(SamplingParams(do_sample=True, top_p=0.5), torch.zeros(BLOOM_VOCAB), none)
+    assert torch.isfinite(flat).nonzero().squeeze(1).tolist() == list(range(BLOOM_VOCAB // 2))
 
 
 def test_greedy_logprob_is_log_softmax_of_raw_logits() -> None:
