@@ -129,8 +129,8 @@ def _typical_indices(scores: torch.Tensor, mass: float) -> torch.Tensor:
 
 # Candidates examined first by _mass_prefix; most nuclei are far smaller.
 _FIRST_PREFIX = 256
-# Key ranges a longer prefix is counted in (_mass_prefix_by_ranges).
-_KEY_RANGES = 4096
+# The digits, most significant first, of a key's 32-bit order code that _mass_prefix_by_digits counts by.
+_DIGITS = ((20, 12), (8, 12), (0, 8))  # (shift, bits)
 
 
 def _mass_prefix(keys: torch.Tensor, probs: torch.Tensor, mass: float, *, largest: bool) -> torch.Tensor:
@@ -139,7 +139,7 @@ def _mass_prefix(keys: torch.Tensor, probs: torch.Tensor, mass: float, *, larges
 
     transformers sorts the whole vocabulary for this (25 ms for 250880 entries on one CPU core); a top-k
     of a few hundred (0.6 ms) usually holds the answer. A flat distribution's nucleus holds a large part
-    of the vocabulary: then the mass is counted by ranges of keys instead (_mass_prefix_by_ranges).
+    of the vocabulary: then the mass is counted by digits of the keys instead (_mass_prefix_by_digits).
     """
     # A float32 softmax over 250880 entries can be off by 2e-5 in total mass, enough to move the
     # boundary of a large nucleus; comparing with the float64 sum of the same values removes that.
@@ -149,49 +149,57 @@ def _mass_prefix(keys: torch.Tensor, probs: torch.Tensor, mass: float, *, larges
     cumulative = probs[order].cumsum(dim=-1, dtype=torch.float64)
     if cumulative[-1] >= target or size == keys.numel():
         return order[: min(int((cumulative < target).sum()) + 1, size)]
-    return _mass_prefix_by_ranges(keys, probs, target, largest=largest)
+    return _mass_prefix_by_digits(keys, probs, target, largest=largest)
 
 
-def _mass_prefix_by_ranges(
+def _order_codes(keys: torch.Tensor, *, largest: bool) -> torch.Tensor:
+    """int32 codes whose bits, read unsigned, sort as the keys do in the prefix's order (first key lowest)."""
+    bits = (keys + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, equal keys get equal bits
+    # IEEE floats sort as sign-magnitude integers: flipping a negative one's magnitude gives two's
+    # complement order; flipping the sign bit then gives unsigned order.
+    codes = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (~codes if largest else codes) ^ -(2**31)
+
+
+def _mass_prefix_by_digits(
     keys: torch.Tensor, probs: torch.Tensor, target: torch.Tensor, *, largest: bool
 ) -> torch.Tensor:
-    """_mass_prefix's answer in a few passes over the vocabulary, whatever its length (~4 ms at 250880
-    entries, where growing top-ks and the sort they end in took 38).
+    """_mass_prefix's answer in at most three counting passes, whatever the vocabulary's length or the
+    spread of its keys (~3 ms at 250880 entries, where growing top-ks and the sort they end in took 38).
 
-    The keys are cut into _KEY_RANGES equal ranges in key order; the mass of each gives the range where the
-    running sum reaches `target`, whose tokens are cut again the same way until few are left, or only equal
-    keys (a random model ties ~200000 logits at 0). Sorting those gives the boundary token; the answer is
-    every key before it, then the tokens of its key up to it in vocabulary order, as a stable sort has them.
-    No later stage depends on the order of candidates.
+    Each key has a 32-bit code in prefix order. The mass of each value of its top 12 bits gives the value
+    where the running sum reaches `target`; its tokens are counted again by the next 12 bits, then the last
+    8, until few tokens are left or only one key (a random checkpoint ties ~249880 logits at 0). Sorting
+    those gives the boundary token; the answer is every key before it, then the tokens of its key up to it
+    in vocabulary order, as a stable sort has them. No later stage depends on the order of candidates.
     """
-    pool = None  # the whole vocabulary, then the boundary's range
+    codes = _order_codes(keys, largest=largest)
+    mass = probs.double()
+    pool = None  # the whole vocabulary, then the tokens of the boundary's digits so far
+    pool_codes = codes
     before = torch.zeros((), dtype=torch.float64)
-    while pool is None or pool.numel() > _FIRST_PREFIX:
-        pool_keys = keys if pool is None else keys[pool]
-        first = pool_keys.max() if largest else pool_keys.min()
-        distance = (pool_keys - first).abs_()  # along key order from the first key; inf for a -inf score
-        finite = float(torch.where(torch.isfinite(distance), distance, 0.0).max())
-        if finite == 0.0:  # keys equal to the first, and maybe some infinitely far (probability 0)
-            pool = torch.arange(keys.numel()) if pool is None else pool
-            break  # no order to find: the vocabulary's is the stable sort's
-        # Rounding is monotone: a key further along never lands in an earlier range; equal keys share one.
-        ranges = distance.mul_((_KEY_RANGES - 1) / finite).nan_to_num_(posinf=_KEY_RANGES - 1)
-        ranges = ranges.clamp_(0, _KEY_RANGES - 1).long()
-        pool_probs = probs if pool is None else probs[pool]
-        range_mass = torch.zeros(_KEY_RANGES, dtype=torch.float64).index_add_(0, ranges, pool_probs.double())
-        running = before + range_mass.cumsum(dim=0)
-        edge = min(int(torch.searchsorted(running, target)), _KEY_RANGES - 1)
+    for shift, width in _DIGITS:
+        if pool is not None and (pool.numel() <= _FIRST_PREFIX or bool(pool_codes.min() == pool_codes.max())):
+            break
+        digits = (pool_codes >> shift) & ((1 << width) - 1)
+        running = before + torch.bincount(
+            digits, weights=mass if pool is None else mass[pool], minlength=1 << width
+        ).cumsum(dim=0)
+        edge = min(int(torch.searchsorted(running, target)), (1 << width) - 1)
         before = running[edge - 1] if edge else before
-        in_edge = torch.nonzero(ranges == edge).squeeze(1)
-        pool = in_edge if pool is None else pool[in_edge]
-    else:
-        pool = pool[torch.sort(keys[pool], descending=largest, stable=True).indices]
-    cumulative = before + probs[pool].cumsum(dim=-1, dtype=torch.float64)
+        in_edge = torch.nonzero(digits == edge).squeeze(1)
+        pool, pool_codes = (in_edge if pool is None else pool[in_edge]), pool_codes[in_edge]
+    one_key = bool(pool_codes.min() == pool_codes.max())
+    if not one_key:  # few tokens; one key's are in vocabulary order already
+        # They share the top digit, sign bit included: signed order is the unsigned one.
+        pool = pool[torch.sort(pool_codes, stable=True).indices]
+    cumulative = before + mass[pool].cumsum(dim=-1)
     boundary = min(int((cumulative < target).sum()), pool.numel() - 1)
     key = keys[pool[boundary]]
-    ties = int((keys[pool[: boundary + 1]] == key).sum())
+    # Every token of the boundary's key is in the pool (equal keys, equal codes), in vocabulary order.
+    tied = pool[: boundary + 1] if one_key else pool[: boundary + 1][keys[pool[: boundary + 1]] == key]
     better = torch.nonzero(keys > key if largest else keys < key).squeeze(1)
-    return torch.cat([better, torch.nonzero(keys == key).squeeze(1)[:ties]])
+    return torch.cat([better, tied])
 
 
 def sample_batch(

@@ -134,7 +134,7 @@ BLOOM_VOCAB = 250880
 
 
 # Cases where transformers' TypicalLogitsWarper keeps a few tokens more or fewer than exact arithmetic.
-# Scale 1: a nucleus of most of the vocabulary (163690 tokens at top-p 0.9), counted by key ranges.
+# Scale 1: a nucleus of most of the vocabulary (163690 tokens at top-p 0.9), counted by digits of the keys.
 @pytest.mark.parametrize(("seed", "scale"), [(4, 3.0), (0, 4.0), (6, 2.0), (1, 1.0)])
 def test_nucleus_boundary_is_exact_at_bloom_vocabulary_size(seed: int, scale: float) -> None:
     # Over 250880 entries a float32 softmax is off by up to 2e-5 in total mass, which moves the
@@ -162,7 +162,7 @@ def test_nucleus_boundary_is_exact_at_bloom_vocabulary_size(seed: int, scale: fl
 @pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999])
 def test_a_large_nucleus_with_masked_tokens_matches_transformers(top_p: float) -> None:
     """A flat distribution with tokens masked to -inf (as a logit bias does), whose distance from the first
-    key is infinite: the key ranges still give transformers' set."""
+    key is infinite: counting by digits still gives transformers' set."""
     generator = torch.Generator().manual_seed(5)
     logits = torch.randn(BLOOM_VOCAB, generator=generator)
     logits[torch.randperm(BLOOM_VOCAB, generator=generator)[:50000]] = float("-inf")
@@ -170,7 +170,7 @@ def test_a_large_nucleus_with_masked_tokens_matches_transformers(top_p: float) -
     none = torch.tensor([], dtype=torch.long)
     ours = torch.isfinite(processed_scores(params, logits, none))
     theirs = torch.isfinite(reference_scores(params, logits, none))
-    assert int(ours.sum()) > 256  # past the first top-k: counted by key ranges
+    assert int(ours.sum()) > 256  # past the first top-k: counted by digits
     # float32 (transformers) against float64 sums: at most a token or two apart at the boundary
     assert int((ours != theirs).sum()) <= 2
 
@@ -189,6 +189,35 @@ def test_a_nucleus_inside_tied_logits_takes_them_in_vocabulary_order() -> None:
         assert kept[3 : 3 + needed].all()  # the first of the tied tokens, in vocabulary order
     flat = processed_scores(SamplingParams(do_sample=True, top_p=0.5), torch.zeros(BLOOM_VOCAB), none)
     assert torch.isfinite(flat).nonzero().squeeze(1).tolist() == list(range(BLOOM_VOCAB // 2))
+
+
+@pytest.mark.parametrize("top_p", [0.2, 0.9, 0.999])
+def test_a_nucleus_among_spread_logits_and_a_huge_tie_is_the_sorted_one(top_p: float) -> None:
+    """The demo checkpoint's rows: a thousand logits spread over several units, one a hair from zero, and
+    every other token tied at exactly 0 (some -0.0). Equal-width ranges of keys put the near-zero token in
+    the tie's range; whatever the counting, the set is the stable sort's: every better key, then the tied
+    tokens in vocabulary order."""
+    generator = torch.Generator().manual_seed(9)
+    logits = torch.zeros(BLOOM_VOCAB)
+    spread = torch.randperm(BLOOM_VOCAB, generator=generator)[:1000]
+    logits[spread] = torch.randn(1000, generator=generator) * 2
+    logits[spread[:2]] = torch.tensor([1e-4, -1e-4])
+    logits[spread[2:40]] = -0.0
+    none = torch.tensor([], dtype=torch.long)
+    kept = torch.isfinite(processed_scores(SamplingParams(do_sample=True, top_p=top_p), logits, none))
+
+    probs = torch.softmax(logits, -1)
+    order = torch.sort(logits, descending=True, stable=True).indices
+    target = top_p * probs.sum(dtype=torch.float64)
+    boundary = int((probs[order].cumsum(0, dtype=torch.float64) < target).sum())
+    expected = torch.zeros(BLOOM_VOCAB, dtype=torch.bool)
+    expected[order[: boundary + 1]] = True
+    # Sums in another order may put the boundary one token later or earlier inside the tie.
+    assert abs(int(kept.sum()) - int(expected.sum())) <= 1
+    key = logits[order[boundary]]
+    assert torch.equal(kept[logits != key], expected[logits != key])
+    tied_kept = kept[logits == key]
+    assert tied_kept[: int(tied_kept.sum())].all()  # the first of the tied tokens, in vocabulary order
 
 
 def test_greedy_logprob_is_log_softmax_of_raw_logits() -> None:
