@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,9 @@ log = get_logger(__name__)
 # Up to this many rows the embedding lookup (tens of microseconds) runs on the event loop: handing it
 # to the executor thread cost about 0.7 ms per decode step, all of it on the critical path.
 INLINE_EMBED_TOKENS = 64
+# Sampling runs while the workers wait for the step's tokens, so every core the gateway may use is idle
+# then: the rows are sampled in parallel, one torch thread each (more would wake OpenMP teams).
+SAMPLING_THREADS = min(8, len(os.sched_getaffinity(0)))
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,9 @@ class Engine:
         self.wakeup = asyncio.Event()
         # Embedding and sampling are torch work; keep them off the event loop that serves gRPC.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-step")
+        self.sampling_pool = ThreadPoolExecutor(
+            max_workers=SAMPLING_THREADS, thread_name_prefix="gateway-sample"
+        )
         self.task: asyncio.Task | None = None
         self.steps = 0
         # False while the shard group is lost and being re-formed; requests are then refused.
@@ -167,6 +174,7 @@ class Engine:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.sampling_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def running(self) -> Sequence[SequenceState]:
@@ -329,17 +337,7 @@ class Engine:
         self.scheduler.computed(plan)
         sampled = [sequence for (sequence, _), wants_row in zip(plan, full, strict=True) if wants_row]
         started = time.perf_counter()
-        picks = iter(
-            await loop.run_in_executor(
-                self.executor,
-                sample_batch,
-                [sequence.sampler for sequence in sampled],
-                result.logits,
-                [sequence.token_ids for sequence in sampled],
-            )
-            if sampled
-            else []
-        )
+        picks = iter(await self._sample(sampled, result.logits))
         timings.sample = time.perf_counter() - started
         step_s = time.perf_counter() - step_started
         self.scheduler.observe_step(len(input_ids), step_s)
@@ -356,6 +354,26 @@ class Engine:
                 # A ready chunk's last row, scored for its top-n, is the one the new token came from.
                 self._advance(sequence, *pick, top=scores[-1].top if asked.top_n else [])
         self._record(timings, len(plan), len(input_ids))
+
+    async def _sample(self, sampled: list[_Generation], logits: torch.Tensor) -> list[tuple[int, float]]:
+        """Each sampled sequence's (token, logprob) from its logits row, in order; the rows are shared out
+        among the sampling threads in contiguous parts."""
+        loop = asyncio.get_running_loop()
+        parts = min(SAMPLING_THREADS, len(sampled))
+        bounds = [len(sampled) * part // parts for part in range(parts + 1)] if parts else []
+        results = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self.sampling_pool,
+                    sample_batch,
+                    [sequence.sampler for sequence in sampled[start:end]],
+                    logits[start:end],
+                    [sequence.token_ids for sequence in sampled[start:end]],
+                )
+                for start, end in itertools.pairwise(bounds)
+            )
+        )
+        return [pick for part in results for pick in part]
 
     def _record(self, timings: StepTimings, sequences: int, tokens: int) -> None:
         for name in ("embed", "shards", "worker_compute", "sample"):
