@@ -361,6 +361,37 @@ def test_protocol_lists_parse() -> None:
             bench.parse_protocols(bad)
 
 
+def test_bench_samples_the_stacks_tokens_when_asked(tiny_stack, tmp_path, capsys) -> None:
+    out = tmp_path / "results.json"
+    args = _parse(
+        [
+            "--target", tiny_stack.target, "--threads-per-shard", "1", "--concurrency", "2",
+            "--prompt-tokens", "8", "--new-tokens", "6", "--requests-per-level", "2", "--warmup", "0",
+            "--temperature", "0.8", "--top-p", "0.9", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert bench.run(args) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["sampling"] == {"do_sample": True, "temperature": 0.8, "top_p": 0.9}
+    (level,) = report["stack"]["levels"]
+    assert level["requests"] == 2 and level["generated_tokens"] == 12
+    assert "sampled at temperature 0.8, top-p 0.9" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "complaint"),
+    [
+        (["--temperature", "-1"], "--temperature must be 0 (greedy) or more"),
+        (["--temperature", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--top-p", "0.5"], "give --temperature too"),
+        (["--temperature", "1", "--baseline", "transformers", "--model", "."], "without --baseline"),
+    ],
+)
+def test_bench_refuses_sampling_settings_it_cannot_honour(flags, complaint, capsys) -> None:
+    assert bench.run(_parse(flags)) == 1
+    assert complaint in capsys.readouterr().err
+
+
 def test_bench_refuses_a_baseline_without_a_model(capsys) -> None:
     assert bench.run(_parse(["--baseline", "transformers"])) == 1
     assert "--model" in capsys.readouterr().err

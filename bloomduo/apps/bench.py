@@ -1,10 +1,10 @@
 """`bloomduo bench`: time to first token, time per output token and throughput against concurrency.
 
 Like text-generation-benchmark, it sweeps the number of concurrent streams with a fixed prompt length and a
-fixed number of new tokens (greedy, EOS ignored), each stream sending its requests back to back. With
-`--baseline transformers` it also measures transformers' `BloomForCausalLM.generate` on the same checkpoint,
-in a separate process (bloomduo.apps.bench_baseline); with `--baseline ctranslate2,openvino` the CPU
-engines people pick instead, CTranslate2 (bloomduo.apps.bench_peers) and OpenVINO GenAI
+fixed number of new tokens (greedy unless --temperature, EOS ignored), each stream sending its requests back
+to back. With `--baseline transformers` it also measures transformers' `BloomForCausalLM.generate` on the
+same checkpoint, in a separate process (bloomduo.apps.bench_baseline); with `--baseline ctranslate2,openvino`
+the CPU engines people pick instead, CTranslate2 (bloomduo.apps.bench_peers) and OpenVINO GenAI
 (bloomduo.apps.bench_openvino), each in its float and int8 variants (an optional extra). It prints the
 stack's figures as ratios of every baseline's, side by side.
 Before the levels run it measures the machine's floor (bloomduo.apps.machine_floor: memory read bandwidth
@@ -268,6 +268,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     load.add_argument("--new-tokens", type=_positive, default=64, help="tokens generated per request (>= 2)")
     load.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sample the stack's tokens at this temperature (default 0: greedy); peers decode greedily, so "
+        "not with --baseline",
+    )
+    load.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus of the sampled tokens (default 1: all of them)"
+    )
+    load.add_argument(
         "--requests-per-level",
         type=_positive,
         help=f"requests per level, shared by its streams (default max(streams, {MIN_REQUESTS_PER_LEVEL}))",
@@ -350,6 +360,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "requests_per_level": args.requests_per_level,
             "warmup": args.warmup,
             "distinct_prompts": args.distinct_prompts,
+            "sampling": _sampling(args) or "greedy",
             "baseline": ",".join(args.baseline) or "none",
             "started_at": measured.pop("started_at"),
             "cpu_count": os.cpu_count(),
@@ -377,6 +388,17 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise BenchError("--new-tokens must be at least 2: time per output token needs two tokens")
     if args.warmup < 0:
         raise BenchError("--warmup cannot be negative")
+    if args.temperature < 0:
+        raise BenchError(f"--temperature must be 0 (greedy) or more, not {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise BenchError(f"--top-p must be in (0, 1], not {args.top_p}")
+    if args.top_p < 1 and not args.temperature:
+        raise BenchError("--top-p is a sampling setting: give --temperature too")
+    if args.temperature and args.baseline:
+        raise BenchError(
+            "--temperature samples the stack's tokens, but the peers' runners decode greedily: "
+            "measure sampling without --baseline"
+        )
     if args.launch and args.target:
         raise BenchError("give either --target (a running stack) or --launch, not both")
     if (args.launch or args.baseline) and args.model is None:
@@ -603,7 +625,7 @@ def _grpc_sender(client: AsyncClient) -> Sender:
 
 
 async def _openai_sender(args: argparse.Namespace, stack: Stack | None, token: str | None) -> Sender:
-    """Streamed greedy /v1/completions through the openai SDK, as tools that speak OpenAI's API send them."""
+    """Streamed /v1/completions through the openai SDK, as tools that speak OpenAI's API send them."""
     try:
         import openai
     except ImportError:
@@ -627,7 +649,8 @@ async def _openai_sender(args: argparse.Namespace, stack: Stack | None, token: s
             model=model,
             prompt=prompt,
             max_tokens=args.new_tokens,
-            temperature=0,
+            temperature=args.temperature,
+            top_p=args.top_p,
             stream=True,
             stream_options={"include_usage": True},
             extra_body={"ignore_eos": True},
@@ -652,11 +675,20 @@ async def _openai_sender(args: argparse.Namespace, stack: Stack | None, token: s
     return send
 
 
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The generate() arguments of a sampled run; none for greedy decoding."""
+    if not args.temperature:
+        return {}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+
+
 async def _timed_request(client: AsyncClient, prompt: str, args: argparse.Namespace) -> Sample:
     token_times: list[float] = []
     result = None
     sent = time.perf_counter()
-    stream = client.generate_stream(prompt, max_new_tokens=args.new_tokens, ignore_eos=True, do_sample=False)
+    stream = client.generate_stream(
+        prompt, max_new_tokens=args.new_tokens, ignore_eos=True, **(_sampling(args) or {"do_sample": False})
+    )
     async for event in stream:
         if event.token is not None:
             token_times.append(time.perf_counter())
@@ -943,10 +975,13 @@ def print_report(report: dict[str, Any]) -> None:
     config, info = report["config"], report["info"]
     prompts = "a distinct prompt per request" if config["distinct_prompts"] else "one prompt for all requests"
     machine = config["machine"]
+    sampling = config["sampling"]
+    if sampling != "greedy":
+        sampling = f"sampled at temperature {sampling['temperature']}, top-p {sampling['top_p']}"
     print(
         f"\n{info['model']} on {info['num_shards']} shards ({info['dtype']}, {info['device']}) at "
         f"{config['target']}: {config['prompt_tokens']} prompt tokens ({prompts}), "
-        f"{config['new_tokens']} new tokens, greedy; {config['cpu_count']} cores, "
+        f"{config['new_tokens']} new tokens, {sampling}; {config['cpu_count']} cores, "
         f"load average {config['load_average']:.2f} at the start"
     )
     bf16 = "native" if machine["onednn_bf16_native"] else "emulated"
