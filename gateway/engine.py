@@ -147,7 +147,8 @@ class Engine:
         )
         self.sequence_ids = itertools.count(1)
         self.wakeup = asyncio.Event()
-        # Embedding and sampling are torch work; keep them off the event loop that serves gRPC.
+        # Embedding and sampling are torch work; keep them off the event loop that serves gRPC. Sampling has
+        # threads of its own (SAMPLING_THREADS).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-step")
         self.sampling_pool = ThreadPoolExecutor(
             max_workers=SAMPLING_THREADS, thread_name_prefix="gateway-sample"
