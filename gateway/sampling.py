@@ -153,7 +153,7 @@ def _mass_prefix(keys: torch.Tensor, probs: torch.Tensor, mass: float, *, larges
 
 
 def _order_codes(keys: torch.Tensor, *, largest: bool) -> torch.Tensor:
-    """int32 codes whose bits, read unsigned, sort as the keys do in the prefix's order (first key lowest)."""
+    """int32 codes whose bits, read unsigned, sort as the float32 keys do in the prefix's order."""
     bits = (keys + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, equal keys get equal bits
     # IEEE floats sort as sign-magnitude integers: flipping a negative one's magnitude gives two's
     # complement order; flipping the sign bit then gives unsigned order.
