@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -361,3 +364,20 @@ def test_sample_batch_matches_one_by_one() -> None:
     alone = [Sampler(p)(row, prev) for p, row, prev in zip(params, logits, previous, strict=True)]
     # Each row goes through its own sampler, the same computation as alone.
     assert batched == alone
+
+
+def test_the_sampler_timing_script_prints_a_row_per_kind_of_logits() -> None:
+    """scripts/sampler_timing.py gives the README's per-row figures: it must keep running."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "sampler_timing.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--vocab", "4000", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ") and "logits" not in line]
+    assert len(table) == 4
+    for line in table:
+        cells = [cell.strip() for cell in line.strip("|").split("|")][1:]
+        assert len(cells) == 4 and all(float(cell) > 0 for cell in cells), line
