@@ -20,7 +20,7 @@ import tokenizers
 import torch
 
 from bloomduo.core import metrics
-from bloomduo.core.logprobs import NO_SCORING, RowScore, Scoring
+from bloomduo.core.logprobs import NO_PENALTY, NO_SCORING, RepetitionPenalty, RowScore, Scoring
 from bloomduo.core.logs import get_logger
 from bloomduo.gateway.config import SchedulerSettings, StepDeadline
 from bloomduo.gateway.detokenizer import IncrementalDetokenizer
@@ -311,11 +311,12 @@ class Engine:
             hidden = await loop.run_in_executor(self.executor, self.embedder, token_ids)
         timings.embed = time.perf_counter() - started
         started = time.perf_counter()
-        # Only the rows a sampler must see travel back in full; plain greedy rows (and prompts still
-        # being prefilled) come back as each slice's best token and log-sum-exp.
+        # Only the rows a sampler must see travel back in full; greedy rows (the workers apply their
+        # repetition penalty) and prompts still being prefilled come back as each slice's best token and
+        # log-sum-exp.
         ready = [sequence.pending == chunk.num_tokens for sequence, chunk in plan]
         full = [
-            is_ready and not sequence.request.sampling.is_plain_greedy
+            is_ready and sequence.request.sampling.do_sample
             for (sequence, _), is_ready in zip(plan, ready, strict=True)
         ]
         scoring = [
@@ -330,6 +331,7 @@ class Engine:
             full,
             self.step_deadline(len(input_ids)),
             scoring,
+            [_penalty(sequence, is_ready) for (sequence, _), is_ready in zip(plan, ready, strict=True)],
         )
         first_of_group, self.fresh_group = self.fresh_group, False
         timings.shards = time.perf_counter() - started
@@ -480,6 +482,15 @@ class Engine:
         metrics.REQUESTS.labels(metrics.Outcome.UNAVAILABLE, "").inc(len(sequences))
         for sequence in sequences:
             sequence.events.put_nowait(error)
+
+
+def _penalty(sequence: _Generation, ready: bool) -> RepetitionPenalty:
+    """The repetition penalty the workers apply before picking a ready greedy sequence's token: over every
+    token so far, prompt included, each once."""
+    sampling = sequence.request.sampling
+    if not ready or sampling.do_sample or sampling.repetition_penalty == 1.0:
+        return NO_PENALTY
+    return RepetitionPenalty(sampling.repetition_penalty, sorted(set(sequence.token_ids)))
 
 
 def _scoring(sequence: _Generation, chunk: Chunk, ready: bool) -> Scoring:

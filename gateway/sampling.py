@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bloomduo.core.logprobs import greedy_pick
+from bloomduo.core.logprobs import RepetitionPenalty, greedy_pick
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,6 @@ class SamplingParams:
     typical_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int = 0
-
-    @property
-    def is_plain_greedy(self) -> bool:
-        """The argmax of the raw logits: the workers pick it from their slices, no row crosses the wire."""
-        return not self.do_sample and self.repetition_penalty == 1.0
 
 
 class Sampler:
@@ -82,12 +77,7 @@ class Sampler:
         params = self.params
         scores = logits
         if params.repetition_penalty != 1.0 and previous_token_ids.numel():
-            # Repeated ids read the original logits, so a token is penalised once however often it occurs.
-            seen = logits[previous_token_ids]
-            penalised = torch.where(
-                seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty
-            )
-            scores = logits.index_put((previous_token_ids,), penalised)
+            scores = RepetitionPenalty(params.repetition_penalty).apply(logits, previous_token_ids)
         if not params.do_sample:
             return None, scores
 
@@ -207,7 +197,7 @@ def sample_batch(
 ) -> list[tuple[int, float]]:
     """(token id, logprob) for each row of logits [batch, vocab], row i chosen by samplers[i].
 
-    Plain greedy rows never come here: the workers pick those from their vocabulary slices.
+    Greedy rows never come here: the workers pick those from their vocabulary slices.
     """
     return [
         sampler(row, _previous_ids(sampler, ids))

@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from bloomduo.core.logprobs import NO_SCORING, RowScore, Scoring, join_scores, join_slices
+from bloomduo.core.logprobs import (
+    NO_PENALTY,
+    NO_SCORING,
+    RepetitionPenalty,
+    RowScore,
+    Scoring,
+    join_scores,
+    join_slices,
+)
 from bloomduo.core.logs import get_logger
 from bloomduo.core.serving import NO_TLS, TlsFiles, secure_or_insecure_channel
 from bloomduo.core.tensor_wire import decode_tensor, encode_tensor
@@ -107,7 +115,7 @@ def _join_scores(
     return [[next(rows) for _ in shape] for shape in shapes]
 
 
-def _wire_chunk(chunk: Chunk, scoring: Scoring) -> shard_pb2.SequenceChunk:
+def _wire_chunk(chunk: Chunk, scoring: Scoring, penalty: RepetitionPenalty) -> shard_pb2.SequenceChunk:
     return shard_pb2.SequenceChunk(
         sequence_id=chunk.sequence_id,
         start_position=chunk.start_position,
@@ -115,6 +123,8 @@ def _wire_chunk(chunk: Chunk, scoring: Scoring) -> shard_pb2.SequenceChunk:
         prefix_sequence_id=chunk.prefix_sequence_id,
         next_token_ids=scoring.next_token_ids,
         top_n=scoring.top_n,
+        repetition_penalty=penalty.penalty,
+        penalized_token_ids=penalty.token_ids,
     )
 
 
@@ -206,19 +216,24 @@ class ShardPool:
         full_logits: Sequence[bool] = (),
         timeout_s: float | None = None,
         scoring: Sequence[Scoring] = (),
+        penalties: Sequence[RepetitionPenalty] = (),
     ) -> StepResult:
         """Send one step to every worker and join their vocabulary slices.
 
-        full_logits[i] false: sequence i needs only its greedy token (the default is every row).
-        scoring[i]: the rows of chunk i to score (default none). A step still unanswered after timeout_s
-        (None: step_timeout_s) raises ShardsStalled.
+        full_logits[i] false: sequence i needs only its greedy token (the default is every row), after
+        penalties[i] (default none). scoring[i]: the rows of chunk i to score (default none). A step still
+        unanswered after timeout_s (None: step_timeout_s) raises ShardsStalled.
         """
         timeout_s = self.step_timeout_s if timeout_s is None else timeout_s
         scoring = list(scoring) or [NO_SCORING] * len(chunks)
+        penalties = list(penalties) or [NO_PENALTY] * len(chunks)
         request = shard_pb2.StepRequest(
             step_id=next(self.step_ids),
             hidden_states=encode_tensor(hidden_states),
-            sequences=[_wire_chunk(chunk, asked) for chunk, asked in zip(chunks, scoring, strict=True)],
+            sequences=[
+                _wire_chunk(chunk, asked, penalty)
+                for chunk, asked, penalty in zip(chunks, scoring, penalties, strict=True)
+            ],
             free_sequence_ids=list(free_ids),
             request_ids=list(request_ids),
             full_logits=list(full_logits),

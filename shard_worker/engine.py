@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from bloomduo.core.checkpoint import Checkpoint
 from bloomduo.core.dtypes import DTYPE_CHOICES, FLOAT_DTYPES, to_torch
-from bloomduo.core.logprobs import Scoring, SliceScores, score_slice, summarize
+from bloomduo.core.logprobs import NO_PENALTY, RepetitionPenalty, Scoring, SliceScores, score_slice, summarize
 from bloomduo.core.logs import get_logger
 from bloomduo.shard_worker import native
 from bloomduo.shard_worker.config import ShardOptions
@@ -187,10 +187,12 @@ class ShardEngine:
         free_ids: list[int],
         full_logits: list[bool] | None = None,
         scoring: list[Scoring] | None = None,
+        penalties: list[RepetitionPenalty] | None = None,
     ) -> StepOutput:
         """Free finished sequences, run the model on the step's chunks, and return each sequence's
-        logits row (full_logits[i], the default) or just its best token and log-sum-exp, and the scores
-        of the rows scoring[i] asks of chunk i (see Scoring)."""
+        logits row (full_logits[i], the default) or just its best token and log-sum-exp after its
+        repetition penalty (penalties[i], default none), and the scores of the rows scoring[i] asks of
+        chunk i (see Scoring)."""
         for sequence_id in free_ids:
             self.cache.free(sequence_id)
         if not chunks:
@@ -206,6 +208,11 @@ class ShardEngine:
         rows = logits[:, real] if not any(full_logits) else logits[~wanted, real]
         native_rows = native.summarizes(rows, self.native_float32)
         best, index, logsumexp = (native.summarize if native_rows else summarize)(rows)
+        penalties = penalties or [NO_PENALTY] * len(chunks)
+        summarized = (penalty for penalty, full in zip(penalties, full_logits, strict=True) if not full)
+        for row, penalty in enumerate(summarized):
+            if penalty.penalty != 1.0:
+                best[row], index[row], logsumexp[row] = self._penalized_summary(rows[row], penalty)
         return StepOutput(
             logits[wanted].to("cpu"),
             best_logit=best.tolist(),
@@ -213,6 +220,14 @@ class ShardEngine:
             logsumexp=logsumexp.tolist(),
             **scores,
         )
+
+    def _penalized_summary(self, row: torch.Tensor, penalty: RepetitionPenalty) -> tuple[float, int, float]:
+        """A greedy row's summary after its repetition penalty, on its float32 logits as the gateway's
+        sampler would compute it on the whole row (only this slice's penalized tokens are here)."""
+        columns = [token - self.vocab_start for token in penalty.token_ids]
+        held = torch.tensor([c for c in columns if 0 <= c < row.numel()], dtype=torch.long)
+        best, index, logsumexp = summarize(penalty.apply(row.float(), held)[None])
+        return float(best[0]), int(index[0]), float(logsumexp[0])
 
     def _score(self, x: torch.Tensor, chunks: list[Chunk], scoring: list[Scoring]) -> dict[str, list]:
         """StepOutput's scored_* fields for the rows `scoring` asks of each chunk, from the last block's

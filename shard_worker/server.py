@@ -10,7 +10,7 @@ import grpc
 import structlog
 
 from bloomduo.core.dtypes import name_of
-from bloomduo.core.logprobs import Scoring
+from bloomduo.core.logprobs import NO_PENALTY, RepetitionPenalty, Scoring
 from bloomduo.core.logs import get_logger
 from bloomduo.core.serving import (
     NO_TLS,
@@ -74,6 +74,12 @@ def step_from_proto(request: shard_pb2.StepRequest) -> Step:
         free_ids=list(request.free_sequence_ids),
         full_logits=list(request.full_logits),
         scoring=[Scoring(list(c.next_token_ids), c.top_n) for c in request.sequences],
+        penalties=[
+            RepetitionPenalty(c.repetition_penalty, list(c.penalized_token_ids))
+            if c.repetition_penalty not in (0.0, 1.0)
+            else NO_PENALTY
+            for c in request.sequences
+        ],
         request_ids=list(request.request_ids),
     )
 

@@ -19,7 +19,7 @@ from typing import TypeVar
 import torch
 
 from bloomduo.core import metrics
-from bloomduo.core.logprobs import Scoring
+from bloomduo.core.logprobs import RepetitionPenalty, Scoring
 from bloomduo.core.logs import get_logger
 from bloomduo.shard_worker.engine import ShardEngine, StepOutput
 from bloomduo.shard_worker.step_plan import Chunk
@@ -61,6 +61,7 @@ class Step:
     full_logits: list[bool]  # per chunk: its logits row, or only its best token and log-sum-exp
     request_ids: list[str]  # for the logs
     scoring: list[Scoring] = field(default_factory=list)  # per chunk, rows to score; empty: none
+    penalties: list[RepetitionPenalty] = field(default_factory=list)  # per chunk, before a greedy pick
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class StepRunner:
             step.free_ids,
             step.full_logits,
             step.scoring,
+            step.penalties,
         )
         try:
             # Shielded: a stream that goes away must not cancel the future the wedge watch observes.

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from transformers import BloomForCausalLM
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 
 @cache
@@ -15,15 +16,22 @@ def hf_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> BloomForCau
 
 
 @torch.inference_mode()
-def hf_greedy(model_dir: Path, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
-    """Greedy continuation and each chosen token's log_softmax(logits), ignoring EOS."""
+def hf_greedy(
+    model_dir: Path, prompt_ids: list[int], new_tokens: int, repetition_penalty: float = 1.0
+) -> tuple[list[int], list[float]]:
+    """Greedy continuation and each chosen token's log_softmax(logits), ignoring EOS; with a repetition
+    penalty, of the logits transformers' RepetitionPenaltyLogitsProcessor makes over every token so far."""
     model = hf_model(model_dir)
     ids = torch.tensor([prompt_ids])
     out = model(ids, use_cache=True)
+    penalty = RepetitionPenaltyLogitsProcessor(repetition_penalty)
     chosen: list[int] = []
     logprobs: list[float] = []
     for _ in range(new_tokens):
-        logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        scores = out.logits[0, -1].float()
+        if repetition_penalty != 1.0:
+            scores = penalty(torch.tensor([prompt_ids + chosen]), scores[None])[0]
+        logp = torch.log_softmax(scores, dim=-1)
         token = int(torch.argmax(logp))
         chosen.append(token)
         logprobs.append(float(logp[token]))

@@ -99,6 +99,37 @@ def test_greedy_matches_transformers(demo_model, num_shards: int, layout: dict) 
     print(f"W={num_shards}: max |logprob - transformers log_softmax| of prompt and top-n = {worst:.2e}")
 
 
+@pytest.mark.parametrize("num_shards", [2, 3])
+def test_greedy_with_a_repetition_penalty_matches_transformers(demo_model, num_shards: int) -> None:
+    """The workers apply a greedy sequence's penalty to their slices (no row crosses the wire): the tokens
+    and logprobs are transformers' with its RepetitionPenaltyLogitsProcessor, penalised tokens in every slice
+    (at W = 3 the vocabulary is padded too)."""
+    model_dir = demo_model()
+    cases = [(PROMPTS[0], 1.3), (PROMPTS[1], 0.8), (PROMPTS[2], 2.0)]
+
+    async def generate_all(target: str) -> list:
+        async with AsyncClient(target) as bloom:
+            return await asyncio.gather(
+                *(
+                    bloom.generate(
+                        prompt, max_new_tokens=16, ignore_eos=True, details=True, repetition_penalty=penalty
+                    )
+                    for prompt, penalty in cases
+                )
+            )
+
+    with running_stack(model_dir, num_shards=num_shards) as stack:
+        results = asyncio.run(generate_all(stack.target))
+        with Client(stack.target) as bloom:
+            prompt_ids = [bloom.tokenize(prompt) for prompt, _ in cases]
+    for (prompt, penalty), ids, result in zip(cases, prompt_ids, results, strict=True):
+        expected_ids, expected_logprobs = hf_greedy(model_dir, ids, 16, repetition_penalty=penalty)
+        assert [t.id for t in result.tokens] == expected_ids, (prompt, penalty)
+        assert [t.logprob for t in result.tokens] == pytest.approx(expected_logprobs, abs=1e-4), prompt
+    # the penalty changed something: without it the last prompt continues otherwise
+    assert expected_ids != hf_greedy(model_dir, prompt_ids[-1], 16)[0]
+
+
 def test_chunked_prefill_and_mixed_batches_match_transformers(demo_model) -> None:
     # A 7-token prefill budget cuts every prompt into chunks that share steps with other decodes.
     model_dir = demo_model()

@@ -95,7 +95,8 @@ def test_a_valid_request_carries_the_defaults_and_a_seed(tokenizer: Tokenizer) -
     request = validate("r", "hi there", GenerationParameters(), tokenizer, RequestLimits())
     assert request.prompt_ids == [1, 2]
     assert request.max_new_tokens == RequestLimits().default_max_new_tokens
-    assert request.sampling.is_plain_greedy and 0 <= request.sampling.seed < 2**63
+    sampling = request.sampling
+    assert not sampling.do_sample and sampling.repetition_penalty == 1.0 and 0 <= sampling.seed < 2**63
     assert (request.stop, request.ignore_eos, request.details, request.return_full_text) == (
         (),
         False,

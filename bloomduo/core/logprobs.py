@@ -65,6 +65,25 @@ def join_slices(
     return list(zip(chosen.tolist(), logprob.tolist(), strict=True))
 
 
+class RepetitionPenalty(NamedTuple):
+    """transformers' RepetitionPenaltyLogitsProcessor for one row: the logits of token_ids divided by
+    `penalty` where positive, multiplied by it where negative. The gateway's sampler applies it to whole
+    rows; for greedy sequences the workers apply it to their slices before they pick."""
+
+    penalty: float = 1.0
+    token_ids: Sequence[int] = ()
+
+    def apply(self, row: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """A new row with the penalty applied at token_ids (columns of `row`; repeats allowed: a token is
+        penalised once however often it occurs, as every repeat reads the original logit)."""
+        seen = row[token_ids]
+        penalised = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
+        return row.index_put((token_ids,), penalised)
+
+
+NO_PENALTY = RepetitionPenalty()
+
+
 class Scoring(NamedTuple):
     """What one chunk asks to be scored: its row j against next_token_ids[j] (the token that follows
     it), and the top_n best tokens of each scored row; its last row is scored for its top-n alone when

@@ -17,20 +17,24 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SequenceChunk(_message.Message):
-    __slots__ = ("sequence_id", "start_position", "num_tokens", "prefix_sequence_id", "next_token_ids", "top_n")
+    __slots__ = ("sequence_id", "start_position", "num_tokens", "prefix_sequence_id", "next_token_ids", "top_n", "repetition_penalty", "penalized_token_ids")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    PENALIZED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     sequence_id: int
     start_position: int
     num_tokens: int
     prefix_sequence_id: int
     next_token_ids: _containers.RepeatedScalarFieldContainer[int]
     top_n: int
-    def __init__(self, sequence_id: _Optional[int] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., prefix_sequence_id: _Optional[int] = ..., next_token_ids: _Optional[_Iterable[int]] = ..., top_n: _Optional[int] = ...) -> None: ...
+    repetition_penalty: float
+    penalized_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, sequence_id: _Optional[int] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., prefix_sequence_id: _Optional[int] = ..., next_token_ids: _Optional[_Iterable[int]] = ..., top_n: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., penalized_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("step_id", "hidden_states", "sequences", "free_sequence_ids", "request_ids", "full_logits")
