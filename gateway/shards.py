@@ -24,7 +24,7 @@ from bloomduo.core.logprobs import (
     join_slices,
 )
 from bloomduo.core.logs import get_logger
-from bloomduo.core.serving import NO_TLS, TlsFiles, secure_or_insecure_channel
+from bloomduo.core.serving import NO_TLS, SHARD_PROTOCOL_VERSION, TlsFiles, secure_or_insecure_channel
 from bloomduo.core.tensor_wire import decode_tensor, encode_tensor
 from bloomduo.gateway.sequence import Chunk
 from bloomduo.v1 import shard_pb2, shard_pb2_grpc
@@ -182,6 +182,17 @@ class ShardPool:
         return self.infos
 
     def _check_group(self) -> None:
+        other = [
+            f"{connection.target} (rank {info.rank}) speaks {info.protocol_version}"
+            for info, connection in zip(self.infos, self.connections, strict=True)
+            if info.protocol_version != SHARD_PROTOCOL_VERSION
+        ]
+        if other:
+            raise ShardUnavailable(
+                f"shard workers of another bloomduo release: this gateway speaks shard protocol "
+                f"{SHARD_PROTOCOL_VERSION}, {', '.join(other)}; run one release on the gateway and every "
+                "worker"
+            )
         ranks = [info.rank for info in self.infos]
         sizes = {info.world_size for info in self.infos}
         if ranks != list(range(self.world_size)) or sizes != {self.world_size}:

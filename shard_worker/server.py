@@ -15,6 +15,7 @@ from bloomduo.core.logs import get_logger
 from bloomduo.core.serving import (
     NO_TLS,
     SERVER_OPTIONS,
+    SHARD_PROTOCOL_VERSION,
     Health,
     TlsFiles,
     bind,
@@ -108,7 +109,10 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
     async def Info(self, request: shard_pb2.ShardInfoRequest, context: grpc.aio.ServicerContext):
         engine = self.runner.engine
         info = shard_pb2.ShardInfoResponse(
-            rank=self.options.rank, world_size=self.options.world_size, ready=engine is not None
+            protocol_version=SHARD_PROTOCOL_VERSION,
+            rank=self.options.rank,
+            world_size=self.options.world_size,
+            ready=engine is not None,
         )
         if engine is not None:
             info.device = str(engine.device)

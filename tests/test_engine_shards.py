@@ -13,6 +13,7 @@ import torch
 from tokenizers import Tokenizer
 
 from bloomduo.core.checkpoint import Checkpoint
+from bloomduo.core.serving import SHARD_PROTOCOL_VERSION
 from bloomduo.gateway.embedding import Embedder
 from bloomduo.gateway.sequence import Chunk
 from bloomduo.gateway.shards import ShardPool, ShardUnavailable
@@ -49,11 +50,15 @@ def test_workers_serving_different_dtypes_are_refused_by_name(demo_model) -> Non
 
 class GapShard(shard_pb2_grpc.ShardServiceServicer):
     """A stand-in worker that only answers Info. Real workers always tile the vocabulary (each takes its
-    slice from the same shard_layout), so the gap that ShardPool must refuse (a worker of another build or
-    model) can only be produced by a servicer that reports one."""
+    slice from the same shard_layout) and speak this release's protocol, so the gap or the old protocol that
+    ShardPool must refuse (a worker of another build or model) can only be produced by a servicer that
+    reports one."""
 
-    def __init__(self, rank: int, vocab_start: int, vocab_end: int) -> None:
+    def __init__(
+        self, rank: int, vocab_start: int, vocab_end: int, protocol: int = SHARD_PROTOCOL_VERSION
+    ) -> None:
         self.info = shard_pb2.ShardInfoResponse(
+            protocol_version=protocol,
             rank=rank,
             world_size=2,
             ready=True,
@@ -67,26 +72,40 @@ class GapShard(shard_pb2_grpc.ShardServiceServicer):
         return self.info
 
 
-def test_workers_whose_vocabulary_slices_leave_a_gap_are_refused() -> None:
-    async def scenario() -> None:
+def _refusal(shards: list[GapShard], vocab_size: int) -> tuple[list[str], str]:
+    """The stand-ins' targets, and what ShardPool.wait_ready refuses them with."""
+
+    async def scenario() -> tuple[list[str], str]:
         servers, targets = [], []
-        for shard in (GapShard(0, 0, 5), GapShard(1, 6, 10)):
+        for shard in shards:
             server = grpc.aio.server()
             shard_pb2_grpc.add_ShardServiceServicer_to_server(shard, server)
             targets.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
             await server.start()
             servers.append(server)
-        pool = ShardPool(targets, vocab_size=10, step_timeout_s=10.0)
+        pool = ShardPool(targets, vocab_size=vocab_size, step_timeout_s=10.0)
         try:
-            with pytest.raises(
-                ShardUnavailable, match=r"do not tile the vocabulary: \[\(0, 5\), \(6, 10\)\]"
-            ):
+            with pytest.raises(ShardUnavailable) as refused:
                 await pool.wait_ready(timeout_s=5.0)
+            return targets, str(refused.value)
         finally:
             await pool.close()
             await asyncio.gather(*(server.stop(None) for server in servers))
 
-    asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_workers_whose_vocabulary_slices_leave_a_gap_are_refused() -> None:
+    _, message = _refusal([GapShard(0, 0, 5), GapShard(1, 6, 10)], vocab_size=10)
+    assert "do not tile the vocabulary: [(0, 5), (6, 10)]" in message
+
+
+def test_a_worker_of_an_older_release_is_refused_by_name() -> None:
+    """A worker from before the protocol field reports 0: it would drop fields it does not know (a greedy
+    sequence's repetition penalty) and answer something else, so the gateway refuses to drive it."""
+    targets, message = _refusal([GapShard(0, 0, 5), GapShard(1, 5, 10, protocol=0)], vocab_size=10)
+    assert f"{targets[1]} (rank 1) speaks 0" in message and targets[0] not in message
+    assert f"this gateway speaks shard protocol {SHARD_PROTOCOL_VERSION}" in message
 
 
 def test_a_step_reaches_every_worker_and_their_slices_join_in_rank_order(pair, demo_model) -> None:

@@ -19,6 +19,10 @@ log = get_logger(__name__)
 
 # A prefill of bloom-7b1 at 2048 tokens in float32 is 32 MiB of hidden states; leave room above it.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# The version of shard.proto's meaning this code speaks, in ShardInfoResponse: raised whenever a change makes
+# a peer of the previous version compute something else from the same messages, since proto3 silently drops
+# fields the other side does not know. 1: workers apply a greedy sequence's repetition penalty.
+SHARD_PROTOCOL_VERSION = 1
 
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

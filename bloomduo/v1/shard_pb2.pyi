@@ -81,7 +81,8 @@ class ShardInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardInfoResponse(_message.Message):
-    __slots__ = ("rank", "world_size", "ready", "device", "dtype", "backend", "vocab_start", "vocab_end", "padded_vocab_size", "parameter_bytes", "cached_sequences", "cached_tokens", "local_heads", "model", "group_id", "kv_cache_bytes", "kernels")
+    __slots__ = ("protocol_version", "rank", "world_size", "ready", "device", "dtype", "backend", "vocab_start", "vocab_end", "padded_vocab_size", "parameter_bytes", "cached_sequences", "cached_tokens", "local_heads", "model", "group_id", "kv_cache_bytes", "kernels")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +100,7 @@ class ShardInfoResponse(_message.Message):
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     KERNELS_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
     rank: int
     world_size: int
     ready: bool
@@ -116,4 +118,4 @@ class ShardInfoResponse(_message.Message):
     group_id: str
     kv_cache_bytes: int
     kernels: str
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., ready: _Optional[bool] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_start: _Optional[int] = ..., vocab_end: _Optional[int] = ..., padded_vocab_size: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., cached_sequences: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., local_heads: _Optional[int] = ..., model: _Optional[str] = ..., group_id: _Optional[str] = ..., kv_cache_bytes: _Optional[int] = ..., kernels: _Optional[str] = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., ready: _Optional[bool] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., backend: _Optional[str] = ..., vocab_start: _Optional[int] = ..., vocab_end: _Optional[int] = ..., padded_vocab_size: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., cached_sequences: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., local_heads: _Optional[int] = ..., model: _Optional[str] = ..., group_id: _Optional[str] = ..., kv_cache_bytes: _Optional[int] = ..., kernels: _Optional[str] = ...) -> None: ...
