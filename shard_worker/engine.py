@@ -224,8 +224,8 @@ class ShardEngine:
     def _penalized_summary(self, row: torch.Tensor, penalty: RepetitionPenalty) -> tuple[float, int, float]:
         """A greedy row's summary after its repetition penalty, on its float32 logits as the gateway's
         sampler would compute it on the whole row (only this slice's penalized tokens are here)."""
-        columns = [token - self.vocab_start for token in penalty.token_ids]
-        held = torch.tensor([c for c in columns if 0 <= c < row.numel()], dtype=torch.long)
+        columns = torch.tensor(penalty.token_ids, dtype=torch.long) - self.vocab_start
+        held = columns[(columns >= 0) & (columns < row.numel())]
         best, index, logsumexp = summarize(penalty.apply(row.float(), held)[None])
         return float(best[0]), int(index[0]), float(logsumexp[0])
 
