@@ -16,10 +16,12 @@ import tokenizers
 from bloomduo import __version__
 from bloomduo.core.checkpoint import Checkpoint
 from bloomduo.core.dtypes import to_torch
+from bloomduo.core.libc import keep_freed_heap
 from bloomduo.core.logs import get_logger
 from bloomduo.core.metrics import Outcome
 from bloomduo.core.serving import (
     SERVER_OPTIONS,
+    STEP_HEAP_KEPT_BYTES,
     Health,
     bind,
     enable_reflection,
@@ -262,6 +264,7 @@ def _http_server(options: GatewayOptions, servicer: GenerationServicer, host: st
 async def serve(options: GatewayOptions, host: str, port: int) -> int:
     """Serve until SIGTERM/SIGINT, or until the shard workers stall; then drain in-flight requests and
     return the exit status (EXIT_SHARDS_STALLED after a stall)."""
+    keep_freed_heap(STEP_HEAP_KEPT_BYTES)
     checkpoint = Checkpoint(options.model_dir)
     tokenizer_file = options.model_dir / "tokenizer.json"
     if not tokenizer_file.is_file():

@@ -22,7 +22,7 @@ from bloomduo.core.serving import (
     enable_reflection,
     stop_event_on_signals,
 )
-from bloomduo.core.tensor_wire import TensorWireError, decode_tensor, encode_tensor
+from bloomduo.core.tensor_wire import TensorWireError, decode_tensor, write_tensor
 from bloomduo.shard_worker.config import ShardOptions
 from bloomduo.shard_worker.engine import ShardEngine
 from bloomduo.shard_worker.step_plan import Chunk
@@ -87,9 +87,8 @@ def step_from_proto(request: shard_pb2.StepRequest) -> Step:
 
 def response_of(done: StepDone) -> shard_pb2.StepResponse:
     output = done.output
-    return shard_pb2.StepResponse(
+    response = shard_pb2.StepResponse(
         step_id=done.step_id,
-        logits=encode_tensor(output.logits),
         best_logit=output.best_logit,
         best_token=output.best_token,
         logsumexp=output.logsumexp,
@@ -99,6 +98,8 @@ def response_of(done: StepDone) -> shard_pb2.StepResponse:
         top_token=output.top_token,
         compute_seconds=done.compute_seconds,
     )
+    write_tensor(response.logits, output.logits)
+    return response
 
 
 class ShardServicer(shard_pb2_grpc.ShardServiceServicer):

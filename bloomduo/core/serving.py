@@ -17,6 +17,9 @@ from bloomduo.core.logs import get_logger
 
 log = get_logger(__name__)
 
+# What a serving process keeps of its freed heap for the next step (libc.keep_freed_heap): a 16-row sampled
+# step's logits rows, their wire bytes and their float32 copy are ~40 MiB in the gateway.
+STEP_HEAP_KEPT_BYTES = 64 << 20
 # A prefill of bloom-7b1 at 2048 tokens in float32 is 32 MiB of hidden states; leave room above it.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # The version of shard.proto's meaning this code speaks, in ShardInfoResponse: raised whenever a change makes

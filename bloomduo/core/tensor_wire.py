@@ -15,14 +15,23 @@ class TensorWireError(ValueError):
 
 
 def encode_tensor(tensor: torch.Tensor) -> shard_pb2.Tensor:
+    message = shard_pb2.Tensor()
+    write_tensor(message, tensor)
+    return message
+
+
+def write_tensor(target: shard_pb2.Tensor, tensor: torch.Tensor) -> None:
+    """Fill `target`, a field of the message being built, in place: passing an encoded Tensor to the outer
+    message's constructor copies its bytes once more (4 MiB of logits rows: a step's full rows)."""
     try:
         dtype_name = name_of(tensor.dtype)
     except ValueError as exc:
         raise TensorWireError(f"cannot send it: {exc}") from None
     cpu = tensor.detach().to("cpu").contiguous()
     # Viewing as bytes avoids numpy, which has no bfloat16.
-    data = cpu.view(torch.uint8).numpy().tobytes() if cpu.numel() else b""
-    return shard_pb2.Tensor(data=data, dtype=dtype_name, shape=list(cpu.shape))
+    target.data = cpu.view(torch.uint8).numpy().tobytes() if cpu.numel() else b""
+    target.dtype = dtype_name
+    target.shape[:] = list(cpu.shape)
 
 
 def decode_tensor(message: shard_pb2.Tensor) -> torch.Tensor:
