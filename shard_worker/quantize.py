@@ -7,12 +7,13 @@ Two ways to compute with them, because they trade accuracy for speed differently
 - `int8` (weight-only): activations stay in the worker's dtype and the weights are widened inside the
   matmul. On the CPU that is bloomduo's own kernel (native.py: the int8 weight tiled, streamed once per
   call, widened in registers, products summed in float32), where the install built it: bfloat16 workers on
-  AVX512-BF16 hold it in oneDNN's row-block order and multiply exact bf16 pairs with VDPBF16PS, others in
-  tiles. Else ATen's `_weight_int8pack_mm` for bfloat16/float16 workers; elsewhere (and for float32 workers
-  without the native kernel) the weight is dequantized per call, which is exact but no faster than the
-  unquantized model. Measured at one thread on bloom-560m's shapes split over two ranks (AMD EPYC,
-  AVX512-BF16; ms for 24 block Linears, 75 MB in bfloat16): 1 row 2.07 / 4 rows 2.71 / 32 rows 15.9 in row
-  blocks (tiles: 2.07 / 3.38 / 20.5), against int8pack's 4.49 / 6.41 / 35.1.
+  AVX512-BF16 hold it in oneDNN's row-block order and multiply exact bf16 pairs with VDPBF16PS; on AVX2 in
+  the same order, read with FMAs as outer products (16-32 rows at ~80 GFLOP/s a core against the tiles'
+  ~53); others in tiles. Else ATen's `_weight_int8pack_mm` for bfloat16/float16 workers; elsewhere (and for
+  float32 workers without the native kernel) the weight is dequantized per call, which is exact but no
+  faster than the unquantized model. Measured at one thread on bloom-560m's shapes split over two ranks (AMD
+  EPYC, AVX512-BF16; ms for 24 block Linears, 75 MB in bfloat16): 1 row 2.07 / 4 rows 2.71 / 32 rows 15.9 in
+  row blocks (tiles: 2.07 / 3.38 / 20.5), against int8pack's 4.49 / 6.41 / 35.1.
 - `int8-dynamic` (CPU): each call also quantizes its activations to 8 bits and multiplies bytes: what
   CTranslate2's int8 and OpenVINO's dynamic quantization do. Where the CPU has AVX512-VNNI and the install
   built bloomduo's kernel, that kernel (native.py, VNNI layout) quantizes each row on its own (one step and
@@ -141,10 +142,11 @@ class Int8Linear(nn.Module):
                 else "dequantized per call"
             )
             native_kernel = self.kernel == "native"
-            # bf16 activations on AVX512-BF16: the row-block layout, read with VDPBF16PS (no horizontal sums,
-            # so prefill runs near bf16 GEMM speed); elsewhere the tiles
+            # bf16 activations on AVX512-BF16 or AVX2: the row-block layout, read with VDPBF16PS or FMAs as
+            # outer products (no horizontal sums, so prefill runs near bf16 GEMM speed); elsewhere the tiles
             self.layout = native.TILED
-            if native_kernel and dtype == torch.bfloat16 and native.best_isa() == native.AVX512_BF16:
+            reads_row_blocks = native.best_isa() in (native.AVX2, native.AVX512_BF16)
+            if native_kernel and dtype == torch.bfloat16 and reads_row_blocks:
                 self.layout = native.ONEDNN if self.out_features % 64 == 0 else native.TILED
             arranged = native.to_row_blocks if self.layout == native.ONEDNN else native.to_tiles
             self.register_buffer("weight_int8", arranged(weight) if native_kernel else weight)

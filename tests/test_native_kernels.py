@@ -75,15 +75,13 @@ def test_the_tiled_kernel_computes_x_times_w_transposed(isa, weights, activation
     assert _within_one_rounding(got, torch.nn.functional.gelu(want, approximate="tanh") if gelu else want)
 
 
-# 67: int8 row blocks are widened once, not per pass; below AVX512-BF16 (FMAs alone): up to 3 rows by whole
-# blocks a row at a time, more by strips of 16 rows in groups of 3 to 6 (7: 4 + 3, 16: 6 + 5 + 5)
-# int8 row blocks: the AVX512-BF16 and scalar paths alone (elsewhere int8 weight-only takes the tiles, and
-# test_the_row_block_layout_refuses_int8_below_avx512_bf16)
+# 67: int8 row blocks are widened once, not per pass, on AVX512-BF16; below it (FMAs alone): bf16 up to 3 rows
+# by whole blocks a row at a time, more by strips of 16 rows in groups of 3 to 6 (7: 4 + 3, 16: 6 + 5 + 5);
+# int8 up to 2 rows by whole blocks (K = 96: a run of 32 k pairs, then a shorter one), more by strips of 8
 ROW_BLOCK_READERS = [
     pytest.param(isa, weights, id=f"{native.ISA_NAMES[isa]}-{weights}")
     for isa in ISAS
     for weights in ("bfloat16", "int8")
-    if weights == "bfloat16" or isa in (native.SCALAR, native.AVX512_BF16)
 ]
 
 
@@ -105,14 +103,6 @@ def test_the_onednn_layout_is_read_as_documented(isa, weights, rows, gelu):
     if gelu:  # BLOOM's tanh GELU of the float32 sum, before the one rounding
         want = torch.nn.functional.gelu(want, approximate="tanh")
     assert _within_one_rounding(got, want)
-
-
-@pytest.mark.parametrize("isa", [i for i in ISAS if i in (native.AVX2, native.AVX512)], ids=str)
-def test_the_row_block_layout_refuses_int8_below_avx512_bf16(isa):
-    weight, scale = per_channel_int8(torch.randn(64, 32))
-    x = torch.randn(2, 32).to(torch.bfloat16)
-    with pytest.raises(ValueError, match="int8 weights are read by the AVX512-BF16 path"):
-        native.linear(x, native.to_row_blocks(weight), None, scale, isa=isa, layout=native.ONEDNN)
 
 
 def _quantized_reference(x, weight, scale, bias, levels) -> torch.Tensor:
@@ -252,14 +242,14 @@ def test_what_fits_the_tiles_and_bad_calls_are_told_what_is_wrong():
         )
 
 
-@pytest.mark.parametrize("out_features", [96, 128])  # tiles; row blocks on AVX512-BF16
+@pytest.mark.parametrize("out_features", [96, 128])  # tiles; row blocks on AVX512-BF16 and AVX2
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int8_weight_only_runs_natively_and_matches_dequantized_weights(out_features, dtype):
     linear = nn.Linear(256, out_features).to(dtype).requires_grad_(False)
     module = Int8Linear.from_linear(linear, INT8)
     assert module.kernel == "native"
-    on_bf16_pairs = dtype == torch.bfloat16 and native.best_isa() == native.AVX512_BF16
-    row_blocks = on_bf16_pairs and out_features % 64 == 0
+    reads_row_blocks = native.best_isa() in (native.AVX2, native.AVX512_BF16)
+    row_blocks = dtype == torch.bfloat16 and reads_row_blocks and out_features % 64 == 0
     assert module.layout == (native.ONEDNN if row_blocks else native.TILED)
     x = torch.randn(5, 256).to(dtype)
     weight, scale = per_channel_int8(linear.weight)
