@@ -308,10 +308,10 @@ def test_the_edge_translates_protos_and_refuses_a_bad_tensor(engine):
     step = _step(9, Chunk(4, 0, 2), Chunk(5, 0, 3), full_logits=[False, True], free_ids=[1, 2])
     request = _request(step)
     request.sequences[1].prefix_sequence_id = 7
-    request.sequences[0].repetition_penalty = 1.5
+    request.sequences[0].repetition_penalty = 1.3  # not a float32: it must arrive as the request gave it
     request.sequences[0].penalized_token_ids.extend([3, 9])
     translated = step_from_proto(request)
-    assert translated.penalties == [RepetitionPenalty(1.5, [3, 9]), NO_PENALTY]
+    assert translated.penalties == [RepetitionPenalty(1.3, [3, 9]), NO_PENALTY]
     assert (translated.step_id, translated.chunks, translated.free_ids, translated.full_logits) == (
         9,
         [Chunk(4, 0, 2), Chunk(5, 0, 3, 7)],

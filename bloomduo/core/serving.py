@@ -17,15 +17,17 @@ from bloomduo.core.logs import get_logger
 
 log = get_logger(__name__)
 
-# What a serving process keeps of its freed heap for the next step (libc.keep_freed_heap): a 16-row sampled
-# step's logits rows, their wire bytes and their float32 copy are ~40 MiB in the gateway.
+# What the gateway keeps of its freed heap for the next step (libc.keep_freed_heap): a 16-row sampled step's
+# logits rows, their wire bytes and their float32 copy are ~40 MiB there. Workers keep glibc's defaults: a
+# kept heap put their RSS over its bound (share of the weights + KV cache + 300 MiB).
 STEP_HEAP_KEPT_BYTES = 64 << 20
 # A prefill of bloom-7b1 at 2048 tokens in float32 is 32 MiB of hidden states; leave room above it.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # The version of shard.proto's meaning this code speaks, in ShardInfoResponse: raised whenever a change makes
 # a peer of the previous version compute something else from the same messages, since proto3 silently drops
-# fields the other side does not know. 1: workers apply a greedy sequence's repetition penalty.
-SHARD_PROTOCOL_VERSION = 1
+# fields the other side does not know. 1: workers apply a greedy sequence's repetition penalty. 2: the
+# penalty travels as a double (field 9; a version-1 worker would find none and skip it).
+SHARD_PROTOCOL_VERSION = 2
 
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
