@@ -101,6 +101,7 @@ class _Generation(Body):
     stop: str | list[str] | None = None
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extension: benchmarks generate exactly max_tokens
+    top_k: int | None = None  # vLLM's extension too: -1 or 0 keeps every token
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -125,6 +126,7 @@ class _Generation(Body):
             GenerationParameters(
                 max_new_tokens=max_tokens,
                 top_p=1.0 if self.top_p is None else self.top_p,
+                top_k=0 if self.top_k in (None, -1) else self.top_k,
                 seed=seed,
                 stop=self.stops,
                 ignore_eos=self.ignore_eos,

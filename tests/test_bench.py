@@ -367,15 +367,15 @@ def test_bench_samples_the_stacks_tokens_when_asked(tiny_stack, tmp_path, capsys
         [
             "--target", tiny_stack.target, "--threads-per-shard", "1", "--concurrency", "2",
             "--prompt-tokens", "8", "--new-tokens", "6", "--requests-per-level", "2", "--warmup", "0",
-            "--temperature", "0.8", "--top-p", "0.9", "--out", str(out),
+            "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--out", str(out),
         ]
     )  # fmt: skip
     assert bench.run(args) == 0
     report = json.loads(out.read_text())
-    assert report["config"]["sampling"] == {"do_sample": True, "temperature": 0.8, "top_p": 0.9}
+    assert report["config"]["sampling"] == {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "top_k": 20}
     (level,) = report["stack"]["levels"]
     assert level["requests"] == 2 and level["generated_tokens"] == 12
-    assert "sampled at temperature 0.8, top-p 0.9" in capsys.readouterr().out
+    assert "sampled at temperature 0.8, top-p 0.9, top-k 20" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -384,6 +384,8 @@ def test_bench_samples_the_stacks_tokens_when_asked(tiny_stack, tmp_path, capsys
         (["--temperature", "-1"], "--temperature must be 0 (greedy) or more"),
         (["--temperature", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
         (["--top-p", "0.5"], "give --temperature too"),
+        (["--top-k", "5"], "give --temperature too"),
+        (["--temperature", "1", "--top-k", "-2"], "--top-k must be 0 (all tokens) or more"),
         (["--temperature", "1", "--baseline", "transformers", "--model", "."], "without --baseline"),
     ],
 )

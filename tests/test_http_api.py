@@ -121,6 +121,15 @@ def test_openai_completions_equal_grpc_token_for_token(stack: HttpStack) -> None
         first, again = (client.completions.create(**sampled) for _ in range(2))
         assert [c.text for c in first.choices] == [c.text for c in again.choices]
         assert first.usage.prompt_tokens == expected.prompt_tokens and first.usage.completion_tokens <= 12
+        # vLLM's top_k extension: sampling among the single likeliest token is the greedy text
+        top_one = client.completions.create(
+            model=stack.model,
+            prompt=prompt,
+            max_tokens=12,
+            temperature=1.0,
+            extra_body={"ignore_eos": True, "top_k": 1},
+        )
+        assert top_one.choices[0].text == expected.text
 
         stopped = client.completions.create(
             model=stack.model, prompt=prompt, stop=[expected.text[3:6]], **GREEDY

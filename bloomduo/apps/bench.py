@@ -278,6 +278,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--top-p", type=float, default=1.0, help="nucleus of the sampled tokens (default 1: all of them)"
     )
     load.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="sample among this many likeliest tokens (default 0: all of them)",
+    )
+    load.add_argument(
         "--requests-per-level",
         type=_positive,
         help=f"requests per level, shared by its streams (default max(streams, {MIN_REQUESTS_PER_LEVEL}))",
@@ -392,8 +398,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise BenchError(f"--temperature must be 0 (greedy) or more, not {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise BenchError(f"--top-p must be in (0, 1], not {args.top_p}")
-    if args.top_p < 1 and not args.temperature:
-        raise BenchError("--top-p is a sampling setting: give --temperature too")
+    if args.top_k < 0:
+        raise BenchError(f"--top-k must be 0 (all tokens) or more, not {args.top_k}")
+    if (args.top_p < 1 or args.top_k) and not args.temperature:
+        raise BenchError("--top-p and --top-k are sampling settings: give --temperature too")
     if args.temperature and args.baseline:
         raise BenchError(
             "--temperature samples the stack's tokens, but the peers' runners decode greedily: "
@@ -653,7 +661,7 @@ async def _openai_sender(args: argparse.Namespace, stack: Stack | None, token: s
             top_p=args.top_p,
             stream=True,
             stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},
+            extra_body={"ignore_eos": True, **({"top_k": args.top_k} if args.top_k else {})},
         )
         async for chunk in stream:
             if chunk.choices:
@@ -679,7 +687,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     """The generate() arguments of a sampled run; none for greedy decoding."""
     if not args.temperature:
         return {}
-    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
 
 
 async def _timed_request(client: AsyncClient, prompt: str, args: argparse.Namespace) -> Sample:
@@ -977,7 +985,9 @@ def print_report(report: dict[str, Any]) -> None:
     machine = config["machine"]
     sampling = config["sampling"]
     if sampling != "greedy":
-        sampling = f"sampled at temperature {sampling['temperature']}, top-p {sampling['top_p']}"
+        sampling = f"sampled at temperature {sampling['temperature']}, top-p {sampling['top_p']}" + (
+            f", top-k {sampling['top_k']}" if sampling.get("top_k") else ""
+        )
     print(
         f"\n{info['model']} on {info['num_shards']} shards ({info['dtype']}, {info['device']}) at "
         f"{config['target']}: {config['prompt_tokens']} prompt tokens ({prompts}), "
