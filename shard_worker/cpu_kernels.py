@@ -154,6 +154,10 @@ class Fp32Scratch:
             self._buffer = torch.empty(self.elements, dtype=torch.float32)
         return self._buffer
 
+    def release(self) -> None:
+        """Drop the buffer (the next get() makes it again): the kernel probes use it, the routes may not."""
+        self._buffer = None
+
 
 def fp32_linear(
     x: torch.Tensor,

@@ -205,10 +205,12 @@ _AVX2_SCRIPT = textwrap.dedent(
     import json, torch
     from tests.test_worker_weight_formats import CPU, _hidden, _model, _steps
     from tests._dist_helpers import AVX2_CLASS, needs_packing, relative_error
+    from bloomduo.shard_worker.cpu_kernels import FP32, TILED_FP32, RoutedLinear
     from bloomduo.shard_worker.weight_formats import PackedLinear, format_weights, packing_applies
 
     model = _model(torch.bfloat16)
     format_weights(model, CPU, torch.bfloat16)
+    routed = [m for m in model.modules() if isinstance(m, RoutedLinear)]
     errors = [
         relative_error(got, want, torch.bfloat16)
         for got, want in zip(_steps(model, _hidden()), _steps(_model(torch.float32), _hidden()))
@@ -218,6 +220,8 @@ _AVX2_SCRIPT = textwrap.dedent(
         "packing": packing_applies(CPU, torch.bfloat16),
         "packed_modules": sum(isinstance(m, PackedLinear) for m in model.modules()),
         "errors": errors,
+        "fp32_routes": any(m.route.paths & {FP32, TILED_FP32} for m in routed),
+        "scratch_held": any(m.scratch._buffer is not None for m in routed),
     }))
     """
 )
@@ -236,6 +240,8 @@ def test_an_avx2_class_cpu_keeps_the_plain_layout_and_is_correct():
     assert not report["packing"] and report["packed_modules"] == 0
     # bfloat16 rounds every layer's output; measured < 1 eps from float32 at the logits' scale
     assert max(report["errors"]) < 4, report
+    # the probes timed the float32 paths here (bf16 is emulated); their scratch stays only if a route runs one
+    assert report["scratch_held"] == report["fp32_routes"], report
 
 
 def test_nz_format_only_on_the_npu_when_asked(monkeypatch):
