@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from bloomduo.apps.demo_model import PRESETS
 from bloomduo.core.logprobs import NO_PENALTY, RepetitionPenalty, Scoring
-from bloomduo.core.tensor_wire import decode_tensor, encode_tensor
+from bloomduo.core.tensor_wire import decode_tensor, write_tensor
 from bloomduo.shard_worker.config import ShardOptions
 from bloomduo.shard_worker.distributed import shutdown_distributed
 from bloomduo.shard_worker.engine import ShardEngine
@@ -81,9 +81,8 @@ def _step(step_id: int, *chunks: Chunk, full_logits: list[bool] | None = None, f
 
 def _request(step: Step) -> shard_pb2.StepRequest:
     """What the gateway sends for `step`."""
-    return shard_pb2.StepRequest(
+    request = shard_pb2.StepRequest(
         step_id=step.step_id,
-        hidden_states=encode_tensor(step.hidden_states),
         sequences=[
             shard_pb2.SequenceChunk(
                 sequence_id=c.sequence_id,
@@ -97,6 +96,8 @@ def _request(step: Step) -> shard_pb2.StepRequest:
         request_ids=step.request_ids,
         full_logits=step.full_logits,
     )
+    write_tensor(request.hidden_states, step.hidden_states)
+    return request
 
 
 async def _incoming(steps: list, then: Exception | None = None, pause_s: float = 0.0) -> AsyncIterator:

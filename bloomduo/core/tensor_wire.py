@@ -14,12 +14,6 @@ class TensorWireError(ValueError):
     pass
 
 
-def encode_tensor(tensor: torch.Tensor) -> shard_pb2.Tensor:
-    message = shard_pb2.Tensor()
-    write_tensor(message, tensor)
-    return message
-
-
 def write_tensor(target: shard_pb2.Tensor, tensor: torch.Tensor) -> None:
     """Fill `target`, a field of the message being built, in place: passing an encoded Tensor to the outer
     message's constructor copies its bytes once more (4 MiB of logits rows: a step's full rows)."""
