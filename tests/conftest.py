@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,22 @@ def model(demo_model: Callable[..., Path]) -> TinyModel:
     checkpoint = Checkpoint(model_dir)
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     return TinyModel(model_dir, checkpoint, tokenizer, Embedder(checkpoint, torch.float32))
+
+
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive free ports. A stack started with metrics port P serves its workers'
+    metrics on P + 1 .. P + W, so P alone being free is not enough: one of the next was once taken by
+    another test's connection and a worker failed to start."""
+    for _ in range(100):
+        first = free_port()
+        with ExitStack() as probes:
+            try:
+                for port in range(first, first + count):
+                    probes.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports found")
 
 
 @contextmanager

@@ -23,11 +23,11 @@ import torch
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import TextGenerationError
 
-from bloomduo.apps.launcher import free_port
+from bloomduo.apps.launcher import free_port, free_ports
 from bloomduo.client import BloomduoError, Client
 from bloomduo.gateway.chat_template import load_chat_template, plain_turns
 from bloomduo.gateway.config import RequestLimits
-from tests.conftest import running_stack
+from tests.conftest import free_port_run, running_stack
 from tests.reference import hf_log_softmax
 
 TOKEN = "http-s3cret"
@@ -48,7 +48,8 @@ def stack(demo_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Http
     token_file = tmp_path_factory.mktemp("http") / "token"
     token_file.write_text(TOKEN)
     model_dir = demo_model()
-    http_port, metrics_port = free_port(), free_port()
+    metrics_port = free_port_run(3)  # the gateway's, then each worker's
+    http_port = free_ports(1, exclude=range(metrics_port, metrics_port + 3))[0]
     gateway_args = ("--auth-token-file", str(token_file))
     with running_stack(
         model_dir,

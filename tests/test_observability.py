@@ -11,12 +11,11 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from bloomduo.apps.launcher import free_port
 from bloomduo.client import AsyncClient, BloomduoError, Client
 from bloomduo.core import metrics
 from bloomduo.core.metrics import Outcome
 from bloomduo.gateway.errors import RequestFailed
-from tests.conftest import running_stack
+from tests.conftest import free_port_run, running_stack
 
 
 def _scrape(port: int) -> str:
@@ -58,7 +57,7 @@ def test_requests_total_counts_exactly_the_outcomes_its_help_names() -> None:
 
 
 def test_metrics_count_what_happened(demo_model) -> None:
-    metrics_port = free_port()
+    metrics_port = free_port_run(3)  # the gateway's, then each worker's
     with running_stack(demo_model(), num_shards=2, metrics_port=metrics_port) as stack:
         with Client(stack.target) as bloom:
             for _ in range(3):
@@ -96,7 +95,7 @@ def test_reflection_lists_the_services(tiny_stack) -> None:
 
 def test_a_prompt_starting_like_a_running_one_copies_its_cache(demo_model) -> None:
     """Prefix sharing: same tokens and log-probabilities as computing the prompt, fewer tokens computed."""
-    metrics_port = free_port()
+    metrics_port = free_port_run(3)  # the gateway's, then each worker's
     prompt = "One long system prompt shared by every user, then the question:"
     longer = prompt + " and what follows it"
     greedy = {"max_new_tokens": 8, "ignore_eos": True, "details": True}

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from bloomduo.client import AsyncClient, Client
-from tests.conftest import free_port, running_stack
+from tests.conftest import free_port_run, running_stack
 from tests.reference import hf_greedy, hf_log_softmax
 
 PROMPTS = [
@@ -153,7 +153,7 @@ def test_a_scored_prompt_shares_no_prefix_and_others_still_do(demo_model) -> Non
                 return [scored, plain]
         raise AssertionError("base gave no token")
 
-    metrics_port = free_port()
+    metrics_port = free_port_run(3)  # the gateway's, then each worker's
     with running_stack(model_dir, num_shards=2, metrics_port=metrics_port) as stack:
         scored, plain = asyncio.run(run(stack.target))
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as scrape:
