@@ -68,14 +68,17 @@ static inline long tiled_index(long n, long k, long K) {
 
 /* The layout oneDNN packs a bf16 Linear weight into for AVX512-BF16 (its "AB16b64a2b"): blocks of 64 rows x
  * 32 columns, row blocks outermost; inside a block, 16 column pairs, each holding 64 rows' (k, k+1) pairs.
- * Reading it lets a worker keep oneDNN's layout for prefill GEMMs and still stream it at full bandwidth for
- * decode; native.py checks on every weight that oneDNN really chose it before this path is used. */
+ * With AMX oneDNN packs the same order in blocks of 32 rows (AMX_BLOCK_ROWS: a pair's 16-row halves are the
+ * rows of two AMX tiles). Reading it lets a worker keep oneDNN's layout for prefill GEMMs and still stream it
+ * at full bandwidth for decode; native.py checks on every weight which blocking oneDNN really chose before
+ * this path is used. */
 #define BLOCK_ROWS 64
+#define AMX_BLOCK_ROWS 32
 #define BLOCK_K 32
 
-static inline long onednn_index(long n, long k, long K) {
-    long block = (n / BLOCK_ROWS) * (K / BLOCK_K) + k / BLOCK_K;
-    return block * BLOCK_ROWS * BLOCK_K + ((k % BLOCK_K) / 2) * 2 * BLOCK_ROWS + (n % BLOCK_ROWS) * 2 + k % 2;
+static inline long onednn_index(long n, long k, long K, long rows) {
+    long block = (n / rows) * (K / BLOCK_K) + k / BLOCK_K;
+    return block * rows * BLOCK_K + ((k % BLOCK_K) / 2) * 2 * rows + (n % rows) * 2 + k % 2;
 }
 
 /* int8 weights for VPDPBUSD, which sums four byte products into each 32-bit lane: blocks of `rows` rows (64 for
@@ -102,7 +105,8 @@ typedef struct {
     long R, N, K;
     int x_dtype, w_dtype, y_dtype, layout;
     int gelu; /* apply BLOOM's tanh GELU to each output before its rounding (MLP's first matmul) */
-    /* LAYOUT_VNNI: the top byte x is quantized to (255, at most 127 for the AVX2 form) and the block's rows */
+    /* LAYOUT_VNNI: the top byte x is quantized to (255, at most 127 for the AVX2 form); LAYOUT_VNNI and
+     * LAYOUT_ONEDNN: the rows of a block */
     int levels, block_rows;
 } Problem;
 
@@ -192,7 +196,7 @@ static void linear_scalar(const Problem *p) {
         for (long r = 0; r < p->R; r++) {
             float sum = 0.0f;
             for (long k = 0; k < p->K; k++) {
-                long i = p->layout == LAYOUT_ONEDNN ? onednn_index(n, k, p->K) : tiled_index(n, k, p->K);
+                long i = p->layout == LAYOUT_ONEDNN ? onednn_index(n, k, p->K, p->block_rows) : tiled_index(n, k, p->K);
                 float w = p->w_dtype == DT_I8 ? (float)((const int8_t *)p->w)[i] : load_as_f32(p->w, i, p->w_dtype);
                 sum += load_as_f32(p->x, r * p->K + k, p->x_dtype) * w;
             }
@@ -433,30 +437,40 @@ AVX512_BF16 INLINE __m512bh int8_pairs(const int8_t *w) {
     return _mm512_cvtne2ps_pbh(high, low);
 }
 
-/* One row block of the layout against up to 6 rows of x: 6 x 4 accumulators hold 64 outputs per row in
- * their lanes, so no horizontal sums; each column pair of x is broadcast to all lanes. The weights are bf16
- * (oneDNN's own packed bytes) or int8 in the same order (`int8`, with a float32 scale per row). */
+/* How far ahead block_onednn asks for bf16 weights: the cores' own prefetchers stop at 4 KiB pages and keep
+ * too few lines in flight for one core's share of the bus (a 302 MB rank of bloom-560m's blocks, one thread,
+ * Xeon with AMX, oneDNN's 32-row blocks: 2 rows 37.9 -> 30.9 ms, 4 rows 46.1 -> 34.2, 16 rows 76.1 -> 69.6,
+ * one row even; 4 and 16 KiB ahead no better). */
+#define ROW_BLOCK_AHEAD 8192
+
+/* One row block of the layout against up to 6 rows of x: 6 x `vectors` accumulators hold the block's 64 (or
+ * 32) outputs per row in their lanes, so no horizontal sums; each column pair of x is broadcast to all lanes.
+ * The weights are bf16 (oneDNN's own packed bytes) or int8 in the same order (`int8`, with a float32 scale
+ * per row). */
 AVX512_BF16 INLINE void block_onednn(const Problem *p, const void *block, long r0, const int rows, long n0,
-                                      const int int8) {
+                                      const int int8, const int vectors) {
     const uint16_t *x = (const uint16_t *)p->x;
     const uint16_t *w = (const uint16_t *)block; /* the row block's K / 32 blocks, in order */
     const int8_t *w8 = (const int8_t *)block;
+    const long pair_step = 2 * 16 * vectors;
     __m512 acc[6][4];
     for (int i = 0; i < rows; i++)
-        for (int c = 0; c < 4; c++) acc[i][c] = _mm512_setzero_ps();
-    for (long k = 0; k < p->K; k += 2, w += 2 * BLOCK_ROWS, w8 += 2 * BLOCK_ROWS) {
+        for (int c = 0; c < vectors; c++) acc[i][c] = _mm512_setzero_ps();
+    for (long k = 0; k < p->K; k += 2, w += pair_step, w8 += pair_step) {
         __m512bh b[4];
-        for (int c = 0; c < 4; c++)
+        if (!int8) /* bf16 weights are read at memory speed: ask L2 for the line ROW_BLOCK_AHEAD bytes on */
+            for (int c = 0; c < vectors; c++) _mm_prefetch((const char *)(w + c * 32) + ROW_BLOCK_AHEAD, _MM_HINT_T1);
+        for (int c = 0; c < vectors; c++)
             b[c] = int8 ? int8_pairs(w8 + c * 32) : (__m512bh)_mm512_loadu_si512(w + c * 32);
         for (int i = 0; i < rows; i++) {
             int32_t pair;
             memcpy(&pair, x + (r0 + i) * p->K + k, 4);
             __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-            for (int c = 0; c < 4; c++) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], a, b[c]);
+            for (int c = 0; c < vectors; c++) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], a, b[c]);
         }
     }
     for (int i = 0; i < rows; i++)
-        for (int c = 0; c < 4; c++) {
+        for (int c = 0; c < vectors; c++) {
             __m512 sum = acc[i][c];
             long n = n0 + c * 16;
             if (p->scale) sum = _mm512_mul_ps(sum, _mm512_loadu_ps(p->scale + n));
@@ -494,9 +508,12 @@ AVX512_BF16 static const char *linear_onednn_bf16(const Problem *p) {
     uint16_t *widened = NULL;
     if (int8 && p->R > 60 && !(widened = widening_scratch(BLOCK_ROWS * (size_t)p->K)))
         return "out of memory for a widened row block";
-#define BLOCK(ROWS) \
-    (block_int8 ? block_onednn(p, block, r0, ROWS, n0, 1) : block_onednn(p, block, r0, ROWS, n0, 0))
-    for (long n0 = 0; n0 < p->N; n0 += BLOCK_ROWS) {
+    /* int8 row blocks are bloomduo's own, always of BLOCK_ROWS; run() lets AMX_BLOCK_ROWS through for bf16 */
+#define BLOCK(ROWS)                                                                                 \
+    (block_int8 ? block_onednn(p, block, r0, ROWS, n0, 1, BLOCK_ROWS / 16)                          \
+     : p->block_rows == BLOCK_ROWS ? block_onednn(p, block, r0, ROWS, n0, 0, BLOCK_ROWS / 16)       \
+                                   : block_onednn(p, block, r0, ROWS, n0, 0, AMX_BLOCK_ROWS / 16))
+    for (long n0 = 0; n0 < p->N; n0 += p->block_rows) {
         const void *block = (const char *)p->w + n0 * p->K * (int8 ? 1 : 2);
         int block_int8 = int8;
         if (widened) {
@@ -1544,10 +1561,15 @@ static const char *run(Problem *p, int isa) {
     /* VDPBF16PS multiplies bfloat16 pairs: float32 x takes the float32 FMA path */
     if (isa == ISA_AVX512_BF16 && p->x_dtype != DT_BF16) isa = ISA_AVX512;
     if (p->layout == LAYOUT_ONEDNN) {
-        if (p->N % BLOCK_ROWS || p->x_dtype != DT_BF16 || p->y_dtype != DT_BF16)
-            return "the row-block layout is read for bfloat16 x and outputs, N a multiple of 64";
+        if (p->block_rows != BLOCK_ROWS && p->block_rows != AMX_BLOCK_ROWS)
+            return "the row-block layout's blocks hold 64 rows, or 32 (oneDNN's AMX packing)";
+        if (p->N % p->block_rows || p->x_dtype != DT_BF16 || p->y_dtype != DT_BF16)
+            return "the row-block layout is read for bfloat16 x and outputs, N a multiple of the block's rows";
         if ((p->w_dtype == DT_I8) != (p->scale != NULL) || p->w_dtype == DT_F32)
             return "the row-block layout holds bfloat16 weights, or int8 ones with a scale per row";
+        if (p->block_rows == AMX_BLOCK_ROWS && (p->w_dtype != DT_BF16 || (isa != ISA_AVX512_BF16 && isa != ISA_SCALAR)))
+            return "32-row blocks (oneDNN's AMX packing) are read for bfloat16 weights by the AVX512-BF16 and scalar "
+                   "paths";
     }
     if (isa == ISA_SCALAR) {
         linear_scalar(p);

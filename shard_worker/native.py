@@ -20,6 +20,7 @@ from bloomduo.core.logprobs import RowSummary
 TILE_ROWS, TILE_K = 4, 32  # _kernels.c's tiled layout
 # the weight layouts _kernels.c reads: its tiles, oneDNN's packed bf16 row blocks, int8 blocks for VPDPBUSD
 TILED, ONEDNN, VNNI = 0, 1, 2
+ONEDNN_BLOCK_ROWS, AMX_BLOCK_ROWS = 64, 32  # the ONEDNN layout's blocks: oneDNN's for AVX512-BF16, for AMX
 SCALAR, AVX2, AVX512, AVX512_BF16 = 0, 1, 2, 3
 _AVX512_VNNI = 4  # what _kernels.supported() calls VPDPBUSD: beside the ladder above, not on it
 ISA_NAMES = {SCALAR: "scalar", AVX2: "avx2", AVX512: "avx512", AVX512_BF16: "avx512-bf16"}
@@ -83,31 +84,36 @@ def vnni_form() -> VnniForm:
     return VPDPBUSD_FORM if vpdpbusd else AVX2_FORM
 
 
-def reads_onednn_layout(packed: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether the ONEDNN path reads this oneDNN-packed bfloat16 weight right: the kernel's ISA is here,
+def onednn_block_rows(packed: torch.Tensor, bias: torch.Tensor | None = None) -> int | None:
+    """The rows of the blocks oneDNN packed this bfloat16 weight in, where the ONEDNN path reads it right
+    (ONEDNN_BLOCK_ROWS as for AVX512-BF16, AMX_BLOCK_ROWS as for AMX), else None: the kernel's ISA is here,
     the shapes fit, and on one random row it gives oneDNN's own product within two bf16 roundings (which
     catches any other blocking oneDNN may have picked)."""
     out_features, in_features = packed.shape
     if not (
         best_isa() == AVX512_BF16
         and packed.dtype == torch.bfloat16
-        and out_features % 64 == 0
         and in_features % TILE_K == 0
         and (bias is None or bias.dtype == torch.bfloat16)
     ):
-        return False
+        return None
     x = torch.randn(1, in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     bias = None if bias is None else bias.detach()
     want = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").float()
-    got = linear(x, packed, bias, layout=ONEDNN).float()
-    return bool((got - want).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * want.abs().max())
+    bound = 2 * torch.finfo(torch.bfloat16).eps * want.abs().max()
+    for rows in (ONEDNN_BLOCK_ROWS, AMX_BLOCK_ROWS):
+        if out_features % rows == 0:
+            got = linear(x, packed, bias, layout=ONEDNN, block_rows=rows).float()
+            if (got - want).abs().max() <= bound:
+                return rows
+    return None
 
 
 @functools.cache
 def reads_onednn_packing() -> bool:
-    """Whether oneDNN here packs bfloat16 Linear weights in the layout the ONEDNN path reads, checked on a
-    probe weight: builds for other ISAs (AMX) may block differently, and then the native path is no
-    candidate at all (PackedLinear checks each real weight again)."""
+    """Whether oneDNN here packs bfloat16 Linear weights in a blocking the ONEDNN path reads, checked on a
+    probe weight: where it packs some other way the native path is no candidate at all (PackedLinear checks
+    each real weight again)."""
     if best_isa() != AVX512_BF16 or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
     probe = torch.randn(128, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
@@ -115,7 +121,7 @@ def reads_onednn_packing() -> bool:
         packed = torch.ops.mkldnn._reorder_linear_weight(probe, None)
     except RuntimeError:  # a torch build without oneDNN's bf16 linear
         return False
-    return reads_onednn_layout(packed)
+    return onednn_block_rows(packed) is not None
 
 
 def fits(weight: torch.Tensor) -> bool:
@@ -196,8 +202,10 @@ class LinearKernel:
         gelu: bool = False,
         row_sums: torch.Tensor | None = None,
         vnni: VnniForm | None = None,
+        block_rows: int = ONEDNN_BLOCK_ROWS,
     ) -> None:
-        """`row_sums` (int32 [out], vnni_row_sums) and `vnni`: the VNNI layout's, which quantizes x by row."""
+        """`row_sums` (int32 [out], vnni_row_sums) and `vnni`: the VNNI layout's, which quantizes x by row;
+        `block_rows`: the ONEDNN layout's (ONEDNN_BLOCK_ROWS, or AMX_BLOCK_ROWS as oneDNN packs for AMX)."""
         module = _module()
         if module is None:
             raise RuntimeError(
@@ -217,7 +225,8 @@ class LinearKernel:
         self._bias_dtype = None if bias is None else bias.dtype
         self._weight_code = _DTYPE_CODES[weight.dtype]
         self._layout, self._gelu = layout, int(gelu)
-        self._vnni = tuple(vnni) if vnni is not None else (0, 0)  # levels, block rows: 0 off the VNNI layout
+        # levels (0 off the VNNI layout), block rows (0 off the VNNI and ONEDNN layouts)
+        self._blocking = tuple(vnni) if vnni is not None else (0, block_rows if layout == ONEDNN else 0)
         self._linear = module.linear
 
     def _check_bias(self, dtype: torch.dtype) -> None:
@@ -238,7 +247,7 @@ class LinearKernel:
             self._weight_code,
             self._layout,
             self._gelu,
-            *self._vnni,
+            *self._blocking,
         )
 
     def __call__(self, x: torch.Tensor, isa: int | None = None) -> torch.Tensor:
@@ -265,7 +274,7 @@ class LinearKernel:
             isa,
             self._layout,
             self._gelu,
-            *self._vnni,
+            *self._blocking,
         )
         return out.view(*x.shape[:-1], self.out_features)
 
@@ -280,9 +289,10 @@ def linear(
     gelu: bool = False,
     row_sums: torch.Tensor | None = None,
     vnni: VnniForm | None = None,
+    block_rows: int = ONEDNN_BLOCK_ROWS,
 ) -> torch.Tensor:
     """One call of LinearKernel(tiled_weight, ...) on x, for calls that come once per weight."""
-    return LinearKernel(tiled_weight, bias, scale, layout, gelu, row_sums, vnni)(x, isa)
+    return LinearKernel(tiled_weight, bias, scale, layout, gelu, row_sums, vnni, block_rows)(x, isa)
 
 
 def _kernel_dtypes(float32: bool) -> tuple[torch.dtype, ...]:

@@ -27,10 +27,12 @@ ISAS = [
 ISA_IDS = [native.ISA_NAMES[isa] for isa in ISAS]
 
 
-def _onednn_layout(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's AB16b64a2b blocking of a [N, K] weight, made here, as _kernels.c documents it."""
+def _onednn_layout(weight: torch.Tensor, block_rows: int = native.ONEDNN_BLOCK_ROWS) -> torch.Tensor:
+    """oneDNN's AB16b64a2b blocking of a [N, K] weight (or its 32-row blocks for AMX), made here, as
+    _kernels.c documents it."""
     n, k = weight.shape
-    blocks = weight.reshape(n // 64, 64, k // 32, 16, 2)  # [row block, row, column block, pair, 2]
+    # [row block, row, column block, pair, 2]
+    blocks = weight.reshape(n // block_rows, block_rows, k // 32, 16, 2)
     return blocks.permute(0, 2, 3, 1, 4).contiguous().view(n, k)
 
 
@@ -103,6 +105,38 @@ def test_the_onednn_layout_is_read_as_documented(isa, weights, rows, gelu):
     if gelu:  # BLOOM's tanh GELU of the float32 sum, before the one rounding
         want = torch.nn.functional.gelu(want, approximate="tanh")
     assert _within_one_rounding(got, want)
+
+
+@pytest.mark.parametrize("isa", [isa for isa in ISAS if isa in (native.SCALAR, native.AVX512_BF16)])
+@pytest.mark.parametrize("rows", [1, 2, 6, 7, 67])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_the_amx_blocking_of_the_onednn_layout_is_read_as_documented(isa, rows, gelu):
+    """oneDNN packs for AMX in blocks of 32 rows: the same bytes' order, half the rows a block."""
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 64, generator=generator).to(torch.bfloat16)  # three blocks of 32 rows
+    bias = torch.randn(96, generator=generator).to(torch.bfloat16)
+    x = torch.randn(rows, 64, generator=generator).to(torch.bfloat16)
+    laid_out = _onednn_layout(weight, native.AMX_BLOCK_ROWS)
+    got = native.linear(
+        x, laid_out, bias, isa=isa, layout=native.ONEDNN, gelu=gelu, block_rows=native.AMX_BLOCK_ROWS
+    )
+    want = _reference(x, weight, bias, None)
+    if gelu:
+        want = torch.nn.functional.gelu(want, approximate="tanh")
+    assert _within_one_rounding(got, want)
+
+
+def test_bad_row_block_calls_are_told_what_is_wrong():
+    weight = torch.randn(96, 64).to(torch.bfloat16)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="blocks hold 64 rows, or 32"):
+        native.linear(x, weight, None, isa=native.SCALAR, layout=native.ONEDNN, block_rows=48)
+    if native.AVX2 in ISAS:
+        with pytest.raises(ValueError, match=r"32-row blocks .* AVX512-BF16 and scalar"):
+            native.linear(x, weight, None, isa=native.AVX2, layout=native.ONEDNN, block_rows=32)
+    int8, scale = per_channel_int8(torch.randn(96, 64))
+    with pytest.raises(ValueError, match="32-row blocks"):
+        native.linear(x, int8, None, scale, isa=native.SCALAR, layout=native.ONEDNN, block_rows=32)
 
 
 def _quantized_reference(x, weight, scale, bias, levels) -> torch.Tensor:
@@ -203,18 +237,22 @@ def test_bad_vnni_calls_are_told_what_is_wrong():
 
 @pytest.mark.skipif(
     not (can_pack() and native.reads_onednn_packing()),
-    reason="needs oneDNN packing bfloat16 in the layout the kernel reads, with AVX512-BF16 (this CPU or "
-    "torch build packs no bfloat16, or packs it another way, as AMX builds may: the native path is then off)",
+    reason="needs oneDNN packing bfloat16 in a layout the kernel reads, with AVX512-BF16 (this CPU or "
+    "torch build packs no bfloat16, or packs it another way: the native path is then off)",
 )
 def test_onednn_packs_the_layout_the_kernel_reads():
-    """The layout made above is the one oneDNN really makes: the kernel on oneDNN's own bytes."""
+    """The layout made above is the one oneDNN really makes (64-row blocks for AVX512-BF16, 32 for AMX):
+    the kernel on oneDNN's own bytes."""
     weight = torch.randn(256, 1024).to(torch.bfloat16)
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    block_rows = native.onednn_block_rows(packed)
+    assert block_rows in (native.ONEDNN_BLOCK_ROWS, native.AMX_BLOCK_ROWS)
     x = torch.randn(3, 1024).to(torch.bfloat16)
-    got = native.linear(x, packed, None, layout=native.ONEDNN)
+    got = native.linear(x, packed, None, layout=native.ONEDNN, block_rows=block_rows)
     want = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     assert cpu_kernels._error(got, want, torch.bfloat16) <= cpu_kernels.TOLERANCE_EPS
-    assert torch.equal(native.linear(x, _onednn_layout(weight), None, layout=native.ONEDNN), got)
+    laid_out = _onednn_layout(weight, block_rows)
+    assert torch.equal(native.linear(x, laid_out, None, layout=native.ONEDNN, block_rows=block_rows), got)
 
 
 def test_a_packed_linear_whose_layout_native_misreads_stays_on_onednn(monkeypatch):
@@ -236,7 +274,7 @@ def test_what_fits_the_tiles_and_bad_calls_are_told_what_is_wrong():
     x = torch.randn(1, 48).to(torch.bfloat16)
     with pytest.raises(ValueError, match="multiple of 32"):
         native.linear(x, weight[:, :48].contiguous(), None, isa=native.SCALAR)
-    with pytest.raises(ValueError, match="N a multiple of 64"):
+    with pytest.raises(ValueError, match="N a multiple of the block's rows"):
         native.linear(
             torch.randn(1, 64).to(torch.bfloat16), weight, None, isa=native.SCALAR, layout=native.ONEDNN
         )
