@@ -6,7 +6,8 @@
  * packed bf16 weights at ~15 GB/s on one EPYC core, ATen's bf16 GEMV is fast for one row only, and neither
  * reads int8 weights. Here every path reads W once per call, front to back, and sums in float32:
  *
- *   LAYOUT_ONEDNN  oneDNN's packed bf16 weight itself (AVX512-BF16: VDPBF16PS, outputs in the lanes)
+ *   LAYOUT_ONEDNN  oneDNN's packed bf16 weight itself (AVX512-BF16: VDPBF16PS, outputs in the lanes; AMX
+ *                  tiles from 3 rows where oneDNN packed for AMX)
  *   LAYOUT_TILED   this file's tiles, bf16 or int8 weights, in AVX512-BF16, AVX512F, AVX2+FMA or scalar form
  *   LAYOUT_VNNI    int8 weights in row blocks of 4-column groups, against activations quantized to unsigned
  *                  bytes per row on the way in (--quantize int8-dynamic): VPDPBUSD, twice VDPBF16PS's
@@ -29,6 +30,10 @@
 #include <string.h>
 #include <sched.h>
 #include <time.h>
+#if defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_I8 = 2 };
 /* ISA_AVX512_VNNI is no rung of the ladder below ISA_AVX512_BF16 (CPUs have either without the other): the
@@ -524,6 +529,119 @@ AVX512_BF16 static const char *linear_onednn_bf16(const Problem *p) {
         FOR_ROW_GROUPS(BLOCK)
     }
 #undef BLOCK
+    return NULL;
+}
+
+/* ---- AMX: oneDNN's 32-row blocks are AMX's own operand layout. A block's 16 column pairs are 16 rows of 128
+ * bytes, each two 16-output halves of (k, k+1) pairs: read with a stride of 128 bytes, each half is a B tile
+ * of TDPBF16PS, which sums 16 rows of x against 16 outputs over 32 columns a call into float32 tiles. */
+#define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,amx-tile,amx-bf16")))
+/* From this many rows of x the 32-row blocks go through AMX, below it through VDPBF16PS, which streams them
+ * faster (a bloom-560m rank's blocks, one thread, ms VDPBF16PS / AMX: 1 row 26-28 / 31-34, 2 rows 26-29 /
+ * 32-33); from 4 rows to 64 AMX beats oneDNN's own AMX kernel (16 rows 29-32 against 35 ms, 32 rows 29-34
+ * against 40; 256 rows 95 against 80, where the workers keep oneDNN). */
+#define AMX_MIN_ROWS 3
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* Whether this process may run AMX: the CPU has it and Linux lets the process use the tile state (asked once,
+ * for the whole process). */
+static int amx_ready(void) {
+    static int ready = -1;
+    if (ready < 0) {
+#if defined(__x86_64__) && defined(SYS_arch_prctl)
+        __builtin_cpu_init();
+        ready = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+                syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+        ready = 0;
+#endif
+    }
+    return ready;
+}
+
+/* The rows of x from `first` as an A tile's source: x itself for 16 whole rows, else the rows left copied into
+ * the thread's scratch and padded with zero rows (their sums are computed and dropped). */
+static const uint16_t *amx_rows(const Problem *p, long first, uint16_t *scratch) {
+    const uint16_t *x = (const uint16_t *)p->x + first * p->K;
+    if (p->R - first >= 16) return x;
+    memcpy(scratch, x, (size_t)(p->R - first) * p->K * sizeof(uint16_t));
+    memset(scratch + (p->R - first) * p->K, 0, (size_t)(16 - (p->R - first)) * p->K * sizeof(uint16_t));
+    return scratch;
+}
+
+/* The float32 sums of `tiles` 16-row tiles x 32 outputs (in `sums`, 32 floats a row) to the outputs. */
+AMX INLINE void amx_store(const Problem *p, const float *sums, long first, int tiles, long n0) {
+    for (long r = 0; r < 16L * tiles && first + r < p->R; r++)
+        for (int half = 0; half < 2; half++) store16(p, first + r, n0 + half * 16, _mm512_loadu_ps(sums + r * 32 + half * 16));
+}
+
+AMX static const char *linear_onednn_amx(const Problem *p) {
+    const long K = p->K, stride = K * (long)sizeof(uint16_t), tiles = (p->R + 15) / 16;
+    uint16_t *scratch = widening_scratch(16 * (size_t)K);
+    float sums[32 * 32] __attribute__((aligned(64)));
+    if (!scratch) return "out of memory for x's last rows";
+    TileConfig config = {.palette = 1};
+    for (int t = 0; t < 8; t++) config.bytes_per_row[t] = 64, config.rows[t] = 16;
+    _tile_loadconfig(&config);
+    /* tiles 0-3 sum, 4-5 hold x, 6-7 the block's two halves; two 16-row tiles of x a pass share each B tile */
+    for (long n0 = 0; n0 < p->N; n0 += AMX_BLOCK_ROWS) {
+        const uint16_t *block = (const uint16_t *)p->w + n0 * K;
+        long m = 0;
+        for (; m + 2 <= tiles; m += 2) {
+            const uint16_t *x0 = amx_rows(p, m * 16, scratch), *x1 = (const uint16_t *)p->x + (m + 1) * 16 * K;
+            if (p->R - (m + 1) * 16 < 16) x1 = amx_rows(p, (m + 1) * 16, scratch);
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (long k = 0; k < K; k += 32) {
+                const uint16_t *pairs = block + k * AMX_BLOCK_ROWS;
+                if (m == 0)
+                    for (int line = 0; line < 32; line++)
+                        _mm_prefetch((const char *)pairs + ROW_BLOCK_AHEAD + line * 64, _MM_HINT_T1);
+                _tile_loadd(4, x0 + k, stride);
+                _tile_loadd(5, x1 + k, stride);
+                _tile_loadd(6, pairs, 128);
+                _tile_loadd(7, pairs + 32, 128);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, sums, 128);
+            _tile_stored(1, sums + 16, 128);
+            _tile_stored(2, sums + 16 * 32, 128);
+            _tile_stored(3, sums + 16 * 32 + 16, 128);
+            amx_store(p, sums, m * 16, 2, n0);
+        }
+        if (m < tiles) {
+            const uint16_t *x0 = amx_rows(p, m * 16, scratch);
+            _tile_zero(0);
+            _tile_zero(1);
+            for (long k = 0; k < K; k += 32) {
+                const uint16_t *pairs = block + k * AMX_BLOCK_ROWS;
+                if (m == 0)
+                    for (int line = 0; line < 32; line++)
+                        _mm_prefetch((const char *)pairs + ROW_BLOCK_AHEAD + line * 64, _MM_HINT_T1);
+                _tile_loadd(4, x0 + k, stride);
+                _tile_loadd(6, pairs, 128);
+                _tile_loadd(7, pairs + 32, 128);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+            }
+            _tile_stored(0, sums, 128);
+            _tile_stored(1, sums + 16, 128);
+            amx_store(p, sums, m * 16, 1, n0);
+        }
+    }
+    _tile_release();
     return NULL;
 }
 
@@ -1577,7 +1695,9 @@ static const char *run(Problem *p, int isa) {
     }
 #ifdef X86
     if (isa == ISA_AVX512_BF16) {
-        if (p->layout == LAYOUT_ONEDNN) return linear_onednn_bf16(p);
+        if (p->layout == LAYOUT_ONEDNN)
+            return p->block_rows == AMX_BLOCK_ROWS && p->R >= AMX_MIN_ROWS && amx_ready() ? linear_onednn_amx(p)
+                                                                                         : linear_onednn_bf16(p);
         linear_avx512_bf16(p);
         return NULL;
     }
