@@ -21,6 +21,7 @@ TILE_ROWS, TILE_K = 4, 32  # _kernels.c's tiled layout
 # the weight layouts _kernels.c reads: its tiles, oneDNN's packed bf16 row blocks, int8 blocks for VPDPBUSD
 TILED, ONEDNN, VNNI = 0, 1, 2
 ONEDNN_BLOCK_ROWS, AMX_BLOCK_ROWS = 64, 32  # the ONEDNN layout's blocks: oneDNN's for AVX512-BF16, for AMX
+BLOCK_ROWS_READ = (ONEDNN_BLOCK_ROWS, AMX_BLOCK_ROWS)
 SCALAR, AVX2, AVX512, AVX512_BF16 = 0, 1, 2, 3
 _AVX512_VNNI = 4  # what _kernels.supported() calls VPDPBUSD: beside the ladder above, not on it
 ISA_NAMES = {SCALAR: "scalar", AVX2: "avx2", AVX512: "avx512", AVX512_BF16: "avx512-bf16"}
@@ -84,44 +85,55 @@ def vnni_form() -> VnniForm:
     return VPDPBUSD_FORM if vpdpbusd else AVX2_FORM
 
 
-def onednn_block_rows(packed: torch.Tensor, bias: torch.Tensor | None = None) -> int | None:
-    """The rows of the blocks oneDNN packed this bfloat16 weight in, where the ONEDNN path reads it right
-    (ONEDNN_BLOCK_ROWS as for AVX512-BF16, AMX_BLOCK_ROWS as for AMX), else None: the kernel's ISA is here,
-    the shapes fit, and on one random row it gives oneDNN's own product within two bf16 roundings (which
-    catches any other blocking oneDNN may have picked)."""
+def _reads_onednn_blocks(packed: torch.Tensor, bias: torch.Tensor | None, block_rows: int) -> bool:
+    """Whether the ONEDNN path reading `packed` as blocks of `block_rows` gives oneDNN's own product on one
+    random row, within two bf16 roundings (which catches any other blocking oneDNN may have picked)."""
     out_features, in_features = packed.shape
     if not (
         best_isa() == AVX512_BF16
         and packed.dtype == torch.bfloat16
+        and out_features % block_rows == 0
         and in_features % TILE_K == 0
         and (bias is None or bias.dtype == torch.bfloat16)
     ):
-        return None
+        return False
     x = torch.randn(1, in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     bias = None if bias is None else bias.detach()
     want = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").float()
-    bound = 2 * torch.finfo(torch.bfloat16).eps * want.abs().max()
-    for rows in (ONEDNN_BLOCK_ROWS, AMX_BLOCK_ROWS):
-        if out_features % rows == 0:
-            got = linear(x, packed, bias, layout=ONEDNN, block_rows=rows).float()
-            if (got - want).abs().max() <= bound:
-                return rows
-    return None
+    got = linear(x, packed, bias, layout=ONEDNN, block_rows=block_rows).float()
+    return bool((got - want).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * want.abs().max())
 
 
 @functools.cache
-def reads_onednn_packing() -> bool:
-    """Whether oneDNN here packs bfloat16 Linear weights in a blocking the ONEDNN path reads, checked on a
-    probe weight: where it packs some other way the native path is no candidate at all (PackedLinear checks
-    each real weight again)."""
+def onednn_packing_rows() -> int | None:
+    """The rows of the blocks oneDNN here packs bfloat16 Linear weights in, where the ONEDNN path reads them
+    (ONEDNN_BLOCK_ROWS as for AVX512-BF16, AMX_BLOCK_ROWS as for AMX), found on a random probe weight; None
+    where it packs some other way, or none: the native path is then no candidate at all."""
     if best_isa() != AVX512_BF16 or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return False
+        return None
     probe = torch.randn(128, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(probe, None)
     except RuntimeError:  # a torch build without oneDNN's bf16 linear
-        return False
-    return onednn_block_rows(packed) is not None
+        return None
+    return next((rows for rows in BLOCK_ROWS_READ if _reads_onednn_blocks(packed, None, rows)), None)
+
+
+def reads_onednn_packing() -> bool:
+    """Whether oneDNN here packs bfloat16 Linear weights in a blocking the ONEDNN path reads."""
+    return onednn_packing_rows() is not None
+
+
+def onednn_block_rows(packed: torch.Tensor, bias: torch.Tensor | None = None) -> int | None:
+    """The block rows the ONEDNN path reads this oneDNN-packed bfloat16 weight with, checked on the weight
+    itself, else None. The probe's blocking is tried first: a weight whose every blocking gives the same
+    product (all zeros: a rank's slice of vocabulary past a small tokenizer's) would pass the first one
+    tried, and 64-row blocks of an AMX packing never reach the AMX tiles."""
+    usual = onednn_packing_rows()
+    if usual is None:
+        return None
+    order = (usual, *(rows for rows in BLOCK_ROWS_READ if rows != usual))
+    return next((rows for rows in order if _reads_onednn_blocks(packed, bias, rows)), None)
 
 
 def fits(weight: torch.Tensor) -> bool:

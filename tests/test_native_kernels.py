@@ -255,6 +255,18 @@ def test_onednn_packs_the_layout_the_kernel_reads():
     assert torch.equal(native.linear(x, laid_out, None, layout=native.ONEDNN, block_rows=block_rows), got)
 
 
+@pytest.mark.skipif(
+    not (can_pack() and native.reads_onednn_packing()),
+    reason="needs oneDNN packing bfloat16 in a layout the kernel reads, with AVX512-BF16",
+)
+def test_a_weight_every_blocking_reads_alike_takes_the_one_onednn_packs_in():
+    """An all-zero weight (a rank's LM head slice past a small tokenizer's vocabulary) gives oneDNN's product
+    read with any blocking: it must still be read as oneDNN packed it, or AMX's 32-row blocks, read as 64-row
+    ones, would never reach the AMX tiles (that rank's 16-row steps took 30 ms longer than its peer's)."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(256, 1024, dtype=torch.bfloat16), None)
+    assert native.onednn_block_rows(packed) == native.onednn_packing_rows()
+
+
 def test_a_packed_linear_whose_layout_native_misreads_stays_on_onednn(monkeypatch):
     """A oneDNN build that blocks differently must never reach the native path with wrong numbers."""
     if not can_pack():
@@ -296,7 +308,7 @@ def test_int8_weight_only_runs_natively_and_matches_dequantized_weights(out_feat
 
 def test_without_the_built_module_the_workers_keep_torchs_kernels(monkeypatch):
     monkeypatch.setattr(native, "_module", lambda: None)
-    cached = (native.best_isa, native.reads_onednn_packing, native.vnni_form)
+    cached = (native.best_isa, native.onednn_packing_rows, native.vnni_form)
     for answer in cached:
         answer.cache_clear()
     try:
