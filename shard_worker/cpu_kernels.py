@@ -27,9 +27,9 @@ weights at 1 and 4 rows, cold, one block at 32 and 256 rows):
       fp32                        8.8   16.4   6.2   34.9
       eager                       4.1   15.3  18.7      -
     Xeon with AMX (both ranks probing at once; oneDNN packs 32-row blocks here)
-      native                      4.4    6.2   3.9      -
-      packed                      6.8    7.8   1.2    2.9
-      tiled                       6.2   11.0   4.8      -
+      native (AMX from 3 rows)    7.6    8.8   0.9    4.1
+      packed                     12.5    9.8   1.5    3.5
+      tiled                       7.8   12.3   5.2      -
     AVX2-only EPYC, real (both ranks probing at once)
       tiled                       3.2    9.3   6.3   47.5
       tiled-fp32                 13.6   23.4   8.4   45.9

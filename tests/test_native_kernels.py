@@ -111,7 +111,8 @@ def test_the_onednn_layout_is_read_as_documented(isa, weights, rows, gelu):
 @pytest.mark.parametrize("rows", [1, 2, 6, 7, 67])
 @pytest.mark.parametrize("gelu", [False, True])
 def test_the_amx_blocking_of_the_onednn_layout_is_read_as_documented(isa, rows, gelu):
-    """oneDNN packs for AMX in blocks of 32 rows: the same bytes' order, half the rows a block."""
+    """oneDNN packs for AMX in blocks of 32 rows: the same bytes' order, half the rows a block (read by AMX
+    tiles from 3 rows where the CPU has them: 6 and 7 rows one partial tile of x, 67 two pairs and a part)."""
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, 64, generator=generator).to(torch.bfloat16)  # three blocks of 32 rows
     bias = torch.randn(96, generator=generator).to(torch.bfloat16)
