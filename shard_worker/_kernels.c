@@ -582,10 +582,46 @@ AMX INLINE void amx_store(const Problem *p, const float *sums, long first, int t
         for (int half = 0; half < 2; half++) store16(p, first + r, n0 + half * 16, _mm512_loadu_ps(sums + r * 32 + half * 16));
 }
 
-AMX static const char *linear_onednn_amx(const Problem *p) {
-    const long K = p->K, stride = K * (long)sizeof(uint16_t), tiles = (p->R + 15) / 16;
-    uint16_t *scratch = widening_scratch(16 * (size_t)K);
+/* One pass over a row block: x's 16-row tile x0 (and x1 beside it, `two`) against the block's 32 outputs,
+ * over all K, into the outputs; the first pass over a block (`fetch`) asks L2 for the weights ahead. */
+AMX INLINE void amx_pass(const Problem *p, const uint16_t *block, const uint16_t *x0, const uint16_t *x1,
+                         long first, long n0, const int two, const int fetch) {
+    const long stride = p->K * (long)sizeof(uint16_t);
     float sums[32 * 32] __attribute__((aligned(64)));
+    _tile_zero(0);
+    _tile_zero(1);
+    if (two) {
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    for (long k = 0; k < p->K; k += 32) {
+        const uint16_t *pairs = block + k * AMX_BLOCK_ROWS;
+        if (fetch)
+            for (int line = 0; line < 32; line++)
+                _mm_prefetch((const char *)pairs + ROW_BLOCK_AHEAD + line * 64, _MM_HINT_T1);
+        _tile_loadd(4, x0 + k, stride);
+        _tile_loadd(6, pairs, 128);
+        _tile_loadd(7, pairs + 32, 128);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {
+            _tile_loadd(5, x1 + k, stride);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, sums, 128);
+    _tile_stored(1, sums + 16, 128);
+    if (two) {
+        _tile_stored(2, sums + 16 * 32, 128);
+        _tile_stored(3, sums + 16 * 32 + 16, 128);
+    }
+    amx_store(p, sums, first, two ? 2 : 1, n0);
+}
+
+AMX static const char *linear_onednn_amx(const Problem *p) {
+    const long K = p->K, tiles = (p->R + 15) / 16;
+    uint16_t *scratch = widening_scratch(16 * (size_t)K);
     if (!scratch) return "out of memory for x's last rows";
     TileConfig config = {.palette = 1};
     for (int t = 0; t < 8; t++) config.bytes_per_row[t] = 64, config.rows[t] = 16;
@@ -594,52 +630,10 @@ AMX static const char *linear_onednn_amx(const Problem *p) {
     for (long n0 = 0; n0 < p->N; n0 += AMX_BLOCK_ROWS) {
         const uint16_t *block = (const uint16_t *)p->w + n0 * K;
         long m = 0;
-        for (; m + 2 <= tiles; m += 2) {
-            const uint16_t *x0 = amx_rows(p, m * 16, scratch), *x1 = (const uint16_t *)p->x + (m + 1) * 16 * K;
-            if (p->R - (m + 1) * 16 < 16) x1 = amx_rows(p, (m + 1) * 16, scratch);
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (long k = 0; k < K; k += 32) {
-                const uint16_t *pairs = block + k * AMX_BLOCK_ROWS;
-                if (m == 0)
-                    for (int line = 0; line < 32; line++)
-                        _mm_prefetch((const char *)pairs + ROW_BLOCK_AHEAD + line * 64, _MM_HINT_T1);
-                _tile_loadd(4, x0 + k, stride);
-                _tile_loadd(5, x1 + k, stride);
-                _tile_loadd(6, pairs, 128);
-                _tile_loadd(7, pairs + 32, 128);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
-            }
-            _tile_stored(0, sums, 128);
-            _tile_stored(1, sums + 16, 128);
-            _tile_stored(2, sums + 16 * 32, 128);
-            _tile_stored(3, sums + 16 * 32 + 16, 128);
-            amx_store(p, sums, m * 16, 2, n0);
-        }
-        if (m < tiles) {
-            const uint16_t *x0 = amx_rows(p, m * 16, scratch);
-            _tile_zero(0);
-            _tile_zero(1);
-            for (long k = 0; k < K; k += 32) {
-                const uint16_t *pairs = block + k * AMX_BLOCK_ROWS;
-                if (m == 0)
-                    for (int line = 0; line < 32; line++)
-                        _mm_prefetch((const char *)pairs + ROW_BLOCK_AHEAD + line * 64, _MM_HINT_T1);
-                _tile_loadd(4, x0 + k, stride);
-                _tile_loadd(6, pairs, 128);
-                _tile_loadd(7, pairs + 32, 128);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-            }
-            _tile_stored(0, sums, 128);
-            _tile_stored(1, sums + 16, 128);
-            amx_store(p, sums, m * 16, 1, n0);
-        }
+        for (; m + 2 <= tiles; m += 2) /* tile m is whole; only m + 1 may need the scratch */
+            amx_pass(p, block, (const uint16_t *)p->x + m * 16 * K, amx_rows(p, (m + 1) * 16, scratch), m * 16, n0, 1,
+                     m == 0);
+        if (m < tiles) amx_pass(p, block, amx_rows(p, m * 16, scratch), NULL, m * 16, n0, 0, m == 0);
     }
     _tile_release();
     return NULL;
