@@ -30,7 +30,10 @@
 #include <string.h>
 #include <sched.h>
 #include <time.h>
-#if defined(__x86_64__)
+/* AMX's intrinsics need GCC 11 or clang 12: an older compiler builds the rest, and 32-row blocks take VDPBF16PS */
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 12) || \
+                            (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define HAS_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -532,6 +535,7 @@ AVX512_BF16 static const char *linear_onednn_bf16(const Problem *p) {
     return NULL;
 }
 
+#ifdef HAS_AMX
 /* ---- AMX: oneDNN's 32-row blocks are AMX's own operand layout. A block's 16 column pairs are 16 rows of 128
  * bytes, each two 16-output halves of (k, k+1) pairs: read with a stride of 128 bytes, each half is a B tile
  * of TDPBF16PS, which sums 16 rows of x against 16 outputs over 32 columns a call into float32 tiles. */
@@ -539,7 +543,7 @@ AVX512_BF16 static const char *linear_onednn_bf16(const Problem *p) {
 /* From this many rows of x the 32-row blocks go through AMX, below it through VDPBF16PS, which streams them
  * faster (a bloom-560m rank's blocks, one thread, ms VDPBF16PS / AMX: 1 row 26-28 / 31-34, 2 rows 26-29 /
  * 32-33); from 4 rows to 64 AMX beats oneDNN's own AMX kernel (16 rows 29-32 against 35 ms, 32 rows 29-34
- * against 40; 256 rows 95 against 80, where the workers keep oneDNN). */
+ * against 40; larger batches see AMX_K_STEP). */
 #define AMX_MIN_ROWS 3
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -555,7 +559,7 @@ typedef struct {
 static int amx_ready(void) {
     static int ready = -1;
     if (ready < 0) {
-#if defined(__x86_64__) && defined(SYS_arch_prctl)
+#ifdef SYS_arch_prctl
         __builtin_cpu_init();
         ready = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
                 syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
@@ -660,6 +664,7 @@ AMX static const char *linear_onednn_amx(const Problem *p) {
     _tile_release();
     return NULL;
 }
+#endif /* HAS_AMX */
 
 #define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 
@@ -1711,9 +1716,12 @@ static const char *run(Problem *p, int isa) {
     }
 #ifdef X86
     if (isa == ISA_AVX512_BF16) {
-        if (p->layout == LAYOUT_ONEDNN)
-            return p->block_rows == AMX_BLOCK_ROWS && p->R >= AMX_MIN_ROWS && amx_ready() ? linear_onednn_amx(p)
-                                                                                         : linear_onednn_bf16(p);
+        if (p->layout == LAYOUT_ONEDNN) {
+#ifdef HAS_AMX
+            if (p->block_rows == AMX_BLOCK_ROWS && p->R >= AMX_MIN_ROWS && amx_ready()) return linear_onednn_amx(p);
+#endif
+            return linear_onednn_bf16(p);
+        }
         linear_avx512_bf16(p);
         return NULL;
     }
