@@ -48,8 +48,12 @@ roundings of the output's scale); a path that misses is dropped, and so is one t
 times slower than the best at a size, for larger sizes (not the float32 ones, slow at one row by design).
 
 One weight layout per group (blocks, LM head): two layouts cannot be held without a second copy of the
-weights. The layout whose fastest path's worst slowdown over the probed sizes is smallest wins; within it
-each call takes the path whose time, interpolated between the probed sizes, is smallest for its row count.
+weights. The layout whose fastest path is the least slower than the best over the probed sizes (the
+geometric mean of the ratios, among layouts never more than MAX_REGRET slower) wins; within it each call
+takes the path whose time, interpolated between the probed sizes, is smallest for its row count. The paths
+take turns in the timed runs, and the ranks of a group choose alike, from their mean times: on a noisy
+2-core VM the worst-ratio rule on one rank's back-to-back runs picked the tiles over the row blocks (15-25 %
+slower at 4 to 32 rows) when a single one-row run of the row blocks came out 1.2x slow.
 
 `BLOOMDUO_CPU_KERNELS` (or `bloomduo shard --cpu-kernels`) forces a route instead, e.g. `packed`, `native`,
 `tiled`, or steps of one layout such as `native,packed@33` or `aten,fp32@8` (aten below 8 rows, fp32 from
@@ -61,7 +65,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -93,7 +99,7 @@ LAYOUT_OF = {
     ATEN: PLAIN,
     FP32: PLAIN,
 }
-LAYOUTS = (PACKED, TILED, ROW_BLOCKS, PLAIN)  # preferred in this order when their worst slowdowns tie
+LAYOUTS = (PACKED, TILED, ROW_BLOCKS, PLAIN)  # preferred in this order when their mean slowdowns tie
 # What each of native.py's own layouts takes of a weight's shape
 LAYOUT_FITS = {TILED: native.fits, ROW_BLOCKS: native.row_blocks_fit}
 KERNELS_ENV = "BLOOMDUO_CPU_KERNELS"
@@ -105,6 +111,9 @@ PREFILL_FROM = 32  # probes of this many rows or more are compute-bound: timed o
 SAMPLE_BYTES = 64 << 20
 TIMED_RUNS, TIMED_BUDGET_S = 3, 0.05  # best of up to 3 runs after a warm-up, fewer when one is slow
 PRUNE_FACTOR = 3.0
+# A layout this much slower than the best at some probed size loses to any that is not: the mean regret
+# alone would let a large loss at one size be bought by small gains at the others.
+MAX_REGRET = 1.5
 # Every path rounds a float32 sum to bfloat16 once, in its own order: measured <= 1 rounding apart.
 TOLERANCE_EPS = 2
 # float32 scratch for the FP32 path: 4 MiB, big enough for a GEMM of good shape, small enough to stay
@@ -373,6 +382,26 @@ class KernelChoice:
         text = "; ".join(f"{group}: {route.describe()}" for group, route in self.routes.items())
         return f"{text} (forced)" if self.forced else text
 
+    def agree(self, timings_by_rank: list[dict[str, dict[str, dict[int, float]]]]) -> None:
+        """Take the routes the mean of a group's timings (each rank's timings_ms, in rank order) calls for,
+        a path counting at a size only where every rank timed it: every rank, given the same timings,
+        chooses the same, and averaging halves the weight of one rank's noisy run."""
+        self.timings_ms = {
+            group: {
+                path: {
+                    rows: round(statistics.fmean(rank[group][path][rows] for rank in timings_by_rank), 3)
+                    for rows in times
+                    if all(rows in rank.get(group, {}).get(path, {}) for rank in timings_by_rank)
+                }
+                for path, times in timings.items()
+            }
+            for group, timings in timings_by_rank[0].items()
+        }
+        self.routes = {
+            group: route_from({path: t for path, t in timings.items() if t}, PROBE_ROWS[group])
+            for group, timings in self.timings_ms.items()
+        }
+
 
 def candidate_paths(packing: bool) -> list[str]:
     """The paths this CPU can run: packed where packing applies, and native beside it where native.py's
@@ -445,10 +474,11 @@ def _fit(layout: str, linears: list[nn.Linear]) -> bool:
 def route_from(timings: dict[str, dict[int, float]], probes: tuple[int, ...]) -> Route:
     """The route the measured `timings` (path -> rows -> ms) call for.
 
-    Layout: the one whose worst ratio, over the probed sizes, of its fastest path to the best time of
-    all is smallest (LAYOUTS' order on a tie). Within it: per row count, the path of least time
-    interpolated linearly between the probed sizes; a path not timed at a size (pruned) is out from the
-    size before it onwards.
+    Layout: a layout's regret at a probed size is its fastest path's time there over the best time of
+    all. The one of least geometric mean regret over the sizes wins (LAYOUTS' order on a tie), among
+    those whose worst regret is at most MAX_REGRET when any is. Within it: per row count, the path of
+    least time interpolated linearly between the probed sizes; a path not timed at a size (pruned) is
+    out from the size before it onwards.
     """
     if not timings:
         return Route(PLAIN, ((1, EAGER),))
@@ -456,12 +486,17 @@ def route_from(timings: dict[str, dict[int, float]], probes: tuple[int, ...]) ->
     by_layout = {
         layout: {path: t for path, t in timings.items() if LAYOUT_OF[path] == layout} for layout in LAYOUTS
     }
-    regret = {
-        layout: max(min(t.get(rows, float("inf")) for t in paths.values()) / best[rows] for rows in probes)
+    regrets = {
+        layout: [min(t.get(rows, float("inf")) for t in paths.values()) / best[rows] for rows in probes]
         for layout, paths in by_layout.items()
         if paths
     }
-    layout = min(regret, key=lambda name: (regret[name], LAYOUTS.index(name)))
+
+    def rank(name: str) -> tuple[bool, float, int]:
+        mean = math.exp(statistics.fmean(map(math.log, regrets[name])))
+        return max(regrets[name]) > MAX_REGRET, mean, LAYOUTS.index(name)
+
+    layout = min(regrets, key=rank)
     paths = by_layout[layout]
     steps: list[tuple[int, str]] = []
     for rows in range(1, probes[-1] + 1):
@@ -531,14 +566,13 @@ def measure_group(
             }
             reference = sample[0](inputs[sample[0].in_features])
             for path in list(alive):
-                modules = runners[path]
-                error = _error(modules[0](inputs[sample[0].in_features]), reference, dtype)
+                error = _error(runners[path][0](inputs[sample[0].in_features]), reference, dtype)
                 if not error <= TOLERANCE_EPS:
                     rejected[path] = f"{error:.3g} eps from nn.Linear at {rows} rows"
                     alive.remove(path)
                     timings.pop(path)
-                    continue
-                timings[path][rows] = _time(modules, inputs)
+            for path, ms in _time({path: runners[path] for path in alive}, inputs).items():
+                timings[path][rows] = ms
             fastest = min(timings[path][rows] for path in alive)
             for path in list(alive):  # hopeless at this size: worse still at larger ones
                 # ...except the float32 paths: a weight conversion per call, slow at one row by design
@@ -555,19 +589,28 @@ def _error(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> float:
     return difference / scale if scale > 0 else (0.0 if difference == 0 else float("inf"))
 
 
-def _time(modules: list[nn.Module], inputs: dict[int, torch.Tensor]) -> float:
-    def once() -> None:
+def _time(runners: dict[str, list[nn.Module]], inputs: dict[int, torch.Tensor]) -> dict[str, float]:
+    """Each path's best ms over up to TIMED_RUNS runs (fewer when its runs use TIMED_BUDGET_S), the paths
+    taking turns: a burst of noise from the machine (the other rank's probe, a neighbour) lands on every
+    path's runs alike, where timing one path's runs back to back gave it all to one (on a 2-core EPYC a
+    row-blocks run at one row came out 1.2x the tiles' in one probe and 0.95x in the next)."""
+
+    def once(modules: list[nn.Module]) -> float:
+        started = time.perf_counter()
         for module in modules:
             module(inputs[module.in_features])
+        return time.perf_counter() - started
 
-    once()  # warm-up: oneDNN builds its primitive on the first call of each shape
-    best, spent, runs = float("inf"), 0.0, 0
-    while runs < TIMED_RUNS and (runs == 0 or spent < TIMED_BUDGET_S):
-        started = time.perf_counter()
-        once()
-        elapsed = time.perf_counter() - started
-        best, spent, runs = min(best, elapsed), spent + elapsed, runs + 1
-    return round(best * 1e3, 3)
+    for modules in runners.values():
+        once(modules)  # warm-up: oneDNN builds its primitive on the first call of each shape
+    best = dict.fromkeys(runners, float("inf"))
+    spent = dict.fromkeys(runners, 0.0)
+    for run in range(TIMED_RUNS):
+        for path, modules in runners.items():
+            if run == 0 or spent[path] < TIMED_BUDGET_S:
+                elapsed = once(modules)
+                best[path], spent[path] = min(best[path], elapsed), spent[path] + elapsed
+    return {path: round(seconds * 1e3, 3) for path, seconds in best.items()}
 
 
 def apply_routes(model: nn.Module, choice: KernelChoice, scratch: Fp32Scratch) -> nn.Module:

@@ -70,9 +70,9 @@ def format_weights(
     say what it chose in words (the worker's Info shows it).
 
     `kernels`: the worker's --cpu-kernels; "auto" defers to BLOOMDUO_CPU_KERNELS, else measures. With a
-    `group` of several CPU ranks, every rank takes rank 0's measured choice: ranks timing on their own
-    cores chose differently where the paths are close (the tiny demo model's blocks: aten on one rank,
-    packed on the other), and ranks whose kernels differ round differently.
+    `group` of several CPU ranks, every rank takes the choice the mean of their timings calls for: ranks
+    choosing from their own timings chose differently where the paths are close (the tiny demo model's
+    blocks: aten on one rank, packed on the other), and ranks whose kernels differ round differently.
     """
     if npu_nz_requested(device):
         to_npu_nz_format(model)
@@ -85,7 +85,7 @@ def format_weights(
     choice = choose(groups, paths, scratch, setting) if measures else None
     del groups  # holding the Linears would keep every plain weight alive beside its replacement
     if device.type == "cpu":
-        choice = _rank_zero_choice(choice, group)
+        choice = _group_choice(choice, group)
     if choice is None:
         return "eager"
     apply_routes(model, choice, scratch)
@@ -105,17 +105,17 @@ def format_weights(
     return choice.describe()
 
 
-def _rank_zero_choice(choice: KernelChoice | None, group: ShardGroup | None) -> KernelChoice | None:
-    """`choice` with rank 0's measured routes. Every CPU rank of the group calls it, whatever its dtype:
-    a collective that only bfloat16 ranks entered would hang a group started with mixed --dtype, which the
-    gateway must be able to refuse by name."""
+def _group_choice(choice: KernelChoice | None, group: ShardGroup | None) -> KernelChoice | None:
+    """`choice` with the routes the mean of every rank's timings calls for, where every rank measured.
+    Every CPU rank of the group calls it, whatever its dtype: a collective that only bfloat16 ranks entered
+    would hang a group started with mixed --dtype, which the gateway must be able to refuse by name."""
     if group is None or dist.get_world_size(group.process_group) == 1:
         return choice
     measured = choice is not None and not choice.forced
-    routes = [choice.routes if measured else None]
-    dist.broadcast_object_list(routes, src=0, group=group.process_group)
-    if measured and routes[0] is not None:
-        choice.routes = routes[0]
+    timings: list[dict | None] = [None] * dist.get_world_size(group.process_group)
+    dist.all_gather_object(timings, choice.timings_ms if measured else None, group=group.process_group)
+    if measured and all(rank is not None for rank in timings):
+        choice.agree(timings)
     return choice
 
 
