@@ -59,13 +59,15 @@ class FusedBlocks:
     @classmethod
     def build(cls, model: nn.Module) -> FusedBlocks | None:
         """A FusedBlocks for `model` (a BloomShardModel), or None where its blocks cannot run in one call:
-        the kernels were not built, the attention or LayerNorms are not on them, or it is turned off."""
+        the kernels were not built, the attention or LayerNorms are not on them (the hidden size not a
+        multiple of native.NORM_LANES), or it is turned off."""
         weight = model.ln_f.weight
         if (
             os.environ.get(ENV, "1") == "0"
             or not native.available()
             or weight.device.type != "cpu"
             or not model.h
+            or model.config.hidden_size % native.NORM_LANES
         ):
             return None
         groups = set()

@@ -22,6 +22,7 @@ TILE_ROWS, TILE_K = 4, 32  # _kernels.c's tiled layout
 TILED, ONEDNN, VNNI = 0, 1, 2
 ONEDNN_BLOCK_ROWS, AMX_BLOCK_ROWS = 64, 32  # the ONEDNN layout's blocks: oneDNN's for AVX512-BF16, for AMX
 BLOCK_ROWS_READ = (ONEDNN_BLOCK_ROWS, AMX_BLOCK_ROWS)
+NORM_LANES = 16  # _kernels.c's LayerNorm sums in this many lanes: blocks() takes hidden sizes it divides
 SCALAR, AVX2, AVX512, AVX512_BF16 = 0, 1, 2, 3
 _AVX512_VNNI = 4  # what _kernels.supported() calls VPDPBUSD: beside the ladder above, not on it
 ISA_NAMES = {SCALAR: "scalar", AVX2: "avx2", AVX512: "avx512", AVX512_BF16: "avx512-bf16"}
@@ -508,6 +509,6 @@ def blocks(
     buffers, the cache and the attention's operands, prompt length, scale and eps), activations of `dtype`,
     `all_reduce` a callable summing the output buffer over the ranks in place (None for one rank), `segment`
     the ranks' shared memory (tried first, in C; the all-reduce finishes what it began). Runs at `isa`, the
-    best one by default."""
+    best one by default. The hidden size must be a multiple of NORM_LANES."""
     isa = best_isa() if isa is None else isa
     _module().blocks(*operands, _DTYPE_CODES[dtype], isa, int(residual_from_normed), *segment, all_reduce)

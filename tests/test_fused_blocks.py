@@ -147,6 +147,14 @@ def test_the_loop_keeps_what_one_call_cannot_take(model_dir, monkeypatch):
     assert counted.steps == 1  # the last step's two rows
 
 
+def test_a_hidden_size_the_layer_norm_lanes_do_not_divide_is_refused_by_name():
+    # _kernels.c's LayerNorm sums NORM_LANES lanes of whole vectors: build() keeps such a model in the loop
+    operands = [0] * 22
+    operands[2], operands[3] = 1, native.NORM_LANES + 8  # one row of a hidden size of 24
+    with pytest.raises(ValueError, match=f"multiple of {native.NORM_LANES}, got 24"):
+        native.blocks(*operands, 1.0, 1e-5, dtype=torch.bfloat16, residual_from_normed=False)
+
+
 class _FailingReducer:
     """A one-rank group's shared-memory all-reduce failing its `fail_at`-th call, as when a peer vanished."""
 
