@@ -593,7 +593,7 @@ def _time(runners: dict[str, list[nn.Module]], inputs: dict[int, torch.Tensor]) 
     """Each path's best ms over up to TIMED_RUNS runs (fewer when its runs use TIMED_BUDGET_S), the paths
     taking turns: a burst of noise from the machine (the other rank's probe, a neighbour) lands on every
     path's runs alike, where timing one path's runs back to back gave it all to one (on a 2-core EPYC a
-    row-blocks run at one row came out 1.2x the tiles' in one probe and 0.95x in the next)."""
+    row-blocks run at one row came out 1.17x the tiles' in one probe and 0.89x in another)."""
 
     def once(modules: list[nn.Module]) -> float:
         started = time.perf_counter()
