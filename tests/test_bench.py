@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -376,6 +377,39 @@ def test_bench_samples_the_stacks_tokens_when_asked(tiny_stack, tmp_path, capsys
     (level,) = report["stack"]["levels"]
     assert level["requests"] == 2 and level["generated_tokens"] == 12
     assert "sampled at temperature 0.8, top-p 0.9, top-k 20" in capsys.readouterr().out
+
+
+def test_rounds_merge_into_medians_of_every_figure() -> None:
+    rounds = [
+        {"levels": [{"tokens_per_s": t, "ttft_s": {"p50": f}}], "name": n, "ok": ok, "gone": None}
+        for t, f, n, ok in ((10.0, 0.3, "a", True), (30.0, 0.1, "b", False), (20.0, 0.2, "c", False))
+    ]
+    merged = bench.median_of(rounds)
+    want = {"levels": [{"tokens_per_s": 20.0, "ttft_s": {"p50": 0.2}}], "name": "a", "ok": True, "gone": None}
+    assert merged == want
+    assert bench.median_of([{"x": [1, 2]}, {"x": [3]}]) == {"x": [1, 2]}  # shapes differ: the first round's
+    assert bench.median_of([{"x": 1}]) == {"x": 1}
+
+
+def test_bench_rounds_report_medians_and_each_rounds_figures(tiny_stack, tmp_path, capsys) -> None:
+    out = tmp_path / "results.json"
+    args = _parse(
+        [
+            "--target", tiny_stack.target, "--threads-per-shard", "1", "--concurrency", "1,2",
+            "--prompt-tokens", "8", "--new-tokens", "6", "--requests-per-level", "2", "--warmup", "0",
+            "--rounds", "3", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert bench.run(args) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["rounds"] == 3 and len(report["round_figures"]) == 3
+    for index, level in enumerate(report["stack"]["levels"]):
+        per_round = [figures[index] for figures in report["round_figures"]]
+        assert [f["concurrency"] for f in per_round] == [level["concurrency"]] * 3
+        assert level["tokens_per_s"] == statistics.median(f["tokens_per_s"] for f in per_round)
+        assert level["ttft_s"]["p50"] == statistics.median(f["ttft_p50_s"] for f in per_round)
+    printed = capsys.readouterr().out
+    assert "the median of 3 rounds" in printed and "per round: tokens/s" in printed
 
 
 @pytest.mark.parametrize(

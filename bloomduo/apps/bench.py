@@ -22,6 +22,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -295,6 +296,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="unmeasured requests sent together before measuring, to each system (default 2)",
     )
 
+    load.add_argument(
+        "--rounds",
+        type=_positive,
+        default=1,
+        help="measure the stack and every baseline this many times, round after round, and report each "
+        "figure as its median over the rounds (default 1): on a shared machine whose speed drifts over "
+        "minutes, one round's ratios between systems measured minutes apart can swing by a third",
+    )
+
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, help="write every figure as JSON here")
     output.add_argument("--chart", type=Path, help="draw throughput and latency against concurrency (PNG)")
@@ -317,11 +327,65 @@ def run(args: argparse.Namespace) -> int:
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """Measure the stack, then (if asked) the baseline, and return the whole report."""
-    from bloomduo.apps.machine_floor import against_floor, machine_class
-    from bloomduo.client import BloomduoError
+    """Measure the stack, then (if asked) the baselines, `args.rounds` times over, and return the whole
+    report: each figure the median of its rounds' (median_of), the tables derived from those."""
+    from bloomduo.apps.machine_floor import against_floor
 
     _check_arguments(args)
+    rounds = []
+    for number in range(1, args.rounds + 1):
+        if args.rounds > 1:
+            print(f"bench: round {number} of {args.rounds}", file=sys.stderr)
+        rounds.append(_measure_round(args))
+    report = median_of(rounds)
+    report["config"]["rounds"] = args.rounds
+    # what each round measured per system and level, to show the spread the medians hide
+    report["round_figures"] = [_headline_figures(measured) for measured in rounds]
+    floor = report["floor"]
+    if "tpot_s" in floor:
+        floor["levels"] = against_floor(floor, dict(systems(report)))
+    report["ratios"] = ratios(report)
+    report["side_by_side"] = side_by_side(report)
+    report["targets"] = targets(report)
+    return report
+
+
+def median_of(reports: list[Any]) -> Any:
+    """Reports of the same shape merged: every number the median of its values in the reports, every other
+    value (text, flags, None) and anything whose shape differs between them the first report's."""
+    first = reports[0]
+    if len(reports) == 1:
+        return first
+    if isinstance(first, dict) and all(isinstance(r, dict) and r.keys() == first.keys() for r in reports):
+        return {key: median_of([r[key] for r in reports]) for key in first}
+    if isinstance(first, list) and all(isinstance(r, list) and len(r) == len(first) for r in reports):
+        return [median_of(list(values)) for values in zip(*reports, strict=True)]
+    numbers = [r for r in reports if isinstance(r, int | float) and not isinstance(r, bool)]
+    if isinstance(first, int | float) and not isinstance(first, bool) and len(numbers) == len(reports):
+        return statistics.median(numbers)
+    return first
+
+
+def _headline_figures(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One round's tokens/s, TTFT p50 and TPOT p50 per system and level."""
+    return [
+        {
+            "system": name,
+            "concurrency": level["concurrency"],
+            "tokens_per_s": level["tokens_per_s"],
+            "ttft_p50_s": level["ttft_s"]["p50"],
+            "tpot_p50_s": level["tpot_s"]["p50"],
+        }
+        for name, levels in systems(report)
+        for level in levels
+    ]
+
+
+def _measure_round(args: argparse.Namespace) -> dict[str, Any]:
+    """One round: the stack (launched for it with --launch), then each baseline."""
+    from bloomduo.apps.machine_floor import machine_class
+    from bloomduo.client import BloomduoError
+
     machine = machine_class()
     stack = _launch(args) if args.launch else None
     try:
@@ -355,7 +419,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             baselines.update(_run_peer(args, name, prompt_ids, measured["info"]))
     baseline = baselines.get("transformers")
 
-    report = {
+    return {
         "config": {
             "target": target,
             "launched": stack is not None,
@@ -380,13 +444,6 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         # every baseline under its name: transformers, ctranslate2, ctranslate2 int8, openvino, openvino int8
         "baselines": baselines,
     }
-    floor = report["floor"]
-    if "tpot_s" in floor:
-        floor["levels"] = against_floor(floor, dict(systems(report)))
-    report["ratios"] = ratios(report)
-    report["side_by_side"] = side_by_side(report)
-    report["targets"] = targets(report)
-    return report
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -999,6 +1056,9 @@ def print_report(report: dict[str, Any]) -> None:
         f"machine: {machine['cpu_model']}, {machine['cores']} cores to run on; torch CPU capability "
         f"{machine['cpu_capability']}, oneDNN bf16 {bf16}"
     )
+    rounds = config.get("rounds", 1)
+    if rounds > 1:
+        print(f"every figure: the median of {rounds} rounds (each the stack, then each baseline)")
     header = (
         f"{'system':<34} {'streams':>7} {'requests':>8} {'tokens/s':>9} {'req/s':>7}"
         f"   {'TTFT p50/p90/p99 (ms)':<26} {'TPOT p50/p90/p99 (ms)':<24}"
@@ -1013,6 +1073,8 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{name:<34} {level['concurrency']:>7} {level['requests']:>8} {level['tokens_per_s']:>9.1f} "
                 f"{level['requests_per_s']:>7.2f}   {ttft:<26} {tpot:<24}"
             )
+    if rounds > 1:
+        print_rounds(report["round_figures"])
     if report["memory"]:
         sizes = ", ".join(
             f"{name} {size / 2**20:.0f} MiB" for name, size in report["memory"]["max_rss_bytes"].items()
@@ -1039,6 +1101,18 @@ def print_report(report: dict[str, Any]) -> None:
     print("\ntargets")
     for check in report["targets"]:
         print(f"  {check['status']:<4}  {check['name']}: {check['detail']}")
+
+
+def print_rounds(round_figures: list[list[dict[str, Any]]]) -> None:
+    """Each round's tokens/s, TTFT p50 and TPOT p50 per system and level, side by side."""
+    print("\nper round: tokens/s | TTFT p50 ms | TPOT p50 ms")
+    for row, first in enumerate(round_figures[0]):
+        cells = [
+            f"{figures[row]['tokens_per_s']:.1f} | {figures[row]['ttft_p50_s'] * 1000:.1f} | "
+            f"{figures[row]['tpot_p50_s'] * 1000:.2f}"
+            for figures in round_figures
+        ]
+        print(f"{first['system']:<34} {first['concurrency']:>7}   " + "    ".join(cells))
 
 
 def protocol_cost(report: dict[str, Any]) -> list[dict[str, Any]]:
