@@ -1763,19 +1763,19 @@ ADD_ELEMENTWISE(avx2, AVX2)
 ADD_ELEMENTWISE(avx512, AVX512)
 #endif
 
-static void add_elementwise(void *out, const void *a, const void *b, long n, int dtype) {
-    void (*bf16)(uint16_t *, const uint16_t *, const uint16_t *, long) = add_bf16_generic;
-    void (*f32)(float *, const float *, const float *, long) = add_f32_generic;
+/* The widest of a loop's compiled forms (NAME_avx512, NAME_avx2, NAME_generic) this CPU runs. */
 #ifdef X86
-    if (isa_supported(ISA_AVX512))
-        bf16 = add_bf16_avx512, f32 = add_f32_avx512;
-    else if (isa_supported(ISA_AVX2))
-        bf16 = add_bf16_avx2, f32 = add_f32_avx2;
+#define WIDEST(NAME) \
+    (isa_supported(ISA_AVX512) ? NAME##_avx512 : isa_supported(ISA_AVX2) ? NAME##_avx2 : NAME##_generic)
+#else
+#define WIDEST(NAME) NAME##_generic
 #endif
+
+static void add_elementwise(void *out, const void *a, const void *b, long n, int dtype) {
     if (dtype == DT_BF16)
-        bf16(out, a, b, n);
+        WIDEST(add_bf16)(out, a, b, n);
     else
-        f32(out, a, b, n);
+        WIDEST(add_f32)(out, a, b, n);
 }
 
 /* ------------------------------------------------------------------ the shared-memory all-reduce's fast path
@@ -1918,19 +1918,10 @@ LAYER_NORM(avx512, AVX512)
 /* The rows' LayerNorm, C a multiple of NORM_LANES (blocks() checks). */
 static void layer_norm(const void *x, void *y, const void *weight, const void *bias, long R, long C, float eps,
                        int dtype) {
-    void (*bf16)(const uint16_t *, uint16_t *, const uint16_t *, const uint16_t *, long, long, float) =
-        layer_norm_bf16_generic;
-    void (*f32)(const float *, float *, const float *, const float *, long, long, float) = layer_norm_f32_generic;
-#ifdef X86
-    if (isa_supported(ISA_AVX512))
-        bf16 = layer_norm_bf16_avx512, f32 = layer_norm_f32_avx512;
-    else if (isa_supported(ISA_AVX2))
-        bf16 = layer_norm_bf16_avx2, f32 = layer_norm_f32_avx2;
-#endif
     if (dtype == DT_BF16)
-        bf16(x, y, weight, bias, R, C, eps);
+        WIDEST(layer_norm_bf16)(x, y, weight, bias, R, C, eps);
     else
-        f32(x, y, weight, bias, R, C, eps);
+        WIDEST(layer_norm_f32)(x, y, weight, bias, R, C, eps);
 }
 
 static const char *block_linear(const BlockStep *s, const LinearRecord *l, const void *x, void *y) {
