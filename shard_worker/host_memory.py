@@ -5,6 +5,7 @@ Each function is a no-op where its mechanism is missing (not Linux, not glibc): 
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import functools
@@ -15,6 +16,9 @@ import torch
 from torch import nn
 
 from bloomduo.core.libc import madvise, malloc_trim
+from bloomduo.core.logs import get_logger
+
+log = get_logger(__name__)
 
 HUGE_PAGE_BYTES = 2 << 20  # x86-64's transparent huge page
 _MADV_COLLAPSE = 25  # Linux >= 6.1: make the range's pages huge now, not when khugepaged gets to it
@@ -83,6 +87,7 @@ def use_huge_pages(tensors: list[torch.Tensor]) -> int:
     if os.environ.get("BLOOMDUO_HUGE_PAGES", "1") == "0":
         return 0
     moved = 0
+    refused: collections.Counter[str] = collections.Counter()
     for start, end in _runs([_address_range(t) for t in tensors], HUGE_PAGE_BYTES // 2):
         first = -(-start // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
         # Page by page: a run may cross from one mapping into another (the heap into a chunk of its own),
@@ -95,6 +100,10 @@ def use_huge_pages(tensors: list[torch.Tensor]) -> int:
                 moved += HUGE_PAGE_BYTES
             elif moved == 0 and failure in (errno.EINVAL, errno.ENOSYS) and not _collapses():
                 return 0  # this kernel cannot (before 6.1, THP off, not Linux): don't ask for every page
+            else:
+                refused[errno.errorcode.get(failure, str(failure))] += 1
+    if refused:
+        log.debug("huge_pages_refused", moved_bytes=moved, refused_pages=dict(refused))
     return moved
 
 

@@ -146,3 +146,38 @@ def test_a_kept_heap_serves_the_next_steps_buffers_without_faulting_their_pages_
     kept = faults_per_step("keep")
     assert kept < 500, f"{kept} page faults a step with the heap kept"
     print(f"page faults a step: {faults_per_step('default')} by default, {kept} kept")
+
+
+_THREAD_BLOCKS = """
+import sys, threading
+from bloomduo.core.libc import one_arena
+if sys.argv[1] == "one":
+    assert one_arena()
+import ctypes
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+addresses = []
+def load():  # as a worker's step thread loads its weights: many blocks below the mmap threshold
+    addresses.extend(libc.malloc(64 << 10) for _ in range(64))
+thread = threading.Thread(target=load)
+thread.start()
+thread.join()
+heap = next(line for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]"))
+start, end = (int(part, 16) for part in heap.split()[0].split("-"))
+print(sum(start <= address < end for address in addresses))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="M_ARENA_MAX is glibc's")
+def test_with_one_arena_a_threads_blocks_come_from_the_main_heap() -> None:
+    """A thread's blocks land in an arena of its own unless one_arena() was called first (a fresh interpreter
+    per case: an arena, once a thread has it, stays its own)."""
+
+    def from_main_heap(mode: str) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", _THREAD_BLOCKS, mode], capture_output=True, text=True, check=True
+        )
+        return int(run.stdout)
+
+    assert from_main_heap("one") == 64
+    assert from_main_heap("default") == 0
