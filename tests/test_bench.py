@@ -389,6 +389,8 @@ def test_rounds_merge_into_medians_of_every_figure() -> None:
     assert merged == want
     assert bench.median_of([{"x": [1, 2]}, {"x": [3]}]) == {"x": [1, 2]}  # shapes differ: the first round's
     assert bench.median_of([{"x": 1}]) == {"x": 1}
+    streams = bench.median_of([{"concurrency": 16}, {"concurrency": 16}])["concurrency"]
+    assert streams == 16 and isinstance(streams, int)  # not 16.0: the tables print it as a count
 
 
 def test_bench_rounds_report_medians_and_each_rounds_figures(tiny_stack, tmp_path, capsys) -> None:

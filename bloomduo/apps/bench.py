@@ -361,9 +361,9 @@ def median_of(reports: list[Any]) -> Any:
     if isinstance(first, list) and all(isinstance(r, list) and len(r) == len(first) for r in reports):
         return [median_of(list(values)) for values in zip(*reports, strict=True)]
     numbers = [r for r in reports if isinstance(r, int | float) and not isinstance(r, bool)]
-    if isinstance(first, int | float) and not isinstance(first, bool) and len(numbers) == len(reports):
+    if len(numbers) == len(reports) and any(number != first for number in numbers):
         return statistics.median(numbers)
-    return first
+    return first  # also a number every round agrees on, kept as it is (the median of [16, 16] is 16.0)
 
 
 def _headline_figures(report: dict[str, Any]) -> list[dict[str, Any]]:
