@@ -65,7 +65,7 @@ def one_arena() -> bool:
     A shard worker loads its weights on its step thread, whose own arena is a string of 64 MiB heaps: the
     weights land in pieces with gaps, so fewer whole 2 MiB pages lie in their runs (host_memory's huge
     pages: 163-214 of a bloom-560m int8 rank's 282 MB, against 206-279 in one arena) and what loading
-    freed stays spread over the arenas (worker RSS 764-772 MiB, against 729-741). The worker's other
+    freed stays spread over the arenas (worker RSS 764-772 MiB, against 729-747). The worker's other
     threads allocate little, so one arena costs them no contention worth measuring.
     """
     mallopt = getattr(_libc(), "mallopt", None)
