@@ -1171,9 +1171,12 @@ def print_side_by_side(report: dict[str, Any]) -> None:
     machine = report["config"]["machine"]
     bf16 = "bf16 native" if machine["onednn_bf16_native"] else "bf16 emulated"
     stack = _by_level(report["stack"]["levels"])
+    rounds = report["config"].get("rounds", 1)
+    measured = "one run" if rounds == 1 else f"medians of {rounds} rounds"
     print(
-        f"\nbloomduo against each baseline, one run on {machine['cpu_model']} ({machine['cpu_capability']}, "
-        f"{bf16}, {machine['cores']} cores); ÷: bloomduo / baseline (tokens/s: higher is better for "
+        f"\nbloomduo against each baseline, {measured} on {machine['cpu_model']} "
+        f"({machine['cpu_capability']}, {bf16}, {machine['cores']} cores); ÷: bloomduo / baseline (tokens/s: "
+        "higher is better for "
         "bloomduo; TPOT, TTFT: lower is)"
     )
     header = (
