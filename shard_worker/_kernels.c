@@ -1882,7 +1882,7 @@ typedef struct {
 
 /* torch's LayerNorm of each row, in float32 from x's dtype, rounded once: y = (x rstd - mean rstd) w + b. The
  * moments are summed in NORM_LANES fixed lanes (torch's Welford sums in another order: the bf16 outputs may
- * differ from torch's in the last bit). Where C is a multiple of NORM_LANES each lane is a vector lane: one loop
+ * differ from torch's in the last bit). C is a multiple of NORM_LANES, so each lane is a vector lane: one loop
  * per dtype, compiled for each vector width (the same sums and roundings at every width, as add_elementwise's);
  * the scalar form, a load and a dtype test per element, took ~2 % of a 2-core AVX2 EPYC's prefill steps. */
 #define LAYER_NORM_ROWS(SUFFIX, TARGET, T, LOAD, STORE)                                                             \
