@@ -114,7 +114,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             protocol_version=SHARD_PROTOCOL_VERSION,
             rank=self.options.rank,
             world_size=self.options.world_size,
-            ready=engine is not None,
+            ready=self.runner.ready,
         )
         if engine is not None:
             info.device = str(engine.device)

@@ -33,7 +33,7 @@ class WorkerError(Exception):
 
 
 class NotReady(WorkerError):
-    """The weights are still loading."""
+    """The weights are still loading, or the last gateway's step is still running."""
 
 
 class StreamTaken(WorkerError):
@@ -87,6 +87,17 @@ class StepRunner:
         self.running_step: asyncio.Future | None = None
         self.settling: asyncio.Future | None = None
         self.stream_open = False
+        self.receiving = False  # the open stream's gateway is still there (its requests can arrive)
+
+    @property
+    def left_behind(self) -> bool:
+        """A step of a closed stream is still running (its wedge watch decides whether the group lives)."""
+        return not self.receiving and self.running_step is not None and not self.running_step.done()
+
+    @property
+    def ready(self) -> bool:
+        """Whether a gateway may drive this worker now: loaded, and no step left behind by the last one."""
+        return self.engine is not None and not self.left_behind
 
     def ready_engine(self) -> ShardEngine:
         if self.engine is None:
@@ -103,17 +114,19 @@ class StepRunner:
         KV cache is dropped (they belong to the gateway on the other end).
         """
         engine = self.ready_engine()
+        if self.left_behind:
+            # A new gateway's steps would queue behind it, and the group may be about to break.
+            raise NotReady(
+                "the last gateway's step is still running here, perhaps waiting in a collective for a peer "
+                "that never got it; retry once it ends or the group is re-formed"
+            )
         if self.stream_open:
             raise StreamTaken(
                 "another gateway already holds this worker's step stream; one gateway drives a shard group"
             )
-        self.stream_open = True
+        self.stream_open = self.receiving = True
         loop = asyncio.get_running_loop()
         log.info("step_stream_opened", peer=peer)
-        if self.running_step is not None and not self.running_step.done():
-            # The last stream's step is still running although that stream is gone: it waits in a
-            # collective. Its own watch should have caught it; watching again costs nothing.
-            self.settling = asyncio.ensure_future(self._settle_running_step())
         # Reading in its own task keeps a receive pending at all times, so a gateway that vanishes
         # mid-step is noticed even while a step runs (gRPC notices only on I/O).
         requests: asyncio.Queue = asyncio.Queue()
@@ -185,6 +198,7 @@ class StepRunner:
         except Exception as exc:  # the gateway went away; the stream is over either way
             log.info("step_stream_broken", error=str(exc))
         finally:
+            self.receiving = False
             # Steps not started yet are dropped: with their gateway gone, a peer may never get them,
             # and starting one would wait in a collective forever.
             while not requests.empty():

@@ -192,6 +192,12 @@ class Stack:
                         return at
         return None
 
+    def lifecycle(self) -> list[str]:
+        """The log's lines but the requests' own (what the processes did, not what they served)."""
+        self.log.flush()
+        lines = self.log_path.read_text().splitlines()
+        return [line for line in lines if line.strip() and '"request_id"' not in line]
+
     def stop(self) -> int:
         self.children()
         self.up.send_signal(signal.SIGTERM)
@@ -489,6 +495,11 @@ def _stack(tmp_path: Path) -> Iterator[Stack]:
     stack = Stack(tmp_path)
     try:
         yield stack
+    except BaseException:
+        # A failure in CI leaves only this output behind: the seed replays the run, the events say why.
+        print(f"seed {SEED} (BLOOMDUO_CHAOS_SEED={SEED} replays it); the stack's events, requests left out:")
+        print(*stack.lifecycle()[-60:], sep="\n")
+        raise
     finally:
         if stack.up.poll() is None:
             stack.up.kill()

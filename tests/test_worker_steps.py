@@ -542,6 +542,15 @@ async def _drive(engine: ShardEngine, peer_steps, peer_dead) -> dict:
     stuck = _step(3, Chunk(0, 0, 3))
     serving = asyncio.ensure_future(_serve(runner, _incoming([stuck], ConnectionError("gone"), 0.02)))
     started = time.monotonic()
+    await _until(lambda: runner.left_behind)
+    # A next gateway must not be told this worker is ready, nor get its stream: its steps would queue
+    # behind the stuck one until the group breaks under them.
+    ready_while_stuck = runner.ready
+    try:
+        await _serve(runner, _incoming([_step(4, Chunk(1, 0, 2))]))
+        next_stream = "opened"
+    except WorkerError as exc:
+        next_stream = f"{type(exc).__name__}: {exc}"
     await _until(lambda: broken)
     waited_s = time.monotonic() - started
     still_running = not runner.running_step.done()
@@ -553,6 +562,9 @@ async def _drive(engine: ShardEngine, peer_steps, peer_dead) -> dict:
         "waited_s": waited_s,
         "still_running": still_running,
         "done": [d.step_id for d in done],
+        "ready_while_stuck": ready_while_stuck,
+        "next_stream": next_stream,
+        "ready_after": runner.ready,
     }
 
     # The peer is killed (by the test); the next step's all-reduce fails.
@@ -628,6 +640,8 @@ def test_a_step_outliving_its_stream_by_the_grace_breaks_the_group(pair):
     assert wedged["broken"] == [f"a step is stuck in a collective {WEDGE_GRACE_S} s after its stream closed"]
     assert wedged["still_running"] and wedged["waited_s"] >= WEDGE_GRACE_S
     assert wedged["done"] == [3] and pair["rank1"][3:] == ["ran 3"]  # it returned once the peer ran it
+    assert not wedged["ready_while_stuck"] and wedged["ready_after"]
+    assert wedged["next_stream"].startswith("NotReady: the last gateway's step is still running here")
 
 
 def test_a_failed_collective_breaks_the_group(pair):
