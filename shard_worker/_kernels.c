@@ -40,8 +40,9 @@
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_I8 = 2 };
 /* ISA_AVX512_VNNI is no rung of the ladder below ISA_AVX512_BF16 (CPUs have either without the other): the
- * VNNI layout runs on it wherever an AVX512 level is asked for. */
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512_BF16 = 3, ISA_AVX512_VNNI = 4 };
+ * VNNI layout runs on it wherever an AVX512 level is asked for, and on AMX-INT8 (the CPU has it, the compiler
+ * built it, Linux lets this process use it) where ISA_AVX512_BF16 is. */
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512_BF16 = 3, ISA_AVX512_VNNI = 4, ISA_AMX_INT8 = 5 };
 enum { LAYOUT_TILED = 0, LAYOUT_ONEDNN = 1, LAYOUT_VNNI = 2 };
 
 static int isa_supported(int isa);
@@ -554,21 +555,24 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-/* Whether this process may run AMX: the CPU has it and Linux lets the process use the tile state (asked once,
- * for the whole process). */
-static int amx_ready(void) {
-    static int ready = -1;
-    if (ready < 0) {
+/* Whether Linux lets this process use AMX's tile state (asked once, for the whole process). */
+static int amx_permitted(void) {
+    static int permitted = -1;
+    if (permitted < 0) {
 #ifdef SYS_arch_prctl
         __builtin_cpu_init();
-        ready = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
-                syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+        permitted = __builtin_cpu_supports("amx-tile") &&
+                    syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 #else
-        ready = 0;
+        permitted = 0;
 #endif
     }
-    return ready;
+    return permitted;
 }
+
+/* Whether this process may run AMX's bf16 (or int8) dot products. */
+static int amx_ready(void) { return amx_permitted() && __builtin_cpu_supports("amx-bf16"); }
+static int amx_int8_ready(void) { return amx_permitted() && __builtin_cpu_supports("amx-int8"); }
 
 /* x's last rows from `first` (fewer than 16) as an A tile's source: copied into the thread's scratch and padded
  * with zero rows, whose sums are computed and dropped. */
@@ -741,6 +745,87 @@ static uint8_t *quantized_scratch(size_t bytes) {
     }
     return scratch;
 }
+
+#ifdef HAS_AMX
+/* ---- AMX-INT8: the VNNI layout's 64-row blocks are TDPBUSD's B operand as they lie. A block's 4-byte group of
+ * columns is 256 bytes, 64 outputs x 4 bytes: its quarters read with a stride of 256 bytes are B tiles of 16
+ * outputs over 64 columns. The int32 sums are the same as VPDPBUSD's, so the outputs are too, bit for bit. */
+#define AMX_INT8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,amx-tile,amx-int8")))
+/* From this many rows of x the VNNI layout goes through AMX, below it through VPDPBUSD (a bloom-560m rank's
+ * Linears and LM head slice, 280 MB, one thread, Xeon with AMX, ms VPDPBUSD / AMX: 1 row 19.1 / 19.1, 2 rows
+ * 19.8 / 20.3, 3 rows 20.7 / 19.6, 4 rows 23.0 / 19.6, 16 rows 33.9 / 20.3 (the bus's speed), 64 rows 67.9 /
+ * 37.1, 512 rows 432 / 195). */
+#define AMX_INT8_MIN_ROWS 3
+
+/* One tile of x (16 rows of q) against a whole row block, its four quarters side by side: the block is read
+ * front to back once, ROW_BLOCK_AHEAD bytes asked of L2 ahead. */
+AMX_INT8 INLINE void amx_int8_tile(const int8_t *block, const uint8_t *q, long K, int32_t *sums, const int fetch) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (long k = 0; k < K; k += 64) {
+        const int8_t *groups = block + k * BLOCK_ROWS;
+        if (fetch)
+            for (int line = 0; line < 64; line++) _mm_prefetch((const char *)groups + ROW_BLOCK_AHEAD + line * 64, _MM_HINT_T1);
+        _tile_loadd(4, q + k, K);
+        _tile_loadd(5, groups, 256);
+        _tile_loadd(6, groups + 64, 256);
+        _tile_loadd(7, groups + 128, 256);
+        _tile_dpbusd(0, 4, 5);
+        _tile_loadd(5, groups + 192, 256);
+        _tile_dpbusd(1, 4, 6);
+        _tile_dpbusd(2, 4, 7);
+        _tile_dpbusd(3, 4, 5);
+    }
+    _tile_stored(0, sums, 256);
+    _tile_stored(1, sums + 16, 256);
+    _tile_stored(2, sums + 32, 256);
+    _tile_stored(3, sums + 48, 256);
+}
+
+/* block_vnni's outputs from every row's int32 sums against a row block's outputs (64 a row, from n0). */
+AMX_INT8 INLINE void amx_int8_store(const Problem *p, const int32_t *sums, const RowQuantizer *quantizers, long n0) {
+    for (long r = 0; r < p->R; r++) {
+        __m512 step = _mm512_set1_ps(quantizers[r].step);
+        __m512i zero = _mm512_set1_epi32(quantizers[r].zero);
+        for (int c = 0; c < BLOCK_ROWS; c += 16) {
+            long n = n0 + c;
+            __m512i sum = _mm512_loadu_si512(sums + r * BLOCK_ROWS + c);
+            sum = _mm512_sub_epi32(sum, _mm512_mullo_epi32(zero, _mm512_loadu_si512(p->row_sums + n)));
+            __m512 scale = _mm512_mul_ps(step, _mm512_loadu_ps(p->scale + n));
+            store16(p, r, n, _mm512_mul_ps(_mm512_cvtepi32_ps(sum), scale));
+        }
+    }
+}
+
+AMX_INT8 static const char *linear_vnni_amx(const Problem *p) {
+    const long K = p->K, tiles = (p->R + 15) / 16;
+    /* the quantizers, x quantized with its last tile padded by rows of zeros (whose sums are dropped), then the
+     * int32 sums of every tile of x against one block */
+    size_t quantizer_bytes = (size_t)p->R * sizeof(RowQuantizer), rows_bytes = (size_t)tiles * 16 * K;
+    uint8_t *scratch = quantized_scratch(quantizer_bytes + rows_bytes + (size_t)tiles * 16 * BLOCK_ROWS * 4);
+    if (!scratch) return "out of memory quantizing x";
+    RowQuantizer *quantizers = (RowQuantizer *)scratch;
+    uint8_t *q = scratch + quantizer_bytes;
+    int32_t *sums = (int32_t *)(q + rows_bytes); /* K is a multiple of 64: 4-byte aligned */
+    quantize_rows(p, q, quantizers);
+    memset(q + p->R * K, 0, rows_bytes - (size_t)p->R * K);
+    TileConfig config = {.palette = 1};
+    for (int t = 0; t < 8; t++) config.bytes_per_row[t] = 64, config.rows[t] = 16;
+    _tile_loadconfig(&config);
+    /* Row block outermost: every tile of x after the first reads the block from L2. Sharing each B tile between
+     * two tiles of x (a pass per half block, 2 x 2 sums) was no faster (a bloom-560m rank's Linears and LM head
+     * slice, one thread: 32 rows 33.3 against 28.1 ms, 64 rows 44.1 / 37.1, 128 rows 65.6 / 56.4, 512 even). */
+    for (long n0 = 0; n0 < p->N; n0 += BLOCK_ROWS) {
+        for (long m = 0; m < tiles; m++)
+            amx_int8_tile((const int8_t *)p->w + n0 * K, q + m * 16 * K, K, sums + m * 16 * BLOCK_ROWS, m == 0);
+        amx_int8_store(p, sums, quantizers, n0);
+    }
+    _tile_release();
+    return NULL;
+}
+#endif /* HAS_AMX */
 
 /* Row block outermost, as linear_onednn_bf16: a block (64 x K bytes) stays in L2 for every group of rows. */
 AVX512_VNNI static const char *linear_vnni(const Problem *p) {
@@ -1659,6 +1744,9 @@ static int isa_supported(int isa) {
     __builtin_cpu_init();
     switch (isa) {
     case ISA_AVX512_VNNI: return isa_supported(ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
+#ifdef HAS_AMX
+    case ISA_AMX_INT8: return isa_supported(ISA_AVX512_VNNI) && amx_int8_ready();
+#endif
     case ISA_AVX512_BF16:
         return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -1682,6 +1770,11 @@ static const char *run_vnni(Problem *p, int isa) {
 #ifdef X86
     if (isa >= ISA_AVX512 && isa_supported(ISA_AVX512_VNNI)) {
         if (p->block_rows != BLOCK_ROWS) return "the VPDPBUSD form reads blocks of 64 rows";
+#ifdef HAS_AMX
+        /* AMX where the best level is asked for (a CPU with AMX has AVX512-BF16), so ISA_AVX512 keeps VPDPBUSD */
+        if (isa == ISA_AVX512_BF16 && p->R >= AMX_INT8_MIN_ROWS && p->K % 64 == 0 && amx_int8_ready())
+            return linear_vnni_amx(p);
+#endif
         return linear_vnni(p);
     }
     if (p->levels > 127 || p->block_rows != AVX2_BLOCK_ROWS)

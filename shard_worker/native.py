@@ -25,6 +25,8 @@ BLOCK_ROWS_READ = (ONEDNN_BLOCK_ROWS, AMX_BLOCK_ROWS)
 NORM_LANES = 16  # _kernels.c's LayerNorm sums in this many lanes: blocks() takes hidden sizes it divides
 SCALAR, AVX2, AVX512, AVX512_BF16 = 0, 1, 2, 3
 _AVX512_VNNI = 4  # what _kernels.supported() calls VPDPBUSD: beside the ladder above, not on it
+_AMX_INT8 = 5  # and AMX's int8 tiles (the CPU, the compiler and Linux allow them)
+AMX_INT8_MIN_ROWS = 3  # _kernels.c's: from this many rows of x the VNNI layout goes through AMX where it runs
 ISA_NAMES = {SCALAR: "scalar", AVX2: "avx2", AVX512: "avx512", AVX512_BF16: "avx512-bf16"}
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
@@ -84,6 +86,14 @@ def vnni_form() -> VnniForm:
     module = _module()
     vpdpbusd = module is not None and best_isa() >= AVX512 and module.supported(_AVX512_VNNI)
     return VPDPBUSD_FORM if vpdpbusd else AVX2_FORM
+
+
+@functools.cache
+def vnni_amx() -> bool:
+    """Whether the VPDPBUSD form runs on AMX-INT8 tiles here at the best ISA level (from AMX_INT8_MIN_ROWS
+    rows of x, K a multiple of 64; the same int32 sums, so the same outputs); at AVX512 it stays VPDPBUSD."""
+    module = _module()
+    return vnni_form() == VPDPBUSD_FORM and best_isa() == AVX512_BF16 and module.supported(_AMX_INT8)
 
 
 def _reads_onednn_blocks(packed: torch.Tensor, bias: torch.Tensor | None, block_rows: int) -> bool:

@@ -246,6 +246,8 @@ def describe(model: nn.Module) -> str:
     if sample is None:
         return ""
     rows = "" if sample.vnni is None else f", {sample.vnni.levels.bit_length()}-bit rows"
+    if sample.vnni == native.VPDPBUSD_FORM and native.vnni_amx():
+        rows += f", AMX from {native.AMX_INT8_MIN_ROWS} rows"
     return f"{sample.scheme} ({sample.kernel}{rows})"
 
 

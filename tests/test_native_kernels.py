@@ -17,7 +17,7 @@ from torch import nn
 from bloomduo.shard_worker import cpu_kernels, native
 from bloomduo.shard_worker.engine import resolve_dtype
 from bloomduo.shard_worker.model import alibi_slopes
-from bloomduo.shard_worker.quantize import INT8, INT8_DYNAMIC, Int8Linear, per_channel_int8
+from bloomduo.shard_worker.quantize import INT8, INT8_DYNAMIC, Int8Linear, describe, per_channel_int8
 from bloomduo.shard_worker.step_plan import causal_alibi_bias
 from tests._dist_helpers import can_pack
 
@@ -161,12 +161,17 @@ def _vnni_forms() -> list:
         native.vnni_form() != native.VPDPBUSD_FORM,
         reason="needs AVX512-VNNI (and an AVX512 level allowed): the AVX2 form runs here",
     )
+    amx = pytest.mark.skipif(
+        not native.vnni_amx(),
+        reason="needs AMX-INT8 (a Xeon with AMX, a compiler that builds it, Linux letting a process use it)",
+    )
     return [
         pytest.param(native.SCALAR, native.VPDPBUSD_FORM, id="scalar-vpdpbusd-form"),
         pytest.param(native.SCALAR, native.AVX2_FORM, id="scalar-avx2-form"),
         pytest.param(native.AVX2, native.AVX2_FORM, id="avx2"),
         pytest.param(native.AVX512, native.VPDPBUSD_FORM, id="avx512-vnni", marks=vpdpbusd),
         pytest.param(native.AVX512, native.VnniForm(127, 64), id="avx512-vnni-7bit", marks=vpdpbusd),
+        pytest.param(native.AVX512_BF16, native.VPDPBUSD_FORM, id="amx-int8", marks=amx),
     ]
 
 
@@ -174,13 +179,17 @@ def _vnni_forms() -> list:
 @pytest.mark.parametrize("activations", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 40])
 @pytest.mark.parametrize("bias", [True, False])
-def test_the_vnni_layout_quantizes_each_row_and_sums_its_bytes_exactly(isa, form, activations, rows, bias):
+@pytest.mark.parametrize("columns", [96, 128])
+def test_the_vnni_layout_quantizes_each_row_and_sums_its_bytes_exactly(
+    isa, form, activations, rows, bias, columns
+):
     """int8-dynamic's kernel, bit for bit against its definition; the scalar form reads the layout's index
     arithmetic on every CPU, the AVX2 form on every CPU CI runs on, the VPDPBUSD form where the CPU has
-    AVX512-VNNI."""
+    AVX512-VNNI, AMX-INT8 where the CPU has it (from 3 rows, K a multiple of 64: 128 columns; 96 take
+    VPDPBUSD; 40 rows are three tiles of x, the last padded)."""
     generator = torch.Generator().manual_seed(rows)
-    weight, scale = per_channel_int8(torch.randn(192, 96, generator=generator))
-    x = torch.randn(rows, 96, generator=generator).to(activations)
+    weight, scale = per_channel_int8(torch.randn(192, columns, generator=generator))
+    x = torch.randn(rows, columns, generator=generator).to(activations)
     x[0, 5] = 7.0  # an outlier feature sets its row's step
     if rows > 1:
         x[1] = 0.0  # a row of zeros has no step to divide by
@@ -199,6 +208,18 @@ def test_the_vnni_layout_quantizes_each_row_and_sums_its_bytes_exactly(isa, form
     gelu = native.linear(x, blocks, b, scale, isa, native.VNNI, True, row_sums, form)
     want = _quantized_reference(x.float(), weight, scale, b, form.levels)
     assert _within_one_rounding(gelu, torch.nn.functional.gelu(want, approximate="tanh").double())
+
+
+def test_amx_int8_runs_wherever_the_cpu_has_it():
+    """The AMX-INT8 form is not quietly lost (an old compiler, a refused permission): where the CPU lists
+    AMX-INT8 and the best level is AVX512-BF16, the kernel must run it, and say so in the worker's kernels."""
+    flags = cpu_kernels.cpu_flags()
+    expected = {"amx_int8", "amx_tile", "avx512_vnni"} <= flags and native.best_isa() == native.AVX512_BF16
+    assert native.vnni_amx() == expected
+    weight, scale = per_channel_int8(torch.randn(128, 128))
+    linear = Int8Linear(weight, scale, None, INT8_DYNAMIC, torch.bfloat16)
+    said = describe(nn.Sequential(linear))
+    assert ("AMX from 3 rows" in said) == (expected and linear.kernel == "native vnni"), said
 
 
 def test_bad_vnni_calls_are_told_what_is_wrong():
