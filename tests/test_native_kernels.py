@@ -77,8 +77,10 @@ def test_the_tiled_kernel_computes_x_times_w_transposed(isa, weights, activation
     assert _within_one_rounding(got, torch.nn.functional.gelu(want, approximate="tanh") if gelu else want)
 
 
-# 67: int8 row blocks are widened once, not per pass, on AVX512-BF16; below it (FMAs alone): bf16 up to 3 rows
-# by whole blocks a row at a time, more by strips of 16 rows in groups of 3 to 6 (7: 4 + 3, 16: 6 + 5 + 5);
+# 67: int8 row blocks are widened once, not per pass, on AVX512-BF16 (and from 7 rows go through AMX tiles
+# where the CPU has them: 7, 13 and 16 rows one tile of x, 67 five, the last partial); below it (FMAs alone):
+# bf16 up to 3 rows by whole blocks a row at a time, more by strips of 16 rows in groups of 3 to 6 (7: 4 + 3,
+# 16: 6 + 5 + 5);
 # int8 up to 2 rows by whole blocks (K = 96: a run of 32 k pairs, then a shorter one), more by strips of 8
 ROW_BLOCK_READERS = [
     pytest.param(isa, weights, id=f"{native.ISA_NAMES[isa]}-{weights}")
