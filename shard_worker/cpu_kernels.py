@@ -560,13 +560,11 @@ def measure_group(
         sample = _sample(group, linears, SAMPLE_BYTES if sample_kind == "decode" or group == LM_HEAD else 0)
         runners = {path: _runner(path, sample, scratch) for path in alive}
         for rows in probes:
-            inputs = {
-                n: torch.randn(rows, n, generator=generator).to(dtype)
-                for n in {m.in_features for m in sample}
-            }
-            reference = sample[0](inputs[sample[0].in_features])
+            inputs = _probe_inputs(rows, {m.in_features for m in sample}, dtype, generator)
+            first = inputs[0][sample[0].in_features]
+            reference = sample[0](first)
             for path in list(alive):
-                error = _error(runners[path][0](inputs[sample[0].in_features]), reference, dtype)
+                error = _error(runners[path][0](first), reference, dtype)
                 if not error <= TOLERANCE_EPS:
                     rejected[path] = f"{error:.3g} eps from nn.Linear at {rows} rows"
                     alive.remove(path)
@@ -589,26 +587,43 @@ def _error(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> float:
     return difference / scale if scale > 0 else (0.0 if difference == 0 else float("inf"))
 
 
-def _time(runners: dict[str, list[nn.Module]], inputs: dict[int, torch.Tensor]) -> dict[str, float]:
+def _probe_inputs(
+    rows: int, features: set[int], dtype: torch.dtype, generator: torch.Generator
+) -> list[dict[int, torch.Tensor]]:
+    """The inputs of a probe's warm-up and of each of its timed runs (in_features -> [rows, in_features]).
+
+    A decode probe's runs see its row count again, as decode steps of a batch do. A prefill probe's runs see
+    one row fewer each: a prefill step's row count is seldom seen twice, and oneDNN builds (JIT-compiles) a
+    primitive for every new one, 3.5-4.5 ms a Linear shape against 0.4 ms for the call itself (a 200-row
+    bf16 packed 1024 -> 2048 Linear, Xeon with AMX). Timed at one size again and again, packed looked 16 %
+    faster than native at 256 rows and took the prefill steps from 155 rows; in the stack it was no faster
+    there, and its primitives and their scratch raised each worker's RSS by 23 MiB."""
+    fresh = rows >= PREFILL_FROM
+    sizes = [rows - run if fresh else rows for run in range(1 + TIMED_RUNS)]
+    return [{n: torch.randn(size, n, generator=generator).to(dtype) for n in features} for size in sizes]
+
+
+def _time(runners: dict[str, list[nn.Module]], inputs: list[dict[int, torch.Tensor]]) -> dict[str, float]:
     """Each path's best ms over up to TIMED_RUNS runs (fewer when its runs use TIMED_BUDGET_S), the paths
     taking turns: a burst of noise from the machine (the other rank's probe, a neighbour) lands on every
     path's runs alike, where timing one path's runs back to back gave it all to one (on a 2-core EPYC a
-    row-blocks run at one row came out 1.17x the tiles' in one probe and 0.89x in another)."""
+    row-blocks run at one row came out 1.17x the tiles' in one probe and 0.89x in another). `inputs`: the
+    warm-up's, then each run's (_probe_inputs)."""
 
-    def once(modules: list[nn.Module]) -> float:
+    def once(modules: list[nn.Module], run: int) -> float:
         started = time.perf_counter()
         for module in modules:
-            module(inputs[module.in_features])
+            module(inputs[run][module.in_features])
         return time.perf_counter() - started
 
     for modules in runners.values():
-        once(modules)  # warm-up: oneDNN builds its primitive on the first call of each shape
+        once(modules, 0)  # warm-up: oneDNN builds its primitive on the first call of each shape
     best = dict.fromkeys(runners, float("inf"))
     spent = dict.fromkeys(runners, 0.0)
     for run in range(TIMED_RUNS):
         for path, modules in runners.items():
             if run == 0 or spent[path] < TIMED_BUDGET_S:
-                elapsed = once(modules)
+                elapsed = once(modules, 1 + run)
                 best[path], spent[path] = min(best[path], elapsed), spent[path] + elapsed
     return {path: round(seconds * 1e3, 3) for path, seconds in best.items()}
 

@@ -37,7 +37,8 @@ def return_freed_memory() -> None:
 # LRU_CACHE_CAPACITY). Both hold 1024 by default, and a packed Linear's kernel is compiled for each row
 # count: every prompt length a worker prefilled through oneDNN kept ~2.5 MiB (at bloom-560m's 4 shapes,
 # 650 MiB after 200 lengths). A step's Linears share their few shapes across all layers, so a small cache
-# costs ~0.3 ms per shape a step compiles again.
+# costs one compile per shape a step meets again: ~0.3 ms on an AVX512-BF16 EPYC, 3.5-4.5 ms on a Xeon with
+# AMX (which is why the kernel probes time prefill sizes at a new row count each run: cpu_kernels).
 ONEDNN_CACHED_KERNELS = 16
 
 

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -289,9 +290,39 @@ def test_the_paths_take_turns_in_the_timed_runs():
             calls.append(self.name)
             return x
 
-    times = cpu_kernels._time({"a": [Recorder("a")], "b": [Recorder("b")]}, {8: torch.zeros(1, 8)})
+    inputs = [{8: torch.zeros(1, 8)}] * (1 + cpu_kernels.TIMED_RUNS)
+    times = cpu_kernels._time({"a": [Recorder("a")], "b": [Recorder("b")]}, inputs)
     assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
     assert calls == ["a", "b"] * (1 + cpu_kernels.TIMED_RUNS)  # a warm-up each, then runs in turn
+
+
+def test_a_prefill_probe_charges_a_path_that_builds_a_kernel_per_row_count():
+    """Decode probes see one row count again and again, as decode batches do; prefill probes a new one each
+    run, as prefill steps do, so a path that compiles a kernel per new shape (oneDNN's packed Linear) pays
+    for it in the probe as it would in serving."""
+    build_s = 0.01
+
+    class CompilesPerShape(nn.Module):
+        in_features = 8
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.built: set[int] = set()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] not in self.built:
+                self.built.add(x.shape[0])
+                time.sleep(build_s)
+            return x
+
+    generator = torch.Generator().manual_seed(0)
+    for rows, fresh in ((4, False), (cpu_kernels.PREFILL_FROM, True), (256, True)):
+        inputs = cpu_kernels._probe_inputs(rows, {8}, torch.float32, generator)
+        sizes = [batch[8].shape[0] for batch in inputs]
+        assert len(sizes) == 1 + cpu_kernels.TIMED_RUNS and sizes[0] == rows and max(sizes) == rows
+        assert len(set(sizes)) == (len(sizes) if fresh else 1)
+        ms = cpu_kernels._time({"compiles": [CompilesPerShape()]}, inputs)["compiles"]
+        assert (ms >= build_s * 1e3) == fresh, (rows, ms)
 
 
 def test_a_group_chooses_from_its_ranks_mean_times():
