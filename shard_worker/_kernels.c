@@ -582,6 +582,13 @@ static int amx_permitted(void) {
 static int amx_ready(void) { return amx_permitted() && __builtin_cpu_supports("amx-bf16"); }
 static int amx_int8_ready(void) { return amx_permitted() && __builtin_cpu_supports("amx-int8"); }
 
+/* Every one of the 8 tiles 16 rows of 64 bytes, as every AMX path here uses them. */
+__attribute__((target("amx-tile"))) static void amx_configure(void) {
+    TileConfig config = {.palette = 1};
+    for (int t = 0; t < 8; t++) config.bytes_per_row[t] = 64, config.rows[t] = 16;
+    _tile_loadconfig(&config);
+}
+
 /* x's last rows from `first` (fewer than 16) as an A tile's source: copied into the thread's scratch and padded
  * with zero rows, whose sums are computed and dropped. */
 static const uint16_t *amx_padded_rows(const Problem *p, long first, uint16_t *scratch) {
@@ -641,32 +648,37 @@ AMX INLINE void amx_pass(const Problem *p, const uint16_t *block, const uint16_t
     }
 }
 
-/* One tile of x (16 rows, bf16) against a 64-row block widened to bf16 pairs (widen_block): a pair of columns
- * is 256 bytes, 64 outputs x 2 values, so its quarters read with that stride are B tiles of 16 outputs over 32
- * columns; four float32 sum tiles side by side, 64 floats a row of `sums`. */
-AMX INLINE void amx_widened_tile(const uint16_t *widened, const uint16_t *x0, long K, float *sums) {
-    const long stride = K * (long)sizeof(uint16_t);
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (long k = 0; k < K; k += 32) {
-        const uint16_t *pairs = widened + k * BLOCK_ROWS;
-        _tile_loadd(4, x0 + k, stride);
-        _tile_loadd(5, pairs, 256);
-        _tile_loadd(6, pairs + 32, 256);
-        _tile_loadd(7, pairs + 64, 256);
-        _tile_dpbf16ps(0, 4, 5);
-        _tile_loadd(5, pairs + 96, 256);
-        _tile_dpbf16ps(1, 4, 6);
-        _tile_dpbf16ps(2, 4, 7);
-        _tile_dpbf16ps(3, 4, 5);
+/* One tile of x (16 rows of 64 bytes a step) against a 64-row block whose groups of columns (bf16 pairs, int8
+ * quads) are 4 bytes an output, so 256 bytes a group: its quarters, read with that stride, are B tiles of 16
+ * outputs, a step's 16 groups one B tile each. Four int32 or float32 sum tiles side by side, 64 a row of `sums`;
+ * the block is read front to back once, ROW_BLOCK_AHEAD bytes asked of L2 ahead (`fetch`). */
+#define AMX_QUARTERS(NAME, TARGET, DOT)                                                                              \
+    TARGET INLINE void NAME(const char *block, const char *x, long x_stride, long steps, void *sums, const int fetch) { \
+        _tile_zero(0);                                                                                               \
+        _tile_zero(1);                                                                                               \
+        _tile_zero(2);                                                                                               \
+        _tile_zero(3);                                                                                               \
+        for (long step = 0; step < steps; step++) {                                                                  \
+            const char *groups = block + step * 16 * 256;                                                            \
+            if (fetch)                                                                                               \
+                for (int line = 0; line < 64; line++) _mm_prefetch(groups + ROW_BLOCK_AHEAD + line * 64, _MM_HINT_T1); \
+            _tile_loadd(4, x + step * 64, x_stride);                                                                 \
+            _tile_loadd(5, groups, 256);                                                                             \
+            _tile_loadd(6, groups + 64, 256);                                                                        \
+            _tile_loadd(7, groups + 128, 256);                                                                       \
+            DOT(0, 4, 5);                                                                                            \
+            _tile_loadd(5, groups + 192, 256);                                                                       \
+            DOT(1, 4, 6);                                                                                            \
+            DOT(2, 4, 7);                                                                                            \
+            DOT(3, 4, 5);                                                                                            \
+        }                                                                                                            \
+        _tile_stored(0, sums, 256);                                                                                  \
+        _tile_stored(1, (char *)sums + 64, 256);                                                                     \
+        _tile_stored(2, (char *)sums + 128, 256);                                                                    \
+        _tile_stored(3, (char *)sums + 192, 256);                                                                    \
     }
-    _tile_stored(0, sums, 256);
-    _tile_stored(1, sums + 16, 256);
-    _tile_stored(2, sums + 32, 256);
-    _tile_stored(3, sums + 48, 256);
-}
+
+AMX_QUARTERS(amx_bf16_quarters, AMX, _tile_dpbf16ps)
 
 /* int8 row blocks (weight-only int8) from AMX_WIDENED_MIN_ROWS rows: each block widened to bf16 once a call
  * (exact, see int8_pairs), into a scratch that stays in L2, then every tile of x against it on AMX. Below it
@@ -682,13 +694,12 @@ AMX static const char *linear_int8_blocks_amx(const Problem *p) {
     const uint16_t *x = (const uint16_t *)p->x;
     const uint16_t *last = tiles > whole ? amx_padded_rows(p, whole * 16, scratch + BLOCK_ROWS * K) : NULL;
     float *sums = (float *)(scratch + (BLOCK_ROWS + 16) * K);
-    TileConfig config = {.palette = 1};
-    for (int t = 0; t < 8; t++) config.bytes_per_row[t] = 64, config.rows[t] = 16;
-    _tile_loadconfig(&config);
+    amx_configure();
     for (long n0 = 0; n0 < p->N; n0 += BLOCK_ROWS) {
         widen_block((const int8_t *)p->w + n0 * K, widened, K);
         for (long m = 0; m < tiles; m++)
-            amx_widened_tile(widened, m < whole ? x + m * 16 * K : last, K, sums + m * 16 * BLOCK_ROWS);
+            amx_bf16_quarters((const char *)widened, (const char *)(m < whole ? x + m * 16 * K : last),
+                              K * (long)sizeof(uint16_t), K / 32, sums + m * 16 * BLOCK_ROWS, 0);
         for (long r = 0; r < p->R; r++)
             for (int c = 0; c < BLOCK_ROWS; c += 16)
                 store16(p, r, n0 + c, _mm512_mul_ps(_mm512_loadu_ps(sums + r * BLOCK_ROWS + c),
@@ -711,9 +722,7 @@ AMX static const char *linear_onednn_amx(const Problem *p) {
     if (!scratch) return "out of memory for x's last rows and the sums";
     const uint16_t *x = (const uint16_t *)p->x, *last = tiles > whole ? amx_padded_rows(p, whole * 16, scratch) : NULL;
     float *sums = (float *)(scratch + 16 * K);
-    TileConfig config = {.palette = 1};
-    for (int t = 0; t < 8; t++) config.bytes_per_row[t] = 64, config.rows[t] = 16;
-    _tile_loadconfig(&config);
+    amx_configure();
     /* tiles 0-3 sum, 4-5 hold x, 6-7 the block's two halves; two 16-row tiles of x a pass share each B tile */
     for (long n0 = 0; n0 < p->N; n0 += AMX_BLOCK_ROWS) {
         const uint16_t *block = (const uint16_t *)p->w + n0 * K;
@@ -822,32 +831,7 @@ static uint8_t *quantized_scratch(size_t bytes) {
  * 37.1, 512 rows 432 / 195). */
 #define AMX_INT8_MIN_ROWS 3
 
-/* One tile of x (16 rows of q) against a whole row block, its four quarters side by side: the block is read
- * front to back once, ROW_BLOCK_AHEAD bytes asked of L2 ahead. */
-AMX_INT8 INLINE void amx_int8_tile(const int8_t *block, const uint8_t *q, long K, int32_t *sums, const int fetch) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (long k = 0; k < K; k += 64) {
-        const int8_t *groups = block + k * BLOCK_ROWS;
-        if (fetch)
-            for (int line = 0; line < 64; line++) _mm_prefetch((const char *)groups + ROW_BLOCK_AHEAD + line * 64, _MM_HINT_T1);
-        _tile_loadd(4, q + k, K);
-        _tile_loadd(5, groups, 256);
-        _tile_loadd(6, groups + 64, 256);
-        _tile_loadd(7, groups + 128, 256);
-        _tile_dpbusd(0, 4, 5);
-        _tile_loadd(5, groups + 192, 256);
-        _tile_dpbusd(1, 4, 6);
-        _tile_dpbusd(2, 4, 7);
-        _tile_dpbusd(3, 4, 5);
-    }
-    _tile_stored(0, sums, 256);
-    _tile_stored(1, sums + 16, 256);
-    _tile_stored(2, sums + 32, 256);
-    _tile_stored(3, sums + 48, 256);
-}
+AMX_QUARTERS(amx_int8_quarters, AMX_INT8, _tile_dpbusd)
 
 /* block_vnni's outputs from every row's int32 sums against a row block's outputs (64 a row, from n0). */
 AMX_INT8 INLINE void amx_int8_store(const Problem *p, const int32_t *sums, const RowQuantizer *quantizers, long n0) {
@@ -876,15 +860,14 @@ AMX_INT8 static const char *linear_vnni_amx(const Problem *p) {
     int32_t *sums = (int32_t *)(q + rows_bytes); /* K is a multiple of 64: 4-byte aligned */
     quantize_rows(p, q, quantizers);
     memset(q + p->R * K, 0, rows_bytes - (size_t)p->R * K);
-    TileConfig config = {.palette = 1};
-    for (int t = 0; t < 8; t++) config.bytes_per_row[t] = 64, config.rows[t] = 16;
-    _tile_loadconfig(&config);
+    amx_configure();
     /* Row block outermost: every tile of x after the first reads the block from L2. Sharing each B tile between
      * two tiles of x (a pass per half block, 2 x 2 sums) was no faster (a bloom-560m rank's Linears and LM head
      * slice, one thread: 32 rows 33.3 against 28.1 ms, 64 rows 44.1 / 37.1, 128 rows 65.6 / 56.4, 512 even). */
     for (long n0 = 0; n0 < p->N; n0 += BLOCK_ROWS) {
         for (long m = 0; m < tiles; m++)
-            amx_int8_tile((const int8_t *)p->w + n0 * K, q + m * 16 * K, K, sums + m * 16 * BLOCK_ROWS, m == 0);
+            amx_int8_quarters((const char *)p->w + n0 * K, (const char *)(q + m * 16 * K), K, K / 64,
+                              sums + m * 16 * BLOCK_ROWS, m == 0);
         amx_int8_store(p, sums, quantizers, n0);
     }
     _tile_release();
