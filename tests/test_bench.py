@@ -102,13 +102,24 @@ def test_machine_rates_are_measured_and_positive() -> None:
     rate, kernel = machine_floor.fastest(rates)
     assert rate == max(rates.values()) and rates[kernel] == rate
 
-    # int8 matrices: the int8 GEMM --quantize int8-dynamic runs competes too; bloomduo's VNNI kernel runs one
-    # thread per call, so each of the workers runs one at once.
+    # int8 matrices: the int8 GEMM the workers' --quantize runs competes too; bloomduo's kernels run one
+    # thread per call, so each of the workers runs one at once. Weight-only int8 multiplies in float: the
+    # integer GEMM of int8-dynamic is not its to run, and must not set its floor.
     rates = machine_floor.gemm_rates(
-        "cpu", "float32", 256, threads=1, budget_s=0.05, int8_matrices=True, workers=2
+        "cpu", "float32", 256, threads=1, budget_s=0.05, quantize="int8-dynamic", workers=2
     )
     vnni = native.runs_vnni()
-    int8 = "bloomduo int8 (dynamic, native vnni) x 2 workers" if vnni else "fbgemm int8 (dynamic)"
+    int8 = "bloomduo int8 (dynamic, native vnni) x 2 workers" if vnni else "int8 (dynamic, fbgemm)"
+    assert set(rates) == {"F.linear", int8} and all(_positive_finite(rate) for rate in rates.values())
+    rates = machine_floor.gemm_rates(
+        "cpu", "float32", 256, threads=1, budget_s=0.05, quantize="int8", workers=2
+    )
+    own = native.available() and native.best_isa() >= native.AVX2
+    int8 = (
+        "bloomduo int8 (weight-only, native) x 2 workers"
+        if own
+        else "int8 (weight-only, dequantized per call)"
+    )
     assert set(rates) == {"F.linear", int8} and all(_positive_finite(rate) for rate in rates.values())
 
 

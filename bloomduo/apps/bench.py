@@ -590,11 +590,14 @@ def measure_floor(args: argparse.Namespace, info: Any, target: str, launched: bo
         return {"reason": reason}
     print(f"bench: measuring the floor (memory read bandwidth, GEMM rate) on {device}", file=sys.stderr)
     # Workers say "int8 (...)" or "int8-dynamic (...)" in their kernels when they hold int8 weights.
-    int8 = all(kernels.split(" ")[0] in QUANTIZE_CHOICES[1:] for kernels in info.worker_kernels)
-    costs = machine_floor.model_costs(args.model, info.dtype, args.prompt_tokens, int8_matrices=int8)
+    schemes = {kernels.split(" ")[0] for kernels in info.worker_kernels}
+    quantize = schemes.pop() if len(schemes) == 1 and schemes <= set(QUANTIZE_CHOICES[1:]) else "none"
+    costs = machine_floor.model_costs(
+        args.model, info.dtype, args.prompt_tokens, int8_matrices=quantize != "none"
+    )
     threads = machine_floor.stack_threads(info.num_shards, args.threads_per_shard)
     rates = machine_floor.measure_rates(
-        device, info.dtype, costs["hidden_size"], info.num_shards, threads, int8_matrices=int8
+        device, info.dtype, costs["hidden_size"], info.num_shards, threads, quantize=quantize
     )
     return machine_floor.floors(costs, rates)
 
@@ -1221,7 +1224,7 @@ def print_floor(floor: dict[str, Any], distinct_prompts: bool) -> None:
         f"{floor['array_bytes'] / 2**20:.0f} MiB)"
     )
     print(
-        f"  {floor['dtype']} GEMM {floor['gemm_flop_per_s'] / 1e9:.1f} GFLOP/s "
+        f"  GEMM {floor['gemm_flop_per_s'] / 1e9:.1f} GFLOP/s, {floor['dtype']} activations "
         f"({floor['gemm_kernel']} {shape})"
     )
     print(

@@ -197,7 +197,7 @@ def gemm_rates(
     hidden: int,
     threads: int | None,
     budget_s: float = 0.3,
-    int8_matrices: bool = False,
+    quantize: str = "none",
     workers: int = 1,
 ) -> dict[str, float]:
     """FLOP/s of the prefill-like GEMM GEMM_ROWS x hidden -> 4 x hidden (the MLP's first matrix) in the
@@ -206,9 +206,11 @@ def gemm_rates(
     choose among where bf16 arithmetic is emulated (cpu_kernels.py): bloomduo's tiled and row-block
     kernels, one thread per call (so `workers` of them at once), and F.linear in float32 on the widened
     weights; F.linear in emulated bf16 alone would put the TTFT floor at several times what the workers
-    reach. With `int8_matrices` on a CPU, also the int8 GEMM that --quantize int8-dynamic runs (operations
-    counted as FLOPs): fbgemm's at `threads`, or bloomduo's VNNI kernel, which runs on one thread per call,
-    so `workers` of them at once."""
+    reach. With `quantize` (the workers' --quantize) on a CPU, also the int8 GEMM that scheme runs: for
+    int8-dynamic, an integer one (operations counted as FLOPs), fbgemm's at `threads` or bloomduo's VNNI
+    kernel; for int8 (weight-only), bloomduo's kernel that widens the int8 weights for the float FMAs. Its
+    float rate is all weight-only int8 has: the integer GEMM would put its TTFT floor at half what it can
+    reach. bloomduo's kernels run one thread per call, so `workers` of them at once."""
     import torch
     import torch.nn.functional as F
 
@@ -251,17 +253,18 @@ def gemm_rates(
                 rates["F.linear float32 (bf16 weights widened)"] = _median_rate(
                     lambda: F.linear(widened_x, widened), flops, sync, budget_s
                 )
-        if device == "cpu" and int8_matrices:
+        if device == "cpu" and quantize != "none":
             from torch import nn
 
             from bloomduo.shard_worker.quantize import INT8_DYNAMIC, Int8Linear
 
-            int8 = Int8Linear.from_linear(nn.Linear(hidden, 4 * hidden, bias=False).to(dtype), INT8_DYNAMIC)
+            int8 = Int8Linear.from_linear(nn.Linear(hidden, 4 * hidden, bias=False).to(dtype), quantize)
             rate = _median_rate(lambda: int8(x), flops, sync, budget_s)
-            if int8.kernel == "fbgemm":
-                rates["fbgemm int8 (dynamic)"] = rate
+            scheme = "dynamic" if quantize == INT8_DYNAMIC else "weight-only"
+            if int8.kernel.startswith("native"):
+                rates[f"bloomduo int8 ({scheme}, {int8.kernel}) x {workers} workers"] = rate * workers
             else:
-                rates[f"bloomduo int8 (dynamic, {int8.kernel}) x {workers} workers"] = rate * workers
+                rates[f"int8 ({scheme}, {int8.kernel})"] = rate
     return rates
 
 
@@ -299,7 +302,7 @@ def measure_rates(
     num_shards: int,
     threads: int,
     budget_s: float = 0.3,
-    int8_matrices: bool = False,
+    quantize: str = "none",
 ) -> dict[str, Any]:
     """The stack's memory read bandwidth and GEMM rate on this machine.
 
@@ -317,7 +320,7 @@ def measure_rates(
         parallel = 1
     gemm, kernel = fastest(
         gemm_rates(
-            device, dtype_name, hidden, None if cuda else threads, budget_s, int8_matrices, workers=num_shards
+            device, dtype_name, hidden, None if cuda else threads, budget_s, quantize, workers=num_shards
         )
     )
     return {
