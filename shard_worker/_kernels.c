@@ -1118,73 +1118,105 @@ AVX2 INLINE void row_block_avx2(const Problem *p, const float *x, const uint16_t
     for (int c = 0; c < 8; c++) store8(p, r, n0 + c * 8, acc[c]);
 }
 
-/* 12 accumulators, 2 weights and a broadcast fill the 16 registers: a mask for the odd halves (tile_avx2_pairs')
- * made GCC spill an accumulator every pass, whose store and reload lengthened its chain past the FMAs' own rate
- * (57 GFLOP/s hot); two shifts need no register (85, the rate of float32 weights). */
-#define STRIP_ROW_START(i)                                                                                          \
-    __m256 acc##i##a = _mm256_setzero_ps(), acc##i##b = acc##i##a;                                                 \
-    const float *x##i = x + (r0 + (rows > i ? i : 0)) * K;
-#define STRIP_ROW_FMAS(i, offset, wa, wb)                                                                           \
-    if (rows > i) {                                                                                                \
-        __m256 a = _mm256_broadcast_ss(x##i + k + offset);                                                         \
-        acc##i##a = _mm256_fmadd_ps(a, wa, acc##i##a);                                                             \
-        acc##i##b = _mm256_fmadd_ps(a, wb, acc##i##b);                                                             \
-    }
-#define STRIP_ROW_STORE(i)                                                                                          \
-    if (rows > i) {                                                                                                \
-        store8(p, r0 + i, n0, acc##i##a);                                                                          \
-        store8(p, r0 + i, n0 + 8, acc##i##b);                                                                      \
-    }
+static inline long min_long(long a, long b) { return a < b ? a : b; }
+
 #define STRIP_ROWS(DO, ...) DO(0 __VA_ARGS__) DO(1 __VA_ARGS__) DO(2 __VA_ARGS__) DO(3 __VA_ARGS__) DO(4 __VA_ARGS__) DO(5 __VA_ARGS__)
+
+/* A strip's k loop is written in assembly: from the same intrinsics GCC emitted ~62 instructions for a k pair's 24
+ * FMAs (a pointer step per row, reloaded weights, register copies, the prefetch tests), past what the core issues
+ * in the FMAs' 12 cycles, and ran 75 GFLOP/s hot on a Zen 3 EPYC core, whose FMAs peak at 102; the loop below
+ * takes 45 (an index shared by the rows, the odd halves masked straight from L1) and runs 90, with the same
+ * products summed in the same order. Registers: row i's accumulators ymm(2i) and ymm(2i+1), the pair's even and
+ * odd weights ymm12-13, the broadcast ymm14, the high-halves mask ymm15. */
+_Static_assert(BLOCK_ROWS == 64, "a strip's k pairs are 256 bytes apart");
+#define ASM_ROW_FMAS(i, a, b, column)                                                                               \
+    "vbroadcastss " #column "(%[x" #i "],%[k],4), %%ymm14\n\t"                                                      \
+    "vfmadd231ps %%ymm12, %%ymm14, %%ymm" #a "\n\t"                                                                 \
+    "vfmadd231ps %%ymm13, %%ymm14, %%ymm" #b "\n\t"
+#define ASM_ROWS_3(column) ASM_ROW_FMAS(0, 0, 1, column) ASM_ROW_FMAS(1, 2, 3, column) ASM_ROW_FMAS(2, 4, 5, column)
+#define ASM_ROWS_4(column) ASM_ROWS_3(column) ASM_ROW_FMAS(3, 6, 7, column)
+#define ASM_ROWS_5(column) ASM_ROWS_4(column) ASM_ROW_FMAS(4, 8, 9, column)
+#define ASM_ROWS_6(column) ASM_ROWS_5(column) ASM_ROW_FMAS(5, 10, 11, column)
+/* One k pair at byte `at` of the strip, x's columns k (byte `even` past x[k]) and k + 1 (`odd`). */
+#define ASM_STRIP_PAIR(ROWS, at, even, odd)                                                                         \
+    "vmovdqu " #at "(%[w]), %%ymm12\n\t"                                                                            \
+    "vmovdqu " #at "+32(%[w]), %%ymm13\n\t"                                                                         \
+    "vpslld $16, %%ymm12, %%ymm12\n\t"                                                                              \
+    "vpslld $16, %%ymm13, %%ymm13\n\t" ASM_ROWS_##ROWS(even)                                                        \
+    "vandps " #at "(%[w]), %%ymm15, %%ymm12\n\t"                                                                    \
+    "vandps " #at "+32(%[w]), %%ymm15, %%ymm13\n\t" ASM_ROWS_##ROWS(odd)
+#define ASM_ZERO(i) "vxorps %%ymm" #i ", %%ymm" #i ", %%ymm" #i "\n\t"
+#define ASM_SUMS(i) "vmovups %%ymm" #i ", " #i "*32(%[sums])\n\t"
 
 /* A strip reads one cache line of every 256 bytes of its block: from memory, four strips' passes at that
  * stride streamed far slower than one pass front to back (4 rows against weights past the L3: 12.2 ms against
- * the tiles' 9.6). So the first block's first pass (`lead`) also fetches the other strips' lines, a few KB
- * ahead, and reads the block from memory in order; the later passes find it in L2. Every pass also fetches its
- * share of the next block into L2 (`next`, one line an iteration, T1: into L1 too cost a third of the gain),
- * so no block after the first waits for memory in its first pass (16 rows against weights past the L3: 67-70
- * -> 72-78 GFLOP/s; 32 rows: 73-75 -> 75-80; hot, 16 rows run at 78). */
+ * the tiles' 9.6). So the first block's first pass (`lead`, strip 0) also fetches the four lines of the pairs
+ * LEAD_BYTES ahead, and reads the block from memory in order; the later passes find it in L2. Every pass also
+ * fetches its share of the next block into L2 (`next`, one line a pair, T1: into L1 too cost a third of the gain;
+ * the lead pass a line every pair), so no block after the first waits for memory in its first pass (16 rows
+ * against weights past the L3: 67-70 -> 72-78 GFLOP/s with the C loop; 32 rows: 73-75 -> 75-80). Then two pairs
+ * an iteration (K is a multiple of 32, the fetching pairs of 2). Each row count is its own function, whose
+ * assembly names its rows' registers. */
 #define LEAD_BYTES 4096
-
-AVX2 INLINE void row_strip_avx2(const Problem *p, const float *x, const uint16_t *block, int s, long r0,
-                                const int rows, long n0, int lead, const char *next, long next_bytes) {
-    const long K = p->K;
-    const uint16_t *strip = block + s * 32; /* line s of each pair's 4 */
-    const char *ahead = (const char *)block + LEAD_BYTES;
-    STRIP_ROWS(STRIP_ROW_START)
-    for (long k = 0; k < K; k += 2, strip += 2 * BLOCK_ROWS, ahead += 4 * BLOCK_ROWS) {
-        if (lead)
-            for (int line = 0; line < 4; line++)
-                if (line != s) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);
-        if (next_bytes > 0) {
-            _mm_prefetch(next, _MM_HINT_T1);
-            next += 64, next_bytes -= 64;
-        }
-        __m256i w0 = _mm256_loadu_si256((const __m256i *)strip), w1 = _mm256_loadu_si256((const __m256i *)(strip + 16));
-        __m256 w0k = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)), w1k = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
-        STRIP_ROWS(STRIP_ROW_FMAS, , 0, w0k, w1k)
-        w0k = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(w0, 16), 16));
-        w1k = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(w1, 16), 16));
-        STRIP_ROWS(STRIP_ROW_FMAS, , 1, w0k, w1k)
-    }
-    STRIP_ROWS(STRIP_ROW_STORE)
-}
-
-/* Each row count its own function, so the register allocator sees the loop and its stores alone: inlined into
- * linear_row_blocks_avx2, GCC spilled an accumulator of the 5-row loop every pass, whose store and reload
- * lengthened its chain past the FMAs' rate (16 rows, 6 + 5 + 5: 56 against 76 GFLOP/s hot). */
 #define ROW_STRIP(ROWS)                                                                                             \
     AVX2 __attribute__((noinline)) static void row_strip_##ROWS(const Problem *p, const float *x,                   \
                                                                   const uint16_t *block, int s, long r0, long n0,   \
                                                                   int lead, const char *next, long next_bytes) {     \
-        row_strip_avx2(p, x, block, s, r0, ROWS, n0, lead, next, next_bytes);                                      \
+        const int rows = ROWS;                                                                                     \
+        const long K = p->K, fetching = min_long(K, (next_bytes + 127) / 128 * 4);                                 \
+        const float *x0 = x + r0 * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + (rows > 3) * K,                      \
+                    *x4 = x3 + (rows > 4) * K, *x5 = x4 + (rows > 5) * K;                                          \
+        const uint16_t *w = block + s * 32; /* line s of each pair's 4 */                                          \
+        long k = 0;                                                                                                \
+        float sums[6][16];                                                                                         \
+        __asm__ volatile(ASM_ZERO(0) ASM_ZERO(1) ASM_ZERO(2) ASM_ZERO(3) ASM_ZERO(4) ASM_ZERO(5) ASM_ZERO(6)        \
+                             ASM_ZERO(7) ASM_ZERO(8) ASM_ZERO(9) ASM_ZERO(10) ASM_ZERO(11)                         \
+                         "vpcmpeqd %%ymm15, %%ymm15, %%ymm15\n\t"                                                  \
+                         "vpslld $16, %%ymm15, %%ymm15\n\t"                                                        \
+                         "cmpl $0, %[lead]\n\t"                                                                    \
+                         "je 2f\n"                                                                                 \
+                         "1:\n\t"                                                                                  \
+                         "prefetcht0 4096(%[w])\n\t"                                                               \
+                         "prefetcht0 4096+64(%[w])\n\t"                                                            \
+                         "prefetcht0 4096+128(%[w])\n\t"                                                           \
+                         "prefetcht0 4096+192(%[w])\n\t"                                                           \
+                         "prefetcht1 (%[next])\n\t"                                                                \
+                         "add $64, %[next]\n\t" ASM_STRIP_PAIR(ROWS, 0, 0, 4)                                      \
+                         "add $256, %[w]\n\t"                                                                      \
+                         "add $2, %[k]\n\t"                                                                        \
+                         "cmp %[K], %[k]\n\t"                                                                      \
+                         "jl 1b\n\t"                                                                               \
+                         "jmp 5f\n"                                                                                \
+                         "2:\n\t"                                                                                  \
+                         "cmp %[fetching], %[k]\n\t"                                                               \
+                         "jge 4f\n\t"                                                                              \
+                         "prefetcht1 (%[next])\n\t"                                                                \
+                         "add $64, %[next]\n\t" ASM_STRIP_PAIR(ROWS, 0, 0, 4)                                      \
+                         "add $256, %[w]\n\t"                                                                      \
+                         "add $2, %[k]\n\t"                                                                        \
+                         "jmp 2b\n"                                                                                \
+                         "3:\n\t" ASM_STRIP_PAIR(ROWS, 0, 0, 4) ASM_STRIP_PAIR(ROWS, 256, 8, 12)                   \
+                         "add $512, %[w]\n\t"                                                                      \
+                         "add $4, %[k]\n"                                                                          \
+                         "4:\n\t"                                                                                  \
+                         "cmp %[K], %[k]\n\t"                                                                      \
+                         "jl 3b\n"                                                                                 \
+                         "5:\n\t" ASM_SUMS(0) ASM_SUMS(1) ASM_SUMS(2) ASM_SUMS(3) ASM_SUMS(4) ASM_SUMS(5)          \
+                             ASM_SUMS(6) ASM_SUMS(7) ASM_SUMS(8) ASM_SUMS(9) ASM_SUMS(10) ASM_SUMS(11)             \
+                         : [k] "+r"(k), [w] "+r"(w), [next] "+r"(next)                                             \
+                         : [x0] "r"(x0), [x1] "r"(x1), [x2] "r"(x2), [x3] "r"(x3), [x4] "r"(x4), [x5] "r"(x5),     \
+                           [K] "r"(K), [fetching] "r"(fetching), [sums] "r"(sums), [lead] "m"(lead)                \
+                         : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", \
+                           "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");                           \
+        for (int i = 0; i < rows; i++) {                                                                           \
+            store8(p, r0 + i, n0, _mm256_loadu_ps(sums[i]));                                                       \
+            store8(p, r0 + i, n0 + 8, _mm256_loadu_ps(sums[i] + 8));                                               \
+        }                                                                                                          \
     }
 ROW_STRIP(3)
 ROW_STRIP(4)
 ROW_STRIP(5)
 ROW_STRIP(6)
-
-static inline long min_long(long a, long b) { return a < b ? a : b; }
 
 /* Block outermost, then strip: a strip (16 x K bf16, 32-128 KB at bloom-560m) stays in L1 or L2 for every group
  * of rows after the first. Rows go in groups of 4 to 6, as even as they divide (16 rows: 6, 5, 5; not 6, 6, 4:
