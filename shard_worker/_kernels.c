@@ -1120,8 +1120,6 @@ AVX2 INLINE void row_block_avx2(const Problem *p, const float *x, const uint16_t
 
 static inline long min_long(long a, long b) { return a < b ? a : b; }
 
-#define STRIP_ROWS(DO, ...) DO(0 __VA_ARGS__) DO(1 __VA_ARGS__) DO(2 __VA_ARGS__) DO(3 __VA_ARGS__) DO(4 __VA_ARGS__) DO(5 __VA_ARGS__)
-
 /* A strip's k loop is written in assembly: from the same intrinsics GCC emitted ~62 instructions for a k pair's 24
  * FMAs (a pointer step per row, reloaded weights, register copies, the prefetch tests), past what the core issues
  * in the FMAs' 12 cycles, and ran 75 GFLOP/s hot on a Zen 3 EPYC core, whose FMAs peak at 102; the loop below
@@ -1129,22 +1127,24 @@ static inline long min_long(long a, long b) { return a < b ? a : b; }
  * products summed in the same order. Registers: row i's accumulators ymm(2i) and ymm(2i+1), the pair's even and
  * odd weights ymm12-13, the broadcast ymm14, the high-halves mask ymm15. */
 _Static_assert(BLOCK_ROWS == 64, "a strip's k pairs are 256 bytes apart");
-#define ASM_ROW_FMAS(i, a, b, column)                                                                               \
-    "vbroadcastss " #column "(%[x" #i "],%[k],4), %%ymm14\n\t"                                                      \
+/* x's value(s) at byte `column` past x[k] broadcast by `load` (vbroadcastss: one, vbroadcastsd: a pair) */
+#define ASM_ROW_FMAS(load, i, a, b, column)                                                                         \
+    #load " " #column "(%[x" #i "],%[k],4), %%ymm14\n\t"                                                            \
     "vfmadd231ps %%ymm12, %%ymm14, %%ymm" #a "\n\t"                                                                 \
     "vfmadd231ps %%ymm13, %%ymm14, %%ymm" #b "\n\t"
-#define ASM_ROWS_3(column) ASM_ROW_FMAS(0, 0, 1, column) ASM_ROW_FMAS(1, 2, 3, column) ASM_ROW_FMAS(2, 4, 5, column)
-#define ASM_ROWS_4(column) ASM_ROWS_3(column) ASM_ROW_FMAS(3, 6, 7, column)
-#define ASM_ROWS_5(column) ASM_ROWS_4(column) ASM_ROW_FMAS(4, 8, 9, column)
-#define ASM_ROWS_6(column) ASM_ROWS_5(column) ASM_ROW_FMAS(5, 10, 11, column)
+#define ASM_ROWS_3(load, column)                                                                                    \
+    ASM_ROW_FMAS(load, 0, 0, 1, column) ASM_ROW_FMAS(load, 1, 2, 3, column) ASM_ROW_FMAS(load, 2, 4, 5, column)
+#define ASM_ROWS_4(load, column) ASM_ROWS_3(load, column) ASM_ROW_FMAS(load, 3, 6, 7, column)
+#define ASM_ROWS_5(load, column) ASM_ROWS_4(load, column) ASM_ROW_FMAS(load, 4, 8, 9, column)
+#define ASM_ROWS_6(load, column) ASM_ROWS_5(load, column) ASM_ROW_FMAS(load, 5, 10, 11, column)
 /* One k pair at byte `at` of the strip, x's columns k (byte `even` past x[k]) and k + 1 (`odd`). */
 #define ASM_STRIP_PAIR(ROWS, at, even, odd)                                                                         \
     "vmovdqu " #at "(%[w]), %%ymm12\n\t"                                                                            \
     "vmovdqu " #at "+32(%[w]), %%ymm13\n\t"                                                                         \
     "vpslld $16, %%ymm12, %%ymm12\n\t"                                                                              \
-    "vpslld $16, %%ymm13, %%ymm13\n\t" ASM_ROWS_##ROWS(even)                                                        \
+    "vpslld $16, %%ymm13, %%ymm13\n\t" ASM_ROWS_##ROWS(vbroadcastss, even)                                                        \
     "vandps " #at "(%[w]), %%ymm15, %%ymm12\n\t"                                                                    \
-    "vandps " #at "+32(%[w]), %%ymm15, %%ymm13\n\t" ASM_ROWS_##ROWS(odd)
+    "vandps " #at "+32(%[w]), %%ymm15, %%ymm13\n\t" ASM_ROWS_##ROWS(vbroadcastss, odd)
 #define ASM_ZERO(i) "vxorps %%ymm" #i ", %%ymm" #i ", %%ymm" #i "\n\t"
 #define ASM_SUMS(i) "vmovups %%ymm" #i ", " #i "*32(%[sums])\n\t"
 
@@ -1158,57 +1158,67 @@ _Static_assert(BLOCK_ROWS == 64, "a strip's k pairs are 256 bytes apart");
  * an iteration (K is a multiple of 32, the fetching pairs of 2). Each row count is its own function, whose
  * assembly names its rows' registers. */
 #define LEAD_BYTES 4096
+#define STRINGIFY(value) QUOTE(value) /* a macro's value, not its name */
+#define QUOTE(text) #text
+#define ASM_LEAD_FETCH(line) "prefetcht0 " STRINGIFY(LEAD_BYTES) "+" #line "*64(%[w])\n\t"
+
+/* A strip's k loop as one assembly statement, for both weight formats: `ahead` first, then the pairs that each
+ * fetch a line of the next block (`fetching` columns: whole lines of next_bytes, an even count of pairs), then
+ * two pairs an iteration (`first`, then `second`, `pair_bytes` on in the strip; K is a multiple of 32), the
+ * accumulators left in `sums`. The operands name x's rows x0 .. x5 (the rows past a strip's count unused). */
+#define ASM_STRIP(ahead, first, second, pair_bytes)                                                                 \
+    __asm__ volatile(ASM_ZERO(0) ASM_ZERO(1) ASM_ZERO(2) ASM_ZERO(3) ASM_ZERO(4) ASM_ZERO(5) ASM_ZERO(6)            \
+                         ASM_ZERO(7) ASM_ZERO(8) ASM_ZERO(9) ASM_ZERO(10) ASM_ZERO(11) ahead                       \
+                     "2:\n\t"                                                                                      \
+                     "cmp %[fetching], %[k]\n\t"                                                                   \
+                     "jge 4f\n\t"                                                                                  \
+                     "prefetcht1 (%[next])\n\t"                                                                    \
+                     "add $64, %[next]\n\t" first                                                                  \
+                     "add $" #pair_bytes ", %[w]\n\t"                                                              \
+                     "add $2, %[k]\n\t"                                                                            \
+                     "jmp 2b\n"                                                                                    \
+                     "3:\n\t" first second                                                                         \
+                     "add $2*" #pair_bytes ", %[w]\n\t"                                                            \
+                     "add $4, %[k]\n"                                                                              \
+                     "4:\n\t"                                                                                      \
+                     "cmp %[K], %[k]\n\t"                                                                          \
+                     "jl 3b\n"                                                                                     \
+                     "5:\n\t" ASM_SUMS(0) ASM_SUMS(1) ASM_SUMS(2) ASM_SUMS(3) ASM_SUMS(4) ASM_SUMS(5) ASM_SUMS(6)  \
+                         ASM_SUMS(7) ASM_SUMS(8) ASM_SUMS(9) ASM_SUMS(10) ASM_SUMS(11)                             \
+                     : [k] "+r"(k), [w] "+r"(w), [next] "+r"(next)                                                 \
+                     : [x0] "r"(x0), [x1] "r"(x1), [x2] "r"(x2), [x3] "r"(x3), [x4] "r"(x4), [x5] "r"(x5),         \
+                       [K] "r"(K), [fetching] "r"(fetching), [sums] "r"(sums), [lead] "m"(lead)                    \
+                     : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",     \
+                       "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory")
+#define ASM_STRIP_START(rows)                                                                                      \
+    const long K = p->K, fetching = min_long(K, (next_bytes + 127) / 128 * 4);                                     \
+    const float *x0 = x + r0 * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + (rows > 3) * K, *x4 = x3 + (rows > 4) * K, \
+                *x5 = x4 + (rows > 5) * K;                                                                         \
+    long k = 0;                                                                                                    \
+    float sums[6][16];
+
+/* bf16: the high-halves mask, then (the lead pass) every pair with the lines LEAD_BYTES ahead fetched, to 5 */
+#define ASM_LEAD(ROWS)                                                                                              \
+    "vpcmpeqd %%ymm15, %%ymm15, %%ymm15\n\t"                                                                       \
+    "vpslld $16, %%ymm15, %%ymm15\n\t"                                                                             \
+    "cmpl $0, %[lead]\n\t"                                                                                         \
+    "je 2f\n"                                                                                                      \
+    "1:\n\t" ASM_LEAD_FETCH(0) ASM_LEAD_FETCH(1) ASM_LEAD_FETCH(2) ASM_LEAD_FETCH(3)                               \
+    "prefetcht1 (%[next])\n\t"                                                                                     \
+    "add $64, %[next]\n\t" ASM_STRIP_PAIR(ROWS, 0, 0, 4)                                                           \
+    "add $256, %[w]\n\t"                                                                                           \
+    "add $2, %[k]\n\t"                                                                                             \
+    "cmp %[K], %[k]\n\t"                                                                                           \
+    "jl 1b\n\t"                                                                                                    \
+    "jmp 5f\n"
 #define ROW_STRIP(ROWS)                                                                                             \
     AVX2 __attribute__((noinline)) static void row_strip_##ROWS(const Problem *p, const float *x,                   \
                                                                   const uint16_t *block, int s, long r0, long n0,   \
                                                                   int lead, const char *next, long next_bytes) {     \
-        const int rows = ROWS;                                                                                     \
-        const long K = p->K, fetching = min_long(K, (next_bytes + 127) / 128 * 4);                                 \
-        const float *x0 = x + r0 * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + (rows > 3) * K,                      \
-                    *x4 = x3 + (rows > 4) * K, *x5 = x4 + (rows > 5) * K;                                          \
+        ASM_STRIP_START(ROWS)                                                                                      \
         const uint16_t *w = block + s * 32; /* line s of each pair's 4 */                                          \
-        long k = 0;                                                                                                \
-        float sums[6][16];                                                                                         \
-        __asm__ volatile(ASM_ZERO(0) ASM_ZERO(1) ASM_ZERO(2) ASM_ZERO(3) ASM_ZERO(4) ASM_ZERO(5) ASM_ZERO(6)        \
-                             ASM_ZERO(7) ASM_ZERO(8) ASM_ZERO(9) ASM_ZERO(10) ASM_ZERO(11)                         \
-                         "vpcmpeqd %%ymm15, %%ymm15, %%ymm15\n\t"                                                  \
-                         "vpslld $16, %%ymm15, %%ymm15\n\t"                                                        \
-                         "cmpl $0, %[lead]\n\t"                                                                    \
-                         "je 2f\n"                                                                                 \
-                         "1:\n\t"                                                                                  \
-                         "prefetcht0 4096(%[w])\n\t"                                                               \
-                         "prefetcht0 4096+64(%[w])\n\t"                                                            \
-                         "prefetcht0 4096+128(%[w])\n\t"                                                           \
-                         "prefetcht0 4096+192(%[w])\n\t"                                                           \
-                         "prefetcht1 (%[next])\n\t"                                                                \
-                         "add $64, %[next]\n\t" ASM_STRIP_PAIR(ROWS, 0, 0, 4)                                      \
-                         "add $256, %[w]\n\t"                                                                      \
-                         "add $2, %[k]\n\t"                                                                        \
-                         "cmp %[K], %[k]\n\t"                                                                      \
-                         "jl 1b\n\t"                                                                               \
-                         "jmp 5f\n"                                                                                \
-                         "2:\n\t"                                                                                  \
-                         "cmp %[fetching], %[k]\n\t"                                                               \
-                         "jge 4f\n\t"                                                                              \
-                         "prefetcht1 (%[next])\n\t"                                                                \
-                         "add $64, %[next]\n\t" ASM_STRIP_PAIR(ROWS, 0, 0, 4)                                      \
-                         "add $256, %[w]\n\t"                                                                      \
-                         "add $2, %[k]\n\t"                                                                        \
-                         "jmp 2b\n"                                                                                \
-                         "3:\n\t" ASM_STRIP_PAIR(ROWS, 0, 0, 4) ASM_STRIP_PAIR(ROWS, 256, 8, 12)                   \
-                         "add $512, %[w]\n\t"                                                                      \
-                         "add $4, %[k]\n"                                                                          \
-                         "4:\n\t"                                                                                  \
-                         "cmp %[K], %[k]\n\t"                                                                      \
-                         "jl 3b\n"                                                                                 \
-                         "5:\n\t" ASM_SUMS(0) ASM_SUMS(1) ASM_SUMS(2) ASM_SUMS(3) ASM_SUMS(4) ASM_SUMS(5)          \
-                             ASM_SUMS(6) ASM_SUMS(7) ASM_SUMS(8) ASM_SUMS(9) ASM_SUMS(10) ASM_SUMS(11)             \
-                         : [k] "+r"(k), [w] "+r"(w), [next] "+r"(next)                                             \
-                         : [x0] "r"(x0), [x1] "r"(x1), [x2] "r"(x2), [x3] "r"(x3), [x4] "r"(x4), [x5] "r"(x5),     \
-                           [K] "r"(K), [fetching] "r"(fetching), [sums] "r"(sums), [lead] "m"(lead)                \
-                         : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", \
-                           "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");                           \
-        for (int i = 0; i < rows; i++) {                                                                           \
+        ASM_STRIP(ASM_LEAD(ROWS), ASM_STRIP_PAIR(ROWS, 0, 0, 4), ASM_STRIP_PAIR(ROWS, 256, 8, 12), 256);           \
+        for (int i = 0; i < ROWS; i++) {                                                                           \
             store8(p, r0 + i, n0, _mm256_loadu_ps(sums[i]));                                                       \
             store8(p, r0 + i, n0 + 8, _mm256_loadu_ps(sums[i] + 8));                                               \
         }                                                                                                          \
@@ -1280,39 +1290,25 @@ AVX2 INLINE void int8_store8(const Problem *p, long r, long n, __m256 sum) {
     store8(p, r, n, _mm256_mul_ps(sum, _mm256_loadu_ps(p->scale + n)));
 }
 
-#define I8_ROW_START(i)                                                                                             \
-    __m256 acc##i##a = _mm256_setzero_ps(), acc##i##b = acc##i##a;                                                 \
-    const float *x##i = x + (r0 + (rows > i ? i : 0)) * K;
-#define I8_ROW_FMAS(i)                                                                                              \
-    if (rows > i) {                                                                                                \
-        __m256 pair = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(x##i + k)));                           \
-        acc##i##a = _mm256_fmadd_ps(pair, w0, acc##i##a);                                                          \
-        acc##i##b = _mm256_fmadd_ps(pair, w1, acc##i##b);                                                          \
-    }
-#define I8_ROW_STORE(i)                                                                                             \
-    if (rows > i) int8_store8(p, r0 + i, n0, pair_sums(acc##i##a, acc##i##b));
-
-AVX2 INLINE void int8_strip_avx2(const Problem *p, const float *x, const int8_t *block, int s, long r0, const int rows,
-                                 long n0, const char *next, long next_bytes) {
-    const long K = p->K;
-    const int8_t *strip = block + s * 16; /* 8 rows' pairs: 16 bytes of each k pair's 128 */
-    STRIP_ROWS(I8_ROW_START)
-    for (long k = 0; k < K; k += 2, strip += 2 * BLOCK_ROWS) {
-        if (next_bytes > 0) {
-            _mm_prefetch(next, _MM_HINT_T1);
-            next += 64, next_bytes -= 64;
-        }
-        __m256 w0 = int8_quad(strip), w1 = int8_quad(strip + 8);
-        STRIP_ROWS(I8_ROW_FMAS)
-    }
-    STRIP_ROWS(I8_ROW_STORE)
-}
-
+/* Rows r0 .. r0+ROWS-1 of x against a strip of 8 weight rows: each k pair's 16 bytes (4 rows' pairs twice)
+ * widened to ymm12-13, x's pair at k broadcast to ymm14, the same loop as the bf16 strips' (int8 pairs are 128
+ * bytes apart). GCC's loop from intrinsics took 33 instructions a pair for its 12 FMAs, this 24: a bloom-560m
+ * rank's shapes at 16-100 rows on one Zen 3 EPYC core 80-87 -> 84-88 GFLOP/s, the same bits. */
+#define ASM_I8_PAIR(ROWS, at, column)                                                                               \
+    "vpmovsxbd " #at "(%[w]), %%ymm12\n\t"                                                                          \
+    "vpmovsxbd " #at "+8(%[w]), %%ymm13\n\t"                                                                        \
+    "vcvtdq2ps %%ymm12, %%ymm12\n\t"                                                                               \
+    "vcvtdq2ps %%ymm13, %%ymm13\n\t" ASM_ROWS_##ROWS(vbroadcastsd, column)
 #define INT8_STRIP(ROWS)                                                                                            \
     AVX2 __attribute__((noinline)) static void int8_strip_##ROWS(const Problem *p, const float *x,                  \
                                                                    const int8_t *block, int s, long r0, long n0,     \
                                                                    const char *next, long next_bytes) {              \
-        int8_strip_avx2(p, x, block, s, r0, ROWS, n0, next, next_bytes);                                           \
+        ASM_STRIP_START(ROWS)                                                                                      \
+        const int8_t *w = block + s * 16; /* 8 rows' pairs: 16 bytes of each k pair's 128 */                       \
+        const int lead = 0;                                                                                        \
+        ASM_STRIP("", ASM_I8_PAIR(ROWS, 0, 0), ASM_I8_PAIR(ROWS, 128, 8), 128);                                    \
+        for (int i = 0; i < ROWS; i++)                                                                             \
+            int8_store8(p, r0 + i, n0, pair_sums(_mm256_loadu_ps(sums[i]), _mm256_loadu_ps(sums[i] + 8)));         \
     }
 INT8_STRIP(3)
 INT8_STRIP(4)
