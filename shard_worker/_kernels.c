@@ -1007,6 +1007,8 @@ AVX2 INLINE void store8(const Problem *p, long r, long n, __m256 sum) {
         _mm256_storeu_ps((float *)p->y + r * p->N + n, sum);
 }
 
+static inline long min_long(long a, long b) { return a < b ? a : b; }
+
 /* quantize_row_scalar for every row, 8 columns at a time: the same bytes and steps (quantize_rows' form). */
 AVX2 static void quantize_rows_avx2(const Problem *p, uint8_t *q, RowQuantizer *rows) {
     for (long r = 0; r < p->R; r++) {
@@ -1040,12 +1042,16 @@ AVX2 INLINE __m256i dot_bytes_avx2(__m256i acc, __m256i a, __m256i b, __m256i on
 /* One 32-row block against one or two quantized rows from r0: 4 int32 accumulators a row hold the block's
  * outputs in their lanes, each weight vector loaded once for both rows. */
 AVX2 INLINE void block_vnni_avx2(const Problem *p, const int8_t *w, const uint8_t *q, const RowQuantizer *quantizers,
-                                 long r0, const int rows, long n0) {
+                                 long r0, const int rows, long n0, const char *next, long next_bytes) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[2][4];
     for (int i = 0; i < rows; i++)
         for (int c = 0; c < 4; c++) acc[i][c] = _mm256_setzero_si256();
-    for (long k = 0; k < p->K; k += QUAD, w += QUAD * AVX2_BLOCK_ROWS)
+    for (long k = 0; k < p->K; k += QUAD, w += QUAD * AVX2_BLOCK_ROWS) {
+        if (next_bytes > 0) {
+            _mm_prefetch(next, _MM_HINT_T1);
+            next += 64, next_bytes -= 64;
+        }
         for (int i = 0; i < rows; i++) {
             int32_t group;
             memcpy(&group, q + (r0 + i) * p->K + k, 4);
@@ -1053,6 +1059,7 @@ AVX2 INLINE void block_vnni_avx2(const Problem *p, const int8_t *w, const uint8_
             for (int c = 0; c < 4; c++)
                 acc[i][c] = dot_bytes_avx2(acc[i][c], a, _mm256_loadu_si256((const __m256i *)(w + c * 32)), ones);
         }
+    }
     for (int i = 0; i < rows; i++) {
         __m256 step = _mm256_set1_ps(quantizers[r0 + i].step);
         __m256i zero = _mm256_set1_epi32(quantizers[r0 + i].zero);
@@ -1067,7 +1074,11 @@ AVX2 INLINE void block_vnni_avx2(const Problem *p, const int8_t *w, const uint8_
 
 /* linear_vnni's order, two rows a pass: a block (32 x K bytes) stays in L1 or L2 for the passes after the first.
  * Three rows a pass (12 accumulators) measured no faster; 16-row blocks with 4-6 rows a pass were faster at 4
- * rows (16.8-18.2 against 19.4 ms) and slower at 16 (62-72 against 51). */
+ * rows (16.8-18.2 against 19.4 ms) and slower at 16 (62-72 against 51). Each pass also fetches its share of
+ * the next block into L2, a line a quad (the row strips' `next`): the LM head slice (125440 x 1024, past the L3)
+ * at 16 rows 126-142 -> 163-166 GOP/s on a Zen 3 EPYC core, blocks in cache unchanged. As the kernel is
+ * integer-bound from there (its 16 multiplies a quad of two rows at 2 a cycle: ~183 GOP/s), its loop in
+ * assembly (43 -> 30 instructions a quad) measured no faster. */
 AVX2 static const char *linear_vnni_avx2(const Problem *p) {
     size_t quantizer_bytes = (size_t)p->R * sizeof(RowQuantizer);
     uint8_t *scratch = quantized_scratch(quantizer_bytes + (size_t)p->R * (size_t)p->K);
@@ -1075,13 +1086,18 @@ AVX2 static const char *linear_vnni_avx2(const Problem *p) {
     RowQuantizer *quantizers = (RowQuantizer *)scratch;
     uint8_t *q = scratch + quantizer_bytes;
     quantize_rows_avx2(p, q, quantizers);
+    const long block_bytes = AVX2_BLOCK_ROWS * p->K, passes = (p->R + 1) / 2;
+    const long share = (block_bytes / passes + 63) / 64 * 64;
     for (long n0 = 0; n0 < p->N; n0 += AVX2_BLOCK_ROWS) {
         const int8_t *block = (const int8_t *)p->w + n0 * p->K;
-        for (long r0 = 0; r0 < p->R; r0 += 2) {
+        const char *next = (const char *)(block + block_bytes);
+        const long next_bytes = n0 + AVX2_BLOCK_ROWS < p->N ? block_bytes : 0;
+        for (long r0 = 0, pass = 0; r0 < p->R; r0 += 2, pass++) {
+            const long from = min_long(pass * share, next_bytes), bytes = min_long(share, next_bytes - from);
             if (p->R - r0 == 1)
-                block_vnni_avx2(p, block, q, quantizers, r0, 1, n0);
+                block_vnni_avx2(p, block, q, quantizers, r0, 1, n0, next + from, bytes);
             else
-                block_vnni_avx2(p, block, q, quantizers, r0, 2, n0);
+                block_vnni_avx2(p, block, q, quantizers, r0, 2, n0, next + from, bytes);
         }
     }
     return NULL;
@@ -1117,8 +1133,6 @@ AVX2 INLINE void row_block_avx2(const Problem *p, const float *x, const uint16_t
     }
     for (int c = 0; c < 8; c++) store8(p, r, n0 + c * 8, acc[c]);
 }
-
-static inline long min_long(long a, long b) { return a < b ? a : b; }
 
 /* A strip's k loop is written in assembly: from the same intrinsics GCC emitted ~62 instructions for a k pair's 24
  * FMAs (a pointer step per row, reloaded weights, register copies, the prefetch tests), past what the core issues
