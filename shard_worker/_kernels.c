@@ -1156,7 +1156,7 @@ _Static_assert(BLOCK_ROWS == 64, "a strip's k pairs are 256 bytes apart");
     "vmovdqu " #at "(%[w]), %%ymm12\n\t"                                                                            \
     "vmovdqu " #at "+32(%[w]), %%ymm13\n\t"                                                                         \
     "vpslld $16, %%ymm12, %%ymm12\n\t"                                                                              \
-    "vpslld $16, %%ymm13, %%ymm13\n\t" ASM_ROWS_##ROWS(vbroadcastss, even)                                                        \
+    "vpslld $16, %%ymm13, %%ymm13\n\t" ASM_ROWS_##ROWS(vbroadcastss, even)                                             \
     "vandps " #at "(%[w]), %%ymm15, %%ymm12\n\t"                                                                    \
     "vandps " #at "+32(%[w]), %%ymm15, %%ymm13\n\t" ASM_ROWS_##ROWS(vbroadcastss, odd)
 #define ASM_ZERO(i) "vxorps %%ymm" #i ", %%ymm" #i ", %%ymm" #i "\n\t"
