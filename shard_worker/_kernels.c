@@ -1176,6 +1176,13 @@ _Static_assert(BLOCK_ROWS == 64, "a strip's k pairs are 256 bytes apart");
 #define QUOTE(text) #text
 #define ASM_LEAD_FETCH(line) "prefetcht0 " STRINGIFY(LEAD_BYTES) "+" #line "*64(%[w])\n\t"
 
+/* One pair (`pair`, `pair_bytes` long in the strip) that also fetches a line of the next block into L2 */
+#define ASM_FETCHING_PAIR(pair, pair_bytes)                                                                         \
+    "prefetcht1 (%[next])\n\t"                                                                                     \
+    "add $64, %[next]\n\t" pair                                                                                     \
+    "add $" #pair_bytes ", %[w]\n\t"                                                                               \
+    "add $2, %[k]\n\t"
+
 /* A strip's k loop as one assembly statement, for both weight formats: `ahead` first, then the pairs that each
  * fetch a line of the next block (`fetching` columns: whole lines of next_bytes, an even count of pairs), then
  * two pairs an iteration (`first`, then `second`, `pair_bytes` on in the strip; K is a multiple of 32), the
@@ -1185,11 +1192,7 @@ _Static_assert(BLOCK_ROWS == 64, "a strip's k pairs are 256 bytes apart");
                          ASM_ZERO(7) ASM_ZERO(8) ASM_ZERO(9) ASM_ZERO(10) ASM_ZERO(11) ahead                       \
                      "2:\n\t"                                                                                      \
                      "cmp %[fetching], %[k]\n\t"                                                                   \
-                     "jge 4f\n\t"                                                                                  \
-                     "prefetcht1 (%[next])\n\t"                                                                    \
-                     "add $64, %[next]\n\t" first                                                                  \
-                     "add $" #pair_bytes ", %[w]\n\t"                                                              \
-                     "add $2, %[k]\n\t"                                                                            \
+                     "jge 4f\n\t" ASM_FETCHING_PAIR(first, pair_bytes)                                             \
                      "jmp 2b\n"                                                                                    \
                      "3:\n\t" first second                                                                         \
                      "add $2*" #pair_bytes ", %[w]\n\t"                                                            \
@@ -1218,10 +1221,7 @@ _Static_assert(BLOCK_ROWS == 64, "a strip's k pairs are 256 bytes apart");
     "cmpl $0, %[lead]\n\t"                                                                                         \
     "je 2f\n"                                                                                                      \
     "1:\n\t" ASM_LEAD_FETCH(0) ASM_LEAD_FETCH(1) ASM_LEAD_FETCH(2) ASM_LEAD_FETCH(3)                               \
-    "prefetcht1 (%[next])\n\t"                                                                                     \
-    "add $64, %[next]\n\t" ASM_STRIP_PAIR(ROWS, 0, 0, 4)                                                           \
-    "add $256, %[w]\n\t"                                                                                           \
-    "add $2, %[k]\n\t"                                                                                             \
+        ASM_FETCHING_PAIR(ASM_STRIP_PAIR(ROWS, 0, 0, 4), 256)                                                      \
     "cmp %[K], %[k]\n\t"                                                                                           \
     "jl 1b\n\t"                                                                                                    \
     "jmp 5f\n"
