@@ -1286,13 +1286,9 @@ AVX2 static void linear_row_blocks_avx2(const Problem *p, const float *x) {
  * byte pairs of 4 rows are 8 bytes: sign-extended to 8 dwords and converted, they meet x[k], x[k+1] broadcast
  * as one pair, so each lane sums one row's even or odd products; the two sums are added at the end, then
  * scaled, so no pair is split and no shift is spent. Three rows of x or more go by strips of 8 weight rows
- * against 3 to 6 rows of x (12 accumulators), up to two a row at a time against the whole block. One core, a
- * bloom-560m rank's shapes against the tiles (dot products along k): 16 and 32 rows 53 -> 79-81 GFLOP/s, the
- * LM head slice past the L3 at 16 rows 86 -> 53 ms; one row as fast from L2, 7 % slower from memory (the
- * LM head slice 6.6 -> 7.1 ms). */
-AVX2 INLINE __m256 int8_quad(const int8_t *at) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)at)));
-}
+ * against 3 to 6 rows of x (12 accumulators), up to two a row at a time against the whole block (which widens
+ * its bytes another way: spread_bytes). One core, a bloom-560m rank's shapes against the tiles (dot products along
+ * k): 16 and 32 rows 53 -> 79-81 GFLOP/s, the LM head slice past the L3 at 16 rows 86 -> 53 ms. */
 
 /* rows r0 .. r0+7's outputs from lanes (row, even) and (row, odd): rows 0-3 in `low`, 4-7 in `high` */
 AVX2 INLINE __m256 pair_sums(__m256 low, __m256 high) {
@@ -1329,9 +1325,24 @@ INT8_STRIP(4)
 INT8_STRIP(5)
 INT8_STRIP(6)
 
-/* One row of x against a whole block: its two halves (32 rows, 8 accumulators, one line of each k pair) take
- * turns over runs of INT8_RUN_PAIRS k pairs, their sums parked between turns, so the block is read front to back
- * (a half's whole pass, then the other's, was 13 % slower than the tiles from memory). */
+/* A dword of the layout's bytes (row r at k and k + 1, then row r + 1) as 4 vectors of float32, each byte moved to
+ * its dword's top byte by a shift or a mask, so converted it is w * 2^24, exactly (7 bits). From one 32-byte load
+ * this streams a bloom-560m LM head slice (125440 x 1024, from memory) a row at a time at 15 GB/s on a Zen 3 EPYC
+ * core where VPMOVSXBD's 8 bytes a load (one per 8 weights, the strips' widening) reached 12.8 and a bare read
+ * 16; both cores at once 21.5 against 19.9 and a read's 24.3 (medians of 5-6 runs each). */
+AVX2 INLINE void spread_bytes(__m256i w, __m256 t[4]) {
+    const __m256i top = _mm256_set1_epi32((int)0xFF000000u);
+    t[0] = _mm256_cvtepi32_ps(_mm256_slli_epi32(w, 24));
+    t[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_slli_epi32(w, 16), top));
+    t[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_slli_epi32(w, 8), top));
+    t[3] = _mm256_cvtepi32_ps(_mm256_and_si256(w, top));
+}
+
+/* One row of x against a whole block: its two halves (32 rows, 8 accumulators: per 16 rows the even rows' sums of
+ * x[k] and of x[k + 1] products, then the odd rows') take turns over runs of INT8_RUN_PAIRS k pairs, their sums
+ * parked between turns, so the block is read front to back (a half's whole pass, then the other's, was 13 %
+ * slower than the tiles from memory). Each row's even and odd sums are added at the end, as the strips add them,
+ * and scaled by 2^-24 with the row's scale (exact: a power of two), so a row's output has the strips' bits. */
 #define INT8_RUN_PAIRS 32
 AVX2 static void int8_row_block_avx2(const Problem *p, const float *x, const int8_t *block, long r, long n0,
                                      const char *next, long next_bytes) {
@@ -1350,15 +1361,29 @@ AVX2 static void int8_row_block_avx2(const Problem *p, const float *x, const int
                     _mm_prefetch(next, _MM_HINT_T1);
                     next += 64, next_bytes -= 64;
                 }
-                __m256 pair = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(xr + k)));
-                for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(pair, int8_quad(line + c * 8), acc[c]);
+                __m256 even = _mm256_broadcast_ss(xr + k), odd = _mm256_broadcast_ss(xr + k + 1);
+                for (int q = 0; q < 2; q++) {
+                    __m256 t[4];
+                    spread_bytes(_mm256_loadu_si256((const __m256i *)(line + q * 32)), t);
+                    acc[4 * q] = _mm256_fmadd_ps(even, t[0], acc[4 * q]);
+                    acc[4 * q + 1] = _mm256_fmadd_ps(odd, t[1], acc[4 * q + 1]);
+                    acc[4 * q + 2] = _mm256_fmadd_ps(even, t[2], acc[4 * q + 2]);
+                    acc[4 * q + 3] = _mm256_fmadd_ps(odd, t[3], acc[4 * q + 3]);
+                }
             }
             for (int c = 0; c < 8; c++) parked[half][c] = acc[c];
         }
     }
+    const __m256 unscale = _mm256_set1_ps(0x1p-24f);
     for (int half = 0; half < 2; half++)
-        for (int c = 0; c < 8; c += 2)
-            int8_store8(p, r, n0 + half * 32 + c * 4, pair_sums(parked[half][c], parked[half][c + 1]));
+        for (int q = 0; q < 2; q++) {
+            const __m256 *sums = parked[half] + 4 * q;
+            __m256 even_rows = _mm256_add_ps(sums[0], sums[1]), odd_rows = _mm256_add_ps(sums[2], sums[3]);
+            __m256 low = _mm256_unpacklo_ps(even_rows, odd_rows), high = _mm256_unpackhi_ps(even_rows, odd_rows);
+            const long n = n0 + half * 32 + q * 16;
+            int8_store8(p, r, n, _mm256_mul_ps(_mm256_permute2f128_ps(low, high, 0x20), unscale));
+            int8_store8(p, r, n + 8, _mm256_mul_ps(_mm256_permute2f128_ps(low, high, 0x31), unscale));
+        }
 }
 
 AVX2 static void linear_row_blocks_int8_avx2(const Problem *p, const float *x) {
