@@ -21,6 +21,7 @@ from bloomduo.shard_worker.distributed import backend_for, init_distributed
 from bloomduo.shard_worker.fused_blocks import FusedBlocks
 from bloomduo.shard_worker.host_memory import (
     bound_onednn_caches,
+    gather,
     host_tensors,
     return_freed_memory,
     use_huge_pages,
@@ -153,6 +154,9 @@ class ShardEngine:
         # Every CPU rank enters format_weights' agreement on kernels, even with no plain Linear left.
         kernels = format_weights(model, device, dtype, options.cpu_kernels, group)
         kernels = describe_int8(model) or kernels
+        if device.type == "cpu":
+            gather(host_tensors(model))
+            native.rebase_kernels(model)
         model.fused_blocks = FusedBlocks.build(model)
         if model.fused_blocks is not None:
             kernels += ", blocks in one native call"

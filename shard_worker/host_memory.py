@@ -72,6 +72,63 @@ def _runs(ranges: list[tuple[int, int]], max_gap: int) -> list[tuple[int, int]]:
     return [(start, end) for start, end in runs]
 
 
+def _extent_bytes(tensor: torch.Tensor) -> tuple[int, int]:
+    """[first, end) bytes of its storage that a tensor's elements span."""
+    size = tensor.element_size()
+    last = sum((extent - 1) * step for extent, step in zip(tensor.shape, tensor.stride(), strict=True))
+    first = tensor.storage_offset() * size
+    return first, first + (last + 1) * size if tensor.numel() else first
+
+
+def gather(tensors: list[torch.Tensor]) -> int:
+    """Move the tensors' data (each storage's used bytes, views keeping their sharing) into one block starting
+    on a huge page, in place (Tensor.set_: every reference sees the move); returns the bytes moved. oneDNN's
+    opaque packed weights stay where they are. Whatever cached a moved tensor's address must take it again
+    (native.rebase_kernels).
+
+    Why: loading converts every weight (read, quantized, laid out), and the heap puts each final tensor in a
+    hole the conversions left, so a rank's weights ended in 35-47 runs a few MiB long with gaps of 2-64 MiB
+    between them: use_huge_pages can move only the whole huge pages inside a run, 214-229 of a bloom-560m int8
+    rank's 281 MB in half the launches on an AVX2 EPYC (one run or two: 277-283), and every step waits for the
+    slower rank's 4 KiB pages. One block is one run, and the holes go back to the system."""
+    # A view's base holds the old storage too (a laid-out weight is a view of the contiguous copy made for
+    # it): it moves with its views, or the old bytes would stay alive.
+    bases = {}
+    for tensor in tensors:
+        while tensor is not None and id(tensor) not in bases:
+            bases[id(tensor)] = tensor
+            tensor = tensor._base
+    storages: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}
+    for tensor in bases.values():
+        if tensor.is_mkldnn or tensor.device.type != "cpu":
+            continue
+        storage = tensor.untyped_storage()
+        storages.setdefault(storage.data_ptr(), (storage, []))[1].append(tensor)
+    spans = []
+    for storage, sharing in storages.values():
+        extents = [_extent_bytes(tensor) for tensor in sharing]
+        spans.append((storage, sharing, min(first for first, _ in extents), max(end for _, end in extents)))
+    # Each span keeps its start's offset modulo 64, so every tensor keeps its alignment.
+    offsets, cursor = [], 0
+    for _, _, first, end in spans:
+        cursor += (first - cursor) % 64
+        offsets.append(cursor)
+        cursor += end - first
+    if not spans:
+        return 0
+    block = torch.empty(cursor + HUGE_PAGE_BYTES, dtype=torch.uint8)
+    base = -block.data_ptr() % HUGE_PAGE_BYTES
+    with torch.no_grad():
+        for (storage, sharing, first, end), offset in zip(spans, offsets, strict=True):
+            old = torch.empty(0, dtype=torch.uint8).set_(storage)
+            block[base + offset : base + offset + end - first].copy_(old[first:end])
+            for tensor in sharing:
+                size = tensor.element_size()
+                moved_to = (base + offset + tensor.storage_offset() * size - first) // size
+                tensor.set_(block.untyped_storage(), moved_to, tensor.shape, tensor.stride())
+    return cursor
+
+
 def use_huge_pages(tensors: list[torch.Tensor]) -> int:
     """Move the memory under the tensors' data onto transparent huge pages; returns the bytes moved (0 where
     the kernel cannot: not Linux, Linux before 6.1, THP disabled; or BLOOMDUO_HUGE_PAGES=0).

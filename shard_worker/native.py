@@ -240,17 +240,22 @@ class LinearKernel:
         if not (layout == VNNI) == (row_sums is not None) == (vnni is not None):
             raise ValueError("the VNNI layout, and it alone, takes the weight's row sums and its VnniForm")
         self._tensors = (weight, bias, scale, row_sums)  # held: the addresses below point into them
-        # oneDNN's packed weights are opaque tensors; their bytes are found through oneDNN's own accessor
-        self._weight = torch.ops.mkldnn.data_ptr(weight) if weight.is_mkldnn else weight.data_ptr()
-        self._scale = 0 if scale is None else scale.data_ptr()
-        self._bias = 0 if bias is None else bias.data_ptr()
-        self._row_sums = 0 if row_sums is None else row_sums.data_ptr()
+        self.rebase()
         self._bias_dtype = None if bias is None else bias.dtype
         self._weight_code = _DTYPE_CODES[weight.dtype]
         self._layout, self._gelu = layout, int(gelu)
         # levels (0 off the VNNI layout), block rows (0 off the VNNI and ONEDNN layouts)
         self._blocking = tuple(vnni) if vnni is not None else (0, block_rows if layout == ONEDNN else 0)
         self._linear = module.linear
+
+    def rebase(self) -> None:
+        """Take the tensors' addresses (again, after host_memory.gather moved them)."""
+        weight, bias, scale, row_sums = self._tensors
+        # oneDNN's packed weights are opaque tensors; their bytes are found through oneDNN's own accessor
+        self._weight = torch.ops.mkldnn.data_ptr(weight) if weight.is_mkldnn else weight.data_ptr()
+        self._scale = 0 if scale is None else scale.data_ptr()
+        self._bias = 0 if bias is None else bias.data_ptr()
+        self._row_sums = 0 if row_sums is None else row_sums.data_ptr()
 
     def _check_bias(self, dtype: torch.dtype) -> None:
         if self._bias_dtype not in (None, dtype):
@@ -300,6 +305,14 @@ class LinearKernel:
             *self._blocking,
         )
         return out.view(*x.shape[:-1], self.out_features)
+
+
+def rebase_kernels(model: torch.nn.Module) -> None:
+    """Every LinearKernel a module of `model` holds takes its tensors' addresses again."""
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, LinearKernel):
+                value.rebase()
 
 
 def linear(

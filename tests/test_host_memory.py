@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from bloomduo.core.bloom_config import BloomConfig
-from bloomduo.shard_worker.host_memory import HUGE_PAGE_BYTES, _runs, host_tensors, use_huge_pages
+from bloomduo.shard_worker import native
+from bloomduo.shard_worker.host_memory import HUGE_PAGE_BYTES, _runs, gather, host_tensors, use_huge_pages
 from bloomduo.shard_worker.model import BloomShardModel
+from bloomduo.shard_worker.quantize import INT8, quantize_linears
 from bloomduo.shard_worker.weight_formats import format_weights
 from tests._dist_helpers import needs_packing
 
@@ -98,6 +100,57 @@ def test_a_formatted_model_moves_nearly_all_its_weights(kernels: str) -> None:
     # over repeated runs here, as the heap happens to place oneDNN's packed copies (0.75 failed one in three).
     moved = use_huge_pages(tensors)
     assert moved > 0.6 * total and moved > whole_pages_inside * HUGE_PAGE_BYTES
+    assert torch.equal(model.logits(x), expected)
+
+
+def test_gathered_tensors_keep_their_values_views_and_alignment() -> None:
+    base = torch.randn(1000)
+    laid_out = torch.randn(64, 32).t().contiguous().view(32, 64)  # as native.to_row_blocks returns them
+    tensors = [
+        base[10:20],
+        base[500:],
+        torch.randn(7).to(torch.bfloat16),
+        torch.randn(3, 5).t(),
+        torch.empty(0),
+        laid_out,
+    ]
+    before = [t.clone() for t in tensors]
+    alignment = [t.data_ptr() % 64 for t in tensors[:4]]
+    gather(tensors)
+    for tensor, copy in zip(tensors, before, strict=True):
+        assert torch.equal(tensor, copy) and tensor.stride() == copy.stride()
+    views = tensors[:2]
+    assert views[0].untyped_storage().data_ptr() == views[1].untyped_storage().data_ptr()  # still one storage
+    assert views[1].data_ptr() - views[0].data_ptr() == 490 * 4
+    assert {t.untyped_storage().data_ptr() for t in tensors[:4]} == {views[0].untyped_storage().data_ptr()}
+    assert [t.data_ptr() % 64 for t in tensors[:4]] == alignment
+    # the laid-out weight's base moved with it: nothing holds the old bytes
+    assert laid_out._base.untyped_storage().data_ptr() == laid_out.untyped_storage().data_ptr()
+    assert laid_out.untyped_storage().data_ptr() == views[0].untyped_storage().data_ptr()
+
+
+@pytest.mark.skipif(_collapse_supported() is not None, reason=str(_collapse_supported()))
+@pytest.mark.parametrize("quantize", ["none", INT8])
+def test_a_gathered_model_lies_in_one_run_on_huge_pages_and_its_kernels_read_it_there(quantize: str) -> None:
+    """Loading leaves a rank's weights scattered among the holes its conversions made; gathered, every byte
+    but the ends' lies on huge pages, and the native kernels built before read the moved weights."""
+    torch.manual_seed(0)
+    model = BloomShardModel(BloomConfig(vocab_size=8192, hidden_size=1024, n_layer=2, n_head=16))
+    model = model.to(torch.bfloat16).eval().requires_grad_(False)
+    quantize_linears(model, quantize)
+    format_weights(model, torch.device("cpu"), torch.bfloat16, "row-blocks")  # native kernels for bf16 too
+    x = torch.randn(3, 1024, dtype=torch.bfloat16)
+    expected = model.logits(x)  # builds int8 kernels lazily: they are rebased too
+    tensors = host_tensors(model)
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    assert gather(tensors) >= total
+    start = min(t.data_ptr() for t in tensors)
+    end = max(t.data_ptr() + t.nbytes for t in tensors)
+    assert end - start < total + 64 * len(tensors)  # one run: no holes between them
+    native.rebase_kernels(model)
+    kernels = [k for m in model.modules() for k in vars(m).values() if isinstance(k, native.LinearKernel)]
+    assert kernels and all(start <= k.record(torch.bfloat16)[0] < end for k in kernels)
+    assert use_huge_pages(tensors) >= total - 2 * HUGE_PAGE_BYTES
     assert torch.equal(model.logits(x), expected)
 
 
