@@ -60,8 +60,16 @@ class SchedulerSettings:
     max_batch_prefill_tokens: int = _flag(
         4096, "prompt tokens one step may carry; longer prompts are computed in chunks over steps"
     )
+    # 0 starts every waiting prompt that fits at once, as TGI and vLLM do. Held back, a burst's later
+    # prompts start in steps of their own (the split with the least summed time to first token,
+    # step_cost.py), but the prompts started first then decode at the pace of those prompt steps and a
+    # tail of small decode steps follows: 16 distinct 32-token prompts on a 2-core AVX2 EPYC (bf16),
+    # six runs of each alternated, 46.8 tok/s at 4 against 54.0 at 0, TTFT p50 1.70 against 2.16 s,
+    # TPOT p50 239 against 165 ms, each request's last token ~10 % earlier at 0.
     max_waiting_steps: int = _flag(
-        4, "steps a prompt that fits the batch may be held back to start with a later group"
+        0,
+        "steps a prompt that fits the batch may be held back so a burst starts in the split with the "
+        "least summed time to first token (0: all at once, the most tokens/s)",
     )
     # A new prompt that starts like a running sequence copies that prefix's KV cache (vLLM's and TGI's
     # prefix caching, limited to sequences still running).

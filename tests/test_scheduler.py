@@ -96,12 +96,24 @@ def test_without_prefix_sharing_every_prompt_runs_in_full() -> None:
     assert not scheduler.waiting
 
 
+# Prompts may wait for a later step of their own: the split with the least summed time to first token.
+SPLIT = SchedulerSettings(prefix_sharing=False, max_waiting_steps=4)
+
+
+def test_by_default_a_compute_bound_burst_starts_at_once() -> None:
+    scheduler = _queue(SchedulerSettings(prefix_sharing=False), _distinct(12, 70))
+    _cpu_like(scheduler)  # a split would start fewer than all of them (the tests below)
+    first = _run_step(scheduler)
+    assert _plan_ids(first) == [f"r{n}" for n in range(12)] and not scheduler.waiting
+    assert [chunk.num_tokens for _, chunk in scheduler.schedule()] == [1] * 12  # then all decode together
+
+
 def test_a_compute_bound_burst_starts_in_the_split_with_the_least_summed_wait() -> None:
     prompts = _distinct(12, 20)
-    untaught = _queue(SchedulerSettings(prefix_sharing=False), prompts)
+    untaught = _queue(SPLIT, prompts)
     assert len(untaught.schedule()) == 12  # nothing learned yet: everything starts in one step
 
-    scheduler = _queue(SchedulerSettings(prefix_sharing=False), prompts)
+    scheduler = _queue(SPLIT, prompts)
     _cpu_like(scheduler)
     assert metrics.STEP_COST.labels("fixed")._value.get() == pytest.approx(0.077)
     assert metrics.STEP_COST.labels("per_token")._value.get() == pytest.approx(0.00063)
@@ -126,7 +138,7 @@ def test_no_prompt_is_held_back_more_than_max_waiting_steps() -> None:
         assert scheduler.waiting and all(s.waited_steps == 1 for s in scheduler.waiting)
         return len(first), len(scheduler.schedule()) - len(first), scheduler
 
-    started, then, scheduler = two_steps(SchedulerSettings(prefix_sharing=False))
+    started, then, scheduler = two_steps(SPLIT)
     assert started + then < 12  # the split holds some back twice ...
     assert all(s.waited_steps == 2 for s in scheduler.waiting)
     started, then, scheduler = two_steps(SchedulerSettings(prefix_sharing=False, max_waiting_steps=1))
@@ -136,7 +148,7 @@ def test_no_prompt_is_held_back_more_than_max_waiting_steps() -> None:
 def test_a_prompt_sent_back_to_the_queue_forgets_its_shared_prefix() -> None:
     # tails long enough for the learned cost to split them, short enough to wait for the system prompt
     prompts = [SYSTEM] + [[*SYSTEM, *range(200 + n, 228 + n)] for n in range(10)]
-    scheduler = _queue(SchedulerSettings(), prompts)
+    scheduler = _queue(SchedulerSettings(max_waiting_steps=4), prompts)
     assert _plan_ids(_run_step(scheduler)) == ["r0"]  # the first one starts alone; the rest copy it later
     _cpu_like(scheduler)
     plan = scheduler.schedule()
