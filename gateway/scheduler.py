@@ -101,7 +101,7 @@ class Scheduler(Generic[S]):
         delays the running decodes by one bounded chunk at a time; new requests join first come
         first served while the batch has room, as many at once as minimises their summed time to
         first token under the step cost learned so far (step_cost.py), and at least every one that
-        has waited max_waiting_steps steps; the rest start next step.
+        has waited max_waiting_steps steps (0, the default: every one); the rest start next step.
         With prefix sharing, a prompt that mostly repeats one starting in this very step waits one
         step and then copies it (see _share_prefix).
         """
