@@ -163,6 +163,8 @@ class Scheduler(Generic[S]):
     def _prompts_starting_now(self, admitted: list[tuple[S, int]], running_tokens: int) -> int:
         """How many of the admitted prompts start in this step: the split with the least summed time to
         first token, stretched to include every prompt that has waited max_waiting_steps already."""
+        if self.settings.max_waiting_steps == 0:  # none may wait: no split to weigh
+            return len(admitted)
         start = prompts_to_start([take for _, take in admitted], running_tokens, self.step_cost.estimate())
         overdue = [
             index
