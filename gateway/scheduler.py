@@ -163,15 +163,16 @@ class Scheduler(Generic[S]):
     def _prompts_starting_now(self, admitted: list[tuple[S, int]], running_tokens: int) -> int:
         """How many of the admitted prompts start in this step: the split with the least summed time to
         first token, stretched to include every prompt that has waited max_waiting_steps already."""
-        if self.settings.max_waiting_steps == 0:  # none may wait: no split to weigh
-            return len(admitted)
-        start = prompts_to_start([take for _, take in admitted], running_tokens, self.step_cost.estimate())
         overdue = [
             index
             for index, (sequence, _) in enumerate(admitted)
             if sequence.waited_steps >= self.settings.max_waiting_steps
         ]
-        return max(start, overdue[-1] + 1) if overdue else start
+        must_start = overdue[-1] + 1 if overdue else 0
+        if must_start == len(admitted):  # every one starts (max_waiting_steps 0): no split to weigh
+            return must_start
+        start = prompts_to_start([take for _, take in admitted], running_tokens, self.step_cost.estimate())
+        return max(start, must_start)
 
     def _share_prefix(self, sequence: S, starting: list[S]) -> bool:
         """Start a new sequence after the longest prefix of its prompt that a running one has cached;
