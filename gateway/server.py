@@ -16,6 +16,7 @@ import tokenizers
 from bloomduo import __version__
 from bloomduo.core.checkpoint import Checkpoint
 from bloomduo.core.dtypes import to_torch
+from bloomduo.core.gc_pauses import freeze_loaded_heap, time_pauses
 from bloomduo.core.libc import keep_freed_heap
 from bloomduo.core.logs import get_logger
 from bloomduo.core.metrics import Outcome
@@ -242,6 +243,7 @@ async def _connect(
     engine.start()
     servicer.shards = pool
     servicer.admission.engine = engine
+    freeze_loaded_heap()
     await health.set(True)
     log.info("gateway_ready", shards=len(infos), dtype=infos[0].dtype)
 
@@ -265,6 +267,7 @@ async def serve(options: GatewayOptions, host: str, port: int) -> int:
     """Serve until SIGTERM/SIGINT, or until the shard workers stall; then drain in-flight requests and
     return the exit status (EXIT_SHARDS_STALLED after a stall)."""
     keep_freed_heap(STEP_HEAP_KEPT_BYTES)
+    time_pauses()
     checkpoint = Checkpoint(options.model_dir)
     tokenizer_file = options.model_dir / "tokenizer.json"
     if not tokenizer_file.is_file():

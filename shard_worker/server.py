@@ -10,6 +10,7 @@ import grpc
 import structlog
 
 from bloomduo.core.dtypes import name_of
+from bloomduo.core.gc_pauses import freeze_loaded_heap, time_pauses
 from bloomduo.core.libc import one_arena
 from bloomduo.core.logprobs import NO_PENALTY, RepetitionPenalty, Scoring
 from bloomduo.core.logs import get_logger
@@ -146,6 +147,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
 
 async def serve(options: ShardOptions, host: str, port: int, tls: TlsFiles = NO_TLS) -> None:
     one_arena()  # before gRPC's and the step thread's first allocations: the weights load on that thread
+    time_pauses()
     structlog.contextvars.bind_contextvars(rank=options.rank)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     stop = stop_event_on_signals()
@@ -171,6 +173,7 @@ async def serve(options: ShardOptions, host: str, port: int, tls: TlsFiles = NO_
     )
     if load in done:
         runner.engine = load.result()
+        freeze_loaded_heap()
         await health.set(True)
         log.info("shard_ready", address=f"{host}:{bound}")
         await stop.wait()

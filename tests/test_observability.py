@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -74,9 +77,44 @@ def test_metrics_count_what_happened(demo_model) -> None:
         assert _value(gateway, "bloomduo_generated_tokens_sum") == 15
         assert _value(gateway, "bloomduo_step_phase_seconds_count", '{phase="shards"}') >= 5
         assert _value(gateway, "bloomduo_queue_size") == 0
+        assert _value(gateway, "bloomduo_gc_frozen_objects") > 10_000  # torch, gRPC and the tokenizer
         for rank in range(2):
             worker = _scrape(metrics_port + 1 + rank)
             assert _value(worker, "bloomduo_worker_step_seconds_count") >= 5
+            assert _value(worker, "bloomduo_gc_frozen_objects") > 10_000
+
+
+_FREEZE_A_LOADED_HEAP = """
+import gc, json
+import torch  # a heap the size of a service's
+from prometheus_client import REGISTRY
+from bloomduo.core import gc_pauses
+alive = len(gc.get_objects())
+gc_pauses.time_pauses()
+gc_pauses.time_pauses()
+frozen = gc_pauses.freeze_loaded_heap()
+walked = len(gc.get_objects())
+gc.collect()
+print(json.dumps({
+    "alive": alive, "frozen": frozen, "walked": walked,
+    "gauge": REGISTRY.get_sample_value("bloomduo_gc_frozen_objects"),
+    "full": REGISTRY.get_sample_value("bloomduo_gc_pause_seconds_count", {"generation": "2"}),
+}))
+"""
+
+
+def test_a_loaded_heap_is_frozen_out_of_later_collections_and_their_pauses_are_timed() -> None:
+    """A fresh interpreter: what torch left alive is exempt from full collections, which then walk only
+    what came after; each collection is timed once, however often the timer was installed."""
+    run = subprocess.run(
+        [sys.executable, "-c", _FREEZE_A_LOADED_HEAP], capture_output=True, text=True, check=True
+    )
+    seen = json.loads(run.stdout.splitlines()[-1])  # after the log line
+    assert seen["alive"] > 20_000
+    assert seen["frozen"] > 0.9 * seen["alive"]
+    assert seen["walked"] < 1_000
+    assert seen["gauge"] == seen["frozen"]
+    assert seen["full"] == 2  # the freeze's own collection, then gc.collect()
 
 
 def test_reflection_lists_the_services(tiny_stack) -> None:

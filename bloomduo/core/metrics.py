@@ -87,6 +87,17 @@ WORKER_CACHED_SEQUENCES = Gauge(
 )
 WORKER_CACHED_TOKENS = Gauge("bloomduo_worker_cached_tokens", "Tokens held in this worker's KV cache")
 
+# --- both
+GC_PAUSE = Histogram(
+    "bloomduo_gc_pause_seconds",
+    "Python's cyclic garbage collections by generation (0, 1, 2: full); each stops every Python thread",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+)
+GC_FROZEN_OBJECTS = Gauge(
+    "bloomduo_gc_frozen_objects", "Objects alive once the service loaded, exempt from every collection"
+)
+
 
 def serve_metrics(port: int | None, host: str = "0.0.0.0") -> None:
     """Expose /metrics over HTTP on `port` (None: off)."""
