@@ -307,6 +307,19 @@ def test_kv_cache_grows_without_losing_rows():
     assert cache.length(1) == 5 and cache.nbytes == 2 * 2 * cache.num_slots * 3 * cache.capacity * 4 * 4
 
 
+def test_kv_cache_gives_a_long_prompt_room_to_decode_and_doubles_while_decoding():
+    cache = KVCache(1, 2, 4, initial_slots=2, initial_capacity=128, block=16)
+    cache.prepare([Chunk(1, 0, 512)])  # past double the capacity: a quarter more than it needs
+    assert cache.capacity == 640
+    cache.commit([Chunk(1, 0, 512)])
+    for position in range(512, 640):  # its next tokens fit without a copy
+        cache.prepare([Chunk(1, position, 1)])
+        cache.commit([Chunk(1, position, 1)])
+        assert cache.capacity == 640
+    cache.prepare([Chunk(1, 640, 1)])  # one past: doubled
+    assert cache.capacity == 1280
+
+
 def test_kv_cache_reuses_freed_slots_lowest_first():
     cache = KVCache(1, 2, 4, initial_slots=2, initial_capacity=4)
     cache.prepare([Chunk(10, 0, 1), Chunk(11, 0, 1), Chunk(12, 0, 3)])  # three sequences: slots grow
