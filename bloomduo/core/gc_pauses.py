@@ -4,10 +4,10 @@ Every collection stops the process's Python threads (the event loop's and a work
 full one (generation 2) walks every tracked object alive: ~190 thousand in a loaded shard worker and ~220
 thousand in a gateway (torch, gRPC, protobuf, the tokenizer, the model's modules). On a 2-core EPYC loading
 ran three or four a process (the longest 146-240 ms), and one in the gateway during a 26-request bench took
-181 ms, every stream stalled meanwhile. What is
-alive once a service has loaded lives as long as the process, so it is frozen out of every later walk (as
-vLLM freezes its heap after warm-up, and SGLang offers to); the collector still frees the cycles serving
-makes. The pauses that remain are timed into bloomduo_gc_pause_seconds.
+181 ms, every stream stalled meanwhile. What is alive once a service has loaded lives as long as the process,
+so it is frozen out of every later walk (as vLLM freezes its heap after warm-up, and SGLang offers to); the
+collector still frees the cycles serving makes. The pauses that remain are timed into
+bloomduo_gc_pause_seconds.
 """
 
 from __future__ import annotations
