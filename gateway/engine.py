@@ -440,7 +440,7 @@ class Engine:
         sequence.tokens.append(token)
         prefill = sequence.prefill if first and sequence.scores_prompt else None
         if finish is None:
-            sequence.events.put_nowait(StreamEvent(token, prefill=prefill))
+            _deliver(sequence, StreamEvent(token, prefill=prefill))
             return
         self.scheduler.finish(sequence)
         request = sequence.request
@@ -454,7 +454,7 @@ class Engine:
             tokens=sequence.tokens if request.details else [],
             prefill=sequence.prefill,
         )
-        sequence.events.put_nowait(StreamEvent(token, result, prefill))
+        _deliver(sequence, StreamEvent(token, result, prefill))
         ttft = sequence.first_token_at - sequence.queued_at
         duration = now - sequence.queued_at
         metrics.REQUESTS.labels(metrics.Outcome.OK, finish.value).inc()
@@ -481,7 +481,16 @@ class Engine:
         error = EngineUnavailable(f"the model failed while serving this request: {exc}; retry it")
         metrics.REQUESTS.labels(metrics.Outcome.UNAVAILABLE, "").inc(len(sequences))
         for sequence in sequences:
-            sequence.events.put_nowait(error)
+            _deliver(sequence, error)
+
+
+def _deliver(sequence: _Generation, item: StreamEvent | BaseException) -> None:
+    """Hand `item` to the sequence's stream one loop turn from now, not at once. The engine loop goes on to
+    the next step without yielding, so the workers' writes of that step are queued before the streams'
+    wake-ups and go out first: delivering a token (protobuf or JSON, then a write to the client) is
+    ~0.3 ms of a one-stream step's critical path otherwise, and several ms of a 16-stream one's. Every
+    item goes the same way, so each stream sees its items in order."""
+    asyncio.get_running_loop().call_soon(sequence.events.put_nowait, item)
 
 
 def _penalty(sequence: _Generation, ready: bool) -> RepetitionPenalty:

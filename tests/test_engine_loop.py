@@ -129,6 +129,45 @@ def test_a_request_streams_one_event_per_token_and_its_cache_is_freed_after(mode
     assert result.text == model.tokenizer.decode([event.token.id for event in events])
 
 
+def test_the_next_step_goes_to_the_workers_before_the_last_token_reaches_its_stream(model, worker) -> None:
+    """Delivering a token (a protobuf or JSON write to the client) waits until the next step's request is on
+    its way to the workers, so it runs while they compute instead of before they start."""
+    request = _request(model, "r-order", "Hello", max_new_tokens=4)
+
+    async def scenario() -> list[tuple[str, int]]:
+        pool = ShardPool(worker.targets, model.checkpoint.config.vocab_size, step_timeout_s=30.0)
+        engine = _engine(model, pool, SchedulerSettings())
+        await pool.wait_ready(timeout_s=30.0)
+        order: list[tuple[str, int]] = []
+        connection = pool.connections[0]
+        send = connection.step
+
+        async def recorded_send(step_request: shard_pb2.StepRequest) -> shard_pb2.StepResponse:
+            order.append(("sent", step_request.step_id))
+            return await send(step_request)
+
+        connection.step = recorded_send
+        engine.start()
+        try:
+            async for event in engine.generate(request):
+                order.append(("token", event.token.id))
+        finally:
+            await engine.stop()
+            await pool.close()
+        return order
+
+    order = asyncio.run(scenario())
+    sent = [step_id for what, step_id in order if what == "sent"]
+    # Token k came back with the k-th step; each but the last is delivered after step k + 1 was sent.
+    delivered_after = [
+        [step_id for what, step_id in order[:index] if what == "sent"][-1]
+        for index, (what, _) in enumerate(order)
+        if what == "token"
+    ]
+    assert len(delivered_after) == request.max_new_tokens
+    assert delivered_after[:-1] == sent[1 : request.max_new_tokens], order
+
+
 # A learned step cost of 20 s (a large model on a slow machine): an idle engine then waits for 0.8 s of
 # quiet after the latest arrival, 5 s at most (step_cost.arrival_wait), however slow this machine is.
 LEARNED_STEP_S = 20.0
