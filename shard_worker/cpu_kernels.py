@@ -480,7 +480,10 @@ def route_from(timings: dict[str, dict[int, float]], probes: tuple[int, ...]) ->
     least time interpolated linearly between the probed sizes; a path not timed at a size (pruned) is
     out from the size before it onwards.
     """
-    if not timings:
+    # A size no path was timed at says nothing: after `agree`, one that the ranks pruned differently (each
+    # timed its own fastest path at 256 rows, say) is left to none.
+    probes = tuple(rows for rows in probes if any(rows in t for t in timings.values()))
+    if not probes:
         return Route(PLAIN, ((1, EAGER),))
     best = {rows: min(t[rows] for t in timings.values() if rows in t) for rows in probes}
     by_layout = {

@@ -250,6 +250,18 @@ def test_emulated_bfloat16_switches_to_float32_where_the_interpolated_times_cros
     assert route_from({}, PROBE_ROWS[BLOCKS]) == Route(PLAIN, ((1, EAGER),))
 
 
+def test_ranks_that_pruned_a_size_differently_agree_on_the_sizes_both_timed():
+    # Each rank went on to 256 rows with the one path that led at 32 rows, and they led on different ranks
+    # (a fresh clone's CI run on a Xeon with AMX): no path has a 256-row time from both.
+    rank0 = {BLOCKS: {PACKED: {1: 7.7, 4: 8.1, 32: 3.2, 256: 30.0}, NATIVE: {1: 5.7, 4: 6.3, 32: 3.3}}}
+    rank1 = {BLOCKS: {PACKED: {1: 7.9, 4: 8.3, 32: 3.4}, NATIVE: {1: 5.9, 4: 6.5, 32: 3.3, 256: 29.0}}}
+    choice = KernelChoice({})
+    choice.agree([rank0, rank1])
+    assert all(256 not in times for times in choice.timings_ms[BLOCKS].values())
+    route = choice.routes[BLOCKS]
+    assert route.layout == PACKED and route.path_for(1) == NATIVE and route.path_for(256) in (PACKED, NATIVE)
+
+
 # The chooser's times on a real AVX2-only EPYC (commit 764fed2, rank 0), plus the plain layout's float32 GEMM.
 AVX2_EPYC_BLOCKS = {
     TILED: {1: 3.2, 4: 9.3, 32: 6.3, 256: 47.5},
