@@ -487,9 +487,10 @@ class Engine:
 def _deliver(sequence: _Generation, item: StreamEvent | BaseException) -> None:
     """Hand `item` to the sequence's stream one loop turn from now, not at once. The engine loop goes on to
     the next step without yielding, so the workers' writes of that step are queued before the streams'
-    wake-ups and go out first: delivering a token (protobuf or JSON, then a write to the client) is
-    ~0.3 ms of a one-stream step's critical path otherwise, and several ms of a 16-stream one's. Every
-    item goes the same way, so each stream sees its items in order."""
+    wake-ups and go out first, and delivering the tokens (protobuf or JSON, then writes to the clients)
+    overlaps the workers' compute: 0.1-0.2 ms off a one-stream step's round trip, 0.6-0.9 ms off a
+    16-stream one's (Xeon with AMX, docs/performance-record.md). Every item goes the same way, so each
+    stream sees its items in order."""
     asyncio.get_running_loop().call_soon(sequence.events.put_nowait, item)
 
 
