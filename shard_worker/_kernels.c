@@ -24,6 +24,7 @@
 #define X86 1
 #include <immintrin.h>
 #endif
+#include <limits.h>
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
@@ -38,7 +39,8 @@
 #include <unistd.h>
 #endif
 
-enum { DT_F32 = 0, DT_BF16 = 1, DT_I8 = 2 };
+/* DT_BF16_COMPACT: bf16 weights stored in 12 bits without loss (the compact row blocks below) */
+enum { DT_F32 = 0, DT_BF16 = 1, DT_I8 = 2, DT_BF16_COMPACT = 3 };
 /* ISA_AVX512_VNNI is no rung of the ladder below ISA_AVX512_BF16 (CPUs have either without the other): the
  * VNNI layout runs on it wherever an AVX512 level is asked for, and on AMX-INT8 (the CPU has it, the compiler
  * built it, Linux lets this process use it) where ISA_AVX512_BF16 is. */
@@ -118,6 +120,69 @@ typedef struct {
      * LAYOUT_ONEDNN: the rows of a block */
     int levels, block_rows;
 } Problem;
+
+/* ------------------------------------------------------------------ compact row blocks
+ * bf16 weights in 12 bits, losslessly. A decode step reads every weight once, so its time is the weights' bytes
+ * over the memory's bandwidth; a bf16 weight's top byte (sign and seven of the eight exponent bits) takes few
+ * values in a trained matrix (entropy ~2.7 bits: |w| spans a few binades), so each 32- or 64-row block of the
+ * ONEDNN layout keeps a table of its 16 most frequent top bytes and every weight a 4-bit code into it beside its
+ * low byte. The few weights whose top byte is not in their block's table (~1e-4 of them: the tiniest, mostly)
+ * are stored whole as patches, written over the decoded block before any product reads it: the kernels see the
+ * very bf16 bytes of the plain layout, and sum them in the same order, so the outputs are the same to the bit.
+ *
+ * One weight's bytes, for blocks of `rows` rows (native.py's to_compact makes them):
+ *   [N / rows][rows K / 128][192] each block's weights in the ONEDNN order, 128 at a time: the low bytes of the
+ *                               first 64, of the next 64, then 32 bytes of codes for each 64 (COMPACT_SLOT:
+ *                               where each weight sits in them, as the decoder's byte interleave wants it)
+ *   [N / rows][16]              each block's table: the top byte of each code
+ *   int32 [N / rows + 1]        where each block's patches start (the last: their count)
+ *   int32 [patches]             a patch's place in its block, as its element's index in the ONEDNN order
+ *   uint16 [patches]            its bf16 weight */
+#define COMPACT_CODES 16
+/* Up to 6 rows of x (one pass of block_compact's registers) compact blocks are decoded into registers; from 7,
+ * 32-row blocks go through AMX, each stretch of a block decoded into L1 first. */
+#define COMPACT_MIN_AMX_ROWS 7
+#define COMPACT_GROUP 128 /* weights, in */
+#define COMPACT_GROUP_BYTES 192
+
+typedef struct {
+    const uint8_t *data, *tables;
+    const int32_t *patch_start, *patch_place;
+    const uint16_t *patch_value;
+} Compact;
+
+static Compact compact_parts(const Problem *p) {
+    const long blocks = p->N / p->block_rows;
+    Compact c;
+    c.data = (const uint8_t *)p->w;
+    c.tables = c.data + p->N * p->K / COMPACT_GROUP * COMPACT_GROUP_BYTES;
+    c.patch_start = (const int32_t *)(c.tables + blocks * COMPACT_CODES);
+    c.patch_place = c.patch_start + blocks + 1;
+    c.patch_value = (const uint16_t *)(c.patch_place + c.patch_start[blocks]);
+    return c;
+}
+
+/* Block b's groups of COMPACT_GROUP_BYTES. */
+static inline const uint8_t *compact_block(const Compact *c, long b, long K, long rows) {
+    return c->data + b * (rows * K / COMPACT_GROUP) * COMPACT_GROUP_BYTES;
+}
+
+/* The slot of weight w (of 64) among its 64 low bytes and codes: unpacking 128-bit lanes' low and high eight bytes
+ * (VPUNPCKLBW, VPUNPCKHBW) puts slot 16 l + j (j < 8) at weight 8 l + j and slot 16 l + 8 + j at 32 + 8 l + j. A
+ * slot's code is the low nibble of code byte s (s < 32), the high one of byte s - 32 (s >= 32). */
+static inline long compact_slot(long w) { return w < 32 ? 16 * (w / 8) + w % 8 : 16 * ((w - 32) / 8) + 8 + w % 8; }
+
+/* The bf16 weight w[n][k], one at a time (the scalar path's). */
+static uint16_t compact_weight(const Compact *c, long n, long k, long K, long rows) {
+    const long b = n / rows, place = (k / 2) * 2 * rows + (n % rows) * 2 + k % 2;
+    for (long patch = c->patch_start[b]; patch < c->patch_start[b + 1]; patch++)
+        if (c->patch_place[patch] == place) return c->patch_value[patch];
+    const uint8_t *group = compact_block(c, b, K, rows) + place / COMPACT_GROUP * COMPACT_GROUP_BYTES;
+    const long half = place % COMPACT_GROUP / 64, slot = compact_slot(place % 64);
+    const uint8_t *codes = group + 128 + 32 * half;
+    const int code = slot < 32 ? codes[slot] & 15 : codes[slot - 32] >> 4;
+    return (uint16_t)(group[64 * half + slot] | c->tables[b * COMPACT_CODES + code] << 8);
+}
 
 static inline float load_as_f32(const void *p, long i, int dtype) {
     return dtype == DT_BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
@@ -201,12 +266,15 @@ static const char *linear_vnni_scalar(const Problem *p) {
 }
 
 static void linear_scalar(const Problem *p) {
+    const Compact compact = p->w_dtype == DT_BF16_COMPACT ? compact_parts(p) : (Compact){0};
     for (long n = 0; n < p->N; n++)
         for (long r = 0; r < p->R; r++) {
             float sum = 0.0f;
             for (long k = 0; k < p->K; k++) {
                 long i = p->layout == LAYOUT_ONEDNN ? onednn_index(n, k, p->K, p->block_rows) : tiled_index(n, k, p->K);
-                float w = p->w_dtype == DT_I8 ? (float)((const int8_t *)p->w)[i] : load_as_f32(p->w, i, p->w_dtype);
+                float w = p->w_dtype == DT_I8            ? (float)((const int8_t *)p->w)[i]
+                          : p->w_dtype == DT_BF16_COMPACT ? bf16_to_f32(compact_weight(&compact, n, k, p->K, p->block_rows))
+                                                          : load_as_f32(p->w, i, p->w_dtype);
                 sum += load_as_f32(p->x, r * p->K + k, p->x_dtype) * w;
             }
             store(p, r, n, sum);
@@ -515,6 +583,92 @@ AVX512_BF16 static void widen_block(const int8_t *block, uint16_t *out, long K) 
     }
 }
 
+/* 64 weights of a compact group as two registers of bf16 (in order): their codes' nibbles (the low ones, then the
+ * high ones) pick their top bytes from the block's table (in every 128-bit lane of `table`), which the lanes'
+ * unpacks interleave with the low bytes. */
+AVX512 INLINE void compact64(const uint8_t *low, const uint8_t *codes, __m512i table, __m512i *weights) {
+    const __m256i packed = _mm256_loadu_si256((const __m256i *)codes);
+    const __m512i index = _mm512_and_si512(
+        _mm512_inserti64x4(_mm512_castsi256_si512(packed), _mm256_srli_epi16(packed, 4), 1), _mm512_set1_epi8(15));
+    const __m512i top = _mm512_shuffle_epi8(table, index), bytes = _mm512_loadu_si512(low);
+    weights[0] = _mm512_unpacklo_epi8(bytes, top);
+    weights[1] = _mm512_unpackhi_epi8(bytes, top);
+}
+
+/* A compact group's 128 weights (from `place` in its block) into four registers, with its patches (from *next,
+ * whose place *patch_place is, or LONG_MAX past the block's last) set in their lanes. */
+AVX512 INLINE void compact_group(const Compact *c, long b, const uint8_t *group, long place, __m512i table,
+                                 int32_t *next, long *patch_place, __m512i *weights) {
+    compact64(group, group + 128, table, weights);
+    compact64(group + 64, group + 160, table, weights + 2);
+    const int32_t stop = c->patch_start[b + 1];
+    /* weights[] is indexed by constants only: one indexed at run time is kept in memory, not in registers */
+    while (__builtin_expect(*patch_place < place + COMPACT_GROUP, 0)) {
+        const long lane = *patch_place - place;
+        const short value = (short)c->patch_value[*next];
+        for (int v = 0; v < 4; v++)
+            weights[v] = _mm512_mask_set1_epi16(weights[v], lane / 32 == v ? (__mmask32)1 << (lane % 32) : 0, value);
+        *patch_place = ++*next < stop ? c->patch_place[*next] : LONG_MAX;
+    }
+}
+
+/* Where block b's patches start: the first's index, and its place (LONG_MAX when the block has none). */
+static inline long first_patch(const Compact *c, long b, int32_t *next) {
+    *next = c->patch_start[b];
+    return *next < c->patch_start[b + 1] ? c->patch_place[*next] : LONG_MAX;
+}
+
+/* The weights of compact block b from place `first` to `end` (multiples of COMPACT_GROUP) decoded into `out` (in
+ * the ONEDNN order, from `first`), its patches from *next (at *patch_place) set: for the paths that read the
+ * weights more than once; ROW_BLOCK_AHEAD bytes of the block asked of L2 ahead. */
+AVX512 static void decode_compact(const Compact *c, long b, long K, long rows, long first, long end, int32_t *next,
+                                  long *patch_place, uint16_t *out) {
+    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(c->tables + b * COMPACT_CODES)));
+    const uint8_t *group = compact_block(c, b, K, rows) + first / COMPACT_GROUP * COMPACT_GROUP_BYTES;
+    for (long place = first; place < end; place += COMPACT_GROUP, group += COMPACT_GROUP_BYTES) {
+        for (int line = 0; line < COMPACT_GROUP_BYTES; line += 64)
+            _mm_prefetch((const char *)group + ROW_BLOCK_AHEAD + line, _MM_HINT_T1);
+        __m512i weights[4];
+        compact_group(c, b, group, place, table, next, patch_place, weights);
+        for (int v = 0; v < 4; v++) _mm512_storeu_si512(out + place - first + 32 * v, weights[v]);
+    }
+}
+
+/* block_onednn's products on a compact block, one read of it for up to 6 rows of x: each group of 128 weights
+ * decoded into registers (its patches, if any, set in their lanes) and summed as block_onednn sums the plain
+ * block, the same products in the same order. Decoded into L1 and read back from there instead, a stretch at a
+ * time, the weights streamed at 12.8 GB/s against 16.9 (a bloom-560m rank's LM head slice, one row, one thread,
+ * Xeon with AMX): the stores and loads kept fewer of the block's reads in flight. */
+AVX512_BF16 INLINE void block_compact(const Problem *p, const Compact *c, long r0, const int rows, long n0,
+                                      const int vectors) {
+    const uint16_t *x = (const uint16_t *)p->x;
+    const long block_rows = 16 * vectors, b = n0 / block_rows;
+    const int pairs_per_group = COMPACT_GROUP / (2 * (int)block_rows);
+    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(c->tables + b * COMPACT_CODES)));
+    const uint8_t *group = compact_block(c, b, p->K, block_rows);
+    int32_t next;
+    long patch_place = first_patch(c, b, &next);
+    __m512 acc[6][4];
+    for (int i = 0; i < rows; i++)
+        for (int v = 0; v < vectors; v++) acc[i][v] = _mm512_setzero_ps();
+    for (long k = 0, place = 0; k < p->K; k += 2 * pairs_per_group, place += COMPACT_GROUP, group += COMPACT_GROUP_BYTES) {
+        for (int line = 0; line < COMPACT_GROUP_BYTES; line += 64)
+            _mm_prefetch((const char *)group + ROW_BLOCK_AHEAD + line, _MM_HINT_T1);
+        __m512i weights[4];
+        compact_group(c, b, group, place, table, &next, &patch_place, weights);
+        for (int pair = 0; pair < pairs_per_group; pair++)
+            for (int i = 0; i < rows; i++) {
+                int32_t xs;
+                memcpy(&xs, x + (r0 + i) * p->K + k + 2 * pair, 4);
+                const __m512bh a = (__m512bh)_mm512_set1_epi32(xs);
+                for (int v = 0; v < vectors; v++)
+                    acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, (__m512bh)weights[pair * vectors + v]);
+            }
+    }
+    for (int i = 0; i < rows; i++)
+        for (int v = 0; v < vectors; v++) store16(p, r0 + i, n0 + v * 16, acc[i][v]);
+}
+
 AVX512_BF16 static const char *linear_onednn_bf16(const Problem *p) {
     const int int8 = p->w_dtype == DT_I8;
     /* int8 weights and more than 60 rows, so 11 passes or more over each row block: the block is widened to
@@ -522,9 +676,21 @@ AVX512_BF16 static const char *linear_onednn_bf16(const Problem *p) {
      * as the dot products (a bloom-560m rank's int8 prefill, in-process, interleaved: 128 rows 268 -> 236 ms,
      * 64 rows 137 -> 130 ms). With fewer passes a widening pass of its own, which reads the block from memory
      * with no arithmetic to hide behind, costs more than it saves: 24 rows 57 -> 67 ms, 32 and 48 rows even. */
+    const int compact = p->w_dtype == DT_BF16_COMPACT;
+    const Compact parts = compact ? compact_parts(p) : (Compact){0};
+    if (compact && p->R <= 6) { /* one read of each block, decoded into registers */
+        const int vectors = p->block_rows / 16;
+        for (long n0 = 0; n0 < p->N; n0 += p->block_rows) {
+#define BLOCK(ROWS) (vectors == 2 ? block_compact(p, &parts, r0, ROWS, n0, 2) : block_compact(p, &parts, r0, ROWS, n0, 4))
+            FOR_ROW_GROUPS(BLOCK)
+#undef BLOCK
+        }
+        return NULL;
+    }
+    /* more rows: each compact block decoded whole into L2 once, then read as a plain one for each group */
     uint16_t *widened = NULL;
-    if (int8 && p->R > 60 && !(widened = widening_scratch(BLOCK_ROWS * (size_t)p->K)))
-        return "out of memory for a widened row block";
+    if (((int8 && p->R > 60) || compact) && !(widened = widening_scratch(BLOCK_ROWS * (size_t)p->K)))
+        return compact ? "out of memory for a decoded row block" : "out of memory for a widened row block";
     /* int8 row blocks are bloomduo's own, always of BLOCK_ROWS; run() lets AMX_BLOCK_ROWS through for bf16 */
 #define BLOCK(ROWS)                                                                                 \
     (block_int8 ? block_onednn(p, block, r0, ROWS, n0, 1, BLOCK_ROWS / 16)                          \
@@ -533,7 +699,13 @@ AVX512_BF16 static const char *linear_onednn_bf16(const Problem *p) {
     for (long n0 = 0; n0 < p->N; n0 += p->block_rows) {
         const void *block = (const char *)p->w + n0 * p->K * (int8 ? 1 : 2);
         int block_int8 = int8;
-        if (widened) {
+        if (compact) {
+            int32_t next;
+            long patch_place = first_patch(&parts, n0 / p->block_rows, &next);
+            decode_compact(&parts, n0 / p->block_rows, p->K, p->block_rows, 0, p->block_rows * p->K, &next,
+                           &patch_place, widened);
+            block = widened;
+        } else if (widened) {
             widen_block((const int8_t *)block, widened, p->K);
             block = widened;
             block_int8 = 0;
@@ -605,9 +777,10 @@ AMX INLINE void amx_store(const Problem *p, const float *sums, long first, int t
 
 /* One pass over a row block's columns k0 .. k1: x's 16-row tile x0 (and x1 beside it, `two`) against the
  * block's 32 outputs, summed into `sums` (32 floats a row; zeroed at k0 = 0); the first pass over a stretch
- * of the block (`fetch`) asks L2 for the weights ahead. */
+ * of the block asks L2 for the weights ahead: `ahead_lines` lines from `ahead` on for every 32 columns (none
+ * when `ahead` is NULL). */
 AMX INLINE void amx_pass(const Problem *p, const uint16_t *block, const uint16_t *x0, const uint16_t *x1, long k0,
-                         long k1, float *sums, const int two, const int fetch) {
+                         long k1, float *sums, const int two, const char *ahead, const int ahead_lines) {
     const long stride = p->K * (long)sizeof(uint16_t);
     if (k0 == 0) {
         _tile_zero(0);
@@ -626,9 +799,9 @@ AMX INLINE void amx_pass(const Problem *p, const uint16_t *block, const uint16_t
     }
     for (long k = k0; k < k1; k += 32) {
         const uint16_t *pairs = block + k * AMX_BLOCK_ROWS;
-        if (fetch)
-            for (int line = 0; line < 32; line++)
-                _mm_prefetch((const char *)pairs + ROW_BLOCK_AHEAD + line * 64, _MM_HINT_T1);
+        if (ahead)
+            for (int line = 0; line < ahead_lines; line++)
+                _mm_prefetch(ahead + ((k - k0) / 32 * ahead_lines + line) * 64, _MM_HINT_T1);
         _tile_loadd(4, x0 + k, stride);
         _tile_loadd(6, pairs, 128);
         _tile_loadd(7, pairs + 32, 128);
@@ -716,25 +889,45 @@ AMX static const char *linear_int8_blocks_amx(const Problem *p) {
 
 AMX static const char *linear_onednn_amx(const Problem *p) {
     const long K = p->K, tiles = (p->R + 15) / 16, whole = p->R / 16;
-    const long k_step = tiles > 2 ? AMX_K_STEP : K;
-    /* x's last rows padded to a tile, then the float32 sums of every tile of x against one block */
-    uint16_t *scratch = widening_scratch(16 * (size_t)K + (size_t)tiles * 16 * 32 * 2);
-    if (!scratch) return "out of memory for x's last rows and the sums";
+    /* compact blocks: decoded a stretch at a time, into L1, as the passes go */
+    const long k_step = tiles > 2 || p->w_dtype == DT_BF16_COMPACT ? AMX_K_STEP : K;
+    const int compact = p->w_dtype == DT_BF16_COMPACT;
+    const Compact parts = compact ? compact_parts(p) : (Compact){0};
+    /* x's last rows padded to a tile, the float32 sums of every tile of x against one block, then (compact) the
+     * block decoded */
+    uint16_t *scratch = widening_scratch(16 * (size_t)K + (size_t)tiles * 16 * 32 * 2 + (compact ? 32 * AMX_K_STEP : 0));
+    if (!scratch) return "out of memory for x's last rows, the sums and a decoded block";
     const uint16_t *x = (const uint16_t *)p->x, *last = tiles > whole ? amx_padded_rows(p, whole * 16, scratch) : NULL;
     float *sums = (float *)(scratch + 16 * K);
+    uint16_t *decoded = scratch + 16 * K + tiles * 16 * 32 * 2;
     amx_configure();
     /* tiles 0-3 sum, 4-5 hold x, 6-7 the block's two halves; two 16-row tiles of x a pass share each B tile */
     for (long n0 = 0; n0 < p->N; n0 += AMX_BLOCK_ROWS) {
         const uint16_t *block = (const uint16_t *)p->w + n0 * K;
+        int32_t next;
+        long patch_place = compact ? first_patch(&parts, n0 / AMX_BLOCK_ROWS, &next) : 0;
         for (long k0 = 0; k0 < K; k0 += k_step) {
             const long k1 = k0 + k_step < K ? k0 + k_step : K;
+            if (compact) { /* the stretch's columns k0 .. k1 where amx_pass reads them: block + k x 32 */
+                decode_compact(&parts, n0 / AMX_BLOCK_ROWS, K, AMX_BLOCK_ROWS, k0 * AMX_BLOCK_ROWS, k1 * AMX_BLOCK_ROWS,
+                               &next, &patch_place, decoded);
+                block = decoded - k0 * AMX_BLOCK_ROWS;
+            }
+            /* the first pass asks for the plain block's weights ROW_BLOCK_AHEAD on, 32 lines a step; on a compact
+             * one, for the weights past what decode_compact asked for, which the passes would otherwise leave the
+             * memory idle for: compact bytes ROW_BLOCK_AHEAD past the next stretch's start, 24 lines a step */
+            const char *ahead = compact ? (const char *)compact_block(&parts, n0 / AMX_BLOCK_ROWS, K, AMX_BLOCK_ROWS) +
+                                              k1 * AMX_BLOCK_ROWS / COMPACT_GROUP * COMPACT_GROUP_BYTES + ROW_BLOCK_AHEAD
+                                        : (const char *)(block + k0 * AMX_BLOCK_ROWS) + ROW_BLOCK_AHEAD;
+            const int ahead_lines = compact ? 32 * AMX_BLOCK_ROWS / COMPACT_GROUP * COMPACT_GROUP_BYTES / 64 : 32;
             for (long m = 0; m < tiles; m += 2) {
                 const uint16_t *x0 = m < whole ? x + m * 16 * K : last;
+                const char *fetch = m == 0 ? ahead : NULL;
                 if (m + 1 < tiles)
                     amx_pass(p, block, x0, m + 1 < whole ? x + (m + 1) * 16 * K : last, k0, k1, sums + m * 16 * 32, 1,
-                             m == 0);
+                             fetch, ahead_lines);
                 else
-                    amx_pass(p, block, x0, NULL, k0, k1, sums + m * 16 * 32, 0, m == 0);
+                    amx_pass(p, block, x0, NULL, k0, k1, sums + m * 16 * 32, 0, fetch, ahead_lines);
             }
         }
         for (long m = 0; m < tiles; m += 2) amx_store(p, sums + m * 16 * 32, m * 16, tiles - m >= 2 ? 2 : 1, n0);
@@ -1943,9 +2136,13 @@ static const char *run(Problem *p, int isa) {
             return "the row-block layout is read for bfloat16 x and outputs, N a multiple of the block's rows";
         if ((p->w_dtype == DT_I8) != (p->scale != NULL) || p->w_dtype == DT_F32)
             return "the row-block layout holds bfloat16 weights, or int8 ones with a scale per row";
-        if (p->block_rows == AMX_BLOCK_ROWS && (p->w_dtype != DT_BF16 || (isa != ISA_AVX512_BF16 && isa != ISA_SCALAR)))
+        if (p->block_rows == AMX_BLOCK_ROWS && (p->w_dtype == DT_I8 || (isa != ISA_AVX512_BF16 && isa != ISA_SCALAR)))
             return "32-row blocks (oneDNN's AMX packing) are read for bfloat16 weights by the AVX512-BF16 and scalar "
                    "paths";
+        if (p->w_dtype == DT_BF16_COMPACT && isa != ISA_AVX512_BF16 && isa != ISA_SCALAR)
+            return "compact row blocks are read by the AVX512-BF16 and scalar paths";
+    } else if (p->w_dtype == DT_BF16_COMPACT) {
+        return "compact weights are row blocks: the ONEDNN layout";
     }
     if (isa == ISA_SCALAR) {
         linear_scalar(p);
@@ -1955,7 +2152,8 @@ static const char *run(Problem *p, int isa) {
     if (isa == ISA_AVX512_BF16) {
         if (p->layout == LAYOUT_ONEDNN) {
 #ifdef HAS_AMX
-            if (p->block_rows == AMX_BLOCK_ROWS && p->R >= AMX_MIN_ROWS && amx_ready()) return linear_onednn_amx(p);
+            const int compact_rows = p->w_dtype == DT_BF16_COMPACT ? COMPACT_MIN_AMX_ROWS : AMX_MIN_ROWS;
+            if (p->block_rows == AMX_BLOCK_ROWS && p->R >= compact_rows && amx_ready()) return linear_onednn_amx(p);
             if (p->w_dtype == DT_I8 && p->R >= AMX_WIDENED_MIN_ROWS && amx_ready())
                 return linear_int8_blocks_amx(p);
 #endif

@@ -10,6 +10,8 @@ got both right. The paths, by the weight layout they read:
                     tiled-fp32  float32 GEMM on untiled, widened slices (bf16 emulated)
     row blocks      row-blocks  native.py's FMA kernel on oneDNN's     (bf16 emulated, where it was built)
                                 bf16 byte order, made by native.py
+    compact         compact     native.py's kernel on the row blocks   (AVX512-BF16, AMX: 32-row blocks)
+                                in 12 bits a weight, losslessly
     plain           eager       nn.Linear
                     aten        ATen's own kernel, oneDNN off          (where oneDNN is the default)
                     fp32        float32 GEMM on widened slices         (bf16 emulated)
@@ -82,9 +84,9 @@ from bloomduo.shard_worker.model import MLP
 log = get_logger(__name__)
 
 PACKED, NATIVE, TILED, TILED_FP32 = "packed", "native", "tiled", "tiled-fp32"
-ROW_BLOCKS = "row-blocks"
+ROW_BLOCKS, COMPACT = "row-blocks", "compact"
 EAGER, ATEN, FP32 = "eager", "aten", "fp32"
-PATHS = (PACKED, NATIVE, TILED, TILED_FP32, ROW_BLOCKS, EAGER, ATEN, FP32)
+PATHS = (PACKED, NATIVE, TILED, TILED_FP32, ROW_BLOCKS, COMPACT, EAGER, ATEN, FP32)
 PLAIN = "plain"  # the weight as loaded, row-major
 # The layout each path reads: oneDNN's packed one (read by oneDNN, or by native.py's kernel for few rows),
 # native.py's own tiles, its row blocks (oneDNN's byte order, made without oneDNN), or the plain weight. One
@@ -95,13 +97,14 @@ LAYOUT_OF = {
     TILED: TILED,
     TILED_FP32: TILED,
     ROW_BLOCKS: ROW_BLOCKS,
+    COMPACT: COMPACT,
     EAGER: PLAIN,
     ATEN: PLAIN,
     FP32: PLAIN,
 }
-LAYOUTS = (PACKED, TILED, ROW_BLOCKS, PLAIN)  # preferred in this order when their mean slowdowns tie
+LAYOUTS = (PACKED, TILED, ROW_BLOCKS, COMPACT, PLAIN)  # preferred in this order when their mean slowdowns tie
 # What each of native.py's own layouts takes of a weight's shape
-LAYOUT_FITS = {TILED: native.fits, ROW_BLOCKS: native.row_blocks_fit}
+LAYOUT_FITS = {TILED: native.fits, ROW_BLOCKS: native.row_blocks_fit, COMPACT: native.compact_fits}
 KERNELS_ENV = "BLOOMDUO_CPU_KERNELS"
 BLOCKS, LM_HEAD = "blocks", "lm_head"
 PROBE_ROWS = {BLOCKS: (1, 4, 32, 256), LM_HEAD: (1, 4, 16)}
@@ -329,13 +332,17 @@ class RoutedLinear(nn.Module):
         algorithm: str = "",
     ) -> None:
         super().__init__()
-        if route.layout not in (PLAIN, TILED, ROW_BLOCKS):
-            raise ValueError("RoutedLinear runs plain-, tiled- and row-block-layout paths only")
+        if route.layout not in (PLAIN, TILED, ROW_BLOCKS, COMPACT):
+            raise ValueError("RoutedLinear runs plain-, tiled-, row-block- and compact-layout paths only")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         arrange = {TILED: native.to_tiles, ROW_BLOCKS: native.to_row_blocks}.get(route.layout)
+        compact = None
         if arrange is not None:
             self.weight = nn.Parameter(arrange(linear.weight.detach()), requires_grad=False)
+        elif route.layout == COMPACT:  # its bytes are the weight: nothing else reads this layout
+            compact = native.to_compact(linear.weight.detach(), native.compact_block_rows())
+            self.weight = nn.Parameter(compact.data, requires_grad=False)
         self.route, self.scratch = route, scratch
         self.approximate = (algorithm or "none") if activation == "gelu" else None
         self._firsts = [first for first, _ in route.steps]
@@ -343,15 +350,14 @@ class RoutedLinear(nn.Module):
         # native.py's kernels apply the tanh GELU to their float32 sums: one bf16 pass and rounding fewer
         tanh_gelu = self.approximate == "tanh"
         layout = native.ONEDNN if route.layout == ROW_BLOCKS else native.TILED
-        own = route.paths & {TILED, ROW_BLOCKS}
-        self._kernel = (
-            native.LinearKernel(self.weight, self.bias, layout=layout, gelu=tanh_gelu) if own else None
-        )
+        own = route.paths & {TILED, ROW_BLOCKS, COMPACT}
+        weight = compact._replace(data=self.weight) if compact is not None else self.weight
+        self._kernel = native.LinearKernel(weight, self.bias, layout=layout, gelu=tanh_gelu) if own else None
 
     def kernel_for(self, rows: int) -> native.LinearKernel | None:
         """The native kernel a call of `rows` rows runs, its GELU included, or None when another path does."""
         path = self._paths[bisect.bisect_right(self._firsts, rows) - 1]
-        own = path in (TILED, ROW_BLOCKS)
+        own = path in (TILED, ROW_BLOCKS, COMPACT)
         return self._kernel if own and self.approximate in (None, "tanh") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -360,7 +366,7 @@ class RoutedLinear(nn.Module):
             return fp32_linear(x, self.weight, self.bias, self.scratch, self.approximate)
         if path == TILED_FP32:
             return fp32_linear(x, self.weight, self.bias, self.scratch, self.approximate, tiled=True)
-        if path in (TILED, ROW_BLOCKS):
+        if path in (TILED, ROW_BLOCKS, COMPACT):
             out = self._kernel(x)
             return out if self.approximate in (None, "tanh") else F.gelu(out, approximate=self.approximate)
         out = aten_linear(x, self.weight, self.bias) if path == ATEN else F.linear(x, self.weight, self.bias)
@@ -405,12 +411,15 @@ class KernelChoice:
 
 def candidate_paths(packing: bool) -> list[str]:
     """The paths this CPU can run: packed where packing applies, and native beside it where native.py's
-    kernel reads the layout oneDNN packs in here (AVX512-BF16); tiled where native.py was built with a
-    vector ISA (and tiled-fp32 and row-blocks beside it, and fp32, where bfloat16 arithmetic is emulated);
-    aten where the default is oneDNN's (elsewhere it is the same kernel as eager)."""
+    kernel reads the layout oneDNN packs in here (AVX512-BF16); compact where native.py runs at AVX512-BF16;
+    tiled where native.py was built with a vector ISA (and tiled-fp32 and row-blocks beside it, and fp32,
+    where bfloat16 arithmetic is emulated); aten where the default is oneDNN's (elsewhere it is the same
+    kernel as eager)."""
     paths = [PACKED] if packing else []
     if packing and native.reads_onednn_packing():
         paths.append(NATIVE)
+    if native.best_isa() == native.AVX512_BF16:
+        paths.append(COMPACT)
     if native.best_isa() >= native.AVX2:
         paths += [TILED, TILED_FP32, ROW_BLOCKS] if bf16_is_emulated() else [TILED]
     paths.append(EAGER)
@@ -445,12 +454,12 @@ def choose(
         # row-blocks runs wherever the tiles do (VDPBF16PS reads its layout where the CPU has it), though
         # timed only where bf16 is emulated
         runnable = set(paths) | ({ROW_BLOCKS} if TILED in paths else set())
-        missing = route.paths & {NATIVE, TILED, TILED_FP32, ROW_BLOCKS} - runnable
+        missing = route.paths & {NATIVE, TILED, TILED_FP32, ROW_BLOCKS, COMPACT} - runnable
         if missing:
             raise ValueError(
                 f"{KERNELS_ENV}/--cpu-kernels: {', '.join(sorted(missing))} needs bloomduo's native kernels "
-                "(built by its install with a C compiler) and, for native, AVX512-BF16; this worker has "
-                f"{', '.join(paths)}"
+                "(built by its install with a C compiler) and, for native and compact, AVX512-BF16; this "
+                f"worker has {', '.join(paths)}"
             )
         return KernelChoice({group: route for group in groups}, forced=True)
     started = time.perf_counter()

@@ -28,7 +28,12 @@ _AVX512_VNNI = 4  # what _kernels.supported() calls VPDPBUSD: beside the ladder 
 _AMX_INT8 = 5  # and AMX's int8 tiles (the CPU, the compiler and Linux allow them)
 AMX_INT8_MIN_ROWS = 3  # _kernels.c's: from this many rows of x the VNNI layout goes through AMX where it runs
 ISA_NAMES = {SCALAR: "scalar", AVX2: "avx2", AVX512: "avx512", AVX512_BF16: "avx512-bf16"}
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+_DTYPE_CODES = {
+    torch.float32: 0,
+    torch.bfloat16: 1,
+    torch.int8: 2,
+    torch.uint8: 3,
+}  # uint8: a CompactWeight's
 
 
 @functools.cache
@@ -166,13 +171,111 @@ def row_blocks_fit(weight: torch.Tensor) -> bool:
     return out_features % 64 == 0 and in_features % TILE_K == 0
 
 
-def to_row_blocks(weight: torch.Tensor) -> torch.Tensor:
+def to_row_blocks(weight: torch.Tensor, block_rows: int = ONEDNN_BLOCK_ROWS) -> torch.Tensor:
     """The [out, in] weight (row_blocks_fit) in the ONEDNN layout: oneDNN's packing of bf16 weights (blocks of
-    64 rows x 32 columns, each holding (k, k+1) pairs row by row), made here: for int8 weights, and for bf16
-    ones where oneDNN packs none (bf16 emulated: the AVX2 FMA form reads them)."""
+    64 rows x 32 columns, each holding (k, k+1) pairs row by row; or 32 rows, as for AMX), made here: for int8
+    weights, for bf16 ones where oneDNN packs none (bf16 emulated: the AVX2 FMA form reads them), and before
+    to_compact."""
     out_features, in_features = weight.shape
-    blocks = weight.reshape(out_features // 64, 64, in_features // TILE_K, TILE_K // 2, 2)
+    blocks = weight.reshape(out_features // block_rows, block_rows, in_features // TILE_K, TILE_K // 2, 2)
     return blocks.permute(0, 2, 3, 1, 4).contiguous().view(out_features, in_features)
+
+
+def compact_block_rows() -> int:
+    """The rows of the compact blocks this CPU reads best: 32 where the 32-row blocks reach AMX's tiles (as
+    oneDNN packs for AMX), else 64."""
+    return onednn_packing_rows() or ONEDNN_BLOCK_ROWS
+
+
+def compact_fits(weight: torch.Tensor) -> bool:
+    """Whether a bf16 [out, in] weight can take the compact layout here (out a multiple of its block rows, in
+    of 32), and its kernel runs here (AVX512-BF16)."""
+    out_features, in_features = weight.shape
+    return (
+        best_isa() == AVX512_BF16
+        and weight.dtype == torch.bfloat16
+        and out_features % compact_block_rows() == 0
+        and in_features % TILE_K == 0
+    )
+
+
+class CompactWeight(NamedTuple):
+    """A bf16 weight in _kernels.c's compact row blocks (see there): its bytes and its shape."""
+
+    data: torch.Tensor  # uint8, every part of the layout end to end
+    out_features: int
+    in_features: int
+    block_rows: int
+
+    @property
+    def patches(self) -> int:
+        """How many of its weights are stored whole (their top byte not in their block's table)."""
+        blocks = self.out_features // self.block_rows
+        offset = self.out_features * self.in_features // _COMPACT_GROUP * _COMPACT_GROUP_BYTES
+        offset += blocks * COMPACT_CODES + 4 * blocks
+        return int(self.data[offset : offset + 4].view(torch.int32).item())
+
+
+COMPACT_CODES = 16  # _kernels.c's: the top bytes a compact block's table holds
+_COMPACT_GROUP, _COMPACT_GROUP_BYTES = 128, 192  # and its groups: 128 weights' low bytes, then their codes
+_COMPACT_PASS_WEIGHTS = 1 << 22  # to_compact works through this many weights at a time (its temporaries ~10x)
+
+
+def _compact_slots() -> torch.Tensor:
+    """For each of 64 slots of a compact group's half, the weight it holds (_kernels.c's compact_slot,
+    inverted)."""
+    slot = torch.arange(64)
+    lane, j = slot // 16, slot % 16
+    return torch.where(j < 8, 8 * lane + j, 32 + 8 * lane + j - 8)
+
+
+def to_compact(weight: torch.Tensor, block_rows: int) -> CompactWeight:
+    """A bf16 [out, in] weight in _kernels.c's compact row blocks of `block_rows` rows: 12 bits a weight where
+    every weight's top byte is one of its block's 16 most frequent, 32 for those that are not. Lossless: the
+    kernel decodes the very bytes of to_row_blocks(weight, block_rows)."""
+    if weight.dtype != torch.bfloat16:
+        raise ValueError(f"the compact layout holds bfloat16 weights, not {weight.dtype}")
+    out_features, in_features = weight.shape
+    blocks, per_block = out_features // block_rows, block_rows * in_features
+    groups = per_block // _COMPACT_GROUP
+    bits = to_row_blocks(weight.detach(), block_rows).view(torch.int16).view(blocks, per_block)
+    data = torch.empty(blocks, groups, _COMPACT_GROUP_BYTES, dtype=torch.uint8)
+    tables = torch.empty(blocks, COMPACT_CODES, dtype=torch.uint8)
+    patch_counts = torch.zeros(blocks + 1, dtype=torch.int32)
+    places: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    slots = _compact_slots()
+    step = max(1, _COMPACT_PASS_WEIGHTS // per_block)
+    for first in range(0, blocks, step):
+        part = bits[first : first + step]
+        count = part.shape[0]
+        top = ((part >> 8) & 0xFF).long()
+        frequency = torch.zeros(count, 256, dtype=torch.int32)
+        frequency.scatter_add_(1, top, torch.ones(1, dtype=torch.int32).expand_as(top))
+        table = frequency.topk(COMPACT_CODES, dim=1).indices
+        code_of = torch.full((count, 256), -1, dtype=torch.int16)
+        code_of.scatter_(1, table, torch.arange(COMPACT_CODES, dtype=torch.int16).expand(count, -1))
+        codes = code_of.gather(1, top)
+        low = (part & 0xFF).to(torch.uint8)
+        escaped = codes < 0
+        if escaped.any():  # stored whole as patches; their codes and low bytes are written over when decoded
+            places.append(escaped.nonzero()[:, 1].to(torch.int32))
+            values.append(part[escaped])
+            patch_counts[first + 1 : first + 1 + count] = escaped.sum(dim=1, dtype=torch.int32)
+            codes[escaped] = 0
+            low[escaped] = 0
+        # each half of a group in slot order; a slot's code in the low nibble of byte s (s < 32), else in the
+        # high nibble of byte s - 32
+        codes = codes.to(torch.uint8).view(count, groups, 2, 64)[..., slots]
+        low = low.view(count, groups, 2, 64)[..., slots]
+        group = data[first : first + count]
+        group[..., :128] = low.reshape(count, groups, 128)
+        group[..., 128:] = (codes[..., :32] | (codes[..., 32:] << 4)).reshape(count, groups, 64)
+        tables[first : first + count] = table.to(torch.uint8)
+    parts = [data.view(-1), tables.view(-1), patch_counts.cumsum(0, dtype=torch.int32).view(torch.uint8)]
+    if places:
+        parts += [torch.cat(places).view(torch.uint8), torch.cat(values).view(torch.uint8)]
+    return CompactWeight(torch.cat(parts), out_features, in_features, block_rows)
 
 
 def vnni_fits(weight: torch.Tensor) -> bool:
@@ -218,7 +321,7 @@ class LinearKernel:
 
     def __init__(
         self,
-        weight: torch.Tensor,
+        weight: torch.Tensor | CompactWeight,
         bias: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
         layout: int = TILED,
@@ -228,7 +331,8 @@ class LinearKernel:
         block_rows: int = ONEDNN_BLOCK_ROWS,
     ) -> None:
         """`row_sums` (int32 [out], vnni_row_sums) and `vnni`: the VNNI layout's, which quantizes x by row;
-        `block_rows`: the ONEDNN layout's (ONEDNN_BLOCK_ROWS, or AMX_BLOCK_ROWS as oneDNN packs for AMX)."""
+        `block_rows`: the ONEDNN layout's (ONEDNN_BLOCK_ROWS, or AMX_BLOCK_ROWS as oneDNN packs for AMX). A
+        CompactWeight is in the ONEDNN layout's blocks, of its own block rows."""
         module = _module()
         if module is None:
             raise RuntimeError(
@@ -236,7 +340,11 @@ class LinearKernel:
             )
         if bias is not None and not bias.is_contiguous():
             raise ValueError("bias must be contiguous")
-        self.out_features, self.in_features = weight.shape
+        if isinstance(weight, CompactWeight):
+            self.out_features, self.in_features = weight.out_features, weight.in_features
+            layout, block_rows, weight = ONEDNN, weight.block_rows, weight.data
+        else:
+            self.out_features, self.in_features = weight.shape
         if not (layout == VNNI) == (row_sums is not None) == (vnni is not None):
             raise ValueError("the VNNI layout, and it alone, takes the weight's row sums and its VnniForm")
         self._tensors = (weight, bias, scale, row_sums)  # held: the addresses below point into them
@@ -317,7 +425,7 @@ def rebase_kernels(model: torch.nn.Module) -> None:
 
 def linear(
     x: torch.Tensor,
-    tiled_weight: torch.Tensor,
+    tiled_weight: torch.Tensor | CompactWeight,
     bias: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     isa: int | None = None,

@@ -142,6 +142,79 @@ def test_bad_row_block_calls_are_told_what_is_wrong():
         native.linear(x, int8, None, scale, isa=native.SCALAR, layout=native.ONEDNN, block_rows=32)
 
 
+def _weights_with_tails(rows: int, columns: int, generator: torch.Generator) -> torch.Tensor:
+    """bf16 weights as a trained matrix has them (most |w| within a few binades) plus some far outside them
+    (tiny, huge, zeros of both signs), which no block's 16-entry table holds: the compact layout's patches."""
+    weight = torch.randn(rows, columns, generator=generator) * 0.02
+    tails = torch.tensor([1e-30, -3e-25, 0.0, -0.0, 5.0, -7e3, 2e-9])
+    places = torch.randint(0, rows * columns, (3 * len(tails),), generator=generator)
+    weight.view(-1)[places] = tails.repeat(3)
+    return weight.to(torch.bfloat16)
+
+
+COMPACT_READERS = [isa for isa in ISAS if isa in (native.SCALAR, native.AVX512_BF16)]
+
+
+@pytest.mark.parametrize("isa", COMPACT_READERS, ids=[native.ISA_NAMES[isa] for isa in COMPACT_READERS])
+@pytest.mark.parametrize("block_rows", [native.AMX_BLOCK_ROWS, native.ONEDNN_BLOCK_ROWS])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 16, 33])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_compact_blocks_give_the_plain_blocks_products_to_the_bit(isa, block_rows, rows, gelu):
+    """bf16 weights in 12 bits (+ patches) are the same weights: every path reading them (the scalar one on
+    every CPU; AVX512-BF16's registers up to 6 rows, AMX's tiles from 7 where the CPU has them, decoded blocks
+    for more than 6 rows of 64-row blocks) gives the plain row blocks' output bit for bit, K of 1 to 3 AMX
+    stretches."""
+    generator = torch.Generator().manual_seed(rows)
+    columns = 64 if isa == native.SCALAR else 640
+    weight = _weights_with_tails(128, columns, generator)
+    bias = torch.randn(128, generator=generator).to(torch.bfloat16)
+    x = torch.randn(rows, columns, generator=generator).to(torch.bfloat16)
+    compact = native.to_compact(weight, block_rows)
+    assert compact.patches > 0
+    got = native.linear(x, compact, bias, isa=isa, gelu=gelu)
+    want = native.linear(
+        x,
+        native.to_row_blocks(weight, block_rows),
+        bias,
+        isa=isa,
+        layout=native.ONEDNN,
+        gelu=gelu,
+        block_rows=block_rows,
+    )
+    assert torch.equal(got, want)
+    reference = _reference(x, weight, bias, None)
+    if gelu:
+        reference = torch.nn.functional.gelu(reference, approximate="tanh")
+    assert _within_one_rounding(got, reference)
+
+
+def test_a_compact_weight_takes_three_quarters_of_the_bytes_and_patches_only_what_its_tables_miss():
+    generator = torch.Generator().manual_seed(0)
+    plain = (torch.randn(256, 1024, generator=generator) * 0.02).to(torch.bfloat16)
+    # a weight whose every block has at most 16 top bytes: no patch, the bytes 12 bits a weight plus tables
+    few = torch.tensor([0.5, -0.25, 0.125, 1.0]).repeat(256 * 256).view(256, 1024).to(torch.bfloat16)
+    for block_rows in (native.AMX_BLOCK_ROWS, native.ONEDNN_BLOCK_ROWS):
+        exact = native.to_compact(few, block_rows)
+        blocks = 256 // block_rows
+        assert exact.patches == 0
+        assert exact.data.numel() == 256 * 1024 * 3 // 2 + blocks * native.COMPACT_CODES + 4 * (blocks + 1)
+        usual = native.to_compact(plain, block_rows)
+        # N(0, 0.02): the 16 likeliest top bytes hold all but ~1e-4 of the weights, 6 bytes each outside them
+        assert 0 < usual.patches < 1e-3 * plain.numel()
+        assert usual.data.numel() < 0.76 * plain.numel() * 2
+    with pytest.raises(ValueError, match="holds bfloat16 weights"):
+        native.to_compact(plain.float(), native.AMX_BLOCK_ROWS)
+
+
+def test_bad_compact_calls_are_told_what_is_wrong():
+    compact = native.to_compact(torch.randn(64, 64).to(torch.bfloat16), native.ONEDNN_BLOCK_ROWS)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="compact row blocks are read by the AVX512-BF16 and scalar paths"):
+        native.linear(x, compact, isa=native.AVX2)
+    with pytest.raises(ValueError, match="read for bfloat16 x"):
+        native.linear(x.float(), compact, isa=native.SCALAR)
+
+
 def _quantized_reference(x, weight, scale, bias, levels) -> torch.Tensor:
     """What the VNNI layout's kernel defines, in torch: each row of x to `levels` steps spanning [min(x, 0),
     max(x, 0)] (float32 arithmetic, rounded half to even) offset by the byte that holds 0, exact integer

@@ -31,6 +31,7 @@ from bloomduo.shard_worker.config import ShardOptions
 from bloomduo.shard_worker.cpu_kernels import (
     ATEN,
     BLOCKS,
+    COMPACT,
     EAGER,
     FP32,
     KERNELS_ENV,
@@ -86,7 +87,7 @@ def _module_for(path: str, linear: nn.Linear, scratch: Fp32Scratch, activation: 
         module = PackedLinear(linear, activation, algorithm, Route(PACKED, ((1, path),)))
         assert module._native == [path == NATIVE]  # native read oneDNN's layout right, or was not asked
         return module
-    if path in (TILED, TILED_FP32, ROW_BLOCKS):
+    if path in (TILED, TILED_FP32, ROW_BLOCKS, COMPACT):
         route = Route(cpu_kernels.LAYOUT_OF[path], ((1, path),))
         return RoutedLinear(linear, route, scratch, activation, algorithm)
     return RoutedLinear(linear, Route(PLAIN, ((1, path),)), scratch, activation, algorithm)
@@ -97,8 +98,18 @@ needs_native_onednn = pytest.mark.skipif(
     reason="the native path reads oneDNN's AVX512-BF16 layout: this CPU or torch build packs no bfloat16, "
     "or packs it in another layout (then the native path is no candidate here)",
 )
+needs_compact = pytest.mark.skipif(
+    native.best_isa() != native.AVX512_BF16,
+    reason="the compact path's kernel runs at AVX512-BF16 (its scalar twin: tests/test_native_kernels.py)",
+)
 # the install built them; row-blocks reads its layout on every CPU, though a candidate where bf16 is emulated
-OWN_PATHS = [pytest.param(NATIVE, marks=needs_native_onednn), TILED, TILED_FP32, ROW_BLOCKS]
+OWN_PATHS = [
+    pytest.param(NATIVE, marks=needs_native_onednn),
+    TILED,
+    TILED_FP32,
+    ROW_BLOCKS,
+    pytest.param(COMPACT, marks=needs_compact),
+]
 
 
 # ------------------------------------------------------------------------------ each path, one Linear
@@ -129,6 +140,7 @@ def test_every_path_computes_what_nn_linear_does(path, bias, rows):
         TILED_FP32,
         TILED,
         ROW_BLOCKS,
+        pytest.param(COMPACT, marks=needs_compact),
     ],
 )
 @torch.inference_mode()
@@ -431,7 +443,15 @@ def _run(model: BloomShardModel, reference, dtype: torch.dtype) -> list[torch.Te
     ]
 
 
-FORCED = [pytest.param("packed", marks=needs_packing), "eager", "aten", "fp32", "aten,fp32@3", "auto"]
+FORCED = [
+    pytest.param("packed", marks=needs_packing),
+    pytest.param("compact", marks=needs_compact),
+    "eager",
+    "aten",
+    "fp32",
+    "aten,fp32@3",
+    "auto",
+]
 
 
 @pytest.mark.parametrize("setting", FORCED)
