@@ -153,6 +153,18 @@ def test_floor_arithmetic_from_the_checkpoint(demo_model, tmp_path) -> None:
     assert int8["decode_bytes"] == layers * (matrices + 4 * rows) + vectors * 2 + vocab * (h + 4)
     assert int8["prompt_flops"] == bf16["prompt_flops"]
 
+    # compact workers (Info's kernels say which groups): those matrices at 12 bits a weight
+    compact = machine_floor.model_costs(
+        model_dir, "bfloat16", 32, compact_groups=frozenset({"blocks", "lm_head"})
+    )
+    assert (
+        compact["decode_bytes"]
+        == layers * matrices * 3 // 2 + (13 * h * layers + 2 * h) * 2 + vocab * h * 3 // 2
+    )
+    head_only = machine_floor.model_costs(model_dir, "bfloat16", 32, compact_groups=frozenset({"lm_head"}))
+    assert head_only["decode_bytes"] == bf16["decode_bytes"] - vocab * h // 2
+    assert "12 bits" in compact["weights"] and compact["prompt_flops"] == bf16["prompt_flops"]
+
     # A checkpoint cut for 2 ranks: the same matrices, plus each rank's own copy of the replicated vectors.
     cut = machine_floor.model_costs(shard_weights(model_dir, 2, tmp_path / "cut"), "bfloat16", 32)
     assert cut["prompt_flops"] == bf16["prompt_flops"]

@@ -592,8 +592,18 @@ def measure_floor(args: argparse.Namespace, info: Any, target: str, launched: bo
     # Workers say "int8 (...)" or "int8-dynamic (...)" in their kernels when they hold int8 weights.
     schemes = {kernels.split(" ")[0] for kernels in info.worker_kernels}
     quantize = schemes.pop() if len(schemes) == 1 and schemes <= set(QUANTIZE_CHOICES[1:]) else "none"
+    # ...and "blocks: compact; lm_head: compact" where they hold bf16 matrices in 12 bits a weight
+    compact = frozenset(
+        group
+        for group in ("blocks", "lm_head")
+        if info.worker_kernels and all(f"{group}: compact" in kernels for kernels in info.worker_kernels)
+    )
     costs = machine_floor.model_costs(
-        args.model, info.dtype, args.prompt_tokens, int8_matrices=quantize != "none"
+        args.model,
+        info.dtype,
+        args.prompt_tokens,
+        int8_matrices=quantize != "none",
+        compact_groups=compact,
     )
     threads = machine_floor.stack_threads(info.num_shards, args.threads_per_shard)
     rates = machine_floor.measure_rates(

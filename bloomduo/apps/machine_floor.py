@@ -71,7 +71,12 @@ def stack_threads(num_shards: int, threads_per_shard: int | None) -> int:
 
 
 def model_costs(
-    model_dir: Path, dtype_name: str, prompt_tokens: int, *, int8_matrices: bool = False
+    model_dir: Path,
+    dtype_name: str,
+    prompt_tokens: int,
+    *,
+    int8_matrices: bool = False,
+    compact_groups: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """What one decode step reads and one prefill computes, from the checkpoint's tensor sizes.
 
@@ -82,6 +87,8 @@ def model_costs(
     biases, LayerNorms and softmax are elementwise and left out. A checkpoint cut by `bloomduo
     shard-weights` is read rank by rank: what each worker holds, replicated LayerNorms included.
     `int8_matrices` (workers started with --quantize): the matrices at one byte plus a float32 scale per row.
+    `compact_groups` ("blocks", "lm_head": the groups whose workers hold bf16 matrices in compact row blocks,
+    native.to_compact): those matrices at 12 bits a weight (their tables and patches, ~0.1 %, left out).
     """
     from bloomduo.core.checkpoint import Checkpoint
     from bloomduo.core.dtypes import to_torch
@@ -106,8 +113,13 @@ def model_costs(
             if group is None:
                 continue
             elements[group] += count
-            quantized = int8_matrices and len(shape) == 2
-            part_bytes[group] += count + 4 * shape[0] if quantized else count * itemsize
+            matrix = len(shape) == 2
+            if int8_matrices and matrix:
+                part_bytes[group] += count + 4 * shape[0]
+            elif group in compact_groups and matrix:
+                part_bytes[group] += count * 3 // 2
+            else:
+                part_bytes[group] += count * itemsize
             if group == "blocks" and len(shape) == 2:
                 block_matrix_elements += count
     if not block_matrix_elements or not elements["lm_head"]:
@@ -120,7 +132,11 @@ def model_costs(
     }
     return {
         "dtype": dtype_name,
-        "weights": f"int8 (matrices) and {dtype_name}" if int8_matrices else dtype_name,
+        "weights": f"int8 (matrices) and {dtype_name}"
+        if int8_matrices
+        else f"{dtype_name}, {' and '.join(sorted(compact_groups))} in 12 bits (compact)"
+        if compact_groups
+        else dtype_name,
         "decode_bytes": sum(part_bytes.values()),
         "decode_bytes_parts": part_bytes,
         "prompt_tokens": prompt_tokens,
