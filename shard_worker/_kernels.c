@@ -139,9 +139,6 @@ typedef struct {
  *   int32 [patches]             a patch's place in its block, as its element's index in the ONEDNN order
  *   uint16 [patches]            its bf16 weight */
 #define COMPACT_CODES 16
-/* Up to 6 rows of x (one pass of block_compact's registers) compact blocks are decoded into registers; from 7,
- * 32-row blocks go through AMX, each stretch of a block decoded into L1 first. */
-#define COMPACT_MIN_AMX_ROWS 7
 #define COMPACT_GROUP 128 /* weights, in */
 #define COMPACT_GROUP_BYTES 192
 
@@ -634,6 +631,31 @@ AVX512 static void decode_compact(const Compact *c, long b, long K, long rows, l
     }
 }
 
+/* Decoding one stretch of a compact block a few groups at a time, between other work (linear_onednn_amx's
+ * passes over the stretch before it): its block, where it is and where it ends, the block's patch cursor. */
+typedef struct {
+    const Compact *c;
+    long b, K, rows, first, place, end;
+    int32_t next;
+    long patch_place;
+    uint16_t *out;
+} DecodeJob;
+
+/* Start `job` on places first .. end of block b (into `out`); the patch cursor carries on within a block. */
+static void decode_job_start(DecodeJob *job, long b, long first, long end, uint16_t *out) {
+    if (b != job->b) job->patch_place = first_patch(job->c, b, &job->next);
+    job->b = b, job->first = job->place = first, job->end = end, job->out = out;
+}
+
+/* Up to `groups` more groups of the job's stretch. */
+static void decode_job_run(DecodeJob *job, long groups) {
+    const long left = (job->end - job->place) / COMPACT_GROUP, end = job->place + (groups < left ? groups : left) * COMPACT_GROUP;
+    if (end <= job->place) return;
+    decode_compact(job->c, job->b, job->K, job->rows, job->place, end, &job->next, &job->patch_place,
+                   job->out + (job->place - job->first));
+    job->place = end;
+}
+
 /* block_onednn's products on a compact block, one read of it for up to 6 rows of x: each group of 128 weights
  * decoded into registers (its patches, if any, set in their lanes) and summed as block_onednn sums the plain
  * block, the same products in the same order. Decoded into L1 and read back from there instead, a stretch at a
@@ -724,7 +746,8 @@ AVX512_BF16 static const char *linear_onednn_bf16(const Problem *p) {
 /* From this many rows of x the 32-row blocks go through AMX, below it through VDPBF16PS, which streams them
  * faster (a bloom-560m rank's blocks, one thread, ms VDPBF16PS / AMX: 1 row 26-28 / 31-34, 2 rows 26-29 /
  * 32-33); from 4 rows to 64 AMX beats oneDNN's own AMX kernel (16 rows 29-32 against 35 ms, 32 rows 29-34
- * against 40; larger batches see AMX_K_STEP). */
+ * against 40; larger batches see AMX_K_STEP). Compact blocks alike (their LM head slice, ms registers / AMX:
+ * 3 rows 17.7 / 17.7, 4 rows 18.2-18.6 / 17.7, 6 rows 21.4-22.2 / 18.9). */
 #define AMX_MIN_ROWS 3
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -775,12 +798,15 @@ AMX INLINE void amx_store(const Problem *p, const float *sums, long first, int t
         for (int half = 0; half < 2; half++) store16(p, first + r, n0 + half * 16, _mm512_loadu_ps(sums + r * 32 + half * 16));
 }
 
+/* A compact stretch's next one is decoded during its first pass: 8 groups (32 columns of the block) a step. */
+#define AMX_JOB_GROUPS 8
+
 /* One pass over a row block's columns k0 .. k1: x's 16-row tile x0 (and x1 beside it, `two`) against the
- * block's 32 outputs, summed into `sums` (32 floats a row; zeroed at k0 = 0); the first pass over a stretch
- * of the block asks L2 for the weights ahead: `ahead_lines` lines from `ahead` on for every 32 columns (none
- * when `ahead` is NULL). */
+ * block's 32 outputs, summed into `sums` (32 floats a row; zeroed at k0 = 0). The first pass over a stretch of
+ * the block keeps the memory busy: a plain block asks L2 for its weights ROW_BLOCK_AHEAD on (`fetch`); a
+ * compact one decodes AMX_JOB_GROUPS groups of the next stretch (`job`) every 32 columns. */
 AMX INLINE void amx_pass(const Problem *p, const uint16_t *block, const uint16_t *x0, const uint16_t *x1, long k0,
-                         long k1, float *sums, const int two, const char *ahead, const int ahead_lines) {
+                         long k1, float *sums, const int two, const int fetch, DecodeJob *job) {
     const long stride = p->K * (long)sizeof(uint16_t);
     if (k0 == 0) {
         _tile_zero(0);
@@ -799,9 +825,10 @@ AMX INLINE void amx_pass(const Problem *p, const uint16_t *block, const uint16_t
     }
     for (long k = k0; k < k1; k += 32) {
         const uint16_t *pairs = block + k * AMX_BLOCK_ROWS;
-        if (ahead)
-            for (int line = 0; line < ahead_lines; line++)
-                _mm_prefetch(ahead + ((k - k0) / 32 * ahead_lines + line) * 64, _MM_HINT_T1);
+        if (fetch)
+            for (int line = 0; line < 32; line++)
+                _mm_prefetch((const char *)pairs + ROW_BLOCK_AHEAD + line * 64, _MM_HINT_T1);
+        if (job) decode_job_run(job, AMX_JOB_GROUPS);
         _tile_loadd(4, x0 + k, stride);
         _tile_loadd(6, pairs, 128);
         _tile_loadd(7, pairs + 32, 128);
@@ -889,46 +916,51 @@ AMX static const char *linear_int8_blocks_amx(const Problem *p) {
 
 AMX static const char *linear_onednn_amx(const Problem *p) {
     const long K = p->K, tiles = (p->R + 15) / 16, whole = p->R / 16;
-    /* compact blocks: decoded a stretch at a time, into L1, as the passes go */
-    const long k_step = tiles > 2 || p->w_dtype == DT_BF16_COMPACT ? AMX_K_STEP : K;
     const int compact = p->w_dtype == DT_BF16_COMPACT;
+    /* compact blocks: a stretch at a time, decoded into one of two buffers in L1 while the passes read the other */
+    const long k_step = tiles > 2 || compact ? AMX_K_STEP : K;
     const Compact parts = compact ? compact_parts(p) : (Compact){0};
     /* x's last rows padded to a tile, the float32 sums of every tile of x against one block, then (compact) the
-     * block decoded */
-    uint16_t *scratch = widening_scratch(16 * (size_t)K + (size_t)tiles * 16 * 32 * 2 + (compact ? 32 * AMX_K_STEP : 0));
-    if (!scratch) return "out of memory for x's last rows, the sums and a decoded block";
+     * two decoded stretches */
+    uint16_t *scratch =
+        widening_scratch(16 * (size_t)K + (size_t)tiles * 16 * 32 * 2 + (compact ? 2 * 32 * AMX_K_STEP : 0));
+    if (!scratch) return "out of memory for x's last rows, the sums and the decoded stretches";
     const uint16_t *x = (const uint16_t *)p->x, *last = tiles > whole ? amx_padded_rows(p, whole * 16, scratch) : NULL;
     float *sums = (float *)(scratch + 16 * K);
-    uint16_t *decoded = scratch + 16 * K + tiles * 16 * 32 * 2;
+    uint16_t *decoded[2] = {scratch + 16 * K + tiles * 16 * 32 * 2, scratch + 16 * K + tiles * 16 * 32 * 2 + 32 * AMX_K_STEP};
+    DecodeJob job = {&parts, -1, K, AMX_BLOCK_ROWS, 0, 0, 0, 0, 0, NULL};
+    if (compact) {
+        decode_job_start(&job, 0, 0, AMX_BLOCK_ROWS * (K < AMX_K_STEP ? K : AMX_K_STEP), decoded[0]);
+        decode_job_run(&job, LONG_MAX);
+    }
     amx_configure();
     /* tiles 0-3 sum, 4-5 hold x, 6-7 the block's two halves; two 16-row tiles of x a pass share each B tile */
+    long stretch = 0;
     for (long n0 = 0; n0 < p->N; n0 += AMX_BLOCK_ROWS) {
         const uint16_t *block = (const uint16_t *)p->w + n0 * K;
-        int32_t next;
-        long patch_place = compact ? first_patch(&parts, n0 / AMX_BLOCK_ROWS, &next) : 0;
-        for (long k0 = 0; k0 < K; k0 += k_step) {
+        for (long k0 = 0; k0 < K; k0 += k_step, stretch++) {
             const long k1 = k0 + k_step < K ? k0 + k_step : K;
-            if (compact) { /* the stretch's columns k0 .. k1 where amx_pass reads them: block + k x 32 */
-                decode_compact(&parts, n0 / AMX_BLOCK_ROWS, K, AMX_BLOCK_ROWS, k0 * AMX_BLOCK_ROWS, k1 * AMX_BLOCK_ROWS,
-                               &next, &patch_place, decoded);
-                block = decoded - k0 * AMX_BLOCK_ROWS;
+            DecodeJob *next = NULL;
+            if (compact) { /* this stretch's columns where amx_pass reads them (block + k x 32); the next one's job */
+                block = decoded[stretch % 2] - k0 * AMX_BLOCK_ROWS;
+                const long next_n0 = k1 < K ? n0 : n0 + AMX_BLOCK_ROWS, next_k0 = k1 < K ? k1 : 0;
+                const long next_k1 = next_k0 + AMX_K_STEP < K ? next_k0 + AMX_K_STEP : K;
+                if (next_n0 < p->N) {
+                    decode_job_start(&job, next_n0 / AMX_BLOCK_ROWS, next_k0 * AMX_BLOCK_ROWS, next_k1 * AMX_BLOCK_ROWS,
+                                     decoded[(stretch + 1) % 2]);
+                    next = &job;
+                }
             }
-            /* the first pass asks for the plain block's weights ROW_BLOCK_AHEAD on, 32 lines a step; on a compact
-             * one, for the weights past what decode_compact asked for, which the passes would otherwise leave the
-             * memory idle for: compact bytes ROW_BLOCK_AHEAD past the next stretch's start, 24 lines a step */
-            const char *ahead = compact ? (const char *)compact_block(&parts, n0 / AMX_BLOCK_ROWS, K, AMX_BLOCK_ROWS) +
-                                              k1 * AMX_BLOCK_ROWS / COMPACT_GROUP * COMPACT_GROUP_BYTES + ROW_BLOCK_AHEAD
-                                        : (const char *)(block + k0 * AMX_BLOCK_ROWS) + ROW_BLOCK_AHEAD;
-            const int ahead_lines = compact ? 32 * AMX_BLOCK_ROWS / COMPACT_GROUP * COMPACT_GROUP_BYTES / 64 : 32;
             for (long m = 0; m < tiles; m += 2) {
                 const uint16_t *x0 = m < whole ? x + m * 16 * K : last;
-                const char *fetch = m == 0 ? ahead : NULL;
+                DecodeJob *decoding = m == 0 ? next : NULL;
                 if (m + 1 < tiles)
                     amx_pass(p, block, x0, m + 1 < whole ? x + (m + 1) * 16 * K : last, k0, k1, sums + m * 16 * 32, 1,
-                             fetch, ahead_lines);
+                             m == 0 && !compact, decoding);
                 else
-                    amx_pass(p, block, x0, NULL, k0, k1, sums + m * 16 * 32, 0, fetch, ahead_lines);
+                    amx_pass(p, block, x0, NULL, k0, k1, sums + m * 16 * 32, 0, m == 0 && !compact, decoding);
             }
+            if (next) decode_job_run(next, LONG_MAX); /* what the passes' steps left of it */
         }
         for (long m = 0; m < tiles; m += 2) amx_store(p, sums + m * 16 * 32, m * 16, tiles - m >= 2 ? 2 : 1, n0);
     }
@@ -2152,8 +2184,7 @@ static const char *run(Problem *p, int isa) {
     if (isa == ISA_AVX512_BF16) {
         if (p->layout == LAYOUT_ONEDNN) {
 #ifdef HAS_AMX
-            const int compact_rows = p->w_dtype == DT_BF16_COMPACT ? COMPACT_MIN_AMX_ROWS : AMX_MIN_ROWS;
-            if (p->block_rows == AMX_BLOCK_ROWS && p->R >= compact_rows && amx_ready()) return linear_onednn_amx(p);
+            if (p->block_rows == AMX_BLOCK_ROWS && p->R >= AMX_MIN_ROWS && amx_ready()) return linear_onednn_amx(p);
             if (p->w_dtype == DT_I8 && p->R >= AMX_WIDENED_MIN_ROWS && amx_ready())
                 return linear_int8_blocks_amx(p);
 #endif
