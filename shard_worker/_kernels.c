@@ -913,24 +913,29 @@ AMX static const char *linear_int8_blocks_amx(const Problem *p) {
  * x before the next stretch, so the block's stretch is read from L1 and only x from L2 (4 hot layers of a
  * bloom-560m rank, one thread: 256 rows 18.6 -> 17.3-17.5 ms, 320 rows 24.0 -> 20.7-21.2; oneDNN 16-22). */
 #define AMX_K_STEP 256
+/* Compact blocks go by stretches of this many columns at every row count: each stretch decoded into one of two
+ * 8 KiB buffers (L1) while the passes read the other (a bloom-560m rank's block Linears, one thread, Xeon with
+ * AMX, ms plain -> compact at 4 / 16 / 32 rows: 256-column stretches 25.5 -> 23.5, 25.8 -> 23.6, 27.6 -> 26.8 and
+ * as much as 1.15x slower in other runs; 128: 26.3 -> 23.2, 27.3 -> 22.3, 29.4 -> 26.1, never slower in three). */
+#define COMPACT_K_STEP 128
 
 AMX static const char *linear_onednn_amx(const Problem *p) {
     const long K = p->K, tiles = (p->R + 15) / 16, whole = p->R / 16;
     const int compact = p->w_dtype == DT_BF16_COMPACT;
     /* compact blocks: a stretch at a time, decoded into one of two buffers in L1 while the passes read the other */
-    const long k_step = tiles > 2 || compact ? AMX_K_STEP : K;
+    const long k_step = compact ? COMPACT_K_STEP : tiles > 2 ? AMX_K_STEP : K;
     const Compact parts = compact ? compact_parts(p) : (Compact){0};
     /* x's last rows padded to a tile, the float32 sums of every tile of x against one block, then (compact) the
      * two decoded stretches */
     uint16_t *scratch =
-        widening_scratch(16 * (size_t)K + (size_t)tiles * 16 * 32 * 2 + (compact ? 2 * 32 * AMX_K_STEP : 0));
+        widening_scratch(16 * (size_t)K + (size_t)tiles * 16 * 32 * 2 + (compact ? 2 * 32 * COMPACT_K_STEP : 0));
     if (!scratch) return "out of memory for x's last rows, the sums and the decoded stretches";
     const uint16_t *x = (const uint16_t *)p->x, *last = tiles > whole ? amx_padded_rows(p, whole * 16, scratch) : NULL;
     float *sums = (float *)(scratch + 16 * K);
-    uint16_t *decoded[2] = {scratch + 16 * K + tiles * 16 * 32 * 2, scratch + 16 * K + tiles * 16 * 32 * 2 + 32 * AMX_K_STEP};
+    uint16_t *decoded[2] = {scratch + 16 * K + tiles * 16 * 32 * 2, scratch + 16 * K + tiles * 16 * 32 * 2 + 32 * COMPACT_K_STEP};
     DecodeJob job = {&parts, -1, K, AMX_BLOCK_ROWS, 0, 0, 0, 0, 0, NULL};
     if (compact) {
-        decode_job_start(&job, 0, 0, AMX_BLOCK_ROWS * (K < AMX_K_STEP ? K : AMX_K_STEP), decoded[0]);
+        decode_job_start(&job, 0, 0, AMX_BLOCK_ROWS * (K < COMPACT_K_STEP ? K : COMPACT_K_STEP), decoded[0]);
         decode_job_run(&job, LONG_MAX);
     }
     amx_configure();
@@ -944,7 +949,7 @@ AMX static const char *linear_onednn_amx(const Problem *p) {
             if (compact) { /* this stretch's columns where amx_pass reads them (block + k x 32); the next one's job */
                 block = decoded[stretch % 2] - k0 * AMX_BLOCK_ROWS;
                 const long next_n0 = k1 < K ? n0 : n0 + AMX_BLOCK_ROWS, next_k0 = k1 < K ? k1 : 0;
-                const long next_k1 = next_k0 + AMX_K_STEP < K ? next_k0 + AMX_K_STEP : K;
+                const long next_k1 = next_k0 + COMPACT_K_STEP < K ? next_k0 + COMPACT_K_STEP : K;
                 if (next_n0 < p->N) {
                     decode_job_start(&job, next_n0 / AMX_BLOCK_ROWS, next_k0 * AMX_BLOCK_ROWS, next_k1 * AMX_BLOCK_ROWS,
                                      decoded[(stretch + 1) % 2]);

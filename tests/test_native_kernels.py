@@ -162,8 +162,8 @@ COMPACT_READERS = [isa for isa in ISAS if isa in (native.SCALAR, native.AVX512_B
 def test_compact_blocks_give_the_plain_blocks_products_to_the_bit(isa, block_rows, rows, gelu):
     """bf16 weights in 12 bits (+ patches) are the same weights: every path reading them (the scalar one on
     every CPU; AVX512-BF16's registers up to 6 rows, or 2 where AMX's tiles take over, decoded blocks
-    for more than 6 rows of 64-row blocks) gives the plain row blocks' output bit for bit, K of 1 to 3 AMX
-    stretches."""
+    for more than 6 rows of 64-row blocks) gives the plain row blocks' output bit for bit; K = 640 is five
+    of AMX's stretches of 128 columns."""
     generator = torch.Generator().manual_seed(rows)
     columns = 64 if isa == native.SCALAR else 640
     weight = _weights_with_tails(128, columns, generator)
