@@ -32,6 +32,9 @@ weights at 1 and 4 rows, cold, one block at 32 and 256 rows):
       native (AMX from 3 rows)    7.6    8.8   0.9    4.1
       packed                     12.5    9.8   1.5    3.5
       tiled                       7.8   12.3   5.2      -
+    the same Xeon, 2026-12-03 (the bus faster that day)
+      native                      5.8    6.3   1.17   3.13
+      compact                     4.7    5.2   0.92   3.12
     AVX2-only EPYC, real (both ranks probing at once)
       tiled                       3.2    9.3   6.3   47.5
       tiled-fp32                 13.6   23.4   8.4   45.9
@@ -58,9 +61,9 @@ take turns in the timed runs, and the ranks of a group choose alike, from their 
 slower at 4 to 32 rows) when a single one-row run of the row blocks came out 1.2x slow.
 
 `BLOOMDUO_CPU_KERNELS` (or `bloomduo shard --cpu-kernels`) forces a route instead, e.g. `packed`, `native`,
-`tiled`, or steps of one layout such as `native,packed@33` or `aten,fp32@8` (aten below 8 rows, fp32 from
-8): no timing, the same on every run. float32 and float16 workers keep nn.Linear as it is: float32 is held
-to transformers bit for bit.
+`compact`, `tiled`, or steps of one layout such as `native,packed@33` or `aten,fp32@8` (aten below 8 rows,
+fp32 from 8): no timing, the same on every run. float32 and float16 workers keep nn.Linear as it is: float32
+is held to transformers bit for bit.
 """
 
 from __future__ import annotations
