@@ -181,6 +181,72 @@ static uint16_t compact_weight(const Compact *c, long n, long k, long K, long ro
     return (uint16_t)(group[64 * half + slot] | c->tables[b * COMPACT_CODES + code] << 8);
 }
 
+/* The bf16 weight at `place` of the plain [N, K] weight's block b, in the ONEDNN order (onednn_index inverted):
+ * what the encoder reads, a block's rows at a time (32 or 64 rows x K: in L2). */
+static inline uint16_t row_block_weight(const uint16_t *w, long b, long place, long K, long rows) {
+    const long pair = place / (2 * rows), within = place % (2 * rows);
+    return w[(b * rows + within / 2) * K + 2 * pair + within % 2];
+}
+
+/* Pass one of encoding a plain bf16 [N, K] weight into compact blocks of `rows`: each block's table (its 16 most
+ * frequent top bytes, the more frequent first, ties to the smaller byte) and where its patches start (`starts`,
+ * blocks + 1 of them, from 0); returns how many patches there are in all. */
+static long compact_tables(const uint16_t *w, long N, long K, long rows, uint8_t *tables, int32_t *starts) {
+    long patches = 0;
+    starts[0] = 0;
+    for (long b = 0; b < N / rows; b++) {
+        long count[256] = {0}, held = 0;
+        for (long n = b * rows; n < (b + 1) * rows; n++)
+            for (long k = 0; k < K; k++) count[w[n * K + k] >> 8]++;
+        for (int code = 0; code < COMPACT_CODES; code++) {
+            int top = 0;
+            for (int value = 1; value < 256; value++)
+                if (count[value] > count[top]) top = value;
+            tables[b * COMPACT_CODES + code] = (uint8_t)top;
+            held += count[top];
+            count[top] = -1; /* taken */
+        }
+        patches += rows * K - held;
+        starts[b + 1] = (int32_t)patches;
+    }
+    return patches;
+}
+
+/* Pass two: the blocks' groups and patches, into `out` laid out as compact_parts reads it (tables and patch starts
+ * already in place). */
+static void compact_fill(const uint16_t *w, long N, long K, long rows, uint8_t *out) {
+    const Problem shape = {.w = out, .N = N, .K = K, .block_rows = (int)rows};
+    const Compact c = compact_parts(&shape);
+    uint8_t *data = out;
+    int32_t *places = (int32_t *)c.patch_place;
+    uint16_t *values = (uint16_t *)c.patch_value;
+    memset(data, 0, (size_t)(N * K / COMPACT_GROUP * COMPACT_GROUP_BYTES));
+    for (long b = 0; b < N / rows; b++) {
+        int code_of[256];
+        for (int value = 0; value < 256; value++) code_of[value] = -1;
+        for (int code = COMPACT_CODES - 1; code >= 0; code--) code_of[c.tables[b * COMPACT_CODES + code]] = code;
+        long patch = c.patch_start[b];
+        uint8_t *block = data + (compact_block(&c, b, K, rows) - c.data);
+        for (long place = 0; place < rows * K; place++) {
+            const uint16_t value = row_block_weight(w, b, place, K, rows);
+            int code = code_of[value >> 8], low = value & 0xFF;
+            if (code < 0) { /* stored whole; the decoded stand-in is overwritten */
+                places[patch] = (int32_t)place;
+                values[patch++] = value;
+                code = low = 0;
+            }
+            uint8_t *group = block + place / COMPACT_GROUP * COMPACT_GROUP_BYTES;
+            const long half = place % COMPACT_GROUP / 64, slot = compact_slot(place % 64);
+            group[64 * half + slot] = (uint8_t)low;
+            uint8_t *codes = group + 128 + 32 * half;
+            if (slot < 32)
+                codes[slot] |= (uint8_t)code;
+            else
+                codes[slot - 32] |= (uint8_t)(code << 4);
+        }
+    }
+}
+
 static inline float load_as_f32(const void *p, long i, int dtype) {
     return dtype == DT_BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
@@ -2681,10 +2747,46 @@ static PyObject *py_supported(PyObject *self, PyObject *arg) {
     return PyBool_FromLong(isa_supported((int)isa));
 }
 
+/* compact_tables(w, N, K, rows, tables, starts) -> patches; compact_fill(w, N, K, rows, out): a plain bf16 [N, K]
+ * weight (N a multiple of rows: 32 or 64; K of 32) into compact blocks (native.py's to_compact). */
+static PyObject *py_compact_tables(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (!takes_arguments("compact_tables", nargs, 6)) return NULL;
+    const uint16_t *w = PyLong_AsVoidPtr(args[0]);
+    const long N = PyLong_AsLong(args[1]), K = PyLong_AsLong(args[2]), rows = PyLong_AsLong(args[3]);
+    uint8_t *tables = PyLong_AsVoidPtr(args[4]);
+    int32_t *starts = PyLong_AsVoidPtr(args[5]);
+    if (PyErr_Occurred()) return NULL;
+    if ((rows != BLOCK_ROWS && rows != AMX_BLOCK_ROWS) || N % rows || K % TILE_K) {
+        PyErr_SetString(PyExc_ValueError, "compact blocks hold 32 or 64 rows: N a multiple of them, K of 32");
+        return NULL;
+    }
+    long patches;
+    Py_BEGIN_ALLOW_THREADS
+    patches = compact_tables(w, N, K, rows, tables, starts);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(patches);
+}
+
+static PyObject *py_compact_fill(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (!takes_arguments("compact_fill", nargs, 5)) return NULL;
+    const uint16_t *w = PyLong_AsVoidPtr(args[0]);
+    const long N = PyLong_AsLong(args[1]), K = PyLong_AsLong(args[2]), rows = PyLong_AsLong(args[3]);
+    uint8_t *out = PyLong_AsVoidPtr(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    compact_fill(w, N, K, rows, out);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "y = x W^T (* scale) (+ bias)"},
     {"attend", (PyCFunction)(void (*)(void))py_attend, METH_FASTCALL, "one-query attention, bfloat16 or float32"},
     {"untile", (PyCFunction)(void (*)(void))py_untile, METH_FASTCALL, "tiled bfloat16 rows to float32"},
+    {"compact_tables", (PyCFunction)(void (*)(void))py_compact_tables, METH_FASTCALL, "compact blocks' tables"},
+    {"compact_fill", (PyCFunction)(void (*)(void))py_compact_fill, METH_FASTCALL, "compact blocks' bytes"},
     {"summarize", (PyCFunction)(void (*)(void))py_summarize, METH_FASTCALL, "best, column, log-sum-exp per row"},
     {"blocks", (PyCFunction)(void (*)(void))py_blocks, METH_FASTCALL, "a step's blocks: one-token rows or prompts"},
     {"shm_all_reduce", (PyCFunction)(void (*)(void))py_shm_all_reduce, METH_FASTCALL, "shared-memory all-reduce, fast path"},

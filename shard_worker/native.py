@@ -218,64 +218,31 @@ class CompactWeight(NamedTuple):
 
 COMPACT_CODES = 16  # _kernels.c's: the top bytes a compact block's table holds
 _COMPACT_GROUP, _COMPACT_GROUP_BYTES = 128, 192  # and its groups: 128 weights' low bytes, then their codes
-_COMPACT_PASS_WEIGHTS = 1 << 22  # to_compact works through this many weights at a time (its temporaries ~10x)
-
-
-def _compact_slots() -> torch.Tensor:
-    """For each of 64 slots of a compact group's half, the weight it holds (_kernels.c's compact_slot,
-    inverted)."""
-    slot = torch.arange(64)
-    lane, j = slot // 16, slot % 16
-    return torch.where(j < 8, 8 * lane + j, 32 + 8 * lane + j - 8)
 
 
 def to_compact(weight: torch.Tensor, block_rows: int) -> CompactWeight:
     """A bf16 [out, in] weight in _kernels.c's compact row blocks of `block_rows` rows: 12 bits a weight where
-    every weight's top byte is one of its block's 16 most frequent, 32 for those that are not. Lossless: the
-    kernel decodes the very bytes of to_row_blocks(weight, block_rows)."""
+    every weight's top byte is one of its block's 16 most frequent, 6 bytes more for those that are not.
+    Lossless: the kernel decodes the very bytes of to_row_blocks(weight, block_rows). Encoded by _kernels.c in
+    two passes over the weight (tables, then bytes), ~0.5 s a GB."""
     if weight.dtype != torch.bfloat16:
         raise ValueError(f"the compact layout holds bfloat16 weights, not {weight.dtype}")
-    out_features, in_features = weight.shape
-    blocks, per_block = out_features // block_rows, block_rows * in_features
-    groups = per_block // _COMPACT_GROUP
-    bits = to_row_blocks(weight.detach(), block_rows).view(torch.int16).view(blocks, per_block)
-    data = torch.empty(blocks, groups, _COMPACT_GROUP_BYTES, dtype=torch.uint8)
+    module = _module()
+    plain = weight.detach().contiguous()
+    out_features, in_features = plain.shape
+    blocks = out_features // block_rows
     tables = torch.empty(blocks, COMPACT_CODES, dtype=torch.uint8)
-    patch_counts = torch.zeros(blocks + 1, dtype=torch.int32)
-    places: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
-    slots = _compact_slots()
-    step = max(1, _COMPACT_PASS_WEIGHTS // per_block)
-    for first in range(0, blocks, step):
-        part = bits[first : first + step]
-        count = part.shape[0]
-        top = ((part >> 8) & 0xFF).long()
-        frequency = torch.zeros(count, 256, dtype=torch.int32)
-        frequency.scatter_add_(1, top, torch.ones(1, dtype=torch.int32).expand_as(top))
-        table = frequency.topk(COMPACT_CODES, dim=1).indices
-        code_of = torch.full((count, 256), -1, dtype=torch.int16)
-        code_of.scatter_(1, table, torch.arange(COMPACT_CODES, dtype=torch.int16).expand(count, -1))
-        codes = code_of.gather(1, top)
-        low = (part & 0xFF).to(torch.uint8)
-        escaped = codes < 0
-        if escaped.any():  # stored whole as patches; their codes and low bytes are written over when decoded
-            places.append(escaped.nonzero()[:, 1].to(torch.int32))
-            values.append(part[escaped])
-            patch_counts[first + 1 : first + 1 + count] = escaped.sum(dim=1, dtype=torch.int32)
-            codes[escaped] = 0
-            low[escaped] = 0
-        # each half of a group in slot order; a slot's code in the low nibble of byte s (s < 32), else in the
-        # high nibble of byte s - 32
-        codes = codes.to(torch.uint8).view(count, groups, 2, 64)[..., slots]
-        low = low.view(count, groups, 2, 64)[..., slots]
-        group = data[first : first + count]
-        group[..., :128] = low.reshape(count, groups, 128)
-        group[..., 128:] = (codes[..., :32] | (codes[..., 32:] << 4)).reshape(count, groups, 64)
-        tables[first : first + count] = table.to(torch.uint8)
-    parts = [data.view(-1), tables.view(-1), patch_counts.cumsum(0, dtype=torch.int32).view(torch.uint8)]
-    if places:
-        parts += [torch.cat(places).view(torch.uint8), torch.cat(values).view(torch.uint8)]
-    return CompactWeight(torch.cat(parts), out_features, in_features, block_rows)
+    starts = torch.empty(blocks + 1, dtype=torch.int32)
+    patches = module.compact_tables(
+        plain.data_ptr(), out_features, in_features, block_rows, tables.data_ptr(), starts.data_ptr()
+    )
+    data_bytes = out_features * in_features // _COMPACT_GROUP * _COMPACT_GROUP_BYTES
+    data = torch.empty(data_bytes + tables.numel() + starts.numel() * 4 + patches * 6, dtype=torch.uint8)
+    tables_end = data_bytes + tables.numel()
+    data[data_bytes:tables_end] = tables.view(-1)
+    data[tables_end : tables_end + starts.numel() * 4] = starts.view(torch.uint8)
+    module.compact_fill(plain.data_ptr(), out_features, in_features, block_rows, data.data_ptr())
+    return CompactWeight(data, out_features, in_features, block_rows)
 
 
 def vnni_fits(weight: torch.Tensor) -> bool:

@@ -213,6 +213,8 @@ def test_bad_compact_calls_are_told_what_is_wrong():
         native.linear(x, compact, isa=native.AVX2)
     with pytest.raises(ValueError, match="read for bfloat16 x"):
         native.linear(x.float(), compact, isa=native.SCALAR)
+    with pytest.raises(ValueError, match="compact blocks hold 32 or 64 rows"):
+        native.to_compact(torch.randn(48, 64).to(torch.bfloat16), native.AMX_BLOCK_ROWS)
 
 
 def _quantized_reference(x, weight, scale, bias, levels) -> torch.Tensor:
