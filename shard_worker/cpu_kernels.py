@@ -10,7 +10,7 @@ got both right. The paths, by the weight layout they read:
                     tiled-fp32  float32 GEMM on untiled, widened slices (bf16 emulated)
     row blocks      row-blocks  native.py's FMA kernel on oneDNN's     (bf16 emulated, where it was built)
                                 bf16 byte order, made by native.py
-    compact         compact     native.py's kernel on the row blocks   (AVX512-BF16, AMX: 32-row blocks)
+    compact         compact     native.py's kernel on the row blocks   (AVX2 and up; AMX: 32-row blocks)
                                 in 12 bits a weight, losslessly
     plain           eager       nn.Linear
                     aten        ATen's own kernel, oneDNN off          (where oneDNN is the default)
@@ -39,6 +39,9 @@ weights at 1 and 4 rows, cold, one block at 32 and 256 rows):
       tiled                       3.2    9.3   6.3   47.5
       tiled-fp32                 13.6   23.4   8.4   45.9
       row-blocks                  3.6    6.9   5.1   38.5
+    AVX2-only EPYC (Zen 4, its AVX512 hidden; a core reads ~28 GB/s), 2026-12-04
+      row-blocks                  3.2    5.0   4.6   38.7
+      compact                     2.8    6.4   4.9   39.2
 
 Sums along k (tiles) need widening work per FMA that outer products over row blocks (each x value broadcast
 against 16 rows' weights) spread over 6 rows: 68 against 82 GFLOP/s of this CPU's ~91 at 256 rows.
@@ -414,17 +417,15 @@ class KernelChoice:
 
 def candidate_paths(packing: bool) -> list[str]:
     """The paths this CPU can run: packed where packing applies, and native beside it where native.py's
-    kernel reads the layout oneDNN packs in here (AVX512-BF16); compact where native.py runs at AVX512-BF16;
-    tiled where native.py was built with a vector ISA (and tiled-fp32 and row-blocks beside it, and fp32,
-    where bfloat16 arithmetic is emulated); aten where the default is oneDNN's (elsewhere it is the same
+    kernel reads the layout oneDNN packs in here (AVX512-BF16); compact and tiled where native.py was built
+    with a vector ISA (and tiled-fp32 and row-blocks beside them, and fp32, where bfloat16 arithmetic is
+    emulated); aten where the default is oneDNN's (elsewhere it is the same
     kernel as eager)."""
     paths = [PACKED] if packing else []
     if packing and native.reads_onednn_packing():
         paths.append(NATIVE)
-    if native.best_isa() == native.AVX512_BF16:
-        paths.append(COMPACT)
     if native.best_isa() >= native.AVX2:
-        paths += [TILED, TILED_FP32, ROW_BLOCKS] if bf16_is_emulated() else [TILED]
+        paths += [COMPACT, TILED, TILED_FP32, ROW_BLOCKS] if bf16_is_emulated() else [COMPACT, TILED]
     paths.append(EAGER)
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         paths.append(ATEN)
@@ -461,7 +462,7 @@ def choose(
         if missing:
             raise ValueError(
                 f"{KERNELS_ENV}/--cpu-kernels: {', '.join(sorted(missing))} needs bloomduo's native kernels "
-                "(built by its install with a C compiler) and, for native and compact, AVX512-BF16; this "
+                "(built by its install with a C compiler) and, for native, AVX512-BF16; this "
                 f"worker has {', '.join(paths)}"
             )
         return KernelChoice({group: route for group in groups}, forced=True)

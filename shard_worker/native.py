@@ -189,10 +189,10 @@ def compact_block_rows() -> int:
 
 def compact_fits(weight: torch.Tensor) -> bool:
     """Whether a bf16 [out, in] weight can take the compact layout here (out a multiple of its block rows, in
-    of 32), and its kernel runs here (AVX512-BF16)."""
+    of 32), and its kernel runs here (AVX512-BF16, or the AVX2 FMA form on 64-row blocks)."""
     out_features, in_features = weight.shape
     return (
-        best_isa() == AVX512_BF16
+        best_isa() >= AVX2
         and weight.dtype == torch.bfloat16
         and out_features % compact_block_rows() == 0
         and in_features % TILE_K == 0

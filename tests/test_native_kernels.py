@@ -152,18 +152,26 @@ def _weights_with_tails(rows: int, columns: int, generator: torch.Generator) -> 
     return weight.to(torch.bfloat16)
 
 
-COMPACT_READERS = [isa for isa in ISAS if isa in (native.SCALAR, native.AVX512_BF16)]
+# (isa, block_rows): every ISA reads 64-row blocks (AVX2 and plain AVX512 with the AVX2 FMA form); the 32-row
+# blocks of oneDNN's AMX packing are read by the scalar and AVX512-BF16 paths only
+COMPACT_READS = [
+    (isa, block_rows)
+    for isa in ISAS
+    for block_rows in (native.AMX_BLOCK_ROWS, native.ONEDNN_BLOCK_ROWS)
+    if block_rows == native.ONEDNN_BLOCK_ROWS or isa in (native.SCALAR, native.AVX512_BF16)
+]
 
 
-@pytest.mark.parametrize("isa", COMPACT_READERS, ids=[native.ISA_NAMES[isa] for isa in COMPACT_READERS])
-@pytest.mark.parametrize("block_rows", [native.AMX_BLOCK_ROWS, native.ONEDNN_BLOCK_ROWS])
+@pytest.mark.parametrize(
+    ("isa", "block_rows"), COMPACT_READS, ids=[f"{native.ISA_NAMES[i]}-{b}" for i, b in COMPACT_READS]
+)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 16, 33])
 @pytest.mark.parametrize("gelu", [False, True])
 def test_compact_blocks_give_the_plain_blocks_products_to_the_bit(isa, block_rows, rows, gelu):
     """bf16 weights in 12 bits (+ patches) are the same weights: every path reading them (the scalar one on
     every CPU; AVX512-BF16's registers up to 6 rows, or 2 where AMX's tiles take over, decoded blocks
-    for more than 6 rows of 64-row blocks) gives the plain row blocks' output bit for bit; K = 640 is five
-    of AMX's stretches of 128 columns."""
+    for more than 6 rows of 64-row blocks; the AVX2 form's registers for one row, decoded blocks for more)
+    gives the plain row blocks' output bit for bit; K = 640 is five of AMX's stretches of 128 columns."""
     generator = torch.Generator().manual_seed(rows)
     columns = 64 if isa == native.SCALAR else 640
     weight = _weights_with_tails(128, columns, generator)
@@ -209,8 +217,10 @@ def test_a_compact_weight_takes_three_quarters_of_the_bytes_and_patches_only_wha
 def test_bad_compact_calls_are_told_what_is_wrong():
     compact = native.to_compact(torch.randn(64, 64).to(torch.bfloat16), native.ONEDNN_BLOCK_ROWS)
     x = torch.randn(1, 64).to(torch.bfloat16)
-    with pytest.raises(ValueError, match="compact row blocks are read by the AVX512-BF16 and scalar paths"):
-        native.linear(x, compact, isa=native.AVX2)
+    if native.AVX2 in ISAS:
+        amx_blocks = native.to_compact(torch.randn(64, 64).to(torch.bfloat16), native.AMX_BLOCK_ROWS)
+        with pytest.raises(ValueError, match=r"32-row blocks .* by the AVX512-BF16 and scalar paths"):
+            native.linear(x, amx_blocks, isa=native.AVX2)
     with pytest.raises(ValueError, match="read for bfloat16 x"):
         native.linear(x.float(), compact, isa=native.SCALAR)
     with pytest.raises(ValueError, match="compact blocks hold 32 or 64 rows"):
