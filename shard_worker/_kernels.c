@@ -1581,6 +1581,11 @@ AVX2 static void linear_row_blocks_avx2(const Problem *p, const float *x) {
     }
 }
 
+/* Block b's table of top bytes in both 128-bit lanes, as VPSHUFB looks up in each lane. */
+AVX2 INLINE __m256i compact_table_avx2(const Compact *c, long b) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(c->tables + b * COMPACT_CODES)));
+}
+
 /* compact64 in AVX2's two 128-bit lanes: 64 weights of a compact group as four registers of 16 bf16, in order
  * (the low bytes' first 32 slots unpack to weights 0-15 and 32-47, the next 32 to 16-31 and 48-63). */
 AVX2 INLINE void compact64_avx2(const uint8_t *low, const uint8_t *codes, __m256i table, __m256i *weights) {
@@ -1617,7 +1622,7 @@ AVX2 INLINE void compact_half_avx2(const Compact *c, long b, const uint8_t *grou
 AVX2 static void compact_row_avx2(const Problem *p, const Compact *c, const float *x, long r, long n0) {
     const long b = n0 / BLOCK_ROWS;
     const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
-    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(c->tables + b * COMPACT_CODES)));
+    const __m256i table = compact_table_avx2(c, b);
     const uint8_t *group = compact_block(c, b, p->K, BLOCK_ROWS);
     int32_t next;
     long patch_place = first_patch(c, b, &next);
@@ -1648,7 +1653,7 @@ AVX2 static void compact_row_avx2(const Problem *p, const Compact *c, const floa
 /* Places [first, end) of compact block b decoded into `out` (in the ONEDNN order), its patches set. */
 AVX2 static void decode_compact_avx2(const Compact *c, long b, long K, long first, long end, int32_t *next,
                                      long *patch_place, uint16_t *out) {
-    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(c->tables + b * COMPACT_CODES)));
+    const __m256i table = compact_table_avx2(c, b);
     const uint8_t *group = compact_block(c, b, K, BLOCK_ROWS) + first / COMPACT_GROUP * COMPACT_GROUP_BYTES;
     for (long place = first; place < end; place += COMPACT_GROUP, group += COMPACT_GROUP_BYTES) {
 #pragma GCC unroll 2

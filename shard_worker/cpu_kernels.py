@@ -419,13 +419,12 @@ def candidate_paths(packing: bool) -> list[str]:
     """The paths this CPU can run: packed where packing applies, and native beside it where native.py's
     kernel reads the layout oneDNN packs in here (AVX512-BF16); compact and tiled where native.py was built
     with a vector ISA (and tiled-fp32 and row-blocks beside them, and fp32, where bfloat16 arithmetic is
-    emulated); aten where the default is oneDNN's (elsewhere it is the same
-    kernel as eager)."""
+    emulated); aten where the default is oneDNN's (elsewhere it is the same kernel as eager)."""
     paths = [PACKED] if packing else []
     if packing and native.reads_onednn_packing():
         paths.append(NATIVE)
     if native.best_isa() >= native.AVX2:
-        paths += [COMPACT, TILED, TILED_FP32, ROW_BLOCKS] if bf16_is_emulated() else [COMPACT, TILED]
+        paths += [COMPACT, TILED] + ([TILED_FP32, ROW_BLOCKS] if bf16_is_emulated() else [])
     paths.append(EAGER)
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         paths.append(ATEN)

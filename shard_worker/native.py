@@ -211,13 +211,17 @@ class CompactWeight(NamedTuple):
     def patches(self) -> int:
         """How many of its weights are stored whole (their top byte not in their block's table)."""
         blocks = self.out_features // self.block_rows
-        offset = self.out_features * self.in_features // _COMPACT_GROUP * _COMPACT_GROUP_BYTES
-        offset += blocks * COMPACT_CODES + 4 * blocks
+        offset = _compact_data_bytes(self.out_features, self.in_features) + blocks * (COMPACT_CODES + 4)
         return int(self.data[offset : offset + 4].view(torch.int32).item())
 
 
 COMPACT_CODES = 16  # _kernels.c's: the top bytes a compact block's table holds
 _COMPACT_GROUP, _COMPACT_GROUP_BYTES = 128, 192  # and its groups: 128 weights' low bytes, then their codes
+
+
+def _compact_data_bytes(out_features: int, in_features: int) -> int:
+    """The bytes of a compact weight's groups, before its tables."""
+    return out_features * in_features // _COMPACT_GROUP * _COMPACT_GROUP_BYTES
 
 
 def to_compact(weight: torch.Tensor, block_rows: int) -> CompactWeight:
@@ -236,7 +240,7 @@ def to_compact(weight: torch.Tensor, block_rows: int) -> CompactWeight:
     patches = module.compact_tables(
         plain.data_ptr(), out_features, in_features, block_rows, tables.data_ptr(), starts.data_ptr()
     )
-    data_bytes = out_features * in_features // _COMPACT_GROUP * _COMPACT_GROUP_BYTES
+    data_bytes = _compact_data_bytes(out_features, in_features)
     data = torch.empty(data_bytes + tables.numel() + starts.numel() * 4 + patches * 6, dtype=torch.uint8)
     tables_end = data_bytes + tables.numel()
     data[data_bytes:tables_end] = tables.view(-1)
