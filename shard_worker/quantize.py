@@ -9,9 +9,10 @@ Two ways to compute with them, because they trade accuracy for speed differently
   call, widened in registers, products summed in float32), where the install built it: bfloat16 workers on
   AVX512-BF16 hold it in oneDNN's row-block order and multiply exact bf16 pairs with VDPBF16PS; on AVX2 in
   the same order, read with FMAs as outer products (16-32 rows at ~80 GFLOP/s a core against the tiles'
-  ~53); others in tiles. Else ATen's `_weight_int8pack_mm` for bfloat16/float16 workers; elsewhere (and for
-  float32 workers without the native kernel) the weight is dequantized per call, which is exact but no
-  faster than the unquantized model. Measured at one thread on bloom-560m's shapes split over two ranks (AMD
+  ~53); others in tiles. Else ATen's `_weight_int8pack_mm` for bfloat16/float16 workers; on CUDA
+  triton_int8's kernel (float16/bfloat16, the weight widened in registers); elsewhere (and for float32
+  workers without the native kernel) the weight is dequantized per call, which is exact but no faster than
+  the unquantized model. Measured at one thread on bloom-560m's shapes split over two ranks (AMD
   EPYC, AVX512-BF16; ms for 24 block Linears, 75 MB in bfloat16): 1 row 2.07 / 4 rows 2.71 / 32 rows 15.9 in
   row blocks (tiles: 2.07 / 3.38 / 20.5), against int8pack's 4.49 / 6.41 / 35.1.
 - `int8-dynamic` (CPU): each call also quantizes its activations to 8 bits and multiplies bytes: what
@@ -44,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bloomduo.shard_worker import native
+from bloomduo.shard_worker import native, triton_int8
 from bloomduo.shard_worker.config import QUANTIZE_CHOICES
 from bloomduo.shard_worker.cpu_kernels import cpu_flags
 from bloomduo.shard_worker.model import Attention
@@ -82,6 +83,23 @@ def native_vnni_runs(weight: torch.Tensor, dtype: torch.dtype) -> bool:
         and native.runs_vnni()
         and native.vnni_fits(weight)
     )
+
+
+def _weight_only_kernel(weight: torch.Tensor, dtype: torch.dtype) -> str:
+    """What computes `--quantize int8` for this [out, in] weight and activations of `dtype`."""
+    on_cpu = weight.device.type == "cpu"
+    if (
+        on_cpu
+        and dtype in (torch.bfloat16, torch.float32)
+        and native.best_isa() >= native.AVX2
+        and native.fits(weight)
+    ):
+        return "native"
+    if on_cpu and dtype in (torch.bfloat16, torch.float16):
+        return "aten int8pack"
+    if triton_int8.runs(weight, dtype):
+        return "triton"
+    return "dequantized per call"
 
 
 class Int8Linear(nn.Module):
@@ -132,17 +150,7 @@ class Int8Linear(nn.Module):
                 )
                 self._packed = torch.ops.quantized.linear_prepack(quantized, float_bias)
         else:
-            on_cpu = weight.device.type == "cpu"
-            self.kernel = (
-                "native"
-                if on_cpu
-                and dtype in (torch.bfloat16, torch.float32)
-                and native.best_isa() >= native.AVX2
-                and native.fits(weight)
-                else "aten int8pack"
-                if on_cpu and dtype in (torch.bfloat16, torch.float16)
-                else "dequantized per call"
-            )
+            self.kernel = _weight_only_kernel(weight, dtype)
             native_kernel = self.kernel == "native"
             # bf16 activations on AVX512-BF16 or AVX2: the row-block layout, read with VDPBF16PS or FMAs as
             # outer products (no horizontal sums, so prefill runs near bf16 GEMM speed); elsewhere the tiles
@@ -152,7 +160,8 @@ class Int8Linear(nn.Module):
                 self.layout = native.ONEDNN if self.out_features % 64 == 0 else native.TILED
             arranged = native.to_row_blocks if self.layout == native.ONEDNN else native.to_tiles
             self.register_buffer("weight_int8", arranged(weight) if native_kernel else weight)
-            self.register_buffer("scale", scale.to(weight.device, torch.float32 if native_kernel else dtype))
+            float32_scale = native_kernel or self.kernel == "triton"
+            self.register_buffer("scale", scale.to(weight.device, torch.float32 if float32_scale else dtype))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: str) -> Int8Linear:
@@ -178,6 +187,8 @@ class Int8Linear(nn.Module):
         elif self.scheme == INT8_DYNAMIC:
             out = torch.ops.quantized.linear_dynamic(rows.float(), self._packed, self.reduce_range)
             out = out.to(x.dtype)
+        elif self.kernel == "triton":
+            out = triton_int8.int8_linear(rows, self.weight_int8, self.scale, self.bias)
         elif self.kernel == "aten int8pack":
             out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
             if self.bias is not None:
