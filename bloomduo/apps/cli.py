@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--dtype", default="float32", choices=FLOAT_DTYPES)
     demo.add_argument("--num-files", type=int, default=1, help="split the weights over this many safetensors")
+    demo.add_argument(
+        "--draw-on",
+        default="cpu",
+        help="device whose random generator draws the weights (cuda: bloom-7b1 in seconds; other weights)",
+    )
     # Larger tools keep their options next to their code: each module has add_arguments() and run().
     for name, module, help_text in PLUGGED_COMMANDS:
         module.add_arguments(commands.add_parser(name, help=help_text))
@@ -301,7 +306,12 @@ def _demo_model(args: argparse.Namespace) -> int:
     from bloomduo.apps.demo_model import write_demo_model
 
     path = write_demo_model(
-        args.out_dir, args.preset, seed=args.seed, dtype=getattr(torch, args.dtype), num_files=args.num_files
+        args.out_dir,
+        args.preset,
+        seed=args.seed,
+        dtype=getattr(torch, args.dtype),
+        num_files=args.num_files,
+        draw_on=args.draw_on,
     )
     print(path)
     return 0

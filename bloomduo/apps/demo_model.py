@@ -112,6 +112,7 @@ def write_demo_model(
     num_files: int = 1,
     prefix: bool = False,
     fmt: str = "safetensors",
+    draw_on: str = "cpu",
     **config_overrides: Any,
 ) -> Path:
     """Write a random-weight BLOOM model directory (config, weights, tokenizer) and return its path.
@@ -119,6 +120,8 @@ def write_demo_model(
     Same arguments give the same weights; safetensors output is byte-for-byte identical. The weights do not
     depend on num_files, prefix or fmt. Tensors are generated and written one at a time, so a large preset
     never holds more than the embedding table and one tensor in memory (fmt="bin" holds one file's worth).
+    `draw_on` another device ("cuda") draws from that device's generator: other weights for the same seed,
+    but bloom-7b1's 7.1e9 in seconds where one CPU core takes about a minute.
     """
     config = demo_config(preset, dtype, **config_overrides)
     if fmt not in ("safetensors", "bin"):
@@ -135,7 +138,7 @@ def write_demo_model(
     _write_tokenizer(out)
 
     total_params = sum(spec.numel for spec in specs)
-    tensors = _generate(specs, seed, dtype, progress=total_params >= _PROGRESS_MIN_PARAMS)
+    tensors = _generate(specs, seed, dtype, draw_on, progress=total_params >= _PROGRESS_MIN_PARAMS)
     groups = _split_into_files(specs, num_files, dtype.itemsize)
     stem, suffix = ("model", ".safetensors") if fmt == "safetensors" else ("pytorch_model", ".bin")
     weight_map: dict[str, str] = {}
@@ -302,22 +305,23 @@ def _tensor_specs(config: dict[str, Any]) -> list[_TensorSpec]:
 
 
 def _generate(
-    specs: list[_TensorSpec], seed: int, dtype: torch.dtype, *, progress: bool
+    specs: list[_TensorSpec], seed: int, dtype: torch.dtype, draw_on: str, *, progress: bool
 ) -> Iterator[torch.Tensor]:
-    """The tensors of `specs` in order, drawn in float32 from one seeded generator, then cast to `dtype`."""
-    generator = torch.Generator().manual_seed(seed)
+    """The tensors of `specs` in order, drawn in float32 from one seeded generator on `draw_on`, then cast to
+    `dtype` (on the CPU)."""
+    generator = torch.Generator(draw_on).manual_seed(seed)
     n_layer = 1 + max((spec.layer for spec in specs if spec.layer is not None), default=-1)
     last_layer = None
     for spec in specs:
         if progress and spec.layer is not None and spec.layer != last_layer:
             log.info("demo_model_layer", layer=spec.layer, n_layer=n_layer)
             last_layer = spec.layer
-        values = torch.randn(spec.shape, generator=generator).mul_(spec.std).add_(spec.mean)
+        values = torch.randn(spec.shape, generator=generator, device=draw_on).mul_(spec.std).add_(spec.mean)
         if spec.zero_rows_from is not None:
             values[spec.zero_rows_from :] = 0
         if spec.zero_sum_rows:
             values -= values.mean(dim=1, keepdim=True)
-        yield values.to(dtype)
+        yield values.to(dtype).cpu()
 
 
 def _split_into_files(specs: list[_TensorSpec], num_files: int, itemsize: int) -> list[list[_TensorSpec]]:
