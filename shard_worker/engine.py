@@ -28,8 +28,8 @@ from bloomduo.shard_worker.host_memory import (
 )
 from bloomduo.shard_worker.kv_cache import KVCache
 from bloomduo.shard_worker.model import BloomShardModel
+from bloomduo.shard_worker.quantize import compile_kernels, weight_bytes
 from bloomduo.shard_worker.quantize import describe as describe_int8
-from bloomduo.shard_worker.quantize import weight_bytes
 from bloomduo.shard_worker.step_plan import Chunk
 from bloomduo.shard_worker.tensor_parallel import ShardLayout, load_shard, shard_layout
 from bloomduo.shard_worker.weight_formats import format_weights
@@ -154,6 +154,7 @@ class ShardEngine:
         # Every CPU rank enters format_weights' agreement on kernels, even with no plain Linear left.
         kernels = format_weights(model, device, dtype, options.cpu_kernels, group)
         kernels = describe_int8(model) or kernels
+        compile_kernels(model)
         if device.type == "cpu":
             gather(host_tensors(model))
             native.rebase_kernels(model)

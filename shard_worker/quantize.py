@@ -253,6 +253,18 @@ def _fold_gelus(model: nn.Module) -> None:
             module.gelu = nn.Identity()
 
 
+def compile_kernels(model: nn.Module) -> None:
+    """Compile the Triton launches of the model's int8 Linears that run triton_int8's kernel, once per weight
+    shape, so that no request waits for a compile."""
+    seen = set()
+    for module in model.modules():
+        if isinstance(module, Int8Linear) and module.kernel == "triton":
+            shape = (*module.weight_int8.shape, module.bias is None)
+            if shape not in seen:
+                seen.add(shape)
+                triton_int8.warm_up(module.weight_int8, module.scale, module.bias, module.dtype)
+
+
 def describe(model: nn.Module) -> str:
     """What runs the model's int8 Linears, in words ("" when it has none)."""
     sample = next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
