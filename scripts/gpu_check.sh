@@ -8,6 +8,13 @@
 #   profile  (only when named) py-spy over the float16 stack's processes at 16 streams (py-spy in .whl/)
 # The project is not installed there: its packages are laid out as the install maps them, and what the
 # machine's Python lacks comes as wheels in .whl/ (carried). Logs and JSON land in $OUT (8 files at most).
+# The wheels, fetched here once (Python 3.12 there; an H200 image of 2026-12 lacked all but transformers'
+# version): echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
+#   --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#   --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -d .whl grpcio==1.85.3 grpcio-health-checking==1.85.1 \
+#   grpcio-reflection==1.85.1 protobuf==7.36.2 structlog==26.1.0 fastapi==0.165.0 starlette==1.10.0 \
+#   uvicorn==0.54.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+#   annotated-doc==0.0.7 typing_extensions==4.16.0 opentelemetry-api==1.45.2 transformers==5.24.0 py-spy
 #
 #   bash scripts/gpu_check.sh [seconds the whole run may take, default 550] [stages, default all but profile]
 set -u
