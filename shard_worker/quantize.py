@@ -10,7 +10,8 @@ Two ways to compute with them, because they trade accuracy for speed differently
   AVX512-BF16 hold it in oneDNN's row-block order and multiply exact bf16 pairs with VDPBF16PS; on AVX2 in
   the same order, read with FMAs as outer products (16-32 rows at ~80 GFLOP/s a core against the tiles'
   ~53); others in tiles. Else ATen's `_weight_int8pack_mm` for bfloat16/float16 workers; on CUDA
-  triton_int8's kernel (float16/bfloat16, the weight widened in registers); elsewhere (and for float32
+  triton_int8's kernel (float16/bfloat16, the weight widened in registers); on Ascend torch_npu's
+  npu_weight_quant_batchmatmul (W8A16, per-channel scales as a 310P takes them); elsewhere (and for float32
   workers without the native kernel) the weight is dequantized per call, which is exact but no faster than
   the unquantized model. Measured at one thread on bloom-560m's shapes split over two ranks (AMD
   EPYC, AVX512-BF16; ms for 24 block Linears, 75 MB in bfloat16): 1 row 2.07 / 4 rows 2.71 / 32 rows 15.9 in
@@ -48,6 +49,7 @@ from torch import nn
 from bloomduo.shard_worker import native, triton_int8
 from bloomduo.shard_worker.config import QUANTIZE_CHOICES
 from bloomduo.shard_worker.cpu_kernels import cpu_flags
+from bloomduo.shard_worker.distributed import import_torch_npu
 from bloomduo.shard_worker.model import Attention
 
 NONE, INT8, INT8_DYNAMIC = QUANTIZE_CHOICES
@@ -99,7 +101,22 @@ def _weight_only_kernel(weight: torch.Tensor, dtype: torch.dtype) -> str:
         return "aten int8pack"
     if triton_int8.runs(weight, dtype):
         return "triton"
+    if weight.device.type == "npu":
+        return _npu_weight_quant_kernel(dtype)
     return "dequantized per call"
+
+
+def _npu_weight_quant_kernel(dtype: torch.dtype) -> str:
+    """torch_npu's W8A16 matmul, per-channel scales (what a 310P supports), or an error naming the fix:
+    dequantizing per call would read more bytes than float16 itself."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"--quantize int8 on an npu computes in float16 (310P) or bfloat16, not {dtype}")
+    if not hasattr(import_torch_npu(), "npu_weight_quant_batchmatmul"):
+        raise RuntimeError(
+            "--quantize int8 on an npu needs torch_npu.npu_weight_quant_batchmatmul (torch_npu and CANN "
+            "8.0.RC1 or newer): upgrade them, or serve without --quantize"
+        )
+    return "npu weight-quant"
 
 
 class Int8Linear(nn.Module):
@@ -189,6 +206,9 @@ class Int8Linear(nn.Module):
             out = out.to(x.dtype)
         elif self.kernel == "triton":
             out = triton_int8.int8_linear(rows, self.weight_int8, self.scale, self.bias)
+        elif self.kernel == "npu weight-quant":  # (K, N) weights: the transposed view is the fast form there
+            matmul = import_torch_npu().npu_weight_quant_batchmatmul
+            out = matmul(rows, self.weight_int8.t(), self.scale, bias=self.bias)
         elif self.kernel == "aten int8pack":
             out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
             if self.bias is not None:

@@ -5,18 +5,21 @@ weights, in a real two-rank group."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bloomduo.client import Client
 from bloomduo.core.bloom_config import BloomConfig
 from bloomduo.core.logprobs import summarize
-from bloomduo.shard_worker import native
+from bloomduo.shard_worker import native, quantize
+from bloomduo.shard_worker.distributed import import_torch_npu
 from bloomduo.shard_worker.engine import ShardEngine, resolve_dtype
 from bloomduo.shard_worker.model import Attention
 from bloomduo.shard_worker.quantize import (
@@ -83,6 +86,29 @@ def test_int8_dynamic_is_refused_off_the_cpu():
     linear = nn.Linear(8, 8, device="meta")
     with pytest.raises(ValueError, match="int8-dynamic runs on the CPU only"):
         Int8Linear.from_linear(linear, INT8_DYNAMIC)
+
+
+def test_int8_on_an_npu_names_what_it_needs():
+    with pytest.raises(ValueError, match="float16"):
+        quantize._npu_weight_quant_kernel(torch.float32)
+    if importlib.util.find_spec("torch_npu") is None:
+        with pytest.raises(RuntimeError, match="needs the torch_npu package"):
+            quantize._npu_weight_quant_kernel(torch.float16)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch_npu") is None, reason="needs an Ascend NPU with torch_npu"
+)
+def test_int8_on_an_npu_multiplies_through_torch_npus_weight_quant_matmul():
+    import_torch_npu()  # registers the npu device
+    linear, x = _linear(torch.float16)
+    quantized = Int8Linear.from_linear(linear.to("npu:0"), INT8)
+    assert quantized.kernel == "npu weight-quant"
+    got = quantized(x.to("npu:0")).cpu()
+    weight = quantized.weight_int8.cpu().double() * quantized.scale.cpu().double()[:, None]
+    want = F.linear(x.double(), weight, linear.bias.cpu().double())
+    # the weights widened and scaled in float16 (each product's own rounding), then the output's
+    assert relative_error(got, want, torch.float16) <= 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
