@@ -3,6 +3,8 @@
   unfused  scores, float32 softmax, weighted values (Attention._one_query_attention, the CPU's way)
 for B sequences of one query each against kv_length cached keys (views of a larger cache, as the worker's).
 Per call: the host's time to issue it (no synchronisation) and the device's time (CUDA events), medians.
+Then, as decoding does, a key length that grows by one every call (33 .. 132), with SDPA's default backends
+and with cuDNN's attention off (a cuDNN graph is built per shape), naming the backend SDPA picks.
 
     python scripts/gpu_attention_speed.py
 """
@@ -54,6 +56,25 @@ def main() -> None:
                     device_us.append(start.elapsed_time(end) / 50 * 1e3)
                 row = f"{batch:>3} {kv_length:>5} {name:>8} {statistics.median(host):>8.1f}"
                 print(f"{row} {statistics.median(device_us):>10.1f} {diff:>9.2e}", flush=True)
+    print(f"\n{'B':>3} {'cuDNN':>6} {'backend':>22} {'us a call, key length growing':>30}")
+    for batch in (1, 16):
+        q = torch.randn(batch, HEADS, 1, HEAD_DIM, device=device, dtype=dtype)
+        for cudnn in (True, False):
+            torch.backends.cuda.enable_cudnn_sdp(cudnn)
+            lengths = range(33, 133)
+            bias = {n: torch.randn(batch, HEADS, 1, n, device=device, dtype=dtype) for n in lengths}
+            views = {n: (cache[0, :batch, :, :n], cache[1, :batch, :, :n]) for n in lengths}
+            keys, values = views[33]
+            choice = torch._fused_sdp_choice(q, keys, values, bias[33], 0.0, False, scale=scale)
+            backend = str(torch.nn.attention.SDPBackend(choice)).split(".")[-1]
+            torch.cuda.synchronize()
+            began = time.perf_counter()
+            for n in lengths:
+                sdpa(q, *views[n], bias[n], scale)
+            torch.cuda.synchronize()
+            per_call = (time.perf_counter() - began) / len(lengths) * 1e6
+            print(f"{batch:>3} {'on' if cudnn else 'off':>6} {backend:>22} {per_call:>30.1f}", flush=True)
+    torch.backends.cuda.enable_cudnn_sdp(True)
 
 
 if __name__ == "__main__":

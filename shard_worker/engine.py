@@ -123,6 +123,12 @@ class ShardEngine:
             # Flushing them to zero moves results by less than 1e-38.
             torch.set_flush_denormal(True)
             bound_onednn_caches()
+        elif device.type == "cuda":
+            # cuDNN's attention builds a graph for each shape it meets (hundreds of ms, as others measured),
+            # and a decode step's key length grows every step; on an H200 73 % of a 16-stream step sat in
+            # the one SDPA call, which takes 22-41 us at a repeated shape. Suspected, not yet measured with
+            # it off (scripts/gpu_attention_speed.py does): the memory-efficient kernel takes the ALiBi mask.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         checkpoint = Checkpoint(options.model_dir)
         dtype = resolve_dtype(options.dtype, checkpoint_dtype(checkpoint), device, options.quantize)
         layout = shard_layout(checkpoint.config, options.rank, options.world_size)
