@@ -177,6 +177,8 @@ class Int8Linear(nn.Module):
                 self.layout = native.ONEDNN if self.out_features % 64 == 0 else native.TILED
             arranged = native.to_row_blocks if self.layout == native.ONEDNN else native.to_tiles
             self.register_buffer("weight_int8", arranged(weight) if native_kernel else weight)
+            if self.kernel == "npu weight-quant":  # looked up once, not on every call
+                self._npu_matmul = import_torch_npu().npu_weight_quant_batchmatmul
             float32_scale = native_kernel or self.kernel == "triton"
             self.register_buffer("scale", scale.to(weight.device, torch.float32 if float32_scale else dtype))
 
@@ -207,8 +209,7 @@ class Int8Linear(nn.Module):
         elif self.kernel == "triton":
             out = triton_int8.int8_linear(rows, self.weight_int8, self.scale, self.bias)
         elif self.kernel == "npu weight-quant":  # (K, N) weights: the transposed view is the fast form there
-            matmul = import_torch_npu().npu_weight_quant_batchmatmul
-            out = matmul(rows, self.weight_int8.t(), self.scale, bias=self.bias)
+            out = self._npu_matmul(rows, self.weight_int8.t(), self.scale, bias=self.bias)
         elif self.kernel == "aten int8pack":
             out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
             if self.bias is not None:
