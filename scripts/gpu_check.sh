@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU check of one lent CUDA machine, in one run that ends on its own (../.library/device's `run`):
-#   tests    tests/test_gpu.py (the int8 kernel on the GPU, the stack on cuda against transformers)
+#   tests    tests/test_gpu.py and test_cuda_graphs.py (the int8 kernel, the decode graphs, the stack on cuda
+#            against transformers)
 #   fp16     `bloomduo bench --launch` at bloom-7b1's shape, float16, one shard a GPU, beside transformers
-#   int8     the same with --quantize int8 (triton_int8's kernel)
+#   eager    the same without the decode steps' CUDA graphs (BLOOMDUO_CUDA_GRAPHS=0), no baseline
+#   int8     the same with --quantize int8 (triton_int8's kernel), graphs on
 #   speed    scripts/gpu_int8_speed.py: the int8 Linears against float16, per path and tiling
 #   attention  scripts/gpu_attention_speed.py: a decode step's attention, fused SDPA against unfused
 #   profile  (only when named) py-spy over the float16 stack's processes at 16 streams (py-spy in .whl/)
 # The project is not installed there: its packages are laid out as the install maps them, and what the
-# machine's Python lacks comes as wheels in .whl/ (carried). Logs and JSON land in $OUT (8 files at most).
+# machine's Python lacks comes as wheels in .whl/ (carried). The stages' logs land in $OUT/stages.log, one
+# after another, and the benches' JSON beside it ($OUT brings back 8 files at most).
 # The wheels, fetched here once (Python 3.12 there; an H200 image of 2026-12 lacked all but transformers'
 # version): echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
 #   --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -20,7 +23,7 @@
 set -u
 budget=${1:-550}
 shift
-stages=" ${*:-tests fp16 int8 speed attention} "
+stages=" ${*:-tests fp16 eager int8 attention speed} "
 started=$(date +%s)
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -33,7 +36,7 @@ fi
 export PYTHONPATH="/tmp/wheels:$PWD"
 
 
-# stage NAME LIMIT COMMAND...: run with the smaller of LIMIT and what the budget leaves, log to $out/NAME.log
+# stage NAME LIMIT COMMAND...: run with the smaller of LIMIT and what the budget leaves, its log added to $out/stages.log
 stage() {
     local name=$1 limit=$2
     shift 2
@@ -46,9 +49,10 @@ stage() {
     fi
     echo "== $name (at most ${limit}s)"
     local began=$(date +%s)
-    timeout -k 5 "$limit" "$@" >"$out/$name.log" 2>&1
+    timeout -k 5 "$limit" "$@" >"/tmp/$name.log" 2>&1
     echo "   exit $? after $(($(date +%s) - began))s"
-    tail -n 30 "$out/$name.log"
+    tail -n 30 "/tmp/$name.log"
+    { echo "== $name"; cat "/tmp/$name.log"; } >>"$out/stages.log"
 }
 
 {
@@ -63,15 +67,16 @@ stage() {
 } >"$out/setup.log" 2>&1 &
 setup=$!
 
-stage tests 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py
+stage tests 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_cuda_graphs.py
 wait $setup
 tail -n 12 "$out/setup.log"
 load=(--launch --model /tmp/bloom-7b1 --num-shards 1 --device cuda --dtype float16 --concurrency 1,16
     --prompt-tokens 32 --new-tokens 16 --distinct-prompts --rounds 1)
-stage fp16 200 python3 -m bloomduo bench "${load[@]}" --baseline transformers --out "$out/fp16.json"
-stage int8 150 python3 -m bloomduo bench "${load[@]}" --quantize int8 --out "$out/int8.json"
-stage speed 150 python3 scripts/gpu_int8_speed.py --json "$out/speed.json"
+stage fp16 180 python3 -m bloomduo bench "${load[@]}" --baseline transformers --out "$out/fp16.json"
+stage eager 110 env BLOOMDUO_CUDA_GRAPHS=0 python3 -m bloomduo bench "${load[@]}" --out "$out/eager.json"
+stage int8 120 python3 -m bloomduo bench "${load[@]}" --quantize int8 --out "$out/int8.json"
 stage attention 60 python3 scripts/gpu_attention_speed.py
+stage speed 150 python3 scripts/gpu_int8_speed.py --json "$out/speed.json"
 # raw stacks of every process (bench, gateway, worker), 16 streams long enough to sample the steps
 stage profile 150 /tmp/wheels/bin/py-spy record --subprocesses --rate 250 --format raw --output "$out/profile.txt" \
     -- python3 -m bloomduo bench --launch --model /tmp/bloom-7b1 --num-shards 1 --device cuda --dtype float16 \

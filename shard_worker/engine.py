@@ -17,6 +17,7 @@ from bloomduo.core.logprobs import NO_PENALTY, RepetitionPenalty, Scoring, Slice
 from bloomduo.core.logs import get_logger
 from bloomduo.shard_worker import native
 from bloomduo.shard_worker.config import ShardOptions
+from bloomduo.shard_worker.cuda_graphs import DecodeGraphs
 from bloomduo.shard_worker.distributed import backend_for, init_distributed
 from bloomduo.shard_worker.fused_blocks import FusedBlocks
 from bloomduo.shard_worker.host_memory import (
@@ -167,6 +168,9 @@ class ShardEngine:
         model.fused_blocks = FusedBlocks.build(model)
         if model.fused_blocks is not None:
             kernels += ", blocks in one native call"
+        elif graphs := DecodeGraphs.build(model, options.world_size):
+            model.fused_blocks = graphs
+            kernels += ", decode steps as CUDA graphs"
         return_freed_memory()
         huge_page_bytes = use_huge_pages(host_tensors(model)) if device.type == "cpu" else 0
         engine = cls(

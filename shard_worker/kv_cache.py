@@ -102,6 +102,14 @@ class KVCache:
     def num_tokens(self) -> int:
         return sum(self._lengths.values())
 
+    def slots_free(self, start: int, stop: int) -> bool:
+        """Whether slots start..stop-1 exist and no sequence holds them."""
+        return stop <= self.num_slots and not any(start <= slot < stop for slot in self._slots.values())
+
+    def reserve_slots(self, slots: int) -> None:
+        """Hold at least `slots` slots (reallocating, as a step that needs them would)."""
+        self._grow(slots, 0)
+
     @property
     def nbytes(self) -> int:
         """Bytes allocated (every slot's capacity, not just the used lengths)."""

@@ -194,7 +194,8 @@ class BloomShardModel(nn.Module):
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         # Tied to word_embeddings in BLOOM; stored here as plain rows of the vocabulary.
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # Steps' blocks in one native call where they can (fused_blocks.py), set once weights are laid out.
+        # Steps' blocks in one native call (fused_blocks.py) or CUDA graph (cuda_graphs.py) where they can,
+        # set once weights are laid out.
         self.fused_blocks: Callable[[torch.Tensor, StepPlan, KVCache], torch.Tensor | None] | None = None
 
     @property

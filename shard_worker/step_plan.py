@@ -88,11 +88,20 @@ def causal_alibi_bias(slopes: torch.Tensor, start: int, kv_length: int, dtype: t
     return alibi_bias(slopes, kv_length, dtype).masked_fill(future, torch.finfo(dtype).min)
 
 
+def one_query_bias(
+    slopes: torch.Tensor, limits: torch.Tensor, kv_length: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """[slots, heads, 1, kv_length]: ALiBi where slot s's one query sees keys 0..limits[s] (-1: none),
+    dtype-min elsewhere."""
+    visible = torch.arange(kv_length, device=limits.device)[None, :] <= limits[:, None]  # [slots, kv_length]
+    alibi = alibi_bias(slopes, kv_length, dtype)
+    return torch.where(visible[:, None, None, :], alibi, torch.finfo(dtype).min)
+
+
 def plan_step(chunks: list[Chunk], cache: KVCache, slopes: torch.Tensor, dtype: torch.dtype) -> StepPlan:
     """The plan of one step over `chunks`, whose sequences `cache` has prepared (they all have slots),
     with biases in `dtype` from this module's heads' ALiBi `slopes`."""
     device = slopes.device
-    masked = torch.finfo(dtype).min
     singles: list[tuple[int, int, int]] = []
     whole_prompts: dict[int, list[tuple[int, int]]] = {}  # length -> (first row, slot) of each prompt
     multi: list[tuple[Chunk, slice, torch.Tensor]] = []
@@ -129,8 +138,7 @@ def plan_step(chunks: list[Chunk], cache: KVCache, slopes: torch.Tensor, dtype: 
         # Each slot sees keys 0..its position; slots outside this batch see nothing (their rows are dropped).
         limit = torch.full((num_slots,), -1, dtype=torch.long, device=device)
         limit[slots] = positions
-        visible = torch.arange(kv_length, device=device)[None, :] <= limit[:, None]  # [num_slots, kv_length]
-        bias = torch.where(visible[:, None, None, :], alibi_bias(slopes, kv_length, dtype), masked)
+        bias = one_query_bias(slopes, limit, kv_length, dtype)
     all_rows = not (prompts or multi)  # a decode-only step: the singles are every row, in order
     slots_match_rows = num_slots == len(singles) and all(slot == i for i, (_, slot, _) in enumerate(singles))
     return StepPlan(
