@@ -7,7 +7,8 @@
 #   int8     the same with --quantize int8 (triton_int8's kernel), graphs on
 #   speed    scripts/gpu_int8_speed.py: the int8 Linears against float16, per path and tiling
 #   attention  scripts/gpu_attention_speed.py: a decode step's attention, fused SDPA against unfused
-#   profile  (only when named) py-spy over the float16 stack's processes at 16 streams (py-spy in .whl/)
+#   profile  (only when named) py-spy over the float16 stack's processes and threads, waits included, at
+#            PROFILE_STREAMS streams (default 16; py-spy in .whl/)
 # The project is not installed there: its packages are laid out as the install maps them, and what the
 # machine's Python lacks comes as wheels in .whl/ (carried). The stages' logs land in $OUT/stages.log, one
 # after another, and the benches' JSON beside it ($OUT brings back 8 files at most).
@@ -77,8 +78,10 @@ stage eager 110 env BLOOMDUO_CUDA_GRAPHS=0 python3 -m bloomduo bench "${load[@]}
 stage int8 120 python3 -m bloomduo bench "${load[@]}" --quantize int8 --out "$out/int8.json"
 stage attention 60 python3 scripts/gpu_attention_speed.py
 stage speed 150 python3 scripts/gpu_int8_speed.py --json "$out/speed.json"
-# raw stacks of every process (bench, gateway, worker), 16 streams long enough to sample the steps
-stage profile 150 /tmp/wheels/bin/py-spy record --subprocesses --rate 250 --format raw --output "$out/profile.txt" \
-    -- python3 -m bloomduo bench --launch --model /tmp/bloom-7b1 --num-shards 1 --device cuda --dtype float16 \
-    --concurrency 16 --requests-per-level 64 --prompt-tokens 32 --new-tokens 64 --distinct-prompts
+# raw stacks of every process and thread (bench, gateway, worker), waits included, at PROFILE_STREAMS streams
+# (default 16), long enough to sample the steps
+stage profile 150 /tmp/wheels/bin/py-spy record --subprocesses --threads --idle --rate 250 --format raw \
+    --output "$out/profile.txt" -- python3 -m bloomduo bench --launch --model /tmp/bloom-7b1 --num-shards 1 \
+    --device cuda --dtype float16 --concurrency "${PROFILE_STREAMS:-16}" --requests-per-level 64 --prompt-tokens 32 \
+    --new-tokens 64 --distinct-prompts
 echo "== done in $(($(date +%s) - started))s"

@@ -52,7 +52,7 @@ class DecodeGraphs:
         self.positions = torch.zeros(most, dtype=torch.long, device=weight.device)
         self.slots = torch.arange(most, device=weight.device)
         self.record = record
-        self.pool = torch.cuda.graph_pool_handle() if record else None
+        self.pool: tuple[int, int] | None = None  # the graphs' memory, shared: one step runs at a time
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.cache_address: tuple[int, int] | None = None
         self.failed = False
@@ -90,6 +90,9 @@ class DecodeGraphs:
         address = (cache.keys.data_ptr(), cache.values.data_ptr())
         if address != self.cache_address:
             self.graphs.clear()
+            # A pool whose graphs are all gone is freed: recording into its handle again trips an assert in
+            # torch's allocator (seen on an H200, torch 2.11).
+            self.pool = torch.cuda.graph_pool_handle()
             self.cache_address = address
         if (bucket, keys) not in self.graphs:
             try:

@@ -135,7 +135,7 @@ def test_the_stack_on_cuda_serves_int8_weights_through_triton(demo_model):
         running_stack(model_dir, num_shards=1, device="cuda", dtype="float16", quantize="int8") as stack,
         Client(stack.target) as bloom,
     ):
-        assert bloom.info().worker_kernels == ["int8 (triton)"]
+        assert bloom.info().worker_kernels == ["int8 (triton), decode steps as CUDA graphs"]
         result = bloom.generate("The int8 stack", max_new_tokens=8, ignore_eos=True, details=True)
         assert result.generated_tokens == 8 and all(token.logprob <= 0 for token in result.tokens)
 
