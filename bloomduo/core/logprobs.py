@@ -14,6 +14,7 @@ and its slice's top-n (`score_slice`); the gateway adds the sums in log space an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -52,17 +53,25 @@ def greedy_pick(row: torch.Tensor) -> tuple[int, float]:
 
 
 def join_slices(
-    best_logits: torch.Tensor, best_tokens: torch.Tensor, logsumexps: torch.Tensor
+    best_logits: Sequence[Sequence[float]],
+    best_tokens: Sequence[Sequence[int]],
+    logsumexps: Sequence[Sequence[float]],
 ) -> list[tuple[int, float]]:
     """(token, logprob) of each row over the whole vocabulary, from each slice's summary.
 
-    Arguments are [slices, rows], slices in vocabulary order: ties go to the first slice, i.e. the lowest
-    token id, as argmax over the whole row would.
+    Arguments are [slices][rows], slices in vocabulary order: ties go to the first slice, i.e. the lowest
+    token id, as argmax over the whole row would. Plain Python on the wire's numbers (summed in float64):
+    a decode step's few rows cost the gateway ~0.5 ms a step as torch ops, between a GPU's steps (py-spy,
+    H200 and a 2-core EPYC alike), against microseconds here.
     """
-    winner = best_logits.argmax(dim=0)
-    logprob = best_logits.max(dim=0).values - torch.logsumexp(logsumexps, dim=0)
-    chosen = best_tokens.gather(0, winner[None]).squeeze(0)
-    return list(zip(chosen.tolist(), logprob.tolist(), strict=True))
+    per_row = (zip(*per_slice, strict=True) for per_slice in (best_logits, best_tokens, logsumexps))
+    joined = []
+    for row_best, row_tokens, row_sums in zip(*per_row, strict=True):
+        winner = max(range(len(row_best)), key=row_best.__getitem__)  # the first of equal maxima
+        top = max(row_sums)
+        total = top + math.log(math.fsum(math.exp(value - top) for value in row_sums))
+        joined.append((row_tokens[winner], row_best[winner] - total))
+    return joined
 
 
 class RepetitionPenalty(NamedTuple):
