@@ -27,8 +27,9 @@ class RowSummary(NamedTuple):
     logsumexp: torch.Tensor  # float32 [rows]
 
 
-# Rows summarize a few at a time, so the float32 copy stays within this many bytes: a step's rows whole
-# (16 rows of a bloom-7b1 slice at W = 2, 8 MB) were most of what a CPU worker's heap grew by while serving.
+# On a CPU, rows summarize a few at a time, so the float32 copy stays within this many bytes: a step's rows
+# whole (16 rows of a bloom-7b1 slice at W = 2, 8 MB) were most of what a CPU worker's heap grew by while
+# serving. Elsewhere all at once: a GPU has the room, and 16 blocks of 1 row were ~80 launches a step.
 SUMMARY_BLOCK_BYTES = 1 << 20
 
 
@@ -37,7 +38,7 @@ def summarize(rows: torch.Tensor) -> RowSummary:
     best, index = rows.max(dim=-1)  # exact in any dtype, so no float32 copy of the rows for it
     best = best.float()
     logsumexp = torch.empty_like(best)
-    step = max(1, SUMMARY_BLOCK_BYTES // (4 * rows.shape[-1]))
+    step = max(1, SUMMARY_BLOCK_BYTES // (4 * rows.shape[-1]) if rows.device.type == "cpu" else len(rows))
     for start in range(0, rows.shape[0], step):
         block = slice(start, start + step)
         # One float32 copy, shifted by the max in place: one pass fewer than torch.logsumexp.
