@@ -4,10 +4,12 @@
  * Why: a decode step reads every weight once for one to sixteen rows, so its time is the weights' bytes over
  * the memory bandwidth, if the kernel keeps the memory bus busy. oneDNN's small-batch kernel streams its
  * packed bf16 weights at ~15 GB/s on one EPYC core, ATen's bf16 GEMV is fast for one row only, and neither
- * reads int8 weights. Here every path reads W once per call, front to back, and sums in float32:
+ * reads int8 weights. Here every path reads W once per call, front to back, and sums in float32 (or exactly, in
+ * int32, where it multiplies integers):
  *
  *   LAYOUT_ONEDNN  oneDNN's packed bf16 weight itself (AVX512-BF16: VDPBF16PS, outputs in the lanes; AMX
- *                  tiles from 3 rows where oneDNN packed for AMX)
+ *                  tiles from 3 rows where oneDNN packed for AMX), or int8 ones in its order (AVX2: each row
+ *                  of x rounded to 16-bit integers, VPMADDWD's exact products summed in int32 runs)
  *   LAYOUT_TILED   this file's tiles, bf16 or int8 weights, in AVX512-BF16, AVX512F, AVX2+FMA or scalar form
  *   LAYOUT_VNNI    int8 weights in row blocks of 4-column groups, against activations quantized to unsigned
  *                  bytes per row on the way in (--quantize int8-dynamic): VPDPBUSD, twice VDPBF16PS's
@@ -1693,141 +1695,168 @@ AVX2 static const char *linear_compact_avx2(const Problem *p, const float *x) {
     return NULL;
 }
 
-/* The row-block layout's int8 weights with AVX2 FMAs (weight-only int8 where bf16 is emulated). A block's (k, k+1)
- * byte pairs of 4 rows are 8 bytes: sign-extended to 8 dwords and converted, they meet x[k], x[k+1] broadcast
- * as one pair, so each lane sums one row's even or odd products; the two sums are added at the end, then
- * scaled, so no pair is split and no shift is spent. Three rows of x or more go by strips of 8 weight rows
- * against 3 to 6 rows of x (12 accumulators), up to two a row at a time against the whole block (which widens
- * its bytes another way: spread_bytes). One core, a bloom-560m rank's shapes against the tiles (dot products along
- * k): 16 and 32 rows 53 -> 79-81 GFLOP/s, the LM head slice past the L3 at 16 rows 86 -> 53 ms. */
+/* The row-block layout's int8 weights on AVX2 (weight-only int8 where bf16 is emulated), with integer products:
+ * each row of x is rounded once to 16-bit integers (x ~= q * step, the step its largest |x| / 32767), and
+ * VPMADDWD multiplies a block's (k, k+1) byte pairs, widened to words, by the row's (k, k+1) pair of words,
+ * summing each pair into the int32 lane of its weight row: 16 products an instruction, twice an FMA's 8, and no
+ * float widening of the weights. The int32 sums are exact; they are turned to float32 and added up every
+ * WORD_RUN_PAIRS pairs (2 x 127 x 32767 a pair: 256 pairs stay below 2^31), in that order whatever the row
+ * count, and scaled once (the row's step, then the weight row's scale), so a row's output has the same bits
+ * alone or in any batch. The rounding of x adds at most step / 2 a value, 2^-16 of the row's largest: below a
+ * bf16 rounding for every value within 2^-7 of it (bf16 keeps 8 bits), far below the int8 weights' own error.
+ * One core (Zen 4, AVX2 only, a bloom-560m rank's 96 block Linears and its LM head slice, 125440 x 1024, ms
+ * float FMAs -> words): 1 row 9.5 -> 8.0 and 6.7 -> 5.3 (the slice read at 24 GB/s), 2 rows 16.9 -> 9.3, 16
+ * rows 62.6 -> 41.7 (77 -> 116 GOP/s), 64 rows 80 -> 123 GOP/s: VPMADDWD's one a cycle on that core. */
+#define WORD_LEVELS 32767
+#define WORD_RUN_PAIRS 256
 
-/* rows r0 .. r0+7's outputs from lanes (row, even) and (row, odd): rows 0-3 in `low`, 4-7 in `high` */
-AVX2 INLINE __m256 pair_sums(__m256 low, __m256 high) {
-    __m256 sums = _mm256_hadd_ps(low, high); /* rows 0 1 4 5 | 2 3 6 7 */
-    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sums), 0xD8));
-}
-
-AVX2 INLINE void int8_store8(const Problem *p, long r, long n, __m256 sum) {
-    store8(p, r, n, _mm256_mul_ps(sum, _mm256_loadu_ps(p->scale + n)));
-}
-
-/* Rows r0 .. r0+ROWS-1 of x against a strip of 8 weight rows: each k pair's 16 bytes (4 rows' pairs twice)
- * widened to ymm12-13, x's pair at k broadcast to ymm14, the same loop as the bf16 strips' (int8 pairs are 128
- * bytes apart). GCC's loop from intrinsics took 33 instructions a pair for its 12 FMAs, this 24: a bloom-560m
- * rank's shapes at 16-100 rows on one Zen 3 EPYC core 80-87 -> 84-88 GFLOP/s, the same bits. */
-#define ASM_I8_PAIR(ROWS, at, column)                                                                               \
-    "vpmovsxbd " #at "(%[w]), %%ymm12\n\t"                                                                          \
-    "vpmovsxbd " #at "+8(%[w]), %%ymm13\n\t"                                                                        \
-    "vcvtdq2ps %%ymm12, %%ymm12\n\t"                                                                               \
-    "vcvtdq2ps %%ymm13, %%ymm13\n\t" ASM_ROWS_##ROWS(vbroadcastsd, column)
-#define INT8_STRIP(ROWS)                                                                                            \
-    AVX2 __attribute__((noinline)) static void int8_strip_##ROWS(const Problem *p, const float *x,                  \
-                                                                   const int8_t *block, int s, long r0, long n0,     \
-                                                                   const char *next, long next_bytes) {              \
-        ASM_STRIP_START(ROWS)                                                                                      \
-        const int8_t *w = block + s * 16; /* 8 rows' pairs: 16 bytes of each k pair's 128 */                       \
-        const int lead = 0;                                                                                        \
-        ASM_STRIP("", ASM_I8_PAIR(ROWS, 0, 0), ASM_I8_PAIR(ROWS, 128, 8), 128);                                    \
-        for (int i = 0; i < ROWS; i++)                                                                             \
-            int8_store8(p, r0 + i, n0, pair_sums(_mm256_loadu_ps(sums[i]), _mm256_loadu_ps(sums[i] + 8)));         \
+/* Each row of x as words q and its step; a row holding a NaN or an infinity gets a NaN step, so its outputs are
+ * NaN as a float sum's would be. */
+AVX2 static void words_of_rows_avx2(const Problem *p, int16_t *q, float *steps) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (long r = 0; r < p->R; r++) {
+        __m256 largest = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
+        for (long k = 0; k < p->K; k += 8) {
+            __m256 v = load8(p->x, r * p->K + k, p->x_dtype);
+            largest = _mm256_max_ps(largest, _mm256_and_ps(v, magnitude));
+            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        const float top = fold8(largest, fmaxf);
+        const int finite = !_mm256_movemask_ps(unordered) && isfinite(top);
+        steps[r] = finite ? top / WORD_LEVELS : NAN;
+        const __m256 inverse = _mm256_set1_ps(finite && top > 0.0f ? WORD_LEVELS / top : 0.0f);
+        for (long k = 0; k < p->K; k += 16) { /* rounded half to even, packed with saturation */
+            __m256i low = _mm256_cvtps_epi32(_mm256_mul_ps(load8(p->x, r * p->K + k, p->x_dtype), inverse));
+            __m256i high = _mm256_cvtps_epi32(_mm256_mul_ps(load8(p->x, r * p->K + k + 8, p->x_dtype), inverse));
+            __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(low, high), 0xD8);
+            _mm256_storeu_si256((__m256i *)(q + r * p->K + k), words);
+        }
     }
-INT8_STRIP(3)
-INT8_STRIP(4)
-INT8_STRIP(5)
-INT8_STRIP(6)
-
-/* A dword of the layout's bytes (row r at k and k + 1, then row r + 1) as 4 vectors of float32, each byte moved to
- * its dword's top byte by a shift or a mask, so converted it is w * 2^24, exactly (7 bits). From one 32-byte load
- * this streams a bloom-560m LM head slice (125440 x 1024, from memory) a row at a time at 15 GB/s on a Zen 3 EPYC
- * core where VPMOVSXBD's 8 bytes a load (one per 8 weights, the strips' widening) reached 12.8 and a bare read
- * 16; both cores at once 21.5 against 19.9 and a read's 24.3 (medians of 5-6 runs each). */
-AVX2 INLINE void spread_bytes(__m256i w, __m256 t[4]) {
-    const __m256i top = _mm256_set1_epi32((int)0xFF000000u);
-    t[0] = _mm256_cvtepi32_ps(_mm256_slli_epi32(w, 24));
-    t[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_slli_epi32(w, 16), top));
-    t[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_slli_epi32(w, 8), top));
-    t[3] = _mm256_cvtepi32_ps(_mm256_and_si256(w, top));
 }
 
-/* One row of x against a whole block: its two halves (32 rows, 8 accumulators: per 16 rows the even rows' sums of
- * x[k] and of x[k + 1] products, then the odd rows') take turns over runs of INT8_RUN_PAIRS k pairs, their sums
- * parked between turns, so the block is read front to back (a half's whole pass, then the other's, was 13 %
- * slower than the tiles from memory). Each row's even and odd sums are added at the end, as the strips add them,
- * and scaled by 2^-24 with the row's scale (exact: a power of two), so a row's output has the strips' bits. */
-#define INT8_RUN_PAIRS 32
-AVX2 static void int8_row_block_avx2(const Problem *p, const float *x, const int8_t *block, long r, long n0,
-                                     const char *next, long next_bytes) {
-    __m256 parked[2][8];
-    for (int h = 0; h < 2; h++)
-        for (int c = 0; c < 8; c++) parked[h][c] = _mm256_setzero_ps();
-    const float *xr = x + r * p->K;
-    for (long k0 = 0; k0 < p->K; k0 += 2 * INT8_RUN_PAIRS) {
-        const long k1 = min_long(p->K, k0 + 2 * INT8_RUN_PAIRS);
-        for (int half = 0; half < 2; half++) {
-            __m256 acc[8];
-            for (int c = 0; c < 8; c++) acc[c] = parked[half][c];
-            const int8_t *line = block + half * 64 + k0 * BLOCK_ROWS;
-            for (long k = k0; k < k1; k += 2, line += 2 * BLOCK_ROWS) {
-                if (next_bytes > 0) {
-                    _mm_prefetch(next, _MM_HINT_T1);
-                    next += 64, next_bytes -= 64;
-                }
-                __m256 even = _mm256_broadcast_ss(xr + k), odd = _mm256_broadcast_ss(xr + k + 1);
-                for (int q = 0; q < 2; q++) {
-                    __m256 t[4];
-                    spread_bytes(_mm256_loadu_si256((const __m256i *)(line + q * 32)), t);
-                    acc[4 * q] = _mm256_fmadd_ps(even, t[0], acc[4 * q]);
-                    acc[4 * q + 1] = _mm256_fmadd_ps(odd, t[1], acc[4 * q + 1]);
-                    acc[4 * q + 2] = _mm256_fmadd_ps(even, t[2], acc[4 * q + 2]);
-                    acc[4 * q + 3] = _mm256_fmadd_ps(odd, t[3], acc[4 * q + 3]);
-                }
+/* x's words k and k + 1 of a row, in every lane */
+AVX2 INLINE __m256i word_pair(const int16_t *row, long k) {
+    int32_t pair;
+    memcpy(&pair, row + k, 4);
+    return _mm256_set1_epi32(pair);
+}
+
+/* Outputs n .. n+7 of row r from their float32 sum. */
+AVX2 INLINE void words_store8(const Problem *p, long r, long n, __m256 sum, float step) {
+    store8(p, r, n, _mm256_mul_ps(_mm256_mul_ps(sum, _mm256_set1_ps(step)), _mm256_loadu_ps(p->scale + n)));
+}
+
+/* ROWS rows of x from r0 against strip s of a block (its weight rows 16 s .. 16 s + 15: 32 bytes of each k pair's
+ * 128), 12 accumulators. GCC's loop from these intrinsics is 2 widening loads, 6 broadcasts, 12 VPMADDWD and 12
+ * VPADDD a pair with nothing spilled: it runs at the multiplies' rate, so no assembly here. Like the bf16 strips,
+ * each pass fetches its share of the next block into L2. */
+AVX2 INLINE void word_strip(const Problem *p, const int16_t *q, const float *steps, const int8_t *block, int s, long r0,
+                            const int ROWS, long n0, const char *next, long next_bytes) {
+    const long K = p->K;
+    __m256 sums[6][2];
+    for (int i = 0; i < ROWS; i++) sums[i][0] = sums[i][1] = _mm256_setzero_ps();
+    const int8_t *w = block + s * 32;
+    for (long k0 = 0; k0 < K; k0 += 2 * WORD_RUN_PAIRS) {
+        const long k1 = min_long(K, k0 + 2 * WORD_RUN_PAIRS);
+        __m256i acc[6][2];
+        for (int i = 0; i < ROWS; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+        for (long k = k0; k < k1; k += 2, w += 2 * BLOCK_ROWS) {
+            if (next_bytes > 0) {
+                _mm_prefetch(next, _MM_HINT_T1);
+                next += 64, next_bytes -= 64;
             }
-            for (int c = 0; c < 8; c++) parked[half][c] = acc[c];
+            __m256i low = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
+            __m256i high = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16)));
+            for (int i = 0; i < ROWS; i++) {
+                __m256i pair = word_pair(q + (r0 + i) * K, k);
+                acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(low, pair));
+                acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(high, pair));
+            }
         }
+        for (int i = 0; i < ROWS; i++)
+            for (int c = 0; c < 2; c++) sums[i][c] = _mm256_add_ps(sums[i][c], _mm256_cvtepi32_ps(acc[i][c]));
     }
-    const __m256 unscale = _mm256_set1_ps(0x1p-24f);
-    for (int half = 0; half < 2; half++)
-        for (int q = 0; q < 2; q++) {
-            const __m256 *sums = parked[half] + 4 * q;
-            __m256 even_rows = _mm256_add_ps(sums[0], sums[1]), odd_rows = _mm256_add_ps(sums[2], sums[3]);
-            __m256 low = _mm256_unpacklo_ps(even_rows, odd_rows), high = _mm256_unpackhi_ps(even_rows, odd_rows);
-            const long n = n0 + half * 32 + q * 16;
-            int8_store8(p, r, n, _mm256_mul_ps(_mm256_permute2f128_ps(low, high, 0x20), unscale));
-            int8_store8(p, r, n + 8, _mm256_mul_ps(_mm256_permute2f128_ps(low, high, 0x31), unscale));
+    for (int i = 0; i < ROWS; i++)
+        for (int c = 0; c < 2; c++) words_store8(p, r0 + i, n0 + s * 16 + c * 8, sums[i][c], steps[r0 + i]);
+}
+#define WORD_STRIP(ROWS)                                                                                           \
+    AVX2 __attribute__((noinline)) static void word_strip_##ROWS(const Problem *p, const int16_t *q,                \
+                                                                  const float *steps, const int8_t *block, int s,   \
+                                                                  long r0, long n0, const char *next,               \
+                                                                  long next_bytes) {                                \
+        word_strip(p, q, steps, block, s, r0, ROWS, n0, next, next_bytes);                                         \
+    }
+WORD_STRIP(3)
+WORD_STRIP(4)
+WORD_STRIP(5)
+WORD_STRIP(6)
+
+/* One row of x against a whole block, read front to back (each k pair's 128 bytes in order), 8 accumulators. */
+AVX2 static void word_row_block_avx2(const Problem *p, const int16_t *q, const float *steps, const int8_t *block,
+                                     long r, long n0, const char *next, long next_bytes) {
+    __m256 sums[8];
+    for (int c = 0; c < 8; c++) sums[c] = _mm256_setzero_ps();
+    const int16_t *row = q + r * p->K;
+    const int8_t *w = block;
+    for (long k0 = 0; k0 < p->K; k0 += 2 * WORD_RUN_PAIRS) {
+        const long k1 = min_long(p->K, k0 + 2 * WORD_RUN_PAIRS);
+        __m256i acc[8];
+        for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_si256();
+        for (long k = k0; k < k1; k += 2, w += 2 * BLOCK_ROWS) {
+            if (next_bytes > 0) {
+                _mm_prefetch(next, _MM_HINT_T1);
+                next += 64, next_bytes -= 64;
+            }
+            __m256i pair = word_pair(row, k);
+            for (int c = 0; c < 8; c++) {
+                __m256i weights = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + c * 16)));
+                acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(weights, pair));
+            }
         }
+        for (int c = 0; c < 8; c++) sums[c] = _mm256_add_ps(sums[c], _mm256_cvtepi32_ps(acc[c]));
+    }
+    for (int c = 0; c < 8; c++) words_store8(p, r, n0 + c * 8, sums[c], steps[r]);
 }
 
-AVX2 static void linear_row_blocks_int8_avx2(const Problem *p, const float *x) {
-    const int8_t *w = (const int8_t *)p->w;
+/* Block outermost; up to two rows a row at a time against the whole block (the first from memory, fetching the
+ * next block as the later passes do), more by strips in groups of 3 to 6 rows, as the bf16 row blocks go. */
+AVX2 static const char *linear_row_blocks_int8_avx2(const Problem *p) {
+    const size_t step_bytes = ((size_t)p->R * sizeof(float) + 63) / 64 * 64;
+    uint8_t *scratch = quantized_scratch(step_bytes + (size_t)p->R * (size_t)p->K * sizeof(int16_t));
+    if (!scratch) return "out of memory rounding x to words";
+    float *steps = (float *)scratch;
+    int16_t *q = (int16_t *)(scratch + step_bytes);
+    words_of_rows_avx2(p, q, steps);
     const long groups = (p->R + 5) / 6;
     const long block_bytes = BLOCK_ROWS * p->K;
-    const long passes = p->R <= 2 ? p->R : BLOCK_ROWS / 8 * groups;
+    const long passes = p->R <= 2 ? p->R : BLOCK_ROWS / 16 * groups;
     const long share = (block_bytes / passes + 63) / 64 * 64;
     for (long n0 = 0; n0 < p->N; n0 += BLOCK_ROWS) {
-        const int8_t *block = w + n0 * p->K;
+        const int8_t *block = (const int8_t *)p->w + n0 * p->K;
         const char *next = (const char *)(block + block_bytes);
         const long next_bytes = n0 + BLOCK_ROWS < p->N ? block_bytes : 0;
         long pass = 0;
         if (p->R <= 2) {
             for (long r = 0; r < p->R; r++, pass++) {
                 const long from = min_long(pass * share, next_bytes);
-                int8_row_block_avx2(p, x, block, r, n0, next + from, min_long(share, next_bytes - from));
+                word_row_block_avx2(p, q, steps, block, r, n0, next + from, min_long(share, next_bytes - from));
             }
             continue;
         }
-        for (int s = 0; s < BLOCK_ROWS / 8; s++)
+        for (int s = 0; s < BLOCK_ROWS / 16; s++)
             for (long g = 0, r0 = 0; g < groups; g++, pass++) {
                 const long rows = p->R / groups + (g < p->R % groups);
                 const long from = min_long(pass * share, next_bytes), bytes = min_long(share, next_bytes - from);
-                switch (rows) { /* 3 or more: 7 rows go as 4 + 3 */
-                case 3: int8_strip_3(p, x, block, s, r0, n0 + s * 8, next + from, bytes); break;
-                case 4: int8_strip_4(p, x, block, s, r0, n0 + s * 8, next + from, bytes); break;
-                case 5: int8_strip_5(p, x, block, s, r0, n0 + s * 8, next + from, bytes); break;
-                default: int8_strip_6(p, x, block, s, r0, n0 + s * 8, next + from, bytes); break;
+                switch (rows) { /* 7 rows go as 4 + 3 */
+                case 3: word_strip_3(p, q, steps, block, s, r0, n0, next + from, bytes); break;
+                case 4: word_strip_4(p, q, steps, block, s, r0, n0, next + from, bytes); break;
+                case 5: word_strip_5(p, q, steps, block, s, r0, n0, next + from, bytes); break;
+                default: word_strip_6(p, q, steps, block, s, r0, n0, next + from, bytes); break;
                 }
                 r0 += rows;
             }
     }
+    return NULL;
 }
 #endif
 
@@ -2377,14 +2406,12 @@ static const char *run(Problem *p, int isa) {
         linear_avx512_bf16(p);
         return NULL;
     }
-    if (p->layout == LAYOUT_ONEDNN) { /* AVX2 and AVX512 without BF16 alike: the AVX2 FMA form */
+    if (p->layout == LAYOUT_ONEDNN) { /* AVX2 and AVX512 without BF16 alike: the AVX2 forms */
+        if (p->w_dtype == DT_I8) return linear_row_blocks_int8_avx2(p);
         const float *x = widened_x(p);
         if (!x) return "out of memory widening x";
         if (p->w_dtype == DT_BF16_COMPACT) return linear_compact_avx2(p, x);
-        if (p->w_dtype == DT_I8)
-            linear_row_blocks_int8_avx2(p, x);
-        else
-            linear_row_blocks_avx2(p, x);
+        linear_row_blocks_avx2(p, x);
         return NULL;
     }
     const float *x = isa == ISA_AVX2 && p->w_dtype == DT_BF16 ? pair_split_x(p) : widened_x(p);

@@ -4,18 +4,22 @@ Every Linear of the blocks and the LM head slice gets symmetric int8 weights wit
 output channel (its largest |w| / 127); biases, LayerNorms and the KV cache keep the worker's dtype.
 Two ways to compute with them, because they trade accuracy for speed differently:
 
-- `int8` (weight-only): activations stay in the worker's dtype and the weights are widened inside the
-  matmul. On the CPU that is bloomduo's own kernel (native.py: the int8 weight tiled, streamed once per
-  call, widened in registers, products summed in float32), where the install built it: bfloat16 workers on
-  AVX512-BF16 hold it in oneDNN's row-block order and multiply exact bf16 pairs with VDPBF16PS; on AVX2 in
-  the same order, read with FMAs as outer products (16-32 rows at ~80 GFLOP/s a core against the tiles'
-  ~53); others in tiles. Else ATen's `_weight_int8pack_mm` for bfloat16/float16 workers; on CUDA
-  triton_int8's kernel (float16/bfloat16, the weight widened in registers); on Ascend torch_npu's
-  npu_weight_quant_batchmatmul (W8A16, per-channel scales as a 310P takes them); elsewhere (and for float32
-  workers without the native kernel) the weight is dequantized per call, which is exact but no faster than
-  the unquantized model. Measured at one thread on bloom-560m's shapes split over two ranks (AMD
-  EPYC, AVX512-BF16; ms for 24 block Linears, 75 MB in bfloat16): 1 row 2.07 / 4 rows 2.71 / 32 rows 15.9 in
-  row blocks (tiles: 2.07 / 3.38 / 20.5), against int8pack's 4.49 / 6.41 / 35.1.
+- `int8` (weight-only): only the weights are 8-bit; activations keep the worker's dtype (16-bit integers per
+  row on AVX2, below) and the weights are widened inside the matmul. On the CPU that is bloomduo's own
+  kernel (native.py: the int8 weight tiled, streamed once per call, widened in registers, products summed in
+  float32), where the install built it: bfloat16 workers on AVX512-BF16 hold it in oneDNN's row-block order
+  and multiply exact bf16 pairs with VDPBF16PS; on AVX2 (where bf16 is emulated) in the same order, each row
+  of x rounded to 16-bit integers on the way in (2^-16 of the row's largest |x|: finer than bf16 within 2^-7
+  of it) and multiplied by the widened bytes with VPMADDWD, 16 exact products an instruction where an FMA
+  makes 8 (a rank's shapes at 16-64 rows 77-80 -> 113-123 GOP/s a Zen 4 core, one row's LM head slice
+  streamed at 19 -> 24 GB/s; mean KL on the eval text 1.49e-04 -> 1.38e-04, bf16 alone 1.47e-04); others in
+  tiles. Else ATen's `_weight_int8pack_mm` for bfloat16/float16 workers; on CUDA triton_int8's kernel
+  (float16/bfloat16, the weight widened in registers); on Ascend torch_npu's npu_weight_quant_batchmatmul
+  (W8A16, per-channel scales as a 310P takes them); elsewhere (and for float32 workers without the native
+  kernel) the weight is dequantized per call, which is exact but no faster than the unquantized model.
+  Measured at one thread on bloom-560m's shapes split over two ranks (AMD EPYC, AVX512-BF16; ms for 24 block
+  Linears, 75 MB in bfloat16): 1 row 2.07 / 4 rows 2.71 / 32 rows 15.9 in row blocks (tiles: 2.07 / 3.38 /
+  20.5), against int8pack's 4.49 / 6.41 / 35.1.
 - `int8-dynamic` (CPU): each call also quantizes its activations to 8 bits and multiplies bytes: what
   CTranslate2's int8 and OpenVINO's dynamic quantization do. Where the CPU has AVX512-VNNI and the install
   built bloomduo's kernel, that kernel (native.py, VNNI layout) quantizes each row on its own (one step and
@@ -169,8 +173,8 @@ class Int8Linear(nn.Module):
         else:
             self.kernel = _weight_only_kernel(weight, dtype)
             native_kernel = self.kernel == "native"
-            # bf16 activations on AVX512-BF16 or AVX2: the row-block layout, read with VDPBF16PS or FMAs as
-            # outer products (no horizontal sums, so prefill runs near bf16 GEMM speed); elsewhere the tiles
+            # bf16 activations on AVX512-BF16 or AVX2: the row-block layout, read with VDPBF16PS or, rows
+            # rounded to words, VPMADDWD (outputs in the lanes: no horizontal sums); elsewhere the tiles
             self.layout = native.TILED
             reads_row_blocks = native.best_isa() in (native.AVX2, native.AVX512_BF16)
             if native_kernel and dtype == torch.bfloat16 and reads_row_blocks:

@@ -81,7 +81,7 @@ def test_the_tiled_kernel_computes_x_times_w_transposed(isa, weights, activation
 # where the CPU has them: 7, 13 and 16 rows one tile of x, 67 five, the last partial); below it (FMAs alone):
 # bf16 up to 3 rows by whole blocks a row at a time, more by strips of 16 rows in groups of 3 to 6 (7: 4 + 3,
 # 16: 6 + 5 + 5);
-# int8 up to 2 rows by whole blocks (K = 96: a run of 32 k pairs, then a shorter one), more by strips of 8
+# int8 (integer products, test_avx2_int8_row_blocks_...) up to 2 rows by whole blocks, more by strips of 16
 ROW_BLOCK_READERS = [
     pytest.param(isa, weights, id=f"{native.ISA_NAMES[isa]}-{weights}")
     for isa in ISAS
@@ -107,6 +107,55 @@ def test_the_onednn_layout_is_read_as_documented(isa, weights, rows, gelu):
     if gelu:  # BLOOM's tanh GELU of the float32 sum, before the one rounding
         want = torch.nn.functional.gelu(want, approximate="tanh")
     assert _within_one_rounding(got, want)
+
+
+WORD_LEVELS, WORD_RUN_COLUMNS = 32767, 512
+
+
+def _words_reference(x, weight, scale, bias) -> torch.Tensor:
+    """What the AVX2 int8 row blocks define, in torch: each row of x rounded to 16-bit integers (float32
+    arithmetic, half to even; the step its largest |x| / 32767), exact integer sums over runs of 512 columns,
+    each run's sum to float32 and added in order, times the row's step, then the weight row's scale, plus the
+    bias, one rounding."""
+    rows = x.float()
+    top = rows.abs().amax(dim=1, keepdim=True)
+    levels = torch.full_like(top, float(WORD_LEVELS))
+    words = torch.round(rows * torch.where(top > 0, levels / top, torch.zeros_like(top))).long()
+    sums = torch.zeros(rows.shape[0], weight.shape[0])
+    for k0 in range(0, rows.shape[1], WORD_RUN_COLUMNS):
+        run = words[:, k0 : k0 + WORD_RUN_COLUMNS] @ weight[:, k0 : k0 + WORD_RUN_COLUMNS].long().T
+        assert run.abs().max() < 2**31  # what the kernel's int32 lanes hold
+        sums = sums + run.float()
+    out = sums * (top / levels) * scale[None, :]
+    return (out if bias is None else out + bias.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("isa", [isa for isa in ISAS if isa in (native.AVX2, native.AVX512)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 16, 67])
+@pytest.mark.parametrize("bias", [True, False])
+def test_avx2_int8_row_blocks_sum_16_bit_rows_exactly_alone_or_batched(isa, rows, bias):
+    """Weight-only int8 where bf16 is emulated (AVX2, and AVX512 without BF16, which runs the AVX2 form): bit
+    for bit against its definition, so a row's output is the same alone or in any batch. K = 1088 is two runs
+    of 512 columns and a shorter one; row 0 against weight row 0 (all 127) puts the largest sum a run's int32
+    lanes may hold (512 x 127 x 32767, just below 2^31) in one run."""
+    generator = torch.Generator().manual_seed(rows)
+    columns = 1088
+    weight, scale = per_channel_int8(torch.randn(128, columns, generator=generator))  # two 64-row blocks
+    weight[0] = 127
+    x = torch.randn(rows, columns, generator=generator).to(torch.bfloat16)
+    x[0] = 3.0
+    if rows > 2:
+        x[1] = 0.0  # a row of zeros has no step to divide by
+        x[2, 7] = -40.0  # an outlier feature sets its row's step
+    b = torch.randn(128, generator=generator).to(torch.bfloat16) if bias else None
+    laid_out = native.to_row_blocks(weight)
+    got = native.linear(x, laid_out, b, scale, isa=isa, layout=native.ONEDNN)
+    assert torch.equal(got, _words_reference(x, weight, scale, b))
+    assert _within_one_rounding(got, _reference(x, weight, b, scale))
+    if rows > 1:  # a NaN poisons its own row's outputs, as a float sum would, and no other
+        x[-1, 3] = float("nan")
+        poisoned = native.linear(x, laid_out, b, scale, isa=isa, layout=native.ONEDNN)
+        assert poisoned[-1].isnan().all() and torch.equal(poisoned[:-1], got[:-1])
 
 
 @pytest.mark.parametrize("isa", [isa for isa in ISAS if isa in (native.SCALAR, native.AVX512_BF16)])
