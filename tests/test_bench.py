@@ -416,6 +416,21 @@ def test_rounds_merge_into_medians_of_every_figure() -> None:
     assert streams == 16 and isinstance(streams, int)  # not 16.0: the tables print it as a count
 
 
+def test_a_floor_over_rounds_whose_workers_held_different_weights_names_each_rounds() -> None:
+    plain = {"weights": "bfloat16", "decode_bytes": 1118.0}
+    compact = {"weights": "bfloat16, blocks and lm_head in 12 bits (compact)", "decode_bytes": 839.0}
+    merged = bench.median_of([plain, compact])
+    assert merged["weights"] == "bfloat16"  # median_of alone: the first round's label on both rounds' bytes
+    named = bench.name_mixed_weights(merged, [plain, compact])
+    assert named["weights"] == (
+        "round 1: bfloat16; round 2: bfloat16, blocks and lm_head in 12 bits (compact) (bytes: their median)"
+    )
+    assert named["decode_bytes"] == merged["decode_bytes"] == 978.5
+    assert bench.name_mixed_weights(plain, [plain, dict(plain)]) is plain
+    unmeasured = {"reason": "the stack runs elsewhere"}
+    assert bench.name_mixed_weights(unmeasured, [unmeasured, unmeasured]) is unmeasured
+
+
 def test_bench_rounds_report_medians_and_each_rounds_figures(tiny_stack, tmp_path, capsys) -> None:
     out = tmp_path / "results.json"
     args = _parse(

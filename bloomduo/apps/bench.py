@@ -341,13 +341,26 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     report["config"]["rounds"] = args.rounds
     # what each round measured per system and level, to show the spread the medians hide
     report["round_figures"] = [_headline_figures(measured) for measured in rounds]
-    floor = report["floor"]
+    floor = report["floor"] = name_mixed_weights(report["floor"], [measured["floor"] for measured in rounds])
     if "tpot_s" in floor:
         floor["levels"] = against_floor(floor, dict(systems(report)))
     report["ratios"] = ratios(report)
     report["side_by_side"] = side_by_side(report)
     report["targets"] = targets(report)
     return report
+
+
+def name_mixed_weights(merged: dict[str, Any], round_floors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The merged floor, its weights named round by round where the rounds' workers held different ones.
+
+    A bf16 worker's kernel chooser may take the compact blocks in one round and the plain ones in the next
+    (their times at load can lie within a per cent): the merged floor's bytes are then the median of both
+    layouts' bytes, which median_of alone would label with the first round's layout."""
+    weights = [floor.get("weights") for floor in round_floors]
+    if len(set(weights)) < 2:
+        return merged
+    by_round = "; ".join(f"round {number}: {held}" for number, held in enumerate(weights, 1))
+    return {**merged, "weights": f"{by_round} (bytes: their median)"}
 
 
 def median_of(reports: list[Any]) -> Any:
