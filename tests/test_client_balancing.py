@@ -270,13 +270,18 @@ def test_a_retry_goes_to_the_next_replica() -> None:
                     bloom.tokenize("x")
                 except BloomduoError:
                     failed += 1
-            assert failed == 2  # without retries, every other call lands on the failing replica
+            # Without retries, every other call lands on the failing replica: round robin alternates within
+            # one picker, and gRPC rebuilds its picker, at a random index, when a connection's or health state
+            # changes (bad.calls 8 once in a fresh-clone run), so a run may hold a break in the rhythm.
+            assert 1 <= failed <= 3
         with Client(target, retries=1, backoff_s=0.01) as bloom:
             _until_every_replica_answered(bloom, [bad, good])
             for _ in range(10):
                 assert bloom.tokenize("x") == [1, 2]
-            # A call picked onto the failing replica was tried once more, and that try went to the other.
-            assert good.calls == 10 and bad.calls >= 9
+            # A call picked onto the failing replica was tried once more, and that try went to the other (a
+            # second try on it would have failed the call): about every call was picked onto it first (10 in
+            # the rhythm, 9 if it began on the other; one or two fewer where the picker was rebuilt).
+            assert good.calls == 10 and bad.calls >= 7
             # So is a stream that failed before its first event.
             for _ in range(4):
                 events = list(bloom.generate_stream("x"))
