@@ -42,6 +42,10 @@ weights at 1 and 4 rows, cold, one block at 32 and 256 rows):
     AVX2-only EPYC (Zen 4, its AVX512 hidden; a core reads ~28 GB/s), 2026-12-04
       row-blocks                  3.2    5.0   4.6   38.7
       compact                     2.8    6.4   4.9   39.2
+    AVX2-only EPYC (Zen 3; a core reads ~23 GB/s), 2026-12-05: the two layouts within 4 % on the mean below,
+    so either is taken; forced, compact's one-stream TPOT was 0.75x row-blocks' (docs/performance-record.md)
+      row-blocks                  4.2    5.3   4.2   35.4
+      compact                     3.0    6.2   4.6   37.2
 
 Sums along k (tiles) need widening work per FMA that outer products over row blocks (each x value broadcast
 against 16 rows' weights) spread over 6 rows: 68 against 82 GFLOP/s of this CPU's ~91 at 256 rows.
