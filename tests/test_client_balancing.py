@@ -272,7 +272,7 @@ def test_a_retry_goes_to_the_next_replica() -> None:
                     failed += 1
             # Without retries, every other call lands on the failing replica: round robin alternates within
             # one picker, and gRPC rebuilds its picker, at a random index, when a connection's or health state
-            # changes (bad.calls 8 once in a fresh-clone run), so a run may hold a break in the rhythm.
+            # changes, so a run may hold a break in the rhythm.
             assert 1 <= failed <= 3
         with Client(target, retries=1, backoff_s=0.01) as bloom:
             _until_every_replica_answered(bloom, [bad, good])
@@ -280,7 +280,8 @@ def test_a_retry_goes_to_the_next_replica() -> None:
                 assert bloom.tokenize("x") == [1, 2]
             # A call picked onto the failing replica was tried once more, and that try went to the other (a
             # second try on it would have failed the call): about every call was picked onto it first (10 in
-            # the rhythm, 9 if it began on the other; one or two fewer where the picker was rebuilt).
+            # the rhythm, 9 if it began on the other; one or two fewer where the picker was rebuilt: 8 once in
+            # a fresh-clone run).
             assert good.calls == 10 and bad.calls >= 7
             # So is a stream that failed before its first event.
             for _ in range(4):
