@@ -210,6 +210,8 @@ class ShardEngine:
         chunk i (see Scoring)."""
         for sequence_id in free_ids:
             self.cache.free(sequence_id)
+        if free_ids:
+            self._shrink_cache()
         if not chunks:
             return StepOutput(torch.empty((0, self.vocab_end - self.vocab_start), dtype=self.dtype))
         x = self.model.blocks(hidden_states, chunks, self.cache)
@@ -292,3 +294,9 @@ class ShardEngine:
     def reset(self) -> None:
         """Drop every KV cache, e.g. when the gateway that owned them went away."""
         self.cache.clear()
+        self._shrink_cache()
+
+    def _shrink_cache(self) -> None:
+        before = self.cache.nbytes
+        if self.cache.shrink_to_fit():
+            log.info("kv_cache_shrunk", bytes_before=before, bytes_after=self.cache.nbytes)

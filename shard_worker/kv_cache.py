@@ -4,7 +4,9 @@ All sequences share two tensors, keys and values, shaped [num_layers, slots, num
 head_dim]. A sequence owns a slot until it is freed; slots are handed out lowest first, so the
 running batch occupies a compact prefix and a decode step attends over `keys[layer, :n_slots]` as
 one batched matmul, with no gather and no per-sequence loop. Both dimensions grow geometrically
-(doubling, capacity rounded to `block` tokens), so a decode step writes one row in place.
+(doubling, capacity rounded to `block` tokens), so a decode step writes one row in place. Every slot
+takes the longest sequence's capacity, so once the sequences that needed it are gone `shrink_to_fit`
+gives it back (a paged cache, vLLM's block tables, would not hold it in the first place).
 
 A model step uses the cache in three phases so that a bad request never leaves it half-updated:
 `prepare(chunks)` checks every chunk's start_position against the cached length and makes room,
@@ -57,9 +59,10 @@ class KVCache:
         self.device = torch.device(device)
         self.dtype = dtype
         self.block = block
+        self.initial_capacity = self._round_up(initial_capacity)
         # Zeros, not empty: masked positions get probability exactly 0, and 0 * NaN would still be NaN.
-        self.keys = self._allocate(initial_slots, self._round_up(initial_capacity))
-        self.values = self._allocate(initial_slots, self._round_up(initial_capacity))
+        self.keys = self._allocate(initial_slots, self.initial_capacity)
+        self.values = self._allocate(initial_slots, self.initial_capacity)
         self._slots: dict[int, int] = {}
         self._lengths: dict[int, int] = {}
         self._free_slots: list[int] = list(range(initial_slots))
@@ -245,6 +248,21 @@ class KVCache:
             use_huge_pages([tensor])
         return tensor
 
+    def shrink_to_fit(self) -> bool:
+        """Give back capacity the live sequences no longer need; whether it did.
+
+        One 512-token prompt takes every slot to 640 positions (a bloom-560m worker's cache 192 -> 960 MiB,
+        and at the bloom-7b1 shape one 1025-token sequence 15 GiB a chip), and nothing else would ever shrink
+        it again. Once the longest live sequence needs at most a quarter of the capacity, the cache is
+        copied into max(initial, twice that) positions: at least a doubling away from growing again, so a
+        sequence that comes and goes does not copy the cache back and forth every step."""
+        longest = max(self._lengths.values(), default=0)
+        capacity = self.capacity
+        if capacity <= self.initial_capacity or 4 * longest > capacity:
+            return False
+        self._resize(self.num_slots, max(self.initial_capacity, self._round_up(2 * longest)))
+        return True
+
     def _grow(self, needed_slots: int, needed_capacity: int) -> None:
         slots, capacity = self.num_slots, self.capacity
         if needed_slots <= slots and needed_capacity <= capacity:
@@ -258,9 +276,13 @@ class KVCache:
             if needed_capacity > capacity
             else capacity
         )
+        self._resize(new_slots, new_capacity)
+
+    def _resize(self, new_slots: int, new_capacity: int) -> None:
+        """Copy the cache into [new_slots >= num_slots, new_capacity >= every live length] positions."""
+        slots, kept = self.num_slots, min(self.capacity, new_capacity)
         for name in ("keys", "values"):
-            old = getattr(self, name)
-            grown = self._allocate(new_slots, new_capacity)
-            grown[:, :slots, :, :capacity] = old
-            setattr(self, name, grown)
+            resized = self._allocate(new_slots, new_capacity)
+            resized[:, :slots, :, :kept] = getattr(self, name)[:, :, :, :kept]
+            setattr(self, name, resized)
         self._free_slots.extend(range(slots, new_slots))

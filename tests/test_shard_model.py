@@ -320,6 +320,28 @@ def test_kv_cache_gives_a_long_prompt_room_to_decode_and_doubles_while_decoding(
     assert cache.capacity == 1280
 
 
+def test_kv_cache_gives_back_what_a_gone_sequence_made_every_slot_take():
+    cache = KVCache(1, 2, 4, initial_slots=2, initial_capacity=128, block=16)
+    initial_bytes = cache.nbytes
+    k = torch.randn(2, 150, 4)
+    cache.prepare([Chunk(1, 0, 150), Chunk(2, 0, 512)])
+    cache.write(0, 1, 0, k, -k)
+    cache.commit([Chunk(1, 0, 150), Chunk(2, 0, 512)])
+    assert cache.capacity == 640 and not cache.shrink_to_fit()  # the long sequence still needs it
+    cache.free(2)
+    assert cache.shrink_to_fit() and cache.capacity == 304  # twice the longest live sequence
+    keys, values = cache.token_views(0, 1, 150)
+    assert torch.equal(keys[0], k) and torch.equal(values[0], -k)
+    assert not cache.keys[:, :, :, 150:].any()  # past every live row: zeros, as a fresh cache's
+    for position in range(150, 161):  # 4 x 161 > 640: no longer a quarter of what it held
+        cache.prepare([Chunk(1, position, 1)])
+        cache.commit([Chunk(1, position, 1)])
+    assert cache.capacity == 304 and not cache.shrink_to_fit()
+    cache.clear()
+    assert cache.shrink_to_fit() and cache.capacity == 128 and cache.nbytes == initial_bytes
+    assert not cache.shrink_to_fit()
+
+
 def test_kv_cache_reuses_freed_slots_lowest_first():
     cache = KVCache(1, 2, 4, initial_slots=2, initial_capacity=4)
     cache.prepare([Chunk(10, 0, 1), Chunk(11, 0, 1), Chunk(12, 0, 3)])  # three sequences: slots grow

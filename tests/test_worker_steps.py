@@ -363,6 +363,26 @@ def test_scored_rows_come_back_as_summaries_and_too_many_next_tokens_are_refused
         step_from_proto(request)
 
 
+def test_the_cache_a_long_sequence_grew_goes_back_when_it_is_freed(engine):
+    """A 520-token prompt takes every slot to 656 positions; the empty step that frees it gives them back,
+    and the short sequence that lived through both copies decodes exactly as if it never happened."""
+
+    def run(step: Step) -> torch.Tensor:
+        return engine.step(step.hidden_states, step.chunks, list(step.free_ids), step.full_logits).logits
+
+    short_prompt, short_token = _step(20, Chunk(1, 0, 24)), _step(21, Chunk(1, 24, 1))
+    run(short_prompt)
+    unchanged = run(short_token)
+    engine.reset()
+    initial_bytes = engine.cache.nbytes
+    run(short_prompt)
+    run(_step(22, Chunk(2, 0, 520)))
+    assert engine.cache.capacity == 656 and engine.cache.nbytes > 4 * initial_bytes
+    run(_step(23, free_ids=[2]))  # what the gateway sends once the long request ends and nothing waits
+    assert engine.cache.nbytes == initial_bytes and engine.cache.length(1) == 24
+    assert torch.equal(run(short_token), unchanged)
+
+
 async def _held(requests: list[shard_pb2.StepRequest]) -> AsyncIterator[shard_pb2.StepRequest]:
     """A gateway's request stream: `requests`, then connected until the call ends."""
     for request in requests:
