@@ -4,9 +4,13 @@ All sequences share two tensors, keys and values, shaped [num_layers, slots, num
 head_dim]. A sequence owns a slot until it is freed; slots are handed out lowest first, so the
 running batch occupies a compact prefix and a decode step attends over `keys[layer, :n_slots]` as
 one batched matmul, with no gather and no per-sequence loop. Both dimensions grow geometrically
-(doubling, capacity rounded to `block` tokens), so a decode step writes one row in place. Every slot
-takes the longest sequence's capacity, so once the sequences that needed it are gone `shrink_to_fit`
-gives it back (a paged cache, vLLM's block tables, would not hold it in the first place).
+(doubling, capacity rounded to `block` tokens), so a decode step writes one row in place.
+
+Every slot takes the longest sequence's capacity, so a long prompt multiplies the cache by the slot count.
+At the initial capacity every slot the cache was made for is held (a burst of new sequences does not
+stop to grow and zero it); growing past it keeps only the slots in use (to the next power of two, the live
+sequences moved to the lowest), and once the sequences that needed the capacity are gone `shrink_to_fit`
+gives it back. A paged cache (vLLM's block tables) would not take the memory in the first place.
 
 A model step uses the cache in three phases so that a bad request never leaves it half-updated:
 `prepare(chunks)` checks every chunk's start_position against the cached length and makes room,
@@ -60,6 +64,7 @@ class KVCache:
         self.dtype = dtype
         self.block = block
         self.initial_capacity = self._round_up(initial_capacity)
+        self.initial_slots = initial_slots
         # Zeros, not empty: masked positions get probability exactly 0, and 0 * NaN would still be NaN.
         self.keys = self._allocate(initial_slots, self.initial_capacity)
         self.values = self._allocate(initial_slots, self.initial_capacity)
@@ -251,38 +256,60 @@ class KVCache:
     def shrink_to_fit(self) -> bool:
         """Give back capacity the live sequences no longer need; whether it did.
 
-        One 512-token prompt takes every slot to 640 positions (a bloom-560m worker's cache 192 -> 960 MiB,
-        and at the bloom-7b1 shape one 1025-token sequence 15 GiB a chip), and nothing else would ever shrink
-        it again. Once the longest live sequence needs at most a quarter of the capacity, the cache is
-        copied into max(initial, twice that) positions: at least a doubling away from growing again, so a
-        sequence that comes and goes does not copy the cache back and forth every step."""
+        A long prompt takes every slot in use to its capacity (8 short sequences beside one 512-token
+        prompt: 16 slots x 640 positions, 480 MiB a bloom-560m worker), and nothing else would shrink it
+        again. Once the longest live sequence needs at most a quarter of the capacity, the cache is copied
+        into max(initial, twice that) positions, at least a doubling away from growing again, so a sequence
+        that comes and goes does not copy the cache back and forth every step."""
         longest = max(self._lengths.values(), default=0)
         capacity = self.capacity
         if capacity <= self.initial_capacity or 4 * longest > capacity:
             return False
-        self._resize(self.num_slots, max(self.initial_capacity, self._round_up(2 * longest)))
+        new_capacity = max(self.initial_capacity, self._round_up(2 * longest))
+        # Back at the initial capacity, every slot the cache was made for is held again.
+        new_slots = (
+            max(self.num_slots, self.initial_slots)
+            if new_capacity == self.initial_capacity
+            else self.num_slots
+        )
+        self._resize(new_slots, new_capacity)
         return True
 
     def _grow(self, needed_slots: int, needed_capacity: int) -> None:
         slots, capacity = self.num_slots, self.capacity
         if needed_slots <= slots and needed_capacity <= capacity:
             return
-        new_slots = max(needed_slots, 2 * slots) if needed_slots > slots else slots
-        # Doubling keeps a decode's growth rare; a prompt that jumps past double gets a quarter more than it
-        # needs, or its next token would double every slot at once (a 512-token prompt: 32 slots x 1024
-        # positions, 1536 MiB a bloom-560m worker, against 640 positions and 960 MiB).
-        new_capacity = (
-            self._round_up(max(needed_capacity + needed_capacity // 4, 2 * capacity))
-            if needed_capacity > capacity
-            else capacity
-        )
+        if needed_capacity > capacity:
+            # Doubling keeps a decode's growth rare; a prompt that jumps past double gets a quarter more than
+            # it needs, or its next token would double every slot at once (a 512-token prompt: 32 slots x 1024
+            # positions, 1536 MiB a bloom-560m worker, against 640 positions and 960 MiB).
+            new_capacity = self._round_up(max(needed_capacity + needed_capacity // 4, 2 * capacity))
+            # That capacity times every slot is what a long prompt costs: hold the slots in use instead (a
+            # lone 512-token prompt: 1 slot, 30 MiB there), and grow them again as sequences come.
+            new_slots = max(needed_slots, min(slots, 1 << (needed_slots - 1).bit_length()))
+        else:
+            new_capacity = capacity
+            # Doubling, but not past the slots the cache was made for unless a step needs more.
+            new_slots = max(
+                needed_slots, 2 * slots if slots >= self.initial_slots else min(2 * slots, self.initial_slots)
+            )
         self._resize(new_slots, new_capacity)
 
     def _resize(self, new_slots: int, new_capacity: int) -> None:
-        """Copy the cache into [new_slots >= num_slots, new_capacity >= every live length] positions."""
-        slots, kept = self.num_slots, min(self.capacity, new_capacity)
+        """Copy the cache into [new_slots, new_capacity] (capacity >= every live length); with fewer slots
+        than now, the live sequences move to the lowest ones, in slot order."""
+        kept = min(self.capacity, new_capacity)
+        if new_slots >= self.num_slots:
+            moves = [(slice(0, self.num_slots), slice(0, self.num_slots))]
+            free = [*self._free_slots, *range(self.num_slots, new_slots)]
+        else:
+            live = sorted(self._slots.items(), key=lambda item: item[1])
+            moves = [(old, new) for new, (_, old) in enumerate(live)]
+            self._slots = {sequence_id: new for new, (sequence_id, _) in enumerate(live)}
+            free = list(range(len(live), new_slots))
         for name in ("keys", "values"):
-            resized = self._allocate(new_slots, new_capacity)
-            resized[:, :slots, :, :kept] = getattr(self, name)[:, :, :, :kept]
+            old_tensor, resized = getattr(self, name), self._allocate(new_slots, new_capacity)
+            for source, target in moves:
+                resized[:, target, :, :kept] = old_tensor[:, source, :, :kept]
             setattr(self, name, resized)
-        self._free_slots.extend(range(slots, new_slots))
+        self._free_slots = free

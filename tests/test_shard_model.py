@@ -342,6 +342,29 @@ def test_kv_cache_gives_back_what_a_gone_sequence_made_every_slot_take():
     assert not cache.shrink_to_fit()
 
 
+def test_kv_cache_grown_for_a_long_prompt_holds_only_the_slots_in_use():
+    cache = KVCache(1, 2, 4, initial_slots=8, initial_capacity=16, block=16)
+    initial_bytes = cache.nbytes
+    k = torch.randn(2, 5, 4)
+    cache.prepare([Chunk(1, 0, 5), Chunk(2, 0, 5), Chunk(3, 0, 5)])
+    cache.write(0, 3, 0, k, -k)
+    cache.commit([Chunk(1, 0, 5), Chunk(2, 0, 5), Chunk(3, 0, 5)])
+    cache.free(1)
+    cache.free(2)
+    cache.prepare([Chunk(4, 0, 40)])  # capacity grows: sequence 3 and the new one, not all 8 slots
+    assert (cache.num_slots, cache.capacity) == (2, 64) and [cache.slot(3), cache.slot(4)] == [0, 1]
+    keys, values = cache.token_views(0, 1, 5)
+    assert torch.equal(keys[0], k) and torch.equal(values[0], -k)  # moved from slot 2 with its rows
+    cache.commit([Chunk(4, 0, 40)])
+    cache.prepare([Chunk(5, 0, 1)])  # a newcomer: slots double again, at the grown capacity
+    assert (cache.num_slots, cache.capacity, cache.slot(5)) == (4, 64, 2)
+    cache.commit([Chunk(5, 0, 1)])
+    cache.free(4)
+    assert cache.shrink_to_fit() and (cache.num_slots, cache.capacity) == (8, 16)
+    assert cache.nbytes == initial_bytes and [cache.slot(3), cache.slot(5)] == [0, 2]
+    assert torch.equal(cache.token_views(0, 1, 5)[0][0], k)
+
+
 def test_kv_cache_reuses_freed_slots_lowest_first():
     cache = KVCache(1, 2, 4, initial_slots=2, initial_capacity=4)
     cache.prepare([Chunk(10, 0, 1), Chunk(11, 0, 1), Chunk(12, 0, 3)])  # three sequences: slots grow
@@ -375,6 +398,33 @@ def test_batched_single_token_attention_matches_one_by_one():
         model(prompt, [Chunk(0, 0, len(prompt))], alone)
         single = model(step[sid : sid + 1], [Chunk(0, lengths[sid], 1)], alone)
         assert relative_error(batched[sid], single[0], torch.float32) < 8
+
+
+def test_sequences_decode_on_as_alone_while_the_cache_moves_them():
+    """A long prompt grows the cache to the slots in use (the running sequences moved to the lowest slots),
+    and freeing it shrinks the cache back: each running sequence's logits stay those of running alone."""
+    torch.manual_seed(0)
+    config = BloomConfig(hidden_size=24, n_head=3, n_layer=2, vocab_size=50)
+    model = BloomShardModel(config).eval()
+    prompts = {1: torch.randn(3, 24), 2: torch.randn(2, 24), 3: torch.randn(4, 24)}
+    steps = torch.randn(2, 2, 24)
+    cache = model.new_kv_cache(initial_capacity=4, initial_slots=8)
+    for sid, prompt in prompts.items():
+        model(prompt, [Chunk(sid, 0, len(prompt))], cache)
+    cache.free(1)
+    model(torch.randn(20, 24), [Chunk(9, 0, 20)], cache)  # capacity 16 -> 32: slots 8 -> 4
+    assert (cache.num_slots, cache.capacity, cache.slot(2), cache.slot(3)) == (4, 32, 0, 1)
+    together = [model(steps[0], [Chunk(2, 2, 1), Chunk(3, 4, 1)], cache)]
+    cache.free(9)
+    assert cache.shrink_to_fit() and (cache.num_slots, cache.capacity) == (8, 16)
+    together.append(model(steps[1], [Chunk(2, 3, 1), Chunk(3, 5, 1)], cache))
+
+    for row, sid in enumerate((2, 3)):
+        alone = model.new_kv_cache()
+        model(prompts[sid], [Chunk(0, 0, len(prompts[sid]))], alone)
+        for step, batched in zip(steps, together, strict=True):
+            single = model(step[row : row + 1], [Chunk(0, alone.length(0), 1)], alone)
+            assert relative_error(batched[row], single[0], torch.float32) < 8
 
 
 def test_distributed_helpers():
