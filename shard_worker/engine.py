@@ -210,9 +210,8 @@ class ShardEngine:
         chunk i (see Scoring)."""
         for sequence_id in free_ids:
             self.cache.free(sequence_id)
-        if free_ids:
-            self._shrink_cache()
         if not chunks:
+            self.cache.shrink_to_fit()  # a step with chunks does it as it makes room for them
             return StepOutput(torch.empty((0, self.vocab_end - self.vocab_start), dtype=self.dtype))
         x = self.model.blocks(hidden_states, chunks, self.cache)
         logits = self.model.last_row_logits(x, chunks)
@@ -294,20 +293,4 @@ class ShardEngine:
     def reset(self) -> None:
         """Drop every KV cache, e.g. when the gateway that owned them went away."""
         self.cache.clear()
-        self._shrink_cache()
-
-    def _shrink_cache(self) -> None:
-        cache = self.cache
-        before = (cache.num_slots, cache.capacity, cache.nbytes)
-        if cache.shrink_to_fit():
-            if cache.device.type == "cpu":
-                # The grown cache, or what a long prompt's steps left, may sit on the heap, which glibc
-                # keeps resident once freed: a bloom-560m int8 worker held 772-869 MiB after one 512-token
-                # request, 729-730 with this (idle 724).
-                return_freed_memory()
-            log.info(
-                "kv_cache_capacity_given_back",
-                slots=[before[0], cache.num_slots],
-                capacity=[before[1], cache.capacity],
-                bytes=[before[2], cache.nbytes],
-            )
+        self.cache.shrink_to_fit()

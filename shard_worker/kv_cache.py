@@ -9,8 +9,9 @@ one batched matmul, with no gather and no per-sequence loop. Both dimensions gro
 Every slot takes the longest sequence's capacity, so a long prompt multiplies the cache by the slot count.
 At the initial capacity every slot the cache was made for is held (a burst of new sequences does not
 stop to grow and zero it); growing past it keeps only the slots in use (to the next power of two, the live
-sequences moved to the lowest), and once the sequences that needed the capacity are gone `shrink_to_fit`
-gives it back. A paged cache (vLLM's block tables) would not take the memory in the first place.
+sequences moved to the lowest), and once the sequences that needed the capacity are gone the cache gives
+it back (`prepare`, or `shrink_to_fit` between steps). A paged cache (vLLM's block tables) would not take
+the memory in the first place.
 
 A model step uses the cache in three phases so that a bad request never leaves it half-updated:
 `prepare(chunks)` checks every chunk's start_position against the cached length and makes room,
@@ -26,7 +27,10 @@ from typing import Protocol
 
 import torch
 
-from bloomduo.shard_worker.host_memory import use_huge_pages
+from bloomduo.core.logs import get_logger
+from bloomduo.shard_worker.host_memory import return_freed_memory, use_huge_pages
+
+log = get_logger(__name__)
 
 
 class ChunkLike(Protocol):
@@ -116,7 +120,7 @@ class KVCache:
 
     def reserve_slots(self, slots: int) -> None:
         """Hold at least `slots` slots (reallocating, as a step that needs them would)."""
-        self._grow(slots, 0)
+        self._fit(max(slots, self.num_slots), self.capacity)
 
     @property
     def nbytes(self) -> int:
@@ -160,8 +164,8 @@ class KVCache:
                 )
         new = [chunk.sequence_id for chunk in chunks if chunk.sequence_id not in self._slots]
         needed_slots = len(self._slots) + len(new)
-        needed_capacity = max((c.start_position + c.num_tokens for c in chunks), default=0)
-        self._grow(needed_slots, needed_capacity)
+        ends = (c.start_position + c.num_tokens for c in chunks)
+        self._fit(needed_slots, max([*ends, *self._lengths.values()], default=0))
         for sequence_id in new:
             self._slots[sequence_id] = self._free_slots.pop(0)
             self._lengths[sequence_id] = 0
@@ -254,46 +258,40 @@ class KVCache:
         return tensor
 
     def shrink_to_fit(self) -> bool:
-        """Give back capacity the live sequences no longer need; whether it did.
+        """Give back capacity the live sequences no longer need, as the next `prepare` would; whether it
+        did. For a worker with no step to run (its last sequences just freed)."""
+        return self._fit(len(self._slots), max(self._lengths.values(), default=0))
 
-        A long prompt takes every slot in use to its capacity (8 short sequences beside one 512-token
-        prompt: 16 slots x 640 positions, 480 MiB a bloom-560m worker), and nothing else would shrink it
-        again. Once the longest live sequence needs at most a quarter of the capacity, the cache is copied
-        into max(initial, twice that) positions, at least a doubling away from growing again, so a sequence
-        that comes and goes does not copy the cache back and forth every step."""
-        longest = max(self._lengths.values(), default=0)
-        capacity = self.capacity
-        if capacity <= self.initial_capacity or 4 * longest > capacity:
-            return False
-        new_capacity = max(self.initial_capacity, self._round_up(2 * longest))
-        # Back at the initial capacity, every slot the cache was made for is held again.
-        new_slots = (
-            max(self.num_slots, self.initial_slots)
-            if new_capacity == self.initial_capacity
-            else self.num_slots
-        )
-        self._resize(new_slots, new_capacity)
-        return True
-
-    def _grow(self, needed_slots: int, needed_capacity: int) -> None:
+    def _fit(self, needed_slots: int, needed_capacity: int) -> bool:
+        """Resize for `needed_slots` sequences of up to `needed_capacity` positions, if the cache is too small
+        or holds four times the positions needed; whether it did."""
         slots, capacity = self.num_slots, self.capacity
-        if needed_slots <= slots and needed_capacity <= capacity:
-            return
         if needed_capacity > capacity:
             # Doubling keeps a decode's growth rare; a prompt that jumps past double gets a quarter more than
             # it needs, or its next token would double every slot at once (a 512-token prompt: 32 slots x 1024
             # positions, 1536 MiB a bloom-560m worker, against 640 positions and 960 MiB).
             new_capacity = self._round_up(max(needed_capacity + needed_capacity // 4, 2 * capacity))
             # That capacity times every slot is what a long prompt costs: hold the slots in use instead (a
-            # lone 512-token prompt: 1 slot, 30 MiB there), and grow them again as sequences come.
+            # lone 512-token prompt: 1 slot, 30 MiB there, against 960 MiB), and grow them as sequences come.
             new_slots = max(needed_slots, min(slots, 1 << (needed_slots - 1).bit_length()))
-        else:
+        elif capacity > self.initial_capacity and 4 * needed_capacity <= capacity:
+            # What a long sequence took, given back once it is gone (nothing else would shrink it), into twice
+            # what is needed: a doubling away from growing again, so a sequence that comes and goes does not
+            # copy the cache back and forth every step. At the initial capacity, every initial slot again.
+            new_capacity = max(self.initial_capacity, self._round_up(2 * needed_capacity))
+            new_slots = max(
+                needed_slots, self.initial_slots if new_capacity == self.initial_capacity else slots
+            )
+        elif needed_slots > slots:
             new_capacity = capacity
             # Doubling, but not past the slots the cache was made for unless a step needs more.
             new_slots = max(
                 needed_slots, 2 * slots if slots >= self.initial_slots else min(2 * slots, self.initial_slots)
             )
+        else:
+            return False
         self._resize(new_slots, new_capacity)
+        return True
 
     def _resize(self, new_slots: int, new_capacity: int) -> None:
         """Copy the cache into [new_slots, new_capacity] (capacity >= every live length); with fewer slots
@@ -307,9 +305,21 @@ class KVCache:
             moves = [(old, new) for new, (_, old) in enumerate(live)]
             self._slots = {sequence_id: new for new, (sequence_id, _) in enumerate(live)}
             free = list(range(len(live), new_slots))
+        before = (self.num_slots, self.capacity, self.nbytes)
         for name in ("keys", "values"):
-            old_tensor, resized = getattr(self, name), self._allocate(new_slots, new_capacity)
+            resized = self._allocate(new_slots, new_capacity)
             for source, target in moves:
-                resized[:, target, :, :kept] = old_tensor[:, source, :, :kept]
-            setattr(self, name, resized)
+                resized[:, target, :, :kept] = getattr(self, name)[:, source, :, :kept]
+            setattr(self, name, resized)  # the old block goes now, before the next is made or the trim
         self._free_slots = free
+        if self.device.type == "cpu":
+            # A cache of a few MiB comes from the heap, and glibc keeps what it and a long prompt's steps
+            # freed there resident: a bloom-560m int8 worker held 742-869 MiB after one 512-token request,
+            # 729-730 with this (idle 724). A resize is rare and copies the cache; the trim takes a few ms.
+            return_freed_memory()
+        log.info(
+            "kv_cache_resized",
+            slots=[before[0], new_slots],
+            capacity=[before[1], new_capacity],
+            bytes=[before[2], self.nbytes],
+        )

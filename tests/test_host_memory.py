@@ -163,7 +163,7 @@ def test_the_kv_cache_lives_on_huge_pages_and_keeps_them_as_it_grows() -> None:
     for tensor in (cache.keys, cache.values):
         assert _huge_bytes_at(tensor.data_ptr() + tensor.nbytes // 2) >= 2 * MiB
     cache.keys[1, 3, 2, 5, 0] = 7.0
-    cache._grow(needed_slots=32, needed_capacity=128)  # copied into new tensors: those are moved too
+    cache.reserve_slots(32)  # copied into new tensors: those are moved too
     assert float(cache.keys[1, 3, 2, 5, 0]) == 7.0 and cache.keys.shape[1] == 32
     for tensor in (cache.keys, cache.values):
         assert _huge_bytes_at(tensor.data_ptr() + tensor.nbytes // 2) >= 2 * MiB

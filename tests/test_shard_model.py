@@ -342,6 +342,19 @@ def test_kv_cache_gives_back_what_a_gone_sequence_made_every_slot_take():
     assert not cache.shrink_to_fit()
 
 
+def test_kv_cache_a_long_prompt_after_another_reuses_its_capacity():
+    """The step that frees one long sequence and brings the next sizes the cache for both at once: no shrink
+    to the initial capacity only to grow again (a copy of every initial slot, ~0.3 s a bloom-560m worker)."""
+    cache = KVCache(1, 2, 4, initial_slots=8, initial_capacity=128, block=16)
+    cache.prepare([Chunk(1, 0, 512)])
+    cache.commit([Chunk(1, 0, 512)])
+    grown = cache.keys
+    assert (cache.num_slots, cache.capacity) == (1, 640)
+    cache.free(1)
+    cache.prepare([Chunk(2, 0, 500)])
+    assert cache.keys is grown and cache.slot(2) == 0
+
+
 def test_kv_cache_grown_for_a_long_prompt_holds_only_the_slots_in_use():
     cache = KVCache(1, 2, 4, initial_slots=8, initial_capacity=16, block=16)
     initial_bytes = cache.nbytes

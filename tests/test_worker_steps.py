@@ -364,9 +364,9 @@ def test_scored_rows_come_back_as_summaries_and_too_many_next_tokens_are_refused
 
 
 def test_the_cache_a_long_sequence_grew_goes_back_when_it_is_freed(engine):
-    """A 520-token prompt takes the two slots in use to 656 positions; the empty step that frees it gives
-    back the initial four slots of 128, and the short sequence that lived through both copies decodes
-    exactly as if it never happened."""
+    """A 520-token prompt takes the two slots in use to 656 positions; a 500-token one that comes as it
+    goes takes them over; the empty step that frees that one gives back the initial four slots of 128,
+    and the short sequence that lived through both copies decodes exactly as if they never happened."""
 
     def run(step: Step) -> torch.Tensor:
         return engine.step(step.hidden_states, step.chunks, list(step.free_ids), step.full_logits).logits
@@ -379,7 +379,10 @@ def test_the_cache_a_long_sequence_grew_goes_back_when_it_is_freed(engine):
     run(short_prompt)
     run(_step(22, Chunk(2, 0, 520)))
     assert (engine.cache.num_slots, engine.cache.capacity) == (2, 656) and engine.cache.nbytes > initial_bytes
-    run(_step(23, free_ids=[2]))  # what the gateway sends once the long request ends and nothing waits
+    grown = engine.cache.keys
+    run(_step(23, Chunk(3, 0, 500), free_ids=[2]))  # the next long prompt as the last one ends: kept as is
+    assert engine.cache.keys is grown
+    run(_step(24, free_ids=[3]))  # what the gateway sends once the long request ends and nothing waits
     assert engine.cache.nbytes == initial_bytes and engine.cache.length(1) == 24
     assert torch.equal(run(short_token), unchanged)
 
