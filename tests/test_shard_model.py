@@ -304,7 +304,9 @@ def test_kv_cache_grows_without_losing_rows():
     keys, values = cache.write(0, 1, 2, k[:, 2:], -k[:, 2:])
     cache.commit([Chunk(1, 2, 3)])
     assert torch.equal(keys, k) and torch.equal(values, -k)
-    assert cache.length(1) == 5 and cache.nbytes == 2 * 2 * cache.num_slots * 3 * cache.capacity * 4 * 4
+    layout = 2 * cache.num_slots * 3 * cache.capacity * 4  # layers x slots x heads x capacity x head_dim
+    initial = 2 * 4 * 3 * 2 * 4  # four slots of capacity two
+    assert cache.length(1) == 5 and cache.nbytes == 2 * 4 * max(layout, initial)  # keys and values, float32
 
 
 def test_kv_cache_gives_a_long_prompt_room_to_decode_and_doubles_while_decoding():
@@ -376,6 +378,29 @@ def test_kv_cache_grown_for_a_long_prompt_holds_only_the_slots_in_use():
     assert cache.shrink_to_fit() and (cache.num_slots, cache.capacity) == (8, 16)
     assert cache.nbytes == initial_bytes and [cache.slot(3), cache.slot(5)] == [0, 2]
     assert torch.equal(cache.token_views(0, 1, 5)[0][0], k)
+
+
+def test_kv_cache_lays_a_long_prompt_out_in_the_memory_it_already_holds():
+    """[8 slots, 16] and [2 slots, 64] are the same number of elements: the long prompt and the return after
+    it re-lay the one block (no fresh memory to fault in), moving the live rows and zeroing all else."""
+    cache = KVCache(1, 2, 4, initial_slots=8, initial_capacity=16, block=16)
+    block, initial_bytes = cache.keys.untyped_storage().data_ptr(), cache.nbytes
+    k = torch.randn(2, 5, 4)
+    cache.prepare([Chunk(1, 0, 1), Chunk(3, 0, 5)])
+    cache.write(0, 3, 0, k, -k)
+    cache.commit([Chunk(1, 0, 1), Chunk(3, 0, 5)])
+    cache.free(1)
+    cache.keys[:, 5] = cache.values[:, 5] = float("nan")  # what a free slot may hold, zeroed by any re-lay
+    cache.prepare([Chunk(4, 0, 40)])
+    assert (cache.num_slots, cache.capacity, cache.slot(3)) == (2, 64, 0)
+    assert cache.keys.untyped_storage().data_ptr() == block and cache.nbytes == initial_bytes
+    assert torch.equal(cache.keys[0, 0, :, :5], k) and torch.equal(cache.values[0, 0, :, :5], -k)
+    assert not cache.keys[:, :, :, 5:].any() and not cache.values[:, :, :, 5:].any()
+    cache.commit([Chunk(4, 0, 40)])
+    cache.free(4)
+    assert cache.shrink_to_fit() and (cache.num_slots, cache.capacity, cache.slot(3)) == (8, 16, 0)
+    assert cache.keys.untyped_storage().data_ptr() == block and cache.nbytes == initial_bytes
+    assert torch.equal(cache.token_views(0, 1, 5)[1][0], -k) and not cache.values[:, 1:].any()
 
 
 def test_kv_cache_reuses_freed_slots_lowest_first():
