@@ -123,9 +123,7 @@ class FusedBlocks:
             bias, kv_length, prompt_length = plan.single_bias, plan.kv_length, 0
             positions = plan.single_positions.to(torch.int64).contiguous()
             slots = None if plan.slots_match_rows else plan.single_slots.to(torch.int64).contiguous()
-        elif plan.prompts_only and native.attends(self._query, plan.prompts[0].bias):
-            # AVX2's prompt kernel too, alone no faster than the loop's SDPA (native.attends_prompts): in one
-            # call it saves the loop's Python (a 32-token prompt 68 -> 63 ms a rank, AVX2 int8-dynamic)
+        elif plan.prompts_only and native.attends_prompts(self._query, plan.prompts[0].bias):
             (group,) = plan.prompts
             bias, kv_length, prompt_length = group.bias, group.length, group.length
             positions, slots = None, group.slot_ids

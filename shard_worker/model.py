@@ -11,8 +11,8 @@ KV cache. The arithmetic follows transformers' modeling_bloom.py (ALiBi added to
 softmax in float32, tanh GELU), so float32 logits match BloomForCausalLM to float32 rounding.
 Attention goes through the fused scaled_dot_product_attention: HF's bf16 path rounds the scores to
 bf16 and copies the strided KV views on every call, which cost a CPU worker a fifth of its step. bf16 CPU
-workers with bloomduo's kernels (native.py) attend in place in the cache instead, decode rows and (with
-AVX512) whole prompts, with the roundings of _one_query_attention below.
+workers with bloomduo's kernels (native.py) attend in place in the cache instead, decode rows and whole
+prompts, with the roundings of _one_query_attention below.
 
     block(x) = x' + MLP(LN2(x')),   x' = x + Attention(LN1(x))      (pre-LN; see residual_from_ln)
     Attention: scores = alibi_slope[h] * key_position + q.k / sqrt(head_dim), causal, softmax

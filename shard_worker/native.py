@@ -430,10 +430,10 @@ def attends(q: torch.Tensor, bias: torch.Tensor, float32: bool = False) -> bool:
 
 
 def attends_prompts(q: torch.Tensor, bias: torch.Tensor) -> bool:
-    """Whether prompt_attention takes these whole prompts' queries: as `attends`, with AVX512. The AVX2 form
-    is no faster than SDPA there (a bloom-560m rank's 32-token prefill, 24 layers: 4.2 against 3.9 ms, where
-    AVX512 takes 2.0 against 3.4)."""
-    return attends(q, bias) and best_isa() >= AVX512
+    """Whether prompt_attention takes these whole prompts' queries: as `attends`. Against SDPA, a bloom-560m
+    rank's layer (8 heads): AVX512 2.0 against 3.4 ms for 24 layers of a 32-token prompt; AVX2 (Zen 3), four
+    rows of a prompt at a time, 0.08 against 0.10 ms a layer at 32 tokens and 6.6 against 9.5 at 512."""
+    return attends(q, bias)
 
 
 def one_query_attention(
@@ -470,20 +470,22 @@ def prompt_attention(
     scale: float,
     slots: torch.Tensor,
     new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    isa: int | None = None,
 ) -> torch.Tensor:
     """one_query_attention for every row of whole prompts of one length n, each row attending to its own
     prompt's keys up to itself, with the same roundings: q [prompts * n, heads, head_dim] (any row and head
     strides); keys and values the cache's views [slots, heads, n, head_dim]; bias [heads, n, n] (causal
     ALiBi; only each row's first keys are read); `slots` each prompt's cache slot (int64). `new_kv` (keys,
     values): the prompts' own, laid out like q, stored into the cache row by row before each row attends
-    (what KVCache.write_prompts does); None: the cache holds them. Returns [prompts * n, heads, head_dim]."""
+    (what KVCache.write_prompts does); None: the cache holds them. At `isa` (the best one by default). Returns
+    [prompts * n, heads, head_dim]."""
     rows, heads, n = q.shape[0], q.shape[1], keys.shape[2]
     if tuple(bias.shape) != (heads, n, n) or slots.numel() * n != rows:
         shape = tuple(bias.shape)
         raise ValueError(f"{rows} query rows, bias {shape}: not prompts of {n} tokens and their bias")
     new_keys, new_values = (None, None) if new_kv is None else new_kv
     return _attend(
-        q, keys, values, bias, scale, slots.to(torch.int64).contiguous(), new_keys, new_values, None, n
+        q, keys, values, bias, scale, slots.to(torch.int64).contiguous(), new_keys, new_values, None, n, isa
     )
 
 

@@ -552,6 +552,26 @@ def test_prompt_attention_is_one_query_attention_row_by_row_and_stores_the_promp
         native.prompt_attention(q[:-1], cache[0][:, :, :n], cache[1][:, :, :n], bias, 0.125, slots)
 
 
+@pytest.mark.parametrize("isa", [isa for isa in ISAS if isa != native.SCALAR])
+@pytest.mark.parametrize(("n", "head_dim"), [(1, 64), (3, 64), (8, 64), (21, 128), (67, 64)])
+def test_prompt_attention_gives_each_row_what_one_query_attention_gives_it_alone(isa, n, head_dim):
+    """Bit for bit, at every vector ISA: AVX2 takes four rows of a prompt at a time (a prompt's last rows
+    fewer), widening each key and value once for all four, and must sum each row's scores and values exactly
+    as the one-query kernel does for that row against its keys 0..t."""
+    generator = torch.Generator().manual_seed(n)
+    prompts, heads = 2, 3
+    bias = causal_alibi_bias(alibi_slopes(2 * heads)[:heads], 0, n, torch.bfloat16)
+    q, k, v = torch.randn(prompts * n, heads, 3, head_dim, generator=generator).to(torch.bfloat16).unbind(2)
+    cache = [torch.zeros(prompts, heads, n, head_dim, dtype=torch.bfloat16) for _ in "kv"]
+    got = native.prompt_attention(q, *cache, bias, head_dim**-0.5, torch.arange(prompts), (k, v), isa=isa)
+    for row in range(prompts * n):
+        prompt, t = divmod(row, n)
+        keys, values = (c[prompt : prompt + 1, :, : t + 1] for c in cache)
+        row_bias = bias[None, :, t : t + 1, : t + 1].contiguous()
+        alone = native.one_query_attention(q[row : row + 1], keys, values, row_bias, head_dim**-0.5, isa=isa)
+        assert torch.equal(got[row : row + 1], alone), f"row {row} of {prompts} prompts of {n}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("scattered", [False, True])
 def test_one_query_attention_stores_each_querys_new_key_and_value_before_it_attends(dtype, scattered):
