@@ -241,8 +241,9 @@ def scripted_replicas(count: int) -> Iterator[list[tuple[ScriptedServicer, healt
             started.append((servicer, checks, f"127.0.0.1:{port}"))
         yield started
     finally:
-        for server in servers:
-            server.stop(grace=None)
+        # Not stop(grace=None), which waits for gRPC's shutdown without a bound: a run hung in it once.
+        for stopped in [server.stop(grace=0) for server in servers]:
+            stopped.wait(timeout=10)
 
 
 def _until_every_replica_answered(bloom: Client, servicers: list[ScriptedServicer]) -> None:
