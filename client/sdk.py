@@ -173,6 +173,7 @@ class Load:
     worker_cached_sequences: list[int]
     worker_cached_tokens: list[int]
     worker_kv_cache_bytes: list[int]  # allocated, used or not
+    kept_sequences: int  # finished ones kept for a next turn, in worker_cached_sequences
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,7 @@ def _info(message: gateway_pb2.InfoResponse) -> Info:
             worker_cached_sequences=list(message.load.worker_cached_sequences),
             worker_cached_tokens=list(message.load.worker_cached_tokens),
             worker_kv_cache_bytes=list(message.load.worker_kv_cache_bytes),
+            kept_sequences=message.load.kept_sequences,
         ),
     )
 

@@ -72,10 +72,17 @@ class SchedulerSettings:
         "least summed time to first token (0: all at once, the most tokens/s)",
     )
     # A new prompt that starts like a running sequence copies that prefix's KV cache (vLLM's and TGI's
-    # prefix caching, limited to sequences still running).
+    # prefix caching, limited to sequences still running, and to finished ones the workers keep while
+    # nothing runs: a chat's next turn, a repeated prompt).
     prefix_sharing: bool = _flag(
         True,
         "copy the KV cache of a running sequence's identical prefix instead of computing it again",
+    )
+    # Kept only while nothing runs (scheduler.py, Scheduler._keep_caches); one chat of up to 2048 tokens.
+    prefix_cache_tokens: int = _flag(
+        2048,
+        "tokens of finished sequences whose KV caches the workers keep while idle, for a next prompt that "
+        "starts the same way (a chat's next turn); 0 frees each at once",
     )
     # An idle engine woken by a request waits a few percent of a step for more (a burst), so they share
     # the first step (step_cost.arrival_wait).

@@ -189,6 +189,11 @@ class Engine:
     def in_flight(self) -> int:
         return self.scheduler.in_flight
 
+    @property
+    def kept_caches(self) -> int:
+        """Finished sequences the workers keep for a next prompt that starts alike (Scheduler.kept)."""
+        return len(self.scheduler.kept)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         """Yield one event per generated token, the last with the result. Closing the iterator cancels."""
         sequence = _Generation(

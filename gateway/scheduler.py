@@ -9,9 +9,10 @@ a step costs on this machine (step_cost.py), which the scheduler learns from the
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 from bloomduo.core import metrics
 from bloomduo.core.logs import get_logger
@@ -22,6 +23,26 @@ from bloomduo.gateway.step_cost import StepCostModel, arrival_wait, prompts_to_s
 log = get_logger(__name__)
 
 S = TypeVar("S", bound=SequenceState)
+
+
+class _Tokens(Protocol):
+    @property
+    def token_ids(self) -> list[int]: ...
+
+
+T = TypeVar("T", bound=_Tokens)
+
+
+@dataclass(frozen=True)
+class KeptCache:
+    """A finished sequence whose keys and values the workers keep, for a later prompt that starts alike."""
+
+    sequence_id: int
+    token_ids: list[int]  # the tokens its cache holds: the prompt and every generated token fed back
+
+    @property
+    def cached(self) -> int:
+        return len(self.token_ids)
 
 
 class Scheduler(Generic[S]):
@@ -37,6 +58,7 @@ class Scheduler(Generic[S]):
         self.waiting: deque[S] = deque()
         self.running: list[S] = []
         self._to_free: list[int] = []
+        self.kept: OrderedDict[int, KeptCache] = OrderedDict()  # least recently used first
 
     @property
     def in_flight(self) -> int:
@@ -51,9 +73,15 @@ class Scheduler(Generic[S]):
         self.waiting.append(sequence)
 
     def finish(self, sequence: S) -> None:
-        """A running sequence is done; its cache is freed with the next step."""
+        """A running sequence is done. Its cache is freed with the next step, or kept for a later prompt
+        that starts the same way while nothing runs (see _keep_caches)."""
         self.running.remove(sequence)
-        self._to_free.append(sequence.sequence_id)
+        kept = KeptCache(sequence.sequence_id, sequence.token_ids[: sequence.cached])
+        if self.settings.prefix_sharing and 0 < kept.cached <= self.settings.prefix_cache_tokens:
+            self.kept[kept.sequence_id] = kept
+            self._keep_caches()
+        else:
+            self._to_free.append(sequence.sequence_id)
 
     def take_freed(self) -> list[int]:
         """The sequence ids whose caches the next step drops (each handed out once)."""
@@ -72,6 +100,7 @@ class Scheduler(Generic[S]):
         dropped = [*self.running, *self.waiting]
         self.running, self.waiting = [], deque()
         self._to_free.clear()
+        self.kept.clear()
         return dropped
 
     def observe_step(self, tokens: int, seconds: float) -> None:
@@ -116,12 +145,11 @@ class Scheduler(Generic[S]):
         taken: list[S] = []  # off the queue, in its order
         starting: list[S] = []  # admitted now, computing their prompts from the first token
         admitted: list[tuple[S, int]] = []
-        while (
-            self.waiting and budget > 0 and len(self.running) + len(admitted) < self.settings.max_batch_size
-        ):
+        while self.waiting and budget > 0 and self._held(admitted) < self.settings.max_batch_size:
             sequence = self.waiting.popleft()
             taken.append(sequence)
-            if self.settings.prefix_sharing and not self._share_prefix(sequence, starting):
+            room_for_kept = self._held(admitted) + 2 <= self.settings.max_batch_size  # it and its donor
+            if self.settings.prefix_sharing and not self._share_prefix(sequence, starting, room_for_kept):
                 continue
             if sequence.cached == 0:
                 starting.append(sequence)
@@ -147,7 +175,33 @@ class Scheduler(Generic[S]):
                     from_sequence_id=sequence.prefix_from,
                 )
             plan.append((sequence, sequence.next_chunk(take)))
+        self._keep_caches(donors=[chunk.prefix_sequence_id for _, chunk in plan])
         return plan
+
+    def _held(self, admitted: Sequence[tuple[S, int]]) -> int:
+        """Sequences the workers would hold after this step: the running, the admitted, and the kept caches
+        those copy from (the others are freed before the step)."""
+        donors = {sequence.prefix_from for sequence, _ in admitted} & self.kept.keys()
+        return len(self.running) + len(admitted) + len(donors)
+
+    def _keep_caches(self, donors: Sequence[int] = ()) -> None:
+        """Free the kept caches that must go, least recently used first: every one once a sequence runs (but
+        a `donors` one, which this step copies from and which goes with the next), and past
+        prefix_cache_tokens the oldest.
+
+        Kept only while nothing runs, they take no memory the batch they ran in did not (the workers' caches
+        may stay at its size until the next request): the workers lay every slot out at the longest
+        sequence's capacity (kv_cache.py), so one long kept sequence beside a running batch could multiply
+        the cache (a paged cache would not).
+        """
+        tokens = sum(kept.cached for kept in self.kept.values())
+        for sequence_id, kept in list(self.kept.items()):
+            if sequence_id in donors:
+                continue
+            if self.running or tokens > self.settings.prefix_cache_tokens:
+                del self.kept[sequence_id]
+                self._to_free.append(sequence_id)
+                tokens -= kept.cached
 
     def _drop_cancelled(self) -> None:
         for sequence in [s for s in self.running if s.cancelled]:
@@ -174,9 +228,10 @@ class Scheduler(Generic[S]):
         start = prompts_to_start([take for _, take in admitted], running_tokens, self.step_cost.estimate())
         return max(start, must_start)
 
-    def _share_prefix(self, sequence: S, starting: list[S]) -> bool:
-        """Start a new sequence after the longest prefix of its prompt that a running one has cached;
-        False (admit it next step) when a sequence `starting` in this step computes most of its prompt.
+    def _share_prefix(self, sequence: S, starting: list[S], room_for_kept: bool) -> bool:
+        """Start a new sequence after the longest prefix of its prompt that a running one has cached (or a
+        kept one, where the batch has room for both); False (admit it next step) when a sequence `starting`
+        in this step computes most of its prompt.
 
         The first chunk then tells the workers to copy those keys and values. Donors are sequences
         whose cache the workers hold before this step. The prompt's last token always runs: its logits
@@ -188,18 +243,21 @@ class Scheduler(Generic[S]):
             return True
         prompt = sequence.token_ids
         cached = [s for s in self.running if s.cached and not s.prefix_from]
-        donor, length = _longest_shared_prefix(prompt, cached, lambda s: s.cached)
+        kept = list(self.kept.values()) if room_for_kept else []  # the batch holds it only with its donor
+        donor, length = _longest_shared_prefix(prompt, [*cached, *kept], lambda s: s.cached)
         pending, pending_length = _longest_shared_prefix(prompt, starting, lambda s: len(s.token_ids))
         if pending is not None and pending_length > length and 2 * pending_length >= len(prompt):
             return False
         if donor is not None:
             sequence.cached, sequence.prefix_from = length, donor.sequence_id
+            if donor.sequence_id in self.kept:
+                self.kept.move_to_end(donor.sequence_id)
         return True
 
 
 def _longest_shared_prefix(
-    prompt: list[int], candidates: list[S], known: Callable[[S], int]
-) -> tuple[S | None, int]:
+    prompt: list[int], candidates: Sequence[T], known: Callable[[T], int]
+) -> tuple[T | None, int]:
     """The candidate sharing the longest prefix with `prompt` among its first known(candidate) tokens
     (never the prompt's last token), and that length; (None, 0) when none shares any."""
     best, best_length = None, 0

@@ -203,6 +203,7 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServiceServicer):
             return info
         info.load.running_requests = len(engine.running)
         info.load.waiting_requests = len(engine.waiting)
+        info.load.kept_sequences = engine.kept_caches
         info.load.serving = engine.serving and not self.admission.draining
         if engine.serving:
             try:

@@ -464,7 +464,8 @@ def _roles_rss(stack: Stack) -> dict[str, float]:
 def _idle(target: str) -> bool:
     with Client(target, timeout=10) as bloom:
         load = bloom.info().load
-    return not (load.running_requests or load.waiting_requests or any(load.worker_cached_sequences))
+    held = {load.kept_sequences}  # the last request's cache, kept for a next turn
+    return not (load.running_requests or load.waiting_requests) and set(load.worker_cached_sequences) == held
 
 
 def _port_free(port: int) -> bool:

@@ -5,6 +5,7 @@ is lost, then serving again once a fresh one answers on the same port."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from collections.abc import Iterator
 
@@ -12,6 +13,7 @@ import grpc
 import pytest
 import torch
 
+from bloomduo.core import metrics
 from bloomduo.gateway.config import SchedulerSettings
 from bloomduo.gateway.engine import Engine, EngineUnavailable, StreamEvent
 from bloomduo.gateway.request import GenerationRequest
@@ -67,11 +69,11 @@ async def _until(predicate, timeout_s: float) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _idle(pool: ShardPool, engine: Engine | None = None, steps: int = 0) -> bool:
-    """The worker holds no sequence (and the engine has had `steps` steps come back: the worker frees
+async def _idle(pool: ShardPool, engine: Engine | None = None, steps: int = 0, held: int = 0) -> bool:
+    """The worker holds `held` sequences (and the engine has had `steps` steps come back: the worker frees
     caches as a step starts, before its answer reaches the engine)."""
     cached = [info.cached_sequences for info in await pool.load()]
-    return cached == [0] and (engine is None or engine.steps >= steps)
+    return cached == [held] and (engine is None or engine.steps >= steps)
 
 
 def _assert_greedy(model: TinyModel, request: GenerationRequest, events: list[StreamEvent]) -> None:
@@ -91,7 +93,7 @@ def test_a_request_streams_one_event_per_token_and_its_cache_is_freed_after(mode
 
     async def scenario() -> tuple[list[StreamEvent], list[int], list[int], int]:
         pool = ShardPool(worker.targets, model.checkpoint.config.vocab_size, step_timeout_s=30.0)
-        engine = _engine(model, pool, SchedulerSettings())
+        engine = _engine(model, pool, SchedulerSettings(prefix_cache_tokens=0))
         await pool.wait_ready(timeout_s=30.0)
         engine.start()
         try:
@@ -227,6 +229,42 @@ def test_an_idle_engine_lets_a_burst_arrive_before_its_first_step(model, worker,
         assert all(steps[0] > 1 for n, steps in steps_at_event.items() if n > 0)
 
 
+def test_a_finished_request_keeps_its_cache_while_idle_for_a_next_turn_to_copy(model, worker) -> None:
+    first = _request(model, "r0", "Hello", max_new_tokens=3)
+
+    async def scenario() -> tuple[list[StreamEvent], GenerationRequest, float]:
+        pool = ShardPool(worker.targets, model.checkpoint.config.vocab_size, step_timeout_s=30.0)
+        engine = _engine(model, pool, SchedulerSettings())
+        await pool.wait_ready(timeout_s=30.0)
+        engine.start()
+        try:
+            replies = await _collect(engine, first)
+            # No step frees it: the worker keeps the finished sequence while nothing runs.
+            await _until(lambda: _idle(pool, engine, steps=3, held=1), timeout_s=10.0)
+            assert engine.steps == 3
+            shared = metrics.PREFIX_TOKENS_SHARED._value.get()
+            # The next turn: the conversation so far, then more.
+            turn = [
+                *first.prompt_ids,
+                *(event.token.id for event in replies),
+                *model.tokenizer.encode(" and").ids,
+            ]
+            second = dataclasses.replace(first, request_id="r1", prompt_ids=turn, max_new_tokens=4)
+            answer = await _collect(engine, second)
+            copied = metrics.PREFIX_TOKENS_SHARED._value.get() - shared
+            # r0 went with the step after r1 started (kept only while nothing runs); r1 is kept now.
+            await _until(lambda: _idle(pool, held=1), timeout_s=10.0)
+            return answer, second, copied
+        finally:
+            await engine.stop()
+            await pool.close()
+
+    answer, second, copied = asyncio.run(scenario())
+    # r0's cache held its prompt and the replies fed back (all but the last, never fed)
+    assert copied == len(first.prompt_ids) + first.max_new_tokens - 1
+    _assert_greedy(model, second, answer)  # what computing the whole prompt gives
+
+
 def test_a_lost_worker_fails_the_requests_in_flight_and_the_engine_serves_again(model, worker) -> None:
     changes: list[bool] = []
 
@@ -256,9 +294,10 @@ def test_a_lost_worker_fails_the_requests_in_flight_and_the_engine_serves_again(
             await asyncio.to_thread(worker.start)  # a fresh process on the same port
             await _until(lambda: _changed(changes, [False, True]), timeout_s=60.0)
             assert engine.serving and engine.in_flight == 0
+            # r0's kept cache went with the old worker: r3, its prompt again, computes it in full.
             after = await _collect(engine, _request(model, "r3", "Hello", max_new_tokens=8))
-            # The fresh worker holds only what this engine gave it, and frees that too.
-            await _until(lambda: _idle(pool), timeout_s=10.0)
+            # The fresh worker holds only what this engine gave it: r3's cache, kept for a next turn.
+            await _until(lambda: _idle(pool, held=1), timeout_s=10.0)
             return before, after
         finally:
             await engine.stop()

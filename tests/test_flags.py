@@ -16,7 +16,12 @@ from bloomduo.shard_worker.config import ShardOptions
 
 CHANGED_LIMITS = RequestLimits(max_input_tokens=77, max_total_tokens=99, max_concurrent_requests=5)
 CHANGED_SCHEDULER = SchedulerSettings(
-    max_batch_size=6, max_batch_prefill_tokens=50, max_waiting_steps=1, prefix_sharing=False, burst_wait=False
+    max_batch_size=6,
+    max_batch_prefill_tokens=50,
+    max_waiting_steps=1,
+    prefix_sharing=False,
+    prefix_cache_tokens=7,
+    burst_wait=False,
 )
 
 

@@ -409,7 +409,7 @@ def test_a_client_that_leaves_before_a_whole_answer_frees_its_sequence(stack: Ht
 def _http_idle(stack: HttpStack) -> bool:
     with Client(stack.grpc, token=TOKEN) as bloom:
         load = bloom.info(timeout=5).load
-    return load.running_requests == 0 and set(load.worker_cached_sequences) == {0}
+    return load.running_requests == 0 and set(load.worker_cached_sequences) == {load.kept_sequences}
 
 
 def test_http_port_zero_leaves_http_off(demo_model) -> None:

@@ -141,7 +141,11 @@ def test_a_prompt_starting_like_a_running_one_copies_its_cache(demo_model) -> No
         running_stack(demo_model(), num_shards=2, metrics_port=metrics_port) as stack,
         Client(stack.target) as bloom,
     ):
-        alone = {text: bloom.generate(text, **greedy) for text in (prompt, longer)}  # nothing to share
+        alone = {}
+        for text in (prompt, longer):
+            alone[text] = bloom.generate(text, **greedy)
+            # Kept while the stack idles, `prompt`'s cache would give `longer` its start: this one's is kept.
+            bloom.generate("Something else entirely", max_new_tokens=1)
         assert _value(_scrape(metrics_port), "bloomduo_prefix_tokens_shared_total") == 0
         prompt_ids, longer_ids = bloom.tokenize(prompt), bloom.tokenize(longer)
 

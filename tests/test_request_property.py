@@ -880,7 +880,8 @@ def test_the_server_answers_the_same_after_random_requests(
     deadline = time.monotonic() + 10
     while True:
         load = gateway.stub.Info(gateway_pb2.InfoRequest(), timeout=10).load
-        if not (load.running_requests or load.waiting_requests or any(load.worker_cached_sequences)):
+        held = {load.kept_sequences}  # the last request's cache, kept for a next turn
+        if not (load.running_requests or load.waiting_requests) and set(load.worker_cached_sequences) == held:
             break
         assert time.monotonic() < deadline, f"requests still held after the run: {load}"
         time.sleep(0.1)

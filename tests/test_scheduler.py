@@ -96,6 +96,95 @@ def test_without_prefix_sharing_every_prompt_runs_in_full() -> None:
     assert not scheduler.waiting
 
 
+def _finish(scheduler: Scheduler[SequenceState], request_id: str) -> SequenceState:
+    sequence = next(s for s in scheduler.running if s.request_id == request_id)
+    scheduler.finish(sequence)
+    return sequence
+
+
+def test_a_finished_sequence_is_kept_while_idle_and_a_next_turn_copies_it() -> None:
+    scheduler = _queue(SchedulerSettings(), [SYSTEM])
+    _run_step(scheduler)
+    _run_step(scheduler)  # the prompt, then one decode: 31 tokens cached, the 32nd sampled
+    first = _finish(scheduler, "r0")
+    assert scheduler.take_freed() == [] and not scheduler.has_work  # kept, nothing to step
+    turn = [*first.token_ids, 40, 41]
+    scheduler.add(SequenceState(sequence_id=2, request_id="r1", token_ids=turn))
+    plan = _chunks(_run_step(scheduler))
+    assert plan["r1"] == Chunk(2, len(SYSTEM) + 1, 3, prefix_sequence_id=1)  # the reply's last token runs
+    assert scheduler.take_freed() == []  # the donor stays for the step that copies it ...
+    scheduler.schedule()
+    assert scheduler.take_freed() == [1]  # ... and goes with the next, as r1 runs
+
+
+def test_a_sequence_finishing_beside_running_ones_is_freed_at_once() -> None:
+    scheduler = _queue(SchedulerSettings(), _distinct(2, 8))
+    _run_step(scheduler)
+    _finish(scheduler, "r0")
+    assert scheduler.take_freed() == [1] and not scheduler.kept
+    _finish(scheduler, "r1")  # the last one: kept
+    assert scheduler.take_freed() == [] and list(scheduler.kept) == [2]
+
+
+def test_kept_caches_beyond_prefix_cache_tokens_go_oldest_first() -> None:
+    scheduler = _queue(SchedulerSettings(prefix_cache_tokens=20), _distinct(1, 12))
+    _run_step(scheduler)
+    first = _finish(scheduler, "r0")
+    scheduler.add(SequenceState(sequence_id=2, request_id="r1", token_ids=[*first.token_ids[:12], 5]))
+    assert _chunks(_run_step(scheduler))["r1"] == Chunk(2, 12, 1, prefix_sequence_id=1)
+    _finish(scheduler, "r1")  # done with its first token: both are kept, 12 + 13 tokens, over 20
+    assert list(scheduler.kept) == [2] and scheduler.has_work  # a step with nothing but the freeing
+    assert scheduler.take_freed() == [1]
+    too_long = SequenceState(sequence_id=9, request_id="r9", token_ids=_distinct(2, 30)[1])
+    scheduler.add(too_long)
+    _run_step(scheduler)
+    scheduler.finish(too_long)
+    assert scheduler.take_freed() == [2, 9] and not scheduler.kept
+
+
+@pytest.mark.parametrize(
+    "settings", [SchedulerSettings(prefix_cache_tokens=0), SchedulerSettings(prefix_sharing=False)]
+)
+def test_without_a_prefix_cache_a_finished_sequence_is_freed_at_once(settings: SchedulerSettings) -> None:
+    scheduler = _queue(settings, [SYSTEM])
+    _run_step(scheduler)
+    _finish(scheduler, "r0")
+    assert scheduler.take_freed() == [1] and not scheduler.kept
+
+
+def test_a_kept_donor_takes_a_slot_of_the_batch() -> None:
+    scheduler = _queue(SchedulerSettings(max_batch_size=2), [SYSTEM])
+    _run_step(scheduler)
+    first = _finish(scheduler, "r0")
+    for n in (1, 2):
+        scheduler.add(SequenceState(sequence_id=n + 1, request_id=f"r{n}", token_ids=[*first.token_ids, n]))
+    # the workers hold the donor and r1 this step: r2 waits, and copies from r1's running cache next
+    assert _plan_ids(_run_step(scheduler)) == ["r1"]
+    plan = _chunks(scheduler.schedule())
+    assert plan["r2"].prefix_sequence_id == 2 and scheduler.take_freed() == [1]
+
+
+def test_a_batch_of_one_computes_a_next_turn_in_full() -> None:
+    scheduler = _queue(SchedulerSettings(max_batch_size=1), [SYSTEM])
+    _run_step(scheduler)
+    first = _finish(scheduler, "r0")
+    scheduler.add(SequenceState(sequence_id=2, request_id="r1", token_ids=[*first.token_ids, 5]))
+    # the workers would hold two sequences to copy it, over the slots they were made for
+    assert _chunks(scheduler.schedule())["r1"] == Chunk(2, 0, len(SYSTEM) + 2)
+    assert scheduler.take_freed() == [1]
+
+
+def test_a_lost_group_forgets_the_kept_caches() -> None:
+    scheduler = _queue(SchedulerSettings(), [SYSTEM])
+    _run_step(scheduler)
+    _finish(scheduler, "r0")
+    scheduler.add(SequenceState(sequence_id=2, request_id="r1", token_ids=[*SYSTEM, 5]))
+    assert _ids(scheduler.drop_all()) == ["r1"]
+    assert not scheduler.kept and scheduler.take_freed() == []
+    scheduler.add(SequenceState(sequence_id=3, request_id="r2", token_ids=[*SYSTEM, 5]))
+    assert _chunks(scheduler.schedule())["r2"] == Chunk(3, 0, len(SYSTEM) + 1)  # computed in full
+
+
 # Prompts may wait for a later step of their own: the split with the least summed time to first token.
 SPLIT = SchedulerSettings(prefix_sharing=False, max_waiting_steps=4)
 

@@ -468,7 +468,11 @@ def _wait_idle(target: str) -> float:
         stub = gateway_pb2_grpc.GenerationServiceStub(channel)
         while True:
             load = stub.Info(gateway_pb2.InfoRequest(), timeout=10).load
-            if not (load.running_requests or load.waiting_requests or any(load.worker_cached_sequences)):
+            held = {load.kept_sequences}  # the last request's cache, kept for a next turn
+            if (
+                not (load.running_requests or load.waiting_requests)
+                and set(load.worker_cached_sequences) == held
+            ):
                 return time.monotonic() - started
             if time.monotonic() - started > DRAIN_S:
                 pytest.fail(f"the deployment still holds requests {DRAIN_S:.0f} s after the round: {load}")

@@ -41,7 +41,7 @@ REQUESTS = Counter(
 )
 PREFIX_TOKENS_SHARED = Counter(
     "bloomduo_prefix_tokens_shared_total",
-    "Prompt tokens whose keys and values were copied from a running sequence instead of computed",
+    "Prompt tokens whose keys and values were copied from a running or kept sequence instead of computed",
 )
 STEP_COST = Gauge(
     "bloomduo_step_cost_seconds",

@@ -203,17 +203,19 @@ class InfoResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., num_shards: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., worker_kernels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("running_requests", "waiting_requests", "worker_cached_sequences", "worker_cached_tokens", "serving", "worker_kv_cache_bytes")
+    __slots__ = ("running_requests", "waiting_requests", "worker_cached_sequences", "worker_cached_tokens", "serving", "worker_kv_cache_bytes", "kept_sequences")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WORKER_CACHED_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     WORKER_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     WORKER_KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KEPT_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     waiting_requests: int
     worker_cached_sequences: _containers.RepeatedScalarFieldContainer[int]
     worker_cached_tokens: _containers.RepeatedScalarFieldContainer[int]
     serving: bool
     worker_kv_cache_bytes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., worker_cached_sequences: _Optional[_Iterable[int]] = ..., worker_cached_tokens: _Optional[_Iterable[int]] = ..., serving: _Optional[bool] = ..., worker_kv_cache_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
+    kept_sequences: int
+    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., worker_cached_sequences: _Optional[_Iterable[int]] = ..., worker_cached_tokens: _Optional[_Iterable[int]] = ..., serving: _Optional[bool] = ..., worker_kv_cache_bytes: _Optional[_Iterable[int]] = ..., kept_sequences: _Optional[int] = ...) -> None: ...
