@@ -250,6 +250,30 @@ def test_prompt_variants_share_almost_no_prefix(tiny_stack) -> None:
             assert shared <= 2, (first, second)
 
 
+def test_the_chat_turns_script_times_a_first_and_a_next_turn(tiny_stack) -> None:
+    """scripts/chat_turns.py gives the README's next-turn figures: it must keep running."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "chat_turns.py"
+    options = [
+        "--target",
+        tiny_stack.target,
+        "--prompt-tokens",
+        "12",
+        "--new-tokens",
+        "3",
+        "--conversations",
+        "2",
+    ]
+    done = subprocess.run(
+        [sys.executable, str(script), *options],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    turns = [line for line in done.stdout.splitlines() if line.startswith("conversation ")]
+    assert len(turns) == 2 and "median over 2: first turn (12 tokens)" in done.stdout, done.stdout
+
+
 def test_bench_against_the_stack_and_transformers(tiny_stack, demo_model, tmp_path, capsys) -> None:
     out, chart = tmp_path / "results.json", tmp_path / "chart.png"
     args = _parse(
