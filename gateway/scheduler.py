@@ -145,10 +145,10 @@ class Scheduler(Generic[S]):
         taken: list[S] = []  # off the queue, in its order
         starting: list[S] = []  # admitted now, computing their prompts from the first token
         admitted: list[tuple[S, int]] = []
-        while self.waiting and budget > 0 and self._held(admitted) < self.settings.max_batch_size:
+        while self.waiting and budget > 0 and (held := self._held(admitted)) < self.settings.max_batch_size:
             sequence = self.waiting.popleft()
             taken.append(sequence)
-            room_for_kept = self._held(admitted) + 2 <= self.settings.max_batch_size  # it and its donor
+            room_for_kept = held + 2 <= self.settings.max_batch_size  # it and its donor
             if self.settings.prefix_sharing and not self._share_prefix(sequence, starting, room_for_kept):
                 continue
             if sequence.cached == 0:
