@@ -46,6 +46,9 @@ weights at 1 and 4 rows, cold, one block at 32 and 256 rows):
     so either is taken; forced, compact's one-stream TPOT was 0.75x row-blocks' (docs/performance-record.md)
       row-blocks                  4.2    5.3   4.2   35.4
       compact                     3.0    6.2   4.6   37.2
+    AVX512-BF16 without AMX, a Zen 4 EPYC (2026-12-06, both ranks probing at once): compact chosen
+      native                      3.2    3.2   1.9   14.8
+      compact                     3.0    2.4   2.0   14.9
 
 Sums along k (tiles) need widening work per FMA that outer products over row blocks (each x value broadcast
 against 16 rows' weights) spread over 6 rows: 68 against 82 GFLOP/s of this CPU's ~91 at 256 rows.
