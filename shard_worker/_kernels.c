@@ -580,6 +580,7 @@ AVX512_BF16 INLINE __m512bh int8_pairs(const int8_t *w) {
 }
 
 static inline long min_long(long a, long b) { return a < b ? a : b; }
+static inline long max_long(long a, long b) { return a > b ? a : b; }
 
 /* How far ahead block_onednn asks for bf16 weights: the cores' own prefetchers stop at 4 KiB pages and keep
  * too few lines in flight for one core's share of the bus (a 302 MB rank of bloom-560m's blocks, one thread,
@@ -739,9 +740,10 @@ static void decode_job_run(DecodeJob *job, long groups) {
  * decoded into registers (its patches, if any, set in their lanes) and summed as block_onednn sums the plain
  * block, the same products in the same order. Decoded into L1 and read back from there instead, a stretch at a
  * time, the weights streamed at 12.8 GB/s against 16.9 (a bloom-560m rank's LM head slice, one row, one thread,
- * Xeon with AMX): the stores and loads kept fewer of the block's reads in flight. */
+ * Xeon with AMX): the stores and loads kept fewer of the block's reads in flight. With `decoded`, the decoded
+ * block is also stored there (the ONEDNN order) for the passes of the rows after these. */
 AVX512_BF16 INLINE void block_compact(const Problem *p, const Compact *c, long r0, const int rows, long n0,
-                                      const int vectors) {
+                                      const int vectors, uint16_t *decoded) {
     const uint16_t *x = (const uint16_t *)p->x;
     const long block_rows = 16 * vectors, b = n0 / block_rows;
     const int pairs_per_group = COMPACT_GROUP / (2 * (int)block_rows);
@@ -757,6 +759,8 @@ AVX512_BF16 INLINE void block_compact(const Problem *p, const Compact *c, long r
             _mm_prefetch((const char *)group + ROW_BLOCK_AHEAD + line, _MM_HINT_T1);
         __m512i weights[4];
         compact_group(c, b, group, place, table, &next, &patch_place, weights);
+        if (decoded)
+            for (int v = 0; v < 4; v++) _mm512_storeu_si512(decoded + place + 32 * v, weights[v]);
         for (int pair = 0; pair < pairs_per_group; pair++)
             for (int i = 0; i < rows; i++) {
                 int32_t xs;
@@ -782,34 +786,42 @@ AVX512_BF16 static const char *linear_onednn_bf16(const Problem *p) {
     if (compact && p->R <= 6) { /* one read of each block, decoded into registers */
         const int vectors = p->block_rows / 16;
         for (long n0 = 0; n0 < p->N; n0 += p->block_rows) {
-#define BLOCK(ROWS) (vectors == 2 ? block_compact(p, &parts, r0, ROWS, n0, 2) : block_compact(p, &parts, r0, ROWS, n0, 4))
+#define BLOCK(ROWS) (vectors == 2 ? block_compact(p, &parts, r0, ROWS, n0, 2, NULL) : block_compact(p, &parts, r0, ROWS, n0, 4, NULL))
             FOR_ROW_GROUPS(BLOCK)
 #undef BLOCK
         }
         return NULL;
     }
-    /* more rows: each compact block decoded whole into L2 once, then read as a plain one for each group */
+    /* More rows: a compact block's first pass decodes it into registers as up to 6 rows go (block_compact) and
+     * stores the decoded block in L2 for the passes after it, which read it as a plain one. Decoded whole in a
+     * pass of its own first, the decoding (~10 ms a step of a bloom-560m rank) never overlapped the products: the
+     * rank's step on a Zen 4 EPYC with AVX512-BF16, 2 ranks in-process, alternated, 16 rows 65.5 -> 57.9 ms, 8
+     * rows 46.4 -> 38.4, a 32-token prompt 74.2 -> 65.9, 16 prompts of 32 823 -> 802 (plain blocks: 52.6 at 16). */
     uint16_t *widened = NULL;
     if (((int8 && p->R > 60) || compact) && !(widened = widening_scratch(BLOCK_ROWS * (size_t)p->K)))
         return compact ? "out of memory for a decoded row block" : "out of memory for a widened row block";
     /* Up to 6 rows: one pass a block, which reads it from memory ROW_BLOCK_AHEAD bytes asked of L2 ahead. More:
-     * every pass also fetches its share of the next block (as stored: compact, int8 or bf16), so the bus streams
-     * through all of a block's passes, not the first alone, and a compact block's decoding pass finds it in L2.
-     * A bloom-560m rank's whole step, 2 ranks in-process on a 2-core Zen 4 EPYC with AVX512-BF16, with and
+     * every pass after a compact block's first (every pass, for plain and int8 blocks) also fetches its share of
+     * the next block as stored, so the bus streams through all of a block's passes, not the first alone. A
+     * bloom-560m rank's whole step, 2 ranks in-process on a 2-core Zen 4 EPYC with AVX512-BF16, with and
      * without, alternated: plain blocks and LM head at 16 rows 56.5 -> 52.6 ms, 8 rows 41.5 -> 38.7; compact
-     * ones at 16 rows 85.4 -> 65.0, 8 rows 63.5 -> 45.0, a 32-token prompt 86.2 -> 72.1; one row even. */
-    const long groups = (p->R + 5) / 6, pairs = p->K / 2;
+     * ones (then decoded in a pass of their own) at 16 rows 85.4 -> 65.0, 8 rows 63.5 -> 45.0, a 32-token prompt
+     * 86.2 -> 72.1; one row even. */
+    const long groups = (p->R + 5) / 6, pairs = p->K / 2, decoding_passes = compact ? 1 : 0;
     const long stored_block_bytes =
         compact ? p->block_rows * p->K / COMPACT_GROUP * COMPACT_GROUP_BYTES : p->block_rows * p->K * (int8 ? 1 : 2);
-    const long share = groups > 1 ? (stored_block_bytes / groups + 63) / 64 * 64 : 0;
+    const long share = groups > decoding_passes ? (stored_block_bytes / (groups - decoding_passes) + 63) / 64 * 64 : 0;
     const int lines = (int)((share / 64 + pairs - 1) / pairs);
     /* int8 row blocks are bloomduo's own, always of BLOCK_ROWS; run() lets AMX_BLOCK_ROWS through for bf16 */
 #define BLOCK(ROWS)                                                                                                  \
     do {                                                                                                             \
-        const long from = min_long(r0 / 6 * share, next_bytes);                                                      \
+        const long pass = r0 / 6, from = min_long(max_long(pass - decoding_passes, 0) * share, next_bytes);         \
         const NextBlock next = {next_block + from, min_long(share, next_bytes - from), lines};                     \
         const int lead = groups == 1 || (n0 == 0 && r0 == 0);                                                        \
-        if (block_int8)                                                                                              \
+        if (compact && pass == 0)                                                                                    \
+            (p->block_rows == BLOCK_ROWS ? block_compact(p, &parts, 0, ROWS, n0, BLOCK_ROWS / 16, widened)           \
+                                         : block_compact(p, &parts, 0, ROWS, n0, AMX_BLOCK_ROWS / 16, widened));     \
+        else if (block_int8)                                                                                         \
             block_onednn(p, block, r0, ROWS, n0, 1, BLOCK_ROWS / 16, lead, next);                                    \
         else if (p->block_rows == BLOCK_ROWS)                                                                        \
             block_onednn(p, block, r0, ROWS, n0, 0, BLOCK_ROWS / 16, lead, next);                                    \
@@ -823,11 +835,7 @@ AVX512_BF16 static const char *linear_onednn_bf16(const Problem *p) {
         const long next_bytes = n0 + p->block_rows < p->N ? stored_block_bytes : 0;
         int block_int8 = int8;
         if (compact) {
-            int32_t next;
-            long patch_place = first_patch(&parts, n0 / p->block_rows, &next);
-            decode_compact(&parts, n0 / p->block_rows, p->K, p->block_rows, 0, p->block_rows * p->K, &next,
-                           &patch_place, widened);
-            block = widened;
+            block = widened; /* written by the block's first pass */
         } else if (widened) {
             widen_block((const int8_t *)block, widened, p->K);
             block = widened;
