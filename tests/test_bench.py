@@ -8,10 +8,12 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +26,7 @@ from bloomduo.apps.shard_weights import shard_weights
 from bloomduo.client import AsyncClient
 from bloomduo.shard_worker import cpu_kernels, native
 from bloomduo.shard_worker.tensor_parallel import load_shard
+from tests.conftest import free_port_run, running_stack
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -248,6 +251,26 @@ def test_prompt_variants_share_almost_no_prefix(tiny_stack) -> None:
         for second in found[i + 1 :]:
             shared = next((k for k, (a, b) in enumerate(zip(first, second, strict=True)) if a != b), 20)
             assert shared <= 2, (first, second)
+
+
+def test_distinct_prompts_give_the_stack_nothing_to_copy(demo_model, tmp_path) -> None:
+    """With --distinct-prompts no request of a run starts like another, the warm-up's and other levels'
+    included: the gateway keeps an idle sequence's cache, and a level reusing the warm-up's prompts had the
+    first of them copied rather than computed."""
+    metrics_port = free_port_run(3)  # the gateway's, then each worker's
+    with running_stack(demo_model(), num_shards=2, metrics_port=metrics_port) as stack:
+        args = _parse(
+            [
+                "--target", stack.target, "--threads-per-shard", "1", "--concurrency", "1",
+                "--prompt-tokens", "8", "--new-tokens", "2", "--requests-per-level", "2", "--warmup", "1",
+                "--distinct-prompts", "--out", str(tmp_path / "results.json"),
+            ]
+        )  # fmt: skip
+        assert bench.run(args) == 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+    shared = re.search(r"^bloomduo_prefix_tokens_shared_total (\S+)$", metrics, re.MULTILINE)
+    assert shared and float(shared.group(1)) == 0
 
 
 def test_the_chat_turns_script_times_a_first_and_a_next_turn(tiny_stack) -> None:

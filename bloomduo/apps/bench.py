@@ -532,11 +532,14 @@ async def _measure_stack(args: argparse.Namespace, target: str, stack: Stack | N
         prompt, prompt_ids = await build_prompt(client, args.prompt_tokens)
         prompts = [prompt]
         if args.distinct_prompts:
-            most = max(
-                [args.warmup, *(requests_for_level(c, args.requests_per_level) for c in args.concurrency)]
+            # Every request of the run its own prompt while the variants last: the gateway keeps a finished
+            # sequence's cache while idle, so a level reusing the warm-up's prompts had one of them copied.
+            sent = len(args.protocol) * (
+                args.warmup + sum(requests_for_level(c, args.requests_per_level) for c in args.concurrency)
             )
-            for variant in range(1, min(most, MAX_DISTINCT_PROMPTS)):
+            for variant in range(1, min(sent, MAX_DISTINCT_PROMPTS)):
                 prompts.append((await build_prompt(client, args.prompt_tokens, variant))[0])
+        first_prompt = 0  # of the next request sent, among `prompts` (in turn)
         # Before the warm-up and the levels, while the stack is idle: the floor's rates need the machine.
         floor = measure_floor(args, info, target, launched=stack is not None)
         started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -549,11 +552,16 @@ async def _measure_stack(args: argparse.Namespace, target: str, stack: Stack | N
             send = _grpc_sender(client) if protocol == "grpc" else await _openai_sender(args, stack, token)
             if args.warmup:
                 print(f"bench: warming up over {protocol} ({args.warmup} requests)", file=sys.stderr)
-                await asyncio.gather(*(send(prompts[i % len(prompts)], args) for i in range(args.warmup)))
+                warmup_prompts = _from(prompts, first_prompt)
+                await asyncio.gather(
+                    *(send(warmup_prompts[i % len(prompts)], args) for i in range(args.warmup))
+                )
+                first_prompt += args.warmup
             levels = by_protocol[protocol] = []
             for level in args.concurrency:
                 requests = requests_for_level(level, args.requests_per_level)
-                levels.append(await _measure_level(send, prompts, args, level, requests))
+                levels.append(await _measure_level(send, _from(prompts, first_prompt), args, level, requests))
+                first_prompt += requests
                 # Sampled between levels, while the stack still holds every sequence's memory it allocated.
                 for name, process in _stack_processes(stack).items():
                     memory[name] = max(memory[name], rss_bytes(process.pid))
@@ -797,6 +805,12 @@ async def _timed_request(client: AsyncClient, prompt: str, args: argparse.Namesp
         tpot_s=(token_times[-1] - token_times[0]) / (len(token_times) - 1),
         generated_tokens=len(token_times),
     )
+
+
+def _from(prompts: list[str], first: int) -> list[str]:
+    """The prompts in turn from the first-th (counted round and round)."""
+    first %= len(prompts)
+    return prompts[first:] + prompts[:first]
 
 
 async def _measure_level(
