@@ -588,10 +588,6 @@ static inline long max_long(long a, long b) { return a > b ? a : b; }
  * one row even; 4 and 16 KiB ahead no better). */
 #define ROW_BLOCK_AHEAD 8192
 
-/* One row block of the layout against up to 6 rows of x: 6 x `vectors` accumulators hold the block's 64 (or
- * 32) outputs per row in their lanes, so no horizontal sums; each column pair of x is broadcast to all lanes.
- * The weights are bf16 (oneDNN's own packed bytes) or int8 in the same order (`int8`, with a float32 scale
- * per row). */
 /* Lines of the next block one pass over a block fetches into L2: `lines` a column pair from `at`, `bytes` in all. */
 typedef struct {
     const char *at;
@@ -599,6 +595,11 @@ typedef struct {
     int lines;
 } NextBlock;
 
+/* One row block of the layout against up to 6 rows of x: 6 x `vectors` accumulators hold the block's 64 (or
+ * 32) outputs per row in their lanes, so no horizontal sums; each column pair of x is broadcast to all lanes.
+ * The weights are bf16 (oneDNN's own packed bytes) or int8 in the same order (`int8`, with a float32 scale
+ * per row). `lead`: the pass reads the block from memory, ROW_BLOCK_AHEAD bytes asked of L2 ahead; `next`: the
+ * lines of the next block it fetches as it goes. */
 AVX512_BF16 INLINE void block_onednn(const Problem *p, const void *block, long r0, const int rows, long n0,
                                       const int int8, const int vectors, const int lead, NextBlock next) {
     const uint16_t *x = (const uint16_t *)p->x;
@@ -1345,7 +1346,6 @@ AVX2 INLINE void store8(const Problem *p, long r, long n, __m256 sum) {
     else
         _mm256_storeu_ps((float *)p->y + r * p->N + n, sum);
 }
-
 
 /* quantize_row_scalar for every row, 8 columns at a time: the same bytes and steps (quantize_rows' form). */
 AVX2 static void quantize_rows_avx2(const Problem *p, uint8_t *q, RowQuantizer *rows) {
